@@ -1,0 +1,101 @@
+"""The ``circuitkit`` command line.
+
+Each feature area registers its own sub-commands from a small ``cli`` module (listed in
+``COMMAND_MODULES``).  A command handler returns a JSON-able dict and, optionally, a
+human-readable text; ``--json`` prints the dict.  User errors (``CircuitkitError``) print one
+line naming what was wrong and exit with status 2, never with a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from circuitkit.errors import CircuitkitError
+
+COMMAND_MODULES = (
+    "circuitkit.models.cli",
+    "circuitkit.patching.cli",
+    "circuitkit.inversion.cli",
+    "circuitkit.hypotheses.cli",
+    "circuitkit.verify.cli",
+    "circuitkit.circuit.cli",
+    "circuitkit.pipeline.cli",
+)
+
+
+@dataclass
+class Output:
+    """What a command produced: ``data`` for --json, ``text`` for people."""
+
+    data: dict[str, Any]
+    text: str | None = None
+
+
+Handler = Callable[[argparse.Namespace], Output]
+
+
+def add_common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options every command takes."""
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="circuitkit",
+        description="InversionView decoders and causal circuit verification for transformers.",
+    )
+    parser.add_argument("--version", action="version", version=f"circuitkit {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for mod_name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(mod_name)
+        except ModuleNotFoundError as e:
+            if e.name and mod_name.startswith(e.name):
+                continue  # feature area not installed in this build
+            raise
+        mod.register(sub)
+    return parser
+
+
+def _version() -> str:
+    from circuitkit import __version__
+
+    return __version__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help(sys.stderr)
+        return 2
+    want_json = getattr(args, "json", False)
+    try:
+        out: Output = args.handler(args)
+    except CircuitkitError as e:
+        print(f"circuitkit: error: {e}", file=sys.stderr)
+        if want_json:
+            print(json.dumps({"error": str(e)}))
+        return 2
+    except KeyboardInterrupt:
+        print("circuitkit: interrupted", file=sys.stderr)
+        return 130
+    if want_json:
+        print(json.dumps(out.data, indent=2, default=str))
+    elif out.text is not None:
+        print(out.text)
+    else:
+        print(json.dumps(out.data, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

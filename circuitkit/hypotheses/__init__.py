@@ -1,0 +1,1 @@
+"""Features of inputs and hypotheses about what activation sites encode."""

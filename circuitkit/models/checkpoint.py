@@ -1,0 +1,149 @@
+"""Probed-model checkpoints: ordinary HuggingFace GPT-2 directories plus circuitkit metadata.
+
+A checkpoint directory holds ``config.json`` and ``model.safetensors`` (or the older
+``pytorch_model.bin``), and when written by circuitkit also ``circuitkit.json`` (which task),
+``metrics.json`` and ``manifest.json``.  The paper's own checkpoints load as they are.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from circuitkit.errors import CircuitkitError, choices_hint
+from circuitkit.models.runner import GPT2Runner
+from circuitkit.tasks import TASKS, Task, get_task
+
+META_FILE = "circuitkit.json"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _check_dir(path: Path) -> None:
+    if not path.exists():
+        raise CircuitkitError(
+            f"checkpoint directory {str(path)!r} does not exist; train one with "
+            f"'circuitkit model train TASK --out {path}' or put an HF GPT-2 checkpoint there "
+            f"(config.json + model.safetensors or pytorch_model.bin)"
+        )
+    if not path.is_dir():
+        raise CircuitkitError(f"{str(path)!r} is a file; a checkpoint is a directory with config.json and weights")
+    if not (path / "config.json").exists():
+        raise CircuitkitError(f"{str(path)!r} has no config.json; it is not a HuggingFace checkpoint directory")
+    if not any((path / w).exists() for w in WEIGHT_FILES):
+        raise CircuitkitError(f"{str(path)!r} has no weights: expected one of {', '.join(WEIGHT_FILES)}")
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    f = Path(path) / META_FILE
+    if not f.exists():
+        return {}
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CircuitkitError(f"{str(f)!r} is corrupt ({e}); delete it or fix it") from None
+
+
+def _load_hf(path: Path, device: str) -> torch.nn.Module:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    try:
+        config = GPT2Config.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - any parse failure is a corrupt checkpoint to the user
+        raise CircuitkitError(f"cannot read {str(path / 'config.json')!r}: {e}") from None
+    if config.model_type != "gpt2":
+        raise CircuitkitError(f"{str(path)!r} holds a {config.model_type!r} model; circuitkit probes GPT-2-family models")
+    try:
+        model = GPT2LMHeadModel.from_pretrained(path, config=config, local_files_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise CircuitkitError(f"cannot load the weights in {str(path)!r} (corrupt or incomplete?): {e}") from None
+    return model.to(device).eval()
+
+
+def check_vocab(task: Task, hf_model: torch.nn.Module, meta: dict[str, Any], where: str) -> None:
+    """The checkpoint's vocabulary must be the task's, or every id means something else."""
+    n = hf_model.config.vocab_size
+    if n != len(task.vocab):
+        raise CircuitkitError(
+            f"checkpoint {where!r} has vocab_size {n} but task {task.name!r} has {len(task.vocab)} tokens; "
+            f"pass the task it was trained on (--task {choices_hint(TASKS)})"
+        )
+    stored = meta.get("task_spec", {}).get("vocab")
+    if stored is not None and list(stored) != list(task.vocab.tokens):
+        raise CircuitkitError(f"checkpoint {where!r} was trained with a different vocabulary than task {task.name!r}")
+    n_pos = hf_model.config.n_positions
+    if n_pos < task.seq_len:
+        raise CircuitkitError(
+            f"checkpoint {where!r} has n_positions {n_pos} < the task's sequence length {task.seq_len}"
+        )
+
+
+@dataclass
+class ProbedModel:
+    """A probed model: the HF module, the task it solves, and fast/reference ways to run it."""
+
+    hf_model: torch.nn.Module
+    task: Task
+    path: Path | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def runner(self) -> GPT2Runner:
+        return GPT2Runner(self.hf_model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf_model.parameters()).device
+
+    @property
+    def n_layers(self) -> int:
+        return self.hf_model.config.n_layer
+
+    @property
+    def n_heads(self) -> int:
+        return self.hf_model.config.n_head
+
+    def bridge(self):
+        """A TransformerLens ``TransformerBridge`` over the same weights (the reference path)."""
+        from transformer_lens.model_bridge import TransformerBridge
+
+        if self.path is None:
+            raise CircuitkitError("this model has no checkpoint directory; save it first to build a bridge")
+        return TransformerBridge.boot_transformers(str(self.path), hf_model=self.hf_model, device=str(self.device))
+
+
+def load_probed(path: str | Path, task: str | Task | None = None, device: str = "cpu") -> ProbedModel:
+    """Load a local HF GPT-2 checkpoint (safetensors or pytorch_model.bin) for ``task``.
+
+    The task comes from the argument, else from the checkpoint's ``circuitkit.json``.
+    """
+    path = Path(path)
+    _check_dir(path)
+    meta = read_meta(path)
+    if task is None:
+        if "task" not in meta:
+            raise CircuitkitError(
+                f"{str(path)!r} does not say which task it solves (no {META_FILE}); "
+                f"pass --task ({choices_hint(TASKS)})"
+            )
+        task = meta["task"]
+    task_obj = get_task(task) if isinstance(task, str) else task
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CircuitkitError("--device cuda was requested but no CUDA device is available; use --device cpu")
+    hf_model = _load_hf(path, device)
+    check_vocab(task_obj, hf_model, meta, str(path))
+    return ProbedModel(hf_model=hf_model, task=task_obj, path=path, meta=meta)
+
+
+def save_probed(model: torch.nn.Module, task: Task, out_dir: str | Path, extra_meta: dict | None = None) -> None:
+    """Write an HF checkpoint (``save_pretrained``) plus ``circuitkit.json`` into ``out_dir``."""
+    from circuitkit.io_utils import atomic_write_json
+
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    atomic_write_json(out_dir / META_FILE, {"task": task.name, "task_spec": task.describe(), **(extra_meta or {})})

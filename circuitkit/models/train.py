@@ -1,0 +1,205 @@
+"""Train a probed model (an HF ``GPT2LMHeadModel``) on a task, on the CPU, with resume.
+
+Training state lives in ``<out>.partial/`` while the run is in progress (checkpointed every
+``checkpoint_every`` steps and on Ctrl-C); a rerun of the same command resumes from it.  The
+finished checkpoint (HF files, ``circuitkit.json``, ``metrics.json``, ``manifest.json``) appears
+in ``<out>/`` at once, by rename, and the partial state is removed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from circuitkit.errors import CircuitkitError
+from circuitkit.io_utils import atomic_dir, atomic_torch_save, atomic_write_json
+from circuitkit.manifest import write_manifest
+from circuitkit.models.checkpoint import ProbedModel, save_probed
+from circuitkit.models.evaluate import evaluate_model
+from circuitkit.models.runner import GPT2Runner
+from circuitkit.seeding import seed_everything
+from circuitkit.tasks.base import Task
+
+
+@dataclass
+class TrainConfig:
+    """Architecture and optimisation of a probed model."""
+
+    n_layer: int = 2
+    n_head: int = 1
+    d_model: int = 64
+    activation: str = "gelu_new"
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    steps: int = 6000
+    warmup: int = 200
+    min_lr_ratio: float = 0.05
+    checkpoint_every: int = 500
+    eval_limit: int = 20000
+    seed: int = 0
+    threads: int | None = None
+
+    def replace(self, **kw: Any) -> "TrainConfig":
+        unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise CircuitkitError(f"unknown training options {sorted(unknown)}")
+        return dataclasses.replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+
+#: defaults per task: the paper's architectures, with a CPU-sized optimisation budget
+DEFAULTS: dict[str, TrainConfig] = {
+    "counting": TrainConfig(n_layer=2, n_head=1, d_model=64, batch_size=256, lr=2e-3, steps=6000),
+    "addition": TrainConfig(n_layer=2, n_head=4, d_model=32, batch_size=256, lr=3e-3, steps=12000),
+    "ioi": TrainConfig(n_layer=2, n_head=4, d_model=64, batch_size=128, lr=2e-3, steps=3000),
+}
+
+
+def default_config(task: Task) -> TrainConfig:
+    return DEFAULTS.get(task.name, TrainConfig())
+
+
+def build_model(task: Task, cfg: TrainConfig) -> torch.nn.Module:
+    """A fresh GPT-2 shaped for the task (no dropout, the paper's setting)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if cfg.d_model % cfg.n_head:
+        raise CircuitkitError(f"d_model {cfg.d_model} is not divisible by n_head {cfg.n_head}")
+    hf_cfg = GPT2Config(
+        vocab_size=len(task.vocab), n_positions=task.seq_len, n_embd=cfg.d_model, n_layer=cfg.n_layer,
+        n_head=cfg.n_head, activation_function=cfg.activation, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, bos_token_id=task.vocab.bos_id, eos_token_id=task.vocab.eos_id,
+        pad_token_id=task.vocab.pad_id,
+    )
+    return GPT2LMHeadModel(hf_cfg)
+
+
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of next-token predictions at masked positions.
+
+    logits: [batch, pos, vocab]; ids: [batch, pos]; mask: [batch, pos] (position predicts pos+1).
+    """
+    pred = logits[:, :-1][mask[:, :-1]]
+    gold = ids[:, 1:][mask[:, :-1]]
+    return F.cross_entropy(pred, gold)
+
+
+def _lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
+def _partial_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def train_probed(task: Task, out: str | Path, cfg: TrainConfig | None = None, progress: bool = True,
+                 device: str = "cpu") -> dict:
+    """Train, evaluate and write a checkpoint to ``out``; returns the metrics dict."""
+    cfg = cfg or default_config(task)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise CircuitkitError(f"output directory {str(out)!r} exists and is not empty; choose another --out")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    partial = _partial_dir(out)
+    state_file = partial / "train_state.pt"
+    rng = seed_everything(cfg.seed)
+    model = build_model(task, cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    step, elapsed, history = 0, 0.0, []
+    if state_file.exists():
+        state = torch.load(state_file, map_location=device, weights_only=False)
+        if state["config"] != dataclasses.asdict(cfg) or state["task"] != task.name:
+            raise CircuitkitError(
+                f"{str(partial)!r} holds an interrupted run with a different task or configuration; "
+                f"delete it to start over, or rerun with the same options to resume"
+            )
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, elapsed, history = state["step"], state["elapsed"], state["history"]
+        rng.setstate(state["py_rng"])
+        torch.set_rng_state(state["torch_rng"])
+    train = task.split("train")
+    runner = GPT2Runner(model)
+    model.train()
+
+    def save_state() -> None:
+        atomic_torch_save(
+            {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "elapsed": elapsed,
+             "history": history, "config": dataclasses.asdict(cfg), "task": task.name,
+             "py_rng": rng.getstate(), "torch_rng": torch.get_rng_state()},
+            state_file,
+        )
+
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {task.name}", disable=not progress, unit="step")
+    t0 = time.perf_counter()
+    ema = None
+    try:
+        while step < cfg.steps:
+            batch = [train[rng.randrange(len(train))] for _ in range(cfg.batch_size)]
+            ids = task.encode(batch).to(device)
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, cfg)
+            loss = lm_loss(model(input_ids=ids).logits, ids, task.loss_mask(ids))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            step += 1
+            ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+            bar.update(1)
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{ema:.4f}")
+                history.append({"step": step, "loss": ema})
+            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                elapsed += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                save_state()
+    except KeyboardInterrupt:
+        elapsed += time.perf_counter() - t0
+        save_state()
+        bar.close()
+        raise CircuitkitError(f"interrupted at step {step}; rerun the same command to resume from {partial}") from None
+    bar.close()
+    elapsed += time.perf_counter() - t0
+    model.eval()
+    metrics = evaluate_model(runner, task, "test", limit=cfg.eval_limit, seed=cfg.seed, progress=progress)
+    metrics.update({"train_wall_seconds": round(elapsed, 1), "train_steps": step,
+                    "torch_threads": torch.get_num_threads(), "final_loss": ema})
+    with atomic_dir(out) as tmp:
+        save_probed(model, task, tmp)
+        atomic_write_json(tmp / "metrics.json", metrics)
+        atomic_write_json(tmp / "train_history.json", history)
+        write_manifest(tmp, "probed_model", cfg.seed, {"task": task.name, **dataclasses.asdict(cfg)})
+    shutil.rmtree(partial, ignore_errors=True)
+    return metrics
+
+
+def as_probed(model: torch.nn.Module, task: Task, path: Path | None = None) -> ProbedModel:
+    """Wrap an in-memory HF model (e.g. a freshly initialised null-control model)."""
+    return ProbedModel(hf_model=model.eval(), task=task, path=path)
+
+
+def random_init_like(probed: ProbedModel, seed: int = 0) -> ProbedModel:
+    """A randomly initialised model with the same architecture and task: the null control."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    fresh = GPT2LMHeadModel(probed.hf_model.config).to(probed.device)
+    return as_probed(fresh, probed.task)
+
+
+__all__ = ["TrainConfig", "DEFAULTS", "default_config", "build_model", "lm_loss", "train_probed",
+           "as_probed", "random_init_like"]

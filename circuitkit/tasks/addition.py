@@ -1,0 +1,144 @@
+"""Three-digit addition (InversionView paper, section 4.2): ``B615+861=1476E``, padded to 14.
+
+Vocabulary: digits 0-9 -> 0-9, ``B`` 10, ``+`` 11, ``=`` 12, ``E`` 13, ``P`` 14.  Operands are in
+[100, 999]; the answer is written without leading zeros (3 or 4 digits).  The split shuffles all
+810,000 pairs with Python ``random`` seeded with 0 and keeps 75% for training, as the paper did.
+"""
+from __future__ import annotations
+
+import random
+from functools import lru_cache
+from typing import Sequence
+
+from circuitkit.tasks.base import CharTokenizer, Feature, Target, Task, Tokens, Vocabulary
+
+VOCAB = Vocabulary(tokens=tuple("0123456789B+=EP"), bos="B", eos="E", pad="P")
+SEQ_LEN = 14
+LOW, HIGH = 100, 999
+TRAIN_RATIO = 0.75
+
+
+def format_sum(a: int, b: int) -> str:
+    return f"B{a}+{b}={a + b}E"
+
+
+@lru_cache(maxsize=1)
+def _paper_splits() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    pairs = [(i, j) for i in range(LOW, HIGH + 1) for j in range(LOW, HIGH + 1)]
+    random.Random(0).shuffle(pairs)
+    n_train = int(TRAIN_RATIO * len(pairs))
+    texts = [format_sum(a, b) for a, b in pairs]
+    return tuple(texts[:n_train]), tuple(texts[n_train:])
+
+
+def operands(tokens: Tokens) -> tuple[int, int]:
+    """(a, b) read from the first and second operand digits."""
+    toks = list(tokens)
+    plus, eq = toks.index("+"), toks.index("=")
+    return int("".join(toks[1:plus])), int("".join(toks[plus + 1 : eq]))
+
+
+def digit(n: int, k: int) -> int:
+    """k-th digit of a 3-digit number counted from the left (k = 1, 2, 3)."""
+    return (n // 10 ** (3 - k)) % 10
+
+
+def carry(tokens: Tokens, k: int) -> int:
+    """Carry out of digit column k (1 = hundreds, 2 = tens, 3 = ones): 1 if a%10^(4-k) + b%10^(4-k) overflows."""
+    a, b = operands(tokens)
+    mod = 10 ** (3 - k + 1)
+    return int((a % mod) + (b % mod) >= mod)
+
+
+class AdditionTask(Task):
+    """The paper's 3-digit addition task."""
+
+    name = "addition"
+    seq_len = SEQ_LEN
+    position_names = ("BOS", "F1", "F2", "F3", "+", "S1", "S2", "S3", "=", "A1", "A2", "A3", "A4", "EOS")
+    default_target = "A1"
+    eval_mode = "generate"
+
+    def __init__(self) -> None:
+        self.tokenizer = CharTokenizer(VOCAB)
+
+    def generate(self, rng: random.Random, n: int) -> list[str]:
+        return [format_sum(rng.randint(LOW, HIGH), rng.randint(LOW, HIGH)) for _ in range(n)]
+
+    def split(self, which: str) -> Sequence[str]:
+        self.check_split_name(which)
+        train, test = _paper_splits()
+        return train if which == "train" else test
+
+    def positions(self, tokens: Tokens) -> dict[str, int]:
+        toks = list(tokens)
+        plus, eq = toks.index("+"), toks.index("=")
+        named = {"BOS": 0, "+": plus, "=": eq}
+        for k in range(1, 4):
+            named[f"F{k}"] = k
+            named[f"S{k}"] = plus + k
+        end = toks.index("E") if "E" in toks else len(toks)
+        for k in range(1, 5):
+            if eq + k < end:
+                named[f"A{k}"] = eq + k
+        if "E" in toks:
+            named["EOS"] = end
+        return named
+
+    def targets(self, tokens: Tokens) -> list[Target]:
+        """A1 is read at ``=``, A_{k+1} at A_k, and EOS after the last answer digit."""
+        pos = self.positions(tokens)
+        out = []
+        prev = pos["="]
+        for k in range(1, 5):
+            if f"A{k}" not in pos:
+                break
+            out.append(Target(f"A{k}", prev, VOCAB.id_of(tokens[pos[f"A{k}"]])))
+            prev = pos[f"A{k}"]
+        if "EOS" in pos:
+            out.append(Target("EOS", prev, VOCAB.eos_id))
+        return out
+
+    def prompt_length(self, tokens: Tokens) -> int:
+        return self.positions(tokens)["="] + 1
+
+    def contrast_minimal(self, text: str, rng: random.Random) -> str:
+        """Change one operand digit (keeping both operands 3-digit and the answer's length)."""
+        toks = self.tokens(text, pad=False)
+        a, b = operands(toks)
+        for _ in range(10_000):
+            which, k = rng.randrange(2), rng.randint(1, 3)
+            old = (a, b)[which]
+            d = rng.choice([x for x in range(10) if x != digit(old, k)])
+            new = old + (d - digit(old, k)) * 10 ** (3 - k)
+            if not LOW <= new <= HIGH:
+                continue
+            na, nb = (new, b) if which == 0 else (a, new)
+            if len(str(na + nb)) == len(str(a + b)) and na + nb != a + b:
+                return format_sum(na, nb)
+        raise ValueError(f"no minimal edit found for {text!r}")
+
+    def task_features(self) -> list[Feature]:
+        feats: list[Feature] = []
+        for k in range(1, 4):
+            feats.append(Feature(f"F{k}", lambda t, k=k: digit(operands(t)[0], k), f"digit {k} of the first operand"))
+            feats.append(Feature(f"S{k}", lambda t, k=k: digit(operands(t)[1], k), f"digit {k} of the second operand"))
+            feats.append(
+                Feature(
+                    f"F{k}+S{k}",
+                    lambda t, k=k: digit(operands(t)[0], k) + digit(operands(t)[1], k),
+                    f"sum of the column-{k} digits",
+                )
+            )
+        for k in range(1, 4):
+            feats.append(Feature(f"carry({k})", lambda t, k=k: carry(t, k), f"carry out of column {k}"))
+        feats.append(Feature("sum", lambda t: sum(operands(t)), "a + b"))
+        for k in range(1, 5):
+            feats.append(
+                Feature(
+                    f"A{k}",
+                    lambda t, k=k: int(str(sum(operands(t)))[k - 1]) if len(str(sum(operands(t)))) >= k else None,
+                    f"answer digit {k}",
+                )
+            )
+        return feats

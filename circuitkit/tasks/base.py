@@ -1,0 +1,308 @@
+"""The Task API: everything circuitkit needs to know about a task, implemented in one file.
+
+A task defines its vocabulary and tokenizer, how inputs are generated and split, which
+positions have names (``:``, ``A1``, ``END`` ...), where answers are read (``Target``), how
+contrast inputs are made, and named features of an input.  Inputs are plain strings; all
+position and feature logic works on the list of token strings (``Task.tokens``), so the same
+feature code runs on decoder samples that need not be well-formed (features return ``None``).
+"""
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable, Hashable, Sequence
+
+import torch
+
+from circuitkit.errors import CircuitkitError, choices_hint
+
+Tokens = Sequence[str]
+"""An input as its list of token strings, BOS first, padding included."""
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """An ordered list of token strings; the index of a token is its id."""
+
+    tokens: tuple[str, ...]
+    bos: str
+    eos: str
+    pad: str
+
+    def __post_init__(self) -> None:
+        if len(set(self.tokens)) != len(self.tokens):
+            raise ValueError("vocabulary tokens must be unique")
+        object.__setattr__(self, "_index", {t: i for i, t in enumerate(self.tokens)})
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def id_of(self, token: str) -> int:
+        try:
+            return self._index[token]  # type: ignore[attr-defined]
+        except KeyError:
+            raise CircuitkitError(
+                f"token {token!r} is not in the vocabulary; valid tokens: {choices_hint(self.tokens)}"
+            ) from None
+
+    @property
+    def bos_id(self) -> int:
+        return self.id_of(self.bos)
+
+    @property
+    def eos_id(self) -> int:
+        return self.id_of(self.eos)
+
+    @property
+    def pad_id(self) -> int:
+        return self.id_of(self.pad)
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        return frozenset({self.bos_id, self.eos_id, self.pad_id})
+
+
+class Tokenizer(ABC):
+    """Text <-> token ids, both ways.  ``split`` gives the token strings of a text."""
+
+    vocab: Vocabulary
+
+    @abstractmethod
+    def split(self, text: str) -> list[str]:
+        """Token strings of ``text`` (no padding added)."""
+
+    @abstractmethod
+    def join(self, tokens: Sequence[str]) -> str:
+        """Inverse of ``split``."""
+
+    def encode(self, text: str) -> list[int]:
+        return [self.vocab.id_of(t) for t in self.split(text)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.join([self.vocab.tokens[int(i)] for i in ids])
+
+    def id_tokens(self, ids: Sequence[int]) -> list[str]:
+        return [self.vocab.tokens[int(i)] for i in ids]
+
+
+class CharTokenizer(Tokenizer):
+    """One character = one token (counting, addition)."""
+
+    def __init__(self, vocab: Vocabulary) -> None:
+        if any(len(t) != 1 for t in vocab.tokens):
+            raise ValueError("CharTokenizer needs single-character tokens")
+        self.vocab = vocab
+
+    def split(self, text: str) -> list[str]:
+        bad = sorted({c for c in text if c not in self.vocab.tokens})
+        if bad:
+            raise CircuitkitError(
+                f"characters {''.join(bad)!r} are not in the vocabulary; valid: {''.join(self.vocab.tokens)!r}"
+            )
+        return list(text)
+
+    def join(self, tokens: Sequence[str]) -> str:
+        return "".join(tokens)
+
+
+class WordTokenizer(Tokenizer):
+    """Whitespace-separated words; punctuation '.' and ',' are their own tokens (word-level IOI)."""
+
+    def __init__(self, vocab: Vocabulary) -> None:
+        self.vocab = vocab
+
+    def split(self, text: str) -> list[str]:
+        spaced = text.replace(",", " ,").replace(".", " .")
+        toks = spaced.split()
+        bad = sorted({t for t in toks if t not in self.vocab.tokens})
+        if bad:
+            raise CircuitkitError(
+                f"words {bad[:10]} are not in the vocabulary ({len(self.vocab)} tokens, e.g. "
+                f"{choices_hint(self.vocab.tokens, 12)})"
+            )
+        return toks
+
+    def join(self, tokens: Sequence[str]) -> str:
+        return " ".join(tokens).replace(" ,", ",").replace(" .", ".")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One place where the model is read: at ``position`` it should predict ``token`` (an id).
+
+    ``wrong`` is the id of the natural competitor when the task has one (IOI: the subject).
+    """
+
+    name: str
+    position: int
+    token: int
+    wrong: int | None = None
+
+
+@dataclass(frozen=True)
+class Feature:
+    """A named function of an input's token list; ``None`` means "undefined for this input"."""
+
+    name: str
+    fn: Callable[[Tokens], Hashable | None] = field(compare=False)
+    description: str = ""
+
+    def __call__(self, tokens: Tokens) -> Hashable | None:
+        try:
+            return self.fn(tokens)
+        except (IndexError, ValueError, KeyError):
+            return None
+
+
+class Task(ABC):
+    """A task circuitkit can train, probe, invert and patch.  Subclass it in one file."""
+
+    name: str
+    seq_len: int
+    tokenizer: Tokenizer
+    #: named positions this task resolves per input, in reading order
+    position_names: tuple[str, ...]
+    #: the target used by default for metrics (its name as in ``targets``)
+    default_target: str
+    #: how held-out accuracy is measured: "targets" (argmax at the default target) or
+    #: "generate" (greedy decoding of everything after the prompt, EOS included)
+    eval_mode: str = "targets"
+
+    # ---- data ---------------------------------------------------------------------------
+    @abstractmethod
+    def generate(self, rng: random.Random, n: int) -> list[str]:
+        """``n`` fresh random inputs (complete texts, answer included, without padding)."""
+
+    @abstractmethod
+    def split(self, which: str) -> Sequence[str]:
+        """The deterministic ``'train'`` or ``'test'`` split (same list on every call)."""
+
+    def check_split_name(self, which: str) -> None:
+        if which not in ("train", "test"):
+            raise CircuitkitError(f"unknown split {which!r}; valid: train, test")
+
+    # ---- positions and answers ----------------------------------------------------------
+    @abstractmethod
+    def positions(self, tokens: Tokens) -> dict[str, int]:
+        """Named positions of this input (a subset of ``position_names``: some may be absent)."""
+
+    @abstractmethod
+    def targets(self, tokens: Tokens) -> list[Target]:
+        """Where the answer(s) are read and what they are."""
+
+    def prompt_length(self, tokens: Tokens) -> int:
+        """Number of leading tokens given to the model before it must produce the answer."""
+        return min(t.position for t in self.targets(tokens)) + 1
+
+    # ---- contrasts ----------------------------------------------------------------------
+    def contrast_random(self, text: str, rng: random.Random) -> str:
+        """A random other example of the same length in tokens (the paper's contrast R)."""
+        n = len(self.tokens(text, pad=False))
+        for _ in range(1000):
+            other = self.generate(rng, 1)[0]
+            if other != text and len(self.tokens(other, pad=False)) == n:
+                return other
+        raise CircuitkitError(f"{self.name}: could not find a random contrast of the same length")
+
+    @abstractmethod
+    def contrast_minimal(self, text: str, rng: random.Random) -> str:
+        """A minimal edit of ``text`` that changes the answer and keeps the length (contrast F)."""
+
+    # ---- features -----------------------------------------------------------------------
+    @abstractmethod
+    def task_features(self) -> list[Feature]:
+        """Features specific to this task (``count(query)``, ``F2``, ``carry(2)``, ``IO`` ...)."""
+
+    def features(self) -> dict[str, Feature]:
+        """Task features plus the generic ones every task gets for free."""
+        from circuitkit.hypotheses.features import generic_features
+
+        feats = {f.name: f for f in generic_features(self)}
+        feats.update({f.name: f for f in self.task_features()})
+        return feats
+
+    # ---- training -----------------------------------------------------------------------
+    def loss_mask(self, ids: torch.Tensor) -> torch.Tensor:
+        """Bool mask [batch, pos] of positions whose *next* token is trained on.
+
+        Default: every position whose next token is not padding.
+        """
+        nxt = ids[:, 1:]
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        mask[:, :-1] = nxt != self.vocab.pad_id
+        return mask
+
+    # ---- helpers shared by all tasks ----------------------------------------------------
+    @property
+    def vocab(self) -> Vocabulary:
+        return self.tokenizer.vocab
+
+    def tokens(self, text: str, pad: bool = True) -> list[str]:
+        """Token strings of ``text``, padded to ``seq_len`` unless ``pad=False``."""
+        toks = self.tokenizer.split(text)
+        if len(toks) > self.seq_len:
+            raise CircuitkitError(
+                f"{self.name}: input has {len(toks)} tokens, more than the task's {self.seq_len}: {text!r}"
+            )
+        if pad:
+            toks = toks + [self.vocab.pad] * (self.seq_len - len(toks))
+        return toks
+
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        """Token ids ``[batch, seq_len]`` (right-padded) of many texts."""
+        rows = [[self.vocab.id_of(t) for t in self.tokens(s)] for s in texts]
+        return torch.tensor(rows, dtype=torch.long)
+
+    def decode(self, ids: torch.Tensor | Sequence[int], strip_pad: bool = True) -> str:
+        toks = self.tokenizer.id_tokens(list(ids))
+        if strip_pad:
+            while toks and toks[-1] == self.vocab.pad:
+                toks.pop()
+        return self.tokenizer.join(toks)
+
+    def resolve_position(self, position: str | int, tokens: Tokens) -> int:
+        """An index for a named position (or an int index, negative allowed) in this input."""
+        if isinstance(position, int) or (isinstance(position, str) and position.lstrip("-").isdigit()):
+            idx = int(position)
+            if not -self.seq_len <= idx < self.seq_len:
+                raise CircuitkitError(
+                    f"position {idx} is out of range for {self.name} (sequence length {self.seq_len})"
+                )
+            return idx % self.seq_len
+        named = self.positions(tokens)
+        if position not in named:
+            if position in self.position_names:
+                raise CircuitkitError(
+                    f"position {position!r} does not exist in input {self.tokenizer.join(tokens)!r}"
+                )
+            raise CircuitkitError(
+                f"unknown position {position!r} for task {self.name}; valid: "
+                f"{choices_hint(self.position_names)} or an integer index"
+            )
+        return named[position]
+
+    def special_positions(self, ids: torch.Tensor) -> torch.Tensor:
+        """Bool mask [batch, pos] of BOS/EOS/PAD positions (excluded from InversionView distances)."""
+        special = torch.tensor(sorted(self.vocab.special_ids), device=ids.device)
+        return torch.isin(ids, special)
+
+    def target(self, tokens: Tokens, name: str | None = None) -> Target:
+        """The named target of an input (default: ``default_target``)."""
+        name = name or self.default_target
+        for t in self.targets(tokens):
+            if t.name == name:
+                return t
+        valid = [t.name for t in self.targets(tokens)]
+        raise CircuitkitError(f"{self.name} has no target {name!r} for this input; valid: {choices_hint(valid)}")
+
+    def describe(self) -> dict:
+        """A JSON-able summary stored in checkpoints' metadata."""
+        return {
+            "name": self.name,
+            "seq_len": self.seq_len,
+            "vocab": list(self.vocab.tokens),
+            "bos": self.vocab.bos,
+            "eos": self.vocab.eos,
+            "pad": self.vocab.pad,
+        }

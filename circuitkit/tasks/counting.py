@@ -1,0 +1,126 @@
+"""Character counting (InversionView paper, section 4.1): how often does the query letter occur?
+
+Format: ``B`` + shuffled string of 3 distinct letters repeated 1-9 times each + ``|`` + query
+letter + ``:`` + count + ``E``, right-padded with ``P`` to 33 tokens.  The model reads the count
+at ``:``.  The split reproduces the paper's procedure (Python ``random`` seeded with 0) so that
+checkpoints trained by the paper's code are evaluated on exactly their held-out set.
+"""
+from __future__ import annotations
+
+import random
+import string
+from functools import lru_cache
+from itertools import combinations
+from typing import Sequence
+
+import torch
+
+from circuitkit.tasks.base import CharTokenizer, Feature, Target, Task, Tokens, Vocabulary
+
+LETTERS = string.ascii_lowercase
+COUNT_DIGITS = "123456789"
+VOCAB = Vocabulary(tokens=tuple(LETTERS + COUNT_DIGITS + "|:BEP"), bos="B", eos="E", pad="P")
+SEQ_LEN = 9 * 3 + 6  # 27 letters + B | q : count E
+CONFIGS_PER_TRIPLE = 200
+TRAIN_RATIO = 0.75
+
+
+def _format(chars: Sequence[str], query: str, count: int) -> str:
+    return "B" + "".join(chars) + "|" + query + ":" + str(count) + "E"
+
+
+@lru_cache(maxsize=1)
+def _paper_splits() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Every (letter triple, 200 distinct count configs, 3 queries) example, shuffled, split 75/25."""
+    rng = random.Random(0)
+    points: list[str] = []
+    for a, b, c in combinations(LETTERS, 3):
+        seen: set[tuple[int, int, int]] = set()
+        for _ in range(CONFIGS_PER_TRIPLE):
+            cfg = (rng.randint(1, 9), rng.randint(1, 9), rng.randint(1, 9))
+            while cfg in seen:
+                cfg = (rng.randint(1, 9), rng.randint(1, 9), rng.randint(1, 9))
+            seen.add(cfg)
+            chars = [a] * cfg[0] + [b] * cfg[1] + [c] * cfg[2]
+            for letter, n in zip((a, b, c), cfg):
+                rng.shuffle(chars)
+                points.append(_format(chars, letter, n))
+    rng.shuffle(points)
+    n_train = int(TRAIN_RATIO * len(points))
+    return tuple(points[:n_train]), tuple(points[n_train:])
+
+
+def _body(tokens: Tokens) -> list[str]:
+    """The letters between BOS and ``|``."""
+    return list(tokens[1 : list(tokens).index("|")])
+
+
+def _query(tokens: Tokens) -> str:
+    return tokens[list(tokens).index("|") + 1]
+
+
+class CountingTask(Task):
+    """The paper's character-counting task."""
+
+    name = "counting"
+    seq_len = SEQ_LEN
+    position_names = ("BOS", "Q", ":", "ANS", "EOS", "|")
+    default_target = "count"
+
+    def __init__(self) -> None:
+        self.tokenizer = CharTokenizer(VOCAB)
+
+    def generate(self, rng: random.Random, n: int) -> list[str]:
+        out = []
+        for _ in range(n):
+            letters = rng.sample(LETTERS, 3)
+            counts = [rng.randint(1, 9) for _ in range(3)]
+            chars = [l for l, k in zip(letters, counts) for _ in range(k)]
+            rng.shuffle(chars)
+            q = rng.randrange(3)
+            out.append(_format(chars, letters[q], counts[q]))
+        return out
+
+    def split(self, which: str) -> Sequence[str]:
+        self.check_split_name(which)
+        train, test = _paper_splits()
+        return train if which == "train" else test
+
+    def positions(self, tokens: Tokens) -> dict[str, int]:
+        toks = list(tokens)
+        bar = toks.index("|")
+        named = {"BOS": 0, "|": bar, "Q": bar + 1, ":": bar + 2, "ANS": bar + 3}
+        if "E" in toks:
+            named["EOS"] = toks.index("E")
+        return named
+
+    def targets(self, tokens: Tokens) -> list[Target]:
+        pos = self.positions(tokens)
+        return [Target("count", pos[":"], VOCAB.id_of(tokens[pos["ANS"]]))]
+
+    def loss_mask(self, ids: torch.Tensor) -> torch.Tensor:
+        """Only the count is trained (as in the paper): the position of ``:``."""
+        return ids == VOCAB.id_of(":")
+
+    def contrast_minimal(self, text: str, rng: random.Random) -> str:
+        """Flip one letter to another of the input's letters so the query count changes (F)."""
+        toks = self.tokens(text, pad=False)
+        body, query = _body(toks), _query(toks)
+        letters = sorted(set(body))
+        old = body.count(query)
+        for _ in range(10_000):
+            i = rng.randrange(len(body))
+            new_body = list(body)
+            new_body[i] = rng.choice([l for l in letters if l != body[i]])
+            new = new_body.count(query)
+            if new != old and all(1 <= new_body.count(l) <= 9 for l in letters):
+                return _format(new_body, query, new)
+        raise ValueError(f"no one-letter flip changes the count of {query!r} in {text!r}")
+
+    def task_features(self) -> list[Feature]:
+        return [
+            Feature("count(query)", lambda t: _body(t).count(_query(t)), "how often the query letter occurs"),
+            Feature("query", _query, "the query letter"),
+            Feature("n_letters", lambda t: len(_body(t)), "length of the letter string"),
+            Feature("query_in_string", lambda t: _query(t) in _body(t), "the query letter occurs at all"),
+        ]

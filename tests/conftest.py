@@ -1,0 +1,51 @@
+"""Shared fixtures: tasks and tiny probed models trained once per test session (offline)."""
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from circuitkit.models.checkpoint import ProbedModel, load_probed  # noqa: E402
+from circuitkit.models.train import TrainConfig, train_probed  # noqa: E402
+from circuitkit.tasks import get_task  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def counting_task():
+    return get_task("counting")
+
+
+@pytest.fixture(scope="session")
+def addition_task():
+    return get_task("addition")
+
+
+def _train_tiny(tmp_path_factory, task_name: str, **kw) -> ProbedModel:
+    task = get_task(task_name)
+    out = tmp_path_factory.mktemp(f"{task_name}_model") / "ckpt"
+    cfg = TrainConfig(**{"steps": 150, "batch_size": 64, "lr": 3e-3, "warmup": 20, "eval_limit": 500,
+                         "checkpoint_every": 100, **kw})
+    train_probed(task, out, cfg, progress=False)
+    return load_probed(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_counting_model(tmp_path_factory) -> ProbedModel:
+    """The paper's counting architecture (2L, 1H, d64), briefly trained: real weights, fast."""
+    return _train_tiny(tmp_path_factory, "counting", n_layer=2, n_head=1, d_model=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_addition_model(tmp_path_factory) -> ProbedModel:
+    """The paper's addition architecture (2L, 4H, d32), briefly trained."""
+    return _train_tiny(tmp_path_factory, "addition", n_layer=2, n_head=4, d_model=32)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_torch():
+    torch.manual_seed(0)
+    yield
