@@ -1,4 +1,4 @@
-"""Indirect Object Identification (Wang et al. 2022; InversionView paper, section 4.3).
+"""Indirect Object Identification (Wang et al. 2022), as probed in the InversionView paper.
 
 A prompt names two people, then repeats one of them (the subject S) as the giver; the model must
 complete with the other one (the indirect object IO)::
@@ -217,9 +217,17 @@ class _Parsed:
 
 
 class IOITask(Task):
-    """Indirect object identification on BABA/ABBA templates, word-level or GPT-2 tokens."""
+    """Indirect object identification on BABA/ABBA templates, word-level or GPT-2 tokens.
+
+    ``names``/``places``/``objects`` are the fillers usable with this tokenizer (all of ``NAMES``
+    etc. in word mode; the single-token ones in GPT-2 mode); ``mode`` is "word" or "gpt2".
+    """
 
     name = "ioi"
+    mode: str
+    names: tuple[str, ...]
+    places: tuple[str, ...]
+    objects: tuple[str, ...]
     position_names = ("BOS", "IO", "S1", "S1+1", "S2", "END", "EOS")
     default_target = "IO"
 
