@@ -1,0 +1,260 @@
+"""Train an InversionView decoder for every paper site of a probed model, with resume.
+
+Every step draws a fresh batch for one site (``data.PairSource``: new inputs, one random
+non-special position each, the probed model run only as far as the site).  Sites are drawn with
+weights that favour those whose hit rate lags (re-estimated every ``eval_every`` steps on a few
+held-out queries).  The learning rate warms up and then follows a cosine over the run, whose
+length is ``steps`` or, when ``minutes`` is set, whichever of steps and minutes runs out first.
+
+State lives in ``<out>.partial/`` (checkpointed every ``checkpoint_every`` steps and on Ctrl-C);
+rerunning the same command resumes.  The finished decoder appears in ``<out>/`` by rename.
+Under ``torch.distributed`` (see ``distributed.py``) the model is wrapped in
+DistributedDataParallel, every rank draws its own data, and rank 0 evaluates and writes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from circuitkit.errors import CircuitkitError
+from circuitkit.inversion.checkpoint import save_decoder
+from circuitkit.inversion.data import PairSource, activation_scale
+from circuitkit.inversion.decoder import DecoderConfig, InversionDecoder
+from circuitkit.inversion.evaluate import evaluate_decoder, evaluate_site
+from circuitkit.io_utils import atomic_dir, atomic_torch_save, atomic_write_json
+from circuitkit.manifest import write_manifest
+from circuitkit.models.checkpoint import ProbedModel
+from circuitkit.sites import Site, paper_sites
+
+
+@dataclass
+class DecoderTrainConfig:
+    """Decoder architecture and optimisation (paper architecture by default)."""
+
+    d_model: int = 256
+    n_layers: int = 2
+    n_heads: int = 4
+    cond_mid: int = 512
+    n_cond_blocks: int = 6
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: int = 100
+    steps: int = 20000
+    minutes: float | None = None  # wall-clock training budget (evaluation time excluded)
+    min_lr_ratio: float = 0.05
+    eval_every: int = 200  # steps between hit-rate estimates (rebalancing, curve)
+    eval_queries: int = 16  # held-out queries per site for those estimates
+    eval_per_cell: int = 4  # samples per (temperature, noise) cell for those estimates
+    final_eval_queries: int = 200
+    final_eval_per_cell: int = 16
+    rebalance_floor: float = 0.1
+    checkpoint_every: int = 500
+    seed: int = 0
+    threads: int | None = None
+
+    def replace(self, **kw: Any) -> "DecoderTrainConfig":
+        unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise CircuitkitError(f"unknown decoder training options {sorted(unknown)}")
+        return dataclasses.replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+    def validate(self) -> None:
+        for name in ("d_model", "n_layers", "n_heads", "batch_size", "steps", "eval_every", "eval_queries",
+                     "eval_per_cell", "checkpoint_every"):
+            if getattr(self, name) <= 0:
+                raise CircuitkitError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise CircuitkitError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.minutes is not None and self.minutes <= 0:
+            raise CircuitkitError(f"minutes must be positive, got {self.minutes}")
+
+
+def decoder_sites(probed: ProbedModel) -> list[Site]:
+    """The paper's sites for a model: MLP outputs are decoded only for single-head models (counting)."""
+    return paper_sites(probed.n_layers, probed.n_heads, include_mlp=probed.n_heads == 1)
+
+
+def site_weights(hit_rates: Sequence[float], floor: float) -> list[float]:
+    """Sampling weights ∝ floor + (1 − hit rate): lagging sites get more batches."""
+    w = [floor + (1.0 - h) for h in hit_rates]
+    tot = sum(w)
+    return [x / tot for x in w]
+
+
+def decoder_loss(logits: torch.Tensor, ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Next-token cross-entropy over every real target token (EOS included, PAD excluded)."""
+    tgt = ids[:, 1:]
+    mask = tgt != pad_id
+    return F.cross_entropy(logits[:, :-1][mask], tgt[mask])
+
+
+def _lr_factor(progress: float, step: int, cfg: DecoderTrainConfig) -> float:
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    p = min(1.0, max(0.0, progress))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def build_for(probed: ProbedModel, sites: Sequence[Site], cfg: DecoderTrainConfig) -> InversionDecoder:
+    dcfg = DecoderConfig(vocab_size=len(probed.task.vocab), seq_len=probed.task.seq_len,
+                         act_dim=probed.hf_model.config.n_embd, n_sites=len(sites), d_model=cfg.d_model,
+                         n_layers=cfg.n_layers, n_heads=cfg.n_heads, cond_mid=cfg.cond_mid,
+                         n_cond_blocks=cfg.n_cond_blocks)
+    torch.manual_seed(cfg.seed)
+    dec = InversionDecoder(dcfg)
+    with torch.no_grad():
+        for i, s in enumerate(sites):
+            dec.act_scale[i] = activation_scale(probed, s, seed=cfg.seed)
+    return dec
+
+
+def train_decoder(probed: ProbedModel, out: str | Path, cfg: DecoderTrainConfig | None = None,
+                  sites: Sequence[Site] | None = None, progress: bool = True, device: str = "cpu",
+                  on_eval: Callable[[dict], None] | None = None) -> dict:
+    """Train a decoder for ``sites`` (default: the paper's) of ``probed``; write it to ``out``."""
+    cfg = cfg or DecoderTrainConfig()
+    cfg.validate()
+    out = Path(out)
+    rank, world = _dist_info()
+    if out.exists() and any(out.iterdir()):
+        raise CircuitkitError(f"output directory {str(out)!r} exists and is not empty; choose another --out")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CircuitkitError("--device cuda was requested but no CUDA device is available; use --device cpu")
+    if str(probed.device) != str(torch.device(device)):
+        probed.hf_model.to(device)
+    sites = list(sites or decoder_sites(probed))
+    partial = out.with_name(out.name + ".partial")
+    state_file = partial / "train_state.pt"
+    dec = build_for(probed, sites, cfg).to(device)
+    opt = torch.optim.AdamW(dec.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    source = PairSource(probed, "train", seed=cfg.seed + 1000 * rank)
+    site_rng = random.Random(cfg.seed)  # identical on every rank: all replicas train the same site per step
+    step, train_s, history = 0, 0.0, []
+    hits = [0.0] * len(sites)
+    if state_file.exists():
+        state = torch.load(state_file, map_location=device, weights_only=False)
+        if state["config"] != dataclasses.asdict(cfg) or state["sites"] != [s.node for s in sites]:
+            raise CircuitkitError(f"{str(partial)!r} holds an interrupted run with different options; delete it "
+                                  f"to start over, or rerun with the same options to resume")
+        dec.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, train_s, history, hits = state["step"], state["train_s"], state["history"], state["hits"]
+        site_rng.setstate(state["site_rng"])
+        if rank == 0:
+            source.load_state(state["source"])
+        else:
+            source = PairSource(probed, "train", seed=cfg.seed + 1000 * rank + step)
+    model: torch.nn.Module = dec
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(dec, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+    weights = site_weights(hits, cfg.rebalance_floor)
+    pad = probed.task.vocab.pad_id
+    budget_s = None if cfg.minutes is None else cfg.minutes * 60.0
+
+    def save_state() -> None:
+        if rank != 0:
+            return
+        atomic_torch_save({"model": dec.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                           "train_s": train_s, "history": history, "hits": hits, "config": dataclasses.asdict(cfg),
+                           "sites": [s.node for s in sites], "site_rng": site_rng.getstate(),
+                           "source": source.state()}, state_file)
+
+    def estimate() -> None:
+        nonlocal hits, weights
+        if rank == 0:
+            rows = [evaluate_site(dec, probed, s, i, n_queries=cfg.eval_queries, n_per_cell=cfg.eval_per_cell,
+                                  seed=4321) for i, s in enumerate(sites)]
+            hits = [r["hit_rate"] for r in rows]
+            rec = {"step": step, "train_minutes": round(train_s / 60, 3), "loss": ema,
+                   "hit_rate": {r["site"]: r["hit_rate"] for r in rows}}
+            history.append(rec)
+            if on_eval:
+                on_eval(rec)
+        if world > 1:
+            t = torch.tensor(hits, dtype=torch.float64, device=device if device.startswith("cuda") else "cpu")
+            dist.broadcast(t, 0)
+            hits = t.tolist()
+        weights = site_weights(hits, cfg.rebalance_floor)
+
+    def done() -> bool:
+        return step >= cfg.steps or (budget_s is not None and train_s >= budget_s)
+
+    bar = tqdm(total=cfg.steps, initial=step, desc="decoder", disable=not progress or rank != 0, unit="step")
+    ema: float | None = None
+    model.train()
+    try:
+        while not done():
+            t0 = time.perf_counter()
+            i = site_rng.choices(range(len(sites)), weights=weights)[0]
+            pairs = source.batch(sites[i], cfg.batch_size)
+            frac = step / cfg.steps if budget_s is None else max(step / cfg.steps, train_s / budget_s)
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * _lr_factor(frac, step, cfg)
+            ids = pairs.ids.to(device)
+            logits = model(ids, pairs.acts.to(device), torch.full((ids.shape[0],), i, device=device))
+            loss = decoder_loss(logits, ids, pad)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
+            opt.step()
+            step += 1
+            lv = loss.item()
+            ema = lv if ema is None else 0.98 * ema + 0.02 * lv
+            if world > 1:  # every rank must agree on when the budget runs out
+                t = torch.tensor([time.perf_counter() - t0], device=device if device.startswith("cuda") else "cpu")
+                dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                train_s += float(t)
+            else:
+                train_s += time.perf_counter() - t0
+            bar.update(1)
+            if step % cfg.eval_every == 0 or done():
+                estimate()
+                bar.set_postfix_str(f"loss={ema:.3f} hit=" + "/".join(f"{h:.2f}" for h in hits))
+            elif step % 10 == 0:
+                bar.set_postfix_str(f"loss={ema:.3f} hit=" + "/".join(f"{h:.2f}" for h in hits))
+            if step % cfg.checkpoint_every == 0 and not done():
+                save_state()
+    except KeyboardInterrupt:
+        save_state()
+        bar.close()
+        raise CircuitkitError(f"interrupted at step {step}; rerun the same command to resume from {partial}") from None
+    bar.close()
+    metrics: dict = {"steps": step, "train_minutes": round(train_s / 60, 3), "final_loss": ema,
+                     "world_size": world, "torch_threads": torch.get_num_threads()}
+    if rank == 0:
+        dec.eval()
+        if cfg.final_eval_queries > 0:
+            metrics["eval"] = evaluate_decoder(dec, probed, sites, n_queries=cfg.final_eval_queries,
+                                               n_per_cell=cfg.final_eval_per_cell)
+        with atomic_dir(out) as tmp:
+            save_decoder(tmp, dec, probed, sites, {"train_config": dataclasses.asdict(cfg)})
+            atomic_write_json(tmp / "metrics.json", metrics)
+            atomic_write_json(tmp / "train_history.json", history)
+            write_manifest(tmp, "inversion_decoder", cfg.seed, dataclasses.asdict(cfg),
+                           probed_model=str(probed.path) if probed.path else None)
+        shutil.rmtree(partial, ignore_errors=True)
+    if world > 1:
+        dist.barrier()
+    return {"history": history, **metrics}
