@@ -47,16 +47,17 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temp directory beside ``path``; on success it replaces ``path`` (files inside it
-    that the block did not rewrite are carried over), on error it is removed."""
+def atomic_dir(path: str | Path, keep_existing: bool = True) -> Iterator[Path]:
+    """Yield a temp directory beside ``path``; on success it replaces ``path`` (with
+    ``keep_existing``, files already in ``path`` that the block did not rewrite are carried
+    over), on error it is removed and ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
         if path.exists():
-            for item in path.iterdir():
+            for item in path.iterdir() if keep_existing else ():
                 target = tmp / item.name
                 if not target.exists():
                     (shutil.copytree if item.is_dir() else shutil.copy2)(item, target)

@@ -7,14 +7,17 @@ in ``<out>/`` at once, by rename, and the partial state is removed.
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import itertools
 import math
 import random
 import shutil
 import time
 from dataclasses import dataclass
+from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +61,7 @@ class TrainConfig:
 
 #: defaults per task: the paper's architectures, with a CPU-sized optimisation budget
 DEFAULTS: dict[str, TrainConfig] = {
-    "counting": TrainConfig(n_layer=2, n_head=1, d_model=64, batch_size=128, lr=2e-3, steps=30000, checkpoint_every=1000),
+    "counting": TrainConfig(n_layer=2, n_head=1, d_model=64, batch_size=64, lr=1.5e-3, steps=30000, checkpoint_every=1000),
     "addition": TrainConfig(n_layer=2, n_head=4, d_model=32, batch_size=256, lr=3e-3, steps=12000, checkpoint_every=1000),
     "ioi": TrainConfig(n_layer=2, n_head=4, d_model=64, batch_size=128, lr=2e-3, steps=3000),
 }
@@ -91,6 +94,33 @@ def lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torc
     pred = logits[:, :-1][mask[:, :-1]]
     gold = ids[:, 1:][mask[:, :-1]]
     return F.cross_entropy(pred, gold)
+
+
+class LengthBucketSampler:
+    """Batches of same-length texts, buckets drawn in proportion to their size.
+
+    Every example is still drawn uniformly over the split, but a batch holds texts of one
+    length, so trimming its padding (``trim_padding``) saves the compute spent on PAD columns
+    (a third of it for counting).
+    """
+
+    def __init__(self, texts: Sequence[str]) -> None:
+        buckets: dict[int, list[int]] = defaultdict(list)
+        for i, t in enumerate(texts):
+            buckets[len(t)].append(i)
+        self.texts = texts
+        self.buckets = [buckets[k] for k in sorted(buckets)]
+        self.cum = list(itertools.accumulate(len(b) for b in self.buckets))
+
+    def batch(self, rng: random.Random, size: int) -> list[str]:
+        b = self.buckets[bisect.bisect_right(self.cum, rng.randrange(self.cum[-1]))]
+        return [self.texts[b[rng.randrange(len(b))]] for _ in range(size)]
+
+
+def trim_padding(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Drop trailing columns that are padding in every row. ids: [batch, pos]."""
+    keep = int((ids != pad_id).any(dim=0).nonzero().max()) + 1
+    return ids[:, :keep]
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
@@ -132,6 +162,7 @@ def train_probed(task: Task, out: str | Path, cfg: TrainConfig | None = None, pr
         rng.setstate(state["py_rng"])
         torch.set_rng_state(state["torch_rng"])
     train = task.split("train")
+    sampler = LengthBucketSampler(train)
     runner = GPT2Runner(model)
     model.train()
 
@@ -148,8 +179,7 @@ def train_probed(task: Task, out: str | Path, cfg: TrainConfig | None = None, pr
     ema = None
     try:
         while step < cfg.steps:
-            batch = [train[rng.randrange(len(train))] for _ in range(cfg.batch_size)]
-            ids = task.encode(batch).to(device)
+            ids = trim_padding(task.encode(sampler.batch(rng, cfg.batch_size)), task.vocab.pad_id).to(device)
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, cfg)
             loss = lm_loss(model(input_ids=ids).logits, ids, task.loss_mask(ids))

@@ -1,0 +1,1 @@
+"""End-to-end case studies: model -> decoder -> hypotheses -> verification -> circuit -> report."""

@@ -1,0 +1,126 @@
+"""Case-study configuration: one TOML file describes a whole run (task, model, decoder, patching).
+
+``--quick`` replaces each ``quick_*`` value for its plain counterpart, so one file serves both
+the minutes-long smoke run and the full run.  Unknown keys are errors: a typo in a config
+must not silently fall back to a default.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from circuitkit.errors import CircuitkitError, choices_hint
+
+CASE_DIR = Path(__file__).resolve().parents[2] / "case_studies"
+
+
+@dataclass
+class ModelSection:
+    source: str = "train"  # "train" here, or "path" (a local HF GPT-2 checkpoint directory)
+    path: str = ""
+    steps: int = 0  # 0 = the task's default training budget
+    n_layer: int = 0
+    n_head: int = 0
+    d_model: int = 0
+    batch_size: int = 0
+    lr: float = 0.0
+
+
+@dataclass
+class DecoderSection:
+    sites: list[str] = field(default_factory=list)  # empty = the paper's sites for this model
+    minutes: float = 60.0
+    steps: int = 0  # 0 = bounded by minutes only
+    eval_queries: int = 200
+    n_per_cell: int = 256  # samples per (temperature, noise) cell: 4 cells x 256 = 1024 per query
+
+
+@dataclass
+class InversionSection:
+    queries: list[str] = field(default_factory=list)  # "SITE|TEXT" panels to show in the report
+
+
+@dataclass
+class HypothesisSection:
+    sites: list[str] = field(default_factory=list)  # sites with positions, e.g. "a1.0@:"
+    queries: int = 100
+    pool: int = 20000
+    fdr: float = 0.05
+
+
+@dataclass
+class PatchingSection:
+    examples: int = 300
+    contrasts: list[str] = field(default_factory=lambda: ["random", "minimal"])
+    target: str = ""  # task target to read (default: the task's default target)
+    groups: list[list[str]] = field(default_factory=list)  # cumulative group patching, in forward order
+
+
+@dataclass
+class CaseConfig:
+    name: str
+    task: str
+    seed: int = 0
+    description: str = ""
+    model: ModelSection = field(default_factory=ModelSection)
+    decoder: DecoderSection = field(default_factory=DecoderSection)
+    inversion: InversionSection = field(default_factory=InversionSection)
+    hypotheses: HypothesisSection = field(default_factory=HypothesisSection)
+    patching: PatchingSection = field(default_factory=PatchingSection)
+    paper_claims: list[dict[str, str]] = field(default_factory=list)
+    quick: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_SECTIONS = {"model": ModelSection, "decoder": DecoderSection, "inversion": InversionSection,
+             "hypotheses": HypothesisSection, "patching": PatchingSection}
+
+
+def _build(cls, data: dict[str, Any], where: str, quick: bool):
+    valid = {f.name for f in fields(cls)}
+    plain = {k: v for k, v in data.items() if not k.startswith("quick_")}
+    quick_vals = {k[len("quick_"):]: v for k, v in data.items() if k.startswith("quick_")}
+    for k in list(plain) + list(quick_vals):
+        if k not in valid:
+            raise CircuitkitError(f"{where}: unknown key {k!r}; valid keys: {choices_hint(sorted(valid))}")
+    if quick:
+        plain.update(quick_vals)
+    try:
+        return cls(**plain)
+    except TypeError as e:
+        raise CircuitkitError(f"{where}: {e}") from None
+
+
+def available_cases() -> list[str]:
+    return sorted(p.stem for p in CASE_DIR.glob("*.toml"))
+
+
+def load_case(name_or_path: str, quick: bool = False) -> CaseConfig:
+    """Load ``case_studies/NAME.toml`` (or a path to a TOML file)."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CASE_DIR / f"{name_or_path}.toml"
+    if not path.exists():
+        raise CircuitkitError(f"no case study {name_or_path!r}; available: {choices_hint(available_cases())} "
+                              f"(or a path to a .toml file)")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise CircuitkitError(f"{path}: invalid TOML: {e}") from None
+    top = {k: v for k, v in raw.items() if k not in _SECTIONS}
+    sections = {k: _build(cls, raw.get(k, {}), f"{path.name} [{k}]", quick) for k, cls in _SECTIONS.items()}
+    cfg = _build(CaseConfig, {**top, **sections}, path.name, quick)
+    cfg.quick = quick
+    from circuitkit.tasks import TASKS
+
+    if cfg.task not in TASKS:
+        raise CircuitkitError(f"{path.name}: unknown task {cfg.task!r}; valid: {choices_hint(TASKS)}")
+    if cfg.model.source not in ("train", "path"):
+        raise CircuitkitError(f"{path.name} [model]: source must be 'train' or 'path', got {cfg.model.source!r}")
+    if cfg.model.source == "path" and not cfg.model.path:
+        raise CircuitkitError(f"{path.name} [model]: source = 'path' needs path = '<checkpoint dir>'")
+    return cfg

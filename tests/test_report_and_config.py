@@ -1,0 +1,89 @@
+"""Report rendering (self-contained HTML, Markdown + figure files) and case-study configs."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from circuitkit.errors import CircuitkitError
+from circuitkit.pipeline.config import available_cases, load_case
+from circuitkit.pipeline.stages import StageRunner
+from circuitkit.report.document import Figure, HtmlPanel, Report, Table
+from circuitkit.report.figures import heatmap
+from circuitkit.report.html import render_html
+from circuitkit.report.markdown import render_markdown
+
+
+def _report() -> Report:
+    r = Report("Case <study>", "subtitle with `code`")
+    s = r.section("Results")
+    s.add("Prose with **bold** and <script>alert(1)</script>.")
+    s.add(Table(["site", "value"], [["a1.0@:", 0.123456], ["x|y", 2]], caption="A table"))
+    s.add(Figure("heat", heatmap([[1.0, -1.0]], ["r"], ["c1", "c2"], "t"), caption="A heat map"))
+    s.add(HtmlPanel("<div class='panel'>panel</div>", "panel as text"))
+    return r
+
+
+def test_html_is_self_contained_and_escaped():
+    page = render_html(_report())
+    assert page.startswith("<!DOCTYPE html>")
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert "data:image/png;base64," in page
+    assert not re.search(r"(src|href)=\"(https?:)?//", page)  # no network references
+    assert "<b>bold</b>" in page and "0.1235" in page
+
+
+def test_markdown_links_figures():
+    md, files = render_markdown(_report())
+    assert "| x\\|y | 2 |" in md
+    assert "![A heat map](figures/heat.png)" in md and files["figures/heat.png"].startswith(b"\x89PNG")
+    assert "panel as text" in md
+
+
+def test_case_configs_load_and_quick_overrides():
+    assert {"counting", "addition", "ioi"} <= set(available_cases())
+    full, quick = load_case("counting"), load_case("counting", quick=True)
+    assert full.decoder.minutes == 60 and quick.decoder.minutes == 1.0
+    assert quick.hypotheses.pool < full.hypotheses.pool and quick.quick
+
+
+def test_bad_case_configs(tmp_path):
+    with pytest.raises(CircuitkitError, match="available: .*counting"):
+        load_case("nonexistent")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\ntask = "counting"\n[decoder]\nminuts = 3\n')
+    with pytest.raises(CircuitkitError, match="unknown key 'minuts'"):
+        load_case(str(bad))
+    bad.write_text('name = "x"\ntask = "sorting"\n')
+    with pytest.raises(CircuitkitError, match="unknown task 'sorting'"):
+        load_case(str(bad))
+    bad.write_text('name = "x" task')
+    with pytest.raises(CircuitkitError, match="invalid TOML"):
+        load_case(str(bad))
+
+
+def test_stage_runner_caches_and_resumes(tmp_path):
+    calls = []
+
+    def make(tag):
+        def fn(d):
+            calls.append(tag)
+            (d / "out.txt").write_text(tag)
+            return {"tag": tag}
+        return fn
+
+    r1 = StageRunner(tmp_path, log=lambda m: None)
+    r1.run("a", {"x": 1}, make("a1"))
+
+    def boom(d):
+        (d / "partial.txt").write_text("half")
+        raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        r1.run("b", {}, boom, depends=("a",))
+    assert not (tmp_path / "b").exists()  # nothing half-written
+    r2 = StageRunner(tmp_path, log=lambda m: None)
+    assert r2.run("a", {"x": 1}, make("a2")) == {"tag": "a1"}  # cached
+    r2.run("b", {}, make("b"), depends=("a",))
+    r2.run("a", {"x": 2}, make("a3"))  # config changed: recomputed
+    assert calls == ["a1", "b", "a3"] and (tmp_path / "a" / "out.txt").read_text() == "a3"
