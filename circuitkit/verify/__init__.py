@@ -1,0 +1,1 @@
+"""Causal verification of hypotheses by interchange interventions, with null controls."""

@@ -1,0 +1,136 @@
+"""Verify a list of hypotheses: per hypothesis, per site (joint feature sets), with null controls.
+
+Flow per site: test every accepted hypothesis alone (necessity + sufficiency).  Features that are
+necessary and sufficient alone are verified.  If some are necessary but none is sufficient alone,
+grow a set from the necessary features (largest effect first) until sources agreeing on the whole
+set leave the output unchanged; the set is then verified jointly.  Every test that verifies is
+repeated under both null controls, and every single-feature test under both as well.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from circuitkit.hypotheses.records import Hypothesis
+from circuitkit.sites import parse_site
+from circuitkit.verify.controls import CONTROLS, null_verifier, run_controls
+from circuitkit.verify.interchange import InterchangeVerifier, Verdict, VerifyThresholds
+
+
+@dataclass(frozen=True)
+class VerifiedNode:
+    """A verified (site@position, features) with the answers it is necessary for."""
+
+    site: str
+    features: tuple[str, ...]
+    targets: tuple[str, ...]  # answers where necessity and sufficiency both hold
+    effect: float  # largest necessity effect over those answers
+    iia: float | None  # IIA on the best answer when the feature determines it
+    joint: bool  # verified as a set (no single feature sufficient alone)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"site": self.site, "features": list(self.features), "targets": list(self.targets),
+                "effect": self.effect, "iia": self.iia, "joint": self.joint}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "VerifiedNode":
+        return cls(d["site"], tuple(d["features"]), tuple(d["targets"]), d["effect"], d.get("iia"), d["joint"])
+
+
+@dataclass
+class VerificationReport:
+    task: str
+    model: str
+    thresholds: VerifyThresholds
+    nodes: list[VerifiedNode]
+    verdicts: list[Verdict]
+    controls: list[Verdict]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def controls_verified(self) -> list[Verdict]:
+        return [v for v in self.controls if v.verified]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "model": self.model, "thresholds": self.thresholds.to_dict(),
+                "thresholds_text": self.thresholds.describe(), "settings": self.settings,
+                "nodes": [n.to_dict() for n in self.nodes],
+                "n_verified_hypotheses": sum(v.verified for v in self.verdicts),
+                "controls_summary": {c: {"tested": sum(v.condition == c for v in self.controls),
+                                         "verified": sum(v.verified and v.condition == c for v in self.controls)}
+                                     for c in CONTROLS},
+                "verdicts": [v.to_dict() for v in self.verdicts],
+                "controls": [v.to_dict() for v in self.controls]}
+
+
+def _best(v: Verdict) -> tuple[float, float | None]:
+    rs = [r for r in v.targets if r.target in v.verified_targets] or [r for r in v.targets if r.necessary]
+    if not rs:
+        return 0.0, None
+    r = max(rs, key=lambda r: r.effect.mean if r.effect else 0.0)
+    return (round(r.effect.mean, 4) if r.effect else 0.0), (round(r.iia.mean, 4) if r.iia else None)
+
+
+def verify_hypotheses(verifier: InterchangeVerifier, hypotheses: Sequence[Hypothesis], controls: bool = True,
+                      max_joint: int = 4, null_seed: int = 0, model_name: str = "") -> VerificationReport:
+    """Verify accepted hypotheses (others are ignored) and run the null controls beside them."""
+    null = null_verifier(verifier, null_seed) if controls else None
+    by_site: dict[str, list[str]] = {}
+    for h in hypotheses:
+        if h.accepted:
+            by_site.setdefault(h.site, []).append(h.feature)
+    verdicts: list[Verdict] = []
+    ctrl: list[Verdict] = []
+    nodes: list[VerifiedNode] = []
+    for site, feats in by_site.items():
+        singles = []
+        for f in feats:
+            v = verifier.test(site, [f])
+            singles.append(v)
+            verdicts.append(v)
+            if null is not None:
+                ctrl += run_controls(verifier, null, site, [f])
+        alone = [v for v in singles if v.verified]
+        for v in alone:
+            eff, iia = _best(v)
+            nodes.append(VerifiedNode(site, v.features, tuple(v.verified_targets), eff, iia, False))
+        necessary = sorted([v for v in singles if v.necessary_targets and not v.verified],
+                           key=lambda v: -_best(v)[0])
+        if alone or not necessary:
+            continue
+        chosen: list[str] = []
+        for v in necessary[:max_joint]:
+            chosen.append(v.features[0])
+            if len(chosen) < 2:
+                continue
+            jv = verifier.test(site, chosen, condition="real")
+            jv.note = (jv.note + "; " if jv.note else "") + "joint feature set"
+            verdicts.append(jv)
+            if null is not None:
+                ctrl += run_controls(verifier, null, site, chosen)
+            if jv.verified:
+                eff, iia = _best(jv)
+                nodes.append(VerifiedNode(site, tuple(chosen), tuple(jv.verified_targets), eff, iia, True))
+                break
+    settings = {"n_inputs": len(verifier.inputs), "n_pairs": verifier.n_pairs, "seed": verifier.seed,
+                "controls": list(CONTROLS) if controls else [], "max_joint": max_joint}
+    return VerificationReport(verifier.task.name, model_name, verifier.th, nodes, verdicts, ctrl, settings)
+
+
+def format_verification(rep: VerificationReport) -> str:
+    lines = [f"{rep.task}: {len(rep.nodes)} verified nodes; {rep.thresholds.describe()}"]
+    for n in rep.nodes:
+        iia = f", IIA {n.iia:.2f}" if n.iia is not None else ""
+        lines.append(f"  VERIFIED {n.site:<10} carries {' + '.join(n.features):<24} -> {', '.join(n.targets)} "
+                     f"(effect {n.effect:.2f}{iia}{', jointly' if n.joint else ''})")
+    for v in rep.verdicts:
+        if v.verified:
+            continue
+        nec = f"necessary for {', '.join(v.necessary_targets)} but not sufficient" if v.necessary_targets else "not necessary"
+        lines.append(f"  rejected {v.site:<10} {' + '.join(v.features):<24} {nec}")
+    d = rep.to_dict()["controls_summary"]
+    lines.append("null controls: " + "; ".join(f"{c}: {s['verified']} of {s['tested']} verified" for c, s in d.items()))
+    return "\n".join(lines)
+
+
+__all__ = ["VerifiedNode", "VerificationReport", "verify_hypotheses", "format_verification", "parse_site"]

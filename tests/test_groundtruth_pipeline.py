@@ -1,0 +1,96 @@
+"""Ground truth: on a model whose mechanism is forced by construction, the pipeline must recover
+exactly the true (site, feature) — precision = recall = 1.0 — and the null controls nothing."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from circuitkit.hypotheses.preimage_sources import PoolPreimage
+from circuitkit.hypotheses.scoring import generate_hypotheses
+from circuitkit.models.train import random_init_like
+from circuitkit.sites import parse_site
+from circuitkit.verify.interchange import InterchangeVerifier
+from circuitkit.verify.report import verify_hypotheses
+
+from groundtruth_copy import CopyTask, copy_model
+
+#: the true path: the embedding at position 2 (x0.pre@2) -> head a0.0 at "=" -> the answer.
+#: Decoys: a0.0@3 and a0.0@4 carry tok@2 too but never reach the answer; m0 is exactly zero;
+#: x0.pre@= is the constant "=" embedding; x0.pre@1 carries tok@1, which the head ignores.
+SITES = ["a0.0@=", "a0.0@3", "a0.0@4", "m0@=", "x0.pre@=", "x0.pre@2", "x0.pre@1"]
+TRUTH = {("a0.0@=", "tok@2"), ("x0.pre@2", "tok@2")}
+
+
+@pytest.fixture(scope="module")
+def copy():
+    torch.set_num_threads(1)
+    task = CopyTask()
+    return task, copy_model(task)
+
+
+def _pipeline(pm, task, seed=0):
+    queries = task.generate(random.Random(123 + seed), 40)
+    src = PoolPreimage(pm, pool_size=3000, seed=seed)
+    rep = generate_hypotheses(pm, [parse_site(s) for s in SITES], queries, src, seed=seed)
+    ver = InterchangeVerifier(pm, n_inputs=2000, seed=seed)
+    return rep, verify_hypotheses(ver, rep.hypotheses)
+
+
+def test_model_solves_task_by_construction(copy):
+    task, pm = copy
+    ids = task.encode(task.split("test"))
+    pred = pm.runner.logits(ids)[:, 5].argmax(-1)
+    assert torch.equal(pred, ids[:, 6])
+
+
+def test_pipeline_recovers_exactly_the_true_mechanism(copy):
+    task, pm = copy
+    rep, vr = _pipeline(pm, task)
+    accepted = {(h.site, h.feature) for h in rep.accepted()}
+    # the informational step finds tok@2 wherever the head has copied it, and only there
+    assert accepted == {("a0.0@=", "tok@2"), ("a0.0@3", "tok@2"), ("a0.0@4", "tok@2"), ("x0.pre@2", "tok@2"),
+                        ("x0.pre@1", "tok@1")}
+    h = next(h for h in rep.accepted() if h.site == "a0.0@=")
+    assert h.agreement > 0.99 and h.baseline < 0.3 and h.q_value < 1e-6 and h.examples
+    assert "tok@p-3" in h.aliases  # the same partition of inputs, named by the matched position
+    # the causal step keeps only the site that reaches the answer
+    found = {(n.site, f) for n in vr.nodes for f in n.features}
+    tp = len(found & TRUTH)
+    precision = tp / len(found) if found else 0.0
+    recall = tp / len(TRUTH)
+    assert (precision, recall) == (1.0, 1.0), found
+    node = next(n for n in vr.nodes if n.site == "a0.0@=")
+    assert node.targets == ("copy",) and node.iia == pytest.approx(1.0) and not node.joint
+    # both null controls ran beside every real test and verified nothing
+    summary = vr.to_dict()["controls_summary"]
+    assert summary["random_model"]["tested"] == summary["shuffled_feature"]["tested"] == len(vr.verdicts)
+    assert not vr.controls_verified
+
+
+def test_random_model_end_to_end_verifies_nothing(copy):
+    task, pm = copy
+    null = random_init_like(pm, seed=1)
+    _, vr = _pipeline(null, task)
+    assert vr.nodes == []
+    assert not [v for v in vr.verdicts if v.verified]
+
+
+def test_shuffled_feature_breaks_the_true_hypothesis(copy):
+    task, pm = copy
+    ver = InterchangeVerifier(pm, n_inputs=2000)
+    real = ver.test("a0.0@=", ["tok@2"])
+    shuf = ver.test("a0.0@=", ["tok@2"], condition="shuffled_feature", shuffle=True)
+    assert real.verified and not shuf.verified
+    r, s = real.targets[0], shuf.targets[0]
+    assert r.effect.ci_low > 0.9 and abs(s.effect.mean) < 0.15
+    assert s.iia is not None and s.iia.mean < 0.3  # chance is 1/8
+
+
+def test_a_wrong_feature_is_rejected(copy):
+    """tok@1 is not what the head carries: sources differing in it do not move the answer."""
+    task, pm = copy
+    ver = InterchangeVerifier(pm, n_inputs=2000)
+    v = ver.test("a0.0@=", ["tok@1"])
+    assert not v.verified and not v.necessary_targets
