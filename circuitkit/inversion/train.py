@@ -128,7 +128,7 @@ def build_for(probed: ProbedModel, sites: Sequence[Site], cfg: DecoderTrainConfi
 
 def train_decoder(probed: ProbedModel, out: str | Path, cfg: DecoderTrainConfig | None = None,
                   sites: Sequence[Site] | None = None, progress: bool = True, device: str = "cpu",
-                  on_eval: Callable[[dict], None] | None = None) -> dict:
+                  on_eval: Callable[[dict], None] | None = None, _keep: dict | None = None) -> dict:
     """Train a decoder for ``sites`` (default: the paper's) of ``probed``; write it to ``out``."""
     cfg = cfg or DecoderTrainConfig()
     cfg.validate()
@@ -257,4 +257,6 @@ def train_decoder(probed: ProbedModel, out: str | Path, cfg: DecoderTrainConfig 
         shutil.rmtree(partial, ignore_errors=True)
     if world > 1:
         dist.barrier()
+    if _keep is not None:
+        _keep["decoder"] = dec
     return {"history": history, **metrics}

@@ -1,0 +1,191 @@
+"""InversionView: distances, KV-cached sampling, verification, training, resume, bad input."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from circuitkit.errors import CircuitkitError
+from circuitkit.inversion.checkpoint import load_decoder
+from circuitkit.inversion.decoder import DecoderConfig, InversionDecoder
+from circuitkit.inversion.distance import position_distances, sample_distances
+from circuitkit.inversion.evaluate import evaluate_site
+from circuitkit.inversion.preimage import invert_activation, invert_text, query_activation, special_ids, verify
+from circuitkit.inversion.sample import PAPER_GRID, grid_queries, sample, sample_uncached
+from circuitkit.inversion.train import DecoderTrainConfig, build_for, train_decoder
+from circuitkit.models.train import random_init_like
+from circuitkit.sites import parse_site
+
+TINY = dict(d_model=32, n_heads=2, cond_mid=64, n_cond_blocks=2, batch_size=64, warmup=5, eval_every=20,
+            eval_queries=4, eval_per_cell=1, final_eval_queries=0, checkpoint_every=1000)
+
+
+def test_distance_exact_values():
+    q = torch.tensor([3.0, 4.0])  # |q| = 5
+    acts = torch.tensor([[[3.0, 4.0], [3.0, 4.5], [0.0, 0.0]],
+                         [[6.0, 8.0], [-3.0, -4.0], [3.0, 5.0]]])
+    d = position_distances(acts, q, "l2")
+    assert torch.allclose(d, torch.tensor([[0.0, 0.1, 1.0], [1.0, 2.0, 0.2]]))
+    c = position_distances(acts[1:], q, "cosine")
+    assert torch.allclose(c[0, :2], torch.tensor([0.0, 2.0]), atol=1e-6)
+    special = torch.tensor([[True, False, False], [False, False, False]])
+    dist, where = sample_distances(acts, q, special, "l2")
+    assert torch.allclose(dist, torch.tensor([0.1, 0.2])) and where.tolist() == [1, 2]
+    dist, _ = sample_distances(acts[:1], q, torch.ones(1, 3, dtype=torch.bool))
+    assert math.isinf(float(dist[0]))
+    with pytest.raises(CircuitkitError, match="valid: l2, cosine"):
+        position_distances(acts, q, "manhattan")
+
+
+def test_kv_cached_sampling_equals_uncached():
+    torch.manual_seed(0)
+    dec = InversionDecoder(DecoderConfig(vocab_size=15, seq_len=14, act_dim=8, n_sites=3, d_model=32, n_heads=4,
+                                         cond_mid=32, n_cond_blocks=2)).eval()
+    acts, temps = grid_queries(torch.randn(8), 6, PAPER_GRID, torch.Generator().manual_seed(1))
+    sites = torch.tensor([1] * acts.shape[0])
+    ids = torch.randint(0, 15, (4, 10))
+    with torch.no_grad():  # teacher-forced logits agree between the cached and full paths
+        full = dec(ids, acts[:4], sites[:4])
+        cache = dec.start_cache(acts[:4], sites[:4])
+        steps = []
+        for t in range(10):
+            lg, cache = dec.forward_cached(ids[:, t:t + 1], cache, t)
+            steps.append(lg)
+        assert torch.allclose(full, torch.cat(steps, 1), atol=1e-5)
+    sp = special_ids_like()
+    a = sample(dec, acts, sites, temps, sp, torch.Generator().manual_seed(7), batch_size=64)
+    b = sample_uncached(dec, acts, sites, temps, sp, torch.Generator().manual_seed(7))
+    assert a.shape == (24, 14) and torch.equal(a, b)
+    assert (a[:, 0] == sp.bos).all()
+
+
+def special_ids_like():
+    from circuitkit.inversion.sample import SpecialIds
+
+    return SpecialIds(bos=10, eos=13, pad=14)
+
+
+def test_verify_matches_brute_force(tiny_addition_model):
+    pm = tiny_addition_model
+    site = parse_site("a1.2")
+    texts = ["B615+861=1476E", "B100+100=200E", "B999+999=1998E", "B615+862=1477E"]
+    q = query_activation(pm, parse_site("a1.2@="), texts[0])
+    ids = pm.task.encode(texts)
+    d, where = verify(pm, site, ids, q)
+    with torch.no_grad():
+        _, cache = pm.runner.run(ids, cache=["blocks.1.attn.hook_result"])
+    res = cache["blocks.1.attn.hook_result"][:, :, 2]
+    for i, t in enumerate(texts):
+        n = len(t)
+        best = min(float((res[i, p] - q).norm() / q.norm()) for p in range(1, n - 1))  # skip B and E
+        assert d[i].item() == pytest.approx(best, abs=1e-5)
+    assert d[0].item() == pytest.approx(0.0, abs=1e-6) and where[0].item() == 8  # the query's own input
+
+
+def test_exact_preimage_addition(tiny_addition_model):
+    from circuitkit.inversion.exact import all_addition_inputs, exact_distances
+
+    pm = tiny_addition_model
+    ids, a, b = all_addition_inputs(pm.task)
+    assert ids.shape == (810_000, 14)
+    for i in (0, 12345, 809_999):
+        assert pm.task.decode(ids[i]) == f"B{a[i]}+{b[i]}={a[i] + b[i]}E"
+    sub = ids[::997]
+    q = query_activation(pm, parse_site("x0.pre@F2"), "B615+861=1476E")
+    d = exact_distances(pm, parse_site("x0.pre"), q, inputs=sub)
+    # x0.pre = token + position embedding: exactly the inputs with a 1 at position 2 are at distance 0
+    has = (sub[:, 2] == 1)
+    assert torch.equal(d <= 1e-6, has)
+
+
+@pytest.fixture(scope="module")
+def trained_decoder(tiny_addition_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dec") / "d"
+    cfg = DecoderTrainConfig(steps=120, lr=3e-3, **TINY)
+    m = train_decoder(tiny_addition_model, out, cfg, sites=[parse_site("x0.pre"), parse_site("a1.0")],
+                      progress=False)
+    return out, m
+
+
+def test_training_beats_untrained_baseline(trained_decoder, tiny_addition_model):
+    out, m = trained_decoder
+    td = load_decoder(out, probed=tiny_addition_model)
+    assert [s.node for s in td.sites] == ["x0.pre", "a1.0"]
+    assert m["history"] and m["history"][-1]["step"] == 120
+    torch.manual_seed(0)
+    untrained = build_for(tiny_addition_model, td.sites, DecoderTrainConfig(**{**TINY, "steps": 1}))
+    kw = dict(n_queries=40, n_per_cell=1, seed=99)
+    trained_hr = evaluate_site(td.decoder, td.probed, td.sites[0], 0, **kw)
+    base_hr = evaluate_site(untrained, td.probed, td.sites[0], 0, **kw)
+    assert trained_hr["hit_rate"] > base_hr["hit_rate"] + 0.15, (trained_hr, base_hr)
+
+
+def test_invert_sorted_and_colours(trained_decoder, tiny_addition_model):
+    from circuitkit.inversion.colour import token_colours
+    from circuitkit.inversion.render import render_ansi, render_html
+
+    td = load_decoder(trained_decoder[0], probed=tiny_addition_model)
+    inv = invert_text(td, "x0.pre@F2", "B615+861=1476E", n_per_cell=8, seed=3)
+    assert len(inv.texts) == 32
+    assert (inv.distances[1:] >= inv.distances[:-1]).all()
+    rows = inv.display(100)
+    assert len({r["text"] for r in rows}) == len(rows)
+    # the probed model decides: re-verifying gives the same distances
+    d, _ = verify(td.probed, parse_site("x0.pre"), inv.ids, inv.query)
+    assert torch.allclose(d, inv.distances)
+    col = token_colours(td, parse_site("x0.pre"), inv.ids, inv.query)
+    assert col.shape == inv.ids.shape and (col[:, 0] == 0).all() and col.abs().max() <= 1
+    tok, pad = td.probed.task.tokenizer, td.probed.task.vocab.pad
+    assert "ε = 0.1" in render_ansi(inv, rows, col, tok, pad)
+    assert "<table>" in render_html(inv, rows, col, tok, pad)
+
+
+def test_bad_inputs(trained_decoder, tiny_addition_model):
+    out, _ = trained_decoder
+    td = load_decoder(out, probed=tiny_addition_model)
+    with pytest.raises(CircuitkitError, match="different probed model"):
+        load_decoder(out, probed=random_init_like(tiny_addition_model))
+    with pytest.raises(CircuitkitError, match="width 5 but the decoder expects 32"):
+        invert_activation(td, "a1.0", torch.ones(5))
+    with pytest.raises(CircuitkitError, match="not trained on site 'a0.1'.*x0.pre, a1.0"):
+        invert_activation(td, "a0.1", torch.ones(32))
+    with pytest.raises(CircuitkitError, match="NaN or infinite"):
+        invert_activation(td, "a1.0", torch.full((32,), float("nan")))
+    with pytest.raises(CircuitkitError, match="needs a position"):
+        invert_text(td, "a1.0", "B615+861=1476E")
+    with pytest.raises(CircuitkitError, match="does not exist"):
+        load_decoder(out.parent / "nope")
+
+
+def test_cli_invert_and_errors(trained_decoder, tiny_addition_model, tmp_path, capsys):
+    import json
+
+    from circuitkit.cli import main
+
+    out, _ = trained_decoder
+    html = tmp_path / "inv.html"
+    rc = main(["invert", str(out), "--site", "a1.0@=", "--input", "B615+861=1476E", "--per-cell", "4",
+               "--show", "5", "--json", "--html", str(html)])
+    assert rc == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["n_samples"] == 16 and len(data["samples"]) <= 5 and html.exists()
+    assert main(["invert", str(out), "--site", "m0@=", "--input", "B615+861=1476E"]) == 2
+    assert "not trained on site" in capsys.readouterr().err
+
+
+def test_resume_after_interrupt(tiny_addition_model, tmp_path):
+    out = tmp_path / "dec"
+    cfg = DecoderTrainConfig(steps=6, **{**TINY, "eval_every": 2, "checkpoint_every": 2, "batch_size": 16})
+    sites = [parse_site("x0.pre")]
+
+    def boom(rec):
+        if rec["step"] == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(CircuitkitError, match="resume"):
+        train_decoder(tiny_addition_model, out, cfg, sites=sites, progress=False, on_eval=boom)
+    assert (out.with_name("dec.partial") / "train_state.pt").exists() and not out.exists()
+    m = train_decoder(tiny_addition_model, out, cfg, sites=sites, progress=False)
+    assert [h["step"] for h in m["history"]] == [2, 4, 6] and m["steps"] == 6
+    assert not out.with_name("dec.partial").exists() and (out / "decoder.pt").exists()
