@@ -1,0 +1,215 @@
+"""Batched sweeps: patch every (layer, position[, head]) cell of one component kind.
+
+Equal to ``transformer_lens.patching.get_act_patch_*`` (same cells, same order of axes) but many
+patches share one forward: for layer L, the base run's ``blocks.L.hook_resid_pre`` is replicated
+``k`` times along the batch ([k*b, pos, d_model]), the forward starts at block L, and copy ``i``
+gets cell ``i``'s patch.  The base and source caches are computed once.
+
+Mapping to TransformerLens: their corrupted tokens = our base, their clean cache = our source.
+Kinds and their TL counterparts (output axes):
+    resid_pre, resid_mid, attn_out, mlp_out   get_act_patch_<kind>              (layer, pos)
+    resid_post                                 (none)                            (layer, pos)
+    head (= z; per-head result is z @ W_O)     get_act_patch_attn_head_out_by_pos (layer, pos, head)
+    z, q, k, v                                 get_act_patch_attn_head_<q|k|v>_by_pos (layer, pos, head)
+    pattern                                    get_act_patch_attn_head_pattern_by_pos (layer, head, dest_pos)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from circuitkit.errors import CircuitkitError, choices_hint
+from circuitkit.models.checkpoint import ProbedModel
+from circuitkit.patching.ablations import Ablation, as_ids, check_pairing, get_ablation, resample_sources
+from circuitkit.patching.metrics import MetricContext, evaluate, metric_context
+from circuitkit.patching.node import resid_names
+from circuitkit.patching.stats import bootstrap_ci
+from circuitkit.sites import KINDS
+
+SWEEP_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "resid_pre": ("blocks.{L}.hook_resid_pre", ("layer", "pos")),
+    "resid_mid": ("blocks.{L}.hook_resid_mid", ("layer", "pos")),
+    "resid_post": ("blocks.{L}.hook_resid_post", ("layer", "pos")),
+    "attn_out": ("blocks.{L}.hook_attn_out", ("layer", "pos")),
+    "mlp_out": ("blocks.{L}.hook_mlp_out", ("layer", "pos")),
+    "head": ("blocks.{L}.attn.hook_z", ("layer", "pos", "head")),
+    "z": ("blocks.{L}.attn.hook_z", ("layer", "pos", "head")),
+    "q": ("blocks.{L}.attn.hook_q", ("layer", "pos", "head")),
+    "k": ("blocks.{L}.attn.hook_k", ("layer", "pos", "head")),
+    "v": ("blocks.{L}.attn.hook_v", ("layer", "pos", "head")),
+    "pattern": ("blocks.{L}.attn.hook_pattern", ("layer", "head", "dest_pos")),
+}
+
+
+@dataclass
+class SweepResult:
+    """values: [*axes, b] per-example metric after each cell's patch; base: [b] unpatched."""
+
+    kind: str
+    axis_names: tuple[str, ...]
+    values: Tensor
+    base: Tensor
+    metric: str
+    ablation: str
+    context: MetricContext = field(repr=False)
+
+    def mean(self) -> Tensor:
+        """[*axes] mean over examples (what TransformerLens returns)."""
+        return self.values.mean(-1)
+
+    def effect(self) -> Tensor:
+        """[*axes, b] base - patched."""
+        return self.base - self.values
+
+    def ci(self, confidence: float = 0.95, n_resamples: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+        return bootstrap_ci(self.values, confidence, n_resamples)
+
+    def to_dict(self, with_ci: bool = True) -> dict:
+        d = {"kind": self.kind, "axes": list(self.axis_names), "shape": list(self.values.shape[:-1]),
+             "metric": self.metric, "ablation": self.ablation, "n": int(self.values.shape[-1]),
+             "base_mean": float(self.base.mean()), "mean": self.mean().tolist()}
+        if with_ci:
+            lo, hi = self.ci()
+            d["ci_low"], d["ci_high"] = lo.tolist(), hi.tolist()
+        return d
+
+
+def _cell_mask(kind: str, cells: Tensor, act_shape: torch.Size, device: torch.device) -> Tensor:
+    """Bool [n, *act_shape[1:-1], 1] marking row i's patched cell ``cells[i]`` (broadcast over features)."""
+    n = cells.shape[0]
+    ar = torch.arange(n, device=device)
+    m = torch.zeros(n, *act_shape[1:-1], 1, dtype=torch.bool, device=device)
+    if cells.shape[1] == 2:  # (pos, head) for [b, pos, head, d]; (head, dest) for pattern [b, head, q, key]
+        m[ar, cells[:, 0], cells[:, 1]] = True
+    else:  # (pos,) for [b, pos, d]
+        m[ar, cells[:, 0]] = True
+    return m
+
+
+def _cell_pos(kind: str, cells: Tensor) -> Tensor:
+    """The sequence position each cell patches ([n])."""
+    return cells[:, 1] if kind == "pattern" else cells[:, 0]
+
+
+def _truncate(kind: str, act: Tensor, n_pos: int) -> Tensor:
+    return act[:, :, :n_pos, :n_pos] if kind == "pattern" else act[:, :n_pos]
+
+
+def _cell_mask(kind: str, cells: Tensor, act_shape: torch.Size, device: torch.device) -> Tensor:
+    """Bool [n, *act_shape[1:-1], 1] marking row i's patched cell ``cells[i]`` (broadcast over features)."""
+    n = cells.shape[0]
+    ar = torch.arange(n, device=device)
+    m = torch.zeros(n, *act_shape[1:-1], 1, dtype=torch.bool, device=device)
+    if cells.shape[1] == 2:  # (pos, head) for [b, pos, head, d]; (head, dest) for pattern [b, head, q, key]
+        m[ar, cells[:, 0], cells[:, 1]] = True
+    else:  # (pos,) for [b, pos, d]
+        m[ar, cells[:, 0]] = True
+    return m
+
+
+def _cell_pos(kind: str, cells: Tensor) -> Tensor:
+    """The sequence position each cell patches ([n])."""
+    return cells[:, 1] if kind == "pattern" else cells[:, 0]
+
+
+def _truncate(kind: str, act: Tensor, n_pos: int) -> Tensor:
+    return act[:, :, :n_pos, :n_pos] if kind == "pattern" else act[:, :n_pos]
+
+
+@torch.no_grad()
+def sweep(
+    pm: ProbedModel,
+    base: Sequence[str] | Tensor,
+    kind: str,
+    source: Sequence[str] | Tensor | None = None,
+    ablation: str | Ablation = "interchange",
+    reference: Sequence[str] | Tensor | None = None,
+    metric: str = "logit_diff",
+    target: str | None = None,
+    max_rows: int = 4096,
+    seed: int = 0,
+    progress: bool = True,
+) -> SweepResult:
+    """Patch each cell of ``kind`` (all layers x positions [x heads]) separately; see module doc.
+
+    Exact shortcuts (no approximation): a cell whose source value equals the base value for an
+    example, or that lies after the example's answer position (causal masking), leaves that
+    example's metric at its unpatched value and is not run; sequences are cut after the last
+    answer position.  The remaining (cell, example) pairs are run ``max_rows`` at a time, each
+    forward starting at the patched layer from the cached base residual stream.
+    """
+    if kind not in SWEEP_KINDS:
+        raise CircuitkitError(f"unknown sweep kind {kind!r}; valid: {choices_hint(SWEEP_KINDS)}")
+    task, runner, dev = pm.task, pm.runner, pm.device
+    ab = get_ablation(ablation)
+    base_ids = as_ids(task, base, "base")
+    src_ids = None if source is None else as_ids(task, source, "source")
+    if ab is Ablation.RESAMPLE:
+        ref = base_ids if reference is None else as_ids(task, reference, "reference")
+        src_ids, ab_eff = resample_sources(ref, base_ids, seed), Ablation.INTERCHANGE
+    else:
+        ab_eff = ab
+    if ab_eff is Ablation.INTERCHANGE:
+        if src_ids is None:
+            raise CircuitkitError("interchange sweeps need source inputs (one per base input)")
+        check_pairing(task, base_ids, src_ids, raw_positions=True)
+    hook_fmt, axes = SWEEP_KINDS[kind]
+    hooks = [hook_fmt.format(L=L) for L in range(pm.n_layers)]
+    b, n_pos = base_ids.shape
+    base_logits, base_cache = runner.run(base_ids.to(dev), cache=resid_names(pm.n_layers) + hooks)
+    ctx = metric_context(task, base_ids, src_ids, target, base_logits)
+    base_vals = evaluate(metric, base_logits, ctx)[0].cpu()
+    if ab_eff is Ablation.INTERCHANGE:
+        _, src_cache = runner.run(src_ids.to(dev), cache=hooks, return_logits=False)
+    else:
+        ref = base_ids if reference is None else as_ids(task, reference, "reference")
+        _, ref_cache = runner.run(ref.to(dev), cache=hooks, return_logits=False)
+        src_cache = {h: (a.mean(0, keepdim=True) if ab_eff is Ablation.MEAN else torch.zeros_like(a[:1]))
+                     .expand(b, *a.shape[1:]) for h, a in ref_cache.items()}
+    t_pos = ctx.positions.to(dev)  # [b]
+    n_keep = int(t_pos.max()) + 1  # positions after the last answer cannot matter
+    ids_cut = base_ids[:, :n_keep].to(dev)
+    sizes = {"pos": n_pos, "dest_pos": n_pos, "head": pm.n_heads}
+    shape = [pm.n_layers] + [sizes[a] for a in axes[1:]]
+    out = base_vals.expand(*shape, b).clone()  # [layer, *cell axes, b]
+    ctx_dev = MetricContext(t_pos, ctx.answer.to(dev), None if ctx.wrong is None else ctx.wrong.to(dev),
+                            None if ctx.clean_logprobs is None else ctx.clean_logprobs.to(dev), ctx.target)
+    work = []
+    for L in range(pm.n_layers):
+        h = hooks[L]
+        src, bas = _truncate(kind, src_cache[h], n_keep), _truncate(kind, base_cache[h], n_keep)
+        differs = (src != bas).any(-1)  # [b, *cell axes (truncated)]
+        cells = differs.nonzero()  # [m, 1 + n_axes]: (example, cell...)
+        ex, cell = cells[:, 0], cells[:, 1:]
+        keep = _cell_pos(kind, cell) <= t_pos[ex]
+        work.append((L, ex[keep], cell[keep], src))
+    total = sum(int(w[1].numel()) for w in work)
+    bar = tqdm(total=total, desc=f"sweep {kind}", unit="patch", disable=not progress, leave=False)
+    for L, ex_all, cell_all, src in work:
+        resid_all = base_cache[f"blocks.{L}.hook_resid_pre"][:, :n_keep]
+        for i in range(0, ex_all.numel(), max_rows):
+            ex, cell = ex_all[i:i + max_rows], cell_all[i:i + max_rows]
+            mask = _cell_mask(kind, cell, src.shape, dev)
+            rows_src = src[ex]
+
+            def patch(act: Tensor, rows_src: Tensor = rows_src, mask: Tensor = mask) -> Tensor:
+                return torch.where(mask, rows_src, act)
+
+            logits, _ = runner.run(ids_cut[ex], hooks={hooks[L]: patch}, start_at_layer=L, resid=resid_all[ex])
+            rows_ctx = MetricContext(t_pos[ex], ctx_dev.answer[ex], None if ctx_dev.wrong is None else ctx_dev.wrong[ex],
+                                     None if ctx_dev.clean_logprobs is None else ctx_dev.clean_logprobs[ex], ctx.target)
+            vals = evaluate(metric, logits, rows_ctx)[0].cpu()
+            out[(torch.full_like(ex, L).cpu(), *cell.cpu().unbind(1), ex.cpu())] = vals
+            bar.update(int(ex.numel()))
+    bar.close()
+    return SweepResult(kind, axes, out, base_vals, metric, ab.value, ctx)
+
+
+def site_kind_for(kind: str) -> str:
+    """The ``Site`` kind a sweep kind patches (for labelling cells as sites)."""
+    return {"head": "head"}.get(kind, kind if kind in KINDS else kind)
