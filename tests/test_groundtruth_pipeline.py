@@ -94,3 +94,50 @@ def test_a_wrong_feature_is_rejected(copy):
     ver = InterchangeVerifier(pm, n_inputs=2000)
     v = ver.test("a0.0@=", ["tok@1"])
     assert not v.verified and not v.necessary_targets
+
+
+def test_circuit_graph_edges_faithfulness_and_exports(copy, tmp_path):
+    import json
+
+    import networkx as nx
+
+    from circuitkit.circuit.evaluate import evaluate_circuit
+    from circuitkit.circuit.export import export_all, from_json_dict
+    from circuitkit.circuit.graph import build_circuit
+
+    task, pm = copy
+    _, vr = _pipeline(pm, task)
+    ver = InterchangeVerifier(pm, n_inputs=1500)
+    g = build_circuit(ver, vr.nodes)
+    # embedding at 2 -> head at "=" (path patching) -> the answer; no shortcut edge from the embedding
+    assert set(g.edges) == {("x0.pre@2", "a0.0@="), ("a0.0@=", "out:copy")}
+    assert g.edges["x0.pre@2", "a0.0@="]["feature"] == "tok@2"
+    assert g.edges["x0.pre@2", "a0.0@="]["ci_low"] > 0.9
+    ev = evaluate_circuit(pm, [n.site for n in vr.nodes], n=400)
+    assert ev.full["copy"] == 1.0 and ev.faithfulness["copy"] == pytest.approx(1.0)
+    assert ev.completeness["copy"] > 0.95 and ev.minimal
+    assert ev.empty["copy"] < 0.35  # resampling the head destroys the answer (chance 1/8)
+    assert ev.ignored_sites == ["x0.pre@2"]  # a residual-stream site is not an ablatable component
+    files = export_all(g, tmp_path, extra={"evaluation": ev.to_dict()})
+    g2 = from_json_dict(json.loads(open(files["json"]).read()))
+    assert set(g2.edges) == set(g.edges) and g2.nodes["a0.0@="]["features"] == ["tok@2"]
+    gm = nx.read_graphml(files["graphml"])
+    assert set(gm.edges) == set(g.edges) and gm.nodes["a0.0@="]["features"] == "tok@2"
+    dot = open(files["dot"]).read()
+    assert dot.startswith("digraph") and '"x0.pre@2" -> "a0.0@="' in dot
+    assert open(files["png"], "rb").read(4) == b"\x89PNG" and "<svg" in open(files["svg"]).read()
+
+
+def test_path_patching_does_not_invent_edges(copy):
+    """x0.pre@1 carries tok@1, which the head ignores: no edge into a0.0@= from it."""
+    from circuitkit.circuit.graph import edge_effects
+    from circuitkit.verify.report import VerifiedNode
+
+    task, pm = copy
+    ver = InterchangeVerifier(pm, n_inputs=1500)
+    sender = VerifiedNode("x0.pre@1", ("tok@1",), ("copy",), 0.0, None, False)
+    receiver = VerifiedNode("a0.0@=", ("tok@2",), ("copy",), 1.0, 1.0, False)
+    res = edge_effects(ver, sender, receiver)
+    assert res and res[0].effect == 0.0
+    real = edge_effects(ver, VerifiedNode("x0.pre@2", ("tok@2",), ("copy",), 1.0, 1.0, False), receiver)
+    assert real[0].effect == 1.0

@@ -1,0 +1,1 @@
+"""Circuit assembly from verified nodes: graph, evaluation, export, drawing."""

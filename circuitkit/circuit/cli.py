@@ -1,0 +1,84 @@
+"""``circuitkit circuit``: assemble verified nodes into a circuit graph, evaluate it, export it."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from circuitkit.cli import Output, add_common
+from circuitkit.errors import CircuitkitError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_common(sub.add_parser(
+        "circuit", help="circuit graph from verified nodes (path-patching edges), faithfulness, export"))
+    p.add_argument("model", help="probed model checkpoint directory")
+    p.add_argument("--verified", help="JSON written by 'circuitkit verify --out'; without it the whole chain "
+                                      "(hypothesize -> verify) runs first on --sites/--positions")
+    p.add_argument("--sites", help="(without --verified) sites, e.g. a0.0,a0.1,m0 (default: every head and MLP)")
+    p.add_argument("--positions", help="(without --verified) positions for sites given without one")
+    p.add_argument("--queries", type=int, default=60)
+    p.add_argument("--pool", type=int, default=20000)
+    p.add_argument("--task")
+    p.add_argument("--out", required=True, help="output directory: circuit.json/.graphml/.dot/.svg/.png")
+    p.add_argument("--inputs", type=int, default=3000, help="task inputs for path patching")
+    p.add_argument("--eval-inputs", type=int, default=1000, help="inputs for faithfulness/completeness/minimality")
+    p.add_argument("--min-edge", type=float, default=0.1, help="edge kept when the path effect's CI low >= this")
+    p.add_argument("--no-picture", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(handler=_circuit)
+
+
+def _circuit(args: argparse.Namespace) -> Output:
+    import torch
+
+    from circuitkit.circuit.evaluate import evaluate_circuit
+    from circuitkit.circuit.export import export_all, to_json_dict
+    from circuitkit.circuit.graph import build_circuit
+    from circuitkit.models.checkpoint import load_probed
+    from circuitkit.verify.interchange import InterchangeVerifier
+    from circuitkit.verify.report import VerifiedNode
+
+    torch.set_num_threads(max(1, args.threads))
+    pm = load_probed(args.model, task=args.task)
+    extra = {}
+    if args.verified:
+        path = Path(args.verified)
+        if not path.exists():
+            raise CircuitkitError(f"{str(path)!r} does not exist; write it with 'circuitkit verify MODEL --out FILE'")
+        try:
+            d = json.loads(path.read_text())
+            nodes = [VerifiedNode.from_dict(n) for n in d["nodes"]]
+            extra["controls_summary"] = d.get("controls_summary")
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CircuitkitError(f"{str(path)!r} is not a verification report ({e})") from None
+        ver = InterchangeVerifier(pm, n_inputs=args.inputs, seed=args.seed)
+        g = build_circuit(ver, nodes, min_edge=args.min_edge)
+        ev = evaluate_circuit(pm, [n.site for n in nodes], n=args.eval_inputs, seed=args.seed) if nodes else None
+    else:
+        from circuitkit.circuit.discover import discover_circuit
+        from circuitkit.hypotheses.cli import expand_sites
+
+        sites = expand_sites(args.sites, args.positions, pm)
+        disc = discover_circuit(pm, sites, n_queries=args.queries, pool=args.pool, n_inputs=args.inputs,
+                                eval_inputs=args.eval_inputs, seed=args.seed, model_name=str(args.model))
+        nodes, g, ev = disc.verification.nodes, disc.graph, disc.evaluation
+        extra["controls_summary"] = disc.verification.to_dict()["controls_summary"]
+        extra["timings_s"] = disc.timings
+    if ev is not None:
+        extra["evaluation"] = ev.to_dict()
+    files = export_all(g, args.out, extra=extra, picture=not args.no_picture)
+    data = {**to_json_dict(g, extra), "files": files}
+    lines = [f"circuit: {sum(1 for _, d in g.nodes(data=True) if d['kind'] == 'site')} nodes, "
+             f"{g.number_of_edges()} edges -> {args.out}"]
+    for a, b, d in g.edges(data=True):
+        lines.append(f"  {a} -> {b}  [{d['feature']}] effect {float(d['effect']):.2f}")
+    if ev is not None:
+        lines.append("faithfulness (acc circuit / acc full): " +
+                     ", ".join(f"{k} {v:.3f}" for k, v in ev.faithfulness.items()))
+        lines.append("completeness: " + ", ".join(f"{k} {v:.3f}" for k, v in ev.completeness.items()))
+        lines.append(f"minimal: {ev.minimal} (every component node removes > {ev.min_contribution} of the accuracy)")
+    else:
+        lines.append("no verified nodes: nothing to evaluate")
+    return Output(data, "\n".join(lines))

@@ -1,0 +1,96 @@
+"""``circuitkit hypothesize``: ranked hypotheses "site@pos carries feature f" from ε-preimages."""
+from __future__ import annotations
+
+import argparse
+import random
+
+from circuitkit.cli import Output, add_common
+from circuitkit.errors import CircuitkitError
+
+
+def expand_sites(site_text: str | None, positions: str | None, pm) -> list:
+    """Sites from "a0.0,a1.0@:" and "=,A1" (sites without a position get every listed position)."""
+    from circuitkit.sites import check_site, paper_sites, parse_site
+
+    task = pm.task
+    if site_text:
+        sites = [parse_site(s) for s in site_text.split(",") if s.strip()]
+    else:
+        sites = [s for s in paper_sites(pm.n_layers, pm.n_heads) if s.kind in ("head", "mlp_out")]
+    pos_list = [p for p in (positions or "").split(",") if p]
+    out = []
+    for s in sites:
+        check_site(s, pm.n_layers, pm.n_heads)
+        if s.position is not None:
+            out.append(s)
+        elif pos_list:
+            out += [s.at(int(p) if p.lstrip("-").isdigit() else p) for p in pos_list]
+        else:
+            raise CircuitkitError(f"site {s} has no position: write it as {s.node}@POS or pass --positions "
+                                  f"(named positions of {task.name}: {', '.join(task.position_names)})")
+    for p in {s.position for s in out}:
+        if isinstance(p, str) and p not in task.position_names:
+            raise CircuitkitError(f"unknown position {p!r} for {task.name}; valid: {', '.join(task.position_names)}"
+                                  " or an integer index")
+    return list(dict.fromkeys(out))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_common(sub.add_parser("hypothesize", help="rank hypotheses 'site@pos carries feature f' from ε-preimages"))
+    p.add_argument("model", help="probed model checkpoint directory")
+    p.add_argument("--task", help="task (default: from the checkpoint)")
+    p.add_argument("--sites", help="comma-separated sites, e.g. a0.0,a1.0@: (default: every head and MLP)")
+    p.add_argument("--positions", help="positions for sites given without one, e.g. =,A1,A2")
+    p.add_argument("--queries", type=int, default=60, help="query inputs from the test split (default 60)")
+    p.add_argument("--source", choices=["pool", "decoder"], default="pool",
+                   help="pool: exact preimages over task inputs (default); decoder: InversionView samples")
+    p.add_argument("--pool", type=int, default=20000, help="pool size for --source pool (default 20000)")
+    p.add_argument("--decoder", help="decoder directory for --source decoder")
+    p.add_argument("--per-cell", type=int, default=256, help="decoder samples per grid cell (paper 256)")
+    p.add_argument("--eps", type=float, default=0.1)
+    p.add_argument("--fdr", type=float, default=0.05, help="Benjamini-Hochberg level (default 0.05)")
+    p.add_argument("--min-agreement", type=float, default=0.7)
+    p.add_argument("--min-lift", type=float, default=1.25)
+    p.add_argument("--top", type=int, default=5, help="hypotheses shown per site in text output")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", help="write the full report (JSON) here")
+    p.set_defaults(handler=_hypothesize)
+
+
+def _hypothesize(args: argparse.Namespace) -> Output:
+    import torch
+
+    from circuitkit.hypotheses.preimage_sources import DecoderPreimage, PoolPreimage
+    from circuitkit.hypotheses.records import Thresholds
+    from circuitkit.hypotheses.scoring import format_report, generate_hypotheses
+    from circuitkit.io_utils import atomic_write_json
+    from circuitkit.models.checkpoint import load_probed
+
+    torch.set_num_threads(max(1, args.threads))
+    for name in ("queries", "pool", "per_cell"):
+        if getattr(args, name) <= 0:
+            raise CircuitkitError(f"--{name.replace('_', '-')} must be positive")
+    if not 0 < args.eps:
+        raise CircuitkitError("--eps must be positive")
+    if args.source == "decoder":
+        if not args.decoder:
+            raise CircuitkitError("--source decoder needs --decoder DIR (train one with 'circuitkit decoder train')")
+        from circuitkit.inversion.checkpoint import load_decoder
+
+        td = load_decoder(args.decoder, args.model)
+        pm = td.probed
+        source = DecoderPreimage(td, n_per_cell=args.per_cell, eps=args.eps, seed=args.seed)
+    else:
+        pm = load_probed(args.model, task=args.task)
+        source = PoolPreimage(pm, pool_size=args.pool, eps=args.eps, seed=args.seed)
+    sites = expand_sites(args.sites, args.positions, pm)
+    test = list(pm.task.split("test"))
+    queries = random.Random(args.seed).sample(test, min(args.queries, len(test)))
+    th = Thresholds(fdr=args.fdr, min_agreement=args.min_agreement, min_lift=args.min_lift)
+    rep = generate_hypotheses(pm, sites, queries, source, thresholds=th, seed=args.seed, model_name=str(args.model))
+    data = rep.to_dict()
+    if args.out:
+        atomic_write_json(args.out, data)
+        data["out"] = args.out
+    return Output(data, format_report(rep, args.top))

@@ -1,0 +1,71 @@
+"""``circuitkit verify``: interchange tests of hypotheses, with null controls beside every run."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from circuitkit.cli import Output, add_common
+from circuitkit.errors import CircuitkitError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_common(sub.add_parser("verify", help="verify hypotheses by interchange (necessity, sufficiency, "
+                                                 "null controls)"))
+    p.add_argument("model", help="probed model checkpoint directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hypotheses", help="JSON written by 'circuitkit hypothesize --out' (accepted ones are tested)")
+    src.add_argument("--claim", action="append", nargs=2, metavar=("SITE", "FEATURE"),
+                     help="test a claim directly, e.g. --claim a1.0@: 'count(query)' (repeatable)")
+    p.add_argument("--task")
+    p.add_argument("--inputs", type=int, default=3000, help="task inputs that bases and sources come from")
+    p.add_argument("--pairs", type=int, default=200, help="base/source pairs per side (default 200)")
+    p.add_argument("--min-effect", type=float, default=0.1)
+    p.add_argument("--min-iia", type=float, default=0.5)
+    p.add_argument("--max-change-agree", type=float, default=0.15)
+    p.add_argument("--no-controls", action="store_true", help="skip the null controls (not recommended)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", help="write the full report (JSON) here")
+    p.set_defaults(handler=_verify)
+
+
+def _verify(args: argparse.Namespace) -> Output:
+    import torch
+
+    from circuitkit.hypotheses.records import Hypothesis, HypothesisReport
+    from circuitkit.io_utils import atomic_write_json
+    from circuitkit.models.checkpoint import load_probed
+    from circuitkit.verify.interchange import InterchangeVerifier, VerifyThresholds
+    from circuitkit.verify.report import format_verification, verify_hypotheses
+
+    torch.set_num_threads(max(1, args.threads))
+    if args.inputs <= 1 or args.pairs <= 0:
+        raise CircuitkitError("--inputs must be > 1 and --pairs > 0")
+    pm = load_probed(args.model, task=args.task)
+    th = VerifyThresholds(min_effect=args.min_effect, min_iia=args.min_iia, max_change_agree=args.max_change_agree)
+    ver = InterchangeVerifier(pm, n_inputs=args.inputs, n_pairs=args.pairs, thresholds=th, seed=args.seed)
+    if args.hypotheses:
+        path = Path(args.hypotheses)
+        if not path.exists():
+            raise CircuitkitError(f"{str(path)!r} does not exist; write it with 'circuitkit hypothesize MODEL --out FILE'")
+        try:
+            hyps = HypothesisReport.from_dict(json.loads(path.read_text())).hypotheses
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CircuitkitError(f"{str(path)!r} is not a hypothesis report ({e})") from None
+    else:
+        hyps = []
+        from circuitkit.sites import parse_site
+
+        for site, f in args.claim:
+            if parse_site(site).position is None:
+                raise CircuitkitError(f"claim site {site!r} needs a position, e.g. {site}@{pm.task.position_names[-1]}")
+            if f not in ver.features:
+                raise CircuitkitError(f"unknown feature {f!r}; e.g. {', '.join(list(ver.features)[:12])} ...")
+            hyps.append(Hypothesis(site, f, 1.0, 0.0, 1.0, 0.0, 0.0, 0, 0, 0, True))
+    rep = verify_hypotheses(ver, hyps, controls=not args.no_controls, null_seed=args.seed, model_name=str(args.model))
+    data = rep.to_dict()
+    if args.out:
+        atomic_write_json(args.out, data)
+        data["out"] = args.out
+    return Output(data, format_verification(rep))
