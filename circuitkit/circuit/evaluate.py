@@ -111,9 +111,18 @@ class CircuitEvaluation:
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
 
-        d = asdict(self)
+        d = _nan_to_none(asdict(self))
         d["definitions"] = __doc__.split("With acc")[1].strip()
         return d
+
+
+def _nan_to_none(x: Any) -> Any:
+    """NaN (a ratio with nothing to normalise by) is not JSON: write null instead."""
+    if isinstance(x, dict):
+        return {k: _nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_nan_to_none(v) for v in x]
+    return None if isinstance(x, float) and x != x else x
 
 
 def _ratio(a: float, b: float) -> float:

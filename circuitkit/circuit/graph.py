@@ -171,16 +171,17 @@ def build_circuit(verifier: InterchangeVerifier, nodes: Sequence[VerifiedNode], 
                    depth=write_depth(s), features=list(n.features), targets=list(n.targets), effect=n.effect,
                    iia=n.iia if n.iia is not None else -1.0, joint=n.joint)
     last = 2 * verifier.pm.n_layers + 1
-    for n in nodes:
-        for t in n.targets:
+    for site in [n for n in g.nodes if g.nodes[n]["kind"] == "site"]:
+        d = g.nodes[site]
+        for t in d["targets"]:
             out = f"out:{t}"
             if not g.has_node(out):
                 tpos = next((x.position for x in verifier.targets[0] if x.name == t), -1)
                 g.add_node(out, kind="output", site_kind="output", layer=verifier.pm.n_layers, head=-1,
                            position=t, index=tpos, depth=last, features=[], targets=[t], effect=0.0, iia=-1.0,
                            joint=False)
-            g.add_edge(n.site, out, kind="output", feature=" + ".join(n.features), answer=t, effect=n.effect,
-                       ci_low=n.effect, ci_high=n.effect)
+            g.add_edge(site, out, kind="output", feature=" + ".join(d["features"]), answer=t, effect=d["effect"],
+                       ci_low=d["effect"], ci_high=d["effect"])
     site_nodes = [n for n in g.nodes if g.nodes[n]["kind"] == "site"]
     by_site = {n.site: n for n in nodes}
     for a in site_nodes:
