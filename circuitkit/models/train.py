@@ -166,19 +166,22 @@ def train_probed(task: Task, out: str | Path, cfg: TrainConfig | None = None, pr
     runner = GPT2Runner(model)
     model.train()
 
-    def save_state() -> None:
+    def save_state(py_rng_state: object) -> None:
+        """Checkpoint the state *between* steps (the RNG as it was before the unfinished step)."""
         atomic_torch_save(
             {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "elapsed": elapsed,
              "history": history, "config": dataclasses.asdict(cfg), "task": task.name,
-             "py_rng": rng.getstate(), "torch_rng": torch.get_rng_state()},
+             "py_rng": py_rng_state, "torch_rng": torch.get_rng_state()},
             state_file,
         )
 
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {task.name}", disable=not progress, unit="step")
     t0 = time.perf_counter()
     ema = None
+    rng_before_step = rng.getstate()
     try:
         while step < cfg.steps:
+            rng_before_step = rng.getstate()
             ids = trim_padding(task.encode(sampler.batch(rng, cfg.batch_size)), task.vocab.pad_id).to(device)
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, cfg)
@@ -196,10 +199,10 @@ def train_probed(task: Task, out: str | Path, cfg: TrainConfig | None = None, pr
             if step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 elapsed += time.perf_counter() - t0
                 t0 = time.perf_counter()
-                save_state()
+                save_state(rng.getstate())
     except KeyboardInterrupt:
         elapsed += time.perf_counter() - t0
-        save_state()
+        save_state(rng_before_step)
         bar.close()
         raise CircuitkitError(f"interrupted at step {step}; rerun the same command to resume from {partial}") from None
     bar.close()

@@ -1,0 +1,162 @@
+"""``circuitkit run CASE``: model -> decoder -> inversions -> patching -> hypotheses ->
+verification -> circuit -> report, each stage cached under ``<out>/stages/``."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from circuitkit.errors import CircuitkitError
+from circuitkit.manifest import build_manifest
+from circuitkit.models.checkpoint import ProbedModel, load_probed
+from circuitkit.pipeline.config import CaseConfig
+from circuitkit.pipeline.stages import StageRunner
+from circuitkit.seeding import seed_everything
+from circuitkit.sites import parse_site
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclasses.dataclass
+class RunContext:
+    """Everything a stage needs: the config, where artifacts go, and the loaded objects."""
+
+    cfg: CaseConfig
+    work: Path  # <out>/stages
+    device: str
+    progress: bool
+    log: Callable[[str], None]
+    probed: ProbedModel | None = None
+    decoder: Any = None
+    results: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+# ---- stages -----------------------------------------------------------------------------------
+def stage_model(ctx: RunContext, runner: StageRunner) -> None:
+    from circuitkit.models.evaluate import evaluate_model
+    from circuitkit.models.train import default_config, train_probed
+    from circuitkit.tasks import get_task
+
+    cfg = ctx.cfg
+    task = get_task(cfg.task)
+    m = cfg.model
+    if m.source == "path":
+        src = Path(m.path).expanduser()
+        if not src.is_absolute():
+            src = REPO_ROOT / src
+
+        def fn(d: Path) -> dict:
+            pm = load_probed(src, task=task, device=ctx.device)
+            res = evaluate_model(pm.runner, task, "test", limit=2000 if cfg.quick else 20000, progress=ctx.progress)
+            (d / "source.txt").write_text(str(src))
+            return {"source": str(src), "metrics": res}
+
+        summary = runner.run("model", {"path": str(src), "quick": cfg.quick}, fn)
+        ctx.probed = load_probed(src, task=task, device=ctx.device)
+    else:
+        tcfg = default_config(task).replace(
+            steps=m.steps or None, n_layer=m.n_layer or None, n_head=m.n_head or None, d_model=m.d_model or None,
+            batch_size=m.batch_size or None, lr=m.lr or None, seed=cfg.seed,
+            eval_limit=2000 if cfg.quick else 20000)
+
+        def fn(d: Path) -> dict:
+            metrics = train_probed(task, d / "checkpoint", tcfg, progress=ctx.progress, device=ctx.device)
+            return {"source": "trained here", "metrics": metrics, "config": dataclasses.asdict(tcfg)}
+
+        summary = runner.run("model", dataclasses.asdict(tcfg), fn)
+        ctx.probed = load_probed(runner.path("model") / "checkpoint", device=ctx.device)
+    ctx.results["model"] = summary
+    acc = summary["metrics"]["accuracy"]
+    ctx.log(f"  probed model: {summary['metrics']['metric']} = {acc:.4f}")
+
+
+def stage_decoder(ctx: RunContext, runner: StageRunner) -> None:
+    from circuitkit.inversion.checkpoint import load_decoder
+    from circuitkit.inversion.evaluate import evaluate_decoder
+    from circuitkit.inversion.train import DecoderTrainConfig, decoder_sites, train_decoder
+
+    cfg, pm = ctx.cfg, ctx.probed
+    assert pm is not None
+    sites = [parse_site(s) for s in cfg.decoder.sites] or decoder_sites(pm)
+    dcfg = DecoderTrainConfig().replace(minutes=cfg.decoder.minutes, seed=cfg.seed,
+                                        steps=cfg.decoder.steps or 10**9)
+    if cfg.quick:
+        dcfg = dcfg.replace(eval_every=100, eval_queries=8)
+
+    def fn(d: Path) -> dict:
+        curve: list[dict] = []
+        train_decoder(pm, d / "decoder", dcfg, sites=sites, progress=ctx.progress, device=ctx.device,
+                      on_eval=curve.append)
+        td = load_decoder(d / "decoder", pm, device=ctx.device)
+        ev = evaluate_decoder(td.decoder, pm, sites, n_queries=cfg.decoder.eval_queries)
+        return {"sites": [str(s) for s in sites], "eval": ev, "curve": curve}
+
+    summary = runner.run("decoder", [dataclasses.asdict(dcfg), [str(s) for s in sites], cfg.decoder.eval_queries],
+                         fn, depends=("model",))
+    ctx.decoder = load_decoder(runner.path("decoder") / "decoder", pm, device=ctx.device)
+    ctx.results["decoder"] = summary
+
+
+def stage_inversions(ctx: RunContext, runner: StageRunner) -> None:
+    from circuitkit.inversion.colour import token_colours
+    from circuitkit.inversion.preimage import invert_text
+    from circuitkit.inversion.render import render_html
+
+    cfg, td = ctx.cfg, ctx.decoder
+    queries = [q.split("|", 1) for q in cfg.inversion.queries]
+    for q in queries:
+        if len(q) != 2:
+            raise CircuitkitError(f"[inversion] queries entries look like 'SITE@POS|TEXT', got {'|'.join(q)!r}")
+
+    def fn(d: Path) -> dict:
+        panels = []
+        for i, (site, text) in enumerate(queries):
+            inv = invert_text(td, site, text, n_per_cell=cfg.decoder.n_per_cell, seed=cfg.seed)
+            rows = inv.display(100)
+            colours = token_colours(td, inv.site, inv.ids, inv.query)
+            page = render_html(inv, rows, colours, ctx.probed.task.tokenizer, ctx.probed.task.vocab.pad)
+            (d / f"panel_{i}.html").write_text(page)
+            panels.append({"site": site, "input": text, "n_samples": len(inv.texts),
+                           "in_eps": int(inv.in_eps.sum()), "rows": rows[:100], "file": f"panel_{i}.html"})
+        return {"panels": panels}
+
+    ctx.results["inversions"] = runner.run("inversions", [cfg.inversion.queries, cfg.decoder.n_per_cell, cfg.seed],
+                                           fn, depends=("decoder",))
+
+
+STAGES: list[tuple[str, Callable[[RunContext, StageRunner], None]]] = [
+    ("model", stage_model),
+    ("decoder", stage_decoder),
+    ("inversions", stage_inversions),
+]
+
+
+def run_case(cfg: CaseConfig, out: Path, work: Path, device: str = "cpu", progress: bool = True,
+             log: Callable[[str], None] = print, threads: int | None = None) -> dict[str, Any]:
+    """Run every stage (reusing cached ones under ``work``) and write the report to ``out``."""
+    from circuitkit.pipeline.report import build_report, write_report
+
+    if threads:
+        torch.set_num_threads(threads)
+    seed_everything(cfg.seed)
+    ctx = RunContext(cfg, work, device, progress, log)
+    runner = StageRunner(work, log=log)
+    t0 = time.perf_counter()
+    for name, stage in STAGES:
+        stage(ctx, runner)
+    manifest = build_manifest("case_study", cfg.seed, cfg.to_dict(),
+                              stage_seconds={k: round(v, 1) for k, v in runner.timings.items()})
+    report = build_report(ctx, manifest)
+    write_report(report, out, manifest, ctx.results)
+    total = time.perf_counter() - t0
+    log(f"report written to {out / 'index.html'} and {out / 'report.md'} ({total:.0f} s)")
+    return {"out": str(out), "seconds": round(total, 1), "stages": runner.timings, "results": _brief(ctx.results)}
+
+
+def _brief(results: dict[str, Any]) -> dict[str, Any]:
+    """A JSON-able digest of the results for --json (no sample lists)."""
+    return json.loads(json.dumps({k: v for k, v in results.items() if k != "inversions"}, default=str))
