@@ -35,6 +35,8 @@ class DecoderSection:
     steps: int = 0  # 0 = bounded by minutes only
     eval_queries: int = 200
     n_per_cell: int = 256  # samples per (temperature, noise) cell: 4 cells x 256 = 1024 per query
+    d_model: int = 0  # 0 = the paper's decoder width (256)
+    batch_size: int = 0  # 0 = the decoder trainer's default
 
 
 @dataclass

@@ -76,27 +76,25 @@ def stage_model(ctx: RunContext, runner: StageRunner) -> None:
 
 def stage_decoder(ctx: RunContext, runner: StageRunner) -> None:
     from circuitkit.inversion.checkpoint import load_decoder
-    from circuitkit.inversion.evaluate import evaluate_decoder
     from circuitkit.inversion.train import DecoderTrainConfig, decoder_sites, train_decoder
 
     cfg, pm = ctx.cfg, ctx.probed
     assert pm is not None
     sites = [parse_site(s) for s in cfg.decoder.sites] or decoder_sites(pm)
-    dcfg = DecoderTrainConfig().replace(minutes=cfg.decoder.minutes, seed=cfg.seed,
-                                        steps=cfg.decoder.steps or 10**9)
+    dc = cfg.decoder
+    dcfg = DecoderTrainConfig().replace(
+        minutes=dc.minutes, seed=cfg.seed, steps=dc.steps or 10**9, d_model=dc.d_model or None,
+        batch_size=dc.batch_size or None, final_eval_queries=dc.eval_queries, final_eval_per_cell=dc.n_per_cell)
     if cfg.quick:
         dcfg = dcfg.replace(eval_every=100, eval_queries=8)
 
     def fn(d: Path) -> dict:
-        curve: list[dict] = []
-        train_decoder(pm, d / "decoder", dcfg, sites=sites, progress=ctx.progress, device=ctx.device,
-                      on_eval=curve.append)
-        td = load_decoder(d / "decoder", pm, device=ctx.device)
-        ev = evaluate_decoder(td.decoder, pm, sites, n_queries=cfg.decoder.eval_queries)
-        return {"sites": [str(s) for s in sites], "eval": ev, "curve": curve}
+        res = train_decoder(pm, d / "decoder", dcfg, sites=sites, progress=ctx.progress, device=ctx.device)
+        return {"sites": [str(s) for s in sites], "eval": res.get("eval", {}), "curve": res.get("history", []),
+                "steps": res.get("steps"), "train_minutes": res.get("train_minutes"),
+                "config": dataclasses.asdict(dcfg)}
 
-    summary = runner.run("decoder", [dataclasses.asdict(dcfg), [str(s) for s in sites], cfg.decoder.eval_queries],
-                         fn, depends=("model",))
+    summary = runner.run("decoder", [dataclasses.asdict(dcfg), [str(s) for s in sites]], fn, depends=("model",))
     ctx.decoder = load_decoder(runner.path("decoder") / "decoder", pm, device=ctx.device)
     ctx.results["decoder"] = summary
 
