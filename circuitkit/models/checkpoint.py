@@ -48,8 +48,17 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise CircuitkitError(f"{str(f)!r} is corrupt ({e}); delete it or fix it") from None
 
 
-def _load_hf(path: Path, device: str) -> torch.nn.Module:
+def quiet_transformers() -> None:
+    """No download/loading progress bars or padding advice from transformers in our output."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _load_hf(path: Path, device: str) -> torch.nn.Module:
+    quiet_transformers()
     from transformers import GPT2Config, GPT2LMHeadModel
 
     try:
@@ -145,5 +154,6 @@ def save_probed(model: torch.nn.Module, task: Task, out_dir: str | Path, extra_m
     from circuitkit.io_utils import atomic_write_json
 
     out_dir = Path(out_dir)
+    quiet_transformers()
     model.save_pretrained(out_dir)
     atomic_write_json(out_dir / META_FILE, {"task": task.name, "task_spec": task.describe(), **(extra_meta or {})})

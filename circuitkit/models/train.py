@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from circuitkit.errors import CircuitkitError
 from circuitkit.io_utils import atomic_dir, atomic_torch_save, atomic_write_json
 from circuitkit.manifest import write_manifest
-from circuitkit.models.checkpoint import ProbedModel, save_probed
+from circuitkit.models.checkpoint import ProbedModel, quiet_transformers, save_probed
 from circuitkit.models.evaluate import evaluate_model
 from circuitkit.models.runner import GPT2Runner
 from circuitkit.seeding import seed_everything
@@ -74,6 +74,8 @@ def default_config(task: Task) -> TrainConfig:
 def build_model(task: Task, cfg: TrainConfig) -> torch.nn.Module:
     """A fresh GPT-2 shaped for the task (no dropout, the paper's setting)."""
     from transformers import GPT2Config, GPT2LMHeadModel
+
+    quiet_transformers()
 
     if cfg.d_model % cfg.n_head:
         raise CircuitkitError(f"d_model {cfg.d_model} is not divisible by n_head {cfg.n_head}")

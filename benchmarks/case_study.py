@@ -1,0 +1,56 @@
+"""Time and peak memory of `circuitkit run CASE` (a fresh stage cache each time).
+
+    .venv/bin/python benchmarks/case_study.py counting --quick
+    .venv/bin/python benchmarks/case_study.py addition          # full settings (long)
+
+Writes results/case_study_<case>[-quick].json: wall seconds, peak resident memory of the run
+(GiB, from the child's rusage), per-stage seconds, and the targets (quick < 5 min, full < 90 min,
+peak memory < 4 GiB for counting and addition).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("case")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    suffix = "-quick" if args.quick else ""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "circuitkit.cli", "run", args.case, "--work", f"{tmp}/work", "--out",
+               f"{tmp}/report", "--threads", str(args.threads), "--quiet", "--json"] + (["--quick"] if args.quick else [])
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        wall = time.perf_counter() - t0
+    peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # Linux: KiB
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        return proc.returncode
+    res = json.loads(proc.stdout)
+    limit_s = 300 if args.quick else 90 * 60
+    out = {"case": args.case, "quick": args.quick, "wall_seconds": round(wall, 1), "peak_rss_gib": round(peak_gib, 3),
+           "stage_seconds": res.get("stages"), "threads": args.threads, "cpu_count": os.cpu_count(),
+           "target_seconds": limit_s, "meets_time_target": wall < limit_s,
+           "meets_memory_target": peak_gib < 4.0}
+    dest = HERE / "results" / f"case_study_{args.case}{suffix}.json"
+    dest.parent.mkdir(exist_ok=True)
+    dest.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
