@@ -68,7 +68,8 @@ def test_cli_chain_on_addition(tiny_addition_model, tmp_path, capsys):
     assert {h["site"] for h in d["hypotheses"]} == {"a0.0@=", "a0.0@A1", "a0.1@=", "a0.1@A1", "m0@=", "m0@A1"}
     for h in d["hypotheses"]:
         assert 0 <= h["q_value"] <= 1 and h["p_value"] <= h["q_value"] + 1e-12
-        assert h["accepted"] == (h["q_value"] <= 0.05 and h["agreement"] >= 0.7 and h["lift"] >= 1.25
+        assert h["kappa"] == pytest.approx((h["agreement"] - h["baseline"]) / (1 - h["baseline"]), abs=2e-3)
+        assert h["accepted"] == (h["q_value"] <= 0.05 and h["kappa"] >= 0.4 and h["lift"] >= 1.25
                                  and h["n_queries"] >= 5)
     rc, out, err = _run(capsys, ["verify", model, "--hypotheses", str(hyp), "--inputs", "800", "--pairs", "60",
                                  "--out", str(ver), "--json"])

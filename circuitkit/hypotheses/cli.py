@@ -49,7 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--per-cell", type=int, default=256, help="decoder samples per grid cell (paper 256)")
     p.add_argument("--eps", type=float, default=0.1)
     p.add_argument("--fdr", type=float, default=0.05, help="Benjamini-Hochberg level (default 0.05)")
-    p.add_argument("--min-agreement", type=float, default=0.7)
+    p.add_argument("--min-kappa", type=float, default=0.4,
+                   help="chance-corrected agreement (agreement - baseline)/(1 - baseline) (default 0.4)")
     p.add_argument("--min-lift", type=float, default=1.25)
     p.add_argument("--top", type=int, default=5, help="hypotheses shown per site in text output")
     p.add_argument("--seed", type=int, default=0)
@@ -87,7 +88,7 @@ def _hypothesize(args: argparse.Namespace) -> Output:
     sites = expand_sites(args.sites, args.positions, pm)
     test = list(pm.task.split("test"))
     queries = random.Random(args.seed).sample(test, min(args.queries, len(test)))
-    th = Thresholds(fdr=args.fdr, min_agreement=args.min_agreement, min_lift=args.min_lift)
+    th = Thresholds(fdr=args.fdr, min_kappa=args.min_kappa, min_lift=args.min_lift)
     rep = generate_hypotheses(pm, sites, queries, source, thresholds=th, seed=args.seed, model_name=str(args.model))
     data = rep.to_dict()
     if args.out:

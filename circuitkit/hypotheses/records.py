@@ -23,7 +23,9 @@ class Hypothesis:
 
     agreement: mean over queries of the share of preimage members whose feature value equals the
     query's; baseline: the same share over non-members (outside ε) / random inputs; lift =
-    agreement / baseline.  p_value: one-sided sign test over queries (agreement > baseline);
+    agreement / baseline; kappa = (agreement − baseline) / (1 − baseline), the chance-corrected
+    agreement (1 = the preimage always agrees, 0 = no better than the baseline), which compares
+    features with few values (carry) and many values (digit sums) on one scale.  p_value: one-sided sign test over queries (agreement > baseline);
     q_value: Benjamini–Hochberg across every hypothesis tested in the run.
     """
 
@@ -32,6 +34,7 @@ class Hypothesis:
     agreement: float
     baseline: float
     lift: float
+    kappa: float
     p_value: float
     q_value: float
     n_queries: int  # queries with at least one member where f is defined
@@ -65,7 +68,7 @@ class Thresholds:
     """When a hypothesis is accepted (all must hold); stated in every output."""
 
     fdr: float = 0.05  # Benjamini–Hochberg q-value at most this
-    min_agreement: float = 0.7
+    min_kappa: float = 0.4  # chance-corrected agreement
     min_lift: float = 1.25
     min_queries: int = 5  # queries with at least one preimage member
 
@@ -73,7 +76,8 @@ class Thresholds:
         return asdict(self)
 
     def describe(self) -> str:
-        return (f"accepted when BH q <= {self.fdr}, agreement >= {self.min_agreement}, lift >= {self.min_lift}, "
+        return (f"accepted when BH q <= {self.fdr}, kappa = (agreement - baseline)/(1 - baseline) >= "
+                f"{self.min_kappa}, lift >= {self.min_lift}, "
                 f"and >= {self.min_queries} queries have preimage members; p from a one-sided sign test over "
                 f"queries (member agreement > baseline agreement)")
 

@@ -158,13 +158,15 @@ def score_site(encoder: FeatureEncoder, site: Site, qps: Sequence[QueryPreimage]
         v = V[j]
         nq = int(v.sum())
         if nq == 0:
-            rows.append({"fi": int(fidx[j]), "agreement": 0.0, "baseline": 0.0, "lift": 0.0, "p": 1.0, "nq": 0,
+            rows.append({"fi": int(fidx[j]), "agreement": 0.0, "baseline": 0.0, "lift": 0.0, "kappa": 0.0, "p": 1.0,
+                         "nq": 0,
                          "n_m": 0, "n_b": 0})
             continue
         agree, base = float(A_m[j, v].mean()), float(A_b[j, v].mean())
         n_b = int(n_b_tot[j])
         lift = agree / max(base, 1.0 / (n_b / nq + 1))  # floor: one baseline sample per query, no infinite lifts
-        rows.append({"fi": int(fidx[j]), "agreement": agree, "baseline": base, "lift": lift,
+        kappa = (agree - base) / (1.0 - base) if base < 1.0 else 0.0
+        rows.append({"fi": int(fidx[j]), "agreement": agree, "baseline": base, "lift": lift, "kappa": kappa,
                      "p": _sign_test(A_m[j, v] - A_b[j, v]), "nq": nq, "n_m": int(n_m_tot[j]), "n_b": n_b})
     return rows
 
@@ -249,16 +251,16 @@ def generate_hypotheses(
     qvals = sps.false_discovery_control(pvals, method="bh")
     hyps_by_site: dict[str, list[Hypothesis]] = {}
     for (site, r, aliases, qps), q in zip(raw, qvals):
-        accepted = bool(q <= thresholds.fdr and r["agreement"] >= thresholds.min_agreement
+        accepted = bool(q <= thresholds.fdr and r["kappa"] >= thresholds.min_kappa
                         and r["lift"] >= thresholds.min_lift and r["nq"] >= thresholds.min_queries)
         h = Hypothesis(str(site), encoder.names[r["fi"]], round(r["agreement"], 4), round(r["baseline"], 4),
-                       round(r["lift"], 3), float(r["p"]), float(q), r["nq"], r["n_m"], r["n_b"], accepted,
+                       round(r["lift"], 3), round(r["kappa"], 4), float(r["p"]), float(q), r["nq"], r["n_m"], r["n_b"], accepted,
                        tuple(aliases), 0, _examples(encoder, r["fi"], qps, n_examples) if accepted else ())
         hyps_by_site.setdefault(str(site), []).append(h)
     out: list[Hypothesis] = []
     for site in sites:
         hs = hyps_by_site.get(str(site), [])
-        hs.sort(key=lambda h: (not h.accepted, -(h.agreement - h.baseline), h.p_value, h.feature))
+        hs.sort(key=lambda h: (not h.accepted, -h.kappa, h.p_value, h.feature))
         acc = [h for h in hs if h.accepted]
         rej = [h for h in hs if not h.accepted][:keep_rejected]
         for i, h in enumerate(acc + rej):
@@ -286,8 +288,8 @@ def format_report(rep: HypothesisReport, top: int = 5) -> str:
         for h in hs[:top]:
             mark = "ACCEPT" if h.accepted else "      "
             al = f"  (= {', '.join(h.aliases[:3])})" if h.aliases else ""
-            lines.append(f"  {h.rank:>2}. {mark} {h.feature:<14} agree {h.agreement:.2f} vs {h.baseline:.2f}  "
-                         f"lift {h.lift:5.2f}  q {h.q_value:.1e}  n_q {h.n_queries}{al}")
+            lines.append(f"  {h.rank:>2}. {mark} {h.feature:<14} kappa {h.kappa:5.2f}  agree {h.agreement:.2f} vs "
+                         f"{h.baseline:.2f}  lift {h.lift:5.2f}  q {h.q_value:.1e}  n_q {h.n_queries}{al}")
     return "\n".join(lines)
 
 

@@ -62,7 +62,7 @@ def _verify(args: argparse.Namespace) -> Output:
                 raise CircuitkitError(f"claim site {site!r} needs a position, e.g. {site}@{pm.task.position_names[-1]}")
             if f not in ver.features:
                 raise CircuitkitError(f"unknown feature {f!r}; e.g. {', '.join(list(ver.features)[:12])} ...")
-            hyps.append(Hypothesis(site, f, 1.0, 0.0, 1.0, 0.0, 0.0, 0, 0, 0, True))
+            hyps.append(Hypothesis(site, f, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0, 0, 0, True))
     rep = verify_hypotheses(ver, hyps, controls=not args.no_controls, null_seed=args.seed, model_name=str(args.model))
     data = rep.to_dict()
     if args.out:
