@@ -46,6 +46,10 @@ SWEEP_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+# kinds whose patch at position p changes only row p of the residual stream within its own block
+ROW_LOCAL = frozenset({"resid_mid", "resid_post", "attn_out", "mlp_out", "head", "z", "q", "pattern"})
+
+
 @dataclass
 class SweepResult:
     """values: [*axes, b] per-example metric after each cell's patch; base: [b] unpatched."""
@@ -138,9 +142,10 @@ def sweep(
     """Patch each cell of ``kind`` (all layers x positions [x heads]) separately; see module doc.
 
     Exact shortcuts (no approximation): a cell whose source value equals the base value for an
-    example, or that lies after the example's answer position (causal masking), leaves that
-    example's metric at its unpatched value and is not run; sequences are cut after the last
-    answer position.  The remaining (cell, example) pairs are run ``max_rows`` at a time, each
+    example, that lies after the example's answer position (causal masking), or that is a
+    row-local change (see ``ROW_LOCAL``) in the last block at another row than the answer's,
+    leaves that example's metric at its unpatched value and is not run; sequences are cut after
+    the last answer position.  The remaining (cell, example) pairs are run ``max_rows`` at a time, each
     forward starting at the patched layer from the cached base residual stream.
     """
     if kind not in SWEEP_KINDS:
@@ -186,7 +191,10 @@ def sweep(
         differs = (src != bas).any(-1)  # [b, *cell axes (truncated)]
         cells = differs.nonzero()  # [m, 1 + n_axes]: (example, cell...)
         ex, cell = cells[:, 0], cells[:, 1:]
-        keep = _cell_pos(kind, cell) <= t_pos[ex]
+        cpos = _cell_pos(kind, cell)
+        keep = cpos <= t_pos[ex]
+        if L == pm.n_layers - 1 and kind in ROW_LOCAL:
+            keep &= cpos == t_pos[ex]  # in the last block a row-local change never reaches another row
         work.append((L, ex[keep], cell[keep], src))
     total = sum(int(w[1].numel()) for w in work)
     bar = tqdm(total=total, desc=f"sweep {kind}", unit="patch", disable=not progress, leave=False)

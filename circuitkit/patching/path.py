@@ -1,0 +1,179 @@
+"""Path patching (Wang et al. 2022, IOI): a sender's effect on the output through one receiver only.
+
+The sender (a site that writes into the residual stream: ``emb``, ``pos``, a head ``aL.H``,
+``attnL``, ``mL``, at a position) takes its source value; every other component is frozen at its
+base value, so the receiver's input changes by exactly the sender's change
+``delta = sender(source) - sender(base)`` [b, pos, d_model] (added to the residual stream the
+receiver reads).  Then the base run is repeated with only the receiver's input replaced and
+everything downstream of it recomputed; the metric is read as usual.
+
+Receivers: a head (``a1.0`` with input ``q``, ``k``, ``v`` or ``resid`` = all three; ``q1.0``
+means ``a1.0`` via q), an MLP (``m1``, its input), or ``logits`` (the unembedding's input).  A
+receiver position (``q1.0@:``) restricts the patched input to that row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from circuitkit.errors import CircuitkitError
+from circuitkit.models.checkpoint import ProbedModel
+from circuitkit.patching.ablations import PositionSpec, as_ids, check_pairing, is_raw, resolve
+from circuitkit.patching.metrics import evaluate, metric_context
+from circuitkit.patching.node import NodePatchResult, resid_names
+from circuitkit.sites import Site, check_site, parse_site
+
+SENDER_KINDS = ("emb", "pos", "head", "z", "attn_out", "mlp_out")
+RECEIVER_INPUTS = ("q", "k", "v", "resid")
+
+
+@dataclass(frozen=True)
+class Receiver:
+    """Where a path ends: ``kind`` in head / mlp / logits, its layer and head, which input, where."""
+
+    kind: str
+    layer: int | None = None
+    head: int | None = None
+    inputs: tuple[str, ...] = ()
+    position: str | int | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "logits":
+            return "logits" if self.position is None else f"logits@{self.position}"
+        name = f"a{self.layer}.{self.head}" if self.kind == "head" else f"m{self.layer}"
+        ins = "+".join(self.inputs) if self.kind == "head" else "in"
+        return f"{name}.{ins}" + ("" if self.position is None else f"@{self.position}")
+
+
+def parse_receiver(text: str | Site, input: str = "resid") -> Receiver:
+    """``logits``, ``a1.0`` (+ ``input``), ``q1.0`` / ``k1.0`` / ``v1.0``, ``m1``; ``@POS`` allowed."""
+    if isinstance(text, str) and text.split("@")[0] == "logits":
+        pos = text.partition("@")[2] or None
+        return Receiver("logits", position=int(pos) if pos and pos.lstrip("-").isdigit() else pos)
+    site = parse_site(text) if isinstance(text, str) else text
+    if input not in RECEIVER_INPUTS:
+        raise CircuitkitError(f"unknown receiver input {input!r}; valid: {', '.join(RECEIVER_INPUTS)}")
+    if site.kind in ("q", "k", "v"):
+        return Receiver("head", site.layer, site.head, (site.kind,), site.position)
+    if site.kind == "head":
+        ins = ("q", "k", "v") if input == "resid" else (input,)
+        return Receiver("head", site.layer, site.head, ins, site.position)
+    if site.kind == "mlp_out":
+        return Receiver("mlp", site.layer, None, (), site.position)
+    raise CircuitkitError(f"receiver {text} must be a head (aL.H, qL.H, kL.H, vL.H), an MLP (mL) or logits")
+
+
+def _check_order(sender: Site, rec: Receiver, n_layers: int) -> None:
+    if rec.kind == "logits" or sender.kind in ("emb", "pos"):
+        return
+    ls = sender.layer
+    ok = ls < rec.layer if rec.kind == "head" else (ls <= rec.layer if sender.kind in ("head", "z", "attn_out")
+                                                     else ls < rec.layer)
+    if not ok:
+        raise CircuitkitError(f"sender {sender} does not feed receiver {rec}: it is not upstream of it")
+
+
+@torch.no_grad()
+def sender_delta(pm: ProbedModel, base_ids: Tensor, source_ids: Tensor, sender: Site,
+                 base_pos: Tensor | None, source_pos: Tensor | None) -> Tensor:
+    """The sender's change to the residual stream, [b, pos, d_model] (zero off its positions)."""
+    if sender.kind not in SENDER_KINDS:
+        raise CircuitkitError(f"sender {sender} must write into the residual stream: one of {', '.join(SENDER_KINDS)}")
+    s = Site("head", sender.layer, sender.head) if sender.kind == "z" else sender.at(None)
+    stop = None if s.stop_layer >= pm.n_layers else s.stop_layer
+    dev = pm.device
+    _, cb = pm.runner.run(base_ids.to(dev), cache=[s.hook_name], stop_at_layer=stop, return_logits=False)
+    _, cs = pm.runner.run(source_ids.to(dev), cache=[s.hook_name], stop_at_layer=stop, return_logits=False)
+    vb, vs = s.select(cb[s.hook_name]), s.select(cs[s.hook_name])  # [b, pos, d_model]
+    delta = torch.zeros_like(vb)
+    if base_pos is None:
+        return vs - vb
+    rows = torch.arange(vb.shape[0], device=vb.device)
+    delta[rows, base_pos.to(dev)] = vs[rows, source_pos.to(dev)] - vb[rows, base_pos.to(dev)]
+    return delta
+
+
+def receiver_hooks(pm: ProbedModel, rec: Receiver, delta: Tensor, rec_pos: Tensor | None) -> dict:
+    """Runner hooks that replace only the receiver's input by its value read from ``resid + delta``."""
+    r = pm.runner
+    row_mask = None
+    if rec_pos is not None:
+        row_mask = torch.zeros(delta.shape[:2], dtype=torch.bool, device=delta.device)
+        row_mask[torch.arange(delta.shape[0]), rec_pos.to(delta.device)] = True
+        delta = delta * row_mask.unsqueeze(-1)
+    seen: dict[str, Tensor] = {}
+    hooks = {}
+    if rec.kind == "head":
+        L, H, w = rec.layer, rec.head, r.layers[rec.layer]
+        hooks[f"blocks.{L}.hook_resid_pre"] = lambda x: seen.__setitem__("x", x)
+        mats = {"q": (w.W_Q, w.b_Q), "k": (w.W_K, w.b_K), "v": (w.W_V, w.b_V)}
+        for name in rec.inputs:
+            W, bias = mats[name]
+
+            def hook(act: Tensor, W: Tensor = W, bias: Tensor = bias) -> Tensor:
+                h1 = F.layer_norm(seen["x"] + delta, (r.d_model,), w.ln1_w, w.ln1_b, r.eps)
+                act = act.clone()
+                act[:, :, H] = h1 @ W[H] + bias[H]
+                return act
+            hooks[f"blocks.{L}.attn.hook_{name}"] = hook
+    elif rec.kind == "mlp":
+        L, w = rec.layer, r.layers[rec.layer]
+        hooks[f"blocks.{L}.hook_resid_mid"] = lambda x: seen.__setitem__("x", x)
+        hooks[f"blocks.{L}.mlp.hook_pre"] = lambda act: F.layer_norm(
+            seen["x"] + delta, (r.d_model,), w.ln2_w, w.ln2_b, r.eps) @ w.W_in + w.b_in
+    return hooks
+
+
+@torch.no_grad()
+def path_patch(
+    pm: ProbedModel,
+    base: Sequence[str] | Tensor,
+    source: Sequence[str] | Tensor,
+    sender: Site | str,
+    receiver: Receiver | str,
+    receiver_input: str = "resid",
+    metric: str = "logit_diff",
+    target: str | None = None,
+    sender_base_pos: PositionSpec = None,
+    sender_source_pos: PositionSpec = None,
+) -> NodePatchResult:
+    """Per-example metric with the sender -> receiver path patched (see module doc).
+
+    Sender positions default to the sender site's position, resolved per input (base and source
+    separately); override with ``sender_base_pos`` / ``sender_source_pos`` ([b] tensors allowed).
+    """
+    task, dev = pm.task, pm.device
+    snd = parse_site(sender) if isinstance(sender, str) else sender
+    rec = parse_receiver(receiver, receiver_input) if isinstance(receiver, (str, Site)) else receiver
+    check_site(snd, pm.n_layers, pm.n_heads)
+    if rec.layer is not None:
+        check_site(Site("resid_pre", rec.layer), pm.n_layers, pm.n_heads)
+        if rec.head is not None:
+            check_site(Site("head", rec.layer, rec.head), pm.n_layers, pm.n_heads)
+    _check_order(snd, rec, pm.n_layers)
+    base_ids, src_ids = as_ids(task, base, "base"), as_ids(task, source, "source")
+    bspec = snd.position if sender_base_pos is None else sender_base_pos
+    sspec = bspec if sender_source_pos is None else sender_source_pos
+    check_pairing(task, base_ids, src_ids, is_raw(sspec))
+    bpos, spos = resolve(task, base_ids, bspec, "base"), resolve(task, src_ids, sspec, "source")
+    delta = sender_delta(pm, base_ids, src_ids, snd, bpos, spos)
+    rec_pos = resolve(task, base_ids, rec.position, "receiver")
+    clean_logits, cache = pm.runner.run(base_ids.to(dev), cache=resid_names(pm.n_layers)
+                                        + [f"blocks.{pm.n_layers - 1}.hook_resid_post"])
+    ctx = metric_context(task, base_ids, src_ids, target, clean_logits)
+    if rec.kind == "logits":
+        if rec_pos is not None:
+            m = torch.zeros(delta.shape[:2], dtype=torch.bool, device=delta.device)
+            m[torch.arange(delta.shape[0]), rec_pos.to(dev)] = True
+            delta = delta * m.unsqueeze(-1)
+        final = cache[f"blocks.{pm.n_layers - 1}.hook_resid_post"] + delta
+        logits, _ = pm.runner.run(base_ids.to(dev), start_at_layer=pm.n_layers, resid=final)
+    else:
+        logits, _ = pm.runner.run(base_ids.to(dev), hooks=receiver_hooks(pm, rec, delta, rec_pos),
+                                  start_at_layer=rec.layer, resid=cache[f"blocks.{rec.layer}.hook_resid_pre"])
+    return NodePatchResult(metric, [f"{snd} -> {rec}"], "path", evaluate(metric, clean_logits, ctx)[0].cpu(),
+                           evaluate(metric, logits, ctx)[0].cpu(), ctx)
