@@ -14,7 +14,7 @@ from circuitkit.sites import parse_site
 from circuitkit.verify.interchange import InterchangeVerifier
 from circuitkit.verify.report import verify_hypotheses
 
-from groundtruth_copy import CopyTask, copy_model
+from tests.groundtruth_copy import CopyTask, copy_model
 
 #: the true path: the embedding at position 2 (x0.pre@2) -> head a0.0 at "=" -> the answer.
 #: Decoys: a0.0@3 and a0.0@4 carry tok@2 too but never reach the answer; m0 is exactly zero;
@@ -141,3 +141,30 @@ def test_path_patching_does_not_invent_edges(copy):
     assert res and res[0].effect == 0.0
     real = edge_effects(ver, VerifiedNode("x0.pre@2", ("tok@2",), ("copy",), 1.0, 1.0, False), receiver)
     assert real[0].effect == 1.0
+
+
+def test_decoder_preimage_adapter_splits_samples_at_eps(copy, monkeypatch):
+    """DecoderPreimage turns an inversion (samples re-run by the inversion code) into members and
+    near-miss baseline; ill-formed samples are kept but their features are undefined."""
+    from types import SimpleNamespace
+
+    import circuitkit.inversion.preimage as inv_mod
+    from circuitkit.hypotheses.preimage_sources import DecoderPreimage
+
+    task, pm = copy
+
+    def fake_invert_text(td, site, text, **kw):
+        same = "B" + "a" + text[2] + "cd=" + text[2] + "E"  # same x2: in the preimage
+        other = "Bh" + ("a" if text[2] != "a" else "b") + "cd=hE"
+        broken = "Bab"  # a decoder may produce partial inputs
+        return SimpleNamespace(texts=[text, same, other, broken], positions=torch.tensor([5, 5, 5, 2]),
+                               distances=torch.tensor([0.0, 0.02, 0.5, float("inf")]))
+
+    monkeypatch.setattr(inv_mod, "invert_text", fake_invert_text)
+    src = DecoderPreimage(SimpleNamespace(probed=pm), n_per_cell=4)
+    queries = task.generate(random.Random(5), 12)
+    qps = src.preimages(parse_site("a0.0@="), queries)
+    assert all(len(q.members) == 1 and len(q.baseline) == 1 and q.position == 5 for q in qps)  # query itself dropped
+    rep = generate_hypotheses(pm, [parse_site("a0.0@=")], queries, src)
+    top = rep.hypotheses[0]
+    assert top.feature == "tok@2" and top.agreement == 1.0 and top.baseline == 0.0 and top.accepted
