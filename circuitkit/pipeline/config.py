@@ -47,9 +47,11 @@ class InversionSection:
 @dataclass
 class HypothesisSection:
     sites: list[str] = field(default_factory=list)  # sites with positions, e.g. "a1.0@:"
+    source: str = "decoder"  # where ε-preimages come from: "decoder" (InversionView) or "pool" (exact search)
     queries: int = 100
-    pool: int = 20000
-    fdr: float = 0.05
+    pool: int = 20000  # pool size for source = "pool" (and the random baseline)
+    pairs: int = 200  # interchange pairs per verification test
+    eval_inputs: int = 1000  # inputs for faithfulness / completeness / minimality
 
 
 @dataclass
@@ -123,6 +125,8 @@ def load_case(name_or_path: str, quick: bool = False) -> CaseConfig:
         raise CircuitkitError(f"{path.name}: unknown task {cfg.task!r}; valid: {choices_hint(TASKS)}")
     if cfg.model.source not in ("train", "path"):
         raise CircuitkitError(f"{path.name} [model]: source must be 'train' or 'path', got {cfg.model.source!r}")
+    if cfg.hypotheses.source not in ("decoder", "pool"):
+        raise CircuitkitError(f"{path.name} [hypotheses]: source must be 'decoder' or 'pool', got {cfg.hypotheses.source!r}")
     if cfg.model.source == "path" and not cfg.model.path:
         raise CircuitkitError(f"{path.name} [model]: source = 'path' needs path = '<checkpoint dir>'")
     return cfg

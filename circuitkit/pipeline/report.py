@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from circuitkit.io_utils import atomic_dir, atomic_write_json
 from circuitkit.report.document import Figure, HtmlPanel, Report, Table
-from circuitkit.report.figures import line_plot
+from circuitkit.report.figures import heatmap, line_plot
 from circuitkit.report.html import render_html
 from circuitkit.report.markdown import render_markdown
 
@@ -66,13 +67,75 @@ def inversion_section(report: Report, res: dict[str, Any], stage_dir: Path) -> N
           "p(token | query) − p(token | BOS activation at the same site) — blue raises, red lowers.")
     for p in res["panels"]:
         page = (stage_dir / p["file"]).read_text()
-        frame = (f'<iframe title="panel" style="width:100%;height:420px;border:1px solid #ddd" '
-                 f'sandbox srcdoc="{html.escape(page, quote=True)}"></iframe>')
+        body = re.search(r"<table>.*</table>", page, re.S)
+        frame = f'<div class="ivpanel">{body.group(0) if body else ""}</div>'
         lines = [f"**{p['site']}** on `{p['input']}`: {p['in_eps']} of {p['n_samples']} samples within ε.", ""]
         lines += ["| distance | sample |", "|---|---|"]
         lines += [f"| {r['distance']:.4f}{' (in ε)' if r['in_eps'] else ''} | `{r['text']}` |" for r in p["rows"][:20]]
         s.add(HtmlPanel(f"<h3>{html.escape(p['site'])} — <code>{html.escape(p['input'])}</code></h3>"
                         f"<p>{p['in_eps']} of {p['n_samples']} samples within ε.</p>{frame}", "\n".join(lines)))
+
+
+def patching_section(report: Report, res: dict[str, Any], ctx: "RunContext") -> None:
+    import numpy as np
+
+    s = report.section("Activation patching")
+    s.add(f"Interchange patching of each component × position from a contrast input into {res['n']} test inputs; "
+          f"metric: logit difference (answer − contrast's answer) at target `{res['target']}`. Cells show the "
+          "mean decrease of the logit difference (positive = the component at that position carries what "
+          "decides the answer). Contrast R: a random other example of the same length; F: a minimal edit.")
+    n_layers, n_heads = ctx.probed.n_layers, ctx.probed.n_heads
+    for key, m in res["maps"].items():
+        contrast, kind = key.split("/")
+        mean = np.asarray(m["mean"], dtype=float)
+        effect = m["base_mean"] - mean
+        if kind == "head":  # [layer, pos, head] -> rows a{L}.{H}
+            rows = [f"a{L}.{h}" for L in range(n_layers) for h in range(n_heads)]
+            grid = effect.transpose(0, 2, 1).reshape(n_layers * n_heads, -1)
+        else:
+            rows = [f"x{L}.pre" for L in range(n_layers)]
+            grid = effect
+        cols = [str(i) for i in range(grid.shape[1])]
+        label = "R (random)" if contrast == "random" else "F (minimal edit)"
+        s.add(Figure(f"patch_{contrast}_{kind}", heatmap(grid, rows, cols, f"{kind} x position, contrast {label}",
+                                                         "decrease of logit difference"),
+                     f"{kind} × position interchange patching, contrast {label}; clean mean LD {m['base_mean']:.2f}."))
+
+
+def circuit_section(report: Report, res: dict[str, Any], ctx: "RunContext") -> None:
+    s = report.section("Hypotheses, verification and the circuit")
+    if "skipped" in res:
+        s.add(f"Skipped: {res['skipped']}.")
+        return
+    d = ctx.work / "circuit"
+    hyp = json.loads((d / "hypotheses.json").read_text())
+    ver = json.loads((d / "verification.json").read_text())
+    s.add(f"Preimages from: **{res['source']}**. {hyp.get('n_tested', 0)} hypotheses tested, "
+          f"{hyp.get('n_accepted', 0)} accepted. Acceptance: {hyp.get('thresholds_text', '')}")
+    top = [h for h in hyp.get("hypotheses", []) if h.get("accepted")][:25]
+    s.add(Table(["site", "feature", "agreement", "baseline", "lift", "kappa", "q (BH)"],
+                [[h["site"], h["feature"], h["agreement"], h["baseline"], h["lift"], h["kappa"], h["q_value"]]
+                 for h in top], caption="Accepted hypotheses, ranked (top 25)"))
+    s.add(f"Verification thresholds: {ver.get('thresholds_text', '')}")
+    s.add(Table(["site", "features", "answers", "necessity effect", "IIA", "joint"],
+                [[n["site"], ", ".join(n["features"]), ", ".join(n["targets"]), n["effect"],
+                  "" if n["iia"] is None else n["iia"], n["joint"]] for n in ver.get("nodes", [])],
+                caption="Verified nodes"))
+    cs = ver.get("controls_summary", {})
+    s.add(Table(["null control", "tests run", "tests verified"],
+                [[k, v["tested"], v["verified"]] for k, v in cs.items()],
+                caption="Null controls (must verify nothing)"))
+    png = d / "circuit.png"
+    if png.exists():
+        s.add(Figure("circuit", png.read_bytes(), "The verified circuit: nodes are verified sites with the features "
+                                                  "they carry; edges found by path patching, labelled by feature."))
+    ev = res.get("evaluation")
+    if ev:
+        rows = [[t, ev["faithfulness"].get(t), ev["faithfulness_normalized"].get(t), ev["completeness"].get(t)]
+                for t in ev["faithfulness"]]
+        s.add(Table(["answer", "faithfulness", "faithfulness (normalised)", "completeness"], rows,
+                    caption=f"Circuit evaluation by resample ablation (n = {ev['n']}); minimal: {ev['minimal']}"))
+    s.add("Exports: " + ", ".join(f"`{v}`" for v in res.get("files", {}).values()) + " (in the stage cache).")
 
 
 def claims_section(report: Report, ctx: "RunContext") -> None:
@@ -113,15 +176,19 @@ def build_report(ctx: "RunContext", manifest: dict[str, Any]) -> Report:
     return report
 
 
-#: extra sections added by later stages: (result key, fn(report, result, ctx))
-SECTION_BUILDERS: list[tuple[str, Any]] = []
+#: sections of the later stages: (result key, fn(report, result, ctx))
+SECTION_BUILDERS: list[tuple[str, Any]] = [("patching", patching_section), ("circuit", circuit_section)]
 
 
-def write_report(report: Report, out: Path, manifest: dict[str, Any], results: dict[str, Any]) -> None:
-    """index.html, report.md (+ figures/), manifest.json, results.json — replaced atomically."""
+def write_report(report: Report, out: Path, manifest: dict[str, Any], results: dict[str, Any],
+                 attachments: list[Path] = ()) -> None:
+    """index.html, report.md (+ figures/), manifest.json, results.json and the attachments
+    (e.g. the circuit's JSON/GraphML/DOT/SVG) — the directory is replaced atomically."""
     page = render_html(report)
     md, files = render_markdown(report)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, keep_existing=False) as tmp:
+        for f in attachments:
+            (tmp / f.name).write_bytes(f.read_bytes())
         (tmp / "index.html").write_text(page)
         (tmp / "report.md").write_text(md)
         for rel, data in files.items():

@@ -13,6 +13,7 @@ import torch
 from circuitkit.errors import CircuitkitError
 from circuitkit.manifest import build_manifest
 from circuitkit.models.checkpoint import ProbedModel, load_probed
+from circuitkit.pipeline.analysis import stage_circuit, stage_patching
 from circuitkit.pipeline.config import CaseConfig
 from circuitkit.pipeline.stages import StageRunner
 from circuitkit.seeding import seed_everything
@@ -130,6 +131,8 @@ STAGES: list[tuple[str, Callable[[RunContext, StageRunner], None]]] = [
     ("model", stage_model),
     ("decoder", stage_decoder),
     ("inversions", stage_inversions),
+    ("patching", stage_patching),
+    ("circuit", stage_circuit),
 ]
 
 
@@ -149,7 +152,8 @@ def run_case(cfg: CaseConfig, out: Path, work: Path, device: str = "cpu", progre
     manifest = build_manifest("case_study", cfg.seed, cfg.to_dict(),
                               stage_seconds={k: round(v, 1) for k, v in runner.timings.items()})
     report = build_report(ctx, manifest)
-    write_report(report, out, manifest, ctx.results)
+    attachments = sorted((work / "circuit").glob("circuit.*")) if (work / "circuit").exists() else []
+    write_report(report, out, manifest, ctx.results, attachments)
     total = time.perf_counter() - t0
     log(f"report written to {out / 'index.html'} and {out / 'report.md'} ({total:.0f} s)")
     return {"out": str(out), "seconds": round(total, 1), "stages": runner.timings, "results": _brief(ctx.results)}

@@ -20,6 +20,10 @@ figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}
 figcaption{color:#555;font-size:.9em}
 code,.mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
 nav ul{columns:2;font-size:.95em}
+.ivpanel{max-height:480px;overflow:auto;border:1px solid #ddd;padding:.3em}
+.ivpanel table{border:none;margin:0}.ivpanel td{border:none;padding:0 .5em 0 0}
+.ivpanel .s{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:14px;white-space:pre}
+.ivpanel .d{color:#555}.ivpanel td.eps{border-top:2px dashed #c00;color:#c00;font-size:12px}
 """
 
 

@@ -196,14 +196,23 @@ class Task(ABC):
         return min(t.position for t in self.targets(tokens)) + 1
 
     # ---- contrasts ----------------------------------------------------------------------
-    def contrast_random(self, text: str, rng: random.Random) -> str:
-        """A random other example of the same length in tokens (the paper's contrast R)."""
-        n = len(self.tokens(text, pad=False))
-        for _ in range(1000):
+    def contrast_random(self, text: str, rng: random.Random, target: str | None = None) -> str:
+        """A random other example of the same length in tokens whose answer at ``target``
+        (default: ``default_target``) differs — the paper's contrast R — by rejection sampling.
+        Falls back to any same-length example when no answer can differ (e.g. a leading 1)."""
+        toks = self.tokens(text, pad=False)
+        answer = self.target(self.tokens(text), target).token
+        fallback = None
+        for _ in range(5000):
             other = self.generate(rng, 1)[0]
-            if other != text and len(self.tokens(other, pad=False)) == n:
+            if other == text or len(self.tokens(other, pad=False)) != len(toks):
+                continue
+            if self.target(self.tokens(other), target).token != answer:
                 return other
-        raise CircuitkitError(f"{self.name}: could not find a random contrast of the same length")
+            fallback = fallback or other
+        if fallback is not None:
+            return fallback
+        raise CircuitkitError(f"{self.name}: could not find a random contrast of the same length for {text!r}")
 
     @abstractmethod
     def contrast_minimal(self, text: str, rng: random.Random) -> str:

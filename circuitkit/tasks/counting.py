@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 
+from circuitkit.errors import CircuitkitError
 from circuitkit.tasks.base import CharTokenizer, Feature, Target, Task, Tokens, Vocabulary
 
 LETTERS = string.ascii_lowercase
@@ -101,6 +102,23 @@ class CountingTask(Task):
     def loss_mask(self, ids: torch.Tensor) -> torch.Tensor:
         """Only the count is trained (as in the paper): the position of ``:``."""
         return ids == VOCAB.id_of(":")
+
+    def contrast_random(self, text: str, rng: random.Random, target: str | None = None) -> str:
+        """A random example of the same length with a different count (contrast R): random
+        letters, counts drawn uniformly among triples with the same total."""
+        toks = self.tokens(text, pad=False)
+        n, old = len(_body(toks)), _body(toks).count(_query(toks))
+        triples = [(a, b, n - a - b) for a in range(1, 10) for b in range(1, 10) if 1 <= n - a - b <= 9]
+        for _ in range(1000):
+            counts = rng.choice(triples)
+            q = rng.randrange(3)
+            if counts[q] == old:
+                continue
+            letters = rng.sample(LETTERS, 3)
+            chars = [l for l, k in zip(letters, counts) for _ in range(k)]
+            rng.shuffle(chars)
+            return _format(chars, letters[q], counts[q])
+        raise CircuitkitError(f"no random contrast with another count exists for {text!r} (all counts equal)")
 
     def contrast_minimal(self, text: str, rng: random.Random) -> str:
         """Flip one letter to another of the input's letters so the query count changes (F)."""
