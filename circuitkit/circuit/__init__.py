@@ -1,1 +1,9 @@
-"""Circuit assembly from verified nodes: graph, evaluation, export, drawing."""
+"""Circuit assembly from verified nodes: graph (path-patching edges), evaluation, export, drawing.
+
+    from circuitkit.circuit.graph import build_circuit
+    from circuitkit.circuit.evaluate import evaluate_circuit
+    from circuitkit.circuit.export import export_all
+    from circuitkit.circuit.discover import discover_circuit   # the whole chain in one call
+
+CLI: ``circuitkit circuit``.
+"""
