@@ -51,6 +51,7 @@ class TrainConfig:
     eval_limit: int = 20000
     seed: int = 0
     threads: int | None = None
+    bucket_by_length: bool = True  # same-length batches with padding trimmed (faster); False = uniform batches
 
     def replace(self, **kw: Any) -> "TrainConfig":
         unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
@@ -119,6 +120,16 @@ class LengthBucketSampler:
         return [self.texts[b[rng.randrange(len(b))]] for _ in range(size)]
 
 
+class UniformSampler:
+    """Batches drawn uniformly from the split (mixed lengths)."""
+
+    def __init__(self, texts: Sequence[str]) -> None:
+        self.texts = texts
+
+    def batch(self, rng: random.Random, size: int) -> list[str]:
+        return [self.texts[rng.randrange(len(self.texts))] for _ in range(size)]
+
+
 def trim_padding(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     """Drop trailing columns that are padding in every row. ids: [batch, pos]."""
     keep = int((ids != pad_id).any(dim=0).nonzero().max()) + 1
@@ -164,7 +175,7 @@ def train_probed(task: Task, out: str | Path, cfg: TrainConfig | None = None, pr
         rng.setstate(state["py_rng"])
         torch.set_rng_state(state["torch_rng"])
     train = task.split("train")
-    sampler = LengthBucketSampler(train)
+    sampler = LengthBucketSampler(train) if cfg.bucket_by_length else UniformSampler(train)
     runner = GPT2Runner(model)
     model.train()
 

@@ -92,3 +92,121 @@ def stage_circuit(ctx: "RunContext", runner: "StageRunner") -> None:
 
     ctx.results["circuit"] = runner.run("circuit", [h.__dict__, cfg.decoder.n_per_cell, cfg.seed], fn,
                                         depends=("model", "decoder") if h.source == "decoder" else ("model",))
+
+
+def stage_groups(ctx: "RunContext", runner: "StageRunner") -> None:
+    """Cumulative group patching, forward and backward (the paper's tables), per contrast.
+
+    Counting uses the paper's exact protocol (``circuitkit.patching.counting_table``: contrast R
+    may change the length, positions aligned by name; contrast F flips one letter)."""
+    from circuitkit.patching.counting_table import PAPER, counting_table, findings, to_markdown
+    from circuitkit.patching.groups import Group, cumulative_patch
+
+    cfg, pm = ctx.cfg, ctx.probed
+    if not cfg.patching.groups:
+        return
+
+    def fn(d: Path) -> dict:
+        n = cfg.patching.examples
+        if pm.task.name == "counting":
+            results = counting_table(pm, n=n, seed=cfg.seed)
+            paper = PAPER
+        else:
+            groups = [Group.parse("+".join(g), g) for g in cfg.patching.groups]
+            results = {}
+            for contrast in cfg.patching.contrasts:
+                bases, sources = _pairs(ctx, contrast, n)
+                results["R" if contrast == "random" else "F"] = cumulative_patch(
+                    pm, bases, sources, groups, target=cfg.patching.target or None, seed=cfg.seed)
+            paper = {}
+        md = to_markdown(results, f"{cfg.name}: cumulative group patching")
+        (d / "groups.md").write_text(md)
+        return {"markdown": md, "results": {c: r.to_dict() for c, r in results.items()},
+                "findings": findings(results), "paper": paper}
+
+    ctx.results["groups"] = runner.run("groups", [cfg.patching.groups, cfg.patching.examples,
+                                                  cfg.patching.contrasts, cfg.seed], fn, depends=("model",))
+
+
+def _lookup(obj: dict, path: str):
+    for part in path.split("/"):
+        if not isinstance(obj, dict) or part not in obj:
+            return None
+        obj = obj[part]
+    return obj
+
+
+def evaluate_claims(ctx: "RunContext") -> dict[str, str]:
+    """The paper's claims (config ``[[paper_claims]]``) checked against this run's results.
+
+    kind = "verified": ``site`` (one or a list) carries ``feature`` (one or a list) among the
+    verified nodes;
+    kind = "finding": the value at ``path`` (``/``-separated, in the group-patching findings)
+    must be true, or lie within [``min``, ``max``]."""
+    out: dict[str, str] = {}
+    ver = None
+    vfile = ctx.work / "circuit" / "verification.json"
+    if vfile.exists():
+        ver = json.loads(vfile.read_text())
+    for c in ctx.cfg.paper_claims:
+        kind, claim = c.get("kind"), c.get("claim", "")
+        if kind == "verified":
+            if ver is None:
+                out[claim] = "not evaluated (no verification in this run)"
+                continue
+            sites = c["site"] if isinstance(c["site"], list) else [c["site"]]
+            feats = c["feature"] if isinstance(c["feature"], list) else [c["feature"]]
+            hit = [n for n in ver["nodes"] if n["site"] in sites and set(feats) & set(n["features"])]
+            out[claim] = ("holds: " + "; ".join(f"{n['site']} carries {', '.join(n['features'])} (effect {n['effect']})"
+                                                for n in hit) if hit
+                          else f"not verified: no verified node among {', '.join(sites)} carrying {' or '.join(feats)}")
+        elif kind == "finding":
+            val = _lookup(ctx.results.get("groups", {}).get("findings", {}), c["path"])
+            if val is None:
+                out[claim] = "not evaluated (no group patching result)"
+            elif isinstance(val, bool):
+                out[claim] = f"{'holds' if val else 'does not hold'} ({c['path']} = {val})"
+            else:
+                lo, hi = float(c.get("min", "-inf")), float(c.get("max", "inf"))
+                ok = lo <= float(val) <= hi
+                out[claim] = f"{'holds' if ok else 'does not hold'} ({c['path']} = {float(val):.3f}, expected [{lo}, {hi}])"
+    return out
+
+
+#: Wang et al. (2022) IOI head classes in GPT-2 small (layer.head)
+WANG_HEAD_CLASSES: dict[str, tuple[str, ...]] = {
+    "name mover": ("9.9", "9.6", "10.0"),
+    "backup name mover": ("10.10", "10.6", "10.2", "10.1", "11.2", "9.7", "9.0", "11.9"),
+    "negative name mover": ("10.7", "11.10"),
+    "S-inhibition": ("7.3", "7.9", "8.6", "8.10"),
+    "induction": ("5.5", "5.8", "5.9", "6.9"),
+    "duplicate token": ("0.1", "0.10", "3.0"),
+    "previous token": ("2.2", "4.11"),
+}
+
+
+def wang_comparison(ctx: "RunContext") -> list[list]:
+    """Per Wang et al. head class: its heads, the mean head-patching effect at END (ABC contrast)
+    and which of them circuitkit verified, for a GPT-2-small-shaped model."""
+    pm = ctx.probed
+    maps = ctx.results.get("patching", {}).get("maps", {})
+    head_map = maps.get("minimal/head") or maps.get("random/head")
+    ver_file = ctx.work / "circuit" / "verification.json"
+    verified = {n["site"].split("@")[0] for n in json.loads(ver_file.read_text())["nodes"]} if ver_file.exists() else set()
+    rows = []
+    for cls, heads in WANG_HEAD_CLASSES.items():
+        effects, found = [], []
+        for h in heads:
+            L, H = map(int, h.split("."))
+            if L >= pm.n_layers or H >= pm.n_heads:
+                continue
+            if head_map is not None:
+                import numpy as np
+
+                mean = np.asarray(head_map["mean"])  # [layer, pos, head]
+                effects.append(head_map["base_mean"] - float(mean[L, :, H].min()))
+            if f"a{L}.{H}" in verified:
+                found.append(h)
+        rows.append([cls, ", ".join(heads), f"{max(effects):.3f}" if effects else "n/a",
+                     ", ".join(found) or "none"])
+    return rows

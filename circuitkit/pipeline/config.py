@@ -18,7 +18,8 @@ CASE_DIR = Path(__file__).resolve().parents[2] / "case_studies"
 
 @dataclass
 class ModelSection:
-    source: str = "train"  # "train" here, or "path" (a local HF GPT-2 checkpoint directory)
+    source: str = "train"  # "train" here; "path" (a local HF GPT-2 checkpoint directory); "gpt2" (GPT-2 small
+    # if it is on this machine, else train here)
     path: str = ""
     steps: int = 0  # 0 = the task's default training budget
     n_layer: int = 0
@@ -123,8 +124,8 @@ def load_case(name_or_path: str, quick: bool = False) -> CaseConfig:
 
     if cfg.task not in TASKS:
         raise CircuitkitError(f"{path.name}: unknown task {cfg.task!r}; valid: {choices_hint(TASKS)}")
-    if cfg.model.source not in ("train", "path"):
-        raise CircuitkitError(f"{path.name} [model]: source must be 'train' or 'path', got {cfg.model.source!r}")
+    if cfg.model.source not in ("train", "path", "gpt2"):
+        raise CircuitkitError(f"{path.name} [model]: source must be 'train', 'path' or 'gpt2', got {cfg.model.source!r}")
     if cfg.hypotheses.source not in ("decoder", "pool"):
         raise CircuitkitError(f"{path.name} [hypotheses]: source must be 'decoder' or 'pool', got {cfg.hypotheses.source!r}")
     if cfg.model.source == "path" and not cfg.model.path:

@@ -102,6 +102,33 @@ def patching_section(report: Report, res: dict[str, Any], ctx: "RunContext") -> 
                      f"{kind} × position interchange patching, contrast {label}; clean mean LD {m['base_mean']:.2f}."))
 
 
+def groups_section(report: Report, res: dict[str, Any], ctx: "RunContext") -> None:
+    s = report.section("Cumulative group patching")
+    s.add("Groups of sites patched cumulatively from the contrast input, forward and backward, as in the "
+          "paper's tables; values are mean decreases of the logit difference (paper values in brackets "
+          "where the paper reports them).")
+    s.add(HtmlPanel(_md_table_html(res["markdown"]), res["markdown"]))
+    rows = []
+    for c, r in res["results"].items():
+        for st in r["steps"]:
+            dec = st["decrease"]
+            rows.append([c, st["order"], " + ".join(st["groups"]), dec.get("mean"), dec.get("ci_low"),
+                         dec.get("ci_high")])
+    s.add(Table(["contrast", "order", "groups patched", "LD decrease", "95% CI low", "95% CI high"], rows,
+                caption="With bootstrap confidence intervals"))
+
+
+def _md_table_html(md: str) -> str:
+    """The few Markdown tables the patching module writes, as HTML (pipe tables only)."""
+    lines = [ln for ln in md.splitlines() if ln.startswith("|")]
+    if len(lines) < 2:
+        return f"<pre>{html.escape(md)}</pre>"
+    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cells[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells[2:])
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
 def circuit_section(report: Report, res: dict[str, Any], ctx: "RunContext") -> None:
     s = report.section("Hypotheses, verification and the circuit")
     if "skipped" in res:
@@ -135,7 +162,21 @@ def circuit_section(report: Report, res: dict[str, Any], ctx: "RunContext") -> N
                 for t in ev["faithfulness"]]
         s.add(Table(["answer", "faithfulness", "faithfulness (normalised)", "completeness"], rows,
                     caption=f"Circuit evaluation by resample ablation (n = {ev['n']}); minimal: {ev['minimal']}"))
-    s.add("Exports: " + ", ".join(f"`{v}`" for v in res.get("files", {}).values()) + " (in the stage cache).")
+    s.add("Exports: " + ", ".join(f"`{v}`" for v in res.get("files", {}).values()) + " (next to this report).")
+
+
+def wang_section(report: Report, ctx: "RunContext") -> None:
+    from circuitkit.pipeline.analysis import wang_comparison
+
+    s = report.section("Comparison with Wang et al.'s IOI head classes")
+    pm = ctx.probed
+    if (pm.n_layers, pm.n_heads) != (12, 12):
+        s.add(f"The probed model here has {pm.n_layers} layers × {pm.n_heads} heads, not GPT-2 small's 12 × 12, so "
+              "the ground-truth head classes do not apply; supply GPT-2 small locally to compare (see the model "
+              "section and case_studies/ioi.toml).")
+        return
+    s.add(Table(["Wang et al. class", "heads", "max patching effect (LD decrease)", "verified by circuitkit"],
+                wang_comparison(ctx)))
 
 
 def claims_section(report: Report, ctx: "RunContext") -> None:
@@ -171,13 +212,16 @@ def build_report(ctx: "RunContext", manifest: dict[str, Any]) -> Report:
     for name, builder in SECTION_BUILDERS:
         if name in r:
             builder(report, r[name], ctx)
+    if cfg.task == "ioi":
+        wang_section(report, ctx)
     claims_section(report, ctx)
     manifest_section(report, manifest)
     return report
 
 
 #: sections of the later stages: (result key, fn(report, result, ctx))
-SECTION_BUILDERS: list[tuple[str, Any]] = [("patching", patching_section), ("circuit", circuit_section)]
+SECTION_BUILDERS: list[tuple[str, Any]] = [("patching", patching_section), ("groups", groups_section),
+                                           ("circuit", circuit_section)]
 
 
 def write_report(report: Report, out: Path, manifest: dict[str, Any], results: dict[str, Any],

@@ -13,7 +13,8 @@ import torch
 from circuitkit.errors import CircuitkitError
 from circuitkit.manifest import build_manifest
 from circuitkit.models.checkpoint import ProbedModel, load_probed
-from circuitkit.pipeline.analysis import stage_circuit, stage_patching
+from circuitkit.models.local_gpt2 import find_gpt2_small, missing_message
+from circuitkit.pipeline.analysis import evaluate_claims, stage_circuit, stage_groups, stage_patching
 from circuitkit.pipeline.config import CaseConfig
 from circuitkit.pipeline.stages import StageRunner
 from circuitkit.seeding import seed_everything
@@ -45,6 +46,15 @@ def stage_model(ctx: RunContext, runner: StageRunner) -> None:
     cfg = ctx.cfg
     task = get_task(cfg.task)
     m = cfg.model
+    if m.source == "gpt2":
+        gpt2 = find_gpt2_small(m.path or None)
+        if gpt2 is None:
+            ctx.log(f"  {missing_message(m.path or None)} Running on a model trained here instead.")
+        else:
+            from circuitkit.tasks.ioi import IOITask
+
+            task = IOITask(tokenizer="gpt2", tokenizer_dir=gpt2)
+            m = dataclasses.replace(m, source="path", path=str(gpt2))
     if m.source == "path":
         src = Path(m.path).expanduser()
         if not src.is_absolute():
@@ -56,7 +66,7 @@ def stage_model(ctx: RunContext, runner: StageRunner) -> None:
             (d / "source.txt").write_text(str(src))
             return {"source": str(src), "metrics": res}
 
-        summary = runner.run("model", {"path": str(src), "quick": cfg.quick}, fn)
+        summary = runner.run("model", {"path": str(src), "quick": cfg.quick, "task": task.describe()}, fn)
         ctx.probed = load_probed(src, task=task, device=ctx.device)
     else:
         tcfg = default_config(task).replace(
@@ -132,6 +142,7 @@ STAGES: list[tuple[str, Callable[[RunContext, StageRunner], None]]] = [
     ("decoder", stage_decoder),
     ("inversions", stage_inversions),
     ("patching", stage_patching),
+    ("groups", stage_groups),
     ("circuit", stage_circuit),
 ]
 
@@ -149,6 +160,7 @@ def run_case(cfg: CaseConfig, out: Path, work: Path, device: str = "cpu", progre
     t0 = time.perf_counter()
     for name, stage in STAGES:
         stage(ctx, runner)
+    ctx.results["claims"] = evaluate_claims(ctx)
     manifest = build_manifest("case_study", cfg.seed, cfg.to_dict(),
                               stage_seconds={k: round(v, 1) for k, v in runner.timings.items()})
     report = build_report(ctx, manifest)
