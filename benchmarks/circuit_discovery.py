@@ -76,8 +76,10 @@ def main() -> None:
     hyp = disc.hypotheses.to_dict()
     # keep the report small: accepted hypotheses with evidence + the best 5 per site
     hyp["hypotheses"] = [h for h in hyp["hypotheses"] if h["accepted"] or h["rank"] <= 5]
+    for h in hyp["hypotheses"]:
+        h["examples"] = h["examples"][:2] if h["rank"] <= 3 else []
     atomic_write_json(out / "hypotheses.json", hyp)
-    ver = disc.verification.to_dict()
+    ver = disc.verification.to_dict(compact=True)  # [mean, CI low, CI high] per answer; small file
     atomic_write_json(out / "verification.json", ver)
     summary = {
         "model": str(args.model), "task": pm.task.name, "model_meta_metrics": _metrics(args.model),

@@ -2,8 +2,9 @@
 
 Flow per site: test every accepted hypothesis alone (necessity + sufficiency).  Features that are
 necessary and sufficient alone are verified.  If some are necessary but none is sufficient alone,
-grow a set from the necessary features (largest effect first) until sources agreeing on the whole
-set leave the output unchanged; the set is then verified jointly.  Every test that verifies is
+grow a set — the necessary features (largest effect first), then the site's other accepted features
+— up to ``max_joint`` until sources agreeing on the whole set leave the output unchanged; the set is
+then verified jointly (its first feature must be necessary).  Every test that verifies is
 repeated under both null controls, and every single-feature test under both as well.
 """
 from __future__ import annotations
@@ -51,7 +52,9 @@ class VerificationReport:
     def controls_verified(self) -> list[Verdict]:
         return [v for v in self.controls if v.verified]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, compact: bool = False) -> dict[str, Any]:
+        """compact: per verdict only the verdict and per-answer effect / change-when-agree / IIA (rounded)."""
+        conv = _compact if compact else (lambda v: v.to_dict())
         return {"task": self.task, "model": self.model, "thresholds": self.thresholds.to_dict(),
                 "thresholds_text": self.thresholds.describe(), "settings": self.settings,
                 "nodes": [n.to_dict() for n in self.nodes],
@@ -59,8 +62,18 @@ class VerificationReport:
                 "controls_summary": {c: {"tested": sum(v.condition == c for v in self.controls),
                                          "verified": sum(v.verified and v.condition == c for v in self.controls)}
                                      for c in CONTROLS},
-                "verdicts": [v.to_dict() for v in self.verdicts],
-                "controls": [v.to_dict() for v in self.controls]}
+                "verdicts": [conv(v) for v in self.verdicts],
+                "controls": [conv(v) for v in self.controls]}
+
+
+def _compact(v: Verdict) -> dict[str, Any]:
+    def est(e) -> list[float] | None:
+        return None if e is None else [round(e.mean, 3), round(e.ci_low, 3), round(e.ci_high, 3)]
+
+    return {"site": v.site, "features": list(v.features), "condition": v.condition, "verified": v.verified,
+            "necessary_targets": v.necessary_targets, "verified_targets": v.verified_targets,
+            "targets": {r.target: {"effect": est(r.effect), "change_agree": est(r.change_agree), "iia": est(r.iia),
+                                   "n": [r.n_differ, r.n_agree]} for r in v.targets}}
 
 
 def _best(v: Verdict) -> tuple[float, float | None]:
@@ -98,8 +111,12 @@ def verify_hypotheses(verifier: InterchangeVerifier, hypotheses: Sequence[Hypoth
                            key=lambda v: -_best(v)[0])
         if alone or not necessary:
             continue
+        # grow a set: necessary features first (largest effect first), then the site's other accepted
+        # features (they may be what the site also carries, breaking sufficiency of the first ones)
+        others = sorted([v for v in singles if not v.necessary_targets],
+                        key=lambda v: -max((r.effect.mean for r in v.targets if r.effect), default=0.0))
         chosen: list[str] = []
-        for v in necessary[:max_joint]:
+        for v in (necessary + others)[:max_joint]:
             chosen.append(v.features[0])
             if len(chosen) < 2:
                 continue
