@@ -4,15 +4,27 @@ Naming: every function patches activations taken from a **source** (a paired inp
 a mean or zeros) into the forward pass of a **base** input and reads a metric on the base's
 answer.  TransformerLens's ``get_act_patch_*`` functions patch the *clean* cache into the
 *corrupted* run: their corrupted tokens are our base, their clean cache is our source.
+
+    patch_nodes(pm, base, ["a1.0@:"], source=src)            node patching (any sites, all at once)
+    sweep(pm, base, "head", source=src)                     every layer x position x head, batched
+    cumulative_patch(pm, base, src, groups)                 the paper's forward/backward tables
+    path_patch(pm, base, src, "a0.1@6", "a1.2", "v")       sender -> receiver input only
+    attribute(pm, base, src)                                gradient screen of all nodes and edges
 """
 from __future__ import annotations
 
-from circuitkit.patching.ablations import ABLATIONS, Ablation
+from circuitkit.patching.ablations import ABLATIONS, Ablation, Patch, build_patches
+from circuitkit.patching.attribution import AttributionResult, attribute
+from circuitkit.patching.groups import CumulativeResult, Group, cumulative_patch
 from circuitkit.patching.metrics import METRICS, MetricContext, metric_context
-from circuitkit.patching.node import NodePatchResult, Patch, patch_nodes, run_with_patches
+from circuitkit.patching.node import NodePatchResult, patch_nodes, run_with_patches
+from circuitkit.patching.path import Receiver, path_patch
 from circuitkit.patching.stats import Estimate, bootstrap_ci, estimate
+from circuitkit.patching.sweep import SWEEP_KINDS, SweepResult, sweep
 
 __all__ = [
-    "ABLATIONS", "Ablation", "METRICS", "MetricContext", "metric_context", "NodePatchResult", "Patch",
-    "patch_nodes", "run_with_patches", "Estimate", "bootstrap_ci", "estimate",
+    "ABLATIONS", "Ablation", "Patch", "build_patches", "AttributionResult", "attribute", "CumulativeResult",
+    "Group", "cumulative_patch", "METRICS", "MetricContext", "metric_context", "NodePatchResult", "patch_nodes",
+    "run_with_patches", "Receiver", "path_patch", "Estimate", "bootstrap_ci", "estimate", "SWEEP_KINDS",
+    "SweepResult", "sweep",
 ]

@@ -18,18 +18,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import math
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from circuitkit.errors import CircuitkitError, choices_hint
 from circuitkit.models.checkpoint import ProbedModel
+from circuitkit.models.runner import GPT2Runner
 from circuitkit.patching.ablations import Ablation, as_ids, check_pairing, get_ablation, resample_sources
 from circuitkit.patching.metrics import MetricContext, evaluate, metric_context
 from circuitkit.patching.node import resid_names
 from circuitkit.patching.stats import bootstrap_ci
-from circuitkit.sites import KINDS
 
 SWEEP_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "resid_pre": ("blocks.{L}.hook_resid_pre", ("layer", "pos")),
@@ -100,6 +103,30 @@ def _cell_pos(kind: str, cells: Tensor) -> Tensor:
     return cells[:, 1] if kind == "pattern" else cells[:, 0]
 
 
+def _last_block_at(runner: GPT2Runner, x: Tensor, t: Tensor) -> Tensor:
+    """The last block and the unembedding for row ``t`` only: x [n, pos, d_model] (the last block's
+    resid_pre), t [n] -> logits [n, 1, vocab].  Same arithmetic as ``GPT2Runner.run``."""
+    w, n = runner.layers[-1], x.shape[0]
+    rows = torch.arange(n, device=x.device)
+    h1 = F.layer_norm(x, (runner.d_model,), w.ln1_w, w.ln1_b, runner.eps)
+    k = torch.einsum("bpd,hde->bphe", h1, w.W_K) + w.b_K  # [n, pos, head, d_head]
+    v = torch.einsum("bpd,hde->bphe", h1, w.W_V) + w.b_V
+    q = torch.einsum("bd,hde->bhe", h1[rows, t], w.W_Q) + w.b_Q  # [n, head, d_head]
+    scores = torch.einsum("bhe,bkhe->bhk", q, k)
+    if runner.scale_attn:
+        scores = scores / math.sqrt(runner.d_head)
+    future = torch.arange(x.shape[1], device=x.device)[None, :] > t[:, None]  # [n, key]
+    scores = scores.masked_fill(future[:, None, :], torch.finfo(scores.dtype).min)
+    z = torch.einsum("bhk,bkhe->bhe", scores.softmax(-1), v)
+    xt = x[rows, t] + torch.einsum("bhe,hed->bd", z, w.W_O) + w.b_O  # [n, d_model]
+    h2 = F.layer_norm(xt, (runner.d_model,), w.ln2_w, w.ln2_b, runner.eps)
+    xt = xt + runner.act_fn(h2 @ w.W_in + w.b_in) @ w.W_out + w.b_out
+    logits = (F.layer_norm(xt, (runner.d_model,), eps=runner.eps) * runner.lnf_w + runner.lnf_b) @ runner.W_U.T
+    if runner.b_U is not None:
+        logits = logits + runner.b_U
+    return logits.unsqueeze(1)
+
+
 def _truncate(kind: str, act: Tensor, n_pos: int) -> Tensor:
     return act[:, :, :n_pos, :n_pos] if kind == "pattern" else act[:, :n_pos]
 
@@ -119,6 +146,30 @@ def _cell_mask(kind: str, cells: Tensor, act_shape: torch.Size, device: torch.de
 def _cell_pos(kind: str, cells: Tensor) -> Tensor:
     """The sequence position each cell patches ([n])."""
     return cells[:, 1] if kind == "pattern" else cells[:, 0]
+
+
+def _last_block_at(runner: GPT2Runner, x: Tensor, t: Tensor) -> Tensor:
+    """The last block and the unembedding for row ``t`` only: x [n, pos, d_model] (the last block's
+    resid_pre), t [n] -> logits [n, 1, vocab].  Same arithmetic as ``GPT2Runner.run``."""
+    w, n = runner.layers[-1], x.shape[0]
+    rows = torch.arange(n, device=x.device)
+    h1 = F.layer_norm(x, (runner.d_model,), w.ln1_w, w.ln1_b, runner.eps)
+    k = torch.einsum("bpd,hde->bphe", h1, w.W_K) + w.b_K  # [n, pos, head, d_head]
+    v = torch.einsum("bpd,hde->bphe", h1, w.W_V) + w.b_V
+    q = torch.einsum("bd,hde->bhe", h1[rows, t], w.W_Q) + w.b_Q  # [n, head, d_head]
+    scores = torch.einsum("bhe,bkhe->bhk", q, k)
+    if runner.scale_attn:
+        scores = scores / math.sqrt(runner.d_head)
+    future = torch.arange(x.shape[1], device=x.device)[None, :] > t[:, None]  # [n, key]
+    scores = scores.masked_fill(future[:, None, :], torch.finfo(scores.dtype).min)
+    z = torch.einsum("bhk,bkhe->bhe", scores.softmax(-1), v)
+    xt = x[rows, t] + torch.einsum("bhe,hed->bd", z, w.W_O) + w.b_O  # [n, d_model]
+    h2 = F.layer_norm(xt, (runner.d_model,), w.ln2_w, w.ln2_b, runner.eps)
+    xt = xt + runner.act_fn(h2 @ w.W_in + w.b_in) @ w.W_out + w.b_out
+    logits = (F.layer_norm(xt, (runner.d_model,), eps=runner.eps) * runner.lnf_w + runner.lnf_b) @ runner.W_U.T
+    if runner.b_U is not None:
+        logits = logits + runner.b_U
+    return logits.unsqueeze(1)
 
 
 def _truncate(kind: str, act: Tensor, n_pos: int) -> Tensor:
@@ -145,7 +196,7 @@ def sweep(
     example, that lies after the example's answer position (causal masking), or that is a
     row-local change (see ``ROW_LOCAL``) in the last block at another row than the answer's,
     leaves that example's metric at its unpatched value and is not run; sequences are cut after
-    the last answer position.  The remaining (cell, example) pairs are run ``max_rows`` at a time, each
+    the last answer position; below the last block, the last block runs for the answer row only.  The remaining (cell, example) pairs are run ``max_rows`` at a time, each
     forward starting at the patched layer from the cached base residual stream.
     """
     if kind not in SWEEP_KINDS:
@@ -197,6 +248,8 @@ def sweep(
             keep &= cpos == t_pos[ex]  # in the last block a row-local change never reaches another row
         work.append((L, ex[keep], cell[keep], src))
     total = sum(int(w[1].numel()) for w in work)
+    last = pm.n_layers - 1
+    last_resid = f"blocks.{last - 1}.hook_resid_post"  # = the last block's resid_pre
     bar = tqdm(total=total, desc=f"sweep {kind}", unit="patch", disable=not progress, leave=False)
     for L, ex_all, cell_all, src in work:
         resid_all = base_cache[f"blocks.{L}.hook_resid_pre"][:, :n_keep]
@@ -208,16 +261,17 @@ def sweep(
             def patch(act: Tensor, rows_src: Tensor = rows_src, mask: Tensor = mask) -> Tensor:
                 return torch.where(mask, rows_src, act)
 
-            logits, _ = runner.run(ids_cut[ex], hooks={hooks[L]: patch}, start_at_layer=L, resid=resid_all[ex])
-            rows_ctx = MetricContext(t_pos[ex], ctx_dev.answer[ex], None if ctx_dev.wrong is None else ctx_dev.wrong[ex],
+            if L < last:  # patched block(s) in full, then the last block for the answer row only
+                _, c = runner.run(ids_cut[ex], hooks={hooks[L]: patch}, cache=[last_resid], stop_at_layer=last,
+                                  start_at_layer=L, resid=resid_all[ex])
+                logits, read_at = _last_block_at(runner, c[last_resid], t_pos[ex]), torch.zeros_like(ex)
+            else:
+                logits, _ = runner.run(ids_cut[ex], hooks={hooks[L]: patch}, start_at_layer=L, resid=resid_all[ex])
+                read_at = t_pos[ex]
+            rows_ctx = MetricContext(read_at, ctx_dev.answer[ex], None if ctx_dev.wrong is None else ctx_dev.wrong[ex],
                                      None if ctx_dev.clean_logprobs is None else ctx_dev.clean_logprobs[ex], ctx.target)
             vals = evaluate(metric, logits, rows_ctx)[0].cpu()
             out[(torch.full_like(ex, L).cpu(), *cell.cpu().unbind(1), ex.cpu())] = vals
             bar.update(int(ex.numel()))
     bar.close()
     return SweepResult(kind, axes, out, base_vals, metric, ab.value, ctx)
-
-
-def site_kind_for(kind: str) -> str:
-    """The ``Site`` kind a sweep kind patches (for labelling cells as sites)."""
-    return {"head": "head"}.get(kind, kind if kind in KINDS else kind)
