@@ -196,8 +196,9 @@ def sweep(
     example, that lies after the example's answer position (causal masking), or that is a
     row-local change (see ``ROW_LOCAL``) in the last block at another row than the answer's,
     leaves that example's metric at its unpatched value and is not run; sequences are cut after
-    the last answer position; below the last block, the last block runs for the answer row only.  The remaining (cell, example) pairs are run ``max_rows`` at a time, each
-    forward starting at the patched layer from the cached base residual stream.
+    the last answer position.  The remaining (cell, example) pairs run ``max_rows`` at a time,
+    each forward starting at the patched layer from the cached base residual stream; when the
+    patched layer is not the last, the last block runs for the answer row only.
     """
     if kind not in SWEEP_KINDS:
         raise CircuitkitError(f"unknown sweep kind {kind!r}; valid: {choices_hint(SWEEP_KINDS)}")
