@@ -41,6 +41,16 @@ def routing_table(nodes, graph) -> list[dict]:
     return rows
 
 
+def slim_verification(ver: dict) -> dict:
+    """Controls keep their verdict and largest necessity effect only (their summary is in the file too)."""
+    def slim(c: dict) -> dict:
+        effs = [t["effect"][0] for t in c["targets"].values() if t["effect"]]
+        return {"site": c["site"], "features": c["features"], "condition": c["condition"], "verified": c["verified"],
+                "max_effect": max(effs, default=None)}
+
+    return {**ver, "controls": [slim(c) for c in ver["controls"]]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
@@ -79,7 +89,7 @@ def main() -> None:
     for h in hyp["hypotheses"]:
         h["examples"] = h["examples"][:2] if h["rank"] <= 3 else []
     atomic_write_json(out / "hypotheses.json", hyp)
-    ver = disc.verification.to_dict(compact=True)  # [mean, CI low, CI high] per answer; small file
+    ver = slim_verification(disc.verification.to_dict(compact=True))  # [mean, CI low, CI high] per answer
     atomic_write_json(out / "verification.json", ver)
     summary = {
         "model": str(args.model), "task": pm.task.name, "model_meta_metrics": _metrics(args.model),

@@ -14,7 +14,7 @@ def layout(g: nx.DiGraph) -> dict[str, tuple[float, float]]:
     pos = {}
     for (x, y), ns in slots.items():
         for i, n in enumerate(sorted(ns)):
-            pos[n] = (x + 0.28 * (i - (len(ns) - 1) / 2), float(y))
+            pos[n] = (x + 0.6 * (i - (len(ns) - 1) / 2), float(y))
     return pos
 
 
@@ -27,19 +27,19 @@ def draw_circuit(g: nx.DiGraph, path: str | Path, title: str | None = None) -> N
     pos = layout(g)
     xs = [p[0] for p in pos.values()] or [0]
     ys = [p[1] for p in pos.values()] or [0]
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * (max(xs) - min(xs) + 2)), max(4, 1.1 * (max(ys) - min(ys) + 2))))
+    fig, ax = plt.subplots(figsize=(max(6, 2.0 * (max(xs) - min(xs) + 2)), max(4, 1.6 * (max(ys) - min(ys) + 2))))
     colours = ["#f6d6a8" if g.nodes[n].get("kind") == "output" else "#cfe3f7" for n in g.nodes]
     labels = {}
     for n, d in g.nodes(data=True):
         feats = d.get("features") or []
         labels[n] = n if d.get("kind") == "output" else f"{n}\n{' + '.join(feats)}"
-    nx.draw_networkx_nodes(g, pos, ax=ax, node_color=colours, node_size=2600, node_shape="s", edgecolors="#555")
-    nx.draw_networkx_labels(g, pos, labels, ax=ax, font_size=7)
+    nx.draw_networkx_nodes(g, pos, ax=ax, node_color=colours, node_size=2000, node_shape="s", edgecolors="#555")
+    nx.draw_networkx_labels(g, pos, labels, ax=ax, font_size=6)
     solid = [(a, b) for a, b, d in g.edges(data=True) if d.get("kind") != "output"]
     dashed = [(a, b) for a, b, d in g.edges(data=True) if d.get("kind") == "output"]
-    nx.draw_networkx_edges(g, pos, edgelist=solid, ax=ax, arrows=True, arrowsize=14, node_size=2600)
+    nx.draw_networkx_edges(g, pos, edgelist=solid, ax=ax, arrows=True, arrowsize=14, node_size=2000)
     nx.draw_networkx_edges(g, pos, edgelist=dashed, ax=ax, arrows=True, arrowsize=12, style="dashed",
-                           edge_color="#a0522d", node_size=2600)
+                           edge_color="#a0522d", node_size=2000)
     elabels = {(a, b): f"{d.get('feature', '')}" for a, b, d in g.edges(data=True) if d.get("kind") != "output"}
     nx.draw_networkx_edge_labels(g, pos, elabels, ax=ax, font_size=6)
     ax.set_xlabel("input position")

@@ -176,7 +176,7 @@ def build_circuit(verifier: InterchangeVerifier, nodes: Sequence[VerifiedNode], 
         for t in d["targets"]:
             out = f"out:{t}"
             if not g.has_node(out):
-                tpos = next((x.position for x in verifier.targets[0] if x.name == t), -1)
+                tpos = next((x.position for ts in verifier.targets for x in ts if x.name == t), -1)
                 g.add_node(out, kind="output", site_kind="output", layer=verifier.pm.n_layers, head=-1,
                            position=t, index=tpos, depth=last, features=[], targets=[t], effect=0.0, iia=-1.0,
                            joint=False)
