@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from circuitkit.errors import CircuitkitError
-from circuitkit.patching.counting_table import PAPER, contrast_pairs, counting_table, paper_groups, write_table
+from circuitkit.patching.counting_table import (PAPER, contrast_pairs, counting_table, paper_groups, to_markdown,
+                                                write_table)
 from circuitkit.patching.groups import Group, cumulative_patch
 from circuitkit.patching.node import patch_nodes
 
@@ -34,6 +35,7 @@ def test_counting_table_structure_and_consistency(tiny_counting_model, table, tm
     assert any(s.index("|") != b.index("|") for b, s in zip(base, src))  # R really mixes lengths
     assert all(3 < b.index("|") - 1 < 27 for b in base)
     assert all(b[b.index(":") + 1] != s[s.index(":") + 1] for b, s in zip(base, src))
+    print(to_markdown(table, "tiny fixture model (briefly trained; not the paper's numbers)"))  # pytest -s shows it
     data = write_table(table, tmp_path)
     md = (tmp_path / "counting_patch_table.md").read_text()
     assert "| R |" in md and "| F |" in md and f"({PAPER['R']['clean']:.2f})" in md
