@@ -88,12 +88,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("circuitkit: interrupted", file=sys.stderr)
         return 130
-    if want_json:
-        print(json.dumps(out.data, indent=2, default=str))
-    elif out.text is not None:
-        print(out.text)
-    else:
-        print(json.dumps(out.data, indent=2, default=str))
+    text = out.text if (out.text is not None and not want_json) else json.dumps(out.data, indent=2, default=str)
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # e.g. piped into `head`: not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -193,7 +193,9 @@ def manifest_section(report: Report, manifest: dict[str, Any]) -> None:
     rows = [["seed", manifest["seed"]], ["git commit", manifest["git_commit"]], ["python", manifest["python"]],
             ["created", manifest["created"]]]
     rows += [[f"version: {k}", v] for k, v in manifest["versions"].items()]
-    rows += [[f"stage time: {k} (s)", v] for k, v in manifest.get("stage_seconds", {}).items()]
+    cached = set(manifest.get("stages_cached", []))
+    rows += [[f"stage time: {k} (s)", f"{v}{' (computed in an earlier run, reused)' if k in cached else ''}"]
+             for k, v in manifest.get("stage_seconds", {}).items()]
     s.add(Table(["field", "value"], rows))
     s.add("The full configuration is in `manifest.json` next to this report.")
 

@@ -162,13 +162,15 @@ def run_case(cfg: CaseConfig, out: Path, work: Path, device: str = "cpu", progre
         stage(ctx, runner)
     ctx.results["claims"] = evaluate_claims(ctx)
     manifest = build_manifest("case_study", cfg.seed, cfg.to_dict(),
-                              stage_seconds={k: round(v, 1) for k, v in runner.timings.items()})
+                              stage_seconds={k: round(v, 1) for k, v in runner.timings.items()},
+                              stages_cached=runner.cached)
     report = build_report(ctx, manifest)
     attachments = sorted((work / "circuit").glob("circuit.*")) if (work / "circuit").exists() else []
     write_report(report, out, manifest, ctx.results, attachments)
     total = time.perf_counter() - t0
     log(f"report written to {out / 'index.html'} and {out / 'report.md'} ({total:.0f} s)")
-    return {"out": str(out), "seconds": round(total, 1), "stages": runner.timings, "results": _brief(ctx.results)}
+    return {"out": str(out), "seconds": round(total, 1), "stages": runner.timings, "cached": runner.cached,
+            "results": _brief(ctx.results)}
 
 
 def _brief(results: dict[str, Any]) -> dict[str, Any]:

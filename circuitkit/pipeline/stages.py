@@ -29,7 +29,8 @@ class StageRunner:
     log: Callable[[str], None] = print
     keys: dict[str, str] = field(default_factory=dict)
     summaries: dict[str, dict[str, Any]] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds each stage took when computed
+    cached: list[str] = field(default_factory=list)  # stages reused from an earlier run
 
     def run(self, name: str, key_parts: Any, fn: StageFn, depends: tuple[str, ...] = ()) -> dict[str, Any]:
         key = stage_key(key_parts, [self.keys[d] for d in depends])
@@ -40,7 +41,8 @@ class StageRunner:
             if meta.get("key") == key:
                 self.log(f"[{name}] cached ({meta.get('seconds', 0):.0f} s when computed)")
                 self.keys[name], self.summaries[name] = key, meta["summary"]
-                self.timings[name] = 0.0
+                self.timings[name] = meta.get("seconds", 0.0)
+                self.cached.append(name)
                 return meta["summary"]
         self.log(f"[{name}] running ...")
         t0 = time.perf_counter()
