@@ -27,7 +27,9 @@ def test_generic_and_positional_features():
     toks = task.tokens("B615+861=1476E")
     assert feats["tok@3"](toks) == "5" and feats["F3"](toks) == 5
     assert feats["tok@p-1"](toks, 9) == "=" and feats["tok@p"](toks, 9) == "1"
-    assert feats["count(tok@p)"](toks, 1) == 3  # "6" occurs three times
+    assert feats["count(tok@p)"](toks, 6) == 2  # the second "6" by position 6 ...
+    assert feats["count(6)"](toks, 8) == 2 and feats["count(6)"](toks, 13) == 3  # ... counts stop at p
+    assert feats["length"](toks, 8) == 8 and feats["length"](toks, 13) == 12  # BOS/EOS are not counted
     assert feats["eq@1,6"](toks) is True and feats["eq@1,2"](toks) is False
     assert feats["carry(1)"](toks) == 1 and feats["carry(2)"](toks) == 0 and feats["carry(3)"](toks) == 0
     assert feats["tok@p-3"](toks, 1) is None  # before the start: undefined, not wrapped around

@@ -8,10 +8,10 @@ Two kinds of feature:
   the site was read (for a query) or where a preimage sample matched the query (the argmin of
   the InversionView distance).  ``tok@p-1`` is "the token just before the matched position".
 
-Generic features come free for every task (``generic_features``): the token at each absolute
-position, the token at the matched position ± k, the count of each token, the count of the
-token at the matched position, the length, and equality of two absolute positions (short
-sequences only).  Tasks add their own and compositions (carries, digit sums) in
+Generic features come free for every task: the token at each absolute position and equality of
+two absolute positions (short sequences only) (``generic_features``); the token at the matched
+position ± k, the count of that token, and the length and count of each token up to the position
+(``positional_features``).  Tasks add their own and compositions (carries, digit sums) in
 ``Task.task_features``.
 
 ``FeatureTable`` evaluates many features on many (input, position) items once and stores
@@ -67,21 +67,15 @@ def token_at(tokens: Tokens, k: int) -> str | None:
     return tokens[k] if 0 <= k < len(tokens) else None
 
 
-def _length(task: "Task"):
-    specials = {task.vocab.bos, task.vocab.eos, task.vocab.pad}
-    return lambda t: sum(1 for x in t if x not in specials)
-
-
 def generic_features(task: "Task") -> list[Feature]:
-    """Input-only generic features: length, token at each absolute position, token counts, equalities."""
-    feats = [Feature("length", _length(task), "number of non-special tokens")]
+    """Input-only generic features: the token at each absolute position and equality of two positions.
+
+    (Length and token counts are positional: they count up to the site's position, see
+    ``positional_features``, so a site is never credited with tokens it cannot have seen.)
+    """
+    feats = []
     for k in range(task.seq_len):
         feats.append(Feature(f"tok@{k}", lambda t, k=k: token_at(t, k), f"the token at absolute position {k}"))
-    specials = {task.vocab.bos, task.vocab.eos, task.vocab.pad}
-    if len(task.vocab) <= 64:  # counting a token is only meaningful for small symbolic vocabularies
-        for tok in task.vocab.tokens:
-            if tok not in specials:
-                feats.append(Feature(f"count({tok})", lambda t, tok=tok: list(t).count(tok), f"occurrences of {tok!r}"))
     if task.seq_len <= MAX_EQ_SEQ_LEN:
         for i in range(1, task.seq_len):
             for j in range(i + 1, task.seq_len):
@@ -95,15 +89,31 @@ def _eq(t: Tokens, i: int, j: int) -> bool | None:
     return None if a is None or b is None else a == b
 
 
+def _upto(t: Tokens, p: int) -> list[str]:
+    if not 0 <= p < len(t):
+        raise IndexError(p)
+    return list(t[: p + 1])
+
+
 def positional_features(task: "Task") -> list[PositionalFeature]:
-    """Generic features of the matched position p: tok@p±k, count(tok@p), and p itself."""
+    """Generic features of the position p (the site's position for a query, the matched position for a
+    preimage sample): tok@p±k, count(tok@p), p itself, and — counted over tokens 0..p only —
+    the length and the count of each token."""
+    specials = {task.vocab.bos, task.vocab.eos, task.vocab.pad}
     feats = []
     for k in RELATIVE_OFFSETS:
         name = "tok@p" if k == 0 else f"tok@p{k:+d}"
         feats.append(PositionalFeature(name, lambda t, p, k=k: token_at(t, p + k), f"the token at the matched position {k:+d}"))
-    feats.append(PositionalFeature("count(tok@p)", lambda t, p: list(t).count(t[p]),
-                                   "how often the token at the matched position occurs"))
+    feats.append(PositionalFeature("count(tok@p)", lambda t, p: _upto(t, p).count(t[p]),
+                                   "occurrences of the token at p among tokens 0..p"))
     feats.append(PositionalFeature("p", lambda t, p: p, "the matched position itself"))
+    feats.append(PositionalFeature("length", lambda t, p: sum(1 for x in _upto(t, p) if x not in specials),
+                                   "non-special tokens among tokens 0..p"))
+    if len(task.vocab) <= 64:  # counting a token is only meaningful for small symbolic vocabularies
+        for tok in task.vocab.tokens:
+            if tok not in specials:
+                feats.append(PositionalFeature(f"count({tok})", lambda t, p, tok=tok: _upto(t, p).count(tok),
+                                               f"occurrences of {tok!r} among tokens 0..p"))
     return feats
 
 

@@ -42,6 +42,7 @@ class Hypothesis:
     n_baseline: int
     accepted: bool
     aliases: tuple[str, ...] = ()
+    implied_by: str = ""  # an accepted feature at the same site that determines this one at least as well
     rank: int = 0
     examples: tuple[Example, ...] = ()
 
@@ -77,7 +78,8 @@ class Thresholds:
 
     def describe(self) -> str:
         return (f"accepted when BH q <= {self.fdr}, kappa = (agreement - baseline)/(1 - baseline) >= "
-                f"{self.min_kappa}, lift >= {self.min_lift}, "
+                f"{self.min_kappa}, lift >= {self.min_lift}, not implied by a feature accepted at the site with at "
+                f"least the same kappa, "
                 f"and >= {self.min_queries} queries have preimage members; p from a one-sided sign test over "
                 f"queries (member agreement > baseline agreement)")
 

@@ -224,6 +224,7 @@ def generate_hypotheses(
     extra = task.generate(random.Random(20_000 + seed), alias_inputs)
 
     raw: list[tuple[Site, dict, list[str], list[QueryPreimage]]] = []
+    site_codes: dict[str, np.ndarray] = {}
     coverage: dict[str, float] = {}
     for site in sites:
         qps = source.preimages(site, queries)
@@ -242,6 +243,7 @@ def generate_hypotheses(
         keep = [fi for fi, n in enumerate(encoder.names) if not reads_beyond(n, max_pos)]
         groups = alias_groups(codes[keep], [encoder.names[k] for k in keep], task_names)
         cand = [encoder.names.index(n) for n in groups]
+        site_codes[str(site)] = codes
         for row in score_site(encoder, site, qps, cand):
             raw.append((site, row, groups[encoder.names[row["fi"]]], qps))
     if not raw:
@@ -254,12 +256,15 @@ def generate_hypotheses(
         accepted = bool(q <= thresholds.fdr and r["kappa"] >= thresholds.min_kappa
                         and r["lift"] >= thresholds.min_lift and r["nq"] >= thresholds.min_queries)
         h = Hypothesis(str(site), encoder.names[r["fi"]], round(r["agreement"], 4), round(r["baseline"], 4),
-                       round(r["lift"], 3), round(r["kappa"], 4), float(r["p"]), float(q), r["nq"], r["n_m"], r["n_b"], accepted,
-                       tuple(aliases), 0, _examples(encoder, r["fi"], qps, n_examples) if accepted else ())
+                       round(r["lift"], 3), round(r["kappa"], 4), float(r["p"]), float(q), r["nq"], r["n_m"], r["n_b"],
+                       accepted, aliases=tuple(aliases),
+                       examples=_examples(encoder, r["fi"], qps, n_examples) if accepted else ())
         hyps_by_site.setdefault(str(site), []).append(h)
     out: list[Hypothesis] = []
     for site in sites:
         hs = hyps_by_site.get(str(site), [])
+        hs.sort(key=lambda h: (not h.accepted, -h.kappa, h.p_value, h.feature))
+        hs = _prune_implied(hs, site_codes.get(str(site)), encoder)
         hs.sort(key=lambda h: (not h.accepted, -h.kappa, h.p_value, h.feature))
         acc = [h for h in hs if h.accepted]
         rej = [h for h in hs if not h.accepted][:keep_rejected]
@@ -270,6 +275,41 @@ def generate_hypotheses(
                 "fdr_method": "Benjamini-Hochberg (scipy.stats.false_discovery_control)"}
     return HypothesisReport(task.name, model_name, getattr(source, "name", "?"), source.eps, thresholds, out,
                             coverage, len(raw), settings)
+
+
+def is_function_of(f_row: np.ndarray, g_row: np.ndarray) -> bool:
+    """Whether f's value is determined by g's on these items (every defined g-code maps to one f-code)."""
+    seen: dict[int, int] = {}
+    for g, f in zip(g_row.tolist(), f_row.tolist()):
+        if g < 0:
+            continue
+        if seen.setdefault(g, f) != f:
+            return False
+    return True
+
+
+def _prune_implied(hs: list[Hypothesis], codes: np.ndarray | None, encoder: FeatureEncoder) -> list[Hypothesis]:
+    """Un-accept features that are functions of an accepted feature with at least their kappa (e.g.
+    ``count(a)`` up to position 1 is a function of ``tok@1``): the finer feature explains the preimage."""
+    from dataclasses import replace
+
+    if codes is None:
+        return hs
+    kept: list[Hypothesis] = []
+    out = []
+    n_values = {h.feature: np.unique(codes[encoder.names.index(h.feature)]).size for h in hs}
+    hs = sorted(hs, key=lambda h: (not h.accepted, -h.kappa, -n_values[h.feature], h.feature))
+    for h in hs:  # accepted first; best kappa first, finer partitions first among equals
+        if h.accepted:
+            fi = encoder.names.index(h.feature)
+            by = next((g for g in kept if g.kappa >= h.kappa - 1e-9
+                       and is_function_of(codes[fi], codes[encoder.names.index(g.feature)])), None)
+            if by is not None:
+                h = replace(h, accepted=False, implied_by=by.feature, examples=())
+            else:
+                kept.append(h)
+        out.append(h)
+    return out
 
 
 def _with_rank(h: Hypothesis, rank: int) -> Hypothesis:
@@ -288,6 +328,7 @@ def format_report(rep: HypothesisReport, top: int = 5) -> str:
         for h in hs[:top]:
             mark = "ACCEPT" if h.accepted else "      "
             al = f"  (= {', '.join(h.aliases[:3])})" if h.aliases else ""
+            al += f"  [implied by {h.implied_by}]" if h.implied_by else ""
             lines.append(f"  {h.rank:>2}. {mark} {h.feature:<14} kappa {h.kappa:5.2f}  agree {h.agreement:.2f} vs "
                          f"{h.baseline:.2f}  lift {h.lift:5.2f}  q {h.q_value:.1e}  n_q {h.n_queries}{al}")
     return "\n".join(lines)
