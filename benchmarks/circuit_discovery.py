@@ -42,13 +42,15 @@ def routing_table(nodes, graph) -> list[dict]:
 
 
 def slim_verification(ver: dict) -> dict:
-    """Controls keep their verdict and largest necessity effect only (their summary is in the file too)."""
+    """Controls and tests that were not necessary anywhere keep their verdict and largest necessity
+    effect only (the control summary is in the file too)."""
     def slim(c: dict) -> dict:
         effs = [t["effect"][0] for t in c["targets"].values() if t["effect"]]
         return {"site": c["site"], "features": c["features"], "condition": c["condition"], "verified": c["verified"],
                 "max_effect": max(effs, default=None)}
 
-    return {**ver, "controls": [slim(c) for c in ver["controls"]]}
+    return {**ver, "controls": [slim(c) for c in ver["controls"]],
+            "verdicts": [v if v["necessary_targets"] else slim(v) for v in ver["verdicts"]]}
 
 
 def main() -> None:
