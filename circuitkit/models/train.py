@@ -62,7 +62,7 @@ class TrainConfig:
 
 #: defaults per task: the paper's architectures, with a CPU-sized optimisation budget
 DEFAULTS: dict[str, TrainConfig] = {
-    "counting": TrainConfig(n_layer=2, n_head=1, d_model=64, batch_size=128, lr=3e-3, steps=16000, checkpoint_every=1000,
+    "counting": TrainConfig(n_layer=2, n_head=1, d_model=64, batch_size=128, lr=1e-3, steps=12000, checkpoint_every=1000,
                             bucket_by_length=False),
     "addition": TrainConfig(n_layer=2, n_head=4, d_model=32, batch_size=256, lr=3e-3, steps=12000, checkpoint_every=1000,
                             bucket_by_length=False),

@@ -131,51 +131,6 @@ def _truncate(kind: str, act: Tensor, n_pos: int) -> Tensor:
     return act[:, :, :n_pos, :n_pos] if kind == "pattern" else act[:, :n_pos]
 
 
-def _cell_mask(kind: str, cells: Tensor, act_shape: torch.Size, device: torch.device) -> Tensor:
-    """Bool [n, *act_shape[1:-1], 1] marking row i's patched cell ``cells[i]`` (broadcast over features)."""
-    n = cells.shape[0]
-    ar = torch.arange(n, device=device)
-    m = torch.zeros(n, *act_shape[1:-1], 1, dtype=torch.bool, device=device)
-    if cells.shape[1] == 2:  # (pos, head) for [b, pos, head, d]; (head, dest) for pattern [b, head, q, key]
-        m[ar, cells[:, 0], cells[:, 1]] = True
-    else:  # (pos,) for [b, pos, d]
-        m[ar, cells[:, 0]] = True
-    return m
-
-
-def _cell_pos(kind: str, cells: Tensor) -> Tensor:
-    """The sequence position each cell patches ([n])."""
-    return cells[:, 1] if kind == "pattern" else cells[:, 0]
-
-
-def _last_block_at(runner: GPT2Runner, x: Tensor, t: Tensor) -> Tensor:
-    """The last block and the unembedding for row ``t`` only: x [n, pos, d_model] (the last block's
-    resid_pre), t [n] -> logits [n, 1, vocab].  Same arithmetic as ``GPT2Runner.run``."""
-    w, n = runner.layers[-1], x.shape[0]
-    rows = torch.arange(n, device=x.device)
-    h1 = F.layer_norm(x, (runner.d_model,), w.ln1_w, w.ln1_b, runner.eps)
-    k = torch.einsum("bpd,hde->bphe", h1, w.W_K) + w.b_K  # [n, pos, head, d_head]
-    v = torch.einsum("bpd,hde->bphe", h1, w.W_V) + w.b_V
-    q = torch.einsum("bd,hde->bhe", h1[rows, t], w.W_Q) + w.b_Q  # [n, head, d_head]
-    scores = torch.einsum("bhe,bkhe->bhk", q, k)
-    if runner.scale_attn:
-        scores = scores / math.sqrt(runner.d_head)
-    future = torch.arange(x.shape[1], device=x.device)[None, :] > t[:, None]  # [n, key]
-    scores = scores.masked_fill(future[:, None, :], torch.finfo(scores.dtype).min)
-    z = torch.einsum("bhk,bkhe->bhe", scores.softmax(-1), v)
-    xt = x[rows, t] + torch.einsum("bhe,hed->bd", z, w.W_O) + w.b_O  # [n, d_model]
-    h2 = F.layer_norm(xt, (runner.d_model,), w.ln2_w, w.ln2_b, runner.eps)
-    xt = xt + runner.act_fn(h2 @ w.W_in + w.b_in) @ w.W_out + w.b_out
-    logits = (F.layer_norm(xt, (runner.d_model,), eps=runner.eps) * runner.lnf_w + runner.lnf_b) @ runner.W_U.T
-    if runner.b_U is not None:
-        logits = logits + runner.b_U
-    return logits.unsqueeze(1)
-
-
-def _truncate(kind: str, act: Tensor, n_pos: int) -> Tensor:
-    return act[:, :, :n_pos, :n_pos] if kind == "pattern" else act[:, :n_pos]
-
-
 @torch.no_grad()
 def sweep(
     pm: ProbedModel,

@@ -6,33 +6,10 @@ when f agrees) is bootstrapped here with both samples resampled independently.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import numpy as np
 from scipy import stats as sps
 
-try:  # the patching engine's estimator (same CI method everywhere)
-    from circuitkit.patching.stats import Estimate, estimate
-except ImportError:  # pragma: no cover - fallback while the patching package is absent
-    @dataclass(frozen=True)
-    class Estimate:  # type: ignore[no-redef]
-        mean: float
-        ci_low: float
-        ci_high: float
-        n: int
-        confidence: float = 0.95
-
-        def to_dict(self) -> dict:
-            return asdict(self)
-
-    def estimate(values, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0):  # type: ignore[no-redef]
-        x = np.asarray(values, dtype=float)
-        if x.size < 2 or np.ptp(x) == 0:
-            return Estimate(float(x.mean()), float(x.mean()), float(x.mean()), int(x.size), confidence)
-        r = sps.bootstrap((x,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
-                          method="percentile", random_state=np.random.default_rng(seed))
-        return Estimate(float(x.mean()), float(r.confidence_interval.low), float(r.confidence_interval.high),
-                        int(x.size), confidence)
+from circuitkit.patching.stats import Estimate, estimate  # one CI method everywhere
 
 
 def diff_estimate(x: np.ndarray, y: np.ndarray, confidence: float = 0.95, n_resamples: int = 2000,
