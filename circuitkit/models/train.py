@@ -66,7 +66,8 @@ DEFAULTS: dict[str, TrainConfig] = {
                             bucket_by_length=False),
     "addition": TrainConfig(n_layer=2, n_head=4, d_model=32, batch_size=256, lr=3e-3, steps=12000, checkpoint_every=1000,
                             bucket_by_length=False),
-    "ioi": TrainConfig(n_layer=2, n_head=4, d_model=64, batch_size=128, lr=2e-3, steps=3000),
+    "ioi": TrainConfig(n_layer=2, n_head=4, d_model=64, batch_size=256, lr=1e-3, steps=4000, warmup=50,
+                       bucket_by_length=False),
 }
 
 
