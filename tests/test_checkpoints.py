@@ -118,3 +118,18 @@ def test_console_script_exit_code(tmp_path):
     r = subprocess.run([sys.executable, "-m", "circuitkit.cli", "model", "eval", str(tmp_path / "none")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "does not exist" in r.stderr
+
+
+def test_init_from_continues_from_a_checkpoint(tiny_counting_model, tmp_path):
+    task = get_task("counting")
+    cfg = TrainConfig(n_layer=2, n_head=1, d_model=64, steps=2, batch_size=8, lr=1e-9, warmup=1, eval_limit=20,
+                      init_from=str(tiny_counting_model.path))
+    train_probed(task, tmp_path / "cont", cfg, progress=False)
+    a = tiny_counting_model.hf_model.state_dict()
+    b = load_probed(tmp_path / "cont").hf_model.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    man = json.loads((tmp_path / "cont" / "manifest.json").read_text())
+    assert man["config"]["init_from"] == str(tiny_counting_model.path) and man["init_from_manifest"]["seed"] == 0
+    with pytest.raises(CircuitkitError, match="another architecture"):
+        train_probed(task, tmp_path / "bad", cfg.replace(d_model=32, init_from=str(tiny_counting_model.path)),
+                     progress=False)

@@ -24,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--seed", type=int)
     tr.add_argument("--eval-limit", type=int, help="held-out examples to evaluate at the end (default 20000)")
     tr.add_argument("--threads", type=int, help="torch CPU threads")
+    tr.add_argument("--init-from", help="start from this checkpoint's weights (same architecture; fresh schedule)")
     tr.add_argument("--device", default="cpu", help="cpu or cuda")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(handler=_train)
@@ -52,6 +53,7 @@ def _train(args: argparse.Namespace) -> Output:
     cfg = default_config(task).replace(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, n_layer=args.n_layer, n_head=args.n_head,
         d_model=args.d_model, seed=args.seed, eval_limit=args.eval_limit, threads=args.threads,
+        init_from=args.init_from,
     )
     for name in ("steps", "batch_size", "n_layer", "n_head", "d_model"):
         if getattr(cfg, name) <= 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import itertools
+import json
 import math
 import random
 import shutil
@@ -52,6 +53,7 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None
     bucket_by_length: bool = True  # same-length batches with padding trimmed (faster); False = uniform batches
+    init_from: str | None = None  # continue from this checkpoint's weights (same architecture), fresh schedule
 
     def replace(self, **kw: Any) -> "TrainConfig":
         unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
@@ -163,6 +165,15 @@ def train_probed(task: Task, out: str | Path, cfg: TrainConfig | None = None, pr
     state_file = partial / "train_state.pt"
     rng = seed_everything(cfg.seed)
     model = build_model(task, cfg).to(device)
+    if cfg.init_from:
+        from circuitkit.models.checkpoint import load_probed
+
+        start = load_probed(cfg.init_from, task=task)
+        try:
+            model.load_state_dict(start.hf_model.state_dict())
+        except RuntimeError as e:
+            raise CircuitkitError(f"--init-from {cfg.init_from!r} has another architecture than the one requested: "
+                                  f"{str(e).splitlines()[0]}") from None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     step, elapsed, history = 0, 0.0, []
     if state_file.exists():
@@ -231,7 +242,11 @@ def train_probed(task: Task, out: str | Path, cfg: TrainConfig | None = None, pr
         save_probed(model, task, tmp)
         atomic_write_json(tmp / "metrics.json", metrics)
         atomic_write_json(tmp / "train_history.json", history)
-        write_manifest(tmp, "probed_model", cfg.seed, {"task": task.name, **dataclasses.asdict(cfg)})
+        extra = {}
+        if cfg.init_from:
+            src_man = Path(cfg.init_from) / "manifest.json"
+            extra["init_from_manifest"] = json.loads(src_man.read_text()) if src_man.exists() else None
+        write_manifest(tmp, "probed_model", cfg.seed, {"task": task.name, **dataclasses.asdict(cfg)}, **extra)
     shutil.rmtree(partial, ignore_errors=True)
     return metrics
 
