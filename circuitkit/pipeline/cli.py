@@ -12,8 +12,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = add_common(sub.add_parser("run", help="run a case study end to end (model -> ... -> report)"))
     p.add_argument("case", help=f"case study name ({', '.join(available_cases())}) or a path to a .toml file")
     p.add_argument("--quick", action="store_true", help="small settings: minutes on 2 CPU cores")
-    p.add_argument("--out", help="report directory (default: reports/CASE, or reports/CASE-quick with --quick)")
-    p.add_argument("--work", help="stage cache directory (default: runs/CASE[-quick]); rerun to resume")
+    p.add_argument("--out", help="report directory (default: ./reports/CASE, or ./reports/CASE-quick with --quick)")
+    p.add_argument("--work", help="stage cache directory (default: ./runs/CASE[-quick]); rerun to resume")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -24,12 +24,12 @@ def _run(args: argparse.Namespace) -> Output:
     import sys
 
     from circuitkit.pipeline.config import load_case
-    from circuitkit.pipeline.run import REPO_ROOT, run_case
+    from circuitkit.pipeline.run import run_case
 
     cfg = load_case(args.case, quick=args.quick)
     suffix = "-quick" if args.quick else ""
-    out = Path(args.out) if args.out else REPO_ROOT / "reports" / f"{cfg.name}{suffix}"
-    work = Path(args.work) if args.work else REPO_ROOT / "runs" / f"{cfg.name}{suffix}"
+    out = Path(args.out) if args.out else Path("reports") / f"{cfg.name}{suffix}"
+    work = Path(args.work) if args.work else Path("runs") / f"{cfg.name}{suffix}"
     log = (lambda m: print(m, file=sys.stderr)) if args.json else print
     res = run_case(cfg, out, work, device=args.device, progress=not args.quiet, log=log, threads=args.threads)
     return Output(res, f"done: {res['out']}/index.html ({res['seconds']:.0f} s)")

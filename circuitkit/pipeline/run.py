@@ -1,5 +1,5 @@
 """``circuitkit run CASE``: model -> decoder -> inversions -> patching -> hypotheses ->
-verification -> circuit -> report, each stage cached under ``<out>/stages/``."""
+verification -> circuit -> report, each stage cached in the work directory (``runs/CASE``)."""
 from __future__ import annotations
 
 import dataclasses
@@ -28,7 +28,7 @@ class RunContext:
     """Everything a stage needs: the config, where artifacts go, and the loaded objects."""
 
     cfg: CaseConfig
-    work: Path  # <out>/stages
+    work: Path  # stage cache directory
     device: str
     progress: bool
     log: Callable[[str], None]
