@@ -60,14 +60,14 @@ def stage_model(ctx: RunContext, runner: StageRunner) -> None:
         if not src.is_absolute():
             src = REPO_ROOT / src
 
+        ctx.probed = pm = load_probed(src, task=task, device=ctx.device)
+
         def fn(d: Path) -> dict:
-            pm = load_probed(src, task=task, device=ctx.device)
             res = evaluate_model(pm.runner, task, "test", limit=2000 if cfg.quick else 20000, progress=ctx.progress)
             (d / "source.txt").write_text(str(src))
             return {"source": str(src), "metrics": res}
 
         summary = runner.run("model", {"path": str(src), "quick": cfg.quick, "task": task.describe()}, fn)
-        ctx.probed = load_probed(src, task=task, device=ctx.device)
     else:
         tcfg = default_config(task).replace(
             steps=m.steps or None, n_layer=m.n_layer or None, n_head=m.n_head or None, d_model=m.d_model or None,
