@@ -20,27 +20,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from circuitkit.activations import resolve_positions
-from circuitkit.models.checkpoint import ProbedModel
+from circuitkit.patching.path import path_patch_to_site, read_depth, write_depth
 from circuitkit.sites import Site, parse_site
 from circuitkit.verify.interchange import InterchangeVerifier
 from circuitkit.verify.report import VerifiedNode
 from circuitkit.verify.stats import estimate
-
-#: depth in the residual stream where a site's value is read (inputs) and written (outputs)
-_READ = {"resid_pre": 0, "head": 0, "z": 0, "q": 0, "k": 0, "v": 0, "pattern": 0, "attn_out": 0,
-         "resid_mid": 1, "mlp_post": 1, "mlp_out": 1, "resid_post": 2, "emb": 0, "pos": 0}
-_WRITE = {"resid_pre": 0, "head": 1, "z": 1, "q": 1, "k": 1, "v": 1, "pattern": 1, "attn_out": 1,
-          "resid_mid": 1, "mlp_post": 2, "mlp_out": 2, "resid_post": 2, "emb": 0, "pos": 0}
-
-
-def read_depth(s: Site) -> int:
-    return 2 * (s.layer or 0) + _READ[s.kind]
-
-
-def write_depth(s: Site) -> int:
-    return 2 * (s.layer or 0) + _WRITE[s.kind]
-
 
 def can_send(sender: Site, receiver: Site) -> bool:
     """Whether the sender's value can reach the receiver's input through the residual stream."""
@@ -63,58 +47,6 @@ class EdgeResult:
     n: int
 
 
-@torch.no_grad()
-def path_patch_logits(pm: ProbedModel, base_ids: Tensor, source_ids: Tensor, sender: Site, receiver: Site) -> Tensor:
-    """Logits [b, pos, vocab] of the base with ``sender`` patched from the source along the path into
-    ``receiver`` only: every attention head and MLP written between them is frozen at its base value
-    while the receiver is recomputed; the recomputed receiver is then patched into a clean base run.
-
-    Interim implementation (``circuitkit.patching`` has no path patching yet).
-    """
-    task, dev = pm.task, pm.device
-    base_ids, source_ids = base_ids.to(dev), source_ids.to(dev)
-    freeze = []
-    for L in range(pm.n_layers):
-        for kind, hook in (("head", f"blocks.{L}.attn.hook_result"), ("mlp_out", f"blocks.{L}.hook_mlp_out")):
-            probe = Site(kind, L, 0 if kind == "head" else None)
-            if write_depth(sender) < write_depth(probe) <= read_depth(receiver):
-                freeze.append(hook)  # written after the sender and before the receiver reads
-    freeze = sorted(set(freeze))
-    _, bcache = pm.runner.run(base_ids, cache=freeze, return_logits=False)
-    _, scache = pm.runner.run(source_ids, cache=[sender.hook_name], return_logits=False)
-    spos = resolve_positions(task, source_ids.cpu(), sender.position).to(dev)
-    bpos = resolve_positions(task, base_ids.cpu(), sender.position).to(dev)
-    rpos = resolve_positions(task, base_ids.cpu(), receiver.position).to(dev)
-    value = sender.select(scache[sender.hook_name], spos)
-    rows = torch.arange(base_ids.shape[0], device=dev)
-
-    def write(act: Tensor, site: Site, pos: Tensor, val: Tensor) -> Tensor:
-        if site.head is not None:
-            act[rows, pos, site.head] = val
-        else:
-            act[rows, pos] = val
-        return act
-
-    def hook_for(name: str):
-        def fn(act: Tensor) -> Tensor:
-            act = bcache[name].clone() if name in bcache else act.clone()
-            if name == sender.hook_name:
-                act = write(act, sender, bpos, value)
-            return act
-        return fn
-
-    hooks = {n: hook_for(n) for n in set(freeze) | {sender.hook_name}}
-    stop = receiver.layer + 1 if receiver.layer is not None and receiver.layer + 1 < pm.n_layers else None
-    _, rcache = pm.runner.run(base_ids, hooks=hooks, cache=[receiver.hook_name], stop_at_layer=stop,
-                              return_logits=False)
-    rval = receiver.select(rcache[receiver.hook_name], rpos)
-
-    def rhook(act: Tensor) -> Tensor:
-        return write(act.clone(), receiver, rpos, rval)
-
-    return pm.runner.run(base_ids, hooks={receiver.hook_name: rhook})[0]
-
-
 def edge_effects(verifier: InterchangeVerifier, sender: VerifiedNode, receiver: VerifiedNode,
                  n_pairs: int = 150) -> list[EdgeResult]:
     """Change rate of the receiver's answers when only the sender→receiver path carries a source
@@ -131,7 +63,7 @@ def edge_effects(verifier: InterchangeVerifier, sender: VerifiedNode, receiver: 
         verifier.n_pairs = old
     if base.size == 0:
         return []
-    logits = path_patch_logits(verifier.pm, verifier.ids[base], verifier.ids[src], s_site, r_site)
+    logits = path_patch_to_site(verifier.pm, verifier.ids[base], verifier.ids[src], s_site, r_site)
     pred = logits.argmax(-1).cpu()
     changes = verifier._changes(r_site, base, pred)
     out = []
@@ -206,5 +138,5 @@ def build_circuit(verifier: InterchangeVerifier, nodes: Sequence[VerifiedNode], 
     return g
 
 
-__all__ = ["read_depth", "write_depth", "can_send", "EdgeResult", "path_patch_logits", "edge_effects",
+__all__ = ["read_depth", "write_depth", "can_send", "EdgeResult", "edge_effects",
            "build_circuit"]

@@ -18,13 +18,13 @@ from circuitkit.patching.attribution import AttributionResult, attribute
 from circuitkit.patching.groups import CumulativeResult, Group, cumulative_patch
 from circuitkit.patching.metrics import METRICS, MetricContext, metric_context
 from circuitkit.patching.node import NodePatchResult, patch_nodes, run_with_patches
-from circuitkit.patching.path import Receiver, path_patch
+from circuitkit.patching.path import Receiver, path_patch, path_patch_to_site
 from circuitkit.patching.stats import Estimate, bootstrap_ci, estimate
 from circuitkit.patching.sweep import SWEEP_KINDS, SweepResult, sweep
 
 __all__ = [
     "ABLATIONS", "Ablation", "Patch", "build_patches", "AttributionResult", "attribute", "CumulativeResult",
     "Group", "cumulative_patch", "METRICS", "MetricContext", "metric_context", "NodePatchResult", "patch_nodes",
-    "run_with_patches", "Receiver", "path_patch", "Estimate", "bootstrap_ci", "estimate", "SWEEP_KINDS",
+    "run_with_patches", "Receiver", "path_patch", "path_patch_to_site", "Estimate", "bootstrap_ci", "estimate", "SWEEP_KINDS",
     "SweepResult", "sweep",
 ]

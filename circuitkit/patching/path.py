@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from circuitkit.activations import resolve_positions
 from circuitkit.errors import CircuitkitError
 from circuitkit.models.checkpoint import ProbedModel
 from circuitkit.patching.ablations import PositionSpec, as_ids, check_pairing, is_raw, resolve
@@ -29,6 +30,22 @@ from circuitkit.sites import Site, check_site, parse_site
 
 SENDER_KINDS = ("emb", "pos", "head", "z", "attn_out", "mlp_out")
 RECEIVER_INPUTS = ("q", "k", "v", "resid")
+
+#: depth in the residual stream where a site's value is read (inputs) and written (outputs)
+_READ = {"resid_pre": 0, "head": 0, "z": 0, "q": 0, "k": 0, "v": 0, "pattern": 0, "attn_out": 0,
+         "resid_mid": 1, "mlp_post": 1, "mlp_out": 1, "resid_post": 2, "emb": 0, "pos": 0}
+_WRITE = {"resid_pre": 0, "head": 1, "z": 1, "q": 1, "k": 1, "v": 1, "pattern": 1, "attn_out": 1,
+          "resid_mid": 1, "mlp_post": 2, "mlp_out": 2, "resid_post": 2, "emb": 0, "pos": 0}
+
+
+def read_depth(s: Site) -> int:
+    """Depth at which a site's value is read: 0 = embeddings; layer L's attention reads 2L, its MLP 2L+1."""
+    return 2 * (s.layer or 0) + _READ[s.kind]
+
+
+def write_depth(s: Site) -> int:
+    """Depth at which a site's value is written: layer L's attention writes 2L+1, its MLP 2L+2."""
+    return 2 * (s.layer or 0) + _WRITE[s.kind]
 
 
 @dataclass(frozen=True)
@@ -177,3 +194,62 @@ def path_patch(
                                   start_at_layer=rec.layer, resid=cache[f"blocks.{rec.layer}.hook_resid_pre"])
     return NodePatchResult(metric, [f"{snd} -> {rec}"], "path", evaluate(metric, clean_logits, ctx)[0].cpu(),
                            evaluate(metric, logits, ctx)[0].cpu(), ctx)
+
+
+@torch.no_grad()
+def path_patch_to_site(pm: ProbedModel, base_ids: Tensor, source_ids: Tensor, sender: Site, receiver: Site) -> Tensor:
+    """Logits [b, pos, vocab]: ``sender`` patched from the source along the path into the *site*
+    ``receiver`` only (any site, e.g. ``a1.0@:`` or ``resid_mid1@:``, not just a head's input).
+
+    Wang et al.'s two steps: (1) rerun the base with the sender from the source and every head and
+    MLP written between sender and receiver frozen at its base value, recording the receiver;
+    (2) patch that receiver value into a clean base run and read the logits.  For a head receiver
+    at every position this equals ``path_patch(..., receiver_input="resid")`` (tested); the
+    circuit graph uses this form because its nodes are sites at positions.
+    """
+    task, dev = pm.task, pm.device
+    base_ids, source_ids = base_ids.to(dev), source_ids.to(dev)
+    freeze = []
+    for L in range(pm.n_layers):
+        for kind, hook in (("head", f"blocks.{L}.attn.hook_result"), ("mlp_out", f"blocks.{L}.hook_mlp_out")):
+            probe = Site(kind, L, 0 if kind == "head" else None)
+            if write_depth(sender) < write_depth(probe) <= read_depth(receiver):
+                freeze.append(hook)  # written after the sender and before the receiver reads
+    freeze = sorted(set(freeze))
+    _, bcache = pm.runner.run(base_ids, cache=freeze, return_logits=False)
+    _, scache = pm.runner.run(source_ids, cache=[sender.hook_name], return_logits=False)
+
+    def where(ids: Tensor, site: Site) -> Tensor | None:
+        """[b] indices of the site's position per input; None = every position."""
+        return None if site.position is None else resolve_positions(task, ids.cpu(), site.position).to(dev)
+
+    spos, bpos, rpos = where(source_ids, sender), where(base_ids, sender), where(base_ids, receiver)
+    value = sender.select(scache[sender.hook_name], spos)
+    rows = torch.arange(base_ids.shape[0], device=dev)
+
+    def write(act: Tensor, site: Site, pos: Tensor | None, val: Tensor) -> Tensor:
+        at = (slice(None), slice(None)) if pos is None else (rows, pos)
+        if site.head is not None:
+            act[(*at, site.head)] = val
+        else:
+            act[at] = val
+        return act
+
+    def hook_for(name: str):
+        def fn(act: Tensor) -> Tensor:
+            act = bcache[name].clone() if name in bcache else act.clone()
+            if name == sender.hook_name:
+                act = write(act, sender, bpos, value)
+            return act
+        return fn
+
+    hooks = {n: hook_for(n) for n in set(freeze) | {sender.hook_name}}
+    stop = receiver.layer + 1 if receiver.layer is not None and receiver.layer + 1 < pm.n_layers else None
+    _, rcache = pm.runner.run(base_ids, hooks=hooks, cache=[receiver.hook_name], stop_at_layer=stop,
+                              return_logits=False)
+    rval = receiver.select(rcache[receiver.hook_name], rpos)
+
+    def rhook(act: Tensor) -> Tensor:
+        return write(act.clone(), receiver, rpos, rval)
+
+    return pm.runner.run(base_ids, hooks={receiver.hook_name: rhook})[0]
