@@ -11,7 +11,7 @@ import torch
 from circuitkit.cli import main
 from circuitkit.errors import CircuitkitError
 from circuitkit.models.checkpoint import load_probed
-from circuitkit.models.train import TrainConfig, train_probed
+from circuitkit.models.train import DEFAULTS, TrainConfig, train_probed
 from circuitkit.tasks import get_task
 
 
@@ -133,3 +133,14 @@ def test_init_from_continues_from_a_checkpoint(tiny_counting_model, tmp_path):
     with pytest.raises(CircuitkitError, match="another architecture"):
         train_probed(task, tmp_path / "bad", cfg.replace(d_model=32, init_from=str(tiny_counting_model.path)),
                      progress=False)
+
+
+@pytest.mark.parametrize("std", [0.02, 0.1])
+def test_init_std_sets_the_initial_weight_scale(std):
+    """The task defaults for counting and IOI start from std 0.1 (GPT-2's 0.02 stalls on a plateau)."""
+    from circuitkit.models.train import build_model
+
+    model = build_model(get_task("counting"), TrainConfig(init_std=std))
+    w = model.transformer.wte.weight.detach()
+    assert abs(float(w.std()) - std) < 0.1 * std
+    assert DEFAULTS["counting"].init_std == DEFAULTS["ioi"].init_std == 0.1

@@ -21,6 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--layers", type=int, dest="n_layer")
     tr.add_argument("--heads", type=int, dest="n_head")
     tr.add_argument("--d-model", type=int, dest="d_model")
+    tr.add_argument("--init-std", type=float, dest="init_std", help="std of the initial weights (default 0.02)")
     tr.add_argument("--seed", type=int)
     tr.add_argument("--eval-limit", type=int, help="held-out examples to evaluate at the end (default 20000)")
     tr.add_argument("--threads", type=int, help="torch CPU threads")
@@ -53,9 +54,9 @@ def _train(args: argparse.Namespace) -> Output:
     cfg = default_config(task).replace(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, n_layer=args.n_layer, n_head=args.n_head,
         d_model=args.d_model, seed=args.seed, eval_limit=args.eval_limit, threads=args.threads,
-        init_from=args.init_from,
+        init_from=args.init_from, init_std=args.init_std,
     )
-    for name in ("steps", "batch_size", "n_layer", "n_head", "d_model"):
+    for name in ("steps", "batch_size", "n_layer", "n_head", "d_model", "lr", "init_std"):
         if getattr(cfg, name) <= 0:
             raise CircuitkitError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     m = train_probed(task, args.out, cfg, progress=not args.quiet, device=args.device)

@@ -42,6 +42,7 @@ class TrainConfig:
     n_head: int = 1
     d_model: int = 64
     activation: str = "gelu_new"
+    init_std: float = 0.02  # std of the initial weights (HF GPT-2 ``initializer_range``)
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -64,12 +65,16 @@ class TrainConfig:
 
 #: defaults per task: the paper's architectures, with a CPU-sized optimisation budget
 DEFAULTS: dict[str, TrainConfig] = {
-    "counting": TrainConfig(n_layer=2, n_head=1, d_model=64, batch_size=128, lr=1e-3, steps=12000, checkpoint_every=1000,
-                            bucket_by_length=False),
+    # init_std 0.1 instead of GPT-2's 0.02: with the small init, counting sat on a loss plateau (~1.98,
+    # length-only guessing) for ~7,000 steps and was at 32% after 12,000; with 0.1 it is at 80% after 4,000.
+    "counting": TrainConfig(n_layer=2, n_head=1, d_model=64, batch_size=128, lr=1e-3, steps=30000, checkpoint_every=1000,
+                            bucket_by_length=False, init_std=0.1),
     "addition": TrainConfig(n_layer=2, n_head=4, d_model=32, batch_size=256, lr=3e-3, steps=12000, checkpoint_every=1000,
                             bucket_by_length=False),
-    "ioi": TrainConfig(n_layer=2, n_head=4, d_model=64, batch_size=256, lr=1e-3, steps=4000, warmup=50,
-                       bucket_by_length=False),
+    # init_std 0.1: with 0.02 every recipe tried ended at ln 2 (both names equally likely, 50% IO over S);
+    # with 0.1 the loss is ~0 after 1,500 steps.
+    "ioi": TrainConfig(n_layer=2, n_head=4, d_model=64, batch_size=128, lr=1e-3, steps=3000, warmup=50,
+                       checkpoint_every=500, bucket_by_length=False, init_std=0.1),
 }
 
 
@@ -89,7 +94,7 @@ def build_model(task: Task, cfg: TrainConfig) -> torch.nn.Module:
         vocab_size=len(task.vocab), n_positions=task.seq_len, n_embd=cfg.d_model, n_layer=cfg.n_layer,
         n_head=cfg.n_head, activation_function=cfg.activation, resid_pdrop=0.0, embd_pdrop=0.0,
         attn_pdrop=0.0, bos_token_id=task.vocab.bos_id, eos_token_id=task.vocab.eos_id,
-        pad_token_id=task.vocab.pad_id,
+        pad_token_id=task.vocab.pad_id, initializer_range=cfg.init_std,
     )
     return GPT2LMHeadModel(hf_cfg)
 

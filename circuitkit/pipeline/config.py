@@ -21,6 +21,9 @@ class ModelSection:
     source: str = "train"  # "train" here; "path" (a local HF GPT-2 checkpoint directory); "gpt2" (GPT-2 small
     # if it is on this machine, else train here)
     path: str = ""
+    # source = "gpt2" without GPT-2 small on this machine: use this checkpoint trained here (if set),
+    # else train one
+    fallback_path: str = ""
     steps: int = 0  # 0 = the task's default training budget
     n_layer: int = 0
     n_head: int = 0

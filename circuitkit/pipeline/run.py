@@ -48,7 +48,10 @@ def stage_model(ctx: RunContext, runner: StageRunner) -> None:
     m = cfg.model
     if m.source == "gpt2":
         gpt2 = find_gpt2_small(m.path or None)
-        if gpt2 is None:
+        if gpt2 is None and m.fallback_path:
+            ctx.log(f"  {missing_message(m.path or None)} Running on the model trained here, {m.fallback_path}, instead.")
+            m = dataclasses.replace(m, source="path", path=m.fallback_path)
+        elif gpt2 is None:
             ctx.log(f"  {missing_message(m.path or None)} Running on a model trained here instead.")
         else:
             from circuitkit.tasks.ioi import IOITask
