@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -57,3 +58,33 @@ def test_quick_report_opens_cleanly_in_chromium(quick_run, tmp_path):
 def test_run_bad_case_exits_2(capsys):
     assert main(["run", "nonexistent"]) == 2
     assert "available:" in capsys.readouterr().err
+
+
+def test_run_with_a_decoder_trained_elsewhere(quick_run, tmp_path, capsys):
+    """--decoder DIR uses that decoder as is (no retraining), evaluates it and says so in the report."""
+    root, _ = quick_run
+    shutil.copytree(root / "work", tmp_path / "work")
+    decoder = root / "work" / "decoder" / "decoder"
+    argv = ["run", "addition", "--quick", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "report"),
+            "--quiet", "--json", "--threads", "2", "--decoder", str(decoder)]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "decoder" not in out["cached"] and "model" in out["cached"]
+    res = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert res["decoder"]["source"] == str(decoder) and res["decoder"]["eval"]["sites"]
+    assert "not retrained" in (tmp_path / "report" / "report.md").read_text()
+    assert not (tmp_path / "work" / "decoder" / "decoder").exists()  # nothing was trained
+
+
+def test_run_rejects_a_decoder_for_another_model(quick_run, tiny_counting_model, tmp_path, capsys):
+    root, _ = quick_run
+    from circuitkit.inversion.train import DecoderTrainConfig, train_decoder
+
+    other = tmp_path / "counting_decoder"
+    train_decoder(tiny_counting_model, other, DecoderTrainConfig(steps=2, d_model=16, cond_mid=32, batch_size=8,
+                                                                 final_eval_queries=0), progress=False)
+    argv = ["run", "addition", "--quick", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "report"),
+            "--quiet", "--decoder", str(other)]
+    assert main(argv) == 2
+    assert "different probed model" in capsys.readouterr().err
+    assert not (tmp_path / "report").exists()

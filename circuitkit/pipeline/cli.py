@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from circuitkit.cli import Output, add_common
@@ -14,6 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="small settings: minutes on 2 CPU cores")
     p.add_argument("--out", help="report directory (default: ./reports/CASE, or ./reports/CASE-quick with --quick)")
     p.add_argument("--work", help="stage cache directory (default: ./runs/CASE[-quick]); rerun to resume")
+    p.add_argument("--decoder", help="use this trained decoder for the case's model instead of training one "
+                   "(overrides [decoder] path; it is checked against the model and its hit rate evaluated)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -27,6 +30,8 @@ def _run(args: argparse.Namespace) -> Output:
     from circuitkit.pipeline.run import run_case
 
     cfg = load_case(args.case, quick=args.quick)
+    if args.decoder:
+        cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, path=args.decoder))
     suffix = "-quick" if args.quick else ""
     out = Path(args.out) if args.out else Path("reports") / f"{cfg.name}{suffix}"
     work = Path(args.work) if args.work else Path("runs") / f"{cfg.name}{suffix}"

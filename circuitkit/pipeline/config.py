@@ -37,8 +37,12 @@ class DecoderSection:
     sites: list[str] = field(default_factory=list)  # empty = the paper's sites for this model
     minutes: float = 60.0
     steps: int = 0  # 0 = bounded by minutes only
-    eval_queries: int = 200
+    eval_queries: int = 200  # held-out queries per site in the final hit-rate evaluation
+    eval_per_cell: int = 16  # samples per cell in that evaluation (4 cells x 16 = 64 per query)
     n_per_cell: int = 256  # samples per (temperature, noise) cell: 4 cells x 256 = 1024 per query
+    # a decoder trained elsewhere for this model (``circuitkit decoder train``, the benchmark): used as
+    # is, not retrained; its hit rate is still evaluated here
+    path: str = ""
     d_model: int = 0  # 0 = the paper's decoder width (256)
     batch_size: int = 0  # 0 = the decoder trainer's default
 

@@ -44,7 +44,8 @@ def decoder_section(report: Report, res: dict[str, Any]) -> None:
     ev = res["eval"]
     rows = [[r["site"], r["hit_rate"], r["in_eps_fraction"], r["median_min_distance"], r["n_queries"],
              r["samples_per_query"]] for r in ev.get("sites", [])]
-    s.add(f"Trained {res.get('steps')} steps in {res.get('train_minutes')} minutes. Hit rate = share of held-out "
+    where = f"Trained elsewhere ({res['source']}; not retrained by this run): " if res.get("source") else "Trained "
+    s.add(f"{where}{res.get('steps')} steps in {res.get('train_minutes')} minutes. Hit rate = share of held-out "
           "query activations with at least one decoder sample within ε = 0.1 (every sample re-run through the "
           "probed model); in-ε fraction = share of all samples within ε.")
     s.add(Table(["site", "hit rate", "in-ε fraction", "median min distance", "queries", "samples/query"], rows,

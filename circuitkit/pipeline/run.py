@@ -18,7 +18,7 @@ from circuitkit.pipeline.analysis import evaluate_claims, stage_circuit, stage_g
 from circuitkit.pipeline.config import CaseConfig
 from circuitkit.pipeline.stages import StageRunner
 from circuitkit.seeding import seed_everything
-from circuitkit.sites import parse_site
+from circuitkit.sites import Site, parse_site
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -98,9 +98,12 @@ def stage_decoder(ctx: RunContext, runner: StageRunner) -> None:
     dc = cfg.decoder
     dcfg = DecoderTrainConfig().replace(
         minutes=dc.minutes, seed=cfg.seed, steps=dc.steps or 10**9, d_model=dc.d_model or None,
-        batch_size=dc.batch_size or None, final_eval_queries=dc.eval_queries, final_eval_per_cell=dc.n_per_cell)
+        batch_size=dc.batch_size or None, final_eval_queries=dc.eval_queries, final_eval_per_cell=dc.eval_per_cell)
     if cfg.quick:
         dcfg = dcfg.replace(eval_every=100, eval_queries=8)
+    if dc.path:
+        stage_decoder_from_path(ctx, runner, sites)
+        return
 
     def fn(d: Path) -> dict:
         res = train_decoder(pm, d / "decoder", dcfg, sites=sites, progress=ctx.progress, device=ctx.device)
@@ -111,6 +114,37 @@ def stage_decoder(ctx: RunContext, runner: StageRunner) -> None:
     summary = runner.run("decoder", [dataclasses.asdict(dcfg), [str(s) for s in sites]], fn, depends=("model",))
     ctx.decoder = load_decoder(runner.path("decoder") / "decoder", pm, device=ctx.device)
     ctx.results["decoder"] = summary
+
+
+def stage_decoder_from_path(ctx: RunContext, runner: StageRunner, sites: list[Site]) -> None:
+    """Use the decoder at ``[decoder] path`` (checked against the probed model), evaluate its hit rate."""
+    from circuitkit.inversion.checkpoint import load_decoder
+    from circuitkit.inversion.evaluate import evaluate_decoder
+
+    cfg, pm, dc = ctx.cfg, ctx.probed, ctx.cfg.decoder
+    assert pm is not None
+    src = Path(dc.path).expanduser()
+    if not src.is_absolute() and not src.exists():
+        src = REPO_ROOT / src
+    td = load_decoder(src, pm, device=ctx.device)
+    missing = [str(s) for s in sites if s.at(None) not in td.sites]
+    if missing:
+        raise CircuitkitError(f"the decoder at {str(src)!r} was not trained on sites {', '.join(missing)}; "
+                              f"it has {', '.join(str(s) for s in td.sites)}")
+    ctx.decoder = td
+
+    def fn(d: Path) -> dict:
+        read = lambda name: json.loads((src / name).read_text()) if (src / name).exists() else {}  # noqa: E731
+        res = evaluate_decoder(td.decoder, pm, sites, n_queries=dc.eval_queries, n_per_cell=dc.eval_per_cell)
+        trained = read("metrics.json")
+        return {"sites": [str(s) for s in sites], "eval": res, "source": str(src), "steps": trained.get("steps"),
+                "train_minutes": trained.get("train_minutes"), "curve": read("train_history.json") or [],
+                "trained_by": read("manifest.json") or None}
+
+    key = {"path": str(src), "sites": [str(s) for s in sites], "eval_queries": dc.eval_queries,
+           "eval_per_cell": dc.eval_per_cell, "weights_mtime": max(p.stat().st_mtime for p in src.iterdir())}
+    ctx.results["decoder"] = runner.run("decoder", key, fn, depends=("model",))
+    ctx.log(f"  decoder: {src} (not retrained)")
 
 
 def stage_inversions(ctx: RunContext, runner: StageRunner) -> None:
