@@ -20,11 +20,15 @@ from circuitkit.errors import CircuitkitError
 from circuitkit.io_utils import atomic_write_json, atomic_write_text
 from circuitkit.models.checkpoint import ProbedModel
 from circuitkit.patching.groups import CumulativeResult, Group, cumulative_patch
+from circuitkit.patching.stats import Estimate, estimate
 
 PAPER = {
     "R": {"clean": 22.12, "forward": [15.13, 37.22, 41.18, 44.25], "backward": [37.94, 42.94, 42.94, 44.25]},
     "F": {"clean": 18.22, "forward": [0.00, 34.52, 34.55, 35.53], "backward": [35.43, 35.54, 35.53, 35.53]},
 }
+
+#: share of the all-groups LD decrease that a1.0 at ':' alone must move to count as "most" (paper: 0.86 R, 1.00 F)
+A1_ALONE_MIN_SHARE = 0.6
 
 
 def paper_groups() -> list[Group]:
@@ -85,21 +89,44 @@ def counting_table(pm: ProbedModel, n: int = 1000, contrasts: Sequence[str] = ("
 
 
 def to_markdown(results: dict[str, CumulativeResult], title: str = "") -> str:
+    """The table (means with 95% bootstrap CIs, the paper's value in brackets) and the paper's findings."""
     lines = [f"### {title}" if title else "", "",
-             "Decrease in LD (clean LD − patched LD, mean over examples) when groups are patched cumulatively.",
-             "Groups: 1 = pos@Q,: · 2 = a0.0+emb@Q · 3 = a0.0@: · 4 = a1.0@:.  (paper value in brackets)", "",
-             "| contrast | clean LD | order | step 1 | step 2 | step 3 | all |",
+             "Decrease in LD (clean LD − patched LD; mean over examples, 95% bootstrap CI) when groups are patched "
+             "cumulatively. Groups: 1 = pos@Q,: · 2 = a0.0+emb@Q · 3 = a0.0@: · 4 = a1.0@:.  (paper value in brackets)",
+             "", "| contrast | clean LD | order | step 1 | step 2 | step 3 | all |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for c, r in results.items():
-        clean = float(r.clean.mean())
+        pc = PAPER.get(c, {}).get("clean")
+        clean_s = _cell(estimate(r.clean), pc)
         for order, labels in (("forward", "1 · 1+2 · 1+2+3 · all"), ("backward", "4 · 4+3 · 4+3+2 · all")):
-            vals = r.decreases(order)
-            paper = PAPER.get(c, {}).get(order)
-            cells = [f"{v:.2f}" + (f" ({p:.2f})" if paper else "") for v, p in zip(vals, paper or [None] * len(vals))]
-            pc = PAPER.get(c, {}).get("clean")
-            clean_s = f"{clean:.2f}" + (f" ({pc:.2f})" if pc is not None else "")
+            ests = [estimate(r.clean - s.patched) for s in r.steps if s.order == order]
+            paper = PAPER.get(c, {}).get(order) or [None] * len(ests)
+            cells = [_cell(e, p) for e, p in zip(ests, paper)]
             lines.append(f"| {c} | {clean_s} | {order} ({labels}) | " + " | ".join(cells) + " |")
+    lines += ["", "The paper's findings on this model:", ""] + [f"- {s}" for s in finding_lines(findings(results))]
     return "\n".join(lines) + "\n"
+
+
+def _cell(e: Estimate, paper: float | None) -> str:
+    return f"{e.mean:.2f} [{e.ci_low:.2f}, {e.ci_high:.2f}]" + ("" if paper is None else f" ({paper:.2f})")
+
+
+def finding_lines(checks: dict) -> list[str]:
+    """Each paper finding, the paper's figure, this model's figure and whether it reproduces."""
+    out = []
+    for c in ("R", "F"):
+        if c not in checks:
+            continue
+        share, paper = checks[c]["a1.0_alone_share_of_total"], PAPER[c]["backward"][0] / PAPER[c]["backward"][-1]
+        verdict = "reproduced" if share is not None and share >= A1_ALONE_MIN_SHARE else "not reproduced"
+        out.append(f"a1.0 at `:` alone moves most of the LD ({c}): share of the all-groups decrease {share:.2f} "
+                   f"(paper {paper:.2f}; reproduced when ≥ {A1_ALONE_MIN_SHARE}) — {verdict}")
+    if "pos_emb_matters_under_R_not_F" in checks:
+        r, f = checks["R"]["pos_emb_alone"], checks["F"]["pos_emb_alone"]
+        verdict = "reproduced" if checks["pos_emb_matters_under_R_not_F"] else "not reproduced"
+        out.append(f"positional embeddings matter only when the length changes: alone they move {r:.2f} under R and "
+                   f"{f:.2f} under F (paper {PAPER['R']['forward'][0]:.2f} / {PAPER['F']['forward'][0]:.2f}) — {verdict}")
+    return out
 
 
 def write_table(results: dict[str, CumulativeResult], out_dir: str | Path, meta: dict | None = None) -> dict:
@@ -107,7 +134,8 @@ def write_table(results: dict[str, CumulativeResult], out_dir: str | Path, meta:
     data = {"paper": PAPER, "meta": meta or {}, "results": {c: r.to_dict() for c, r in results.items()},
             "checks": findings(results)}
     atomic_write_json(out_dir / "counting_patch_table.json", data)
-    atomic_write_text(out_dir / "counting_patch_table.md", to_markdown(results, "Counting: cumulative patching"))
+    title = "Counting: cumulative patching" + (f" ({meta['model']}, n={meta['n']})" if meta and "model" in meta else "")
+    atomic_write_text(out_dir / "counting_patch_table.md", to_markdown(results, title))
     return data
 
 
