@@ -76,8 +76,7 @@ def test_run_with_a_decoder_trained_elsewhere(quick_run, tmp_path, capsys):
     assert not (tmp_path / "work" / "decoder" / "decoder").exists()  # nothing was trained
 
 
-def test_run_rejects_a_decoder_for_another_model(quick_run, tiny_counting_model, tmp_path, capsys):
-    root, _ = quick_run
+def test_run_rejects_a_decoder_for_another_model(tiny_counting_model, tmp_path, capsys):
     from circuitkit.inversion.train import DecoderTrainConfig, train_decoder
 
     other = tmp_path / "counting_decoder"

@@ -96,14 +96,14 @@ def stage_decoder(ctx: RunContext, runner: StageRunner) -> None:
     assert pm is not None
     sites = [parse_site(s) for s in cfg.decoder.sites] or decoder_sites(pm)
     dc = cfg.decoder
+    if dc.path:
+        stage_decoder_from_path(ctx, runner, sites)
+        return
     dcfg = DecoderTrainConfig().replace(
         minutes=dc.minutes, seed=cfg.seed, steps=dc.steps or 10**9, d_model=dc.d_model or None,
         batch_size=dc.batch_size or None, final_eval_queries=dc.eval_queries, final_eval_per_cell=dc.eval_per_cell)
     if cfg.quick:
         dcfg = dcfg.replace(eval_every=100, eval_queries=8)
-    if dc.path:
-        stage_decoder_from_path(ctx, runner, sites)
-        return
 
     def fn(d: Path) -> dict:
         res = train_decoder(pm, d / "decoder", dcfg, sites=sites, progress=ctx.progress, device=ctx.device)
@@ -121,16 +121,14 @@ def stage_decoder_from_path(ctx: RunContext, runner: StageRunner, sites: list[Si
     from circuitkit.inversion.checkpoint import load_decoder
     from circuitkit.inversion.evaluate import evaluate_decoder
 
-    cfg, pm, dc = ctx.cfg, ctx.probed, ctx.cfg.decoder
+    pm, dc = ctx.probed, ctx.cfg.decoder
     assert pm is not None
     src = Path(dc.path).expanduser()
     if not src.is_absolute() and not src.exists():
         src = REPO_ROOT / src
     td = load_decoder(src, pm, device=ctx.device)
-    missing = [str(s) for s in sites if s.at(None) not in td.sites]
-    if missing:
-        raise CircuitkitError(f"the decoder at {str(src)!r} was not trained on sites {', '.join(missing)}; "
-                              f"it has {', '.join(str(s) for s in td.sites)}")
+    for s in sites:
+        td.site_index(s)  # a clear error for a site the decoder was not trained on
     ctx.decoder = td
 
     def fn(d: Path) -> dict:
