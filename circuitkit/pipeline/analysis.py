@@ -75,9 +75,11 @@ def stage_circuit(ctx: "RunContext", runner: "StageRunner") -> None:
         ctx.results["circuit"] = {"skipped": "no [hypotheses] sites configured"}
         return
 
+    per_cell = h.n_per_cell or cfg.decoder.n_per_cell
+
     def fn(d: Path) -> dict:
         if h.source == "decoder":
-            src = DecoderPreimage(ctx.decoder, n_per_cell=cfg.decoder.n_per_cell, seed=cfg.seed)
+            src = DecoderPreimage(ctx.decoder, n_per_cell=per_cell, seed=cfg.seed)
         else:
             src = PoolPreimage(pm, pool_size=h.pool, seed=cfg.seed)
         disc = discover_circuit(pm, sites, n_queries=h.queries, pool=h.pool, source=src, seed=cfg.seed,
@@ -90,7 +92,7 @@ def stage_circuit(ctx: "RunContext", runner: "StageRunner") -> None:
         return {"source": h.source, "summary": disc.summary(), "files": {k: Path(v).name for k, v in files.items()},
                 "evaluation": disc.evaluation.to_dict() if disc.evaluation else None}
 
-    ctx.results["circuit"] = runner.run("circuit", [h.__dict__, cfg.decoder.n_per_cell, cfg.seed], fn,
+    ctx.results["circuit"] = runner.run("circuit", [h.__dict__, per_cell, cfg.seed], fn,
                                         depends=("model", "decoder") if h.source == "decoder" else ("model",))
 
 

@@ -57,6 +57,9 @@ class HypothesisSection:
     sites: list[str] = field(default_factory=list)  # sites with positions, e.g. "a1.0@:"
     source: str = "decoder"  # where ε-preimages come from: "decoder" (InversionView) or "pool" (exact search)
     queries: int = 100
+    # decoder samples per (temperature, noise) cell for each hypothesis query; 0 = [decoder] n_per_cell.
+    # Fewer than the panels' 1024 per query keeps sites x queries affordable on a CPU.
+    n_per_cell: int = 0
     pool: int = 20000  # pool size for source = "pool" (and the random baseline)
     pairs: int = 200  # interchange pairs per verification test
     eval_inputs: int = 1000  # inputs for faithfulness / completeness / minimality
