@@ -1,7 +1,7 @@
 """Time and peak memory of `circuitkit run CASE` (a fresh stage cache each time).
 
     .venv/bin/python benchmarks/case_study.py counting --quick
-    .venv/bin/python benchmarks/case_study.py addition          # full settings (long)
+    .venv/bin/python benchmarks/case_study.py addition --report reports/addition   # full settings (long)
 
 Writes results/case_study_<case>[-quick].json: wall seconds, peak resident memory of the run
 (GiB, from the child's rusage), per-stage seconds, and the targets (quick < 5 min, full < 90 min,
@@ -27,11 +27,16 @@ def main() -> int:
     ap.add_argument("case")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work", metavar="DIR", help="stage cache (default: a temporary directory); must not hold a "
+                    "previous run's stages, or the timing is not end to end")
+    ap.add_argument("--report", metavar="DIR", help="keep the report here (default: a temporary directory)")
     args = ap.parse_args()
     suffix = "-quick" if args.quick else ""
+    if args.work and Path(args.work).exists() and any(Path(args.work).iterdir()):
+        ap.error(f"--work {args.work} is not empty: a cached stage would make the timing meaningless")
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "circuitkit.cli", "run", args.case, "--work", f"{tmp}/work", "--out",
-               f"{tmp}/report", "--threads", str(args.threads), "--quiet", "--json"] + (["--quick"] if args.quick else [])
+        cmd = [sys.executable, "-m", "circuitkit.cli", "run", args.case, "--work", args.work or f"{tmp}/work", "--out",
+               args.report or f"{tmp}/report", "--threads", str(args.threads), "--quiet", "--json"] + (["--quick"] if args.quick else [])
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         wall = time.perf_counter() - t0

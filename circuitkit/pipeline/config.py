@@ -43,7 +43,7 @@ class DecoderSection:
     # a decoder trained elsewhere for this model (``circuitkit decoder train``, the benchmark): used as
     # is, not retrained; its hit rate is still evaluated here
     path: str = ""
-    d_model: int = 0  # 0 = the paper's decoder width (256)
+    d_model: int = 0  # 0 = the paper's decoder width (256; conditioning MLP 512); else conditioning MLP 2 x d_model
     batch_size: int = 0  # 0 = the decoder trainer's default
 
 
