@@ -146,7 +146,8 @@ def trim_padding(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     return ids[:, :keep]
 
 
-def _lr_at(step: int, cfg: TrainConfig) -> float:
+def learning_rate_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` of the peak at ``cfg.steps``."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
@@ -216,7 +217,7 @@ def train_probed(task: Task, out: str | Path, cfg: TrainConfig | None = None, pr
             rng_before_step = rng.getstate()
             ids = trim_padding(task.encode(sampler.batch(rng, cfg.batch_size)), task.vocab.pad_id).to(device)
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, cfg)
+                g["lr"] = learning_rate_at(step, cfg)
             loss = lm_loss(model(input_ids=ids).logits, ids, task.loss_mask(ids))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -270,5 +271,5 @@ def random_init_like(probed: ProbedModel, seed: int = 0) -> ProbedModel:
     return as_probed(fresh, probed.task)
 
 
-__all__ = ["TrainConfig", "DEFAULTS", "default_config", "build_model", "lm_loss", "train_probed",
+__all__ = ["TrainConfig", "DEFAULTS", "default_config", "build_model", "lm_loss", "learning_rate_at", "train_probed",
            "as_probed", "random_init_like"]

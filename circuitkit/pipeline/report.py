@@ -191,8 +191,11 @@ def claims_section(report: Report, ctx: "RunContext") -> None:
 
 def manifest_section(report: Report, manifest: dict[str, Any]) -> None:
     s = report.section("Reproducibility manifest")
-    rows = [["seed", manifest["seed"]], ["git commit", manifest["git_commit"]], ["python", manifest["python"]],
-            ["created", manifest["created"]]]
+    rows = [["seed", manifest["seed"]], ["git commit", manifest["git_commit"]]]
+    if manifest.get("git_commit_at_start") not in (None, manifest["git_commit"]):
+        rows.append(["git commit when the run started", manifest["git_commit_at_start"]])
+    rows += [["python", manifest["python"]],
+             ["created", manifest["created"]]]
     rows += [[f"version: {k}", v] for k, v in manifest["versions"].items()]
     cached = set(manifest.get("stages_cached", []))
     rows += [[f"stage time: {k} (s)", f"{v}{' (computed in an earlier run, reused)' if k in cached else ''}"]

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 
 from circuitkit.errors import CircuitkitError
-from circuitkit.manifest import build_manifest
+from circuitkit.manifest import build_manifest, git_commit
 from circuitkit.models.checkpoint import ProbedModel, load_probed
 from circuitkit.models.local_gpt2 import find_gpt2_small, missing_message
 from circuitkit.pipeline.analysis import evaluate_claims, stage_circuit, stage_groups, stage_patching
@@ -191,6 +191,7 @@ def run_case(cfg: CaseConfig, out: Path, work: Path, device: str = "cpu", progre
     if threads:
         torch.set_num_threads(threads)
     seed_everything(cfg.seed)
+    commit_at_start = git_commit()  # the code the stages ran with (the manifest's commit is taken at the end)
     ctx = RunContext(cfg, work, device, progress, log)
     runner = StageRunner(work, log=log)
     t0 = time.perf_counter()
@@ -199,7 +200,7 @@ def run_case(cfg: CaseConfig, out: Path, work: Path, device: str = "cpu", progre
     ctx.results["claims"] = evaluate_claims(ctx)
     manifest = build_manifest("case_study", cfg.seed, cfg.to_dict(),
                               stage_seconds={k: round(v, 1) for k, v in runner.timings.items()},
-                              stages_cached=runner.cached)
+                              stages_cached=runner.cached, git_commit_at_start=commit_at_start)
     report = build_report(ctx, manifest)
     attachments = sorted((work / "circuit").glob("circuit.*")) if (work / "circuit").exists() else []
     write_report(report, out, manifest, ctx.results, attachments)
