@@ -73,3 +73,24 @@ def test_group_errors(tiny_counting_model, tiny_addition_model):
         contrast_pairs(tiny_addition_model, "R", 4)
     with pytest.raises(CircuitkitError, match="unknown contrast"):
         contrast_pairs(pm, "X", 4)
+
+
+def test_generic_table_names_the_task_groups_not_the_counting_papers(tiny_addition_model):
+    """Any task's cumulative patching renders with its own groups and every step's CI (no counting labels)."""
+    import random
+
+    from circuitkit.patching.groups import to_markdown as generic_markdown
+
+    pm = tiny_addition_model
+    rng = random.Random(0)
+    bases = list(pm.task.split("test"))[:16]
+    sources = [pm.task.contrast_random(b, rng) for b in bases]
+    groups = [Group.parse("L0@A1", ["a0.0@A1", "a0.1@A1"]), Group.parse("L1@A1", ["a1.0@A1", "a1.1@A1"]),
+              Group.parse("L1@=", ["a1.2@=", "a1.3@="])]
+    res = cumulative_patch(pm, bases, sources, groups, target="A2")
+    md = generic_markdown({"R": res}, "addition")
+    assert "1 = L0@A1 · 2 = L1@A1 · 3 = L1@=" in md
+    assert "forward (1 · 1+2 · all)" in md and "backward (3 · 3+2 · all)" in md
+    rows = [l for l in md.splitlines() if l.startswith("| R |")]
+    assert len(rows) == 2 and all(l.count("[") == 1 + len(groups) for l in rows)  # clean + one CI per step
+    assert "a1.0 at `:`" not in md and "pos@Q" not in md

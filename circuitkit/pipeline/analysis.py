@@ -101,8 +101,8 @@ def stage_groups(ctx: "RunContext", runner: "StageRunner") -> None:
 
     Counting uses the paper's exact protocol (``circuitkit.patching.counting_table``: contrast R
     may change the length, positions aligned by name; contrast F flips one letter)."""
-    from circuitkit.patching.counting_table import PAPER, counting_table, findings, to_markdown
-    from circuitkit.patching.groups import Group, cumulative_patch
+    from circuitkit.patching import counting_table as paper_table
+    from circuitkit.patching.groups import Group, cumulative_patch, to_markdown
 
     cfg, pm = ctx.cfg, ctx.probed
     if not cfg.patching.groups:
@@ -111,8 +111,9 @@ def stage_groups(ctx: "RunContext", runner: "StageRunner") -> None:
     def fn(d: Path) -> dict:
         n = cfg.patching.examples
         if pm.task.name == "counting":
-            results = counting_table(pm, n=n, seed=cfg.seed)
-            paper = PAPER
+            results = paper_table.counting_table(pm, n=n, seed=cfg.seed)
+            md = paper_table.to_markdown(results, f"{cfg.name}: cumulative group patching")
+            paper, found = paper_table.PAPER, paper_table.findings(results)
         else:
             groups = [Group.parse("+".join(g), g) for g in cfg.patching.groups]
             results = {}
@@ -120,11 +121,11 @@ def stage_groups(ctx: "RunContext", runner: "StageRunner") -> None:
                 bases, sources = _pairs(ctx, contrast, n)
                 results["R" if contrast == "random" else "F"] = cumulative_patch(
                     pm, bases, sources, groups, target=cfg.patching.target or None, seed=cfg.seed)
-            paper = {}
-        md = to_markdown(results, f"{cfg.name}: cumulative group patching")
+            md = to_markdown(results, f"{cfg.name}: cumulative group patching")
+            paper, found = {}, {}  # the paper's table and findings are counting's
         (d / "groups.md").write_text(md)
         return {"markdown": md, "results": {c: r.to_dict() for c, r in results.items()},
-                "findings": findings(results), "paper": paper}
+                "findings": found, "paper": paper}
 
     ctx.results["groups"] = runner.run("groups", [cfg.patching.groups, cfg.patching.examples,
                                                   cfg.patching.contrasts, cfg.seed], fn, depends=("model",))

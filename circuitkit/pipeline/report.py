@@ -21,11 +21,21 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
+def _shown_path(path: str) -> str:
+    """A path inside the repository relative to its root (reports are shared; the clone's location is noise)."""
+    from circuitkit.pipeline.run import REPO_ROOT
+
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return path
+
+
 def model_section(report: Report, res: dict[str, Any]) -> None:
     m = res["metrics"]
     s = report.section("Probed model")
     lo, hi = m["accuracy_ci95"]
-    s.add(f"Source: {res['source']}. Held-out {m['metric']} = **{_pct(m['accuracy'])}** "
+    s.add(f"Source: {_shown_path(res['source'])}. Held-out {m['metric']} = **{_pct(m['accuracy'])}** "
           f"(95% Wilson CI {_pct(lo)}–{_pct(hi)}, n = {m['n']} of {m['split_size']} test examples).")
     rows = [["accuracy", m["accuracy"]], ["n evaluated", m["n"]]]
     if "train_wall_seconds" in m:
