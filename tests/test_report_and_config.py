@@ -60,6 +60,9 @@ def test_bad_case_configs(tmp_path):
     bad.write_text('name = "x" task')
     with pytest.raises(CircuitkitError, match="invalid TOML"):
         load_case(str(bad))
+    bad.write_text('name = "x"\ntask = "counting"\n[hypotheses]\nn_per_cell = -4\n')
+    with pytest.raises(CircuitkitError, match="n_per_cell must be >= 1, or 0"):
+        load_case(str(bad))
 
 
 def test_stage_runner_caches_and_resumes(tmp_path):

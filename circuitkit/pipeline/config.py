@@ -138,6 +138,9 @@ def load_case(name_or_path: str, quick: bool = False) -> CaseConfig:
         raise CircuitkitError(f"{path.name} [model]: source must be 'train', 'path' or 'gpt2', got {cfg.model.source!r}")
     if cfg.hypotheses.source not in ("decoder", "pool"):
         raise CircuitkitError(f"{path.name} [hypotheses]: source must be 'decoder' or 'pool', got {cfg.hypotheses.source!r}")
+    if cfg.hypotheses.n_per_cell < 0:
+        raise CircuitkitError(f"{path.name} [hypotheses]: n_per_cell must be >= 1, or 0 for [decoder] n_per_cell; "
+                              f"got {cfg.hypotheses.n_per_cell}")
     if cfg.model.source == "path" and not cfg.model.path:
         raise CircuitkitError(f"{path.name} [model]: source = 'path' needs path = '<checkpoint dir>'")
     return cfg
