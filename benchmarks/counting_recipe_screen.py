@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from circuitkit.models.train import DEFAULTS, UniformSampler, build_model, learning_rate_at, lm_loss, trim_padding
+from circuitkit.models.train import DEFAULTS, UniformSampler, build_model, make_optimizer, train_step, trim_padding
 from circuitkit.tasks import get_task
 from circuitkit.tasks.base import Task
 
@@ -101,19 +101,13 @@ def screen(task: Task, cfg, steps: int, every: int, test: list[str]) -> list[dic
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     model = build_model(task, cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    opt = make_optimizer(model, cfg)
     sampler = UniformSampler(task.split("train"))
     ema, rows, t0 = None, [], time.perf_counter()
     for step in range(steps):
         ids = trim_padding(task.encode(sampler.batch(rng, cfg.batch_size)), task.vocab.pad_id)
-        for g in opt.param_groups:
-            g["lr"] = learning_rate_at(step, cfg)
-        loss = lm_loss(model(input_ids=ids).logits, ids, task.loss_mask(ids))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        loss = train_step(model, opt, task, ids, step, cfg)
+        ema = loss if ema is None else 0.98 * ema + 0.02 * loss
         if (step + 1) % every == 0:
             model.eval()
             row = {"step": step + 1, "loss": round(ema, 4), "seconds": round(time.perf_counter() - t0, 1),

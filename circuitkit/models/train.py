@@ -154,6 +154,23 @@ def learning_rate_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, task: Task, ids: torch.Tensor, step: int,
+               cfg: TrainConfig) -> float:
+    """One optimisation step at the scheduled learning rate (clipped gradients); returns the loss. ids: [batch, pos]."""
+    for g in opt.param_groups:
+        g["lr"] = learning_rate_at(step, cfg)
+    loss = lm_loss(model(input_ids=ids).logits, ids, task.loss_mask(ids))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.item()
+
+
 def _partial_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
@@ -180,7 +197,7 @@ def train_probed(task: Task, out: str | Path, cfg: TrainConfig | None = None, pr
         except RuntimeError as e:
             raise CircuitkitError(f"--init-from {cfg.init_from!r} has another architecture than the one requested: "
                                   f"{str(e).splitlines()[0]}") from None
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    opt = make_optimizer(model, cfg)
     step, elapsed, history = 0, 0.0, []
     if state_file.exists():
         state = torch.load(state_file, map_location=device, weights_only=False)
@@ -216,15 +233,9 @@ def train_probed(task: Task, out: str | Path, cfg: TrainConfig | None = None, pr
         while step < cfg.steps:
             rng_before_step = rng.getstate()
             ids = trim_padding(task.encode(sampler.batch(rng, cfg.batch_size)), task.vocab.pad_id).to(device)
-            for g in opt.param_groups:
-                g["lr"] = learning_rate_at(step, cfg)
-            loss = lm_loss(model(input_ids=ids).logits, ids, task.loss_mask(ids))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            loss = train_step(model, opt, task, ids, step, cfg)
             step += 1
-            ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+            ema = loss if ema is None else 0.98 * ema + 0.02 * loss
             bar.update(1)
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{ema:.4f}")
@@ -271,5 +282,5 @@ def random_init_like(probed: ProbedModel, seed: int = 0) -> ProbedModel:
     return as_probed(fresh, probed.task)
 
 
-__all__ = ["TrainConfig", "DEFAULTS", "default_config", "build_model", "lm_loss", "learning_rate_at", "train_probed",
-           "as_probed", "random_init_like"]
+__all__ = ["TrainConfig", "DEFAULTS", "default_config", "build_model", "lm_loss", "learning_rate_at", "make_optimizer",
+           "train_step", "train_probed", "as_probed", "random_init_like"]
