@@ -255,17 +255,22 @@ def train_probed(task: Task, out: str | Path, cfg: TrainConfig | None = None, pr
     metrics = evaluate_model(runner, task, "test", limit=cfg.eval_limit, seed=cfg.seed, progress=progress)
     metrics.update({"train_wall_seconds": round(elapsed, 1), "train_steps": step,
                     "torch_threads": torch.get_num_threads(), "final_loss": ema})
+    write_trained(model, task, cfg, out, metrics, history)
+    shutil.rmtree(partial, ignore_errors=True)
+    return metrics
+
+
+def write_trained(model: torch.nn.Module, task: Task, cfg: TrainConfig, out: Path, metrics: dict,
+                  history: list[dict], **manifest_extra: Any) -> None:
+    """Write a finished probed model to ``out`` at once (HF files, metrics, history, manifest)."""
     with atomic_dir(out) as tmp:
         save_probed(model, task, tmp)
         atomic_write_json(tmp / "metrics.json", metrics)
         atomic_write_json(tmp / "train_history.json", history)
-        extra = {}
         if cfg.init_from:
             src_man = Path(cfg.init_from) / "manifest.json"
-            extra["init_from_manifest"] = json.loads(src_man.read_text()) if src_man.exists() else None
-        write_manifest(tmp, "probed_model", cfg.seed, {"task": task.name, **dataclasses.asdict(cfg)}, **extra)
-    shutil.rmtree(partial, ignore_errors=True)
-    return metrics
+            manifest_extra["init_from_manifest"] = json.loads(src_man.read_text()) if src_man.exists() else None
+        write_manifest(tmp, "probed_model", cfg.seed, {"task": task.name, **dataclasses.asdict(cfg)}, **manifest_extra)
 
 
 def as_probed(model: torch.nn.Module, task: Task, path: Path | None = None) -> ProbedModel:
@@ -282,5 +287,5 @@ def random_init_like(probed: ProbedModel, seed: int = 0) -> ProbedModel:
     return as_probed(fresh, probed.task)
 
 
-__all__ = ["TrainConfig", "DEFAULTS", "default_config", "build_model", "lm_loss", "learning_rate_at", "make_optimizer",
+__all__ = ["TrainConfig", "DEFAULTS", "default_config", "build_model", "lm_loss", "learning_rate_at", "make_optimizer", "write_trained",
            "train_step", "train_probed", "as_probed", "random_init_like"]
