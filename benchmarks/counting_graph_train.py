@@ -134,7 +134,7 @@ def train(task: Task, args: argparse.Namespace) -> int:
     test = list(task.split("test")[: args.n_test])
     all_ids = encode_all(task, task.split("train")).to(dev)  # [n_train, seq]
     colon = task.vocab.id_of(":")
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98),
                             capturable=dev.type == "cuda")
     gen = torch.Generator(device=dev).manual_seed(args.seed)

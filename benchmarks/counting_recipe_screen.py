@@ -38,6 +38,7 @@ from circuitkit.models.train import (DEFAULTS, TrainConfig, UniformSampler, buil
                                      trim_padding, write_trained)
 from circuitkit.tasks import get_task
 from circuitkit.tasks.base import Task
+from counting_graph_train import encode_all  # sibling script (benchmarks/ is on sys.path when run)
 
 HERE = Path(__file__).resolve().parent
 
@@ -164,8 +165,7 @@ def batches(task: Task, cfg: TrainConfig, rng: random.Random, device: str):
     if device == "cpu":
         sampler = UniformSampler(train)
         return lambda: trim_padding(task.encode(sampler.batch(rng, cfg.batch_size)), pad)
-    chunk = 50_000
-    all_ids = torch.cat([task.encode(list(train[i:i + chunk])) for i in range(0, len(train), chunk)]).to(device)
+    all_ids = encode_all(task, train).to(device)  # [n_train, seq]
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     return lambda: trim_padding(all_ids[torch.randint(len(all_ids), (cfg.batch_size,), device=device, generator=gen)], pad)
 

@@ -287,5 +287,5 @@ def random_init_like(probed: ProbedModel, seed: int = 0) -> ProbedModel:
     return as_probed(fresh, probed.task)
 
 
-__all__ = ["TrainConfig", "DEFAULTS", "default_config", "build_model", "lm_loss", "learning_rate_at", "make_optimizer", "write_trained",
-           "train_step", "train_probed", "as_probed", "random_init_like"]
+__all__ = ["TrainConfig", "DEFAULTS", "default_config", "build_model", "lm_loss", "learning_rate_at", "make_optimizer",
+           "train_step", "train_probed", "write_trained", "as_probed", "random_init_like"]
