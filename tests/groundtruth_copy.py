@@ -57,14 +57,19 @@ class CopyTask(Task):
         return [Feature("n_distinct", lambda t: len(set(t[1:5])), "distinct letters among x1..x4")]
 
 
-def copy_model(task: CopyTask | None = None) -> ProbedModel:
-    """The hand-set one-layer model (exactly 100% accurate on the task)."""
+def copy_model(task: CopyTask | None = None, n_heads: int = 1) -> ProbedModel:
+    """The hand-set one-layer model (exactly 100% accurate on the task).
+
+    With ``n_heads`` > 1 every head copies x2 equally (redundant carriers): patching fewer than half of
+    them from another input leaves the answer alone; patching more than half flips it.
+    """
     from transformers import GPT2Config, GPT2LMHeadModel
 
     task = task or CopyTask()
     V, S = len(VOCAB), task.seq_len
-    d = V + S
-    cfg = GPT2Config(vocab_size=V, n_positions=S, n_embd=d, n_layer=1, n_head=1, activation_function="gelu_new",
+    hd = max(V, -(-(V + S) // n_heads))  # head width: holds a token one-hot; heads together hold V + S
+    d = n_heads * hd
+    cfg = GPT2Config(vocab_size=V, n_positions=S, n_embd=d, n_layer=1, n_head=n_heads, activation_function="gelu_new",
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                      bos_token_id=VOCAB.bos_id, eos_token_id=VOCAB.eos_id, pad_token_id=VOCAB.pad_id)
     m = GPT2LMHeadModel(cfg)
@@ -73,16 +78,18 @@ def copy_model(task: CopyTask | None = None) -> ProbedModel:
             p.zero_()
         tr = m.transformer
         tr.wte.weight[:, :V] = torch.eye(V)  # token one-hot (also the tied unembedding)
-        tr.wpe.weight[:, V:] = torch.eye(S)  # position one-hot
+        tr.wpe.weight[:, V:V + S] = torch.eye(S)  # position one-hot
         blk = tr.h[0]
         for ln in (blk.ln_1, blk.ln_2, tr.ln_f):
             ln.weight.fill_(1.0)
-        W = blk.attn.c_attn.weight  # [d, 3d]: Q | K | V
+        W = blk.attn.c_attn.weight  # [d, 3d]: Q | K | V, each split into heads of width hd
         b = blk.attn.c_attn.bias
-        b[0] = 30.0  # every query is the same vector along head dim 0 ...
-        W[V + 2, d + 0] = 1.0  # ... and only the key at position 2 points along it
-        for i in range(V):
-            W[i, 2 * d + i] = 1.0  # values: the token one-hot
-        blk.attn.c_proj.weight[:V, :V] = 5.0 * torch.eye(V)  # write the copied token, loudly
+        for h in range(n_heads):
+            o = h * hd
+            b[o] = 30.0  # every query is the same vector along the head's dim 0 ...
+            W[V + 2, d + o] = 1.0  # ... and only the key at position 2 points along it
+            for i in range(V):
+                W[i, 2 * d + o + i] = 1.0  # values: the token one-hot
+            blk.attn.c_proj.weight[o:o + V, :V] = 5.0 * torch.eye(V)  # write the copied token, loudly
         # MLP weights stay zero: its output is exactly 0
     return as_probed(m, task)

@@ -189,3 +189,29 @@ def test_interchange_uses_patching_engine_and_matches_fallback(tiny_addition_mod
         b = _interchange_logits_local(pm, base, src, parse_site(s))
         assert torch.allclose(a, b, atol=1e-5), s
         assert not torch.allclose(a, pm.runner.logits(base), atol=1e-4), s  # the patch did something
+
+
+def test_redundant_heads_verify_only_as_a_group():
+    """Three heads copy x2 equally: no head alone moves the answer, so each fails the one-site test;
+    patched together they verify, pruned to a minimal group; the null controls verify nothing."""
+    task = CopyTask()
+    pm = copy_model(task, n_heads=3)
+    ids = task.encode(task.split("test"))
+    assert torch.equal(pm.runner.logits(ids)[:, 5].argmax(-1), ids[:, 6])
+    heads = ["a0.0@=", "a0.1@=", "a0.2@="]
+    queries = task.generate(random.Random(123), 40)
+    rep = generate_hypotheses(pm, [parse_site(s) for s in heads + ["a0.0@3"]], queries,
+                              PoolPreimage(pm, pool_size=3000, seed=0), seed=0)
+    assert {(s, "tok@2") for s in heads} <= {(h.site, h.feature) for h in rep.accepted()}
+    vr = verify_hypotheses(InterchangeVerifier(pm, n_inputs=2000, seed=0), rep.hypotheses)
+    alone = [v for v in vr.verdicts if v.features == ("tok@2",) and v.site in heads]
+    assert len(alone) == 3 and not any(v.verified or v.necessary_targets for v in alone)
+    groups = [v for v in vr.verdicts if " & " in v.site and v.features == ("tok@2",)]
+    assert groups[0].site == " & ".join(heads) and groups[0].verified  # all three, then pruned
+    nodes = [n for n in vr.nodes if "tok@2" in n.features and n.site in heads]
+    assert len(nodes) == 2 and all(len(n.group) == 2 and n.site in n.group for n in nodes)
+    assert nodes[0].group == nodes[1].group and set(nodes[0].group) < set(heads)
+    assert all(n.targets == ("copy",) and n.iia > 0.9 for n in nodes)
+    assert not vr.controls_verified
+    ctrl_groups = [v for v in vr.controls if " & " in v.site]
+    assert len(ctrl_groups) == 2 * len(groups)  # both null controls beside every group test

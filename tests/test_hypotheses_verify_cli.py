@@ -78,7 +78,11 @@ def test_cli_chain_on_addition(tiny_addition_model, tmp_path, capsys):
     assert rc == 0, err
     v = json.loads(out)
     n_acc = sum(h["accepted"] for h in d["hypotheses"])
-    assert len([x for x in v["verdicts"] if len(x["features"]) == 1]) == n_acc
+    singles = [x for x in v["verdicts"] if len(x["features"]) == 1 and " & " not in x["site"]]
+    assert len(singles) == n_acc
+    accepted = {(h["site"], h["feature"]) for h in d["hypotheses"] if h["accepted"]}
+    for g in (x for x in v["verdicts"] if " & " in x["site"]):  # site groups: a feature accepted at each member
+        assert all((s, g["features"][0]) in accepted for s in g["site"].split(" & "))
     assert v["controls_summary"]["random_model"]["verified"] == 0
     assert v["controls_summary"]["shuffled_feature"]["verified"] == 0
     assert "thresholds_text" in v and v["thresholds"]["min_effect"] == 0.1

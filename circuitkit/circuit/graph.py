@@ -101,7 +101,7 @@ def build_circuit(verifier: InterchangeVerifier, nodes: Sequence[VerifiedNode], 
         g.add_node(n.site, kind="site", site_kind=s.kind, layer=s.layer if s.layer is not None else -1,
                    head=s.head if s.head is not None else -1, position=str(s.position), index=pos,
                    depth=write_depth(s), features=list(n.features), targets=list(n.targets), effect=n.effect,
-                   iia=n.iia if n.iia is not None else -1.0, joint=n.joint)
+                   iia=n.iia if n.iia is not None else -1.0, joint=n.joint, group=", ".join(n.group))
     last = 2 * verifier.pm.n_layers + 1
     for site in [n for n in g.nodes if g.nodes[n]["kind"] == "site"]:
         d = g.nodes[site]
@@ -111,7 +111,7 @@ def build_circuit(verifier: InterchangeVerifier, nodes: Sequence[VerifiedNode], 
                 tpos = next((x.position for ts in verifier.targets for x in ts if x.name == t), -1)
                 g.add_node(out, kind="output", site_kind="output", layer=verifier.pm.n_layers, head=-1,
                            position=t, index=tpos, depth=last, features=[], targets=[t], effect=0.0, iia=-1.0,
-                           joint=False)
+                           joint=False, group="")
             g.add_edge(site, out, kind="output", feature=" + ".join(d["features"]), answer=t, effect=d["effect"],
                        ci_low=d["effect"], ci_high=d["effect"])
     site_nodes = [n for n in g.nodes if g.nodes[n]["kind"] == "site"]

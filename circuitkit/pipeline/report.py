@@ -155,10 +155,12 @@ def circuit_section(report: Report, res: dict[str, Any], ctx: "RunContext") -> N
                 [[h["site"], h["feature"], h["agreement"], h["baseline"], h["lift"], h["kappa"], h["q_value"]]
                  for h in top], caption="Accepted hypotheses, ranked (top 25)"))
     s.add(f"Verification thresholds: {ver.get('thresholds_text', '')}")
-    s.add(Table(["site", "features", "answers", "necessity effect", "IIA", "joint"],
+    s.add(Table(["site", "features", "answers", "necessity effect", "IIA", "joint", "only patched with"],
                 [[n["site"], ", ".join(n["features"]), ", ".join(n["targets"]), n["effect"],
-                  "" if n["iia"] is None else n["iia"], n["joint"]] for n in ver.get("nodes", [])],
-                caption="Verified nodes"))
+                  "" if n["iia"] is None else n["iia"], n["joint"],
+                  ", ".join(x for x in n.get("group", []) if x != n["site"])] for n in ver.get("nodes", [])],
+                caption="Verified nodes (a node with a site group verifies only when the group is patched "
+                        "together: the components carry the feature redundantly)"))
     cs = ver.get("controls_summary", {})
     s.add(Table(["null control", "tests run", "tests verified"],
                 [[k, v["tested"], v["verified"]] for k, v in cs.items()],

@@ -24,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-iia", type=float, default=0.5)
     p.add_argument("--max-change-agree", type=float, default=0.15)
     p.add_argument("--no-controls", action="store_true", help="skip the null controls (not recommended)")
+    p.add_argument("--max-group", type=int, default=8,
+                   help="largest group of sites at one position patched together for a feature no single one of "
+                        "them verifies (redundant carriers); 0 = no groups (default 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", help="write the full report (JSON) here")
@@ -63,7 +66,10 @@ def _verify(args: argparse.Namespace) -> Output:
             if f not in ver.features:
                 raise CircuitkitError(f"unknown feature {f!r}; e.g. {', '.join(list(ver.features)[:12])} ...")
             hyps.append(Hypothesis(site, f, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0, 0, 0, True))
-    rep = verify_hypotheses(ver, hyps, controls=not args.no_controls, null_seed=args.seed, model_name=str(args.model))
+    if args.max_group < 0:
+        raise CircuitkitError(f"--max-group must be >= 0, got {args.max_group}")
+    rep = verify_hypotheses(ver, hyps, controls=not args.no_controls, null_seed=args.seed, model_name=str(args.model),
+                            max_group=args.max_group)
     data = rep.to_dict()
     if args.out:
         atomic_write_json(args.out, data)

@@ -13,6 +13,9 @@ For a hypothesis we patch S@p from a **source** input into a **base** input (pat
 
 A site whose best single feature is necessary but not sufficient is tested with a growing set of
 its necessary features (sources agreeing on all of them), so a node may carry several features.
+A *site group* (``"a1.0@END & a1.2@END"``: sites at one position, patched together) tests a
+feature that several components carry redundantly, where patching any one of them alone moves
+nothing (backup heads).
 """
 from __future__ import annotations
 
@@ -97,16 +100,36 @@ class Verdict:
 
 
 # ---- the patching call (the one place this module touches the patching engine) ----------------------
+GROUP_SEP = " & "
+
+
+def group_sites(spec: Site | str | Sequence[Site]) -> list[Site]:
+    """The sites of a site or site group (``"a1.0@END & a1.2@END"``); a group's sites share one position."""
+    if isinstance(spec, Site):
+        return [spec]
+    sites = [parse_site(x.strip()) for x in spec.split(GROUP_SEP)] if isinstance(spec, str) else list(spec)
+    if len({x.position for x in sites}) > 1:
+        raise CircuitkitError(f"a site group patches one position; got {', '.join(map(str, sites))}")
+    return sites
+
+
+def group_name(sites: Sequence[Site | str]) -> str:
+    return GROUP_SEP.join(str(x) for x in sites)
+
+
 @torch.no_grad()
-def interchange_logits(pm: ProbedModel, base_ids: Tensor, source_ids: Tensor, site: Site) -> Tensor:
-    """Logits [b, pos, vocab] of the base inputs with ``site`` (at its named position, resolved per
-    input in base and source separately) replaced by the source's activation."""
+def interchange_logits(pm: ProbedModel, base_ids: Tensor, source_ids: Tensor, site: Site | Sequence[Site]) -> Tensor:
+    """Logits [b, pos, vocab] of the base inputs with ``site`` — or every site of a group at once — (at its
+    named position, resolved per input in base and source separately) replaced by the source's activation."""
+    sites = [site] if isinstance(site, Site) else list(site)
     try:
         from circuitkit.patching.ablations import build_patches
         from circuitkit.patching.node import run_with_patches
     except ImportError:  # pragma: no cover - interim path while the patching package is absent
-        return _interchange_logits_local(pm, base_ids, source_ids, site)
-    patches = build_patches(pm, base_ids, [site], "interchange", source_ids=source_ids)
+        if len(sites) != 1:
+            raise
+        return _interchange_logits_local(pm, base_ids, source_ids, sites[0])
+    patches = build_patches(pm, base_ids, sites, "interchange", source_ids=source_ids)
     return run_with_patches(pm.runner, base_ids.to(pm.device), patches)
 
 
@@ -216,7 +239,7 @@ class InterchangeVerifier:
             srcs.append(j)
         return np.array(bases, int), np.array(srcs, int)
 
-    def _patched_pred(self, site: Site, base: np.ndarray, src: np.ndarray) -> Tensor:
+    def _patched_pred(self, site: Site | Sequence[Site], base: np.ndarray, src: np.ndarray) -> Tensor:
         if base.size == 0:
             return torch.zeros(0, self.ids.shape[1], dtype=torch.long)
         logits = interchange_logits(self.pm, self.ids[base], self.ids[src], site)
@@ -250,21 +273,26 @@ class InterchangeVerifier:
         return out
 
     # ---- tests ----
-    def test(self, site: Site | str, features: Sequence[str], condition: str = "real", shuffle: bool = False) -> Verdict:
-        """Necessity (first feature) and sufficiency (all features agree) of ``site`` carrying ``features``."""
-        site = parse_site(site) if isinstance(site, str) else site
-        check_site(site, self.pm.n_layers, self.pm.n_heads)
+    def test(self, site: Site | str | Sequence[Site], features: Sequence[str], condition: str = "real",
+             shuffle: bool = False) -> Verdict:
+        """Necessity (first feature) and sufficiency (all features agree) of ``site`` carrying ``features``;
+        a site group (``"a1.0@END & a1.2@END"`` or a list) is patched as one."""
+        sites = group_sites(site)
+        for x in sites:
+            check_site(x, self.pm.n_layers, self.pm.n_heads)
+        site = sites[0]  # features and answers are read at the group's one position
         if site.position is None:
             raise CircuitkitError(f"site {site} needs a position")
-        rng = random.Random(zlib.crc32(f"{site}|{'|'.join(features)}|{self.seed}".encode()))
+        label = group_name(sites)
+        rng = random.Random(zlib.crc32(f"{label}|{'|'.join(features)}|{self.seed}".encode()))
         codes = np.stack([self.codes(site, f) for f in features])  # [k, N]
         if shuffle:
             prng = np.random.default_rng(self.seed + 1)
             codes = np.stack([row[prng.permutation(row.size)] for row in codes])
         db, ds = self._pairs(codes[:1], agree=False, rng=rng)
         ab, as_ = self._pairs(codes, agree=True, rng=rng)
-        pred_d = self._patched_pred(site, db, ds)
-        pred_a = self._patched_pred(site, ab, as_)
+        pred_d = self._patched_pred(sites, db, ds)
+        pred_a = self._patched_pred(sites, ab, as_)
         ch_d, ch_a = self._changes(site, db, pred_d), self._changes(site, ab, pred_a)
         determining = self._determining(site, features[0]) if len(features) == 1 else {}
         th = self.th
@@ -298,7 +326,8 @@ class InterchangeVerifier:
         note = "" if results else "no answer is read at or after this position"
         if results and all(r.n_agree < th.min_pairs for r in results):
             note = f"fewer than {th.min_pairs} sources agree on {', '.join(features)}: sufficiency untestable"
-        return Verdict(str(site), tuple(features), condition, results, bool(ver), nec, ver, note)
+        return Verdict(label, tuple(features), condition, results, bool(ver), nec, ver, note)
 
 
-__all__ = ["VerifyThresholds", "TargetResult", "Verdict", "InterchangeVerifier", "interchange_logits"]
+__all__ = ["VerifyThresholds", "TargetResult", "Verdict", "InterchangeVerifier", "interchange_logits", "group_sites",
+           "group_name", "GROUP_SEP"]

@@ -6,6 +6,12 @@ grow a set — the necessary features (largest effect first), then the site's ot
 — up to ``max_joint`` until sources agreeing on the whole set leave the output unchanged; the set is
 then verified jointly (its first feature must be necessary).  Every test that verifies is
 repeated under both null controls, and every single-feature test under both as well.
+
+Then, per position and feature: the sites where the feature is accepted but not verified alone are
+patched together as a *site group* (components that carry it redundantly, like backup heads, move
+nothing one at a time).  A group that verifies is pruned greedily to a minimal one — a member is
+dropped while the group still verifies without it — and each remaining member becomes a node that
+names its group.  Group tests run beside both null controls too.
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ from typing import Any, Sequence
 from circuitkit.hypotheses.records import Hypothesis
 from circuitkit.sites import parse_site
 from circuitkit.verify.controls import CONTROLS, null_verifier, run_controls
-from circuitkit.verify.interchange import InterchangeVerifier, Verdict, VerifyThresholds
+from circuitkit.verify.interchange import InterchangeVerifier, Verdict, VerifyThresholds, group_name
 
 
 @dataclass(frozen=True)
@@ -28,14 +34,16 @@ class VerifiedNode:
     effect: float  # largest necessity effect over those answers
     iia: float | None  # IIA on the best answer when the feature determines it
     joint: bool  # verified as a set (no single feature sufficient alone)
+    group: tuple[str, ...] = ()  # verified only patched together with these sites (this one included)
 
     def to_dict(self) -> dict[str, Any]:
         return {"site": self.site, "features": list(self.features), "targets": list(self.targets),
-                "effect": self.effect, "iia": self.iia, "joint": self.joint}
+                "effect": self.effect, "iia": self.iia, "joint": self.joint, "group": list(self.group)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "VerifiedNode":
-        return cls(d["site"], tuple(d["features"]), tuple(d["targets"]), d["effect"], d.get("iia"), d["joint"])
+        return cls(d["site"], tuple(d["features"]), tuple(d["targets"]), d["effect"], d.get("iia"), d["joint"],
+                   tuple(d.get("group", ())))
 
 
 @dataclass
@@ -85,8 +93,11 @@ def _best(v: Verdict) -> tuple[float, float | None]:
 
 
 def verify_hypotheses(verifier: InterchangeVerifier, hypotheses: Sequence[Hypothesis], controls: bool = True,
-                      max_joint: int = 4, null_seed: int = 0, model_name: str = "") -> VerificationReport:
-    """Verify accepted hypotheses (others are ignored) and run the null controls beside them."""
+                      max_joint: int = 4, null_seed: int = 0, model_name: str = "",
+                      max_group: int = 8) -> VerificationReport:
+    """Verify accepted hypotheses (others are ignored) and run the null controls beside them.
+
+    ``max_group``: the largest site group tested for a redundantly carried feature (0 = no groups)."""
     null = null_verifier(verifier, null_seed) if controls else None
     by_site: dict[str, list[str]] = {}
     for h in hypotheses:
@@ -129,9 +140,63 @@ def verify_hypotheses(verifier: InterchangeVerifier, hypotheses: Sequence[Hypoth
                 eff, iia = _best(jv)
                 nodes.append(VerifiedNode(site, tuple(chosen), tuple(jv.verified_targets), eff, iia, True))
                 break
+    verified_alone = {(n.site, f) for n in nodes for f in n.features}
+    for (position, feature), members in _group_candidates(hypotheses, verified_alone, max_group).items():
+        gv, gctrl, kept = _verify_group(verifier, null, members, feature)
+        verdicts += gv
+        ctrl += gctrl
+        if kept is not None:
+            eff, iia = _best(kept[1])
+            nodes += [VerifiedNode(site, (feature,), tuple(kept[1].verified_targets), eff, iia, False, tuple(kept[0]))
+                      for site in kept[0]]
     settings = {"n_inputs": len(verifier.inputs), "n_pairs": verifier.n_pairs, "seed": verifier.seed,
-                "controls": list(CONTROLS) if controls else [], "max_joint": max_joint}
+                "controls": list(CONTROLS) if controls else [], "max_joint": max_joint, "max_group": max_group}
     return VerificationReport(verifier.task.name, model_name, verifier.th, nodes, verdicts, ctrl, settings)
+
+
+def _group_candidates(hypotheses: Sequence[Hypothesis], verified_alone: set[tuple[str, str]],
+                      max_group: int) -> dict[tuple[str, str], list[str]]:
+    """{(position, feature): sites} where the feature is accepted at 2..max_group sites of one position
+    and verified alone at none of them (strongest agreement first)."""
+    by: dict[tuple[str, str], list[Hypothesis]] = {}
+    for h in hypotheses:
+        if h.accepted:
+            by.setdefault((str(parse_site(h.site).position), h.feature), []).append(h)
+    out = {}
+    for key, hs in by.items():
+        if any((h.site, key[1]) in verified_alone for h in hs) or not 2 <= len(hs) <= max_group:
+            continue
+        out[key] = [h.site for h in sorted(hs, key=lambda h: -h.kappa)]
+    return out
+
+
+def _verify_group(verifier: InterchangeVerifier, null: InterchangeVerifier | None, members: list[str],
+                  feature: str) -> tuple[list[Verdict], list[Verdict], tuple[list[str], Verdict] | None]:
+    """Test the group; if it verifies, drop members (weakest first) while it still does.
+    Returns (verdicts, control verdicts, (kept members, their verdict) or None)."""
+    verdicts: list[Verdict] = []
+    ctrl: list[Verdict] = []
+
+    def run(sites: list[str]) -> Verdict:
+        v = verifier.test(group_name(sites), [feature])
+        v.note = (v.note + "; " if v.note else "") + "site group"
+        verdicts.append(v)
+        if null is not None:
+            ctrl.extend(run_controls(verifier, null, group_name(sites), [feature]))
+        return v
+
+    v = run(members)
+    if not v.verified:
+        return verdicts, ctrl, None
+    kept, best = list(members), v
+    for m in reversed(members):
+        if len(kept) <= 2:
+            break  # a one-site "group" was already tested alone
+        trial = [x for x in kept if x != m]
+        tv = run(trial)
+        if tv.verified:
+            kept, best = trial, tv
+    return verdicts, ctrl, (kept, best)
 
 
 def format_verification(rep: VerificationReport) -> str:
@@ -139,7 +204,8 @@ def format_verification(rep: VerificationReport) -> str:
     for n in rep.nodes:
         iia = f", IIA {n.iia:.2f}" if n.iia is not None else ""
         lines.append(f"  VERIFIED {n.site:<10} carries {' + '.join(n.features):<24} -> {', '.join(n.targets)} "
-                     f"(effect {n.effect:.2f}{iia}{', jointly' if n.joint else ''})")
+                     f"(effect {n.effect:.2f}{iia}{', jointly' if n.joint else ''}"
+                     f"{', only with ' + ', '.join(x for x in n.group if x != n.site) if n.group else ''})")
     for v in rep.verdicts:
         if v.verified:
             continue
