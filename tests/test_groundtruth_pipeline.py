@@ -200,14 +200,16 @@ def test_redundant_heads_verify_only_as_a_group():
     assert torch.equal(pm.runner.logits(ids)[:, 5].argmax(-1), ids[:, 6])
     heads = ["a0.0@=", "a0.1@=", "a0.2@="]
     queries = task.generate(random.Random(123), 40)
-    rep = generate_hypotheses(pm, [parse_site(s) for s in heads + ["a0.0@3"]], queries,
+    rep = generate_hypotheses(pm, [parse_site(s) for s in heads + ["a0.0@3", "x0.post@="]], queries,
                               PoolPreimage(pm, pool_size=3000, seed=0), seed=0)
-    assert {(s, "tok@2") for s in heads} <= {(h.site, h.feature) for h in rep.accepted()}
+    assert {(s, "tok@2") for s in heads + ["x0.post@="]} <= {(h.site, h.feature) for h in rep.accepted()}
     vr = verify_hypotheses(InterchangeVerifier(pm, n_inputs=2000, seed=0), rep.hypotheses)
     alone = [v for v in vr.verdicts if v.features == ("tok@2",) and v.site in heads]
     assert len(alone) == 3 and not any(v.verified or v.necessary_targets for v in alone)
     groups = [v for v in vr.verdicts if " & " in v.site and v.features == ("tok@2",)]
     assert groups[0].site == " & ".join(heads) and groups[0].verified  # all three, then pruned
+    assert all("x0.post@=" not in v.site for v in groups)  # the residual stream is never a group member
+    assert any(n.site == "x0.post@=" and not n.group for n in vr.nodes)  # it holds everything: verified alone
     nodes = [n for n in vr.nodes if "tok@2" in n.features and n.site in heads]
     assert len(nodes) == 2 and all(len(n.group) == 2 and n.site in n.group for n in nodes)
     assert nodes[0].group == nodes[1].group and set(nodes[0].group) < set(heads)

@@ -7,9 +7,10 @@ grow a set — the necessary features (largest effect first), then the site's ot
 then verified jointly (its first feature must be necessary).  Every test that verifies is
 repeated under both null controls, and every single-feature test under both as well.
 
-Then, per position and feature: the sites where the feature is accepted but not verified alone are
-patched together as a *site group* (components that carry it redundantly, like backup heads, move
-nothing one at a time).  A group that verifies is pruned greedily to a minimal one — a member is
+Then, per position and feature: the components (heads, MLP outputs — not the residual stream, whose
+sites contain one another) where the feature is accepted but not verified alone are patched
+together as a *site group* (components that carry it redundantly, like backup heads, move nothing
+one at a time).  A group that verifies is pruned greedily to a minimal one — a member is
 dropped while the group still verifies without it — and each remaining member becomes a node that
 names its group.  Group tests run beside both null controls too.
 """
@@ -154,14 +155,19 @@ def verify_hypotheses(verifier: InterchangeVerifier, hypotheses: Sequence[Hypoth
     return VerificationReport(verifier.task.name, model_name, verifier.th, nodes, verdicts, ctrl, settings)
 
 
+#: site kinds that write into the residual stream side by side, so may carry a feature redundantly
+GROUPABLE_KINDS = ("head", "z", "attn_out", "mlp_out", "mlp_post")
+
+
 def _group_candidates(hypotheses: Sequence[Hypothesis], verified_alone: set[tuple[str, str]],
                       max_group: int) -> dict[tuple[str, str], list[str]]:
-    """{(position, feature): sites} where the feature is accepted at 2..max_group sites of one position
-    and verified alone at none of them (strongest agreement first)."""
+    """{(position, feature): sites} where the feature is accepted at 2..max_group components of one
+    position and verified alone at none of them (strongest agreement first)."""
     by: dict[tuple[str, str], list[Hypothesis]] = {}
     for h in hypotheses:
-        if h.accepted:
-            by.setdefault((str(parse_site(h.site).position), h.feature), []).append(h)
+        site = parse_site(h.site)
+        if h.accepted and site.kind in GROUPABLE_KINDS:
+            by.setdefault((str(site.position), h.feature), []).append(h)
     out = {}
     for key, hs in by.items():
         if any((h.site, key[1]) in verified_alone for h in hs) or not 2 <= len(hs) <= max_group:
