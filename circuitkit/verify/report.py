@@ -142,7 +142,7 @@ def verify_hypotheses(verifier: InterchangeVerifier, hypotheses: Sequence[Hypoth
                 nodes.append(VerifiedNode(site, tuple(chosen), tuple(jv.verified_targets), eff, iia, True))
                 break
     verified_alone = {(n.site, f) for n in nodes for f in n.features}
-    for (position, feature), members in _group_candidates(hypotheses, verified_alone, max_group).items():
+    for (_, feature), members in _group_candidates(hypotheses, verified_alone, max_group).items():
         gv, gctrl, kept = _verify_group(verifier, null, members, feature)
         verdicts += gv
         ctrl += gctrl
