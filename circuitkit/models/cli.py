@@ -22,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--heads", type=int, dest="n_head")
     tr.add_argument("--d-model", type=int, dest="d_model")
     tr.add_argument("--init-std", type=float, dest="init_std", help="std of the initial weights (default: per task; 0.1 for counting and ioi, GPT-2's 0.02 otherwise)")
+    tr.add_argument("--attn-init", dest="attn_init", metavar="{normal,mimetic}",
+                    help="attention initialisation (default: per task; mimetic for counting, normal otherwise)")
     tr.add_argument("--seed", type=int)
     tr.add_argument("--eval-limit", type=int, help="held-out examples to evaluate at the end (default 20000)")
     tr.add_argument("--threads", type=int, help="torch CPU threads")
@@ -54,7 +56,7 @@ def _train(args: argparse.Namespace) -> Output:
     cfg = default_config(task).replace(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, n_layer=args.n_layer, n_head=args.n_head,
         d_model=args.d_model, seed=args.seed, eval_limit=args.eval_limit, threads=args.threads,
-        init_from=args.init_from, init_std=args.init_std,
+        init_from=args.init_from, init_std=args.init_std, attn_init=args.attn_init,
     )
     for name in ("steps", "batch_size", "n_layer", "n_head", "d_model", "lr", "init_std"):
         if getattr(cfg, name) <= 0:

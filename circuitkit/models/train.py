@@ -29,6 +29,7 @@ from circuitkit.io_utils import atomic_dir, atomic_torch_save, atomic_write_json
 from circuitkit.manifest import write_manifest
 from circuitkit.models.checkpoint import ProbedModel, quiet_transformers, save_probed
 from circuitkit.models.evaluate import evaluate_model
+from circuitkit.models.mimetic import mimetic_attention_init
 from circuitkit.models.runner import GPT2Runner
 from circuitkit.seeding import seed_everything
 from circuitkit.tasks.base import Task
@@ -55,12 +56,20 @@ class TrainConfig:
     threads: int | None = None
     bucket_by_length: bool = True  # same-length batches with padding trimmed (faster); False = uniform batches
     init_from: str | None = None  # continue from this checkpoint's weights (same architecture), fresh schedule
+    attn_init: str = "normal"  # "normal" (GPT-2's) or "mimetic" (W_Q W_K^T ~ I, W_V W_O ~ -I; models/mimetic.py)
 
     def replace(self, **kw: Any) -> "TrainConfig":
         unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise CircuitkitError(f"unknown training options {sorted(unknown)}")
-        return dataclasses.replace(self, **{k: v for k, v in kw.items() if v is not None})
+        out = dataclasses.replace(self, **{k: v for k, v in kw.items() if v is not None})
+        if out.attn_init not in ATTN_INITS:
+            raise CircuitkitError(f"unknown attention init {out.attn_init!r}; valid: {', '.join(ATTN_INITS)}")
+        return out
+
+
+#: initialisations of the attention weights ``TrainConfig.attn_init`` accepts
+ATTN_INITS = ("normal", "mimetic")
 
 
 #: defaults per task: the paper's architectures, with a CPU-sized optimisation budget
@@ -96,7 +105,12 @@ def build_model(task: Task, cfg: TrainConfig) -> torch.nn.Module:
         attn_pdrop=0.0, bos_token_id=task.vocab.bos_id, eos_token_id=task.vocab.eos_id,
         pad_token_id=task.vocab.pad_id, initializer_range=cfg.init_std,
     )
-    return GPT2LMHeadModel(hf_cfg)
+    model = GPT2LMHeadModel(hf_cfg)
+    if cfg.attn_init == "mimetic":
+        mimetic_attention_init(model, seed=cfg.seed)
+    elif cfg.attn_init != "normal":
+        raise CircuitkitError(f"unknown attention init {cfg.attn_init!r}; valid: {', '.join(ATTN_INITS)}")
+    return model
 
 
 def lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
