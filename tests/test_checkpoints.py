@@ -137,10 +137,12 @@ def test_init_from_continues_from_a_checkpoint(tiny_counting_model, tmp_path):
 
 @pytest.mark.parametrize("std", [0.02, 0.1])
 def test_init_std_sets_the_initial_weight_scale(std):
-    """The task defaults for counting and IOI start from std 0.1 (GPT-2's 0.02 stalls on a plateau)."""
+    """IOI's default starts from std 0.1 (GPT-2's 0.02 stalls on a plateau); counting's from 0.02 with the
+    mimetic attention init."""
     from circuitkit.models.train import build_model
 
     model = build_model(get_task("counting"), TrainConfig(init_std=std))
     w = model.transformer.wte.weight.detach()
     assert abs(float(w.std()) - std) < 0.1 * std
-    assert DEFAULTS["counting"].init_std == DEFAULTS["ioi"].init_std == 0.1
+    assert DEFAULTS["ioi"].init_std == 0.1
+    assert (DEFAULTS["counting"].init_std, DEFAULTS["counting"].attn_init) == (0.02, "mimetic")
