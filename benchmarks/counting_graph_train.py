@@ -1,7 +1,9 @@
 """Fast continuation of a counting model on a GPU: the whole training step captured as a CUDA graph.
 
-The paper's counting run (914,100 steps, lr 5e-4, batch 128) sat at our model's loss plateau
-(~0.22, the count read at ``:`` from a bag of letters) for ~230k steps before its mechanism formed.
+The paper's counting run (914,100 steps, lr 5e-4, batch 128) sat at the loss plateau of our normal-init
+model (~0.22, the count read at ``:`` from a bag of letters) for ~230k steps before its mechanism formed.
+(The committed model, trained with the mimetic attention init, is past it; pass a plateau model as
+``--init-from`` to repeat the continuation.)
 An eager HF training step runs at a few hundred steps per second on a GPU (launch-bound); this
 script captures forward, backward, gradient clipping and AdamW as one CUDA graph on a fixed
 [batch, 33] shape, with the loss at ``:`` only (as ``circuitkit model train``), so one replay is one
