@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--layers", type=int, dest="n_layer")
     tr.add_argument("--heads", type=int, dest="n_head")
     tr.add_argument("--d-model", type=int, dest="d_model")
-    tr.add_argument("--init-std", type=float, dest="init_std", help="std of the initial weights (default: per task; 0.1 for counting and ioi, GPT-2's 0.02 otherwise)")
+    tr.add_argument("--init-std", type=float, dest="init_std", help="std of the initial weights (default: per task; 0.1 for ioi, GPT-2's 0.02 otherwise)")
     tr.add_argument("--attn-init", dest="attn_init", metavar="{normal,mimetic}",
                     help="attention initialisation (default: per task; mimetic for counting, normal otherwise)")
     tr.add_argument("--seed", type=int)
