@@ -79,3 +79,5 @@ def test_same_seed_same_weights_and_unknown_init_rejected():
     assert torch.equal(a[key], b[key]) and not torch.equal(a[key], c[key])
     with pytest.raises(CircuitkitError, match="unknown attention init 'xavier'; valid: normal, mimetic"):
         DEFAULTS["counting"].replace(attn_init="xavier")
+    with pytest.raises(CircuitkitError, match="unknown attention init"):
+        TrainConfig(attn_init="xavier")

@@ -58,14 +58,15 @@ class TrainConfig:
     init_from: str | None = None  # continue from this checkpoint's weights (same architecture), fresh schedule
     attn_init: str = "normal"  # "normal" (GPT-2's) or "mimetic" (W_Q W_K^T ~ I, W_V W_O ~ -I; models/mimetic.py)
 
+    def __post_init__(self) -> None:
+        if self.attn_init not in ATTN_INITS:
+            raise CircuitkitError(f"unknown attention init {self.attn_init!r}; valid: {', '.join(ATTN_INITS)}")
+
     def replace(self, **kw: Any) -> "TrainConfig":
         unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise CircuitkitError(f"unknown training options {sorted(unknown)}")
-        out = dataclasses.replace(self, **{k: v for k, v in kw.items() if v is not None})
-        if out.attn_init not in ATTN_INITS:
-            raise CircuitkitError(f"unknown attention init {out.attn_init!r}; valid: {', '.join(ATTN_INITS)}")
-        return out
+        return dataclasses.replace(self, **{k: v for k, v in kw.items() if v is not None})
 
 
 #: initialisations of the attention weights ``TrainConfig.attn_init`` accepts
@@ -109,8 +110,6 @@ def build_model(task: Task, cfg: TrainConfig) -> torch.nn.Module:
     model = GPT2LMHeadModel(hf_cfg)
     if cfg.attn_init == "mimetic":
         mimetic_attention_init(model, seed=cfg.seed)
-    elif cfg.attn_init != "normal":
-        raise CircuitkitError(f"unknown attention init {cfg.attn_init!r}; valid: {', '.join(ATTN_INITS)}")
     return model
 
 

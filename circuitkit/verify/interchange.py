@@ -114,6 +114,7 @@ def group_sites(spec: Site | str | Sequence[Site]) -> list[Site]:
 
 
 def group_name(sites: Sequence[Site | str]) -> str:
+    """The spelling of a site group, the inverse of ``group_sites``."""
     return GROUP_SEP.join(str(x) for x in sites)
 
 
@@ -121,7 +122,7 @@ def group_name(sites: Sequence[Site | str]) -> str:
 def interchange_logits(pm: ProbedModel, base_ids: Tensor, source_ids: Tensor, site: Site | Sequence[Site]) -> Tensor:
     """Logits [b, pos, vocab] of the base inputs with ``site`` — or every site of a group at once — (at its
     named position, resolved per input in base and source separately) replaced by the source's activation."""
-    sites = [site] if isinstance(site, Site) else list(site)
+    sites = group_sites(site)
     try:
         from circuitkit.patching.ablations import build_patches
         from circuitkit.patching.node import run_with_patches
