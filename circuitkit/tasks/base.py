@@ -20,6 +20,9 @@ from circuitkit.errors import CircuitkitError, choices_hint
 Tokens = Sequence[str]
 """An input as its list of token strings, BOS first, padding included."""
 
+LAYOUT = "layout"
+"""In ``Task.holds_fixed`` / ``fair_sources``: hold the base's layout fixed (``Task.layout``)."""
+
 
 @dataclass(frozen=True)
 class Vocabulary:
@@ -218,6 +221,62 @@ class Task(ABC):
     def contrast_minimal(self, text: str, rng: random.Random) -> str:
         """A minimal edit of ``text`` that changes the answer and keeps the length (contrast F)."""
 
+    # ---- aligned and stratified sources -------------------------------------------------
+    def layout(self, tokens: Tokens) -> Hashable:
+        """What an *aligned* source shares with its base: by default the index of every named
+        position (so the length, and with it every named position, line up token by token).
+        Resample ablation in the circuit evaluator draws its sources within the base's layout."""
+        return tuple(sorted(self.positions(tokens).items()))
+
+    def holds_fixed(self, features: Sequence[str]) -> tuple[str, ...]:
+        """What a *fair* interchange source for testing ``features`` shares with its base:
+        ``"layout"`` and/or names of features whose values it must share.  A fair test asks about
+        the features and nothing else, so a source holds fixed what the features' own definition
+        needs held (counting: the query letter for ``count(query)``).  Default: the layout."""
+        return (LAYOUT,)
+
+    def fair_sources(self, text: str, rng: random.Random, n: int, hold: Sequence[str] = ("layout",),
+                     max_tries: int = 4000) -> list[str]:
+        """Up to ``n`` inputs other than ``text`` that share with it everything named in ``hold``
+        (``"layout"`` and/or feature names; see ``holds_fixed``).
+
+        Default: rejection sampling from ``generate`` (at most ``max_tries`` draws); tasks whose
+        strata are rare override it with a constructive sampler."""
+        key = self.stratum_key(text, hold)
+        out: list[str] = []
+        seen = {text}
+        for _ in range(max_tries):
+            if len(out) >= n:
+                break
+            cand = self.generate(rng, 1)[0]
+            if cand in seen:
+                continue
+            seen.add(cand)
+            if self.stratum_key(cand, hold) == key:
+                out.append(cand)
+        return out
+
+    def stratum_key(self, text: str, hold: Sequence[str]) -> tuple:
+        """The values of everything named in ``hold`` on ``text`` (``None`` where undefined)."""
+        toks = self.tokens(text)
+        feats = self.__dict__.get("_features_cache") or self.features()
+        key = []
+        for name in hold:
+            if name == LAYOUT:
+                key.append(self.layout(toks))
+            elif name in feats:
+                key.append(feats[name](toks))
+            else:
+                raise CircuitkitError(f"{self.name}: cannot hold {name!r} fixed; valid: {LAYOUT!r} or a task "
+                                      f"feature ({choices_hint(feats, 12)})")
+        return tuple(key)
+
+    def proxies(self, feature: str) -> tuple[str, ...]:
+        """Features correlated with ``feature`` that a verifier must reject when both are tested
+        (the proxy null control).  Default none: the verifier then picks the most correlated
+        task feature itself."""
+        return ()
+
     # ---- features -----------------------------------------------------------------------
     @abstractmethod
     def task_features(self) -> list[Feature]:
@@ -225,11 +284,14 @@ class Task(ABC):
 
     def features(self) -> dict[str, Feature]:
         """Task features plus the generic ones every task gets for free."""
-        from circuitkit.hypotheses.features import generic_features
+        cached = self.__dict__.get("_features_cache")
+        if cached is None:
+            from circuitkit.hypotheses.features import generic_features
 
-        feats = {f.name: f for f in generic_features(self)}
-        feats.update({f.name: f for f in self.task_features()})
-        return feats
+            cached = {f.name: f for f in generic_features(self)}
+            cached.update({f.name: f for f in self.task_features()})
+            self.__dict__["_features_cache"] = cached
+        return dict(cached)
 
     # ---- training -----------------------------------------------------------------------
     def loss_mask(self, ids: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from circuitkit.errors import CircuitkitError
-from circuitkit.tasks.base import CharTokenizer, Feature, Target, Task, Tokens, Vocabulary
+from circuitkit.tasks.base import LAYOUT, CharTokenizer, Feature, Target, Task, Tokens, Vocabulary
 
 LETTERS = string.ascii_lowercase
 COUNT_DIGITS = "123456789"
@@ -134,6 +134,54 @@ class CountingTask(Task):
             if new != old and all(1 <= new_body.count(l) <= 9 for l in letters):
                 return _format(new_body, query, new)
         raise ValueError(f"no one-letter flip changes the count of {query!r} in {text!r}")
+
+    # ---- stratified sources ----------------------------------------------------------------
+    def holds_fixed(self, features: Sequence[str]) -> tuple[str, ...]:
+        """The layout (the length), except for ``n_letters``, which *is* the length; and the query
+        letter for features defined relative to it (``count(query)``): a fair source for the count
+        asks "how many of *this* letter", not "which letter"."""
+        hold: list[str] = []
+        if any(f != "n_letters" for f in features):
+            hold.append(LAYOUT)
+        if any(f in ("count(query)", "query_in_string") for f in features):
+            hold.append("query")
+        return tuple(hold)
+
+    def proxies(self, feature: str) -> tuple[str, ...]:
+        """The number of letters correlates with the count of the query letter (longer strings,
+        larger counts) without determining it."""
+        return ("n_letters",) if feature == "count(query)" else ()
+
+    def fair_sources(self, text: str, rng: random.Random, n: int, hold: Sequence[str] = (LAYOUT,),
+                     max_tries: int = 4000) -> list[str]:
+        """Constructive: the same number of letters when the layout is held, the same query letter
+        when ``query`` is held; counts uniform over triples with that total."""
+        toks = self.tokens(text, pad=False)
+        body, query = _body(toks), _query(toks)
+        rest = [h for h in hold if h not in (LAYOUT, "query")]
+        key = self.stratum_key(text, rest) if rest else None
+        out: list[str] = []
+        seen = {text}
+        for _ in range(max_tries):
+            if len(out) >= n:
+                break
+            total = len(body) if LAYOUT in hold else rng.randint(3, 27)
+            triples = [(a, b, total - a - b) for a in range(1, 10) for b in range(1, 10) if 1 <= total - a - b <= 9]
+            counts = rng.choice(triples)
+            q = rng.randrange(3)
+            if "query" in hold:
+                others = rng.sample([c for c in LETTERS if c != query], 2)
+                letters = others[:q] + [query] + others[q:]
+            else:
+                letters = rng.sample(LETTERS, 3)
+            chars = [l for l, k in zip(letters, counts) for _ in range(k)]
+            rng.shuffle(chars)
+            cand = _format(chars, letters[q], counts[q])
+            if cand in seen or (key is not None and self.stratum_key(cand, rest) != key):
+                continue
+            seen.add(cand)
+            out.append(cand)
+        return out
 
     def task_features(self) -> list[Feature]:
         return [

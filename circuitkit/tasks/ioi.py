@@ -35,12 +35,12 @@ import random
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import combinations
-from typing import Sequence
+from typing import Hashable, Sequence
 
 import torch
 
 from circuitkit.errors import CircuitkitError, choices_hint
-from circuitkit.tasks.base import Feature, Target, Task, Tokenizer, Tokens, Vocabulary, WordTokenizer
+from circuitkit.tasks.base import LAYOUT, Feature, Target, Task, Tokenizer, Tokens, Vocabulary, WordTokenizer
 
 # ---- word lists (written for circuitkit) ---------------------------------------------------
 #: Base templates.  ``{n1} and {n2}`` is the first clause (S IO for BABA, IO S for ABBA); every
@@ -391,10 +391,54 @@ class IOITask(Task):
         """IOI's standard contrast is the ABC corruption (``corrupt_abc``)."""
         return self.corrupt_abc(text, rng)
 
+    # ---- stratified sources ----------------------------------------------------------------------
+    def layout(self, tokens: Tokens) -> Hashable:
+        """The base template: its slots (names, place, object) sit at the same token indices in
+        every prompt of it, in both families."""
+        return self._parse(tokens).layout.template
+
+    #: features whose test holds the base's own two names fixed (their roles may change)
+    NAME_ROLE_FEATURES = ("IO", "S", "ABBA_or_BABA", "IO_first")
+
+    def holds_fixed(self, features: Sequence[str]) -> tuple[str, ...]:
+        """The template, and for the name-role features (IO, S, family) the base's own two names:
+        a fair source for "this head carries IO" swaps IO and S, or flips S2, among the base's own
+        names, so the test asks which of the two is the IO, not which names occur."""
+        if any(f in self.NAME_ROLE_FEATURES for f in features):
+            return (LAYOUT, "names")
+        return (LAYOUT,)
+
+    def fair_sources(self, text: str, rng: random.Random, n: int, hold: Sequence[str] = (LAYOUT,),
+                     max_tries: int = 4000) -> list[str]:
+        """Constructive: the base's template when the layout is held, its two names (in random roles
+        and family) when ``names`` is held; everything else drawn at random."""
+        try:
+            p = self._parse(self.tokens(text))
+            pair = (p.io, p.s2)
+        except (ValueError, KeyError, IndexError):
+            raise CircuitkitError(f"not an IOI prompt with a repeated subject: {text!r}") from None
+        rest = [h for h in hold if h not in (LAYOUT, "names")]
+        key = self.stratum_key(text, rest) if rest else None
+        out: list[str] = []
+        seen = {text}
+        for _ in range(max_tries):
+            if len(out) >= n:
+                break
+            t = p.layout.template if LAYOUT in hold else rng.randrange(len(BASE_TEMPLATES))
+            io, s = rng.sample(pair, 2) if "names" in hold else rng.sample(self.names, 2)
+            cand = self.make_text(t, rng.choice(FAMILIES), io, s, rng.choice(self.places), rng.choice(self.objects))
+            if cand in seen or (key is not None and self.stratum_key(cand, rest) != key):
+                continue
+            seen.add(cand)
+            out.append(cand)
+        return out
+
     # ---- features -----------------------------------------------------------------------------
     def task_features(self) -> list[Feature]:
         parse = self._parse
         return [
+            Feature("names", lambda t: "+".join(sorted((parse(t).io, parse(t).s2))),
+                    "the two names of the prompt, whatever their roles"),
             Feature("IO", lambda t: parse(t).io, "the indirect object (the first-clause name not repeated)"),
             Feature("S", lambda t: parse(t).s2, "the subject (the repeated name)"),
             Feature("ABBA_or_BABA", lambda t: parse(t).family, "template family: first clause IO S (ABBA) or S IO"),
