@@ -56,19 +56,41 @@ class CopyTask(Task):
     def task_features(self) -> list[Feature]:
         return [Feature("n_distinct", lambda t: len(set(t[1:5])), "distinct letters among x1..x4")]
 
+    def proxies(self, feature: str) -> tuple[str, ...]:
+        return ("n_distinct",) if feature == "tok@2" else ()
 
-def copy_model(task: CopyTask | None = None, n_heads: int = 1) -> ProbedModel:
-    """The hand-set one-layer model (exactly 100% accurate on the task).
 
-    With ``n_heads`` > 1 every head copies x2 equally (redundant carriers): patching fewer than half of
-    them from another input leaves the answer alone; patching more than half flips it.
-    """
+class EchoTask(CopyTask):
+    """``B x1 x2 x3 x4 x4 E``: at x4 the model must predict x4 again — its own token.  Any GPT-2 with tied
+    embeddings does this from the embedding alone, trained or not: the claim is architectural."""
+
+    name = "echo4"
+    seq_len = 7
+    position_names = ("BOS", "X1", "X2", "X3", "X4", "ANS", "EOS")
+    default_target = "echo"
+
+    def generate(self, rng: random.Random, n: int) -> list[str]:
+        out = []
+        for _ in range(n):
+            xs = [rng.choice(LETTERS) for _ in range(4)]
+            out.append("B" + "".join(xs) + xs[3] + "E")
+        return out
+
+    def targets(self, tokens: Tokens) -> list[Target]:
+        return [Target("echo", 4, VOCAB.id_of(tokens[5]))]
+
+    def contrast_minimal(self, text: str, rng: random.Random) -> str:
+        x4 = rng.choice([c for c in LETTERS if c != text[4]])
+        return text[:4] + x4 + x4 + "E"
+
+    def proxies(self, feature: str) -> tuple[str, ...]:
+        return ()
+
+
+def _one_hot_gpt2(V: int, S: int, d: int, n_heads: int):
+    """A 1-layer GPT-2 with every weight zero except one-hot token and position embeddings and unit LNs."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    task = task or CopyTask()
-    V, S = len(VOCAB), task.seq_len
-    hd = max(V, -(-(V + S) // n_heads))  # head width: holds a token one-hot; heads together hold V + S
-    d = n_heads * hd
     cfg = GPT2Config(vocab_size=V, n_positions=S, n_embd=d, n_layer=1, n_head=n_heads, activation_function="gelu_new",
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                      bos_token_id=VOCAB.bos_id, eos_token_id=VOCAB.eos_id, pad_token_id=VOCAB.pad_id)
@@ -79,9 +101,32 @@ def copy_model(task: CopyTask | None = None, n_heads: int = 1) -> ProbedModel:
         tr = m.transformer
         tr.wte.weight[:, :V] = torch.eye(V)  # token one-hot (also the tied unembedding)
         tr.wpe.weight[:, V:V + S] = torch.eye(S)  # position one-hot
-        blk = tr.h[0]
-        for ln in (blk.ln_1, blk.ln_2, tr.ln_f):
+        for ln in (tr.h[0].ln_1, tr.h[0].ln_2, tr.ln_f):
             ln.weight.fill_(1.0)
+    return m
+
+
+def echo_model(task: EchoTask | None = None) -> ProbedModel:
+    """Embeddings only (attention and MLP exactly zero): at every position it predicts its own token."""
+    task = task or EchoTask()
+    V, S = len(VOCAB), task.seq_len
+    return as_probed(_one_hot_gpt2(V, S, V + S, 1), task)
+
+
+def copy_model(task: CopyTask | None = None, n_heads: int = 1) -> ProbedModel:
+    """The hand-set one-layer model (exactly 100% accurate on the task).
+
+    With ``n_heads`` > 1 every head copies x2 equally (redundant carriers): patching fewer than half of
+    them from another input leaves the answer alone; patching more than half flips it.
+    """
+    task = task or CopyTask()
+    V, S = len(VOCAB), task.seq_len
+    hd = max(V, -(-(V + S) // n_heads))  # head width: holds a token one-hot; heads together hold V + S
+    d = n_heads * hd
+    m = _one_hot_gpt2(V, S, d, n_heads)
+    with torch.no_grad():
+        tr = m.transformer
+        blk = tr.h[0]
         W = blk.attn.c_attn.weight  # [d, 3d]: Q | K | V, each split into heads of width hd
         b = blk.attn.c_attn.bias
         for h in range(n_heads):

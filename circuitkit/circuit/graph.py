@@ -1,92 +1,225 @@
-"""Circuit graph: verified nodes, edges found by path patching, outputs.
+"""Circuit graph: its nodes, the edges path patching finds between them, and the answers.
 
-Nodes are verified (site@position, features); output nodes ``out:A1`` ... are the task's answers.
-An edge sender → receiver exists when patching the sender from a source that differs in the
-sender's feature, *along the receiver's input path only* (every other component between them
-frozen at its base value), moves the answer the receiver is verified for; it is labelled with the
-sender's feature.  Edges node → output come from verification (the answers the node is
-necessary and sufficient for), unless a path edge to another node verified for the same answer
-already explains the effect (then the answer is reached through that node).
+Nodes are the final circuit's sites: verified (site@position, features) and the components that
+circuit growth added without a verified feature (``explained = False``, labelled "unexplained").
+Output nodes ``out:A1`` ... are the task's answers.
+
+An edge sender → receiver is tested for every ordered pair that the residual stream allows
+(the sender writes before the receiver reads, never from a later position), except *containment*
+pairs, which hold by definition (a component and the residual stream at its own position that
+already contains its output; two residual sites of one position).  The test is Wang et al.'s path
+patching (``circuitkit.patching.path.path_patch_to_site``): the sender takes a source's value along
+the path into the receiver only, everything else between them frozen at the base.
+
+* An explained sender is patched from fair sources that differ in its feature, and — the agree-pair
+  control — from fair sources that agree on it.  effect = change rate (differ) − change rate
+  (agree) of the answers downstream of the receiver; IIA = share of differing pairs whose answer
+  becomes what the sender's feature predicts.
+* An unexplained sender is patched from aligned resample sources (same layout); effect = change rate.
+
+The edge is kept when its effect's CI low is at least ``min_edge`` and labelled with the sender's
+feature.  Output edges (node → ``out:T``) are path patched the same way to the final residual
+stream at the answer's position (the unembedding's input), for nodes written at that position.
 """
 from __future__ import annotations
 
 import random
 import zlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import networkx as nx
-import numpy as np
 import torch
 from torch import Tensor
 
 from circuitkit.patching.path import path_patch_to_site, read_depth, write_depth
 from circuitkit.sites import Site, parse_site
+from circuitkit.tasks.base import LAYOUT
 from circuitkit.verify.interchange import InterchangeVerifier
 from circuitkit.verify.report import VerifiedNode
-from circuitkit.verify.stats import estimate
+from circuitkit.verify.stats import Estimate, diff_estimate, estimate
+
+RESID_KINDS = ("resid_pre", "resid_mid", "resid_post")
+
+
+def _resid_depth(s: Site) -> int:
+    """Depth of a residual-stream site's value: x{L}.pre 2L, x{L}.mid 2L+1, x{L}.post 2L+2."""
+    return 2 * (s.layer or 0) + {"resid_pre": 0, "resid_mid": 1, "resid_post": 2}[s.kind]
+
 
 def can_send(sender: Site, receiver: Site) -> bool:
     """Whether the sender's value can reach the receiver's input through the residual stream."""
     if sender == receiver:
         return False
-    if sender.kind.startswith("resid") and receiver.kind.startswith("resid"):
-        return write_depth(sender) < read_depth(receiver)
+    if sender.kind in RESID_KINDS and receiver.kind in RESID_KINDS:
+        return _resid_depth(sender) < _resid_depth(receiver)
+    if receiver.kind in RESID_KINDS:
+        return write_depth(sender) <= _resid_depth(receiver)
+    if sender.kind in RESID_KINDS:
+        return _resid_depth(sender) <= read_depth(receiver)
     return write_depth(sender) <= read_depth(receiver) and write_depth(sender) < write_depth(receiver)
+
+
+def is_containment(sender: Site, receiver: Site) -> bool:
+    """The receiver is the residual stream at the sender's own position, which holds the sender's
+    output (or an earlier residual value) by definition: a path-patching edge there means nothing."""
+    return receiver.kind in RESID_KINDS and sender.position == receiver.position and can_send(sender, receiver)
 
 
 @dataclass(frozen=True)
 class EdgeResult:
+    """One path-patching test: sender → receiver, read on one answer."""
+
     sender: str
     receiver: str
-    feature: str
+    feature: str  # the sender's feature(s), " + "-joined, or "unexplained"
     target: str
-    effect: float
+    effect: float  # change(differ) − change(agree); for unexplained senders the change rate
     ci_low: float
     ci_high: float
     n: int
+    change_agree: float | None  # the agree-pair control (explained senders)
+    iia: float | None  # answer moved as the sender's feature predicts, along this path only
+    iia_ci: tuple[float, float] | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
-def edge_effects(verifier: InterchangeVerifier, sender: VerifiedNode, receiver: VerifiedNode,
-                 n_pairs: int = 150) -> list[EdgeResult]:
-    """Change rate of the receiver's answers when only the sender→receiver path carries a source
-    that differs in the sender's (first) feature; one result per answer the receiver is verified for."""
-    s_site, r_site = parse_site(sender.site), parse_site(receiver.site)
-    feature = sender.features[0]
-    codes = verifier.codes(s_site, feature)[None]
-    rng = random.Random(zlib.crc32(f"{sender.site}->{receiver.site}".encode()))
-    old = verifier.n_pairs
-    verifier.n_pairs = n_pairs
-    try:
-        base, src = verifier._pairs(codes, agree=False, rng=rng)
-    finally:
-        verifier.n_pairs = old
-    if base.size == 0:
-        return []
-    logits = path_patch_to_site(verifier.pm, verifier.ids[base], verifier.ids[src], s_site, r_site)
-    pred = logits.argmax(-1).cpu()
-    changes = verifier._changes(r_site, base, pred)
-    out = []
-    for t in receiver.targets:
-        x = changes.get(t)
-        if x is None or x.size == 0:
-            continue
-        e = estimate(x)
-        out.append(EdgeResult(sender.site, receiver.site, feature, t, e.mean, e.ci_low, e.ci_high, e.n))
+@dataclass(frozen=True)
+class CircuitNode:
+    """A node of the final circuit: a site, what it carries (if verified) and how it got in."""
+
+    site: str
+    features: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
+    iia: float | None = None
+    effect: float = 0.0
+    explained: bool = True  # False: added by circuit growth, no verified feature
+    architectural: bool = False
+    group: tuple[str, ...] = ()
+    joint: bool = False
+
+    @classmethod
+    def from_verified(cls, n: VerifiedNode) -> "CircuitNode":
+        return cls(n.site, n.features, n.targets, n.iia, n.effect, True, n.architectural, n.group, n.joint)
+
+    @classmethod
+    def unexplained(cls, site: str) -> "CircuitNode":
+        return cls(site, explained=False)
+
+
+def _target_position_names(verifier: InterchangeVerifier) -> dict[str, str]:
+    """{target: the named position where it is read} (the first input's naming)."""
+    out: dict[str, str] = {}
+    for toks, ts in zip(verifier.tokens, verifier.targets):
+        named = {i: n for n, i in verifier.task.positions(toks).items()}
+        for t in ts:
+            if t.name not in out and t.position in named:
+                out[t.name] = named[t.position]
     return out
 
 
-def build_circuit(verifier: InterchangeVerifier, nodes: Sequence[VerifiedNode], min_edge: float = 0.1,
-                  n_pairs: int = 150) -> nx.DiGraph:
-    """A DiGraph of verified nodes, path-patching edges between them, and output nodes.
+def _aligned_pairs(verifier: InterchangeVerifier, n: int, rng: random.Random) -> tuple[list[int], list[str]]:
+    """Bases of the search split and one aligned (same-layout) resample source each."""
+    rows = list(verifier.split_rows["search"])
+    rng.shuffle(rows)
+    bases, srcs = [], []
+    for i in rows:
+        if len(bases) >= n:
+            break
+        got = verifier.task.fair_sources(verifier.inputs[i], rng, 1, (LAYOUT,))
+        if got:
+            bases.append(i)
+            srcs.append(got[0])
+    return bases, srcs
 
-    An edge sender → receiver is kept when the CI low of the receiver's answer change rate along
-    that path alone is at least ``min_edge`` (stated in the graph's ``edge_rule`` attribute).
-    """
+
+@torch.no_grad()
+def _path_pred(verifier: InterchangeVerifier, bases: Sequence[int], sources: Sequence[str], sender: Site,
+               receiver: Site) -> Tensor:
+    if not bases:
+        return torch.zeros(0, verifier.ids.shape[1], dtype=torch.long)
+    logits = path_patch_to_site(verifier.pm, verifier.ids[list(bases)], verifier.task.encode(list(sources)),
+                                sender, receiver)
+    return logits.argmax(-1).cpu()
+
+
+def edge_effects(verifier: InterchangeVerifier, sender: CircuitNode | VerifiedNode, receiver_site: str,
+                 answers: Sequence[str], n_pairs: int = 150) -> list[EdgeResult]:
+    """Path-patching results of sender → receiver on each of ``answers`` (see the module docstring).
+
+    ``receiver_site`` may be a site or ``out:T`` (the final residual stream at T's position)."""
+    if isinstance(sender, VerifiedNode):
+        sender = CircuitNode.from_verified(sender)
+    s_site = parse_site(sender.site)
+    if receiver_site.startswith("out:"):
+        tname = receiver_site[4:]
+        pos = _target_position_names(verifier).get(tname)
+        if pos is None:
+            return []
+        r_site = Site("resid_post", verifier.pm.n_layers - 1, position=pos)
+    else:
+        r_site = parse_site(receiver_site)
+    rng = random.Random(zlib.crc32(f"{sender.site}->{receiver_site}|{verifier.seed}".encode()))
+    feats = list(sender.features)
+    if feats:
+        db, ds, ab, as_ = verifier.fair_pairs(s_site, feats, "search", rng=rng, n_pairs=n_pairs)
+    else:
+        db, ds = _aligned_pairs(verifier, n_pairs, rng)
+        ab, as_ = [], []
+    pred_d = _path_pred(verifier, db, ds, s_site, r_site)
+    pred_a = _path_pred(verifier, ab, as_, s_site, r_site)
+    ch_d, ch_a = verifier.changes(r_site, db, pred_d), verifier.changes(r_site, ab, pred_a)
+    label = " + ".join(feats) if feats else "unexplained"
+    out = []
+    for t in answers:
+        xd = ch_d.get(t)
+        if xd is None or xd.size < 2:
+            continue
+        xa = ch_a.get(t)
+        if feats and xa is not None and xa.size >= 2:
+            e: Estimate = diff_estimate(xd, xa)
+            agree = float(xa.mean())
+        else:
+            e, agree = estimate(xd), None
+        iia = iia_ci = None
+        am = verifier.answer_model(s_site, feats, t) if feats else None
+        if am is not None:
+            hits, _ = verifier.iia_hits(s_site, feats, am, db, ds, pred_d)
+            if hits.size:
+                ie = estimate(hits)
+                iia, iia_ci = round(ie.mean, 4), (round(ie.ci_low, 4), round(ie.ci_high, 4))
+        out.append(EdgeResult(sender.site, receiver_site, label, t, round(e.mean, 4), round(e.ci_low, 4),
+                              round(e.ci_high, 4), e.n, None if agree is None else round(agree, 4), iia, iia_ci))
+    return out
+
+
+def _answers_after(verifier: InterchangeVerifier, site: Site) -> list[str]:
+    """Answers read at or after the site's position (on the inputs where it resolves)."""
+    names: dict[str, None] = {}
+    for toks, ts in zip(verifier.tokens[:200], verifier.targets[:200]):
+        try:
+            p = verifier.task.resolve_position(site.position, toks)
+        except Exception:  # noqa: BLE001 - a position absent from this input
+            continue
+        for t in ts:
+            if t.position >= p:
+                names[t.name] = None
+    return list(names)
+
+
+def build_circuit(verifier: InterchangeVerifier, nodes: Sequence[CircuitNode | VerifiedNode], min_edge: float = 0.1,
+                  n_pairs: int = 150, progress: bool = False) -> nx.DiGraph:
+    """A DiGraph of the circuit's nodes, path-patching edges between them, and output nodes; every
+    tested edge (kept or not) is listed in the graph attribute ``edge_tests``."""
+    cnodes = [CircuitNode.from_verified(n) if isinstance(n, VerifiedNode) else n for n in nodes]
     g = nx.DiGraph(task=verifier.task.name,
-                   edge_rule=f"path-patching change rate CI low >= {min_edge} on an answer the receiver carries")
+                   edge_rule=f"path-patching effect CI low >= {min_edge} on an answer downstream of the receiver "
+                             "(explained senders: change rate when the sender's feature differs minus when it agrees; "
+                             "unexplained senders: change rate under aligned resampling); containment pairs not tested")
     example = verifier.tokens[0]
-    for n in nodes:
+    for n in cnodes:
         s = parse_site(n.site)
         try:
             pos = verifier.task.resolve_position(s.position, example)
@@ -97,46 +230,70 @@ def build_circuit(verifier: InterchangeVerifier, nodes: Sequence[VerifiedNode], 
             d["features"] = list(dict.fromkeys(d["features"] + list(n.features)))
             d["targets"] = list(dict.fromkeys(d["targets"] + list(n.targets)))
             d["effect"] = max(d["effect"], n.effect)
+            d["explained"] = d["explained"] or n.explained
             continue
         g.add_node(n.site, kind="site", site_kind=s.kind, layer=s.layer if s.layer is not None else -1,
                    head=s.head if s.head is not None else -1, position=str(s.position), index=pos,
-                   depth=write_depth(s), features=list(n.features), targets=list(n.targets), effect=n.effect,
-                   iia=n.iia if n.iia is not None else -1.0, joint=n.joint, group=", ".join(n.group))
+                   depth=_resid_depth(s) if s.kind in RESID_KINDS else write_depth(s),
+                   features=list(n.features) if n.features else ["unexplained"] * (not n.explained),
+                   targets=list(n.targets), effect=n.effect, iia=n.iia if n.iia is not None else -1.0,
+                   joint=n.joint, group=", ".join(n.group), explained=n.explained, architectural=n.architectural)
+    by_site = {n.site: n for n in cnodes}
+    site_nodes = list(g.nodes)
+    tpos = _target_position_names(verifier)
     last = 2 * verifier.pm.n_layers + 1
-    for site in [n for n in g.nodes if g.nodes[n]["kind"] == "site"]:
-        d = g.nodes[site]
-        for t in d["targets"]:
-            out = f"out:{t}"
-            if not g.has_node(out):
-                tpos = next((x.position for ts in verifier.targets for x in ts if x.name == t), -1)
-                g.add_node(out, kind="output", site_kind="output", layer=verifier.pm.n_layers, head=-1,
-                           position=t, index=tpos, depth=last, features=[], targets=[t], effect=0.0, iia=-1.0,
-                           joint=False, group="")
-            g.add_edge(site, out, kind="output", feature=" + ".join(d["features"]), answer=t, effect=d["effect"],
-                       ci_low=d["effect"], ci_high=d["effect"])
-    site_nodes = [n for n in g.nodes if g.nodes[n]["kind"] == "site"]
-    by_site = {n.site: n for n in nodes}
+    tests: list[dict] = []
+    pairs = []
     for a in site_nodes:
         for b in site_nodes:
             sa, sb = parse_site(a), parse_site(b)
-            if not can_send(sa, sb):
+            if not can_send(sa, sb) or is_containment(sa, sb):
                 continue
             ia, ib = g.nodes[a]["index"], g.nodes[b]["index"]
             if ia > ib >= 0:
                 continue  # attention only reads earlier positions
-            res = edge_effects(verifier, by_site[a], by_site[b], n_pairs)
-            best = max(res, key=lambda r: r.ci_low, default=None)
-            if best is not None and best.ci_low >= min_edge:
-                g.add_edge(a, b, kind="path", feature=best.feature, answer=best.target, effect=round(best.effect, 4),
-                           ci_low=round(best.ci_low, 4), ci_high=round(best.ci_high, 4))
-    # a node -> answer edge is kept only when no path edge to another node carrying that answer explains it
-    for a in site_nodes:
-        for b in [b for b in g.successors(a) if g.edges[a, b]["kind"] == "output"]:
-            t = g.edges[a, b]["answer"]
-            if any(g.edges[a, r]["kind"] == "path" and t in g.nodes[r]["targets"] for r in g.successors(a)):
-                g.remove_edge(a, b)
+            pairs.append((a, b))
+        for t, p in tpos.items():
+            if str(parse_site(a).position) == p:
+                pairs.append((a, f"out:{t}"))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(pairs), desc="edges", unit="edge")
+    for a, b in pairs:
+        if b.startswith("out:"):
+            answers = [b[4:]]
+        else:
+            node_b = g.nodes[b]
+            answers = node_b["targets"] if node_b["explained"] and node_b["targets"] else _answers_after(
+                verifier, parse_site(b))
+        res = edge_effects(verifier, by_site[a], b, answers, n_pairs)
+        tests += [r.to_dict() for r in res]
+        best = max(res, key=lambda r: r.ci_low, default=None)
+        if best is not None and best.ci_low >= min_edge:
+            if b.startswith("out:") and not g.has_node(b):
+                t = b[4:]
+                g.add_node(b, kind="output", site_kind="output", layer=verifier.pm.n_layers, head=-1, position=t,
+                           index=next((x.position for ts in verifier.targets for x in ts if x.name == t), -1),
+                           depth=last, features=[], targets=[t], effect=0.0, iia=-1.0, joint=False, group="",
+                           explained=True, architectural=False)
+            g.add_edge(a, b, kind="output" if b.startswith("out:") else "path", feature=best.feature,
+                       answer=best.target, effect=best.effect, ci_low=best.ci_low, ci_high=best.ci_high,
+                       change_agree=-1.0 if best.change_agree is None else best.change_agree,
+                       iia=-1.0 if best.iia is None else best.iia, n=best.n)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    g.graph["edge_tests"] = tests
     return g
 
 
-__all__ = ["read_depth", "write_depth", "can_send", "EdgeResult", "edge_effects",
-           "build_circuit"]
+def edge_list(g: nx.DiGraph) -> list[tuple[str, str]]:
+    """The graph's edges (path and output) as (sender, receiver) pairs, for edge-level evaluation."""
+    return [(a, b) for a, b in g.edges]
+
+
+__all__ = ["read_depth", "write_depth", "can_send", "is_containment", "EdgeResult", "CircuitNode", "edge_effects",
+           "build_circuit", "edge_list"]

@@ -192,4 +192,23 @@ class DecoderPreimage:
         return out
 
 
-__all__ = ["Sample", "QueryPreimage", "PreimageSource", "PoolPreimage", "DecoderPreimage", "DEFAULT_EPS"]
+class RoutedPreimage:
+    """Decoder preimages at the sites the decoder was trained on; exact pool preimages elsewhere (e.g. the
+    MLP outputs of a multi-head model, which the paper's decoders do not decode).  ``used`` records which
+    source served each site."""
+
+    def __init__(self, decoder_source: DecoderPreimage, pool_source: PoolPreimage, decoded: Sequence[str]) -> None:
+        self.decoder_source, self.pool_source = decoder_source, pool_source
+        self.decoded = {str(x).split("@")[0] for x in decoded}
+        self.eps = decoder_source.eps
+        self.name = "decoder (pool where the decoder has no site)"
+        self.used: dict[str, str] = {}
+
+    def preimages(self, site: Site, queries: Sequence[str]) -> list[QueryPreimage]:
+        src = self.decoder_source if site.node in self.decoded else self.pool_source
+        self.used[str(site)] = src.name
+        return src.preimages(site, queries)
+
+
+__all__ = ["Sample", "QueryPreimage", "PreimageSource", "PoolPreimage", "DecoderPreimage", "RoutedPreimage",
+           "DEFAULT_EPS"]

@@ -61,6 +61,32 @@ def stage_patching(ctx: "RunContext", runner: "StageRunner") -> None:
                                                       cfg.patching.target, cfg.seed], fn, depends=("model",))
 
 
+def stage_screen(ctx: "RunContext", runner: "StageRunner") -> None:
+    """Coverage: every decoder site at every named position (or ``[hypotheses] positions``) patched by
+    aligned resampling; the pairs that change the answer go on to hypotheses and verification.
+    Skipped when ``[hypotheses] sites`` lists the sites explicitly."""
+    from circuitkit.inversion.train import decoder_sites
+    from circuitkit.patching.screen import screen_sites
+
+    cfg, pm = ctx.cfg, ctx.probed
+    h = cfg.hypotheses
+    if h.sites:
+        ctx.results["screen"] = {"skipped": "[hypotheses] sites lists the sites", "kept": list(h.sites)}
+        return
+    sites = [parse_site(s) for s in cfg.decoder.sites] or decoder_sites(pm)
+    positions = list(h.positions) or list(pm.task.position_names)
+
+    def fn(d: Path) -> dict:
+        res = screen_sites(pm, [s.at(None) for s in sites], positions, n=h.screen_examples, seed=cfg.seed,
+                           threshold=h.screen_threshold, progress=ctx.progress)
+        return {**res.to_dict(), "sites": [str(s) for s in sites], "positions": positions}
+
+    ctx.results["screen"] = runner.run("screen", [[str(s) for s in sites], positions, h.screen_examples,
+                                                  h.screen_threshold, cfg.seed], fn, depends=("model",))
+    ctx.log(f"  screen: {len(ctx.results['screen']['kept'])} of {len(ctx.results['screen']['rows'])} "
+            "site-positions change the answer")
+
+
 def stage_circuit(ctx: "RunContext", runner: "StageRunner") -> None:
     """Hypotheses from decoder ε-preimages -> interchange verification with null controls ->
     circuit graph with path-patching edges -> faithfulness / completeness / minimality."""

@@ -54,7 +54,12 @@ class InversionSection:
 
 @dataclass
 class HypothesisSection:
-    sites: list[str] = field(default_factory=list)  # sites with positions, e.g. "a1.0@:"
+    # sites with positions, e.g. "a1.0@:"; empty = every decoder site at every named position (or at
+    # ``positions``) where aligned resample patching changes the answer at least ``screen_threshold``
+    sites: list[str] = field(default_factory=list)
+    positions: list[str] = field(default_factory=list)  # the screen's positions (empty = every named one)
+    screen_threshold: float = 0.05  # change rate of the downstream answers under aligned resampling
+    screen_examples: int = 300
     source: str = "decoder"  # where ε-preimages come from: "decoder" (InversionView) or "pool" (exact search)
     queries: int = 100
     # decoder samples per (temperature, noise) cell for each hypothesis query; 0 = [decoder] n_per_cell.
@@ -63,6 +68,14 @@ class HypothesisSection:
     pool: int = 20000  # pool size for source = "pool" (and the random baseline)
     pairs: int = 200  # interchange pairs per verification test
     eval_inputs: int = 1000  # inputs for faithfulness / completeness / minimality
+
+
+@dataclass
+class CircuitSection:
+    target: float = 0.9  # grow the circuit until normalised faithfulness (logit difference) reaches this
+    min_edge: float = 0.1  # keep a path-patching edge when its effect's CI low is at least this
+    edge_pairs: int = 150  # pairs per edge test
+    completeness_subsets: int = 20  # random subsets K of the circuit for Wang et al.'s completeness
 
 
 @dataclass
@@ -83,6 +96,7 @@ class CaseConfig:
     decoder: DecoderSection = field(default_factory=DecoderSection)
     inversion: InversionSection = field(default_factory=InversionSection)
     hypotheses: HypothesisSection = field(default_factory=HypothesisSection)
+    circuit: CircuitSection = field(default_factory=CircuitSection)
     patching: PatchingSection = field(default_factory=PatchingSection)
     paper_claims: list[dict[str, str]] = field(default_factory=list)
     quick: bool = False
@@ -92,7 +106,7 @@ class CaseConfig:
 
 
 _SECTIONS = {"model": ModelSection, "decoder": DecoderSection, "inversion": InversionSection,
-             "hypotheses": HypothesisSection, "patching": PatchingSection}
+             "hypotheses": HypothesisSection, "circuit": CircuitSection, "patching": PatchingSection}
 
 
 def _build(cls, data: dict[str, Any], where: str, quick: bool):
@@ -141,6 +155,16 @@ def load_case(name_or_path: str, quick: bool = False) -> CaseConfig:
     if cfg.hypotheses.n_per_cell < 0:
         raise CircuitkitError(f"{path.name} [hypotheses]: n_per_cell must be >= 1, or 0 for [decoder] n_per_cell; "
                               f"got {cfg.hypotheses.n_per_cell}")
+    h, c = cfg.hypotheses, cfg.circuit
+    if not 0 <= h.screen_threshold <= 1:
+        raise CircuitkitError(f"{path.name} [hypotheses]: screen_threshold is a change rate in [0, 1], got "
+                              f"{h.screen_threshold}")
+    if h.screen_examples < 10:
+        raise CircuitkitError(f"{path.name} [hypotheses]: screen_examples must be >= 10, got {h.screen_examples}")
+    if not 0 < c.target <= 1:
+        raise CircuitkitError(f"{path.name} [circuit]: target is a normalised faithfulness in (0, 1], got {c.target}")
+    if c.edge_pairs < 10 or c.completeness_subsets < 0:
+        raise CircuitkitError(f"{path.name} [circuit]: edge_pairs must be >= 10 and completeness_subsets >= 0")
     if cfg.model.source == "path" and not cfg.model.path:
         raise CircuitkitError(f"{path.name} [model]: source = 'path' needs path = '<checkpoint dir>'")
     return cfg

@@ -14,7 +14,7 @@ from circuitkit.errors import CircuitkitError
 from circuitkit.manifest import build_manifest, git_commit
 from circuitkit.models.checkpoint import ProbedModel, load_probed
 from circuitkit.models.local_gpt2 import find_gpt2_small, missing_message
-from circuitkit.pipeline.analysis import evaluate_claims, stage_circuit, stage_groups, stage_patching
+from circuitkit.pipeline.analysis import evaluate_claims, stage_circuit, stage_groups, stage_patching, stage_screen
 from circuitkit.pipeline.config import CaseConfig
 from circuitkit.pipeline.stages import StageRunner
 from circuitkit.seeding import seed_everything
@@ -179,6 +179,7 @@ STAGES: list[tuple[str, Callable[[RunContext, StageRunner], None]]] = [
     ("inversions", stage_inversions),
     ("patching", stage_patching),
     ("groups", stage_groups),
+    ("screen", stage_screen),
     ("circuit", stage_circuit),
 ]
 

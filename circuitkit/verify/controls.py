@@ -1,32 +1,150 @@
-"""Null controls that run beside every real verification and must verify nothing.
+"""Null controls that run beside every real verification, each of which *could* fail.
 
 * ``random_model``: the same tests (same inputs, pairs and features) on a randomly initialised
-  model of the same architecture (``circuitkit.models.train.random_init_like``).
-* ``shuffled_feature``: the same tests on the real model with the feature's values permuted
-  across inputs (so "f differs" / "f agrees" no longer mean anything).
+  model of the same architecture, scaled until its predictions vary with the input
+  (``varied_random_model``) — a model that predicts one token for every input cannot fail a test.
+  A claim that verifies there too is *architectural* (true by construction, e.g. an embedding
+  carries its own token), reported apart from learned findings and never counted as one.
+* ``shuffled_feature``: the same tests on the real model with each input's feature values
+  replaced by those of a fixed pseudo-random other input (same marginals, no association); the
+  answer model of the real feature still predicts, so IIA would be high only if the test were
+  broken.  Must verify nothing.
+* ``proxy``: beside every verified (site, feature), the feature's proxies (``Task.proxies``, else
+  the task feature most associated with it that neither determines nor is determined by it) are
+  tested at the same site.  A proxy correlated with the true feature must be rejected.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
-from circuitkit.models.checkpoint import ProbedModel
-from circuitkit.models.train import random_init_like
-from circuitkit.verify.interchange import InterchangeVerifier, Verdict
+import numpy as np
+import torch
 
-CONTROLS = ("random_model", "shuffled_feature")
+from circuitkit.models.checkpoint import ProbedModel
+from circuitkit.models.train import as_probed
+from circuitkit.verify.interchange import InterchangeVerifier, Verdict, group_sites
+
+CONTROLS = ("random_model", "shuffled_feature", "proxy")
+#: controls whose verified tests are failures (random_model verdicts mark claims architectural instead)
+FAILING_CONTROLS = ("shuffled_feature", "proxy")
+#: initial weight scales tried for the random model, smallest first
+INIT_SCALES = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+@dataclass(frozen=True)
+class RandomModelInfo:
+    """How the random-init control model was made and how varied its predictions are."""
+
+    init_std: float
+    distinct_predictions: int
+    top_share: float  # share of inputs given the most common prediction (over every answer)
+
+    def to_dict(self) -> dict:
+        return {"init_std": self.init_std, "distinct_predictions": self.distinct_predictions,
+                "top_share": round(self.top_share, 4)}
+
+
+def _prediction_spread(pm: ProbedModel, ids: torch.Tensor, rows_targets) -> tuple[int, float]:
+    with torch.no_grad():
+        pred = pm.runner.logits(ids.to(pm.device)).argmax(-1).cpu()
+    preds = [int(pred[i, t.position]) for i, ts in enumerate(rows_targets) for t in ts]
+    if not preds:
+        return 0, 1.0
+    vals, counts = np.unique(preds, return_counts=True)
+    return int(vals.size), float(counts.max() / counts.sum())
+
+
+def varied_random_model(verifier: InterchangeVerifier, seed: int = 0, max_top_share: float = 0.5,
+                        min_distinct: int = 3) -> tuple[ProbedModel, RandomModelInfo]:
+    """A randomly initialised copy of the verifier's model whose predictions vary with the input:
+    the smallest weight scale in ``INIT_SCALES`` at which no prediction takes more than
+    ``max_top_share`` of the answers and at least ``min_distinct`` tokens are predicted (else the
+    most varied one tried)."""
+    from transformers import GPT2LMHeadModel
+
+    pm = verifier.pm
+    n = min(500, len(verifier.inputs))
+    ids, targets = verifier.ids[:n], verifier.targets[:n]
+    best = None
+    for std in INIT_SCALES:
+        cfg = pm.hf_model.config.__class__.from_dict({**pm.hf_model.config.to_dict(), "initializer_range": std})
+        torch.manual_seed(seed)
+        fresh = as_probed(GPT2LMHeadModel(cfg).to(pm.device), pm.task)
+        distinct, top = _prediction_spread(fresh, ids, targets)
+        info = RandomModelInfo(std, distinct, top)
+        if best is None or (top, -distinct) < (best[1].top_share, -best[1].distinct_predictions):
+            best = (fresh, info)
+        if top <= max_top_share and distinct >= min_distinct:
+            return fresh, info
+    return best
 
 
 def null_verifier(verifier: InterchangeVerifier, seed: int = 0) -> InterchangeVerifier:
-    """A verifier over a randomly initialised copy of the verifier's model (same inputs, features)."""
-    null_pm: ProbedModel = random_init_like(verifier.pm, seed=seed)
-    return verifier.with_model(null_pm)
+    """A verifier over a varied random-init copy of the verifier's model (same inputs, splits, features);
+    ``.random_model_info`` says how it was made."""
+    model, info = varied_random_model(verifier, seed)
+    null = verifier.with_model(model)
+    null.random_model_info = info  # type: ignore[attr-defined]
+    return null
 
 
-def run_controls(verifier: InterchangeVerifier, null: InterchangeVerifier, site: str,
-                 features: Sequence[str]) -> list[Verdict]:
-    """Both null controls for one (site, features) test."""
-    return [null.test(site, features, condition="random_model"),
-            verifier.test(site, features, condition="shuffled_feature", shuffle=True)]
+def run_controls(verifier: InterchangeVerifier, null: InterchangeVerifier, site: str, features: Sequence[str],
+                 split: str = "search") -> list[Verdict]:
+    """The random-model and shuffled-feature controls for one (site, features) test."""
+    return [null.test(site, features, condition="random_model", split=split),
+            verifier.test(site, features, condition="shuffled_feature", shuffle=True, split=split)]
 
 
-__all__ = ["CONTROLS", "null_verifier", "run_controls"]
+def proxy_features(verifier: InterchangeVerifier, site: str, feature: str, min_association: float = 0.05) -> list[str]:
+    """The task's declared proxies of ``feature``, else the task feature most associated with it
+    (normalised mutual information on the inputs, at least ``min_association``) that is neither a
+    function of it nor it a function of them."""
+    task = verifier.task
+    declared = [p for p in task.proxies(feature) if p in verifier.features]
+    if declared:
+        return declared
+    s = group_sites(site)[0]
+    f = verifier.codes(s, feature)
+    best, best_nmi = None, min_association
+    for name in verifier.task_feature_names:
+        if name == feature or name in task.holds_fixed([feature]):
+            continue
+        g = verifier.codes(s, name)
+        ok = (f >= 0) & (g >= 0)
+        if ok.sum() < 50 or _is_function(f[ok], g[ok]) or _is_function(g[ok], f[ok]):
+            continue
+        nmi = _nmi(f[ok], g[ok])
+        if nmi > best_nmi:
+            best, best_nmi = name, nmi
+    return [best] if best else []
+
+
+def _is_function(x: np.ndarray, y: np.ndarray) -> bool:
+    """y is (almost always) a function of x."""
+    pairs = np.unique(np.stack([x, y]), axis=1)
+    return np.unique(pairs[0]).size >= pairs.shape[1] * 0.99
+
+
+def _nmi(x: np.ndarray, y: np.ndarray) -> float:
+    """Mutual information of two code arrays over sqrt(H(x) H(y)) (0 when either is constant)."""
+    from scipy.stats import contingency, entropy
+
+    _, table = contingency.crosstab(x, y)
+    p = table / table.sum()
+    px, py = p.sum(1), p.sum(0)
+    hx, hy = entropy(px), entropy(py)
+    if hx <= 0 or hy <= 0:
+        return 0.0
+    nz = p > 0
+    mi = float((p[nz] * np.log(p[nz] / np.outer(px, py)[nz])).sum())
+    return mi / float(np.sqrt(hx * hy))
+
+
+def run_proxy_controls(verifier: InterchangeVerifier, site: str, feature: str, split: str = "search") -> list[Verdict]:
+    """The proxy control beside a verified (site, feature): each proxy tested at the site."""
+    return [verifier.test(site, [p], condition="proxy", split=split) for p in proxy_features(verifier, site, feature)]
+
+
+__all__ = ["CONTROLS", "FAILING_CONTROLS", "RandomModelInfo", "varied_random_model", "null_verifier", "run_controls",
+           "proxy_features", "run_proxy_controls"]

@@ -1,27 +1,33 @@
-"""Verify "site S@p carries feature f" by interchange interventions.
+"""Verify "site S@p carries feature f" by interchange interventions on *fair* (stratified) pairs.
 
 For a hypothesis we patch S@p from a **source** input into a **base** input (patching engine,
-``circuitkit.patching``) and compare the base's predictions at every answer read at or after p:
+``circuitkit.patching``) and read the base's predictions at every answer read at or after p.
+Sources are drawn per base by ``Task.fair_sources``: they hold fixed what ``Task.holds_fixed``
+names for f (the layout, and e.g. the query letter for ``count(query)``; IOI's base's own two
+names for ``IO``), so a test asks about f and nothing else.  Per base we draw one source whose f
+differs and one whose f agrees.
 
-* necessity — pairs whose f differs: the prediction should change far more often than for pairs
-  whose f agrees (effect = change rate(f differs) − change rate(f agrees), bootstrap CI).  When f
-  determines an answer on the task's inputs (answer = g(f) with purity ≥ 0.99) we also demand that
-  the output moves *the way f predicts*: interchange-intervention accuracy IIA = share of
-  f-differing pairs whose patched prediction equals g(f(source)).
-* sufficiency — pairs whose f agrees but which differ elsewhere: the prediction should stay put
-  (change rate CI high ≤ threshold).
+Per answer (target) that f is *relevant* to — the task's answer is a function of f and a small
+context D on the task's inputs (``circuitkit.verify.answers``) — three things must hold:
 
-A site whose best single feature is necessary but not sufficient is tested with a growing set of
-its necessary features (sources agreeing on all of them), so a node may carry several features.
+* **IIA** (the main criterion): among f-differing pairs, the patched prediction equals what f
+  predicts, g(f(source), D(base)); CI low ≥ ``min_iia``.
+* **moves**: change rate (f differs) − change rate (f agrees), CI low ≥ ``min_effect``.
+* **stable**: sources agreeing on f (in the same stratum) leave the prediction unchanged: change
+  rate CI high ≤ ``max_change_agree``.
+
+A feature that predicts no answer (no relevant target) cannot be verified, however much patching
+moves the output (a proxy such as the string's length).  Confidence intervals are Bonferroni-
+adjusted over the relevant answers of one test, so "verified on some answer" keeps its level.
+Tests draw their bases from the ``search`` half of the inputs; joint-feature and site-group
+searches are re-tested on the held-out ``confirm`` half before anything is accepted.
 A *site group* (``"a1.0@END & a1.2@END"``: sites at one position, patched together) tests a
-feature that several components carry redundantly, where patching any one of them alone moves
-nothing (backup heads).
+feature that several components carry redundantly.
 """
 from __future__ import annotations
 
 import random
 import zlib
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -31,32 +37,39 @@ from torch import Tensor
 
 from circuitkit.errors import CircuitkitError
 from circuitkit.hypotheses.features import AnyFeature, all_features
-from circuitkit.hypotheses.records import Hypothesis
-from circuitkit.hypotheses.scoring import FeatureEncoder
 from circuitkit.models.checkpoint import ProbedModel
 from circuitkit.sites import Site, check_site, parse_site
+from circuitkit.tasks.base import LAYOUT
+from circuitkit.verify.answers import AnswerModel, FeatureCoder, fit_answer_model
 from circuitkit.verify.stats import Estimate, diff_estimate, estimate
+
+SPLITS = ("search", "confirm")
 
 
 @dataclass(frozen=True)
 class VerifyThresholds:
     """Verdict rules, stated in every output."""
 
-    min_effect: float = 0.1  # necessity: CI low of change(f differs) − change(f agrees) ≥ this
-    min_iia: float = 0.5  # necessity, answer-determining f: CI low of IIA ≥ this
-    max_change_agree: float = 0.15  # sufficiency: CI high of change(f agrees) ≤ this
-    determining_purity: float = 0.99  # f "determines" an answer when answer = g(f) on this share of inputs
-    min_pairs: int = 30  # fewer pairs than this on either side: no verdict (counts as not verified)
-    confidence: float = 0.95
+    min_iia: float = 0.8  # CI low of IIA on an answer f predicts
+    min_effect: float = 0.1  # CI low of change(f differs) − change(f agrees)
+    max_change_agree: float = 0.15  # CI high of change(f agrees), same stratum
+    determining_purity: float = 0.99  # answer = g(f, D) on at least this share of inputs
+    min_relevance: float = 0.1  # ... and D alone determines it on at least this share fewer
+    max_context: int = 2  # |D| at most
+    min_pairs: int = 30  # fewer pairs than this on either side: no verdict
+    confidence: float = 0.95  # family-wise over the relevant answers of one test (Bonferroni)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def describe(self) -> str:
-        return (f"necessary on an answer when the {self.confidence:.0%} CI low of [change rate when f differs − change "
-                f"rate when f agrees] >= {self.min_effect} (and, when f determines that answer, the CI low of IIA >= "
-                f"{self.min_iia}); sufficient when the CI high of the change rate when f agrees <= "
-                f"{self.max_change_agree}; verified when both hold on some answer; >= {self.min_pairs} pairs per side")
+        return (f"sources are fair (they hold fixed the base's layout and what the feature's definition needs); "
+                f"on an answer that f predicts (answer = g(f, D) on >= {self.determining_purity:.0%} of inputs for a "
+                f"context D of <= {self.max_context} task features, which alone determines >= {self.min_relevance} "
+                f"less): verified when IIA CI low >= {self.min_iia}, CI low of [change rate when f differs − change "
+                f"rate when f agrees] >= {self.min_effect} and CI high of the change rate when f agrees <= "
+                f"{self.max_change_agree}; {self.confidence:.0%} intervals, Bonferroni-adjusted over the answers of a "
+                f"test; >= {self.min_pairs} pairs per side; a feature that predicts no answer is never verified")
 
 
 @dataclass
@@ -70,12 +83,23 @@ class TargetResult:
     change_agree: Estimate | None
     effect: Estimate | None
     iia: Estimate | None
-    determining: bool
-    necessary: bool
-    sufficient: bool
+    iia_coverage: float | None  # share of differing pairs for which f predicts an answer
+    answer_model: dict | None  # AnswerModel.to_dict() when f is relevant to this answer
+    moves: bool
+    iia_ok: bool
+    stable: bool
+
+    @property
+    def relevant(self) -> bool:
+        return self.answer_model is not None
+
+    @property
+    def verified(self) -> bool:
+        return self.relevant and self.moves and self.iia_ok and self.stable
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items()}
+        d = asdict(self)
+        d["relevant"], d["verified"] = self.relevant, self.verified
         return d
 
 
@@ -85,17 +109,28 @@ class Verdict:
 
     site: str
     features: tuple[str, ...]
-    condition: str  # "real", "random_model", "shuffled_feature"
+    condition: str  # "real", "random_model", "shuffled_feature", "proxy"
     targets: list[TargetResult]
     verified: bool
-    necessary_targets: list[str]
+    necessary_targets: list[str]  # answers where patching moves the output (differ − agree)
     verified_targets: list[str]
     note: str = ""
+    split: str = "search"
+    hold: tuple[str, ...] = ()
+    confidence: float = 0.95  # the per-answer CI level used (after the Bonferroni adjustment)
+
+    def best(self) -> TargetResult | None:
+        """The verified (else relevant, else any) answer with the largest IIA / effect."""
+        pool = ([r for r in self.targets if r.verified] or [r for r in self.targets if r.relevant]
+                or list(self.targets))
+        if not pool:
+            return None
+        return max(pool, key=lambda r: ((r.iia.mean if r.iia else -1.0), (r.effect.mean if r.effect else -1.0)))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"site": self.site, "features": list(self.features), "condition": self.condition,
-                "verified": self.verified, "necessary_targets": self.necessary_targets,
-                "verified_targets": self.verified_targets, "note": self.note,
+        return {"site": self.site, "features": list(self.features), "condition": self.condition, "split": self.split,
+                "hold": list(self.hold), "verified": self.verified, "necessary_targets": self.necessary_targets,
+                "verified_targets": self.verified_targets, "note": self.note, "confidence": self.confidence,
                 "targets": [t.to_dict() for t in self.targets]}
 
 
@@ -156,179 +191,217 @@ def _interchange_logits_local(pm: ProbedModel, base_ids: Tensor, source_ids: Ten
 
 # ---- the verifier -----------------------------------------------------------------------------------
 class InterchangeVerifier:
-    """Holds a set of task inputs, their clean predictions, feature codes, and runs the tests.
+    """Holds the task inputs (bases), their clean predictions and true answers, and runs the tests.
 
-    ``inputs``: task texts used as bases and sources (default ``n_inputs`` fresh ones).
+    ``inputs``: task texts used as bases (default ``n_inputs`` fresh ones), split at random into a
+    ``search`` and a held-out ``confirm`` half.  Sources come from ``Task.fair_sources``
+    (``n_candidates`` per base, from which one f-differing and one f-agreeing source are drawn).
     """
 
     def __init__(self, pm: ProbedModel, inputs: Sequence[str] | None = None, n_inputs: int = 3000,
                  n_pairs: int = 200, thresholds: VerifyThresholds | None = None,
-                 features: Mapping[str, AnyFeature] | None = None, seed: int = 0,
-                 encoder: FeatureEncoder | None = None) -> None:
+                 features: Mapping[str, AnyFeature] | None = None, seed: int = 0, n_candidates: int = 24,
+                 coder: FeatureCoder | None = None) -> None:
         self.pm = pm
         self.task = pm.task
         self.th = thresholds or VerifyThresholds()
         self.n_pairs = n_pairs
+        self.n_candidates = n_candidates
         self.seed = seed
         if inputs is None:
             inputs = self.task.generate(random.Random(30_000 + seed), n_inputs)
         self.inputs = list(dict.fromkeys(inputs))
+        if len(self.inputs) < 4:
+            raise CircuitkitError(f"the verifier needs at least 4 distinct inputs, got {len(self.inputs)}")
         self.ids = self.task.encode(self.inputs)
         self.tokens = [self.task.tokens(t) for t in self.inputs]
         self.features = dict(features) if features is not None else all_features(self.task)
-        self.encoder = encoder or FeatureEncoder(self.task, self.features)
+        self.coder = coder or FeatureCoder(self.task, self.features)
         self.targets = [self.task.targets(t) for t in self.tokens]
         self.target_names = list(dict.fromkeys(t.name for ts in self.targets for t in ts))
+        self.task_feature_names = [f.name for f in self.task.task_features() if f.name in self.features]
+        order = list(range(len(self.inputs)))
+        random.Random(20_000 + seed).shuffle(order)
+        half = len(order) // 2
+        self.split_rows = {"search": sorted(order[:half]), "confirm": sorted(order[half:])}
         with torch.no_grad():
             logits = pm.runner.logits(self.ids.to(pm.device))
         self.clean_pred = logits.argmax(-1).cpu()  # [N, pos]
-        self._pos: dict[Any, np.ndarray] = {}
-        self._codes: dict[tuple, np.ndarray] = {}
+        self._answer_models: dict[tuple, AnswerModel | None] = {}
+        self._shuffle_map: dict[str, str] = {}
 
     def with_model(self, pm: ProbedModel) -> "InterchangeVerifier":
-        """The same inputs, features and thresholds on another model (the random-init null control)."""
-        return InterchangeVerifier(pm, self.inputs, n_pairs=self.n_pairs, thresholds=self.th,
-                                   features=self.features, seed=self.seed, encoder=self.encoder)
+        """The same inputs, splits, features and thresholds on another model (the random-init null control)."""
+        return InterchangeVerifier(pm, self.inputs, n_pairs=self.n_pairs, thresholds=self.th, features=self.features,
+                                   seed=self.seed, n_candidates=self.n_candidates, coder=self.coder)
 
-    # ---- data ----
-    def positions(self, site: Site) -> np.ndarray:
-        if site.position not in self._pos:
-            self._pos[site.position] = np.array([self.task.resolve_position(site.position, t) for t in self.tokens])
-        return self._pos[site.position]
-
+    # ---- feature codes ----
     def codes(self, site: Site, feature: str) -> np.ndarray:
-        """[N] codes of ``feature`` on every input, evaluated at the site's position."""
-        key = (site.position, feature)
-        if key not in self._codes:
-            if feature not in self.features:
-                raise CircuitkitError(f"unknown feature {feature!r} for task {self.task.name}")
-            fi = self.encoder.names.index(feature)
-            pos = self.positions(site)
-            self._codes[key] = self.encoder.codes(list(zip(self.inputs, pos.tolist())))[fi]
-        return self._codes[key]
+        """[N] codes of ``feature`` on every input, read at the site's position (−1 undefined)."""
+        if feature not in self.features:
+            raise CircuitkitError(f"unknown feature {feature!r} for task {self.task.name}")
+        return self.coder.codes([feature], self.inputs, site.position)[0]
 
-    def _pairs(self, codes: np.ndarray, agree: bool, rng: random.Random) -> tuple[np.ndarray, np.ndarray]:
-        """(base, source) index arrays; ``codes`` [k, N]: agree on all k, or differ on the first."""
-        defined = (codes >= 0).all(0)
-        idx = np.nonzero(defined)[0].tolist()
-        if not idx:
-            return np.zeros(0, int), np.zeros(0, int)
-        groups: dict[tuple, list[int]] = {}
-        for i in idx:
-            groups.setdefault(tuple(codes[:, i]), []).append(i)
-        bases, srcs = [], []
-        order = idx[:]
-        rng.shuffle(order)
-        for i in order:
-            if len(bases) >= self.n_pairs:
+    def _shuffled_text(self, text: str) -> str:
+        """The input whose feature values a text takes under the shuffled-feature control: a fixed
+        pseudo-random input of the pool (same marginal distribution, no association with the text)."""
+        t = self._shuffle_map.get(text)
+        if t is None:
+            t = self._shuffle_map[text] = self.inputs[zlib.crc32(f"{self.seed}|{text}".encode()) % len(self.inputs)]
+        return t
+
+    def _fcodes(self, features: Sequence[str], text: str, position: str | int, shuffle: bool) -> tuple[int, ...]:
+        src = self._shuffled_text(text) if shuffle else text
+        return tuple(self.coder.code(f, src, position) for f in features)
+
+    # ---- what a feature predicts ----
+    def answer_model(self, site: Site, features: Sequence[str], target: str) -> AnswerModel | None:
+        """answer(target) = g(features, D) on the inputs (see ``circuitkit.verify.answers``), or None."""
+        hold = [h for h in self.task.holds_fixed(features) if h != LAYOUT]
+        key = (site.position, tuple(features), target)
+        if key not in self._answer_models:
+            context = [f for f in dict.fromkeys(self.task_feature_names + hold) if f not in features and f in self.features]
+            frows = self.coder.codes(list(features), self.inputs, site.position)
+            crows = self.coder.codes(context, self.inputs, site.position) if context else np.zeros(
+                (0, len(self.inputs)), dtype=np.int64)
+            answers = np.array([next((t.token for t in ts if t.name == target), -1) for ts in self.targets])
+            th = self.th
+            self._answer_models[key] = fit_answer_model(target, frows, features, crows, context, answers,
+                                                        th.determining_purity, th.min_relevance, th.max_context)
+        return self._answer_models[key]
+
+    # ---- pairs ----
+    def fair_pairs(self, site: Site, features: Sequence[str], split: str = "search", shuffle: bool = False,
+                   rng: random.Random | None = None, n_pairs: int | None = None
+                   ) -> tuple[list[int], list[str], list[int], list[str]]:
+        """(differ bases, differ sources, agree bases, agree sources): base rows of the split and fair
+        sources whose features differ from (any of them) / agree with (all of them) the base's."""
+        if split not in SPLITS:
+            raise CircuitkitError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+        n = n_pairs or self.n_pairs
+        rng = rng or random.Random(self.seed)
+        hold = self.task.holds_fixed(features)
+        rows = list(self.split_rows[split])
+        rng.shuffle(rows)
+        db, ds, ab, as_ = [], [], [], []
+        for i in rows:
+            if len(db) >= n and len(ab) >= n:
                 break
-            if agree:
-                g = groups[tuple(codes[:, i])]
-                if len(g) < 2:
+            text = self.inputs[i]
+            fb = self._fcodes(features, text, site.position, shuffle)
+            if min(fb) < 0:
+                continue
+            try:
+                cands = self.task.fair_sources(text, rng, self.n_candidates, hold)
+            except CircuitkitError:
+                continue
+            differ, agree = [], []
+            for c in cands:
+                fc = self._fcodes(features, c, site.position, shuffle)
+                if min(fc) < 0:
                     continue
-                j = i
-                while j == i:
-                    j = g[rng.randrange(len(g))]
-            else:
-                for _ in range(50):
-                    j = idx[rng.randrange(len(idx))]
-                    if codes[0, j] != codes[0, i]:
-                        break
-                else:
-                    continue
-            bases.append(i)
-            srcs.append(j)
-        return np.array(bases, int), np.array(srcs, int)
+                (agree if fc == fb else differ).append(c)
+            if differ and len(db) < n:
+                db.append(i)
+                ds.append(differ[rng.randrange(len(differ))])
+            if agree and len(ab) < n:
+                ab.append(i)
+                as_.append(agree[rng.randrange(len(agree))])
+        return db, ds, ab, as_
 
-    def _patched_pred(self, site: Site | Sequence[Site], base: np.ndarray, src: np.ndarray) -> Tensor:
-        if base.size == 0:
+    def _patched_pred(self, sites: Sequence[Site], bases: Sequence[int], sources: Sequence[str]) -> Tensor:
+        if not bases:
             return torch.zeros(0, self.ids.shape[1], dtype=torch.long)
-        logits = interchange_logits(self.pm, self.ids[base], self.ids[src], site)
+        logits = interchange_logits(self.pm, self.ids[list(bases)], self.task.encode(list(sources)), list(sites))
         return logits.argmax(-1).cpu()
 
-    def _changes(self, site: Site, base: np.ndarray, pred: Tensor) -> dict[str, np.ndarray]:
-        """{target: [n] 1.0 where the prediction at that answer changed}, answers at/after the site."""
-        spos = self.positions(site)
+    def site_index(self, row: int, site: Site) -> int:
+        return self.task.resolve_position(site.position, self.tokens[row])
+
+    def changes(self, site: Site, bases: Sequence[int], pred: Tensor) -> dict[str, np.ndarray]:
+        """{target: [n] 1.0 where the prediction at that answer changed}, answers read at/after the site."""
         out: dict[str, list[float]] = {}
-        for r, i in enumerate(base.tolist()):
+        for r, i in enumerate(bases):
+            p = self.site_index(i, site)
             for t in self.targets[i]:
-                if t.position >= spos[i]:
+                if t.position >= p:
                     out.setdefault(t.name, []).append(float(pred[r, t.position] != self.clean_pred[i, t.position]))
         return {k: np.array(v) for k, v in out.items()}
 
-    def _determining(self, site: Site, feature: str) -> dict[str, dict]:
-        """{target: {code: answer token}} for answers that the feature determines on the inputs."""
-        c = self.codes(site, feature)
-        out = {}
-        for name in self.target_names:
-            pairs = [(int(c[i]), t.token) for i in range(len(self.inputs)) if c[i] >= 0
-                     for t in self.targets[i] if t.name == name]
-            if not pairs:
+    def iia_hits(self, site: Site, features: Sequence[str], am: AnswerModel, bases: Sequence[int],
+                 sources: Sequence[str], pred: Tensor, shuffle: bool = False) -> tuple[np.ndarray, int]:
+        """([k] 1.0 where the patched answer is what the features predict, n pairs without a prediction)."""
+        hits, missing = [], 0
+        for r, (i, src) in enumerate(zip(bases, sources)):
+            t = next((t for t in self.targets[i] if t.name == am.target), None)
+            if t is None or t.position < self.site_index(i, site):
                 continue
-            by: dict[int, Counter] = {}
-            for code, tok in pairs:
-                by.setdefault(code, Counter())[tok] += 1
-            purity = sum(cnt.most_common(1)[0][1] for cnt in by.values()) / len(pairs)
-            if purity >= self.th.determining_purity and len(by) > 1:
-                out[name] = {code: cnt.most_common(1)[0][0] for code, cnt in by.items()}
-        return out
+            fsrc = self._fcodes(features, src, site.position, shuffle)
+            ctx = tuple(self.coder.code(c, self.inputs[i], site.position) for c in am.context)
+            want = am.predict(fsrc, ctx)
+            if want is None:
+                missing += 1
+                continue
+            hits.append(float(int(pred[r, t.position]) == want))
+        return np.array(hits), missing
 
     # ---- tests ----
     def test(self, site: Site | str | Sequence[Site], features: Sequence[str], condition: str = "real",
-             shuffle: bool = False) -> Verdict:
-        """Necessity (first feature) and sufficiency (all features agree) of ``site`` carrying ``features``;
-        a site group (``"a1.0@END & a1.2@END"`` or a list) is patched as one."""
+             shuffle: bool = False, split: str = "search") -> Verdict:
+        """IIA, moves and stable (see the module docstring) of ``site`` carrying ``features``; a site group
+        (``"a1.0@END & a1.2@END"`` or a list) is patched as one."""
         sites = group_sites(site)
         for x in sites:
             check_site(x, self.pm.n_layers, self.pm.n_heads)
-        site = sites[0]  # features and answers are read at the group's one position
-        if site.position is None:
-            raise CircuitkitError(f"site {site} needs a position")
+        site0 = sites[0]  # features and answers are read at the group's one position
+        if site0.position is None:
+            raise CircuitkitError(f"site {site0} needs a position")
+        features = list(features)
+        for f in features:
+            if f not in self.features:
+                raise CircuitkitError(f"unknown feature {f!r} for task {self.task.name}")
         label = group_name(sites)
-        rng = random.Random(zlib.crc32(f"{label}|{'|'.join(features)}|{self.seed}".encode()))
-        codes = np.stack([self.codes(site, f) for f in features])  # [k, N]
-        if shuffle:
-            prng = np.random.default_rng(self.seed + 1)
-            codes = np.stack([row[prng.permutation(row.size)] for row in codes])
-        db, ds = self._pairs(codes[:1], agree=False, rng=rng)
-        ab, as_ = self._pairs(codes, agree=True, rng=rng)
-        pred_d = self._patched_pred(sites, db, ds)
-        pred_a = self._patched_pred(sites, ab, as_)
-        ch_d, ch_a = self._changes(site, db, pred_d), self._changes(site, ab, pred_a)
-        determining = self._determining(site, features[0]) if len(features) == 1 else {}
+        rng = random.Random(zlib.crc32(f"{label}|{'|'.join(features)}|{self.seed}|{split}|{shuffle}".encode()))
+        db, ds, ab, as_ = self.fair_pairs(site0, features, split, shuffle, rng)
+        pred_d, pred_a = self._patched_pred(sites, db, ds), self._patched_pred(sites, ab, as_)
+        ch_d, ch_a = self.changes(site0, db, pred_d), self.changes(site0, ab, pred_a)
+        models = {name: self.answer_model(site0, features, name) for name in self.target_names}
+        k = max(1, sum(m is not None for name, m in models.items() if name in ch_d or name in ch_a))
         th = self.th
+        conf = 1 - (1 - th.confidence) / k
         results = []
         for name in self.target_names:
             xd, xa = ch_d.get(name, np.zeros(0)), ch_a.get(name, np.zeros(0))
             if xd.size == 0 and xa.size == 0:
-                continue  # answer read before the site: it cannot affect it
+                continue  # answer read before the site (or no pairs): it cannot be affected
             enough = xd.size >= th.min_pairs and xa.size >= th.min_pairs
-            e_d = estimate(xd, th.confidence) if xd.size else None
-            e_a = estimate(xa, th.confidence) if xa.size else None
-            eff = diff_estimate(xd, xa, th.confidence) if xd.size and xa.size else None
-            iia = None
-            if name in determining and xd.size:
-                g = determining[name]
-                spos = self.positions(site)
-                hits = []
-                for r, (i, j) in enumerate(zip(db.tolist(), ds.tolist())):
-                    for t in self.targets[i]:
-                        if t.name == name and t.position >= spos[i]:
-                            want = g.get(int(codes[0, j]))
-                            hits.append(float(want is not None and int(pred_d[r, t.position]) == want))
-                iia = estimate(np.array(hits), th.confidence) if hits else None
-            necessary = bool(enough and eff is not None and eff.ci_low >= th.min_effect
-                             and (name not in determining or (iia is not None and iia.ci_low >= th.min_iia)))
-            sufficient = bool(enough and e_a is not None and e_a.ci_high <= th.max_change_agree)
-            results.append(TargetResult(name, int(xd.size), int(xa.size), e_d, e_a, eff, iia, name in determining,
-                                        necessary, sufficient))
-        nec = [r.target for r in results if r.necessary]
-        ver = [r.target for r in results if r.necessary and r.sufficient]
-        note = "" if results else "no answer is read at or after this position"
+            e_d = estimate(xd, conf) if xd.size else None
+            e_a = estimate(xa, conf) if xa.size else None
+            eff = diff_estimate(xd, xa, conf) if xd.size and xa.size else None
+            am = models[name]
+            iia, cov = None, None
+            if am is not None and db:
+                hits, missing = self.iia_hits(site0, features, am, db, ds, pred_d, shuffle)
+                cov = float(hits.size / max(1, hits.size + missing))
+                iia = estimate(hits, conf) if hits.size else None
+            moves = bool(enough and eff is not None and eff.ci_low >= th.min_effect)
+            iia_ok = bool(enough and iia is not None and iia.n >= th.min_pairs and iia.ci_low >= th.min_iia)
+            stable = bool(enough and e_a is not None and e_a.ci_high <= th.max_change_agree)
+            results.append(TargetResult(name, int(xd.size), int(xa.size), e_d, e_a, eff, iia, cov,
+                                        am.to_dict() if am is not None else None, moves, iia_ok, stable))
+        nec = [r.target for r in results if r.moves]
+        ver = [r.target for r in results if r.verified]
+        notes = []
+        if not results:
+            notes.append("no answer is read at or after this position, or no fair pairs were found")
+        elif not any(r.relevant for r in results):
+            notes.append(f"{', '.join(features)} predicts no answer (no context D makes the answer a function of it):"
+                         " IIA undefined, not verifiable")
         if results and all(r.n_agree < th.min_pairs for r in results):
-            note = f"fewer than {th.min_pairs} sources agree on {', '.join(features)}: sufficiency untestable"
-        return Verdict(label, tuple(features), condition, results, bool(ver), nec, ver, note)
+            notes.append(f"fewer than {th.min_pairs} fair sources agree on {', '.join(features)}")
+        return Verdict(label, tuple(features), condition, results, bool(ver), nec, ver, "; ".join(notes), split,
+                       tuple(self.task.holds_fixed(features)), round(conf, 6))
 
 
 __all__ = ["VerifyThresholds", "TargetResult", "Verdict", "InterchangeVerifier", "interchange_logits", "group_sites",
-           "group_name", "GROUP_SEP"]
+           "group_name", "GROUP_SEP", "SPLITS"]

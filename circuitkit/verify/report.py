@@ -1,18 +1,21 @@
 """Verify a list of hypotheses: per hypothesis, per site (joint feature sets), with null controls.
 
-Flow per site: test every accepted hypothesis alone (necessity + sufficiency).  Features that are
-necessary and sufficient alone are verified.  If some are necessary but none is sufficient alone,
-grow a set — the necessary features (largest effect first), then the site's other accepted features
-— up to ``max_joint`` until sources agreeing on the whole set leave the output unchanged; the set is
-then verified jointly (its first feature must be necessary).  Every test that verifies is
-repeated under both null controls, and every single-feature test under both as well.
+Flow per site: test every accepted hypothesis alone (fair pairs, IIA, moves, stable: see
+``circuitkit.verify.interchange``).  Features verified alone become nodes.  If none is, grow a
+set — the features that move the output (largest effect first), then the site's other accepted
+features — up to ``max_joint`` until the set verifies jointly (sources agreeing on the whole set
+leave the output unchanged and IIA holds for the set); a set found this way is re-tested on the
+held-out ``confirm`` inputs and kept only if it verifies there too.
 
 Then, per position and feature: the components (heads, MLP outputs — not the residual stream, whose
 sites contain one another) where the feature is accepted but not verified alone are patched
 together as a *site group* (components that carry it redundantly, like backup heads, move nothing
-one at a time).  A group that verifies is pruned greedily to a minimal one — a member is
-dropped while the group still verifies without it — and each remaining member becomes a node that
-names its group.  Group tests run beside both null controls too.
+one at a time).  A group that verifies is pruned greedily to a minimal one — a member is dropped
+while the group still verifies without it — then confirmed on the held-out inputs; each remaining
+member becomes a node that names its group.
+
+Null controls run beside every test (``circuitkit.verify.controls``); a node whose test also
+verifies on the random-init model is marked *architectural*; every verified node gets a proxy control.
 """
 from __future__ import annotations
 
@@ -21,30 +24,43 @@ from typing import Any, Sequence
 
 from circuitkit.hypotheses.records import Hypothesis
 from circuitkit.sites import parse_site
-from circuitkit.verify.controls import CONTROLS, null_verifier, run_controls
+from circuitkit.verify.controls import (CONTROLS, FAILING_CONTROLS, null_verifier, run_controls,
+                                        run_proxy_controls)
 from circuitkit.verify.interchange import InterchangeVerifier, Verdict, VerifyThresholds, group_name
 
 
 @dataclass(frozen=True)
 class VerifiedNode:
-    """A verified (site@position, features) with the answers it is necessary for."""
+    """A verified (site@position, features) with the answers it is verified for."""
 
     site: str
     features: tuple[str, ...]
-    targets: tuple[str, ...]  # answers where necessity and sufficiency both hold
-    effect: float  # largest necessity effect over those answers
-    iia: float | None  # IIA on the best answer when the feature determines it
-    joint: bool  # verified as a set (no single feature sufficient alone)
+    targets: tuple[str, ...]  # answers where IIA, moves and stable all hold
+    effect: float  # necessity effect (change differ − change agree) on the best answer
+    iia: float | None  # IIA on the best answer
+    joint: bool  # verified as a set (no single feature verified alone)
     group: tuple[str, ...] = ()  # verified only patched together with these sites (this one included)
+    architectural: bool = False  # the same test also verifies on the random-init model
+    confirmed: bool | None = None  # joint/group search result re-verified on held-out inputs (None: not searched)
+    hold: tuple[str, ...] = ()  # what the fair sources held fixed
+    iia_ci: tuple[float, float] | None = None
+
+    @property
+    def learned(self) -> bool:
+        return not self.architectural
 
     def to_dict(self) -> dict[str, Any]:
         return {"site": self.site, "features": list(self.features), "targets": list(self.targets),
-                "effect": self.effect, "iia": self.iia, "joint": self.joint, "group": list(self.group)}
+                "effect": self.effect, "iia": self.iia, "iia_ci": None if self.iia_ci is None else list(self.iia_ci),
+                "joint": self.joint, "group": list(self.group), "architectural": self.architectural,
+                "confirmed": self.confirmed, "hold": list(self.hold)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "VerifiedNode":
+        ci = d.get("iia_ci")
         return cls(d["site"], tuple(d["features"]), tuple(d["targets"]), d["effect"], d.get("iia"), d["joint"],
-                   tuple(d.get("group", ())))
+                   tuple(d.get("group", ())), bool(d.get("architectural", False)), d.get("confirmed"),
+                   tuple(d.get("hold", ())), None if ci is None else (float(ci[0]), float(ci[1])))
 
 
 @dataclass
@@ -59,7 +75,24 @@ class VerificationReport:
 
     @property
     def controls_verified(self) -> list[Verdict]:
-        return [v for v in self.controls if v.verified]
+        """Control tests that verified although they must not (shuffled feature, proxy)."""
+        return [v for v in self.controls if v.verified and v.condition in FAILING_CONTROLS]
+
+    @property
+    def learned_nodes(self) -> list[VerifiedNode]:
+        return [n for n in self.nodes if n.learned]
+
+    @property
+    def architectural_nodes(self) -> list[VerifiedNode]:
+        return [n for n in self.nodes if n.architectural]
+
+    def controls_summary(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for c in CONTROLS:
+            vs = [v for v in self.controls if v.condition == c]
+            out[c] = {"tested": len(vs), "verified": sum(v.verified for v in vs),
+                      "must_verify_nothing": c in FAILING_CONTROLS}
+        return out
 
     def to_dict(self, compact: bool = False) -> dict[str, Any]:
         """compact: per verdict only the verdict and per-answer effect / change-when-agree / IIA (rounded)."""
@@ -67,10 +100,9 @@ class VerificationReport:
         return {"task": self.task, "model": self.model, "thresholds": self.thresholds.to_dict(),
                 "thresholds_text": self.thresholds.describe(), "settings": self.settings,
                 "nodes": [n.to_dict() for n in self.nodes],
+                "n_learned_nodes": len(self.learned_nodes), "n_architectural_nodes": len(self.architectural_nodes),
                 "n_verified_hypotheses": sum(v.verified for v in self.verdicts),
-                "controls_summary": {c: {"tested": sum(v.condition == c for v in self.controls),
-                                         "verified": sum(v.verified and v.condition == c for v in self.controls)}
-                                     for c in CONTROLS},
+                "controls_summary": self.controls_summary(),
                 "verdicts": [conv(v) for v in self.verdicts],
                 "controls": [conv(v) for v in self.controls]}
 
@@ -79,23 +111,33 @@ def _compact(v: Verdict) -> dict[str, Any]:
     def est(e) -> list[float] | None:
         return None if e is None else [round(e.mean, 3), round(e.ci_low, 3), round(e.ci_high, 3)]
 
-    return {"site": v.site, "features": list(v.features), "condition": v.condition, "verified": v.verified,
-            "necessary_targets": v.necessary_targets, "verified_targets": v.verified_targets,
+    return {"site": v.site, "features": list(v.features), "condition": v.condition, "split": v.split,
+            "verified": v.verified, "necessary_targets": v.necessary_targets, "verified_targets": v.verified_targets,
+            "note": v.note, "hold": list(v.hold),
             "targets": {r.target: {"effect": est(r.effect), "change_agree": est(r.change_agree), "iia": est(r.iia),
-                                   "n": [r.n_differ, r.n_agree]} for r in v.targets}}
+                                   "relevant": r.relevant, "n": [r.n_differ, r.n_agree]} for r in v.targets}}
 
 
-def _best(v: Verdict) -> tuple[float, float | None]:
-    rs = [r for r in v.targets if r.target in v.verified_targets] or [r for r in v.targets if r.necessary]
-    if not rs:
-        return 0.0, None
-    r = max(rs, key=lambda r: r.effect.mean if r.effect else 0.0)
-    return (round(r.effect.mean, 4) if r.effect else 0.0), (round(r.iia.mean, 4) if r.iia else None)
+def _best(v: Verdict) -> tuple[float, float | None, tuple[float, float] | None]:
+    r = v.best()
+    if r is None:
+        return 0.0, None, None
+    eff = round(r.effect.mean, 4) if r.effect else 0.0
+    if r.iia is None:
+        return eff, None, None
+    return eff, round(r.iia.mean, 4), (round(r.iia.ci_low, 4), round(r.iia.ci_high, 4))
+
+
+def _node(v: Verdict, site: str, twin: Verdict | None, joint: bool = False, group: Sequence[str] = (),
+          confirmed: bool | None = None) -> VerifiedNode:
+    eff, iia, ci = _best(v)
+    return VerifiedNode(site, v.features, tuple(v.verified_targets), eff, iia, joint, tuple(group),
+                        bool(twin is not None and twin.verified), confirmed, v.hold, ci)
 
 
 def verify_hypotheses(verifier: InterchangeVerifier, hypotheses: Sequence[Hypothesis], controls: bool = True,
                       max_joint: int = 4, null_seed: int = 0, model_name: str = "",
-                      max_group: int = 8) -> VerificationReport:
+                      max_group: int = 8, progress: bool = False) -> VerificationReport:
     """Verify accepted hypotheses (others are ignored) and run the null controls beside them.
 
     ``max_group``: the largest site group tested for a redundantly carried feature (0 = no groups)."""
@@ -107,51 +149,64 @@ def verify_hypotheses(verifier: InterchangeVerifier, hypotheses: Sequence[Hypoth
     verdicts: list[Verdict] = []
     ctrl: list[Verdict] = []
     nodes: list[VerifiedNode] = []
-    for site, feats in by_site.items():
-        singles = []
-        for f in feats:
-            v = verifier.test(site, [f])
-            singles.append(v)
-            verdicts.append(v)
-            if null is not None:
-                ctrl += run_controls(verifier, null, site, [f])
-        alone = [v for v in singles if v.verified]
-        for v in alone:
-            eff, iia = _best(v)
-            nodes.append(VerifiedNode(site, v.features, tuple(v.verified_targets), eff, iia, False))
-        necessary = sorted([v for v in singles if v.necessary_targets and not v.verified],
-                           key=lambda v: -_best(v)[0])
-        if alone or not necessary:
+
+    def with_controls(site: str, feats: Sequence[str], split: str = "search") -> tuple[Verdict, Verdict | None]:
+        v = verifier.test(site, feats, split=split)
+        verdicts.append(v)
+        twin = None
+        if null is not None:
+            cs = run_controls(verifier, null, site, feats, split)
+            ctrl.extend(cs)
+            twin = cs[0]
+        return v, twin
+
+    items = list(by_site.items())
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(items), desc="verify", unit="site")
+    for site, feats in items:
+        singles = [with_controls(site, [f]) for f in feats]
+        alone = [(v, t) for v, t in singles if v.verified]
+        nodes += [_node(v, site, t) for v, t in alone]
+        if bar is not None:
+            bar.update(1)
+        moving = sorted([v for v, _ in singles if v.necessary_targets and not v.verified], key=lambda v: -_best(v)[0])
+        if alone or not moving:
             continue
-        # grow a set: necessary features first (largest effect first), then the site's other accepted
-        # features (they may be what the site also carries, breaking sufficiency of the first ones)
-        others = sorted([v for v in singles if not v.necessary_targets],
+        # grow a set: features that move the output first (largest effect first), then the site's other
+        # accepted features (they may be what the site also carries, breaking stability of the first ones)
+        others = sorted([v for v, _ in singles if not v.necessary_targets],
                         key=lambda v: -max((r.effect.mean for r in v.targets if r.effect), default=0.0))
         chosen: list[str] = []
-        for v in (necessary + others)[:max_joint]:
+        for v in (moving + others)[:max_joint]:
             chosen.append(v.features[0])
             if len(chosen) < 2:
                 continue
-            jv = verifier.test(site, chosen, condition="real")
-            jv.note = (jv.note + "; " if jv.note else "") + "joint feature set"
-            verdicts.append(jv)
-            if null is not None:
-                ctrl += run_controls(verifier, null, site, chosen)
+            jv, _ = with_controls(site, chosen)
+            jv.note = (jv.note + "; " if jv.note else "") + "joint feature set (search)"
             if jv.verified:
-                eff, iia = _best(jv)
-                nodes.append(VerifiedNode(site, tuple(chosen), tuple(jv.verified_targets), eff, iia, True))
+                cv, twin = with_controls(site, chosen, split="confirm")
+                cv.note = (cv.note + "; " if cv.note else "") + "joint feature set (held-out confirmation)"
+                if cv.verified:
+                    nodes.append(_node(cv, site, twin, joint=True, confirmed=True))
                 break
+    if bar is not None:
+        bar.close()
     verified_alone = {(n.site, f) for n in nodes for f in n.features}
     for (_, feature), members in _group_candidates(hypotheses, verified_alone, max_group).items():
-        gv, gctrl, kept = _verify_group(verifier, null, members, feature)
-        verdicts += gv
-        ctrl += gctrl
+        kept = _verify_group(with_controls, members, feature)
         if kept is not None:
-            eff, iia = _best(kept[1])
-            nodes += [VerifiedNode(site, (feature,), tuple(kept[1].verified_targets), eff, iia, False, tuple(kept[0]))
-                      for site in kept[0]]
-    settings = {"n_inputs": len(verifier.inputs), "n_pairs": verifier.n_pairs, "seed": verifier.seed,
-                "controls": list(CONTROLS) if controls else [], "max_joint": max_joint, "max_group": max_group}
+            sites, cv, twin = kept
+            nodes += [_node(cv, s, twin, group=sites, confirmed=True) for s in sites]
+    for n in list(nodes):
+        if len(n.features) == 1 and not n.group:
+            ctrl.extend(run_proxy_controls(verifier, n.site, n.features[0]))
+    settings = {"n_inputs": len(verifier.inputs), "n_pairs": verifier.n_pairs, "n_candidates": verifier.n_candidates,
+                "seed": verifier.seed, "controls": list(CONTROLS) if controls else [], "max_joint": max_joint,
+                "max_group": max_group,
+                "random_model": getattr(null, "random_model_info").to_dict() if null is not None else None}
     return VerificationReport(verifier.task.name, model_name, verifier.th, nodes, verdicts, ctrl, settings)
 
 
@@ -176,50 +231,74 @@ def _group_candidates(hypotheses: Sequence[Hypothesis], verified_alone: set[tupl
     return out
 
 
-def _verify_group(verifier: InterchangeVerifier, null: InterchangeVerifier | None, members: list[str],
-                  feature: str) -> tuple[list[Verdict], list[Verdict], tuple[list[str], Verdict] | None]:
-    """Test the group; if it verifies, drop members (weakest first) while it still does.
-    Returns (verdicts, control verdicts, (kept members, their verdict) or None)."""
-    verdicts: list[Verdict] = []
-    ctrl: list[Verdict] = []
+def _verify_group(with_controls, members: list[str], feature: str
+                  ) -> tuple[list[str], Verdict, Verdict | None] | None:
+    """Test the group; if it verifies, drop members (weakest first) while it still does, then confirm the
+    minimal group on the held-out inputs.  Returns (kept members, confirmation verdict, its random-model
+    twin) or None."""
 
-    def run(sites: list[str]) -> Verdict:
-        v = verifier.test(group_name(sites), [feature])
-        v.note = (v.note + "; " if v.note else "") + "site group"
-        verdicts.append(v)
-        if null is not None:
-            ctrl.extend(run_controls(verifier, null, group_name(sites), [feature]))
-        return v
+    def run(sites: list[str], split: str = "search") -> tuple[Verdict, Verdict | None]:
+        v, twin = with_controls(group_name(sites), [feature], split)
+        v.note = (v.note + "; " if v.note else "") + f"site group ({split})"
+        return v, twin
 
-    v = run(members)
+    v, _ = run(members)
     if not v.verified:
-        return verdicts, ctrl, None
-    kept, best = list(members), v
+        return None
+    kept = list(members)
     for m in reversed(members):
         if len(kept) <= 2:
             break  # a one-site "group" was already tested alone
         trial = [x for x in kept if x != m]
-        tv = run(trial)
+        tv, _ = run(trial)
         if tv.verified:
-            kept, best = trial, tv
-    return verdicts, ctrl, (kept, best)
+            kept = trial
+    cv, twin = run(kept, "confirm")
+    return (kept, cv, twin) if cv.verified else None
+
+
+def _why_rejected(v: Verdict) -> str:
+    if v.note and not v.targets:
+        return v.note
+    rel = [r for r in v.targets if r.relevant]
+    if not rel:
+        return "predicts no answer (IIA undefined)" + (f"; moves {', '.join(v.necessary_targets)}"
+                                                      if v.necessary_targets else "")
+    r = max(rel, key=lambda r: r.iia.mean if r.iia else -1)
+    parts = []
+    if not r.iia_ok:
+        parts.append(f"IIA {r.iia.mean:.2f} (CI low {r.iia.ci_low:.2f})" if r.iia else "no IIA")
+    if not r.stable and r.change_agree is not None:
+        parts.append(f"changes {r.change_agree.mean:.0%} when f agrees")
+    if not r.moves:
+        parts.append("does not move the output")
+    return f"{r.target}: " + ", ".join(parts)
 
 
 def format_verification(rep: VerificationReport) -> str:
-    lines = [f"{rep.task}: {len(rep.nodes)} verified nodes; {rep.thresholds.describe()}"]
+    lines = [f"{rep.task}: {len(rep.learned_nodes)} learned and {len(rep.architectural_nodes)} architectural "
+             f"verified nodes; {rep.thresholds.describe()}"]
     for n in rep.nodes:
         iia = f", IIA {n.iia:.2f}" if n.iia is not None else ""
-        lines.append(f"  VERIFIED {n.site:<10} carries {' + '.join(n.features):<24} -> {', '.join(n.targets)} "
+        kind = "ARCHITECTURAL" if n.architectural else "VERIFIED"
+        lines.append(f"  {kind} {n.site:<10} carries {' + '.join(n.features):<24} -> {', '.join(n.targets)} "
                      f"(effect {n.effect:.2f}{iia}{', jointly' if n.joint else ''}"
-                     f"{', only with ' + ', '.join(x for x in n.group if x != n.site) if n.group else ''})")
+                     f"{', only with ' + ', '.join(x for x in n.group if x != n.site) if n.group else ''}"
+                     f"{', confirmed on held-out inputs' if n.confirmed else ''})")
     for v in rep.verdicts:
         if v.verified:
             continue
-        nec = f"necessary for {', '.join(v.necessary_targets)} but not sufficient" if v.necessary_targets else "not necessary"
-        lines.append(f"  rejected {v.site:<10} {' + '.join(v.features):<24} {nec}")
-    d = rep.to_dict()["controls_summary"]
-    lines.append("null controls: " + "; ".join(f"{c}: {s['verified']} of {s['tested']} verified" for c, s in d.items()))
+        lines.append(f"  rejected {v.site:<10} {' + '.join(v.features):<24} {_why_rejected(v)}")
+    d = rep.controls_summary()
+    lines.append("null controls: " + "; ".join(
+        f"{c}: {s['verified']} of {s['tested']} verified" + (" (must be 0)" if s["must_verify_nothing"] else
+                                                               " (= architectural claims)")
+        for c, s in d.items()))
+    rm = rep.settings.get("random_model")
+    if rm:
+        lines.append(f"random-init model: weight std {rm['init_std']}, {rm['distinct_predictions']} distinct "
+                     f"predictions, top one on {rm['top_share']:.0%} of answers")
     return "\n".join(lines)
 
 
-__all__ = ["VerifiedNode", "VerificationReport", "verify_hypotheses", "format_verification", "parse_site"]
+__all__ = ["VerifiedNode", "VerificationReport", "verify_hypotheses", "format_verification"]

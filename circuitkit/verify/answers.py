@@ -1,0 +1,174 @@
+"""What a feature predicts about an answer: the data-driven causal model behind IIA.
+
+Interchange-intervention accuracy (IIA) asks whether patching a site from a source makes the
+output what the *feature* predicts: the answer the task would give with the feature set to its
+source value and everything else left as in the base.  For that we need the task's answer as a
+function of the feature and some *context*, read off the task's own inputs:
+
+    answer(x) = g(f(x), D(x))   on ≥ ``purity`` of the inputs,
+
+with D a small set of other task features (counting: ``count(query)`` alone determines the count,
+D = ∅; addition: A2 = g(F2, {S2, carry(3)}); IOI: the answer is ``IO``, or g(S, {names})).  The
+feature must *matter*: D alone determines the answer on at least ``min_relevance`` fewer inputs
+than f ∪ D.  The prediction for a base/source pair is g(f(source), D(base)); pairs whose
+combination never occurs among the inputs get no prediction (reported as coverage).
+
+``FeatureCoder`` gives integer codes of features on any text at a named position, with one code
+book per feature (so codes of sources, bases and the input pool compare).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Hashable, Mapping, Sequence
+
+import numpy as np
+
+from circuitkit.errors import CircuitkitError
+from circuitkit.hypotheses.features import AnyFeature, evaluate
+from circuitkit.tasks.base import Task
+
+
+class FeatureCoder:
+    """Codes (−1 = undefined) of named features on texts, each read at a (named) position."""
+
+    def __init__(self, task: Task, features: Mapping[str, AnyFeature]) -> None:
+        self.task = task
+        self.features = dict(features)
+        self.books: dict[str, dict[Hashable, int]] = {}
+        self._tokens: dict[str, list[str] | None] = {}
+        self._pos: dict[tuple[str, str | int], int | None] = {}
+        self._codes: dict[tuple[str, str, str | int], int] = {}
+
+    def tokens(self, text: str) -> list[str] | None:
+        if text not in self._tokens:
+            try:
+                self._tokens[text] = self.task.tokens(text)
+            except (CircuitkitError, ValueError):
+                self._tokens[text] = None
+        return self._tokens[text]
+
+    def position(self, text: str, position: str | int) -> int | None:
+        """The index of ``position`` in ``text`` (None when the input has no such position)."""
+        key = (text, position)
+        if key not in self._pos:
+            toks = self.tokens(text)
+            try:
+                self._pos[key] = None if toks is None else self.task.resolve_position(position, toks)
+            except CircuitkitError:
+                self._pos[key] = None
+        return self._pos[key]
+
+    def code(self, feature: str, text: str, position: str | int) -> int:
+        key = (feature, text, position)
+        c = self._codes.get(key)
+        if c is None:
+            if feature not in self.features:
+                raise CircuitkitError(f"unknown feature {feature!r} for task {self.task.name}")
+            toks, p = self.tokens(text), self.position(text, position)
+            v = None if toks is None or p is None else evaluate(self.features[feature], toks, p)
+            c = -1
+            if v is not None:
+                book = self.books.setdefault(feature, {})
+                try:
+                    c = book.setdefault(v, len(book))
+                except TypeError:  # unhashable value: undefined
+                    c = -1
+            self._codes[key] = c
+        return c
+
+    def codes(self, features: Sequence[str], texts: Sequence[str], position: str | int) -> np.ndarray:
+        """[len(features), len(texts)] int codes."""
+        out = np.full((len(features), len(texts)), -1, dtype=np.int64)
+        for i, f in enumerate(features):
+            for j, t in enumerate(texts):
+                out[i, j] = self.code(f, t, position)
+        return out
+
+    def value(self, feature: str, code: int) -> Hashable | None:
+        for v, c in self.books.get(feature, {}).items():
+            if c == code:
+                return v
+        return None
+
+
+def _group_ids(rows: np.ndarray) -> np.ndarray:
+    """rows [k, n] of codes -> [n] compact ids of the distinct columns (k = 0: all one group)."""
+    if rows.shape[0] == 0:
+        return np.zeros(rows.shape[1], dtype=np.int64)
+    return np.unique(rows.T, axis=0, return_inverse=True)[1].reshape(-1)
+
+
+def purity(rows: np.ndarray, answers: np.ndarray) -> float:
+    """Share of items whose answer is the most common answer of their group (groups = equal columns)."""
+    if answers.size == 0:
+        return 0.0
+    gid = _group_ids(rows)
+    pair = np.unique(np.stack([gid, answers]), axis=1, return_counts=True)
+    (g, _), counts = pair
+    best = np.zeros(gid.max() + 1, dtype=np.int64)
+    np.maximum.at(best, g, counts)
+    return float(best.sum() / answers.size)
+
+
+@dataclass
+class AnswerModel:
+    """answer = g(features, context) for one target, read off the inputs; see the module docstring."""
+
+    target: str
+    features: tuple[str, ...]
+    context: tuple[str, ...]
+    purity: float  # of (features ∪ context) -> answer
+    context_purity: float  # of context alone -> answer
+    table: dict[tuple[int, ...], int] = field(repr=False, default_factory=dict)  # codes -> answer token id
+
+    def predict(self, feature_codes: Sequence[int], context_codes: Sequence[int]) -> int | None:
+        return self.table.get(tuple(int(c) for c in feature_codes) + tuple(int(c) for c in context_codes))
+
+    def describe(self) -> str:
+        ctx = f" given {', '.join(self.context)}" if self.context else ""
+        return f"{self.target} = g({', '.join(self.features)}{ctx}) on {self.purity:.1%} of inputs"
+
+    def to_dict(self) -> dict:
+        return {"target": self.target, "features": list(self.features), "context": list(self.context),
+                "purity": round(self.purity, 4), "context_purity": round(self.context_purity, 4)}
+
+
+def fit_answer_model(target: str, feature_rows: np.ndarray, features: Sequence[str], context_rows: np.ndarray,
+                     context_names: Sequence[str], answers: np.ndarray, min_purity: float = 0.99,
+                     min_relevance: float = 0.1, max_context: int = 2) -> AnswerModel | None:
+    """The smallest context D (up to ``max_context`` of ``context_names``) with which ``features``
+    determine the answer (purity ≥ ``min_purity``) and matter (purity − purity(D) ≥ ``min_relevance``).
+
+    feature_rows [k, n], context_rows [m, n]: codes on n inputs (−1 undefined; such inputs are skipped
+    per candidate); answers [n] token ids (−1 = no such target).  None when no D qualifies."""
+    best: tuple | None = None
+    for size in range(max_context + 1):
+        for combo in itertools.combinations(range(len(context_names)), size):
+            rows = np.concatenate([feature_rows, context_rows[list(combo)]]) if combo else feature_rows
+            ok = (rows >= 0).all(0) & (answers >= 0)
+            if ok.sum() < 20:
+                continue
+            p = purity(rows[:, ok], answers[ok])
+            if p < min_purity:
+                continue
+            pc = purity(context_rows[list(combo)][:, ok], answers[ok]) if combo else purity(
+                np.zeros((0, int(ok.sum())), dtype=np.int64), answers[ok])
+            if p - pc < min_relevance:
+                continue
+            if best is None or p > best[0]:
+                best = (p, pc, combo, rows[:, ok], answers[ok])
+        if best is not None:
+            break
+    if best is None:
+        return None
+    p, pc, combo, rows, ans = best
+    table: dict[tuple[int, ...], dict[int, int]] = {}
+    for col, a in zip(rows.T.tolist(), ans.tolist()):
+        counts = table.setdefault(tuple(col), {})
+        counts[a] = counts.get(a, 0) + 1
+    g = {k: max(v, key=v.get) for k, v in table.items()}
+    return AnswerModel(target, tuple(features), tuple(context_names[i] for i in combo), p, pc, g)
+
+
+__all__ = ["FeatureCoder", "AnswerModel", "fit_answer_model", "purity"]
