@@ -124,7 +124,9 @@ def test_circuit_graph_edges_faithfulness_and_exports(copy, tmp_path):
     assert ev.full["copy"] == 1.0 and ev.faithfulness["copy"] == pytest.approx(1.0)
     assert ev.completeness["copy"] > 0.95 and ev.minimal
     assert ev.empty["copy"] < 0.35  # resampling the head destroys the answer (chance 1/8)
-    assert ev.ignored_sites == ["x0.pre@2"]  # a residual-stream site is not an ablatable component
+    # x0.pre is the embedding, never ablated: nothing to restore (other residual sites are restored clean)
+    assert ev.never_ablated_sites == ["x0.pre@2"] and ev.residual_sites == [] and ev.components == ["a0.0@="]
+    assert ev.faithfulness_normalized["copy"] == pytest.approx(1.0)
     files = export_all(g, tmp_path, extra={"evaluation": ev.to_dict()})
     g2 = from_json_dict(json.loads(open(files["json"]).read()))
     assert set(g2.edges) == set(g.edges) and g2.nodes["a0.0@="]["features"] == ["tok@2"]

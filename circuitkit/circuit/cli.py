@@ -75,9 +75,15 @@ def _circuit(args: argparse.Namespace) -> Output:
     for a, b, d in g.edges(data=True):
         lines.append(f"  {a} -> {b}  [{d['feature']}] effect {float(d['effect']):.2f}")
     if ev is not None:
+        fmt = lambda v: "n/a" if v != v else f"{v:.3f}"  # noqa: E731
+        lines.append("faithfulness, normalised logit difference (C − ∅) / (M − ∅) [95% CI]: " +
+                     ", ".join(f"{k} {fmt(v)} [{fmt(ev.faithfulness_normalized_ci[k][0])}, "
+                               f"{fmt(ev.faithfulness_normalized_ci[k][1])}]"
+                               for k, v in ev.faithfulness_normalized.items()))
         lines.append("faithfulness (acc circuit / acc full): " +
-                     ", ".join(f"{k} {v:.3f}" for k, v in ev.faithfulness.items()))
-        lines.append("completeness: " + ", ".join(f"{k} {v:.3f}" for k, v in ev.completeness.items()))
+                     ", ".join(f"{k} {fmt(v)}" for k, v in ev.faithfulness.items()))
+        lines.append("completeness (1 − max incompleteness, Wang et al.): " +
+                     ", ".join(f"{k} {fmt(v)}" for k, v in ev.completeness.items()))
         lines.append(f"minimal: {ev.minimal} (every component node removes > {ev.min_contribution} of the accuracy)")
     else:
         lines.append("no verified nodes: nothing to evaluate")

@@ -1,180 +1,631 @@
-"""Faithfulness, completeness and minimality of a circuit, by resample ablation.
+"""Faithfulness, completeness and minimality of a circuit by resample ablation aligned by layout.
 
-Components are attention heads and MLPs at each position.  "Ablating" a component replaces its
-output with the output it has on another input of the task (resample ablation, one random
-source input per base input for every ablated component).  Embeddings are never ablated.
-Circuit sites map to components: a{L}.{H} / z / q / k / v / pattern -> head (L, H); attn{L} -> all
-heads of L; m{L} / m{L}.post -> MLP L; residual-stream sites (x{L}.pre ...) are not components.
+Sources.  For every evaluation input (the *base*) ONE source is drawn with
+``task.fair_sources(base, rng, 1, hold=("layout",))``: another input with the same layout (same
+length / template), so every position of the source lines up token by token with the base.
+Bases for which the task finds no such source are skipped and counted (``n_skipped``).  Seeds:
+default inputs ``task.generate(random.Random(40_000 + seed), n)``, sources drawn with
+``random.Random(90_000 + seed)``, bootstrap ``numpy.random.default_rng(seed)``, random completeness
+subsets ``random.Random(70_000 + seed)``.
 
-With acc(·) the accuracy of the answers (per target, and pooled over all targets):
+Components and ablation.  The components are every attention head and every MLP at every position.
+A component that is ablated outputs the value it has on the clean run of the base's source at the
+same position (resample ablation); a component that is kept is computed live in the ablated run.
+Heads are ablated at ``blocks.L.attn.hook_z`` (the head's result is ``z_h W_O[h]``, so replacing
+``z_h`` replaces exactly that head's contribution; storing ``z`` costs d_head instead of d_model per
+head), MLPs at ``blocks.L.hook_mlp_out``.  Embeddings (token and position, hence ``x0.pre``) are
+never ablated: every run uses the base's own embeddings.
 
-    faithfulness             = acc(circuit only) / acc(full model)
-    faithfulness_normalized  = (acc(circuit only) − acc(nothing)) / (acc(full) − acc(nothing))
-    completeness             = (acc(full) − acc(full minus circuit)) / (acc(full) − acc(nothing))
-    minimality[v]            = (acc(circuit) − acc(circuit minus v)) / (acc(full) − acc(nothing))
+Circuit sites.  a{L}.{H} / z / q / k / v / pattern{L}.{H} -> head (L, H) at the site's position
+(named positions resolved per input); attn{L} -> every head of layer L there; m{L} / m{L}.post ->
+MLP L there; a site without a position covers every position.  Residual-stream sites x{L}.pre
+(L >= 1), x{L}.mid, x{L}.post are *restored*: the base's clean activation at that hook and position
+is written into the ablated run and everything downstream computes from it.  emb, pos and x0.pre
+need nothing (never ablated) and are listed under ``never_ablated_sites``.
 
-A circuit is complete when removing it destroys the behaviour (completeness near 1) and minimal
-when every component node contributes (minimality[v] > ``min_contribution``).
+Metrics, per (input, target) with the targets of ``task.targets``:
+    LD   = logit(answer) - logit(competitor); competitor = the task's ``wrong`` token if set, else the
+           source's answer at that target if it differs from the base's, else the clean full model's
+           top non-answer token at that position (fixed once from the clean run);
+    acc  = 1 if argmax == answer else 0;
+    KL   = KL(clean full model || ablated run) of the next-token distribution at the target position.
+m(X) is the mean over (input, target) pairs, per target name and pooled over all targets ("all").
+M = full model (nothing ablated), ∅ = every component ablated (no residual site restored),
+C = the circuit (its components live, its residual sites restored, everything else ablated),
+M∖C = the circuit's components ablated and everything else kept (no restores),
+X∖K = X with the components of K ablated as well.
+
+    faithfulness_normalized (LD, primary) = (m(C) − m(∅)) / (m(M) − m(∅))    (Marks et al. 2024)
+    normalized accuracy                   = (acc(C) − acc(∅)) / (acc(M) − acc(∅))
+    normalized KL                         = 1 − KL(C) / KL(∅)                  (KL(M) = 0)
+    faithfulness (legacy)                 = acc(C) / acc(M)
+    incompleteness(K) = |F(C∖K) − F(M∖K)| / |F(M) − F(∅)|, F = mean LD           (Wang et al. 2022)
+        for K in {∅, the circuit's component nodes, each single node, random subsets}
+    completeness      = 1 − max_K incompleteness(K)
+    minimality[v]     = (F(C) − F(C∖{v})) / (F(M) − F(∅))  (a residual node v: C without its restore)
+    minimal           = every node's pooled minimality > min_contribution
+95% CIs: percentile bootstrap over inputs (inputs resampled with replacement, every ratio
+recomputed on each resample).  A ratio whose denominator is ~0 is undefined (null).
 """
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from circuitkit.activations import resolve_positions
+from circuitkit.errors import CircuitkitError
 from circuitkit.models.checkpoint import ProbedModel
-from circuitkit.sites import Site, parse_site
-from circuitkit.verify.stats import estimate
+from circuitkit.sites import Site, check_site, parse_site
 
 HEAD_KINDS = {"head", "z", "q", "k", "v", "pattern"}
 MLP_KINDS = {"mlp_out", "mlp_post"}
+RESID_KINDS = {"resid_pre", "resid_mid", "resid_post"}
+METRICS = ("logit_diff", "accuracy", "kl")
+CONDITIONS = ("full", "empty", "circuit", "complement")
+_EPS = 1e-9
+
+DEFINITIONS = (__doc__ or "").split("\n", 1)[1].strip()
+
+
+def site_role(site: Site) -> str:
+    """``component`` (head / MLP), ``residual`` (restored clean) or ``never_ablated`` (emb, pos, x0.pre)."""
+    if site.kind in ("emb", "pos") or (site.kind == "resid_pre" and site.layer == 0):
+        return "never_ablated"
+    if site.kind in RESID_KINDS:
+        return "residual"
+    return "component"
 
 
 def is_component(site: Site) -> bool:
-    return site.kind in HEAD_KINDS | MLP_KINDS | {"attn_out"}
+    return site_role(site) == "component"
 
 
-def keep_masks(pm: ProbedModel, ids: Tensor, sites: Sequence[Site]) -> tuple[list[Tensor], list[Tensor]]:
-    """Per layer: head keep [b, pos, heads] and MLP keep [b, pos] (True = not ablated)."""
-    b, n = ids.shape
-    heads = [torch.zeros(b, n, pm.n_heads, dtype=torch.bool) for _ in range(pm.n_layers)]
-    mlps = [torch.zeros(b, n, dtype=torch.bool) for _ in range(pm.n_layers)]
-    rows = torch.arange(b)
+def as_sites(sites: Iterable[Site | str]) -> list[Site]:
+    """Parse and de-duplicate (order kept); a verifier group name ``a & b`` is split into its sites."""
+    out: list[Site] = []
     for s in sites:
-        if not is_component(s):
-            continue
-        pos = resolve_positions(pm.task, ids, s.position) if s.position is not None else None
-        if s.kind in HEAD_KINDS:
-            if pos is None:
-                heads[s.layer][:, :, s.head] = True
+        parts = [parse_site(p) for p in s.split(" & ")] if isinstance(s, str) else [s]
+        for p in parts:
+            if p not in out:
+                out.append(p)
+    return out
+
+
+def _ratio(a: float, b: float) -> float:
+    return float(a / b) if abs(b) > _EPS else float("nan")
+
+
+def _ratio_arr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(np.abs(b) > _EPS, a / np.where(np.abs(b) > _EPS, b, 1.0), np.nan)
+
+
+def _ci(samples: np.ndarray) -> list[float]:
+    """95% percentile interval of bootstrap samples [B] (NaN samples dropped)."""
+    x = samples[~np.isnan(samples)]
+    if x.size == 0:
+        return [float("nan"), float("nan")]
+    lo, hi = np.percentile(x, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def to_jsonable(x: Any) -> Any:
+    """NaN -> None, numpy scalars -> Python numbers, tuples -> lists (JSON-safe)."""
+    if isinstance(x, dict):
+        return {str(k): to_jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [to_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and x != x:
+        return None
+    return x
+
+
+@dataclass
+class Scores:
+    """Per (input, target) pair metrics of one run: arrays [P] in the evaluator's pair order."""
+
+    logit_diff: np.ndarray
+    accuracy: np.ndarray
+    kl: np.ndarray
+
+    def metric(self, name: str) -> np.ndarray:
+        if name not in METRICS:
+            raise CircuitkitError(f"unknown metric {name!r}; valid: {', '.join(METRICS)}")
+        return getattr(self, name)
+
+
+@dataclass
+class Mask:
+    """Which components are kept live: heads [L, n, pos, H], mlps [L, n, pos] (True = live)."""
+
+    heads: Tensor
+    mlps: Tensor
+
+    def __or__(self, o: "Mask") -> "Mask":
+        return Mask(self.heads | o.heads, self.mlps | o.mlps)
+
+    def __and__(self, o: "Mask") -> "Mask":
+        return Mask(self.heads & o.heads, self.mlps & o.mlps)
+
+    def __invert__(self) -> "Mask":
+        return Mask(~self.heads, ~self.mlps)
+
+
+class AblationEvaluator:
+    """Aligned resample ablation on a fixed set of (base, source) pairs, built once and reused.
+
+    Caches: the sources' head ``z`` and MLP outputs at every layer, the clean run's metrics and
+    log-probabilities at every target, the clean residual stream at any restored hook (on demand)
+    and the fully ablated run's residual stream (on demand, for edge faithfulness).  Every ablated
+    evaluation is then one forward pass per batch with ``torch.where`` hooks.
+    """
+
+    def __init__(self, pm: ProbedModel, inputs: Sequence[str] | None = None, n: int = 1000, seed: int = 0,
+                 batch_size: int = 256, n_boot: int = 1000) -> None:
+        task = pm.task
+        self.pm, self.task, self.seed, self.batch_size, self.n_boot = pm, task, seed, batch_size, n_boot
+        if inputs is None:
+            inputs = task.generate(random.Random(40_000 + seed), n)
+        inputs = list(inputs)[:n]
+        rng = random.Random(90_000 + seed)
+        bases, sources = [], []
+        for text in inputs:
+            src = task.fair_sources(text, rng, 1, hold=("layout",))
+            if src:
+                bases.append(text)
+                sources.append(src[0])
+        self.n_skipped = len(inputs) - len(bases)
+        if not bases:
+            raise CircuitkitError(f"{task.name}: none of the {len(inputs)} evaluation inputs has an aligned source "
+                                  "(same layout); cannot resample-ablate")
+        self.inputs, self.sources = bases, sources
+        self.ids, self.src_ids = task.encode(bases), task.encode(sources)
+        self.n, self.seq = self.ids.shape
+        self.L, self.H = pm.n_layers, pm.n_heads
+        self.device = pm.device
+        self._pos: dict[str | int, Tensor] = {}
+        self._clean_resid: dict[str, Tensor] = {}
+        self._empty_resid: dict[int, Tensor] | None = None
+        self._memo: dict[tuple, Scores] = {}
+        self._build_pairs()
+        with torch.no_grad():
+            self._cache_sources()
+            self._clean_run()
+        self.full = self._scores_from_clean()
+        self.empty = self.run(self.none_mask())
+        self._boot_w = np.random.default_rng(seed).multinomial(self.n, np.full(self.n, 1.0 / self.n),
+                                                                size=n_boot).astype(float)  # [B, n]
+
+    # ---- setup --------------------------------------------------------------------------------
+    def _build_pairs(self) -> None:
+        task = self.task
+        names: list[str] = []
+        inp, tgt, pos, ans, task_wrong, src_ans = [], [], [], [], [], []
+        off = [0]
+        for i, (row, srow) in enumerate(zip(self.ids.tolist(), self.src_ids.tolist())):
+            toks, stoks = task.tokenizer.id_tokens(row), task.tokenizer.id_tokens(srow)
+            try:
+                stargets = task.targets(stoks)
+            except (CircuitkitError, ValueError, IndexError, KeyError):
+                stargets = []
+            for t in task.targets(toks):
+                if t.name not in names:
+                    names.append(t.name)
+                same = [s for s in stargets if s.name == t.name]
+                same = [s for s in same if s.position == t.position] or same
+                inp.append(i)
+                tgt.append(names.index(t.name))
+                pos.append(t.position)
+                ans.append(t.token)
+                task_wrong.append(-1 if t.wrong is None else t.wrong)
+                src_ans.append(same[0].token if same else -1)
+            off.append(len(inp))
+        if not inp:
+            raise CircuitkitError(f"{task.name}: the evaluation inputs have no targets")
+        self.target_names = names
+        self.pair_input = np.array(inp)
+        self.pair_target = np.array(tgt)
+        self._pair_pos = torch.tensor(pos)
+        self._pair_answer = torch.tensor(ans)
+        self._task_wrong = torch.tensor(task_wrong)
+        self._src_answer = torch.tensor(src_ans)
+        self._pair_off = off
+        self.P = len(inp)
+        # per-input sums / counts per target column (last column: all) for bootstrap means
+        T = len(names)
+        self._cols = T + 1
+        cnt = np.zeros((self.n, T + 1))
+        np.add.at(cnt, (self.pair_input, self.pair_target), 1.0)
+        cnt[:, T] = cnt[:, :T].sum(1)
+        self._counts = cnt
+
+    def _batches(self) -> Iterable[slice]:
+        for a in range(0, self.n, self.batch_size):
+            yield slice(a, min(a + self.batch_size, self.n))
+
+    def _pairs_of(self, sl: slice) -> slice:
+        return slice(self._pair_off[sl.start], self._pair_off[sl.stop])
+
+    def _cache_sources(self) -> None:
+        names = [h for L in range(self.L) for h in (f"blocks.{L}.attn.hook_z", f"blocks.{L}.hook_mlp_out")]
+        parts: dict[str, list[Tensor]] = {h: [] for h in names}
+        for sl in self._batches():
+            _, c = self.pm.runner.run(self.src_ids[sl].to(self.device), cache=names, return_logits=False)
+            for h in names:
+                parts[h].append(c[h])
+        self.src_z = [torch.cat(parts[f"blocks.{L}.attn.hook_z"]) for L in range(self.L)]
+        self.src_mlp = [torch.cat(parts[f"blocks.{L}.hook_mlp_out"]) for L in range(self.L)]
+
+    def _pair_logits(self, logits: Tensor, sl: slice) -> Tensor:
+        ps = self._pairs_of(sl)
+        rows = torch.as_tensor(self.pair_input[ps] - sl.start, device=logits.device)
+        return logits[rows, self._pair_pos[ps].to(logits.device)]
+
+    def _clean_run(self) -> None:
+        lps, comps, kinds = [], [], []
+        for sl in self._batches():
+            logits, _ = self.pm.runner.run(self.ids[sl].to(self.device))
+            pl = self._pair_logits(logits, sl).float()
+            ps = self._pairs_of(sl)
+            ans = self._pair_answer[ps].to(pl.device)
+            other = pl.clone()
+            other[torch.arange(len(ans), device=pl.device), ans] = -float("inf")
+            top = other.argmax(-1).cpu()
+            tw, sa = self._task_wrong[ps], self._src_answer[ps]
+            use_src = (sa >= 0) & (sa != self._pair_answer[ps])
+            comp = torch.where(tw >= 0, tw, torch.where(use_src, sa, top))
+            kinds.append(torch.where(tw >= 0, 0, torch.where(use_src, 1, 2)))
+            comps.append(comp)
+            lps.append(pl.log_softmax(-1))
+        self._pair_comp = torch.cat(comps)
+        k = torch.cat(kinds)
+        self.competitors = {"task": int((k == 0).sum()), "source": int((k == 1).sum()),
+                            "top_other": int((k == 2).sum())}
+        self._clean_lp = torch.cat(lps)  # [P, vocab] on the model's device
+
+    def _score_batch(self, pl: Tensor, ps: slice) -> tuple[Tensor, Tensor, Tensor]:
+        pl = pl.float()
+        ans = self._pair_answer[ps].to(pl.device)
+        comp = self._pair_comp[ps].to(pl.device)
+        r = torch.arange(pl.shape[0], device=pl.device)
+        ld = pl[r, ans] - pl[r, comp]
+        acc = (pl.argmax(-1) == ans).float()
+        cl = self._clean_lp[ps]
+        kl = (cl.exp() * (cl - pl.log_softmax(-1))).sum(-1).clamp_min(0.0)
+        return ld.cpu(), acc.cpu(), kl.cpu()
+
+    def _scores_from_clean(self) -> Scores:
+        lds, accs = [], []
+        for sl in self._batches():
+            ps = self._pairs_of(sl)
+            lp = self._clean_lp[ps]
+            ld, acc, _ = self._score_batch(lp, ps)  # log-softmax shifts every logit equally: same LD, argmax
+            lds.append(ld)
+            accs.append(acc)
+        return Scores(torch.cat(lds).double().numpy(), torch.cat(accs).double().numpy(), np.zeros(self.P))
+
+    def scores_from_pair_logits(self, chunks: Sequence[Tensor]) -> Scores:
+        """Scores from per-batch pair logits ([pairs of batch, vocab], batches in order)."""
+        out = [self._score_batch(pl, self._pairs_of(sl)) for pl, sl in zip(chunks, self._batches())]
+        return Scores(*(torch.cat([o[j] for o in out]).double().numpy() for j in range(3)))
+
+    # ---- positions and masks --------------------------------------------------------------------
+    def positions(self, position: str | int) -> Tensor:
+        """[n] index of ``position`` in each base input (-1 where the input does not have it)."""
+        if position not in self._pos:
+            out = []
+            for row in self.ids.tolist():
+                try:
+                    out.append(self.task.resolve_position(position, self.task.tokenizer.id_tokens(row)))
+                except CircuitkitError:
+                    out.append(-1)
+            self._pos[position] = torch.tensor(out, dtype=torch.long)
+        return self._pos[position]
+
+    def rows(self, position: str | int | None) -> Tensor:
+        """Bool [n, pos]: where a site at ``position`` sits in each input (None: every position)."""
+        if position is None:
+            return torch.ones(self.n, self.seq, dtype=torch.bool)
+        idx = self.positions(position)
+        m = torch.zeros(self.n, self.seq, dtype=torch.bool)
+        ok = idx >= 0
+        m[torch.arange(self.n)[ok], idx[ok]] = True
+        return m
+
+    def named_rows(self) -> Tensor:
+        """Bool [n, pos]: positions that carry at least one of the task's position names."""
+        m = torch.zeros(self.n, self.seq, dtype=torch.bool)
+        for name in self.task.position_names:
+            m |= self.rows(name)
+        return m
+
+    def none_mask(self) -> Mask:
+        return Mask(torch.zeros(self.L, self.n, self.seq, self.H, dtype=torch.bool),
+                    torch.zeros(self.L, self.n, self.seq, dtype=torch.bool))
+
+    def all_mask(self) -> Mask:
+        return ~self.none_mask()
+
+    def rest_mask(self) -> Mask:
+        """Every component at a position that has no name in that input."""
+        un = ~self.named_rows()
+        m = self.none_mask()
+        m.heads[:] = un[None, :, :, None]
+        m.mlps[:] = un[None]
+        return m
+
+    def mask(self, sites: Iterable[Site | str]) -> Mask:
+        """Components covered by ``sites`` (residual and embedding sites cover none)."""
+        m = self.none_mask()
+        for s in as_sites(sites):
+            if not is_component(s):
+                continue
+            check_site(s, self.L, self.H)
+            r = self.rows(s.position)
+            if s.kind in HEAD_KINDS:
+                m.heads[s.layer, :, :, s.head] |= r
+            elif s.kind == "attn_out":
+                m.heads[s.layer] |= r[:, :, None]
+            elif s.kind in MLP_KINDS:
+                m.mlps[s.layer] |= r
+            else:  # pragma: no cover - every kind is classified above
+                raise CircuitkitError(f"site {s} is not a component")
+        return m
+
+    # ---- clean and ablated residual streams ------------------------------------------------------
+    def clean_resid(self, hook: str) -> Tensor:
+        """The base's clean activation at a residual hook, [n, pos, d_model] (cached)."""
+        if hook not in self._clean_resid:
+            L = int(hook.split(".")[1]) if hook.startswith("blocks.") else 0
+            stop = L + 1 if L + 1 < self.L else None
+            parts = []
+            with torch.no_grad():
+                for sl in self._batches():
+                    _, c = self.pm.runner.run(self.ids[sl].to(self.device), cache=[hook], stop_at_layer=stop,
+                                              return_logits=False)
+                    parts.append(c[hook])
+            self._clean_resid[hook] = torch.cat(parts)
+        return self._clean_resid[hook]
+
+    def empty_resid(self, depth: int) -> Tensor:
+        """R0: the residual stream of the fully ablated run at ``depth`` (0 = embeddings, layer L's
+        attention reads 2L and writes 2L+1, its MLP reads 2L+1 and writes 2L+2), [n, pos, d_model]."""
+        if self._empty_resid is None:
+            names = [h for L in range(self.L) for h in (f"blocks.{L}.hook_resid_pre", f"blocks.{L}.hook_resid_mid")]
+            names.append(f"blocks.{self.L - 1}.hook_resid_post")
+            parts: dict[str, list[Tensor]] = {h: [] for h in names}
+            none = self.none_mask()
+            with torch.no_grad():
+                for sl in self._batches():
+                    _, c = self.pm.runner.run(self.ids[sl].to(self.device), hooks=self._hooks(none, [], sl),
+                                              cache=names, return_logits=False)
+                    for h in names:
+                        parts[h].append(c[h])
+            full = {h: torch.cat(v) for h, v in parts.items()}
+            self._empty_resid = {2 * L: full[f"blocks.{L}.hook_resid_pre"] for L in range(self.L)}
+            self._empty_resid.update({2 * L + 1: full[f"blocks.{L}.hook_resid_mid"] for L in range(self.L)})
+            self._empty_resid[2 * self.L] = full[f"blocks.{self.L - 1}.hook_resid_post"]
+        return self._empty_resid[depth]
+
+    # ---- ablated runs ---------------------------------------------------------------------------
+    def _hooks(self, keep: Mask, restores: Sequence[Site], sl: slice) -> dict:
+        dev, hooks = self.device, {}
+        for L in range(self.L):
+            hk = keep.heads[L, sl]
+            if not bool(hk.all()):
+                hk, src = hk.to(dev), self.src_z[L][sl]
+                hooks[f"blocks.{L}.attn.hook_z"] = lambda act, k=hk, s=src: torch.where(k[..., None], act, s)
+            mk = keep.mlps[L, sl]
+            if not bool(mk.all()):
+                mk, src = mk.to(dev), self.src_mlp[L][sl]
+                hooks[f"blocks.{L}.hook_mlp_out"] = lambda act, k=mk, s=src: torch.where(k[..., None], act, s)
+        by_hook: dict[str, Tensor] = {}
+        for s in restores:
+            if site_role(s) != "residual":
+                continue
+            by_hook[s.hook_name] = by_hook.get(s.hook_name, torch.zeros(self.n, self.seq, dtype=torch.bool)) \
+                | self.rows(s.position)
+        for h, rm in by_hook.items():
+            clean = self.clean_resid(h)[sl]
+            rm = rm[sl].to(dev)
+            hooks[h] = lambda act, m=rm, c=clean: torch.where(m[..., None], c, act)
+        return hooks
+
+    @torch.no_grad()
+    def run(self, keep: Mask, restores: Sequence[Site | str] = ()) -> Scores:
+        """Scores with the components in ``keep`` live, every other one from the source, and the
+        residual sites in ``restores`` set to their clean base value."""
+        restores = as_sites(restores)
+        chunks = []
+        for sl in self._batches():
+            logits, _ = self.pm.runner.run(self.ids[sl].to(self.device), hooks=self._hooks(keep, restores, sl))
+            chunks.append(self._pair_logits(logits, sl))
+        return self.scores_from_pair_logits(chunks)
+
+    def score(self, keep_sites: Iterable[Site | str], ablate: Iterable[Site | str] = (),
+              complement: bool = False) -> Scores:
+        """Scores of the circuit ``keep_sites`` (components live, residual sites restored, the rest
+        ablated), with the components of ``ablate`` ablated as well (X∖K).  ``complement=True``
+        gives M∖C instead: the components of ``keep_sites`` ablated, everything else live, nothing
+        restored.  Memoised."""
+        keep_sites, ablate = as_sites(keep_sites), as_sites(ablate)
+        key = (tuple(sorted(map(str, keep_sites))), tuple(sorted(map(str, ablate))), complement)
+        if key not in self._memo:
+            if complement:
+                keep, restores = ~self.mask(keep_sites), []
             else:
-                heads[s.layer][rows, pos, s.head] = True
-        elif s.kind == "attn_out":
-            if pos is None:
-                heads[s.layer][:] = True
-            else:
-                heads[s.layer][rows, pos] = True
+                keep, restores = self.mask(keep_sites), keep_sites
+            if ablate:
+                keep = keep & ~self.mask(ablate)
+            self._memo[key] = self.run(keep, restores)
+        return self._memo[key]
+
+    # ---- aggregation ------------------------------------------------------------------------------
+    def _sums(self, values: np.ndarray) -> np.ndarray:
+        T = len(self.target_names)
+        s = np.zeros((self.n, T + 1))
+        np.add.at(s, (self.pair_input, self.pair_target), values)
+        s[:, T] = s[:, :T].sum(1)
+        return s
+
+    def means(self, values: np.ndarray) -> dict[str, float]:
+        """Mean over (input, target) pairs per target name and pooled ("all")."""
+        tot, cnt = self._sums(values).sum(0), self._counts.sum(0)
+        return {k: _ratio(tot[j], cnt[j]) for j, k in enumerate(self.target_names + ["all"])}
+
+    def boot_means(self, values: np.ndarray) -> np.ndarray:
+        """Bootstrap means [B, targets + 1] (inputs resampled with replacement; last column: all)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return (self._boot_w @ self._sums(values)) / (self._boot_w @ self._counts)
+
+    def normalized(self, scores: Scores, metric: str = "logit_diff",
+                   ci: bool = True) -> tuple[dict[str, float], dict[str, list[float]]]:
+        """Normalised faithfulness of ``scores`` per target and "all", with bootstrap CIs."""
+        keys = self.target_names + ["all"]
+        c, m, e = scores.metric(metric), self.full.metric(metric), self.empty.metric(metric)
+        mc, mm, me = self.means(c), self.means(m), self.means(e)
+        if metric == "kl":
+            point = {k: 1.0 - _ratio(mc[k], me[k]) for k in keys}
         else:
-            if pos is None:
-                mlps[s.layer][:] = True
-            else:
-                mlps[s.layer][rows, pos] = True
-    return heads, mlps
+            point = {k: _ratio(mc[k] - me[k], mm[k] - me[k]) for k in keys}
+        if not ci:
+            return point, {}
+        bc, bm, be = self.boot_means(c), self.boot_means(m), self.boot_means(e)
+        boot = 1.0 - _ratio_arr(bc, be) if metric == "kl" else _ratio_arr(bc - be, bm - be)
+        return point, {k: _ci(boot[:, j]) for j, k in enumerate(keys)}
 
+    def faithfulness(self, keep_sites: Iterable[Site | str], metric: str = "logit_diff") -> dict[str, float]:
+        """Normalised faithfulness (no CI) of a circuit, per target and "all"."""
+        return self.normalized(self.score(keep_sites), metric, ci=False)[0]
 
-@torch.no_grad()
-def ablated_logits(pm: ProbedModel, ids: Tensor, src_cache: dict[str, Tensor], heads: list[Tensor],
-                   mlps: list[Tensor]) -> Tensor:
-    """Logits with every component whose keep mask is False replaced by the source's output."""
-    dev = pm.device
-    hooks = {}
-    for L in range(pm.n_layers):
-        hk, mk = heads[L].to(dev), mlps[L].to(dev)
-        rn, mn = f"blocks.{L}.attn.hook_result", f"blocks.{L}.hook_mlp_out"
-        hooks[rn] = (lambda act, k=hk, n=rn: torch.where(k.unsqueeze(-1), act, src_cache[n]))
-        hooks[mn] = (lambda act, k=mk, n=mn: torch.where(k.unsqueeze(-1), act, src_cache[n]))
-    return pm.runner.run(ids.to(dev), hooks=hooks)[0]
-
-
-def _target_hits(pm: ProbedModel, ids: Tensor, logits: Tensor) -> dict[str, np.ndarray]:
-    pred = logits.argmax(-1).cpu()
-    out: dict[str, list[float]] = {}
-    for i, row in enumerate(ids.tolist()):
-        for t in pm.task.targets(pm.task.tokenizer.id_tokens(row)):
-            out.setdefault(t.name, []).append(float(pred[i, t.position] == t.token))
-    res = {k: np.array(v) for k, v in out.items()}
-    res["all"] = np.concatenate(list(res.values())) if res else np.zeros(0)
-    return res
+    def single_effect(self, site: Site | str) -> float:
+        """F(M) − F(M∖{v}): the pooled mean-LD drop when only ``site`` is ablated in the full model."""
+        without = self.score([site], complement=True)
+        return self.means(self.full.logit_diff)["all"] - self.means(without.logit_diff)["all"]
 
 
 @dataclass
 class CircuitEvaluation:
-    full: dict[str, float]
+    sites: list[str]
+    components: list[str]
+    residual_sites: list[str]
+    never_ablated_sites: list[str]
+    target_names: list[str]
+    n: int
+    n_skipped: int
+    n_pairs: dict[str, int]
+    competitors: dict[str, int]
+    means: dict[str, dict[str, dict[str, float]]]  # metric -> condition -> target -> mean
+    normalized: dict[str, dict[str, float]]  # metric -> target -> normalised faithfulness
+    normalized_ci: dict[str, dict[str, list[float]]]
+    faithfulness_normalized: dict[str, float]  # = normalized["logit_diff"] (the primary number)
+    faithfulness_normalized_ci: dict[str, list[float]]
+    faithfulness: dict[str, float]  # legacy: acc(C) / acc(M)
+    full: dict[str, float]  # legacy: accuracy of M, ∅, C, M∖C
     empty: dict[str, float]
     circuit: dict[str, float]
     complement: dict[str, float]
-    faithfulness: dict[str, float]
-    faithfulness_normalized: dict[str, float]
-    faithfulness_ci: dict[str, list[float]]
-    completeness: dict[str, float]
-    minimality: dict[str, dict[str, float]]  # node -> target -> normalized drop
+    completeness: dict[str, float]  # target -> 1 − max_K incompleteness(K)
+    incompleteness: dict[str, Any]  # subsets, mean, max
+    minimality: dict[str, dict[str, float]]  # node -> target -> normalised drop
+    minimality_ci: dict[str, dict[str, list[float]]]
     minimal: bool
     min_contribution: float
-    n: int
-    ignored_sites: list[str]
+    seed: int
+    n_boot: int
+    definitions: str = field(default=DEFINITIONS)
 
     def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
-        d = _nan_to_none(asdict(self))
-        d["definitions"] = __doc__.split("With acc")[1].strip()
-        return d
+        return to_jsonable(asdict(self))
 
 
-def _nan_to_none(x: Any) -> Any:
-    """NaN (a ratio with nothing to normalise by) is not JSON: write null instead."""
-    if isinstance(x, dict):
-        return {k: _nan_to_none(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_nan_to_none(v) for v in x]
-    return None if isinstance(x, float) and x != x else x
+def completeness_subsets(nodes: Sequence[Site], n_random: int = 20, seed: int = 0) -> list[list[Site]]:
+    """K = ∅, every node, each single node, and ``n_random`` random subsets (seeded, deduplicated)."""
+    rng = random.Random(70_000 + seed)
+    out: list[list[Site]] = []
+    seen: set[frozenset] = set()
 
+    def add(k: list[Site]) -> None:
+        key = frozenset(map(str, k))
+        if key not in seen:
+            seen.add(key)
+            out.append(k)
 
-def _ratio(a: float, b: float) -> float:
-    return float(a / b) if abs(b) > 1e-9 else float("nan")
+    for k in [[], list(nodes)] + [[v] for v in nodes]:
+        add(k)
+    base = len(out)
+    for _ in range(n_random * 5):
+        if len(out) >= base + n_random or len(nodes) < 3:
+            break  # with < 3 nodes every subset is already listed
+        idx = sorted(rng.sample(range(len(nodes)), rng.randint(2, len(nodes) - 1)))
+        add([nodes[i] for i in idx])
+    return out
 
 
 def evaluate_circuit(pm: ProbedModel, sites: Sequence[Site | str], inputs: Sequence[str] | None = None,
-                     n: int = 1000, seed: int = 0, min_contribution: float = 0.01) -> CircuitEvaluation:
-    """Resample-ablation evaluation of the circuit made of ``sites`` (see the module docstring)."""
-    task = pm.task
-    sites = [parse_site(s) if isinstance(s, str) else s for s in sites]
-    rng = random.Random(40_000 + seed)
-    if inputs is None:
-        inputs = task.generate(rng, n)
-    inputs = list(inputs)[:n]
-    ids = task.encode(inputs)
-    perm = list(range(len(inputs)))
-    rng.shuffle(perm)
-    src_ids = ids[torch.tensor(perm)]
-    names = [h for L in range(pm.n_layers) for h in (f"blocks.{L}.attn.hook_result", f"blocks.{L}.hook_mlp_out")]
-    with torch.no_grad():
-        full_logits, _ = pm.runner.run(ids.to(pm.device))
-        _, src_cache = pm.runner.run(src_ids.to(pm.device), cache=names)
+                     n: int = 1000, seed: int = 0, min_contribution: float = 0.01, n_subsets: int = 20,
+                     evaluator: AblationEvaluator | None = None, batch_size: int = 256,
+                     n_boot: int = 1000) -> CircuitEvaluation:
+    """Aligned resample-ablation evaluation of the circuit made of ``sites`` (see the module doc).
 
-    def acc(keep_sites: Sequence[Site] | None, invert: bool = False) -> dict[str, np.ndarray]:
-        if keep_sites is None:
-            return _target_hits(pm, ids, full_logits)
-        heads, mlps = keep_masks(pm, ids, keep_sites)
-        if invert:
-            heads, mlps = [~h for h in heads], [~m for m in mlps]
-        return _target_hits(pm, ids, ablated_logits(pm, ids, src_cache, heads, mlps))
+    Pass ``evaluator`` to reuse its caches (its inputs / seed then apply, not ``inputs`` / ``n``)."""
+    ev = evaluator or AblationEvaluator(pm, inputs, n=n, seed=seed, batch_size=batch_size, n_boot=n_boot)
+    nodes = as_sites(sites)
+    for s in nodes:
+        check_site(s, ev.L, ev.H)
+    comps = [s for s in nodes if site_role(s) == "component"]
+    resid = [s for s in nodes if site_role(s) == "residual"]
+    never = [s for s in nodes if site_role(s) == "never_ablated"]
+    keys = ev.target_names + ["all"]
+    C, Mc = ev.score(nodes), ev.score(comps, complement=True)
+    conds = {"full": ev.full, "empty": ev.empty, "circuit": C, "complement": Mc}
+    means = {m: {c: ev.means(s.metric(m)) for c, s in conds.items()} for m in METRICS}
+    normalized, normalized_ci = {}, {}
+    for m in METRICS:
+        normalized[m], normalized_ci[m] = ev.normalized(C, m)
+    acc = means["accuracy"]
+    legacy = {k: _ratio(acc["circuit"][k], acc["full"][k]) for k in keys}
 
-    comp = [s for s in sites if is_component(s)]
-    full, empty, circ, compl = acc(None), acc([]), acc(comp), acc(comp, invert=True)
-    mean = lambda d: {k: float(v.mean()) for k, v in d.items()}  # noqa: E731
-    F_, E_, C_, M_ = mean(full), mean(empty), mean(circ), mean(compl)
-    faith = {k: _ratio(C_[k], F_[k]) for k in F_}
-    faith_n = {k: _ratio(C_[k] - E_[k], F_[k] - E_[k]) for k in F_}
-    complete = {k: _ratio(F_[k] - M_[k], F_[k] - E_[k]) for k in F_}
-    faith_ci = {}
-    for k in F_:
-        e = estimate(circ[k])
-        faith_ci[k] = [_ratio(e.ci_low, F_[k]), _ratio(e.ci_high, F_[k])]
-    minimality: dict[str, dict[str, float]] = {}
-    uniq = list(dict.fromkeys(comp))
-    for v in uniq:
-        without = mean(acc([s for s in comp if s != v]))
-        minimality[str(v)] = {k: _ratio(C_[k] - without[k], F_[k] - E_[k]) for k in F_}
-    minimal = all(m.get("all", 0.0) > min_contribution for m in minimality.values()) if minimality else False
-    ignored = [str(s) for s in sites if not is_component(s)]
-    return CircuitEvaluation(F_, E_, C_, M_, faith, faith_n, faith_ci, complete, minimality, minimal,
-                             min_contribution, len(inputs), ignored)
+    F = lambda s: ev.means(s.logit_diff)  # noqa: E731
+    FM, FE, FC = F(ev.full), F(ev.empty), F(C)
+    denom = {k: FM[k] - FE[k] for k in keys}
+    subsets = []
+    for K in completeness_subsets(comps, n_subsets, seed):
+        a, b = F(ev.score(nodes, ablate=K)), F(ev.score(K, complement=True))
+        subsets.append({"K": [str(s) for s in K],
+                        "values": {k: _ratio(abs(a[k] - b[k]), abs(denom[k])) for k in keys}})
+    inc_mean = {k: float(np.nanmean([s["values"][k] for s in subsets])) if subsets else float("nan") for k in keys}
+    inc_max = {k: float(np.nanmax([s["values"][k] for s in subsets])) if subsets else float("nan") for k in keys}
+    completeness = {k: 1.0 - inc_max[k] for k in keys}
+
+    minimality, minimality_ci = {}, {}
+    bM, bE, bC = ev.boot_means(ev.full.logit_diff), ev.boot_means(ev.empty.logit_diff), ev.boot_means(C.logit_diff)
+    for v in comps + resid:
+        without = ev.score([s for s in nodes if s != v], ablate=[v] if v in comps else [])
+        Fw = F(without)
+        minimality[str(v)] = {k: _ratio(FC[k] - Fw[k], denom[k]) for k in keys}
+        boot = _ratio_arr(bC - ev.boot_means(without.logit_diff), bM - bE)
+        minimality_ci[str(v)] = {k: _ci(boot[:, j]) for j, k in enumerate(keys)}
+    minimal = bool(minimality) and all((m["all"] == m["all"]) and m["all"] > min_contribution
+                                       for m in minimality.values())
+    n_pairs = {k: int(ev._counts[:, j].sum()) for j, k in enumerate(keys)}
+    return CircuitEvaluation(
+        sites=[str(s) for s in nodes], components=[str(s) for s in comps], residual_sites=[str(s) for s in resid],
+        never_ablated_sites=[str(s) for s in never], target_names=list(ev.target_names), n=ev.n,
+        n_skipped=ev.n_skipped, n_pairs=n_pairs, competitors=dict(ev.competitors), means=means,
+        normalized=normalized, normalized_ci=normalized_ci, faithfulness_normalized=normalized["logit_diff"],
+        faithfulness_normalized_ci=normalized_ci["logit_diff"], faithfulness=legacy, full=acc["full"],
+        empty=acc["empty"], circuit=acc["circuit"], complement=acc["complement"], completeness=completeness,
+        incompleteness={"subsets": subsets, "mean": inc_mean, "max": inc_max}, minimality=minimality,
+        minimality_ci=minimality_ci, minimal=minimal, min_contribution=min_contribution, seed=ev.seed,
+        n_boot=ev.n_boot)
 
 
-__all__ = ["is_component", "keep_masks", "ablated_logits", "CircuitEvaluation", "evaluate_circuit"]
+__all__ = ["AblationEvaluator", "CircuitEvaluation", "Mask", "Scores", "as_sites", "completeness_subsets",
+           "evaluate_circuit", "is_component", "site_role", "to_jsonable", "DEFINITIONS", "METRICS"]
