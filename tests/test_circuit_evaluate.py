@@ -13,6 +13,7 @@ import torch
 from circuitkit.circuit.edges_eval import complete_edges, edge_faithfulness
 from circuitkit.circuit.evaluate import AblationEvaluator, evaluate_circuit
 from circuitkit.circuit.grow import faithfulness_curve, grow_circuit, named_components
+from circuitkit.errors import CircuitkitError
 
 from tests.groundtruth_copy import CopyTask, copy_model
 
@@ -89,6 +90,13 @@ def test_edge_faithfulness_matches_node_faithfulness_on_copy_model(copy_eval):
         assert e.faithfulness_normalized["all"] == pytest.approx(ev.faithfulness(nodes)["all"], abs=1e-4), nodes
     # without its output edge the head reaches nothing
     assert abs(edge_faithfulness(ev, ["a0.0@="], []).faithfulness_normalized["all"]) < 1e-6
+    # edges that cannot carry anything are listed with the reason (or raise when strict)
+    bad = [("x0.pre@2", "a0.0@="), ("a0.0@=", "out:copy"), ("a0.0@=", "out:nope"), ("m0@=", "a0.0@=")]
+    e = edge_faithfulness(ev, ["a0.0@=", "x0.pre@2", "m0@="], bad)
+    assert e.edges == [["a0.0@=", "out:copy"]] and len(e.ignored_edges) == 3
+    assert e.faithfulness_normalized["all"] == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(CircuitkitError, match="written after"):
+        edge_faithfulness(ev, ["a0.0@=", "m0@="], [("m0@=", "a0.0@=")], strict=True)
 
 
 def test_tiny_model_aligned_sources_cis_and_edges(tiny_addition_model):

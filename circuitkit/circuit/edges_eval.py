@@ -15,7 +15,8 @@ MLP receiver at p computes its output at row p from input_r.  Edges s → "out:T
 final residual stream (at s's own rows: a node at another position than target T's cannot move T's
 logits); target T's logits are read from R0[final] + Σ_{s→out:T} Δs.  Embedding sites (emb, pos,
 x0.pre) are never ablated (they are part of R0), so edges from them carry nothing; residual and
-embedding nodes read nothing, so edges into them are ignored (both listed in ``ignored_edges``).
+embedding nodes read nothing, so edges into them are ignored; so are edges between non-nodes or
+against the depth order unless ``strict`` (all listed in ``ignored_edges`` with the reason).
 
 With the complete edge set (``complete_edges``: every upstream -> downstream pair of nodes plus every
 node that sits at a target position -> out, minus the pairs a restored residual node overrides) this
@@ -110,7 +111,7 @@ def complete_edges(evaluator: AblationEvaluator, sites: Iterable[Site | str]) ->
 class EdgeFaithfulness:
     nodes: list[str]
     edges: list[list[str]]
-    ignored_edges: list[list[str]]
+    ignored_edges: list[list[str]]  # [sender, receiver, reason]
     n: int
     means: dict[str, dict[str, float]]  # metric -> target -> mean in the edge-restricted run
     normalized: dict[str, dict[str, float]]
@@ -131,10 +132,11 @@ def _name(x: str | Site) -> str:
 
 @torch.no_grad()
 def edge_logits(evaluator: AblationEvaluator, sites: Iterable[Site | str],
-                edges: Iterable[tuple[str | Site, str | Site]],
+                edges: Iterable[tuple[str | Site, str | Site]], strict: bool = False,
                 ) -> tuple[list[Tensor], list[list[str]], list[list[str]]]:
     """Per batch, the pair logits of the edge-restricted circuit run (module doc); plus the edges
-    used and the edges ignored."""
+    used and the edges ignored ([sender, receiver, reason]; ``strict`` raises on an edge that is
+    not between circuit nodes or runs against the depth order, instead of ignoring it)."""
     ev, pm = evaluator, evaluator.pm
     r_ = pm.runner
     sites = as_sites(sites)
@@ -142,28 +144,42 @@ def edge_logits(evaluator: AblationEvaluator, sites: Iterable[Site | str],
     by_name = {n.name: n for n in nodes}
     incoming: dict[str, list[_Node]] = {n.name: [] for n in nodes}
     outgoing: dict[str, list[_Node]] = {t: [] for t in ev.target_names}
-    used, ignored = [], []
+    used: list[list[str]] = []
+    ignored: list[list[str]] = []
+
+    def skip(s: str, r: str, why: str) -> None:
+        if strict:
+            raise CircuitkitError(f"edge {s} -> {r}: {why}")
+        ignored.append([s, r, why])
+
     for s_raw, r_raw in edges:
-        s, r = _name(s_raw), _name(r_raw)
-        if s in never or r in never or (r in by_name and by_name[r].role == "resid"):
-            ignored.append([s, r])
+        try:
+            s, r = _name(s_raw), _name(r_raw)
+        except CircuitkitError as e:
+            skip(str(s_raw), str(r_raw), f"not a site ({e})")
             continue
-        if s not in by_name:
-            raise CircuitkitError(f"edge {s} -> {r}: {s} is not a circuit node ({', '.join(by_name) or 'none'})")
-        if r.startswith(OUT):
+        if s in never:
+            skip(s, r, "the sender is an embedding, never ablated (part of R0): the edge carries nothing")
+        elif r in never or (r in by_name and by_name[r].role == "resid"):
+            skip(s, r, "the receiver is a residual or embedding node: it reads nothing")
+        elif s not in by_name:
+            skip(s, r, f"{s} is not a circuit node ({', '.join(by_name) or 'none'})")
+        elif r.startswith(OUT):
             t = r[len(OUT):]
             if t not in outgoing:
-                raise CircuitkitError(f"edge {s} -> {r}: unknown target {t!r}; valid: {', '.join(ev.target_names)}")
+                skip(s, r, f"unknown target {t!r}; valid: {', '.join(ev.target_names)}")
+                continue
             if by_name[s] not in outgoing[t]:
                 outgoing[t].append(by_name[s])
+            used.append([s, r])
+        elif r not in by_name:
+            skip(s, r, f"{r} is not a circuit node ({', '.join(by_name)})")
+        elif by_name[s].write > by_name[r].read:
+            skip(s, r, f"{s} is written after {r} reads the residual stream")
         else:
-            if r not in by_name:
-                raise CircuitkitError(f"edge {s} -> {r}: {r} is not a circuit node ({', '.join(by_name)})")
-            if by_name[s].write > by_name[r].read:
-                raise CircuitkitError(f"edge {s} -> {r}: {s} is written after {r} reads the residual stream")
             if by_name[s] not in incoming[r]:
                 incoming[r].append(by_name[s])
-        used.append([s, r])
+            used.append([s, r])
     order = sorted(nodes, key=lambda n: (n.role != "resid", n.read, n.index))  # residual nodes read nothing
     final = 2 * ev.L
     dev = ev.device
@@ -212,14 +228,15 @@ def edge_logits(evaluator: AblationEvaluator, sites: Iterable[Site | str],
 
 
 def edge_faithfulness(evaluator: AblationEvaluator, sites: Iterable[Site | str],
-                      edges: Iterable[tuple[str | Site, str | Site]], ci: bool = True) -> EdgeFaithfulness:
+                      edges: Iterable[tuple[str | Site, str | Site]], ci: bool = True,
+                      strict: bool = False) -> EdgeFaithfulness:
     """Faithfulness of the circuit whose nodes read from each other only along ``edges`` (module doc).
 
     sites: the circuit's nodes; edges: (sender, receiver) pairs of node names, receiver a node or
     ``out:TARGET``."""
     ev = evaluator
     sites = as_sites(sites)
-    chunks, used, ignored = edge_logits(ev, sites, edges)
+    chunks, used, ignored = edge_logits(ev, sites, edges, strict=strict)
     sc = ev.scores_from_pair_logits(chunks)
     means = {m: ev.means(sc.metric(m)) for m in METRICS}
     normalized, normalized_ci = {}, {}
