@@ -52,15 +52,53 @@ def test_empty_and_irrelevant_circuits_explain_nothing(copy_eval):
     assert abs(r.faithfulness_normalized["all"]) < 1e-6 and not r.minimal
 
 
-def test_residual_node_is_restored_clean(copy_eval):
+def _same_mask(a, b) -> bool:
+    return torch.equal(a.heads, b.heads) and torch.equal(a.mlps, b.mlps)
+
+
+def test_residual_node_is_a_live_bundle(copy_eval):
     pm, ev = copy_eval
+    # x0.post@= stands for what is written at "=" up to layer 0's output: a0.0@= and m0@=, computed live
+    assert _same_mask(ev.mask(["x0.post@="]), ev.mask(["a0.0@=", "m0@="]))
+    assert [str(c) for c in ev.bundle("x0.post@=")] == ["a0.0@=", "m0@="]
+    assert [str(c) for c in ev.bundle("x0.mid@=")] == ["a0.0@="]
     r = evaluate_circuit(pm, ["x0.post@="], evaluator=ev)
     assert r.residual_sites == ["x0.post@="] and r.components == []
-    assert r.faithfulness_normalized["all"] == pytest.approx(1.0, abs=1e-6)
+    assert r.bundles == {"x0.post@=": ["a0.0@=", "m0@="]}
+    assert r.faithfulness_normalized["all"] == pytest.approx(1.0, abs=1e-6)  # it contains the true head
     assert r.minimality["x0.post@="]["all"] == pytest.approx(1.0, abs=1e-6)
-    # embeddings are never ablated: an x0.pre site needs nothing and is listed as such
+    assert r.completeness["all"] == pytest.approx(1.0, abs=1e-6)
+    # a component already inside a bundle of the circuit adds nothing: minimality 0, and the report shows it
+    r3 = evaluate_circuit(pm, ["x0.post@=", "a0.0@="], evaluator=ev)
+    assert r3.minimality["a0.0@="]["all"] == pytest.approx(0.0, abs=1e-9) and not r3.minimal
+    assert r3.minimality["x0.post@="]["all"] == pytest.approx(0.0, abs=1e-9)  # a0.0@= still covers the head
+    # x0.pre is embeddings only (never ablated): it covers nothing and explains nothing on its own
+    assert _same_mask(ev.mask(["x0.pre@2"]), ev.none_mask())
+    r0 = evaluate_circuit(pm, ["x0.pre@2"], evaluator=ev)
+    assert r0.never_ablated_sites == ["x0.pre@2"] and r0.residual_sites == []
+    assert abs(r0.faithfulness_normalized["all"]) < 1e-6
     r2 = evaluate_circuit(pm, ["a0.0@=", "x0.pre@2"], evaluator=ev)
     assert r2.never_ablated_sites == ["x0.pre@2"] and r2.faithfulness_normalized["all"] >= 0.99
+
+
+def test_residual_node_is_not_restored(tiny_addition_model):
+    """x1.post@A1 scores exactly like its bundle's components (nothing restored clean), not like the
+    clean full model."""
+    torch.set_num_threads(1)
+    pm = tiny_addition_model
+    ev = AblationEvaluator(pm, n=120, seed=2, n_boot=50)
+    bundle = [f"a0.{h}@A1" for h in range(4)] + ["m0@A1"] + [f"a1.{h}@A1" for h in range(4)] + ["m1@A1"]
+    assert [str(c) for c in ev.bundle("x1.post@A1")] == bundle
+    assert _same_mask(ev.mask(["x1.post@A1"]), ev.mask(bundle))
+    a, b = ev.score(["x1.post@A1"]), ev.score(bundle)
+    assert np.array_equal(a.logit_diff, b.logit_diff) and np.array_equal(a.kl, b.kl)
+    f = ev.faithfulness(["x1.post@A1"])
+    assert f == ev.faithfulness(bundle)
+    # the old semantics (restore the clean value) would make A2 (read at A1, the last layer) exact: 1.0;
+    # live, the bundle reads ablated other positions, and on this model A2 is far from 1 (about 1.66)
+    restored = ev.normalized(ev.run(ev.mask(bundle), ["x1.post@A1"]), ci=False)[0]
+    assert restored["A2"] == pytest.approx(1.0, abs=1e-4)
+    assert abs(f["A2"] - 1.0) > 1e-3
 
 
 def test_growth_finds_exactly_the_true_circuit_and_curves(copy_eval):
@@ -85,9 +123,18 @@ def test_growth_finds_exactly_the_true_circuit_and_curves(copy_eval):
 
 def test_edge_faithfulness_matches_node_faithfulness_on_copy_model(copy_eval):
     pm, ev = copy_eval
-    for nodes in (["a0.0@="], ["a0.0@3", "m0@=", "a0.0@="], ["x0.post@="], ["a0.0@=", "x0.pre@2"]):
+    for nodes in (["a0.0@="], ["a0.0@3", "m0@=", "a0.0@="], ["x0.post@="], ["a0.0@=", "x0.pre@2"],
+                  ["x0.post@=", "a0.0@="], ["x0.mid@3", "x0.post@="]):
         e = edge_faithfulness(ev, nodes, complete_edges(ev, nodes))
         assert e.faithfulness_normalized["all"] == pytest.approx(ev.faithfulness(nodes)["all"], abs=1e-4), nodes
+    # a residual node is expanded into its bundle (de-duplicated with an explicit component node)
+    e = edge_faithfulness(ev, ["x0.post@=", "a0.0@="], complete_edges(ev, ["x0.post@=", "a0.0@="]), ci=False)
+    assert e.expanded_nodes == {"x0.post@=": ["a0.0@=", "m0@="]}
+    assert ["a0.0@=", "m0@="] in e.expanded_edges and ["a0.0@=", "out:copy"] in e.expanded_edges
+    # the bundle's output edge alone carries the head at "=": without it nothing reaches the answer
+    assert edge_faithfulness(ev, ["x0.post@="], [("x0.post@=", "out:copy")],
+                             ci=False).faithfulness_normalized["all"] == pytest.approx(1.0, abs=1e-4)
+    assert abs(edge_faithfulness(ev, ["x0.post@="], [], ci=False).faithfulness_normalized["all"]) < 1e-6
     # without its output edge the head reaches nothing
     assert abs(edge_faithfulness(ev, ["a0.0@="], []).faithfulness_normalized["all"]) < 1e-6
     # edges that cannot carry anything are listed with the reason (or raise when strict)
@@ -122,13 +169,32 @@ def test_tiny_model_aligned_sources_cis_and_edges(tiny_addition_model):
     assert 0.0 <= r.incompleteness["max"]["all"] and r.completeness["all"] <= 1.0
     assert len(r.incompleteness["subsets"]) >= 2 + len(r.components)
     json.dumps(r.to_dict(), allow_nan=False)
-    # the complete edge set reproduces node faithfulness, residual restores included
+    # the complete edge set reproduces node faithfulness with residual nodes (live bundles) present
     edges = complete_edges(ev, sites)
-    assert ("m0@F2", "a1.0@=") not in edges  # overridden by the restored x0.post@F2
     e = edge_faithfulness(ev, sites, edges, ci=False)
+    assert e.expanded_nodes == {"x0.post@F2": [f"a0.{h}@F2" for h in range(4)] + ["m0@F2"]}
     node = ev.faithfulness(sites)
     for k in node:
         assert e.faithfulness_normalized[k] == pytest.approx(node[k], abs=1e-4), k
+    # overlapping bundles (x0.post in x1.mid), a position-less bundle and an explicit head inside a bundle
+    for more in (["x1.mid@=", "x0.post@=", "a1.2@=", "m1@A1"], ["x0.mid", "x1.post@A1", "a1.0@="]):
+        e2 = edge_faithfulness(ev, more, complete_edges(ev, more), ci=False)
+        node2 = ev.faithfulness(more)
+        for k in node2:
+            assert e2.faithfulness_normalized[k] == pytest.approx(node2[k], abs=1e-4), (more, k)
     # dropping edges changes the answer
     fewer = [x for x in edges if x[1] != "out:A1"]
     assert not np.isclose(edge_faithfulness(ev, sites, fewer, ci=False).faithfulness_normalized["A1"], node["A1"])
+
+
+def test_growth_and_curve_with_a_residual_start_site(copy_eval):
+    pm, ev = copy_eval
+    cands = named_components(ev)
+    g = grow_circuit(ev, ["x0.post@="], cands, target=0.9)
+    assert g.reached and g.added == [] and g.covered == ["a0.0@=", "m0@="]
+    assert "a0.0@=" not in g.ranking and g.faithfulness["all"] == pytest.approx(1.0, abs=1e-6)
+    c = faithfulness_curve(ev, g)
+    # the bundle's components are the order's prefix, one node of the universe each
+    assert c.order[:2] == ["a0.0@=", "m0@="] and c.excluded == [] and c.n_universe == len(cands) + 1
+    assert c.ys[1] == pytest.approx(1.0, abs=1e-6)
+    assert faithfulness_curve(ev, start_sites=["x0.pre@2"]).excluded == ["x0.pre@2"]

@@ -1,27 +1,41 @@
 """Edge-level faithfulness: the circuit run in which circuit nodes talk only along the given edges.
 
-Let R0 be the residual stream of the fully ablated run (the base's embeddings plus every component's
-output on the aligned source), at every depth (0 = embeddings; layer L's attention reads depth 2L and
-writes 2L+1, its MLP reads 2L+1 and writes 2L+2; the final stream is depth 2·n_layers).  The
-component nodes are processed in depth order; node r reads
+Nodes.  Every residual node (x{L}.pre / .mid / .post at a position: a bundle, see
+``circuitkit.circuit.evaluate``) is first expanded into its bundle's components: every head and MLP
+written into the residual stream at its position up to its depth, each a node computed live (nothing is
+restored).  A bundle component that an explicit component node (or an earlier bundle) already holds at
+the same rows is that node (de-duplicated: where the coverage is partial the new node keeps only the
+rows not yet held); ``expanded_nodes`` lists, for each residual node, the nodes that stand for its
+bundle.  Embedding sites (emb, pos, x0.pre) are never ablated and cover no component.
 
-    input_r = R0[read depth of r] + Σ over edges s→r of Δs   (Δs placed at s's rows / position)
+Edges.  An edge s → r between circuit nodes is expanded to the component nodes: s' → r' for every s' in
+s's expansion (s itself, or its bundle) and every r' in r's expansion with s' written at or before r'
+reads (the depth order; a sender at a later position than the receiver is allowed but carries nothing
+through the causal attention mask); an edge r → out:T becomes c → out:T for every c in r's expansion.
+Every bundle also gets its complete internal edges (c1 → c2 whenever c1 writes at or before c2 reads),
+whether listed or not.  ``expanded_edges`` lists the component-level edges that were run.
 
-where Δs = out_s(this run) − out_s(source) for a component node (a head's result z_h W_O[h], an
-MLP's output, at the node's position), and Δs = clean base value − R0 at s's depth and position for
-a residual node s (x{L}.pre / .mid / .post restored clean).  A head receiver at position p computes
-its q at row p and its k, v at every row from input_r (one forward of its layer from input_r); an
-MLP receiver at p computes its output at row p from input_r.  Edges s → "out:T" put Δs into the
-final residual stream (at s's own rows: a node at another position than target T's cannot move T's
-logits); target T's logits are read from R0[final] + Σ_{s→out:T} Δs.  Embedding sites (emb, pos,
-x0.pre) are never ablated (they are part of R0), so edges from them carry nothing; residual and
-embedding nodes read nothing, so edges into them are ignored; so are edges between non-nodes or
-against the depth order unless ``strict`` (all listed in ``ignored_edges`` with the reason).
+Run.  Let R0 be the residual stream of the fully ablated run (the base's embeddings plus every
+component's output on the aligned source), at every depth (0 = embeddings; layer L's attention reads
+depth 2L and writes 2L+1, its MLP reads 2L+1 and writes 2L+2; the final stream is depth 2·n_layers).
+The component nodes are processed in depth order; node r reads
 
-With the complete edge set (``complete_edges``: every upstream -> downstream pair of nodes plus every
-node that sits at a target position -> out, minus the pairs a restored residual node overrides) this
-reproduces node-level faithfulness exactly (up to float rounding).  Metrics and normalisation are the
-evaluator's: (m(edges) − m(∅)) / (m(M) − m(∅)) for LD and accuracy, 1 − KL(edges)/KL(∅) for KL.
+    input_r = R0[read depth of r] + Σ over expanded edges s→r of Δs   (Δs placed at s's rows)
+
+where Δs = out_s(this run) − out_s(source) (a head's result z_h W_O[h], an MLP's output, at the node's
+rows).  A head receiver computes its q at its rows and its k, v at every row from input_r (one
+forward of its layer from input_r); an MLP receiver computes its output at its rows from input_r.
+Edges s → "out:T" put Δs into the final residual stream (at s's own rows: a node at another position
+than target T's cannot move T's logits); target T's logits are read from R0[final] + Σ_{s→out:T} Δs.
+Edges from embedding sites carry nothing (they are part of R0), edges into them are ignored; so are
+edges between non-nodes, to unknown targets or with no pair in the depth order, unless ``strict``
+(all listed in ``ignored_edges`` with the reason).
+
+With the complete edge set (``complete_edges``: every pair of nodes with some component pair in the
+depth order plus every node at a target position -> out) this reproduces node-level faithfulness (up to
+float rounding; exact when no two explicit component nodes overlap, e.g. a0.0 and a0.0@=, and distinct
+position names never share an index).  Metrics and normalisation are the evaluator's:
+(m(edges) − m(∅)) / (m(M) − m(∅)) for LD and accuracy, 1 − KL(edges)/KL(∅) for KL.
 """
 from __future__ import annotations
 
@@ -32,10 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from circuitkit.circuit.evaluate import (HEAD_KINDS, METRICS, MLP_KINDS, AblationEvaluator, as_sites, site_role,
-                                         to_jsonable)
+from circuitkit.circuit.evaluate import (HEAD_KINDS, METRICS, MLP_KINDS, AblationEvaluator, as_sites,
+                                         bundle_components, site_role, to_jsonable)
 from circuitkit.errors import CircuitkitError
-from circuitkit.patching.path import read_depth
 from circuitkit.sites import Site, check_site, parse_site
 
 DEFINITIONS = (__doc__ or "").split("\n", 1)[1].strip()
@@ -46,7 +59,7 @@ OUT = "out:"
 class _Node:
     name: str
     site: Site
-    role: str  # head / mlp / resid
+    role: str  # head / mlp
     heads: list[int]
     read: int
     write: int
@@ -54,56 +67,107 @@ class _Node:
     index: int
 
 
-def _nodes(ev: AblationEvaluator, sites: Sequence[Site]) -> tuple[list[_Node], list[str]]:
-    out, never = [], []
-    for i, s in enumerate(sites):
+def _component_key(s: Site, n_heads: int) -> list[tuple]:
+    """(head, L, H) / (mlp, L) identities of the components a component site holds."""
+    if s.kind in MLP_KINDS:
+        return [("mlp", s.layer)]
+    heads = [s.head] if s.kind in HEAD_KINDS else list(range(n_heads))
+    return [("head", s.layer, h) for h in heads]
+
+
+def _component_node(ev: AblationEvaluator, s: Site, rows: Tensor, index: int, name: str | None = None) -> _Node:
+    if s.kind in MLP_KINDS:
+        return _Node(name or str(s), s, "mlp", [], 2 * s.layer + 1, 2 * s.layer + 2, rows, index)
+    heads = [s.head] if s.kind in HEAD_KINDS else list(range(ev.H))
+    return _Node(name or str(s), s, "head", heads, 2 * s.layer, 2 * s.layer + 1, rows, index)
+
+
+@dataclass
+class _Expansion:
+    nodes: list[_Node]  # component nodes (explicit + bundle components), de-duplicated
+    of: dict[str, list[_Node]]  # circuit node name -> the component nodes that stand for it
+    bundles: dict[str, list[str]]  # residual node -> names of the nodes that stand for its bundle
+    never: list[str]
+
+
+def _expand(ev: AblationEvaluator, sites: Sequence[Site]) -> _Expansion:
+    """Component nodes of the circuit: explicit component nodes as they are, then every residual node's
+    bundle components, each either an existing node that already holds it at those rows or a new node
+    with the rows not yet held."""
+    for s in sites:
         check_site(s, ev.L, ev.H)
+    nodes: list[_Node] = []
+    of: dict[str, list[_Node]] = {}
+    held: dict[tuple, list[tuple[_Node, Tensor]]] = {}  # component identity -> (node, rows it holds)
+    never: list[str] = []
+
+    def hold(nd: _Node) -> None:
+        for key in _component_key(nd.site, ev.H):
+            held.setdefault(key, []).append((nd, nd.rows))
+
+    for s in sites:
         role = site_role(s)
         if role == "never_ablated":
             never.append(str(s))
+        elif role == "component" and str(s) not in of:
+            nd = _component_node(ev, s, ev.rows(s.position), len(nodes))
+            nodes.append(nd)
+            of[nd.name] = [nd]
+            hold(nd)
+    bundles: dict[str, list[str]] = {}
+    for s in sites:
+        if site_role(s) != "residual" or str(s) in of:
             continue
-        if role == "residual":
-            d = read_depth(s)
-            out.append(_Node(str(s), s, "resid", [], d, d, ev.rows(s.position), i))
-        elif s.kind in MLP_KINDS:
-            out.append(_Node(str(s), s, "mlp", [], 2 * s.layer + 1, 2 * s.layer + 2, ev.rows(s.position), i))
-        else:
-            heads = [s.head] if s.kind in HEAD_KINDS else list(range(ev.H))
-            out.append(_Node(str(s), s, "head", heads, 2 * s.layer, 2 * s.layer + 1, ev.rows(s.position), i))
-    return out, never
+        members: list[_Node] = []
+        for c in bundle_components(s, ev.H):
+            key = _component_key(c, ev.H)[0]
+            rows = ev.rows(c.position)
+            free = rows.clone()
+            for nd, r in held.get(key, []):
+                if bool((r & rows).any()):
+                    if nd not in members:
+                        members.append(nd)
+                    free &= ~r
+            if bool(free.any()):
+                name = str(c) if str(c) not in {n.name for n in nodes} else f"{c}|{s}"
+                nd = _component_node(ev, c, free, len(nodes), name)
+                nodes.append(nd)
+                members.append(nd)
+                held.setdefault(key, []).append((nd, free))
+        of[str(s)] = members
+        bundles[str(s)] = [m.name for m in members]
+    return _Expansion(nodes, of, bundles, never)
 
 
-def _blocked(s: _Node, r_read: int, nodes: Sequence[_Node]) -> bool:
-    """A restored residual node x at s's position between s's write and r's read overrides s."""
-    for x in nodes:
-        if x is s or x.role != "resid" or not (x.site.position is None or x.site.position == s.site.position):
-            continue
-        if s.write <= x.read <= r_read and (s.role != "resid" or s.read < x.read or x.index > s.index):
-            return True
-    return False
+def _pairs(ss: Sequence[_Node], rs: Sequence[_Node]) -> list[tuple[_Node, _Node]]:
+    return [(a, b) for a in ss for b in rs if a is not b and a.write <= b.read]
+
+
+def _at_target(ev: AblationEvaluator, nd: _Node | Tensor, t: int) -> bool:
+    rows = nd if isinstance(nd, Tensor) else nd.rows
+    sel = ev.pair_target == t
+    pi, pp = torch.as_tensor(ev.pair_input[sel]), ev._pair_pos[torch.as_tensor(sel)]
+    return bool(rows[pi, pp].any())
 
 
 def complete_edges(evaluator: AblationEvaluator, sites: Iterable[Site | str]) -> list[tuple[str, str]]:
-    """Every upstream -> downstream pair among the nodes (s writes at or before r reads) plus every node
-    at a target position (in some input, or position-less) -> ``out:T``, without the pairs a restored
-    residual node at the sender's position overrides.  With these edges edge-level faithfulness equals
-    node-level faithfulness (exact when distinct position names never share an index)."""
+    """Every ordered pair of circuit nodes (s, r) of which some component pair is in the depth order
+    (a component of s written at or before a component of r reads; a residual node's components are its
+    bundle), plus every node at a target position (in some input, or position-less) -> ``out:T``.  With
+    these edges edge-level faithfulness equals node-level faithfulness (module doc)."""
     ev = evaluator
-    nodes, _ = _nodes(ev, as_sites(sites))
-    final = 2 * ev.L
+    sites = as_sites(sites)
+    ex = _expand(ev, sites)
+    names = [str(s) for s in sites if str(s) in ex.of]
     edges = []
-    for r in nodes:
-        if r.role == "resid":
-            continue
-        for s in nodes:
-            if s is not r and s.write <= r.read and not _blocked(s, r.read, nodes):
-                edges.append((s.name, r.name))
+    for r in names:
+        for s in names:
+            if s != r and _pairs(ex.of[s], ex.of[r]):
+                edges.append((s, r))
     for t, name in enumerate(ev.target_names):
-        sel = ev.pair_target == t
-        pi, pp = torch.as_tensor(ev.pair_input[sel]), ev._pair_pos[torch.as_tensor(sel)]
-        for s in nodes:
-            if bool(s.rows[pi, pp].any()) and not _blocked(s, final, nodes):
-                edges.append((s.name, OUT + name))
+        for s in sites:
+            if str(s) in ex.of and _at_target(ev, ev.rows(s.position), t):
+                edges.append((str(s), OUT + name))
     return edges
 
 
@@ -118,6 +182,8 @@ class EdgeFaithfulness:
     normalized_ci: dict[str, dict[str, list[float]]]
     faithfulness_normalized: dict[str, float]  # LD (primary)
     faithfulness_normalized_ci: dict[str, list[float]]
+    expanded_nodes: dict[str, list[str]] = field(default_factory=dict)  # residual node -> its component nodes
+    expanded_edges: list[list[str]] = field(default_factory=list)  # the component-level edges run
     definitions: str = field(default=DEFINITIONS)
 
     def to_dict(self) -> dict[str, Any]:
@@ -130,27 +196,34 @@ def _name(x: str | Site) -> str:
     return x if x.startswith(OUT) else str(parse_site(x))
 
 
-@torch.no_grad()
-def edge_logits(evaluator: AblationEvaluator, sites: Iterable[Site | str],
-                edges: Iterable[tuple[str | Site, str | Site]], strict: bool = False,
-                ) -> tuple[list[Tensor], list[list[str]], list[list[str]]]:
-    """Per batch, the pair logits of the edge-restricted circuit run (module doc); plus the edges
-    used and the edges ignored ([sender, receiver, reason]; ``strict`` raises on an edge that is
-    not between circuit nodes or runs against the depth order, instead of ignoring it)."""
-    ev, pm = evaluator, evaluator.pm
-    r_ = pm.runner
-    sites = as_sites(sites)
-    nodes, never = _nodes(ev, sites)
-    by_name = {n.name: n for n in nodes}
-    incoming: dict[str, list[_Node]] = {n.name: [] for n in nodes}
+@dataclass
+class _Plan:
+    ex: _Expansion
+    incoming: dict[str, list[_Node]]
+    outgoing: dict[str, list[_Node]]
+    used: list[list[str]]
+    ignored: list[list[str]]
+    expanded: list[list[str]]
+
+
+def _plan(ev: AblationEvaluator, sites: Sequence[Site], edges: Iterable[tuple[str | Site, str | Site]],
+          strict: bool) -> _Plan:
+    ex = _expand(ev, sites)
+    incoming: dict[str, list[_Node]] = {n.name: [] for n in ex.nodes}
     outgoing: dict[str, list[_Node]] = {t: [] for t in ev.target_names}
     used: list[list[str]] = []
     ignored: list[list[str]] = []
+    expanded: list[list[str]] = []
 
     def skip(s: str, r: str, why: str) -> None:
         if strict:
             raise CircuitkitError(f"edge {s} -> {r}: {why}")
         ignored.append([s, r, why])
+
+    def link(a: _Node, b: _Node) -> None:
+        if a not in incoming[b.name]:
+            incoming[b.name].append(a)
+            expanded.append([a.name, b.name])
 
     for s_raw, r_raw in edges:
         try:
@@ -158,29 +231,42 @@ def edge_logits(evaluator: AblationEvaluator, sites: Iterable[Site | str],
         except CircuitkitError as e:
             skip(str(s_raw), str(r_raw), f"not a site ({e})")
             continue
-        if s in never:
+        if s in ex.never:
             skip(s, r, "the sender is an embedding, never ablated (part of R0): the edge carries nothing")
-        elif r in never or (r in by_name and by_name[r].role == "resid"):
-            skip(s, r, "the receiver is a residual or embedding node: it reads nothing")
-        elif s not in by_name:
-            skip(s, r, f"{s} is not a circuit node ({', '.join(by_name) or 'none'})")
+        elif r in ex.never:
+            skip(s, r, "the receiver is an embedding node: it reads nothing")
+        elif s not in ex.of:
+            skip(s, r, f"{s} is not a circuit node ({', '.join(ex.of) or 'none'})")
         elif r.startswith(OUT):
             t = r[len(OUT):]
             if t not in outgoing:
                 skip(s, r, f"unknown target {t!r}; valid: {', '.join(ev.target_names)}")
                 continue
-            if by_name[s] not in outgoing[t]:
-                outgoing[t].append(by_name[s])
+            for a in ex.of[s]:
+                if a not in outgoing[t]:
+                    outgoing[t].append(a)
+                    expanded.append([a.name, r])
             used.append([s, r])
-        elif r not in by_name:
-            skip(s, r, f"{r} is not a circuit node ({', '.join(by_name)})")
-        elif by_name[s].write > by_name[r].read:
-            skip(s, r, f"{s} is written after {r} reads the residual stream")
+        elif r not in ex.of:
+            skip(s, r, f"{r} is not a circuit node ({', '.join(ex.of)})")
         else:
-            if by_name[s] not in incoming[r]:
-                incoming[r].append(by_name[s])
+            pairs = _pairs(ex.of[s], ex.of[r])
+            if not pairs:
+                skip(s, r, f"{s} is written after {r} reads the residual stream")
+                continue
+            for a, b in pairs:
+                link(a, b)
             used.append([s, r])
-    order = sorted(nodes, key=lambda n: (n.role != "resid", n.read, n.index))  # residual nodes read nothing
+    for r in ex.bundles:  # a bundle's complete internal edges
+        for a, b in _pairs(ex.of[r], ex.of[r]):
+            link(a, b)
+    return _Plan(ex, incoming, outgoing, used, ignored, expanded)
+
+
+@torch.no_grad()
+def _run(ev: AblationEvaluator, plan: _Plan) -> list[Tensor]:
+    r_ = ev.pm.runner
+    order = sorted(plan.ex.nodes, key=lambda n: (n.read, n.index))
     final = 2 * ev.L
     dev = ev.device
     chunks = []
@@ -189,11 +275,8 @@ def edge_logits(evaluator: AblationEvaluator, sites: Iterable[Site | str],
         delta: dict[str, Tensor] = {}
         for nd in order:
             rows = nd.rows[sl].to(dev)[..., None]
-            if nd.role == "resid":
-                delta[nd.name] = (ev.clean_resid(nd.site.hook_name)[sl] - ev.empty_resid(nd.read)[sl]) * rows
-                continue
             x = ev.empty_resid(nd.read)[sl].clone()
-            for s in incoming[nd.name]:
+            for s in plan.incoming[nd.name]:
                 x = x + delta[s.name]
             L, w = nd.site.layer, r_.layers[nd.site.layer]
             if nd.role == "head":
@@ -212,7 +295,7 @@ def edge_logits(evaluator: AblationEvaluator, sites: Iterable[Site | str],
         pl = None
         groups: dict[tuple[str, ...], list[int]] = {}
         for t, name in enumerate(ev.target_names):
-            groups.setdefault(tuple(sorted(s.name for s in outgoing[name])), []).append(t)
+            groups.setdefault(tuple(sorted(s.name for s in plan.outgoing[name])), []).append(t)
         for key, ts in groups.items():
             resid = ev.empty_resid(final)[sl].clone()
             for s in key:
@@ -224,7 +307,17 @@ def edge_logits(evaluator: AblationEvaluator, sites: Iterable[Site | str],
                 pl = torch.zeros(len(p_rows), got.shape[-1], dtype=got.dtype, device=dev)
             pl[sel] = got
         chunks.append(pl)
-    return chunks, used, ignored
+    return chunks
+
+
+def edge_logits(evaluator: AblationEvaluator, sites: Iterable[Site | str],
+                edges: Iterable[tuple[str | Site, str | Site]], strict: bool = False,
+                ) -> tuple[list[Tensor], list[list[str]], list[list[str]]]:
+    """Per batch, the pair logits of the edge-restricted circuit run (module doc); plus the edges
+    used and the edges ignored ([sender, receiver, reason]; ``strict`` raises on an edge that is
+    not between circuit nodes or has no component pair in the depth order, instead of ignoring it)."""
+    plan = _plan(evaluator, as_sites(sites), edges, strict)
+    return _run(evaluator, plan), plan.used, plan.ignored
 
 
 def edge_faithfulness(evaluator: AblationEvaluator, sites: Iterable[Site | str],
@@ -232,20 +325,21 @@ def edge_faithfulness(evaluator: AblationEvaluator, sites: Iterable[Site | str],
                       strict: bool = False) -> EdgeFaithfulness:
     """Faithfulness of the circuit whose nodes read from each other only along ``edges`` (module doc).
 
-    sites: the circuit's nodes; edges: (sender, receiver) pairs of node names, receiver a node or
-    ``out:TARGET``."""
+    sites: the circuit's nodes (residual nodes are expanded into their bundles' components); edges:
+    (sender, receiver) pairs of node names, receiver a node or ``out:TARGET``."""
     ev = evaluator
     sites = as_sites(sites)
-    chunks, used, ignored = edge_logits(ev, sites, edges, strict=strict)
-    sc = ev.scores_from_pair_logits(chunks)
+    plan = _plan(ev, sites, edges, strict)
+    sc = ev.scores_from_pair_logits(_run(ev, plan))
     means = {m: ev.means(sc.metric(m)) for m in METRICS}
     normalized, normalized_ci = {}, {}
     for m in METRICS:
         normalized[m], normalized_ci[m] = ev.normalized(sc, m, ci=ci)
-    return EdgeFaithfulness(nodes=[str(s) for s in sites], edges=used, ignored_edges=ignored, n=ev.n, means=means,
-                            normalized=normalized, normalized_ci=normalized_ci,
+    return EdgeFaithfulness(nodes=[str(s) for s in sites], edges=plan.used, ignored_edges=plan.ignored, n=ev.n,
+                            means=means, normalized=normalized, normalized_ci=normalized_ci,
                             faithfulness_normalized=normalized["logit_diff"],
-                            faithfulness_normalized_ci=normalized_ci["logit_diff"])
+                            faithfulness_normalized_ci=normalized_ci["logit_diff"],
+                            expanded_nodes=plan.ex.bundles, expanded_edges=plan.expanded)
 
 
 __all__ = ["EdgeFaithfulness", "complete_edges", "edge_faithfulness", "edge_logits", "DEFINITIONS"]

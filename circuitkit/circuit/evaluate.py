@@ -18,10 +18,18 @@ never ablated: every run uses the base's own embeddings.
 
 Circuit sites.  a{L}.{H} / z / q / k / v / pattern{L}.{H} -> head (L, H) at the site's position
 (named positions resolved per input); attn{L} -> every head of layer L there; m{L} / m{L}.post ->
-MLP L there; a site without a position covers every position.  Residual-stream sites x{L}.pre
-(L >= 1), x{L}.mid, x{L}.post are *restored*: the base's clean activation at that hook and position
-is written into the ablated run and everything downstream computes from it.  emb, pos and x0.pre
-need nothing (never ablated) and are listed under ``never_ablated_sites``.
+MLP L there; a site without a position covers every position.  A residual-stream site is a *bundle*:
+it stands for every component written into the residual stream at its position up to its depth, all
+computed live (nothing is restored to a clean value):
+    x{L}.pre@p  = every head and MLP of the layers < L at p              (L >= 1)
+    x{L}.mid@p  = those plus every head of layer L at p
+    x{L}.post@p = every head and MLP of the layers <= L at p
+A residual site without a position covers those components at every position.  Embeddings are never
+ablated, so emb, pos and x0.pre cover no component (listed under ``never_ablated_sites``).  A bundle
+holds only components at its own position: what they read from other positions is whatever the circuit
+keeps live there (ablated unless some node covers it).  The components a circuit covers = the union of
+its nodes' covers (a component node covers itself, a residual node its bundle); ``bundles`` in the
+result lists each residual node's components.
 
 Metrics, per (input, target) with the targets of ``task.targets``:
     LD   = logit(answer) - logit(competitor); competitor = the task's ``wrong`` token if set, else the
@@ -30,19 +38,23 @@ Metrics, per (input, target) with the targets of ``task.targets``:
     acc  = 1 if argmax == answer else 0;
     KL   = KL(clean full model || ablated run) of the next-token distribution at the target position.
 m(X) is the mean over (input, target) pairs, per target name and pooled over all targets ("all").
-M = full model (nothing ablated), ∅ = every component ablated (no residual site restored),
-C = the circuit (its components live, its residual sites restored, everything else ablated),
-M∖C = the circuit's components ablated and everything else kept (no restores),
-X∖K = X with the components of K ablated as well.
+M = full model (nothing ablated), ∅ = every component ablated,
+C = the circuit (the components it covers live, everything else ablated),
+M∖C = the components C covers ablated and everything else kept,
+for K ⊆ C (K a set of the circuit's nodes, components or residual bundles): C∖K = the components covered
+by the nodes of C not in K live, everything else ablated; M∖K = the components covered by K but by no
+node of C outside K ablated, everything else kept (a component that another node of C still covers, e.g.
+a head inside a residual bundle of C, stays live in both).
 
     faithfulness_normalized (LD, primary) = (m(C) − m(∅)) / (m(M) − m(∅))    (Marks et al. 2024)
     normalized accuracy                   = (acc(C) − acc(∅)) / (acc(M) − acc(∅))
     normalized KL                         = 1 − KL(C) / KL(∅)                  (KL(M) = 0)
     faithfulness (legacy)                 = acc(C) / acc(M)
     incompleteness(K) = |F(C∖K) − F(M∖K)| / |F(M) − F(∅)|, F = mean LD           (Wang et al. 2022)
-        for K in {∅, the circuit's component nodes, each single node, random subsets}
+        for K in {∅, every node of C, each single node, random subsets} (embedding nodes excluded)
     completeness      = 1 − max_K incompleteness(K)
-    minimality[v]     = (F(C) − F(C∖{v})) / (F(M) − F(∅))  (a residual node v: C without its restore)
+    minimality[v]     = (F(C) − F(C∖{v})) / (F(M) − F(∅))  (0 for a node whose components other nodes
+                        of C still cover, e.g. a head inside a residual bundle of C: removing it removes nothing)
     minimal           = every node's pooled minimality > min_contribution
 95% CIs: percentile bootstrap over inputs (inputs resampled with replacement, every ratio
 recomputed on each resample).  A ratio whose denominator is ~0 is undefined (null).
@@ -72,7 +84,9 @@ DEFINITIONS = (__doc__ or "").split("\n", 1)[1].strip()
 
 
 def site_role(site: Site) -> str:
-    """``component`` (head / MLP), ``residual`` (restored clean) or ``never_ablated`` (emb, pos, x0.pre)."""
+    """``component`` (a head / MLP / whole attention layer), ``residual`` (a bundle: every head and MLP
+    written into the residual stream at its position up to its depth, computed live; see
+    ``bundle_components``) or ``never_ablated`` (emb, pos, x0.pre: embeddings only, covers nothing)."""
     if site.kind in ("emb", "pos") or (site.kind == "resid_pre" and site.layer == 0):
         return "never_ablated"
     if site.kind in RESID_KINDS:
@@ -82,6 +96,29 @@ def site_role(site: Site) -> str:
 
 def is_component(site: Site) -> bool:
     return site_role(site) == "component"
+
+
+def bundle_components(site: Site, n_heads: int) -> list[Site]:
+    """The components a residual site stands for, at the site's own position (None: every position),
+    in forward order: x{L}.pre -> a{l}.0..a{l}.{H-1}, m{l} for l < L; x{L}.mid -> those plus
+    a{L}.0..a{L}.{H-1}; x{L}.post -> heads and MLPs of layers <= L.  [] for any other site."""
+    if site_role(site) != "residual":
+        return []
+    L, p = site.layer, site.position
+    full = L if site.kind in ("resid_pre", "resid_mid") else L + 1  # layers whose heads and MLP are all in
+    out: list[Site] = []
+    for lay in range(full):
+        out += [Site("head", lay, h, p) for h in range(n_heads)]
+        out.append(Site("mlp_out", lay, None, p))
+    if site.kind == "resid_mid":
+        out += [Site("head", L, h, p) for h in range(n_heads)]
+    return out
+
+
+def covered_components(site: Site, n_heads: int) -> list[Site]:
+    """What a site covers: a component itself, a residual site its bundle, an embedding site nothing."""
+    role = site_role(site)
+    return [site] if role == "component" else bundle_components(site, n_heads) if role == "residual" else []
 
 
 def as_sites(sites: Iterable[Site | str]) -> list[Site]:
@@ -161,9 +198,10 @@ class AblationEvaluator:
     """Aligned resample ablation on a fixed set of (base, source) pairs, built once and reused.
 
     Caches: the sources' head ``z`` and MLP outputs at every layer, the clean run's metrics and
-    log-probabilities at every target, the clean residual stream at any restored hook (on demand)
-    and the fully ablated run's residual stream (on demand, for edge faithfulness).  Every ablated
-    evaluation is then one forward pass per batch with ``torch.where`` hooks.
+    log-probabilities at every target, the fully ablated run's residual stream (on demand, for edge
+    faithfulness) and the clean residual stream at a hook (on demand, only for explicit ``run(...,
+    restores)`` calls: no circuit evaluation restores anything).  Every ablated evaluation is then one
+    forward pass per batch with ``torch.where`` hooks.
     """
 
     def __init__(self, pm: ProbedModel, inputs: Sequence[str] | None = None, n: int = 1000, seed: int = 0,
@@ -360,27 +398,34 @@ class AblationEvaluator:
         m.mlps[:] = un[None]
         return m
 
+    def bundle(self, site: Site | str) -> list[Site]:
+        """The components of a residual site's bundle (module doc); [] for any other site."""
+        site = as_sites([site])[0]
+        check_site(site, self.L, self.H)
+        return bundle_components(site, self.H)
+
     def mask(self, sites: Iterable[Site | str]) -> Mask:
-        """Components covered by ``sites`` (residual and embedding sites cover none)."""
+        """Components covered by ``sites``: a component site itself, a residual site its bundle (every
+        head and MLP written into the stream at its position up to its depth), an embedding site none."""
         m = self.none_mask()
-        for s in as_sites(sites):
-            if not is_component(s):
-                continue
-            check_site(s, self.L, self.H)
-            r = self.rows(s.position)
-            if s.kind in HEAD_KINDS:
-                m.heads[s.layer, :, :, s.head] |= r
-            elif s.kind == "attn_out":
-                m.heads[s.layer] |= r[:, :, None]
-            elif s.kind in MLP_KINDS:
-                m.mlps[s.layer] |= r
-            else:  # pragma: no cover - every kind is classified above
-                raise CircuitkitError(f"site {s} is not a component")
+        for s0 in as_sites(sites):
+            check_site(s0, self.L, self.H)
+            for s in covered_components(s0, self.H):
+                r = self.rows(s.position)
+                if s.kind in HEAD_KINDS:
+                    m.heads[s.layer, :, :, s.head] |= r
+                elif s.kind == "attn_out":
+                    m.heads[s.layer] |= r[:, :, None]
+                elif s.kind in MLP_KINDS:
+                    m.mlps[s.layer] |= r
+                else:  # pragma: no cover - every kind is classified above
+                    raise CircuitkitError(f"site {s} is not a component")
         return m
 
     # ---- clean and ablated residual streams ------------------------------------------------------
     def clean_resid(self, hook: str) -> Tensor:
-        """The base's clean activation at a residual hook, [n, pos, d_model] (cached)."""
+        """The base's clean activation at a residual hook, [n, pos, d_model] (cached; used only by
+        explicit ``run(keep, restores)`` calls)."""
         if hook not in self._clean_resid:
             L = int(hook.split(".")[1]) if hook.startswith("blocks.") else 0
             stop = L + 1 if L + 1 < self.L else None
@@ -439,8 +484,9 @@ class AblationEvaluator:
 
     @torch.no_grad()
     def run(self, keep: Mask, restores: Sequence[Site | str] = ()) -> Scores:
-        """Scores with the components in ``keep`` live, every other one from the source, and the
-        residual sites in ``restores`` set to their clean base value."""
+        """Scores with the components in ``keep`` live and every other one from the source.  Only for
+        callers that ask for it explicitly: the residual sites in ``restores`` are overwritten with their
+        clean base value (circuit scores never restore; a residual circuit node is a live bundle)."""
         restores = as_sites(restores)
         chunks = []
         for sl in self._batches():
@@ -450,20 +496,32 @@ class AblationEvaluator:
 
     def score(self, keep_sites: Iterable[Site | str], ablate: Iterable[Site | str] = (),
               complement: bool = False) -> Scores:
-        """Scores of the circuit ``keep_sites`` (components live, residual sites restored, the rest
-        ablated), with the components of ``ablate`` ablated as well (X∖K).  ``complement=True``
-        gives M∖C instead: the components of ``keep_sites`` ablated, everything else live, nothing
-        restored.  Memoised."""
+        """Scores of the circuit ``keep_sites`` (the components they cover live, residual sites as live
+        bundles, the rest ablated; nothing restored), with every component ``ablate`` covers ablated as
+        well, even one that ``keep_sites`` covers.  ``complement=True`` gives M∖C instead: the
+        components ``keep_sites`` cover ablated, everything else live.  Memoised.  (Removing nodes
+        from a circuit, C∖K and M∖K, is ``score_removed``.)"""
         keep_sites, ablate = as_sites(keep_sites), as_sites(ablate)
         key = (tuple(sorted(map(str, keep_sites))), tuple(sorted(map(str, ablate))), complement)
         if key not in self._memo:
-            if complement:
-                keep, restores = ~self.mask(keep_sites), []
-            else:
-                keep, restores = self.mask(keep_sites), keep_sites
+            keep = ~self.mask(keep_sites) if complement else self.mask(keep_sites)
             if ablate:
                 keep = keep & ~self.mask(ablate)
-            self._memo[key] = self.run(keep, restores)
+            self._memo[key] = self.run(keep)
+        return self._memo[key]
+
+    def score_removed(self, nodes: Iterable[Site | str], removed: Iterable[Site | str],
+                      complement: bool = False) -> Scores:
+        """C∖K (``complement=False``) or M∖K (``True``) for the circuit C = ``nodes`` and K = ``removed``
+        (nodes of C): C∖K keeps live exactly what the nodes of C outside K cover; M∖K ablates what K
+        covers and no node of C outside K covers, everything else live.  Memoised."""
+        nodes, removed = as_sites(nodes), as_sites(removed)
+        rest = [s for s in nodes if s not in removed]
+        if not complement:
+            return self.score(rest)
+        key = ("removed", tuple(sorted(map(str, nodes))), tuple(sorted(map(str, removed))))
+        if key not in self._memo:
+            self._memo[key] = self.run(~(self.mask(removed) & ~self.mask(rest)))
         return self._memo[key]
 
     # ---- aggregation ------------------------------------------------------------------------------
@@ -505,7 +563,8 @@ class AblationEvaluator:
         return self.normalized(self.score(keep_sites), metric, ci=False)[0]
 
     def single_effect(self, site: Site | str) -> float:
-        """F(M) − F(M∖{v}): the pooled mean-LD drop when only ``site`` is ablated in the full model."""
+        """F(M) − F(M∖{v}): the pooled mean-LD drop when only what ``site`` covers is ablated in the
+        full model (a residual site: its whole bundle)."""
         without = self.score([site], complement=True)
         return self.means(self.full.logit_diff)["all"] - self.means(without.logit_diff)["all"]
 
@@ -513,8 +572,8 @@ class AblationEvaluator:
 @dataclass
 class CircuitEvaluation:
     sites: list[str]
-    components: list[str]
-    residual_sites: list[str]
+    components: list[str]  # the component nodes (heads / MLPs named in the circuit)
+    residual_sites: list[str]  # the residual nodes: bundles, see ``bundles``
     never_ablated_sites: list[str]
     target_names: list[str]
     n: int
@@ -539,6 +598,7 @@ class CircuitEvaluation:
     min_contribution: float
     seed: int
     n_boot: int
+    bundles: dict[str, list[str]] = field(default_factory=dict)  # residual node -> the components it covers
     definitions: str = field(default=DEFINITIONS)
 
     def to_dict(self) -> dict[str, Any]:
@@ -582,8 +642,9 @@ def evaluate_circuit(pm: ProbedModel, sites: Sequence[Site | str], inputs: Seque
     comps = [s for s in nodes if site_role(s) == "component"]
     resid = [s for s in nodes if site_role(s) == "residual"]
     never = [s for s in nodes if site_role(s) == "never_ablated"]
+    ablatable = [s for s in nodes if site_role(s) != "never_ablated"]  # component and residual nodes, in order
     keys = ev.target_names + ["all"]
-    C, Mc = ev.score(nodes), ev.score(comps, complement=True)
+    C, Mc = ev.score(nodes), ev.score(ablatable, complement=True)
     conds = {"full": ev.full, "empty": ev.empty, "circuit": C, "complement": Mc}
     means = {m: {c: ev.means(s.metric(m)) for c, s in conds.items()} for m in METRICS}
     normalized, normalized_ci = {}, {}
@@ -596,8 +657,8 @@ def evaluate_circuit(pm: ProbedModel, sites: Sequence[Site | str], inputs: Seque
     FM, FE, FC = F(ev.full), F(ev.empty), F(C)
     denom = {k: FM[k] - FE[k] for k in keys}
     subsets = []
-    for K in completeness_subsets(comps, n_subsets, seed):
-        a, b = F(ev.score(nodes, ablate=K)), F(ev.score(K, complement=True))
+    for K in completeness_subsets(ablatable, n_subsets, seed):
+        a, b = F(ev.score_removed(nodes, K)), F(ev.score_removed(nodes, K, complement=True))
         subsets.append({"K": [str(s) for s in K],
                         "values": {k: _ratio(abs(a[k] - b[k]), abs(denom[k])) for k in keys}})
     inc_mean = {k: float(np.nanmean([s["values"][k] for s in subsets])) if subsets else float("nan") for k in keys}
@@ -606,8 +667,8 @@ def evaluate_circuit(pm: ProbedModel, sites: Sequence[Site | str], inputs: Seque
 
     minimality, minimality_ci = {}, {}
     bM, bE, bC = ev.boot_means(ev.full.logit_diff), ev.boot_means(ev.empty.logit_diff), ev.boot_means(C.logit_diff)
-    for v in comps + resid:
-        without = ev.score([s for s in nodes if s != v], ablate=[v] if v in comps else [])
+    for v in ablatable:
+        without = ev.score_removed(nodes, [v])
         Fw = F(without)
         minimality[str(v)] = {k: _ratio(FC[k] - Fw[k], denom[k]) for k in keys}
         boot = _ratio_arr(bC - ev.boot_means(without.logit_diff), bM - bE)
@@ -624,8 +685,9 @@ def evaluate_circuit(pm: ProbedModel, sites: Sequence[Site | str], inputs: Seque
         empty=acc["empty"], circuit=acc["circuit"], complement=acc["complement"], completeness=completeness,
         incompleteness={"subsets": subsets, "mean": inc_mean, "max": inc_max}, minimality=minimality,
         minimality_ci=minimality_ci, minimal=minimal, min_contribution=min_contribution, seed=ev.seed,
-        n_boot=ev.n_boot)
+        n_boot=ev.n_boot, bundles={str(v): [str(c) for c in bundle_components(v, ev.H)] for v in resid})
 
 
-__all__ = ["AblationEvaluator", "CircuitEvaluation", "Mask", "Scores", "as_sites", "completeness_subsets",
-           "evaluate_circuit", "is_component", "site_role", "to_jsonable", "DEFINITIONS", "METRICS"]
+__all__ = ["AblationEvaluator", "CircuitEvaluation", "Mask", "Scores", "as_sites", "bundle_components",
+           "completeness_subsets", "covered_components", "evaluate_circuit", "is_component", "site_role",
+           "to_jsonable", "DEFINITIONS", "METRICS"]

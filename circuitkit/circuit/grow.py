@@ -4,9 +4,12 @@ Everything here reuses one ``AblationEvaluator`` (same inputs, same aligned sour
 every number is the normalised logit-difference faithfulness of ``circuitkit.circuit.evaluate``:
 f(X) = (m(X) − m(∅)) / (m(M) − m(∅)), m = mean logit difference.
 
-Growth.  Start from ``start_sites`` (the verified nodes; residual sites are restored as in the
-evaluator).  Rank the candidates by their single-node effect F(M) − F(M∖{v}) (only v ablated in the
-full model, pooled mean LD), largest first.  Add them in that order, one at a time, until f reaches
+Growth.  Start from ``start_sites`` (the verified nodes; a residual site is a bundle, as in the
+evaluator: every head and MLP written into the residual stream at its position up to its depth, computed
+live, nothing restored).  Candidates that the start sites already cover entirely (e.g. a head inside a
+start bundle) are skipped and listed as ``covered``.  Rank the other candidates by their single-node
+effect F(M) − F(M∖{v}) (only v ablated in the full model, pooled mean LD), largest first.  Add them in
+that order, one at a time, until f reaches
 ``target`` on "all" and on every target name (a target whose normalisation is undefined is not
 checked), or the candidates run out.  Then prune: walk the added nodes in reverse order and drop each
 one whose removal keeps the criterion.  The nodes that growth added are not explained by the
@@ -15,10 +18,13 @@ verified hypotheses: the caller labels them as such.
 Curves (Mueller et al. 2025, MIB).  Node universe U = every component (each head and each MLP) at
 every named position of the task, plus one lumped node "rest" = every component at the positions that
 have no name in an input.  Order = the start sites, then the added nodes, then the remaining nodes of U
-by single-node effect, then "rest".  A start or added site without a position stands for its
-components at every named position; residual and embedding sites are not components, so they are not
-in U and not in the curve (listed as ``excluded``).  f_k = f(first k nodes of the order, nothing else
-restored), x_k = k / |U| (f_0 = 0: nothing kept; f_|U| = 1: the full model).
+by single-node effect, then "rest".  A start or added site stands for the nodes of U it covers: a head
+or MLP itself (at every named position if it has no position), a residual site the components of its
+bundle at its named position (x{L}.post@p -> every head and MLP of layers <= L at p, ...), so a residual
+start site's bundle components count as part of the order's prefix, one node of U each.  Embedding
+sites and sites at unnamed or integer positions cover no node of U and are listed as ``excluded``.
+f_k = f(first k nodes of the order kept live, everything else ablated), x_k = k / |U| (f_0 = 0:
+nothing kept; f_|U| = 1: the full model).
     CPR = ∫ f dx          (trapezoid rule; higher is better)
     CMD = ∫ |1 − f| dx    (trapezoid rule; lower is better)
 """
@@ -29,7 +35,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from circuitkit.circuit.evaluate import HEAD_KINDS, MLP_KINDS, AblationEvaluator, as_sites, site_role, to_jsonable
+from circuitkit.circuit.evaluate import (HEAD_KINDS, MLP_KINDS, AblationEvaluator, as_sites, bundle_components,
+                                         site_role, to_jsonable)
 from circuitkit.sites import Site
 
 DEFINITIONS = (__doc__ or "").split("\n", 1)[1].strip()
@@ -49,8 +56,14 @@ def named_components(evaluator: AblationEvaluator, positions: Sequence[str] | No
 
 
 def units_of(site: Site, positions: Sequence[str], n_heads: int) -> list[Site]:
-    """The universe nodes (a head or an MLP at one named position) a site stands for; [] if none
-    (residual and embedding sites, integer or unknown positions)."""
+    """The universe nodes (a head or an MLP at one named position) a site stands for: a component
+    itself, a residual site its bundle's components (in forward order); [] if none (embedding sites,
+    integer or unknown positions)."""
+    if site_role(site) == "residual":
+        out: list[Site] = []
+        for c in bundle_components(site, n_heads):
+            out += [u for u in units_of(c, positions, n_heads) if u not in out]
+        return out
     if site_role(site) != "component":
         return []
     if site.position is None:
@@ -86,6 +99,7 @@ class GrowthResult:
     target: float
     effects: dict[str, float]  # candidate -> F(M) − F(M∖{v})
     ranking: list[str]  # candidates, largest effect first
+    covered: list[str] = field(default_factory=list)  # candidates the start sites already cover (skipped)
     definitions: str = field(default=DEFINITIONS)
 
     @property
@@ -114,7 +128,16 @@ def grow_circuit(evaluator: AblationEvaluator, start_sites: Iterable[Site | str]
     ev = evaluator
     start = as_sites(start_sites)
     have = {str(s) for s in start}
-    cands = [c for c in as_sites(candidates) if str(c) not in have]
+    start_mask = ev.mask(start)
+    cands, covered = [], []
+    for c in as_sites(candidates):
+        if str(c) in have:
+            continue
+        new = ev.mask([c]) & ~start_mask
+        if bool(new.heads.any()) or bool(new.mlps.any()):
+            cands.append(c)
+        else:
+            covered.append(c)
     effects = {str(c): ev.single_effect(c) for c in cands}
     order = sorted(range(len(cands)), key=lambda i: -effects[str(cands[i])])  # stable: ties keep input order
     ranking = [cands[i] for i in order]
@@ -142,7 +165,7 @@ def grow_circuit(evaluator: AblationEvaluator, start_sites: Iterable[Site | str]
     return GrowthResult(start=[str(s) for s in start], added=[str(s) for s in kept],
                         added_before_prune=[str(s) for s in added], pruned=[str(s) for s in pruned], steps=steps,
                         faithfulness=final, reached=_meets(final, target), target=target, effects=effects,
-                        ranking=[str(s) for s in ranking])
+                        ranking=[str(s) for s in ranking], covered=[str(s) for s in covered])
 
 
 @dataclass
@@ -155,7 +178,7 @@ class FaithfulnessCurve:
     per_target: dict[str, list[float]]
     cpr: float
     cmd: float
-    excluded: list[str]  # start / added sites that are not in U (residual, embedding, unnamed positions)
+    excluded: list[str]  # start / added sites that cover no node of U (embedding, unnamed positions)
     definitions: str = field(default=DEFINITIONS)
 
     def plot_data(self) -> dict[str, Any]:
