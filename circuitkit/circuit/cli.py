@@ -24,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--inputs", type=int, default=3000, help="task inputs for path patching")
     p.add_argument("--eval-inputs", type=int, default=1000, help="inputs for faithfulness/completeness/minimality")
     p.add_argument("--min-edge", type=float, default=0.1, help="edge kept when the path effect's CI low >= this")
+    p.add_argument("--target", type=float, default=0.9,
+                   help="grow the circuit until normalised faithfulness (logit difference) reaches this (default 0.9)")
+    p.add_argument("--edge-pairs", type=int, default=150, help="pairs per path-patching edge test")
     p.add_argument("--no-picture", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
@@ -33,16 +36,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _circuit(args: argparse.Namespace) -> Output:
     import torch
 
-    from circuitkit.circuit.evaluate import evaluate_circuit
+    from circuitkit.circuit.discover import CircuitSettings, assemble_circuit, discover_circuit
     from circuitkit.circuit.export import export_all, to_json_dict
-    from circuitkit.circuit.graph import build_circuit
     from circuitkit.models.checkpoint import load_probed
-    from circuitkit.verify.interchange import InterchangeVerifier
-    from circuitkit.verify.report import VerifiedNode
+    from circuitkit.verify.interchange import InterchangeVerifier, VerifyThresholds
+    from circuitkit.verify.report import VerificationReport, VerifiedNode
 
     torch.set_num_threads(max(1, args.threads))
+    if not 0 < args.target <= 1:
+        raise CircuitkitError(f"--target is a normalised faithfulness in (0, 1], got {args.target}")
+    if args.eval_inputs < 10 or args.inputs < 10:
+        raise CircuitkitError("--inputs and --eval-inputs must be >= 10")
     pm = load_probed(args.model, task=args.task)
-    extra = {}
+    settings = CircuitSettings(target=args.target, min_edge=args.min_edge, edge_pairs=args.edge_pairs,
+                               eval_inputs=args.eval_inputs)
+    extra: dict = {}
     if args.verified:
         path = Path(args.verified)
         if not path.exists():
@@ -51,40 +59,41 @@ def _circuit(args: argparse.Namespace) -> Output:
             d = json.loads(path.read_text())
             nodes = [VerifiedNode.from_dict(n) for n in d["nodes"]]
             extra["controls_summary"] = d.get("controls_summary")
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise CircuitkitError(f"{str(path)!r} is not a verification report ({e})") from None
         ver = InterchangeVerifier(pm, n_inputs=args.inputs, seed=args.seed)
-        g = build_circuit(ver, nodes, min_edge=args.min_edge)
-        ev = evaluate_circuit(pm, [n.site for n in nodes], n=args.eval_inputs, seed=args.seed) if nodes else None
+        vr = VerificationReport(pm.task.name, str(args.model), VerifyThresholds(), nodes, [], [])
+        g, ev, growth, curve, edge_eval, share = assemble_circuit(pm, ver, vr, settings, args.seed)
     else:
-        from circuitkit.circuit.discover import discover_circuit
         from circuitkit.hypotheses.cli import expand_sites
 
         sites = expand_sites(args.sites, args.positions, pm)
         disc = discover_circuit(pm, sites, n_queries=args.queries, pool=args.pool, n_inputs=args.inputs,
-                                eval_inputs=args.eval_inputs, seed=args.seed, model_name=str(args.model))
-        nodes, g, ev = disc.verification.nodes, disc.graph, disc.evaluation
-        extra["controls_summary"] = disc.verification.to_dict()["controls_summary"]
+                                eval_inputs=args.eval_inputs, seed=args.seed, model_name=str(args.model),
+                                settings=settings)
+        g, ev, growth, curve = disc.graph, disc.evaluation, disc.growth, disc.curve
+        edge_eval, share = disc.edge_evaluation, disc.explained_share
+        extra["controls_summary"] = disc.verification.controls_summary()
         extra["timings_s"] = disc.timings
-    if ev is not None:
-        extra["evaluation"] = ev.to_dict()
+    extra["edge_tests"] = g.graph.pop("edge_tests", [])
+    extra.update({"evaluation": ev.to_dict(), "edge_evaluation": edge_eval, "growth": growth.to_dict(),
+                  "curve": curve.to_dict(), "explained_share": share})
     files = export_all(g, args.out, extra=extra, picture=not args.no_picture)
     data = {**to_json_dict(g, extra), "files": files}
-    lines = [f"circuit: {sum(1 for _, d in g.nodes(data=True) if d['kind'] == 'site')} nodes, "
+    n_sites = sum(1 for _, dd in g.nodes(data=True) if dd["kind"] == "site")
+    lines = [f"circuit: {n_sites} nodes ({len(growth.added)} added by growth, unexplained), "
              f"{g.number_of_edges()} edges -> {args.out}"]
-    for a, b, d in g.edges(data=True):
-        lines.append(f"  {a} -> {b}  [{d['feature']}] effect {float(d['effect']):.2f}")
-    if ev is not None:
-        fmt = lambda v: "n/a" if v != v else f"{v:.3f}"  # noqa: E731
-        lines.append("faithfulness, normalised logit difference (C − ∅) / (M − ∅) [95% CI]: " +
-                     ", ".join(f"{k} {fmt(v)} [{fmt(ev.faithfulness_normalized_ci[k][0])}, "
-                               f"{fmt(ev.faithfulness_normalized_ci[k][1])}]"
-                               for k, v in ev.faithfulness_normalized.items()))
-        lines.append("faithfulness (acc circuit / acc full): " +
-                     ", ".join(f"{k} {fmt(v)}" for k, v in ev.faithfulness.items()))
-        lines.append("completeness (1 − max incompleteness, Wang et al.): " +
-                     ", ".join(f"{k} {fmt(v)}" for k, v in ev.completeness.items()))
-        lines.append(f"minimal: {ev.minimal} (every component node removes > {ev.min_contribution} of the accuracy)")
-    else:
-        lines.append("no verified nodes: nothing to evaluate")
+    for a, b, dd in g.edges(data=True):
+        lines.append(f"  {a} -> {b}  [{dd['feature']}] effect {float(dd['effect']):.2f} (CI low {float(dd['ci_low']):.2f})")
+    fmt = lambda v: "n/a" if v is None or v != v else f"{v:.3f}"  # noqa: E731
+    lines.append("faithfulness, normalised logit difference (C − ∅) / (M − ∅) [95% CI]: " +
+                 ", ".join(f"{k} {fmt(v)} [{fmt(ev.faithfulness_normalized_ci[k][0])}, "
+                           f"{fmt(ev.faithfulness_normalized_ci[k][1])}]" for k, v in ev.faithfulness_normalized.items()))
+    ef = (edge_eval or {}).get("faithfulness_normalized", {})
+    lines.append("edge-level faithfulness (nodes talk only along the edges): " +
+                 ", ".join(f"{k} {fmt(v)}" for k, v in ef.items()))
+    lines.append("completeness (1 − max incompleteness, Wang et al.): " +
+                 ", ".join(f"{k} {fmt(v)}" for k, v in ev.completeness.items()))
+    lines.append(f"minimal: {ev.minimal}; CPR {fmt(curve.cpr)}, CMD {fmt(curve.cmd)}; share explained by verified "
+                 f"features: {fmt(share)}")
     return Output(data, "\n".join(lines))

@@ -1,15 +1,18 @@
-"""The whole chain in one call: hypotheses -> verification (with null controls) -> circuit -> evaluation."""
+"""The whole chain in one call: hypotheses -> verification (with null controls) -> circuit growth
+to a faithfulness target -> graph with path-patching edges -> node- and edge-level evaluation."""
 from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import networkx as nx
 
-from circuitkit.circuit.evaluate import CircuitEvaluation, evaluate_circuit
-from circuitkit.circuit.graph import build_circuit
+from circuitkit.circuit.edges_eval import edge_faithfulness
+from circuitkit.circuit.evaluate import AblationEvaluator, CircuitEvaluation, evaluate_circuit, site_role
+from circuitkit.circuit.graph import CircuitNode, build_circuit
+from circuitkit.circuit.grow import FaithfulnessCurve, GrowthResult, faithfulness_curve, grow_circuit, named_components
 from circuitkit.hypotheses.preimage_sources import PoolPreimage, PreimageSource
 from circuitkit.hypotheses.records import HypothesisReport, Thresholds
 from circuitkit.hypotheses.scoring import generate_hypotheses
@@ -18,6 +21,21 @@ from circuitkit.sites import Site
 from circuitkit.verify.interchange import InterchangeVerifier, VerifyThresholds
 from circuitkit.verify.report import VerificationReport, verify_hypotheses
 
+EXPLAINED_SHARE = ("share of the circuit's effect that verified features explain = normalised faithfulness of the "
+                   "verified nodes alone / normalised faithfulness of the whole circuit (logit difference, 'all')")
+
+
+@dataclass
+class CircuitSettings:
+    """How the circuit is grown, its edges tested and it is evaluated."""
+
+    target: float = 0.9  # grow until normalised LD faithfulness reaches this on every answer
+    min_edge: float = 0.1
+    edge_pairs: int = 150
+    eval_inputs: int = 1000
+    completeness_subsets: int = 20
+    positions: Sequence[str] | None = None  # growth candidates' positions (default: every named one)
+
 
 @dataclass
 class Discovery:
@@ -25,21 +43,75 @@ class Discovery:
     verification: VerificationReport
     graph: nx.DiGraph
     evaluation: CircuitEvaluation | None
-    timings: dict[str, float]
+    growth: GrowthResult | None = None
+    curve: FaithfulnessCurve | None = None
+    edge_evaluation: dict[str, Any] | None = None
+    explained_share: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
+        vr = self.verification
         return {"n_hypotheses_tested": self.hypotheses.n_tested, "n_accepted": len(self.hypotheses.accepted()),
-                "n_verified_nodes": len(self.verification.nodes),
-                "controls": self.verification.to_dict()["controls_summary"],
-                "faithfulness": self.evaluation.faithfulness if self.evaluation else None,
-                "timings_s": self.timings}
+                "n_verified_nodes": len(vr.nodes), "n_learned_nodes": len(vr.learned_nodes),
+                "n_architectural_nodes": len(vr.architectural_nodes),
+                "n_unexplained_nodes": len(self.growth.added) if self.growth else 0,
+                "controls": vr.controls_summary(),
+                "faithfulness_normalized": self.evaluation.faithfulness_normalized if self.evaluation else None,
+                "explained_share": self.explained_share, "timings_s": self.timings}
+
+    def circuit_sites(self) -> list[str]:
+        return [n for n, d in self.graph.nodes(data=True) if d["kind"] == "site"]
+
+
+def _node_sites(vr: VerificationReport) -> list[str]:
+    return list(dict.fromkeys(n.site for n in vr.nodes))
+
+
+def _share(verified_only: dict[str, float], whole: dict[str, float]) -> float | None:
+    a, b = verified_only.get("all"), whole.get("all")
+    if a is None or b is None or a != a or b != b or abs(b) < 1e-9:
+        return None
+    return round(float(a / b), 4)
+
+
+def assemble_circuit(pm: ProbedModel, verifier: InterchangeVerifier, vr: VerificationReport,
+                     settings: CircuitSettings | None = None, seed: int = 0, progress: bool = False,
+                     timings: dict[str, float] | None = None) -> tuple[nx.DiGraph, CircuitEvaluation, GrowthResult,
+                                                                     FaithfulnessCurve, dict[str, Any], float | None]:
+    """Verified nodes -> growth to the faithfulness target -> graph -> node/edge evaluation and curves."""
+    cs = settings or CircuitSettings()
+    t = timings if timings is not None else {}
+    t0 = time.perf_counter()
+    ev = AblationEvaluator(pm, n=cs.eval_inputs, seed=seed)
+    start = _node_sites(vr)
+    growth = grow_circuit(ev, start, named_components(ev, cs.positions), target=cs.target)
+    t["grow"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    nodes: list[Any] = list(vr.nodes) + [CircuitNode.unexplained(s) for s in growth.added]
+    g = build_circuit(verifier, nodes, min_edge=cs.min_edge, n_pairs=cs.edge_pairs, progress=progress)
+    t["edges"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    sites = start + list(growth.added)
+    evaluation = evaluate_circuit(pm, sites, evaluator=ev, n_subsets=cs.completeness_subsets, seed=seed)
+    edges = [(a, b) for a, b in g.edges]
+    edge_eval = edge_faithfulness(ev, sites, edges)
+    edge_eval = edge_eval.to_dict() if hasattr(edge_eval, "to_dict") else edge_eval
+    curve = faithfulness_curve(ev, growth)
+    share = _share(ev.faithfulness(start) if start else {"all": 0.0}, evaluation.faithfulness_normalized)
+    t["evaluate"] = round(time.perf_counter() - t0, 1)
+    g.graph["explained_share"] = -1.0 if share is None else share
+    return g, evaluation, growth, curve, edge_eval, share
 
 
 def discover_circuit(pm: ProbedModel, sites: Sequence[Site], n_queries: int = 60, pool: int = 20000,
                      source: PreimageSource | None = None, thresholds: Thresholds | None = None,
                      verify_thresholds: VerifyThresholds | None = None, n_inputs: int = 3000, n_pairs: int = 200,
-                     eval_inputs: int = 1000, seed: int = 0, model_name: str = "") -> Discovery:
-    """Run hypothesis generation, verification, circuit assembly and evaluation."""
+                     eval_inputs: int = 1000, seed: int = 0, model_name: str = "",
+                     settings: CircuitSettings | None = None, progress: bool = False,
+                     claims: Sequence[tuple[str, str]] = ()) -> Discovery:
+    """Run hypothesis generation, verification (of the accepted hypotheses and of pre-registered
+    ``claims`` (site, feature)), circuit growth, edges and evaluation."""
+    cs = settings or CircuitSettings(eval_inputs=eval_inputs)
     t: dict[str, float] = {}
     t0 = time.perf_counter()
     test = list(pm.task.split("test"))
@@ -49,15 +121,10 @@ def discover_circuit(pm: ProbedModel, sites: Sequence[Site], n_queries: int = 60
     t["hypothesize"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
     ver = InterchangeVerifier(pm, n_inputs=n_inputs, n_pairs=n_pairs, thresholds=verify_thresholds, seed=seed)
-    vr = verify_hypotheses(ver, hyp.hypotheses, model_name=model_name)
+    vr = verify_hypotheses(ver, hyp.hypotheses, model_name=model_name, progress=progress, claims=claims)
     t["verify"] = round(time.perf_counter() - t0, 1)
-    t0 = time.perf_counter()
-    g = build_circuit(ver, vr.nodes)
-    t["circuit"] = round(time.perf_counter() - t0, 1)
-    t0 = time.perf_counter()
-    ev = evaluate_circuit(pm, [n.site for n in vr.nodes], n=eval_inputs, seed=seed) if vr.nodes else None
-    t["evaluate"] = round(time.perf_counter() - t0, 1)
-    return Discovery(hyp, vr, g, ev, t)
+    g, evaluation, growth, curve, edge_eval, share = assemble_circuit(pm, ver, vr, cs, seed, progress, t)
+    return Discovery(hyp, vr, g, evaluation, growth, curve, edge_eval, share, t)
 
 
-__all__ = ["Discovery", "discover_circuit"]
+__all__ = ["CircuitSettings", "Discovery", "assemble_circuit", "discover_circuit", "EXPLAINED_SHARE", "site_role"]

@@ -17,6 +17,10 @@ the path into the receiver only, everything else between them frozen at the base
   becomes what the sender's feature predicts.
 * An unexplained sender is patched from aligned resample sources (same layout); effect = change rate.
 
+A residual-stream receiver (``x1.mid@:``) is read through the components that write into it at its
+position (its bundle, which run live), so an edge into it says the sender's information reaches
+that point of the stream.
+
 The edge is kept when its effect's CI low is at least ``min_edge`` and labelled with the sender's
 feature.  Output edges (node → ``out:T``) are path patched the same way to the final residual
 stream at the answer's position (the unembedding's input), for nodes written at that position.
@@ -137,11 +141,11 @@ def _aligned_pairs(verifier: InterchangeVerifier, n: int, rng: random.Random) ->
 
 @torch.no_grad()
 def _path_pred(verifier: InterchangeVerifier, bases: Sequence[int], sources: Sequence[str], sender: Site,
-               receiver: Site) -> Tensor:
+               receiver: Site, through_bundle: bool = True) -> Tensor:
     if not bases:
         return torch.zeros(0, verifier.ids.shape[1], dtype=torch.long)
     logits = path_patch_to_site(verifier.pm, verifier.ids[list(bases)], verifier.task.encode(list(sources)),
-                                sender, receiver)
+                                sender, receiver, through_bundle=through_bundle)
     return logits.argmax(-1).cpu()
 
 
@@ -168,8 +172,9 @@ def edge_effects(verifier: InterchangeVerifier, sender: CircuitNode | VerifiedNo
     else:
         db, ds = _aligned_pairs(verifier, n_pairs, rng)
         ab, as_ = [], []
-    pred_d = _path_pred(verifier, db, ds, s_site, r_site)
-    pred_a = _path_pred(verifier, ab, as_, s_site, r_site)
+    direct = receiver_site.startswith("out:")  # into the unembedding's input: the direct path only
+    pred_d = _path_pred(verifier, db, ds, s_site, r_site, not direct)
+    pred_a = _path_pred(verifier, ab, as_, s_site, r_site, not direct)
     ch_d, ch_a = verifier.changes(r_site, db, pred_d), verifier.changes(r_site, ab, pred_a)
     label = " + ".join(feats) if feats else "unexplained"
     out = []

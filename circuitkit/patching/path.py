@@ -29,6 +29,7 @@ from circuitkit.patching.node import NodePatchResult, resid_names
 from circuitkit.sites import Site, check_site, parse_site
 
 SENDER_KINDS = ("emb", "pos", "head", "z", "attn_out", "mlp_out")
+_RESID = ("resid_pre", "resid_mid", "resid_post")
 RECEIVER_INPUTS = ("q", "k", "v", "resid")
 
 #: depth in the residual stream where a site's value is read (inputs) and written (outputs)
@@ -197,7 +198,8 @@ def path_patch(
 
 
 @torch.no_grad()
-def path_patch_to_site(pm: ProbedModel, base_ids: Tensor, source_ids: Tensor, sender: Site, receiver: Site) -> Tensor:
+def path_patch_to_site(pm: ProbedModel, base_ids: Tensor, source_ids: Tensor, sender: Site, receiver: Site,
+                       through_bundle: bool = True) -> Tensor:
     """Logits [b, pos, vocab]: ``sender`` patched from the source along the path into the *site*
     ``receiver`` only (any site, e.g. ``a1.0@:`` or ``resid_mid1@:``, not just a head's input).
 
@@ -205,7 +207,10 @@ def path_patch_to_site(pm: ProbedModel, base_ids: Tensor, source_ids: Tensor, se
     MLP written between sender and receiver frozen at its base value, recording the receiver;
     (2) patch that receiver value into a clean base run and read the logits.  For a head receiver
     at every position this equals ``path_patch(..., receiver_input="resid")`` (tested); the
-    circuit graph uses this form because its nodes are sites at positions.
+    circuit graph uses this form because its nodes are sites at positions.  A residual-stream receiver
+    at a position (``x1.mid@:``) is read through the components that write into it there: those run
+    live, so the path is sender -> (anything at the receiver's position up to its depth) -> receiver;
+    ``through_bundle=False`` freezes those too (the direct path only, e.g. into the unembedding's input).
     """
     task, dev = pm.task, pm.device
     base_ids, source_ids = base_ids.to(dev), source_ids.to(dev)
@@ -235,9 +240,24 @@ def path_patch_to_site(pm: ProbedModel, base_ids: Tensor, source_ids: Tensor, se
             act[at] = val
         return act
 
+    # a residual-stream receiver reads the sender through whatever writes into it at its own position:
+    # those components (its "bundle") run live, everything else between sender and receiver is frozen
+    live_rows = None
+    if through_bundle and receiver.kind in _RESID and rpos is not None:
+        live_rows = torch.zeros(base_ids.shape, dtype=torch.bool, device=dev)
+        live_rows[rows, rpos] = True
+
     def hook_for(name: str):
         def fn(act: Tensor) -> Tensor:
-            act = bcache[name].clone() if name in bcache else act.clone()
+            if name in bcache:
+                frozen = bcache[name]
+                if live_rows is not None:
+                    m = live_rows.reshape(*live_rows.shape, *([1] * (act.ndim - 2)))
+                    act = torch.where(m, act, frozen)
+                else:
+                    act = frozen.clone()
+            else:
+                act = act.clone()
             if name == sender.hook_name:
                 act = write(act, sender, bpos, value)
             return act

@@ -62,18 +62,22 @@ def stage_patching(ctx: "RunContext", runner: "StageRunner") -> None:
 
 
 def stage_screen(ctx: "RunContext", runner: "StageRunner") -> None:
-    """Coverage: every decoder site at every named position (or ``[hypotheses] positions``) patched by
+    """Coverage: every decoder site and MLP output at every named position (or ``[hypotheses] positions``) patched by
     aligned resampling; the pairs that change the answer go on to hypotheses and verification.
     Skipped when ``[hypotheses] sites`` lists the sites explicitly."""
-    from circuitkit.inversion.train import decoder_sites
     from circuitkit.patching.screen import screen_sites
+    from circuitkit.sites import paper_sites
 
     cfg, pm = ctx.cfg, ctx.probed
     h = cfg.hypotheses
     if h.sites:
         ctx.results["screen"] = {"skipped": "[hypotheses] sites lists the sites", "kept": list(h.sites)}
         return
-    sites = [parse_site(s) for s in cfg.decoder.sites] or decoder_sites(pm)
+    # the decoder's sites, plus the MLP outputs the paper does not decode for multi-head models (their
+    # hypotheses come from exact pool preimages)
+    mlps = [x for x in paper_sites(pm.n_layers, pm.n_heads, include_mlp=True) if x.kind == "mlp_out"]
+    decoded = [parse_site(s).at(None) for s in cfg.decoder.sites]
+    sites = list(dict.fromkeys(decoded + mlps)) if decoded else paper_sites(pm.n_layers, pm.n_heads, include_mlp=True)
     positions = list(h.positions) or list(pm.task.position_names)
 
     def fn(d: Path) -> dict:
@@ -87,39 +91,73 @@ def stage_screen(ctx: "RunContext", runner: "StageRunner") -> None:
             "site-positions change the answer")
 
 
+def claimed_pairs(claims: list[dict]) -> list[tuple[str, str]]:
+    """(site, feature) of every ``kind = "verified"`` claim in a case config: pre-registered hypotheses the
+    verifier tests directly, beside those the preimages suggest (group sites are tested one by one)."""
+    out: list[tuple[str, str]] = []
+    for c in claims:
+        if c.get("kind") != "verified":
+            continue
+        sites = c["site"] if isinstance(c["site"], list) else [c["site"]]
+        feats = c["feature"] if isinstance(c["feature"], list) else [c["feature"]]
+        out += [(s, f) for s in sites for f in feats if (s, f) not in out]
+    return out
+
+
 def stage_circuit(ctx: "RunContext", runner: "StageRunner") -> None:
-    """Hypotheses from decoder ε-preimages -> interchange verification with null controls ->
-    circuit graph with path-patching edges -> faithfulness / completeness / minimality."""
-    from circuitkit.circuit.discover import discover_circuit
+    """Hypotheses from decoder ε-preimages (exact pool preimages at sites the decoder does not decode)
+    at the screened sites -> interchange verification on fair pairs with null controls -> circuit
+    growth to the faithfulness target -> graph with path-patching edges -> node- and edge-level
+    faithfulness, CPR/CMD curves, completeness and minimality."""
+    from circuitkit.circuit.discover import CircuitSettings, discover_circuit
     from circuitkit.circuit.export import export_all
-    from circuitkit.hypotheses.preimage_sources import DecoderPreimage, PoolPreimage
+    from circuitkit.hypotheses.preimage_sources import DecoderPreimage, PoolPreimage, RoutedPreimage
 
     cfg, pm = ctx.cfg, ctx.probed
-    h = cfg.hypotheses
-    sites = [parse_site(s) for s in h.sites]
+    h, c = cfg.hypotheses, cfg.circuit
+    names = list(h.sites) or list(ctx.results.get("screen", {}).get("kept", []))
+    sites = [parse_site(s) for s in names]
     if not sites:
-        ctx.results["circuit"] = {"skipped": "no [hypotheses] sites configured"}
+        ctx.results["circuit"] = {"skipped": "no site changes the answer under aligned resampling (screen) and no "
+                                              "[hypotheses] sites are configured"}
         return
-
     per_cell = h.n_per_cell or cfg.decoder.n_per_cell
+    claims = claimed_pairs(cfg.paper_claims)
+    settings = CircuitSettings(target=c.target, min_edge=c.min_edge, edge_pairs=c.edge_pairs,
+                               eval_inputs=h.eval_inputs, completeness_subsets=c.completeness_subsets)
 
     def fn(d: Path) -> dict:
+        pool = PoolPreimage(pm, pool_size=h.pool, seed=cfg.seed)
         if h.source == "decoder":
-            src = DecoderPreimage(ctx.decoder, n_per_cell=per_cell, seed=cfg.seed)
+            decoded = ctx.results.get("decoder", {}).get("sites") or []
+            src = RoutedPreimage(DecoderPreimage(ctx.decoder, n_per_cell=per_cell, seed=cfg.seed), pool, decoded)
         else:
-            src = PoolPreimage(pm, pool_size=h.pool, seed=cfg.seed)
+            src = pool
         disc = discover_circuit(pm, sites, n_queries=h.queries, pool=h.pool, source=src, seed=cfg.seed,
-                                model_name=cfg.name, n_pairs=h.pairs, eval_inputs=h.eval_inputs)
-        files = export_all(disc.graph, d, "circuit", extra={"case": cfg.name})
-        hyp = disc.hypotheses.to_dict() if hasattr(disc.hypotheses, "to_dict") else {}
+                                model_name=cfg.name, n_pairs=h.pairs, eval_inputs=h.eval_inputs, settings=settings,
+                                progress=ctx.progress, claims=claims)
+        ev = disc.evaluation.to_dict() if disc.evaluation else None
+        edge_tests = disc.graph.graph.pop("edge_tests", [])
+        extra = {"case": cfg.name, "evaluation": ev, "edge_evaluation": disc.edge_evaluation,
+                 "explained_share": disc.explained_share, "edge_tests": edge_tests}
+        files = export_all(disc.graph, d, "circuit", extra=extra)
+        hyp = disc.hypotheses.to_dict()
+        hyp["preimage_source_by_site"] = getattr(src, "used", {str(s): src.name for s in sites})
         ver = disc.verification.to_dict()
         (d / "hypotheses.json").write_text(json.dumps(hyp, indent=1, default=str))
         (d / "verification.json").write_text(json.dumps(ver, indent=1, default=str))
-        return {"source": h.source, "summary": disc.summary(), "files": {k: Path(v).name for k, v in files.items()},
-                "evaluation": disc.evaluation.to_dict() if disc.evaluation else None}
+        return {"source": h.source, "sites": [str(s) for s in sites], "summary": disc.summary(),
+                "files": {k: Path(v).name for k, v in files.items()}, "evaluation": ev,
+                "edge_evaluation": disc.edge_evaluation, "growth": disc.growth.to_dict() if disc.growth else None,
+                "curve": disc.curve.to_dict() if disc.curve else None, "explained_share": disc.explained_share,
+                "edge_tests": edge_tests,
+                "random_model": ver["settings"].get("random_model")}
 
-    ctx.results["circuit"] = runner.run("circuit", [h.__dict__, per_cell, cfg.seed], fn,
-                                        depends=("model", "decoder") if h.source == "decoder" else ("model",))
+    depends = ("model", "decoder") if h.source == "decoder" else ("model",)
+    if "screen" in runner.keys:
+        depends += ("screen",)
+    ctx.results["circuit"] = runner.run("circuit", [h.__dict__, c.__dict__, per_cell, cfg.seed, names, claims], fn,
+                                        depends=depends)
 
 
 def stage_groups(ctx: "RunContext", runner: "StageRunner") -> None:
@@ -168,10 +206,13 @@ def _lookup(obj: dict, path: str):
 def evaluate_claims(ctx: "RunContext") -> dict[str, str]:
     """The paper's claims (config ``[[paper_claims]]``) checked against this run's results.
 
-    kind = "verified": ``site`` (one or a list) carries ``feature`` (one or a list) among the
-    verified nodes;
+    kind = "verified": ``site`` (one or a list) carries ``feature`` (one or a list) among the *learned*
+    verified nodes (architectural ones never count), with IIA >= ``min_iia`` if given; ``all_sites =
+    true`` demands every listed site;
     kind = "finding": the value at ``path`` (``/``-separated, in the group-patching findings)
-    must be true, or lie within [``min``, ``max``]."""
+    must be true, or lie within [``min``, ``max``];
+    kind = "circuit": the same for a value in the circuit stage's results (e.g.
+    ``evaluation/faithfulness_normalized/all``)."""
     out: dict[str, str] = {}
     ver = None
     vfile = ctx.work / "circuit" / "verification.json"
@@ -185,14 +226,21 @@ def evaluate_claims(ctx: "RunContext") -> dict[str, str]:
                 continue
             sites = c["site"] if isinstance(c["site"], list) else [c["site"]]
             feats = c["feature"] if isinstance(c["feature"], list) else [c["feature"]]
-            hit = [n for n in ver["nodes"] if n["site"] in sites and set(feats) & set(n["features"])]
-            out[claim] = ("holds: " + "; ".join(f"{n['site']} carries {', '.join(n['features'])} (effect {n['effect']})"
-                                                for n in hit) if hit
-                          else f"not verified: no verified node among {', '.join(sites)} carrying {' or '.join(feats)}")
-        elif kind == "finding":
-            val = _lookup(ctx.results.get("groups", {}).get("findings", {}), c["path"])
+            min_iia = float(c.get("min_iia", 0.0))
+            hit = [n for n in ver["nodes"] if n["site"] in sites and set(feats) & set(n["features"])
+                   and not n.get("architectural") and (n.get("iia") or 0.0) >= min_iia]
+            found = {n["site"] for n in hit}
+            ok = found >= set(sites) if c.get("all_sites") else bool(found)
+            iia_txt = f" with IIA >= {min_iia}" if min_iia else ""
+            out[claim] = ("holds: " + "; ".join(f"{n['site']} carries {', '.join(n['features'])} (IIA {n['iia']}, "
+                                                f"effect {n['effect']})" for n in hit) if ok
+                          else f"not verified: no learned verified node among {', '.join(sorted(set(sites) - found))} "
+                               f"carrying {' or '.join(feats)}{iia_txt}")
+        elif kind in ("finding", "circuit"):
+            src = ctx.results.get("groups", {}).get("findings", {}) if kind == "finding" else ctx.results.get("circuit", {})
+            val = _lookup(src, c["path"])
             if val is None:
-                out[claim] = "not evaluated (no group patching result)"
+                out[claim] = f"not evaluated (no {'group patching' if kind == 'finding' else 'circuit'} result)"
             elif isinstance(val, bool):
                 out[claim] = f"{'holds' if val else 'does not hold'} ({c['path']} = {val})"
             else:

@@ -140,6 +140,43 @@ def _md_table_html(md: str) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _fmt(x: Any, nd: int = 3) -> str:
+    if x is None or (isinstance(x, float) and x != x):
+        return "–"
+    return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
+
+
+def _ci_text(point: Any, ci: Any) -> str:
+    if point is None:
+        return "–"
+    if not ci or ci[0] is None:
+        return _fmt(point)
+    return f"{_fmt(point)} [{_fmt(ci[0])}, {_fmt(ci[1])}]"
+
+
+def screen_section(report: Report, res: dict[str, Any], ctx: "RunContext") -> None:
+    import numpy as np
+
+    s = report.section("Coverage screen")
+    if "skipped" in res:
+        s.add(f"Not run: {res['skipped']} ({len(res.get('kept', []))} sites).")
+        return
+    s.add(f"Every decoder site at every named position is patched from an aligned source (same layout) into "
+          f"{res['n_examples']} test inputs. {res['rule']}. **{len(res['kept'])} of {len(res['rows'])}** "
+          "site-positions are kept; hypotheses are generated and verified at exactly those.")
+    sites = res["sites"]
+    positions = [p for p in res["positions"]]
+    grid = np.full((len(sites), len(positions)), np.nan)
+    for r in res["rows"]:
+        node, _, pos = r["site"].partition("@")
+        if node in sites and pos in positions:
+            grid[sites.index(node), positions.index(pos)] = r["change"]
+    s.add(Figure("screen", heatmap(grid, sites, positions, "Answer change rate under aligned resample patching",
+                                   "change rate", center_zero=False),
+                 f"Blank cells: positions absent from the inputs, or read after every answer. Threshold "
+                 f"{res['threshold']}."))
+
+
 def circuit_section(report: Report, res: dict[str, Any], ctx: "RunContext") -> None:
     s = report.section("Hypotheses, verification and the circuit")
     if "skipped" in res:
@@ -148,34 +185,114 @@ def circuit_section(report: Report, res: dict[str, Any], ctx: "RunContext") -> N
     d = ctx.work / "circuit"
     hyp = json.loads((d / "hypotheses.json").read_text())
     ver = json.loads((d / "verification.json").read_text())
-    s.add(f"Preimages from: **{res['source']}**. {hyp.get('n_tested', 0)} hypotheses tested, "
+    used = hyp.get("preimage_source_by_site", {})
+    by_src: dict[str, int] = {}
+    for v in used.values():
+        by_src[v] = by_src.get(v, 0) + 1
+    s.add(f"Preimages from: **{res['source']}** ({', '.join(f'{k}: {n} sites' for k, n in by_src.items())}) at "
+          f"{len(res.get('sites', []))} sites. {hyp.get('n_tested', 0)} hypotheses tested, "
           f"{hyp.get('n_accepted', 0)} accepted. Acceptance: {hyp.get('thresholds_text', '')}")
-    top = [h for h in hyp.get("hypotheses", []) if h.get("accepted")][:25]
+    top = [h for h in hyp.get("hypotheses", []) if h.get("accepted")][:30]
     s.add(Table(["site", "feature", "agreement", "baseline", "lift", "kappa", "q (BH)"],
                 [[h["site"], h["feature"], h["agreement"], h["baseline"], h["lift"], h["kappa"], h["q_value"]]
-                 for h in top], caption="Accepted hypotheses, ranked (top 25)"))
-    s.add(f"Verification thresholds: {ver.get('thresholds_text', '')}")
-    s.add(Table(["site", "features", "answers", "necessity effect", "IIA", "joint", "only patched with"],
-                [[n["site"], ", ".join(n["features"]), ", ".join(n["targets"]), n["effect"],
-                  "" if n["iia"] is None else n["iia"], n["joint"],
-                  ", ".join(x for x in n.get("group", []) if x != n["site"])] for n in ver.get("nodes", [])],
-                caption="Verified nodes (a node with a site group verifies only when the group is patched "
-                        "together: the components carry the feature redundantly)"))
+                 for h in top], caption="Accepted hypotheses, ranked (top 30)"))
+
+    s2 = report.section("Verification by interchange on fair pairs")
+    s2.add(f"Rules: {ver.get('thresholds_text', '')}.")
+    def node_rows(nodes):
+        return [[n["site"], ", ".join(n["features"]), ", ".join(n["targets"]),
+                 _ci_text(n.get("iia"), n.get("iia_ci")), n["effect"], ", ".join(n.get("hold", [])) or "nothing",
+                 "yes" if n.get("confirmed") else ("–" if n.get("confirmed") is None else "no"),
+                 ", ".join(x for x in n.get("group", []) if x != n["site"])] for n in nodes]
+    header = ["site", "features", "answers", "IIA [CI]", "effect", "fair sources held fixed",
+              "held-out confirmation", "only patched with"]
+    learned = [n for n in ver.get("nodes", []) if not n.get("architectural")]
+    arch = [n for n in ver.get("nodes", []) if n.get("architectural")]
+    s2.add(Table(header, node_rows(learned), caption="Learned findings: verified nodes (IIA is the main criterion; "
+                                                     "a node with a site group verifies only patched together)"))
+    s2.add(Table(header, node_rows(arch),
+                 caption="Architectural claims: verified on the real model AND on the random-init model (true by "
+                         "construction; not counted as findings)"))
+    rejected = [v for v in ver.get("verdicts", []) if not v["verified"]][:40]
+    rows = []
+    for v in rejected:
+        best = max(v["targets"], key=lambda r: (r.get("relevant", False), (r.get("iia") or {}).get("mean", -1)),
+                   default=None)
+        iia = (best or {}).get("iia")
+        rows.append([v["site"], " + ".join(v["features"]), v["split"],
+                     "–" if not iia else f"{iia['mean']:.2f} [{iia['ci_low']:.2f}, {iia['ci_high']:.2f}]",
+                     "–" if not best or not best.get("change_agree") else f"{best['change_agree']['mean']:.2f}",
+                     v.get("note", "")])
+    s2.add(Table(["site", "features", "split", "IIA [CI]", "change when f agrees", "note"], rows,
+                 caption="Rejected tests (first 40)"))
     cs = ver.get("controls_summary", {})
-    s.add(Table(["null control", "tests run", "tests verified"],
-                [[k, v["tested"], v["verified"]] for k, v in cs.items()],
-                caption="Null controls (must verify nothing)"))
+    rm = res.get("random_model") or {}
+    ctrl_rows = []
+    for k, v in cs.items():
+        meaning = ("must verify nothing" if v.get("must_verify_nothing") else
+                   "verified here = architectural claim (reported apart)")
+        ctrl_rows.append([k, v["tested"], v["verified"], meaning])
+    s2.add(Table(["null control", "tests run", "tests verified", "meaning"], ctrl_rows,
+                 caption=(f"Null controls beside every test. Random-init model: weight std {rm.get('init_std')}, "
+                          f"{rm.get('distinct_predictions')} distinct predictions, the most common on "
+                          f"{_fmt(rm.get('top_share'), 2)} of answers.") if rm else "Null controls beside every test"))
+
+    s3 = report.section("The circuit")
+    growth, ev = res.get("growth") or {}, res.get("evaluation")
+    s3.add(f"Circuit growth starts from the {len(growth.get('start', []))} verified node sites and adds components "
+           f"(heads and MLPs at named positions) by single-node patching effect until normalised faithfulness reaches "
+           f"the target on every answer; it added **{len(growth.get('added', []))}** unexplained node(s): "
+           f"{', '.join(growth.get('added', [])) or 'none'}. Share of the circuit's effect that verified features "
+           f"explain: **{_fmt(res.get('explained_share'))}** (faithfulness of the verified nodes alone / of the "
+           f"whole circuit).")
     png = d / "circuit.png"
     if png.exists():
-        s.add(Figure("circuit", png.read_bytes(), "The verified circuit: nodes are verified sites with the features "
-                                                  "they carry; edges found by path patching, labelled by feature."))
-    ev = res.get("evaluation")
+        s3.add(Figure("circuit", png.read_bytes(), "The circuit: verified nodes with the features they carry, "
+                                                   "unexplained nodes added by growth; edges found by path patching, "
+                                                   "labelled by the sender's feature."))
     if ev:
-        rows = [[t, ev["faithfulness"].get(t), ev["faithfulness_normalized"].get(t), ev["completeness"].get(t)]
-                for t in ev["faithfulness"]]
-        s.add(Table(["answer", "faithfulness", "faithfulness (normalised)", "completeness"], rows,
-                    caption=f"Circuit evaluation by resample ablation (n = {ev['n']}); minimal: {ev['minimal']}"))
-    s.add("Exports: " + ", ".join(f"`{v}`" for v in res.get("files", {}).values()) + " (next to this report).")
+        rows = []
+        for t in ev["target_names"] + ["all"]:
+            n = ev["normalized"]
+            rows.append([t, _ci_text(n["logit_diff"].get(t), ev["normalized_ci"]["logit_diff"].get(t)),
+                         _ci_text(n["accuracy"].get(t), ev["normalized_ci"]["accuracy"].get(t)),
+                         _ci_text(n["kl"].get(t), ev["normalized_ci"]["kl"].get(t)),
+                         _fmt(ev["means"]["logit_diff"]["full"].get(t), 2),
+                         _fmt(ev["means"]["logit_diff"]["empty"].get(t), 2),
+                         _fmt(ev["means"]["logit_diff"]["circuit"].get(t), 2), _fmt(ev["completeness"].get(t))])
+        s3.add(Table(["answer", "faithfulness, logit difference [95% CI]", "accuracy (normalised)",
+                      "KL (1 − KL(C)/KL(∅))", "m(M) LD", "m(∅) LD", "m(C) LD", "completeness"], rows,
+                     caption=f"Node-level evaluation by aligned resample ablation (n = {ev['n']} inputs; "
+                             f"minimal: {ev['minimal']})"))
+        s3.add(Table(["node", "minimality (all) [95% CI]"],
+                     [[k, _ci_text(v.get("all"), ev["minimality_ci"].get(k, {}).get("all"))]
+                      for k, v in ev["minimality"].items()], caption="Per-node minimality"))
+    ee = res.get("edge_evaluation")
+    if ee:
+        fn = ee.get("faithfulness_normalized", {})
+        s3.add(f"Edge-level faithfulness (each node reads other circuit nodes only along the graph's edges): "
+               f"**{_fmt(fn.get('all'))}** (all answers; " + ", ".join(f"{k} {_fmt(v)}" for k, v in fn.items()
+                                                                      if k != "all") + ").")
+    curve = res.get("curve")
+    if curve:
+        s3.add(Figure("faithfulness_curve",
+                      line_plot(curve["xs"], {"all answers": curve["ys"]}, "Faithfulness against circuit size",
+                                "circuit size (share of components at named positions)",
+                                "normalised faithfulness (LD)", hline=1.0),
+                      f"Components added in the circuit's order, then the rest by patching effect (MIB). "
+                      f"CPR = {_fmt(curve.get('cpr'))} (area under the curve, higher is better), CMD = "
+                      f"{_fmt(curve.get('cmd'))} (area between the curve and 1, lower is better)."))
+    edges = [e for e in res.get("edge_tests", [])]
+    if edges:
+        s3.add(Table(["sender", "receiver", "feature", "answer", "effect [CI]", "change when f agrees", "IIA"],
+                     [[e["sender"], e["receiver"], e["feature"], e["target"],
+                       f"{e['effect']:.2f} [{e['ci_low']:.2f}, {e['ci_high']:.2f}]",
+                       _fmt(e.get("change_agree"), 2), _fmt(e.get("iia"), 2)] for e in edges],
+                     caption="Every path-patching edge test (kept when the effect's CI low reaches the edge rule)"))
+    if ev:
+        text = ev.get("definitions", "")
+        s3.add(HtmlPanel(f"<h3>Definitions</h3><pre>{html.escape(text)}</pre>", "Definitions:\n\n```\n" + text + "\n```"))
+    s3.add("Exports: " + ", ".join(f"`{v}`" for v in res.get("files", {}).values()) + " (next to this report).")
 
 
 def wang_section(report: Report, ctx: "RunContext") -> None:
@@ -239,7 +356,7 @@ def build_report(ctx: "RunContext", manifest: dict[str, Any]) -> Report:
 
 #: sections of the later stages: (result key, fn(report, result, ctx))
 SECTION_BUILDERS: list[tuple[str, Any]] = [("patching", patching_section), ("groups", groups_section),
-                                           ("circuit", circuit_section)]
+                                           ("screen", screen_section), ("circuit", circuit_section)]
 
 
 def write_report(report: Report, out: Path, manifest: dict[str, Any], results: dict[str, Any],

@@ -1,10 +1,11 @@
-"""Causal verification of hypotheses by interchange interventions, with null controls.
+"""Causal verification of hypotheses by interchange interventions on fair pairs, with null controls.
 
     from circuitkit.verify.interchange import InterchangeVerifier
     from circuitkit.verify.report import verify_hypotheses
     report = verify_hypotheses(InterchangeVerifier(model), hypotheses)   # controls run beside
-    report.nodes              # verified (site, features, answers)
-    report.controls_verified  # must be empty
+    report.learned_nodes        # verified (site, features, answers), IIA included
+    report.architectural_nodes  # verified on the random-init model too: true by construction
+    report.controls_verified    # shuffled-feature and proxy controls that verified: must be empty
 
 CLI: ``circuitkit verify``.
 """

@@ -10,8 +10,8 @@ from circuitkit.errors import CircuitkitError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = add_common(sub.add_parser("verify", help="verify hypotheses by interchange (necessity, sufficiency, "
-                                                 "null controls)"))
+    p = add_common(sub.add_parser("verify", help="verify hypotheses by interchange on fair (stratified) pairs: IIA, "
+                                                 "moves, stable; null controls (random model, shuffled feature, proxy)"))
     p.add_argument("model", help="probed model checkpoint directory")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--hypotheses", help="JSON written by 'circuitkit hypothesize --out' (accepted ones are tested)")
@@ -20,9 +20,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task")
     p.add_argument("--inputs", type=int, default=3000, help="task inputs that bases and sources come from")
     p.add_argument("--pairs", type=int, default=200, help="base/source pairs per side (default 200)")
-    p.add_argument("--min-effect", type=float, default=0.1)
-    p.add_argument("--min-iia", type=float, default=0.5)
-    p.add_argument("--max-change-agree", type=float, default=0.15)
+    p.add_argument("--min-effect", type=float, default=0.1,
+                   help="CI low of change(f differs) − change(f agrees) (default 0.1)")
+    p.add_argument("--min-iia", type=float, default=0.8, help="CI low of IIA on an answer f predicts (default 0.8)")
+    p.add_argument("--max-change-agree", type=float, default=0.15,
+                   help="CI high of the change rate when a fair source agrees on f (default 0.15)")
     p.add_argument("--no-controls", action="store_true", help="skip the null controls (not recommended)")
     p.add_argument("--max-group", type=int, default=8,
                    help="largest group of sites at one position patched together for a feature no single one of "
@@ -36,15 +38,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _verify(args: argparse.Namespace) -> Output:
     import torch
 
-    from circuitkit.hypotheses.records import Hypothesis, HypothesisReport
+    from circuitkit.hypotheses.records import HypothesisReport
     from circuitkit.io_utils import atomic_write_json
     from circuitkit.models.checkpoint import load_probed
     from circuitkit.verify.interchange import InterchangeVerifier, VerifyThresholds
-    from circuitkit.verify.report import format_verification, verify_hypotheses
+    from circuitkit.verify.report import claim_hypothesis, format_verification, verify_hypotheses
 
     torch.set_num_threads(max(1, args.threads))
-    if args.inputs <= 1 or args.pairs <= 0:
-        raise CircuitkitError("--inputs must be > 1 and --pairs > 0")
+    if args.inputs < 4 or args.pairs <= 0:
+        raise CircuitkitError("--inputs must be >= 4 and --pairs > 0")
+    for name in ("min_effect", "min_iia", "max_change_agree"):
+        v = getattr(args, name)
+        if not 0 <= v <= 1:
+            raise CircuitkitError(f"--{name.replace('_', '-')} is a rate in [0, 1], got {v}")
     pm = load_probed(args.model, task=args.task)
     th = VerifyThresholds(min_effect=args.min_effect, min_iia=args.min_iia, max_change_agree=args.max_change_agree)
     ver = InterchangeVerifier(pm, n_inputs=args.inputs, n_pairs=args.pairs, thresholds=th, seed=args.seed)
@@ -65,7 +71,7 @@ def _verify(args: argparse.Namespace) -> Output:
                 raise CircuitkitError(f"claim site {site!r} needs a position, e.g. {site}@{pm.task.position_names[-1]}")
             if f not in ver.features:
                 raise CircuitkitError(f"unknown feature {f!r}; e.g. {', '.join(list(ver.features)[:12])} ...")
-            hyps.append(Hypothesis(site, f, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0, 0, 0, True))
+            hyps.append(claim_hypothesis(site, f))
     if args.max_group < 0:
         raise CircuitkitError(f"--max-group must be >= 0, got {args.max_group}")
     rep = verify_hypotheses(ver, hyps, controls=not args.no_controls, null_seed=args.seed, model_name=str(args.model),

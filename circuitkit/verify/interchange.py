@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import random
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np

@@ -135,10 +135,19 @@ def _node(v: Verdict, site: str, twin: Verdict | None, joint: bool = False, grou
                         bool(twin is not None and twin.verified), confirmed, v.hold, ci)
 
 
+def claim_hypothesis(site: str, feature: str) -> Hypothesis:
+    """A pre-registered claim ("site carries feature", e.g. the paper's) to verify directly: it has no
+    preimage statistics (``n_queries`` = 0) and is marked accepted so the verifier tests it."""
+    return Hypothesis(site, feature, float("nan"), float("nan"), float("nan"), float("nan"), float("nan"),
+                      float("nan"), 0, 0, 0, True)
+
+
 def verify_hypotheses(verifier: InterchangeVerifier, hypotheses: Sequence[Hypothesis], controls: bool = True,
                       max_joint: int = 4, null_seed: int = 0, model_name: str = "",
-                      max_group: int = 8, progress: bool = False) -> VerificationReport:
-    """Verify accepted hypotheses (others are ignored) and run the null controls beside them.
+                      max_group: int = 8, progress: bool = False,
+                      claims: Sequence[tuple[str, str]] = ()) -> VerificationReport:
+    """Verify accepted hypotheses (others are ignored) and pre-registered ``claims`` (site, feature), and run
+    the null controls beside them.
 
     ``max_group``: the largest site group tested for a redundantly carried feature (0 = no groups)."""
     null = null_verifier(verifier, null_seed) if controls else None
@@ -146,6 +155,9 @@ def verify_hypotheses(verifier: InterchangeVerifier, hypotheses: Sequence[Hypoth
     for h in hypotheses:
         if h.accepted:
             by_site.setdefault(h.site, []).append(h.feature)
+    for site, feature in claims:
+        if feature not in by_site.setdefault(site, []):
+            by_site[site].append(feature)
     verdicts: list[Verdict] = []
     ctrl: list[Verdict] = []
     nodes: list[VerifiedNode] = []
@@ -205,7 +217,7 @@ def verify_hypotheses(verifier: InterchangeVerifier, hypotheses: Sequence[Hypoth
             ctrl.extend(run_proxy_controls(verifier, n.site, n.features[0]))
     settings = {"n_inputs": len(verifier.inputs), "n_pairs": verifier.n_pairs, "n_candidates": verifier.n_candidates,
                 "seed": verifier.seed, "controls": list(CONTROLS) if controls else [], "max_joint": max_joint,
-                "max_group": max_group,
+                "max_group": max_group, "claims": [list(c) for c in claims],
                 "random_model": getattr(null, "random_model_info").to_dict() if null is not None else None}
     return VerificationReport(verifier.task.name, model_name, verifier.th, nodes, verdicts, ctrl, settings)
 
@@ -301,4 +313,4 @@ def format_verification(rep: VerificationReport) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["VerifiedNode", "VerificationReport", "verify_hypotheses", "format_verification"]
+__all__ = ["VerifiedNode", "VerificationReport", "verify_hypotheses", "claim_hypothesis", "format_verification"]
