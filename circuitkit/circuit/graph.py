@@ -41,7 +41,7 @@ from circuitkit.sites import Site, parse_site
 from circuitkit.tasks.base import LAYOUT
 from circuitkit.verify.interchange import InterchangeVerifier
 from circuitkit.verify.report import VerifiedNode
-from circuitkit.verify.stats import Estimate, diff_estimate, estimate
+from circuitkit.verify.stats import Estimate, proportion, proportion_diff
 
 RESID_KINDS = ("resid_pre", "resid_mid", "resid_post")
 
@@ -139,6 +139,14 @@ def _aligned_pairs(verifier: InterchangeVerifier, n: int, rng: random.Random) ->
     return bases, srcs
 
 
+def _where_both(verifier: InterchangeVerifier, bases: Sequence[int], sources: Sequence[str], *sites: Site
+                ) -> tuple[list[int], list[str]]:
+    pos = verifier.coder.position
+    keep = [(b, src) for b, src in zip(bases, sources)
+            if all(pos(verifier.inputs[b], x.position) is not None and pos(src, x.position) is not None for x in sites)]
+    return [b for b, _ in keep], [src for _, src in keep]
+
+
 @torch.no_grad()
 def _path_pred(verifier: InterchangeVerifier, bases: Sequence[int], sources: Sequence[str], sender: Site,
                receiver: Site, through_bundle: bool = True) -> Tensor:
@@ -172,6 +180,9 @@ def edge_effects(verifier: InterchangeVerifier, sender: CircuitNode | VerifiedNo
     else:
         db, ds = _aligned_pairs(verifier, n_pairs, rng)
         ab, as_ = [], []
+    # keep the pairs where both ends exist in base and source (e.g. A4 only with a 4-digit answer)
+    db, ds = _where_both(verifier, db, ds, s_site, r_site)
+    ab, as_ = _where_both(verifier, ab, as_, s_site, r_site)
     direct = receiver_site.startswith("out:")  # into the unembedding's input: the direct path only
     pred_d = _path_pred(verifier, db, ds, s_site, r_site, not direct)
     pred_a = _path_pred(verifier, ab, as_, s_site, r_site, not direct)
@@ -184,16 +195,16 @@ def edge_effects(verifier: InterchangeVerifier, sender: CircuitNode | VerifiedNo
             continue
         xa = ch_a.get(t)
         if feats and xa is not None and xa.size >= 2:
-            e: Estimate = diff_estimate(xd, xa)
+            e: Estimate = proportion_diff(xd, xa)
             agree = float(xa.mean())
         else:
-            e, agree = estimate(xd), None
+            e, agree = proportion(xd), None
         iia = iia_ci = None
         am = verifier.answer_model(s_site, feats, t) if feats else None
         if am is not None:
             hits, _ = verifier.iia_hits(s_site, feats, am, db, ds, pred_d)
             if hits.size:
-                ie = estimate(hits)
+                ie = proportion(hits)
                 iia, iia_ci = round(ie.mean, 4), (round(ie.ci_low, 4), round(ie.ci_high, 4))
         out.append(EdgeResult(sender.site, receiver_site, label, t, round(e.mean, 4), round(e.ci_low, 4),
                               round(e.ci_high, 4), e.n, None if agree is None else round(agree, 4), iia, iia_ci))

@@ -12,7 +12,8 @@ effect F(M) − F(M∖{v}) (only v ablated in the full model, pooled mean LD), l
 that order, one at a time, until f reaches
 ``target`` on "all" and on every target name (a target whose normalisation is undefined is not
 checked), or the candidates run out.  Then prune: walk the added nodes in reverse order and drop each
-one whose removal keeps the criterion.  The nodes that growth added are not explained by the
+one whose removal keeps the criterion (when the target is not reached: whose removal costs no answer more than
+``slack`` of the faithfulness reached, so nodes that added nothing are not kept).  The nodes that growth added are not explained by the
 verified hypotheses: the caller labels them as such.
 
 Curves (Mueller et al. 2025, MIB).  Node universe U = every component (each head and each MLP) at
@@ -121,8 +122,13 @@ class GrowthResult:
         return to_jsonable(d)
 
 
+def _within(f: dict[str, float], best: dict[str, float], slack: float) -> bool:
+    """Every answer's faithfulness at most ``slack`` below ``best`` (undefined ones ignored)."""
+    return all(f.get(k) is not None and f[k] == f[k] and f[k] >= v - slack for k, v in best.items() if v == v)
+
+
 def grow_circuit(evaluator: AblationEvaluator, start_sites: Iterable[Site | str], candidates: Iterable[Site | str],
-                 target: float = 0.9, prune: bool = True) -> GrowthResult:
+                 target: float = 0.9, prune: bool = True, slack: float = 0.005) -> GrowthResult:
     """Greedily add ``candidates`` (largest single-node effect first) to ``start_sites`` until the
     normalised LD faithfulness reaches ``target`` on "all" and every target; then prune (module doc)."""
     ev = evaluator
@@ -155,10 +161,16 @@ def grow_circuit(evaluator: AblationEvaluator, start_sites: Iterable[Site | str]
     reached = _meets(f, target)
     kept = list(added)
     pruned: list[Site] = []
-    if prune and reached:
+    if prune:
+        # reached: keep the criterion; not reached: keep what was achieved (within ``slack`` on every answer),
+        # so nodes that added nothing are not reported as part of the circuit
+        goal = target if reached else None
+        best = dict(f)
         for c in reversed(added):
             trial = [s for s in kept if s != c]
-            if _meets(ev.faithfulness(start + trial), target):
+            ft = ev.faithfulness(start + trial)
+            ok = _meets(ft, goal) if goal is not None else _within(ft, best, slack)
+            if ok:
                 kept = trial
                 pruned.append(c)
     final = ev.faithfulness(start + kept)

@@ -227,7 +227,11 @@ def generate_hypotheses(
     site_codes: dict[str, np.ndarray] = {}
     coverage: dict[str, float] = {}
     for site in sites:
-        qps = source.preimages(site, queries)
+        site_queries = [q for q in queries if _has_position(task, encoder, q, site.position)]
+        if not site_queries:
+            coverage[str(site)] = 0.0
+            continue  # e.g. A4 of a sum with a 3-digit answer: no query has this position
+        qps = source.preimages(site, site_queries)
         coverage[str(site)] = float(np.mean([len(q.members) > 0 for q in qps])) if qps else 0.0
         # candidate features: not reading past the site's (latest) position, informative, de-aliased
         max_pos = max(q.position for q in qps)
@@ -275,6 +279,17 @@ def generate_hypotheses(
                 "fdr_method": "Benjamini-Hochberg (scipy.stats.false_discovery_control)"}
     return HypothesisReport(task.name, model_name, getattr(source, "name", "?"), source.eps, thresholds, out,
                             coverage, len(raw), settings)
+
+
+def _has_position(task: Task, encoder: FeatureEncoder, text: str, position: str | int) -> bool:
+    toks = encoder.tokens(text)
+    if toks is None:
+        return False
+    try:
+        task.resolve_position(position, toks)
+        return True
+    except CircuitkitError:
+        return False
 
 
 def is_function_of(f_row: np.ndarray, g_row: np.ndarray) -> bool:

@@ -6,7 +6,6 @@ p of ``‖a_p(x) − q‖₂ / ‖q‖₂`` (metric ``"l2"``, ε = 0.1) or of ``
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from circuitkit.errors import CircuitkitError

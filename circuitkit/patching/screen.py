@@ -21,7 +21,7 @@ from circuitkit.models.checkpoint import ProbedModel
 from circuitkit.sites import Site
 from circuitkit.tasks.base import LAYOUT
 from circuitkit.verify.interchange import interchange_logits
-from circuitkit.verify.stats import estimate
+from circuitkit.verify.stats import proportion
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def screen_sites(pm: ProbedModel, sites: Sequence[Site], positions: Sequence[str
             p = task.resolve_position(site.position, btoks[i])
             changed += [float(pred[r, t.position] != clean[i, t.position]) for t in targets[i] if t.position >= p]
         if changed:
-            e = estimate(np.array(changed), seed=seed)
+            e = proportion(np.array(changed))
             out.append(ScreenRow(str(site), round(e.mean, 4), round(e.ci_low, 4), round(e.ci_high, 4), e.n,
                                  e.mean >= threshold))
         if bar is not None:

@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from circuitkit.cli import Output, add_common
+from circuitkit.errors import CircuitkitError
 from circuitkit.pipeline.config import available_cases
 
 
@@ -17,6 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--work", help="stage cache directory (default: ./runs/CASE[-quick]); rerun to resume")
     p.add_argument("--decoder", help="use this trained decoder for the case's model instead of training one "
                    "(overrides [decoder] path; it is checked against the model and its hit rate evaluated)")
+    p.add_argument("--model", help="run the case on this probed-model checkpoint directory instead of the one its "
+                   "[model] section names (e.g. another seed of the same task, to test that a finding survives)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -32,6 +35,11 @@ def _run(args: argparse.Namespace) -> Output:
     cfg = load_case(args.case, quick=args.quick)
     if args.decoder:
         cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, path=args.decoder))
+    if args.model:
+        if not (Path(args.model) / "config.json").exists():
+            raise CircuitkitError(f"--model {args.model!r} is not a checkpoint directory (no config.json); give a "
+                                  "directory written by 'circuitkit model train' or save_pretrained")
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, source="path", path=str(Path(args.model).resolve())))
     suffix = "-quick" if args.quick else ""
     out = Path(args.out) if args.out else Path("reports") / f"{cfg.name}{suffix}"
     work = Path(args.work) if args.work else Path("runs") / f"{cfg.name}{suffix}"

@@ -129,6 +129,13 @@ class AdditionTask(Task):
                 return format_sum(na, nb)
         raise ValueError(f"no minimal edit found for {text!r}")
 
+    def proxies(self, feature: str) -> tuple[str, ...]:
+        """A column's digit sum correlates with either of its digits, which alone do not fix it."""
+        for k in range(1, 4):
+            if feature == f"F{k}+S{k}":
+                return (f"F{k}", f"S{k}")
+        return ()
+
     def task_features(self) -> list[Feature]:
         feats: list[Feature] = []
         for k in range(1, 4):

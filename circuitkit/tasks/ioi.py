@@ -228,7 +228,7 @@ class IOITask(Task):
     names: tuple[str, ...]
     places: tuple[str, ...]
     objects: tuple[str, ...]
-    position_names = ("BOS", "IO", "S1", "S1+1", "S2", "END", "EOS")
+    position_names = ("BOS", "IO", "IO+1", "S1", "S1+1", "S2", "END", "EOS")
     default_target = "IO"
 
     def __init__(self, tokenizer: str = "word", tokenizer_dir: str | os.PathLike[str] | None = None) -> None:
@@ -328,7 +328,8 @@ class IOITask(Task):
 
     # ---- positions and answers ----------------------------------------------------------------
     def positions(self, tokens: Tokens) -> dict[str, int]:
-        """BOS always; S2, END (and EOS) for any template match; IO, S1, S1+1 when S repeats a name.
+        """BOS always; S2, END (and EOS) for any template match; IO, IO+1, S1, S1+1 when S repeats a name
+        (the tokens right after each first-clause name, where previous-token information about it sits).
 
         For an ABC prompt (three different names) IO and S1 are undefined and left out.
         """
@@ -341,7 +342,7 @@ class IOITask(Task):
         if p.eos is not None:
             named["EOS"] = p.eos
         try:
-            named.update({"IO": p.io_pos, "S1": p.s1_pos, "S1+1": p.s1_pos + 1})
+            named.update({"IO": p.io_pos, "IO+1": p.io_pos + 1, "S1": p.s1_pos, "S1+1": p.s1_pos + 1})
         except ValueError:
             pass
         return named

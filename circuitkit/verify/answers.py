@@ -18,7 +18,6 @@ book per feature (so codes of sources, bases and the input pool compare).
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from typing import Hashable, Mapping, Sequence
 
@@ -92,23 +91,43 @@ class FeatureCoder:
         return None
 
 
-def _group_ids(rows: np.ndarray) -> np.ndarray:
-    """rows [k, n] of codes -> [n] compact ids of the distinct columns (k = 0: all one group)."""
-    if rows.shape[0] == 0:
-        return np.zeros(rows.shape[1], dtype=np.int64)
-    return np.unique(rows.T, axis=0, return_inverse=True)[1].reshape(-1)
+def _compact(x: np.ndarray) -> tuple[np.ndarray, int]:
+    """Codes -> (dense ids 0..k-1, k)."""
+    uniq, inv = np.unique(x, return_inverse=True)
+    return inv.reshape(-1), int(uniq.size)
+
+
+def _combine(a: np.ndarray, na: int, b: np.ndarray, nb: int) -> tuple[np.ndarray, int]:
+    """Dense ids of the pairs (a, b)."""
+    if na * nb <= 4 * a.size:
+        return a * nb + b, na * nb  # sparse but small: bincount-able as is
+    return _compact(a * nb + b)
+
+
+def _group_ids(rows: np.ndarray) -> tuple[np.ndarray, int]:
+    """rows [k, n] of codes -> ([n] ids of the distinct columns, number of ids); k = 0: one group."""
+    gid, ng = np.zeros(rows.shape[1], dtype=np.int64), 1
+    for r in rows:
+        c, nc = _compact(r)
+        gid, ng = _combine(gid, ng, c, nc)
+    return gid, ng
+
+
+def _purity_ids(gid: np.ndarray, ng: int, a: np.ndarray, na: int) -> float:
+    if gid.size == 0:
+        return 0.0
+    if ng * na > 50 * gid.size:
+        gid, ng = _compact(gid)
+    counts = np.bincount(gid * na + a, minlength=ng * na).reshape(ng, na)
+    return float(counts.max(1).sum() / gid.size)
 
 
 def purity(rows: np.ndarray, answers: np.ndarray) -> float:
     """Share of items whose answer is the most common answer of their group (groups = equal columns)."""
     if answers.size == 0:
         return 0.0
-    gid = _group_ids(rows)
-    pair = np.unique(np.stack([gid, answers]), axis=1, return_counts=True)
-    (g, _), counts = pair
-    best = np.zeros(gid.max() + 1, dtype=np.int64)
-    np.maximum.at(best, g, counts)
-    return float(best.sum() / answers.size)
+    a, na = _compact(answers)
+    return _purity_ids(*_group_ids(rows), a, na)
 
 
 @dataclass
@@ -136,35 +155,52 @@ class AnswerModel:
 
 def fit_answer_model(target: str, feature_rows: np.ndarray, features: Sequence[str], context_rows: np.ndarray,
                      context_names: Sequence[str], answers: np.ndarray, min_purity: float = 0.99,
-                     min_relevance: float = 0.1, max_context: int = 2) -> AnswerModel | None:
+                     min_relevance: float = 0.1, max_context: int = 2, beam: int = 4) -> AnswerModel | None:
     """The smallest context D (up to ``max_context`` of ``context_names``) with which ``features``
     determine the answer (purity ≥ ``min_purity``) and matter (purity − purity(D) ≥ ``min_relevance``).
 
-    feature_rows [k, n], context_rows [m, n]: codes on n inputs (−1 undefined; such inputs are skipped
-    per candidate); answers [n] token ids (−1 = no such target).  None when no D qualifies."""
+    Contexts are searched breadth-first with a beam: every single feature, then the ``beam`` best
+    relevant singles extended by one more feature, and so on.  feature_rows [k, n], context_rows
+    [m, n]: codes on n inputs (−1 undefined; such inputs are skipped per candidate); answers [n]
+    token ids (−1 = no such target).  None when no D qualifies."""
+    base_ok = (feature_rows >= 0).all(0) & (answers >= 0)
+    ctx_ok = context_rows >= 0
+
+    def score(combo: tuple[int, ...]) -> tuple[float, float, np.ndarray] | None:
+        ok = base_ok & ctx_ok[list(combo)].all(0) if combo else base_ok
+        if ok.sum() < 20:
+            return None
+        a, na = _compact(answers[ok])
+        fg, nf = _group_ids(feature_rows[:, ok])
+        cg, nc = _group_ids(context_rows[list(combo)][:, ok])
+        p = _purity_ids(*_combine(fg, nf, cg, nc), a, na)
+        pc = _purity_ids(cg, nc, a, na)
+        return p, pc, ok
+
     best: tuple | None = None
+    frontier: list[tuple[int, ...]] = [()]
     for size in range(max_context + 1):
-        for combo in itertools.combinations(range(len(context_names)), size):
-            rows = np.concatenate([feature_rows, context_rows[list(combo)]]) if combo else feature_rows
-            ok = (rows >= 0).all(0) & (answers >= 0)
-            if ok.sum() < 20:
+        scored = []
+        for combo in frontier:
+            r = score(combo)
+            if r is None:
                 continue
-            p = purity(rows[:, ok], answers[ok])
-            if p < min_purity:
-                continue
-            pc = purity(context_rows[list(combo)][:, ok], answers[ok]) if combo else purity(
-                np.zeros((0, int(ok.sum())), dtype=np.int64), answers[ok])
-            if p - pc < min_relevance:
-                continue
-            if best is None or p > best[0]:
-                best = (p, pc, combo, rows[:, ok], answers[ok])
-        if best is not None:
+            p, pc, ok = r
+            if p >= min_purity and p - pc >= min_relevance and (best is None or p > best[0]):
+                best = (p, pc, combo, ok)
+            scored.append((p - pc, p, combo))
+        if best is not None or size == max_context:
             break
+        # extend the most promising relevant contexts by one more feature
+        scored.sort(key=lambda t: (-t[1], -t[0]))
+        keep = [c for rel, p, c in scored if rel > 0][:beam] if size else [()]
+        frontier = sorted({tuple(sorted(c + (j,))) for c in keep for j in range(len(context_names)) if j not in c})
     if best is None:
         return None
-    p, pc, combo, rows, ans = best
+    p, pc, combo, ok = best
+    rows = np.concatenate([feature_rows, context_rows[list(combo)]])[:, ok] if combo else feature_rows[:, ok]
     table: dict[tuple[int, ...], dict[int, int]] = {}
-    for col, a in zip(rows.T.tolist(), ans.tolist()):
+    for col, a in zip(rows.T.tolist(), answers[ok].tolist()):
         counts = table.setdefault(tuple(col), {})
         counts[a] = counts.get(a, 0) + 1
     g = {k: max(v, key=v.get) for k, v in table.items()}

@@ -36,12 +36,12 @@ import torch
 from torch import Tensor
 
 from circuitkit.errors import CircuitkitError
-from circuitkit.hypotheses.features import AnyFeature, all_features
+from circuitkit.hypotheses.features import AnyFeature, PositionalFeature, all_features
 from circuitkit.models.checkpoint import ProbedModel
 from circuitkit.sites import Site, check_site, parse_site
 from circuitkit.tasks.base import LAYOUT
 from circuitkit.verify.answers import AnswerModel, FeatureCoder, fit_answer_model
-from circuitkit.verify.stats import Estimate, diff_estimate, estimate
+from circuitkit.verify.stats import Estimate, proportion, proportion_diff
 
 SPLITS = ("search", "confirm")
 
@@ -198,6 +198,9 @@ class InterchangeVerifier:
     (``n_candidates`` per base, from which one f-differing and one f-agreeing source are drawn).
     """
 
+    #: bases visited per pair wanted before the search gives up on finding more agreeing sources
+    max_bases_per_pair = 4
+
     def __init__(self, pm: ProbedModel, inputs: Sequence[str] | None = None, n_inputs: int = 3000,
                  n_pairs: int = 200, thresholds: VerifyThresholds | None = None,
                  features: Mapping[str, AnyFeature] | None = None, seed: int = 0, n_candidates: int = 24,
@@ -228,19 +231,29 @@ class InterchangeVerifier:
             logits = pm.runner.logits(self.ids.to(pm.device))
         self.clean_pred = logits.argmax(-1).cpu()  # [N, pos]
         self._answer_models: dict[tuple, AnswerModel | None] = {}
+        self._candidates: dict[tuple, list[str]] = {}
+        self._code_rows: dict[tuple, np.ndarray] = {}
+        self._pair_cache: dict[tuple, tuple] = {}
         self._shuffle_map: dict[str, str] = {}
 
     def with_model(self, pm: ProbedModel) -> "InterchangeVerifier":
         """The same inputs, splits, features and thresholds on another model (the random-init null control)."""
-        return InterchangeVerifier(pm, self.inputs, n_pairs=self.n_pairs, thresholds=self.th, features=self.features,
-                                   seed=self.seed, n_candidates=self.n_candidates, coder=self.coder)
+        other = InterchangeVerifier(pm, self.inputs, n_pairs=self.n_pairs, thresholds=self.th, features=self.features,
+                                    seed=self.seed, n_candidates=self.n_candidates, coder=self.coder)
+        # model-independent caches
+        other._candidates, other._answer_models, other._code_rows = self._candidates, self._answer_models, self._code_rows
+        other._pair_cache = self._pair_cache
+        return other
 
     # ---- feature codes ----
     def codes(self, site: Site, feature: str) -> np.ndarray:
         """[N] codes of ``feature`` on every input, read at the site's position (−1 undefined)."""
         if feature not in self.features:
             raise CircuitkitError(f"unknown feature {feature!r} for task {self.task.name}")
-        return self.coder.codes([feature], self.inputs, site.position)[0]
+        key = (site.position, feature)
+        if key not in self._code_rows:
+            self._code_rows[key] = self.coder.codes([feature], self.inputs, site.position)[0]
+        return self._code_rows[key]
 
     def _shuffled_text(self, text: str) -> str:
         """The input whose feature values a text takes under the shuffled-feature control: a fixed
@@ -258,17 +271,27 @@ class InterchangeVerifier:
     def answer_model(self, site: Site, features: Sequence[str], target: str) -> AnswerModel | None:
         """answer(target) = g(features, D) on the inputs (see ``circuitkit.verify.answers``), or None."""
         hold = [h for h in self.task.holds_fixed(features) if h != LAYOUT]
-        key = (site.position, tuple(features), target)
+        context = [f for f in dict.fromkeys(self.task_feature_names + hold) if f not in features and f in self.features]
+        # features that do not read the position give the same model wherever the position exists
+        positional = any(isinstance(self.features[f], PositionalFeature) for f in list(features) + context)
+        where = site.position if positional else self.has_position(site).tobytes()
+        key = (where, tuple(features), target)
         if key not in self._answer_models:
-            context = [f for f in dict.fromkeys(self.task_feature_names + hold) if f not in features and f in self.features]
-            frows = self.coder.codes(list(features), self.inputs, site.position)
-            crows = self.coder.codes(context, self.inputs, site.position) if context else np.zeros(
+            frows = np.stack([self.codes(site, f) for f in features])
+            crows = np.stack([self.codes(site, f) for f in context]) if context else np.zeros(
                 (0, len(self.inputs)), dtype=np.int64)
             answers = np.array([next((t.token for t in ts if t.name == target), -1) for ts in self.targets])
             th = self.th
             self._answer_models[key] = fit_answer_model(target, frows, features, crows, context, answers,
                                                         th.determining_purity, th.min_relevance, th.max_context)
         return self._answer_models[key]
+
+    def has_position(self, site: Site) -> np.ndarray:
+        """[N] bool: the inputs in which the site's position exists."""
+        key = ("__has__", site.position)
+        if key not in self._code_rows:
+            self._code_rows[key] = np.array([self.coder.position(t, site.position) is not None for t in self.inputs])
+        return self._code_rows[key]
 
     # ---- pairs ----
     def fair_pairs(self, site: Site, features: Sequence[str], split: str = "search", shuffle: bool = False,
@@ -284,21 +307,20 @@ class InterchangeVerifier:
         rows = list(self.split_rows[split])
         rng.shuffle(rows)
         db, ds, ab, as_ = [], [], [], []
-        for i in rows:
-            if len(db) >= n and len(ab) >= n:
-                break
+        for visited, i in enumerate(rows):
+            if (len(db) >= n and len(ab) >= n) or visited >= self.max_bases_per_pair * n:
+                break  # enough pairs, or agreeing sources are too rare to reach n (reported as fewer pairs)
             text = self.inputs[i]
+            if self.coder.position(text, site.position) is None:
+                continue  # e.g. A4 of a sum with a 3-digit answer
             fb = self._fcodes(features, text, site.position, shuffle)
             if min(fb) < 0:
                 continue
-            try:
-                cands = self.task.fair_sources(text, rng, self.n_candidates, hold)
-            except CircuitkitError:
-                continue
+            cands = self.candidates(i, hold)
             differ, agree = [], []
             for c in cands:
                 fc = self._fcodes(features, c, site.position, shuffle)
-                if min(fc) < 0:
+                if min(fc) < 0 or self.coder.position(c, site.position) is None:
                     continue
                 (agree if fc == fb else differ).append(c)
             if differ and len(db) < n:
@@ -308,6 +330,20 @@ class InterchangeVerifier:
                 ab.append(i)
                 as_.append(agree[rng.randrange(len(agree))])
         return db, ds, ab, as_
+
+    def candidates(self, row: int, hold: Sequence[str]) -> list[str]:
+        """The fair sources drawn for base ``row`` under ``hold`` (cached: every test with the same hold
+        picks its differing and agreeing sources from the same candidates, drawn with a seed of their own)."""
+        key = (row, tuple(hold))
+        got = self._candidates.get(key)
+        if got is None:
+            rng = random.Random(zlib.crc32(f"{self.seed}|{row}|{'|'.join(hold)}".encode()))
+            try:
+                got = self.task.fair_sources(self.inputs[row], rng, self.n_candidates, hold)
+            except CircuitkitError:
+                got = []
+            self._candidates[key] = got
+        return got
 
     def _patched_pred(self, sites: Sequence[Site], bases: Sequence[int], sources: Sequence[str]) -> Tensor:
         if not bases:
@@ -346,10 +382,29 @@ class InterchangeVerifier:
         return np.array(hits), missing
 
     # ---- tests ----
+    def downstream_targets(self, site: Site) -> list[str]:
+        """Answers read at or after the site's position in some input (the only ones it can affect)."""
+        key = ("__downstream__", site.position)
+        if key not in self._code_rows:
+            names: dict[str, None] = {}
+            for text, ts in zip(self.inputs[:500], self.targets[:500]):
+                p = self.coder.position(text, site.position)
+                if p is not None:
+                    names.update((t.name, None) for t in ts if t.position >= p)
+            self._code_rows[key] = list(names)  # type: ignore[assignment]
+        return self._code_rows[key]  # type: ignore[return-value]
+
+    def predicts_an_answer(self, site: Site | str, features: Sequence[str]) -> bool:
+        """Whether ``features`` predict some answer downstream of the site (else IIA is undefined and the
+        hypothesis cannot be verified, whatever patching shows)."""
+        s = group_sites(site)[0]
+        return any(self.answer_model(s, features, t) is not None for t in self.downstream_targets(s))
+
     def test(self, site: Site | str | Sequence[Site], features: Sequence[str], condition: str = "real",
-             shuffle: bool = False, split: str = "search") -> Verdict:
+             shuffle: bool = False, split: str = "search", skip_unpredictive: bool = False) -> Verdict:
         """IIA, moves and stable (see the module docstring) of ``site`` carrying ``features``; a site group
-        (``"a1.0@END & a1.2@END"`` or a list) is patched as one."""
+        (``"a1.0@END & a1.2@END"`` or a list) is patched as one.  ``skip_unpredictive``: when the features
+        predict no downstream answer, return the (unverifiable) verdict without patching."""
         sites = group_sites(site)
         for x in sites:
             check_site(x, self.pm.n_layers, self.pm.n_heads)
@@ -361,8 +416,16 @@ class InterchangeVerifier:
             if f not in self.features:
                 raise CircuitkitError(f"unknown feature {f!r} for task {self.task.name}")
         label = group_name(sites)
-        rng = random.Random(zlib.crc32(f"{label}|{'|'.join(features)}|{self.seed}|{split}|{shuffle}".encode()))
-        db, ds, ab, as_ = self.fair_pairs(site0, features, split, shuffle, rng)
+        hold = tuple(self.task.holds_fixed(features))
+        if skip_unpredictive and not self.predicts_an_answer(site0, features):
+            return Verdict(label, tuple(features), condition, [], False, [], [],
+                           f"{', '.join(features)} predicts no answer downstream of the site: IIA undefined, not "
+                           "verifiable (not patched)", split, hold, self.th.confidence)
+        key = (label, tuple(features), split, shuffle)
+        if key not in self._pair_cache:  # model-independent: the null model is tested on the same pairs
+            rng = random.Random(zlib.crc32(f"{label}|{'|'.join(features)}|{self.seed}|{split}|{shuffle}".encode()))
+            self._pair_cache[key] = self.fair_pairs(site0, features, split, shuffle, rng)
+        db, ds, ab, as_ = self._pair_cache[key]
         pred_d, pred_a = self._patched_pred(sites, db, ds), self._patched_pred(sites, ab, as_)
         ch_d, ch_a = self.changes(site0, db, pred_d), self.changes(site0, ab, pred_a)
         models = {name: self.answer_model(site0, features, name) for name in self.target_names}
@@ -375,15 +438,15 @@ class InterchangeVerifier:
             if xd.size == 0 and xa.size == 0:
                 continue  # answer read before the site (or no pairs): it cannot be affected
             enough = xd.size >= th.min_pairs and xa.size >= th.min_pairs
-            e_d = estimate(xd, conf) if xd.size else None
-            e_a = estimate(xa, conf) if xa.size else None
-            eff = diff_estimate(xd, xa, conf) if xd.size and xa.size else None
+            e_d = proportion(xd, conf) if xd.size else None
+            e_a = proportion(xa, conf) if xa.size else None
+            eff = proportion_diff(xd, xa, conf) if xd.size and xa.size else None
             am = models[name]
             iia, cov = None, None
             if am is not None and db:
                 hits, missing = self.iia_hits(site0, features, am, db, ds, pred_d, shuffle)
                 cov = float(hits.size / max(1, hits.size + missing))
-                iia = estimate(hits, conf) if hits.size else None
+                iia = proportion(hits, conf) if hits.size else None
             moves = bool(enough and eff is not None and eff.ci_low >= th.min_effect)
             iia_ok = bool(enough and iia is not None and iia.n >= th.min_pairs and iia.ci_low >= th.min_iia)
             stable = bool(enough and e_a is not None and e_a.ci_high <= th.max_change_agree)
@@ -400,7 +463,7 @@ class InterchangeVerifier:
         if results and all(r.n_agree < th.min_pairs for r in results):
             notes.append(f"fewer than {th.min_pairs} fair sources agree on {', '.join(features)}")
         return Verdict(label, tuple(features), condition, results, bool(ver), nec, ver, "; ".join(notes), split,
-                       tuple(self.task.holds_fixed(features)), round(conf, 6))
+                       hold, round(conf, 6))
 
 
 __all__ = ["VerifyThresholds", "TargetResult", "Verdict", "InterchangeVerifier", "interchange_logits", "group_sites",

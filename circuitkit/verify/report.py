@@ -163,10 +163,10 @@ def verify_hypotheses(verifier: InterchangeVerifier, hypotheses: Sequence[Hypoth
     nodes: list[VerifiedNode] = []
 
     def with_controls(site: str, feats: Sequence[str], split: str = "search") -> tuple[Verdict, Verdict | None]:
-        v = verifier.test(site, feats, split=split)
+        v = verifier.test(site, feats, split=split, skip_unpredictive=True)
         verdicts.append(v)
         twin = None
-        if null is not None:
+        if null is not None and v.targets:  # a test that was not patched (predicts no answer) needs no control
             cs = run_controls(verifier, null, site, feats, split)
             ctrl.extend(cs)
             twin = cs[0]
@@ -207,7 +207,8 @@ def verify_hypotheses(verifier: InterchangeVerifier, hypotheses: Sequence[Hypoth
     if bar is not None:
         bar.close()
     verified_alone = {(n.site, f) for n in nodes for f in n.features}
-    for (_, feature), members in _group_candidates(hypotheses, verified_alone, max_group).items():
+    with_claims = list(hypotheses) + [claim_hypothesis(s, f) for s, f in claims]
+    for (_, feature), members in _group_candidates(with_claims, verified_alone, max_group).items():
         kept = _verify_group(with_controls, members, feature)
         if kept is not None:
             sites, cv, twin = kept
@@ -239,7 +240,10 @@ def _group_candidates(hypotheses: Sequence[Hypothesis], verified_alone: set[tupl
     for key, hs in by.items():
         if any((h.site, key[1]) in verified_alone for h in hs) or not 2 <= len(hs) <= max_group:
             continue
-        out[key] = [h.site for h in sorted(hs, key=lambda h: -h.kappa)]
+        hs = list({h.site: h for h in hs}.values())  # a claim and a hypothesis at one site count once
+        if not 2 <= len(hs) <= max_group:
+            continue
+        out[key] = [h.site for h in sorted(hs, key=lambda h: -(h.kappa if h.kappa == h.kappa else 0.0))]
     return out
 
 

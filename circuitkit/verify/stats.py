@@ -1,8 +1,11 @@
-"""Effect sizes with bootstrap confidence intervals (scipy.stats.bootstrap).
+"""Effect sizes with confidence intervals.
 
-One-sample means reuse the patching engine's ``estimate`` (``circuitkit.patching.stats``); the
-difference of two independent means (necessity: change rate when f differs minus change rate
-when f agrees) is bootstrapped here with both samples resampled independently.
+Rates of binary outcomes (a prediction changed, an interchange hit what the feature predicts) get
+score intervals: Wilson's for one proportion and Newcombe's hybrid score interval (his method 10)
+for the difference of two independent proportions.  Unlike a percentile bootstrap they do not
+collapse to a point when every outcome is the same (60 hits of 60 is [0.94, 1], not [1, 1]).
+Other means reuse the patching engine's bootstrap ``estimate`` (``circuitkit.patching.stats``);
+``diff_estimate`` bootstraps a difference of two independent means.
 """
 from __future__ import annotations
 
@@ -30,4 +33,42 @@ def diff_estimate(x: np.ndarray, y: np.ndarray, confidence: float = 0.95, n_resa
     return Estimate(d, lo, hi, int(x.size + y.size), confidence)
 
 
-__all__ = ["Estimate", "estimate", "diff_estimate"]
+def _wilson(k: float, n: int, z: float) -> tuple[float, float]:
+    p = k / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def _binary(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=float)
+    if x.ndim != 1 or x.size == 0:
+        raise ValueError(f"a rate needs a non-empty 1-D sample of 0/1 outcomes, got shape {x.shape}")
+    if not np.isin(x, (0.0, 1.0)).all():
+        raise ValueError("a rate needs 0/1 outcomes")
+    return x
+
+
+def proportion(x: np.ndarray, confidence: float = 0.95) -> Estimate:
+    """The rate of 0/1 outcomes with Wilson's score interval."""
+    x = _binary(x)
+    z = float(sps.norm.ppf(0.5 + confidence / 2))
+    lo, hi = _wilson(float(x.sum()), x.size, z)
+    return Estimate(float(x.mean()), lo, hi, int(x.size), confidence)
+
+
+def proportion_diff(x: np.ndarray, y: np.ndarray, confidence: float = 0.95) -> Estimate:
+    """rate(x) − rate(y) of two independent 0/1 samples with Newcombe's hybrid score interval."""
+    x, y = _binary(x), _binary(y)
+    z = float(sps.norm.ppf(0.5 + confidence / 2))
+    p1, p2 = float(x.mean()), float(y.mean())
+    l1, u1 = _wilson(float(x.sum()), x.size, z)
+    l2, u2 = _wilson(float(y.sum()), y.size, z)
+    d = p1 - p2
+    lo = d - float(np.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2))
+    hi = d + float(np.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2))
+    return Estimate(d, max(-1.0, lo), min(1.0, hi), int(x.size + y.size), confidence)
+
+
+__all__ = ["Estimate", "estimate", "diff_estimate", "proportion", "proportion_diff"]
