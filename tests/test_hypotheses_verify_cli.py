@@ -85,15 +85,19 @@ def test_cli_chain_on_addition(tiny_addition_model, tmp_path, capsys):
         assert all((s, g["features"][0]) in accepted for s in g["site"].split(" & "))
     assert v["controls_summary"]["random_model"]["verified"] == 0
     assert v["controls_summary"]["shuffled_feature"]["verified"] == 0
-    assert "thresholds_text" in v and v["thresholds"]["min_effect"] == 0.1
+    assert v["controls_summary"]["proxy"]["verified"] == 0
+    assert "thresholds_text" in v and v["thresholds"]["min_effect"] == 0.1 and v["thresholds"]["min_iia"] == 0.8
     rc, out, err = _run(capsys, ["circuit", model, "--verified", str(ver), "--out", str(circ), "--inputs", "600",
                                  "--eval-inputs", "200", "--no-picture", "--json"])
     assert rc == 0, err
     c = json.loads(out)
     assert {"json", "graphml", "dot"} <= set(c["files"])
-    assert {n["id"] for n in c["nodes"] if n["kind"] == "site"} == {n["site"] for n in v["nodes"]}
-    if v["nodes"]:
-        assert 0.0 <= c["evaluation"]["faithfulness"]["all"] <= 2.0
+    sites = {n["id"]: n for n in c["nodes"] if n["kind"] == "site"}
+    assert {n["site"] for n in v["nodes"]} <= set(sites)  # verified nodes, then what growth added
+    added = set(sites) - {n["site"] for n in v["nodes"]}
+    assert added == set(c["growth"]["added"]) and all(sites[a]["features"] == ["unexplained"] for a in added)
+    assert c["evaluation"]["faithfulness_normalized"]["all"] is not None and "definitions" in c["evaluation"]
+    assert {"cpr", "cmd", "xs", "ys"} <= set(c["curve"]) and "faithfulness_normalized" in c["edge_evaluation"]
 
 
 def test_cli_direct_claim_and_errors(tiny_addition_model, tmp_path, capsys):
@@ -102,7 +106,9 @@ def test_cli_direct_claim_and_errors(tiny_addition_model, tmp_path, capsys):
                                  "--json"])
     assert rc == 0, err
     v = json.loads(out)
-    assert v["verdicts"][0]["features"] == ["F1"] and len(v["controls"]) == 2
+    assert v["verdicts"][0]["features"] == ["F1"]
+    assert {c["condition"] for c in v["controls"]} <= {"random_model", "shuffled_feature", "proxy"}
+    assert sum(c["condition"] != "proxy" for c in v["controls"]) == 2  # both null controls beside the claim
     rc, _, err = _run(capsys, ["verify", model, "--claim", "a0.0@=", "nonsense", "--inputs", "100"])
     assert rc == 2 and "unknown feature" in err
     rc, _, err = _run(capsys, ["hypothesize", model, "--sites", "a0.0", "--queries", "5", "--pool", "100"])

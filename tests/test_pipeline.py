@@ -104,3 +104,16 @@ def test_quick_run_regenerates_the_other_case_studies(case, tmp_path):
     assert set(res["claims"]) == {c["claim"] for c in load_case(case, quick=True).paper_claims}
     man = json.loads((rep / "manifest.json").read_text())
     assert man["config"]["quick"] is True and man["config"]["task"] == case
+    # the mechanisms: every claim of the case holds on the committed model, and the circuit is faithful
+    assert all(v.startswith("holds") for v in res["claims"].values()), res["claims"]
+    circ = res["circuit"]
+    assert circ["evaluation"]["faithfulness_normalized"]["all"] >= 0.9
+    assert circ["summary"]["controls"]["shuffled_feature"]["verified"] == 0
+    assert circ["summary"]["controls"]["proxy"]["verified"] == 0
+    nodes = json.loads((rep / "circuit.json").read_text())["nodes"]
+    if case == "counting":
+        iia = {n["id"]: n["iia"] for n in nodes if "count(query)" in n.get("features", [])}
+        assert iia.get("a0.0@Q", 0) >= 0.9 and iia.get("a1.0@:", 0) >= 0.9, iia
+    else:  # the layer-1 heads at END carry IO under IO/S swaps, as a group
+        movers = [n for n in nodes if "IO" in n.get("features", []) and n["id"].startswith("a1.")]
+        assert movers and all(n["iia"] >= 0.9 and n["id"].endswith("@END") for n in movers), movers

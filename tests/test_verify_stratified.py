@@ -140,10 +140,12 @@ def _hyp(site: str, feature: str):
 
 
 # ---- the committed models: the paper's mechanisms --------------------------------------------------------
-def test_committed_counting_model_count_nodes_and_proxy():
+@pytest.mark.parametrize("model", ["counting", "counting_seed4"])
+def test_committed_counting_model_count_nodes_and_proxy(model):
     """count(query) at a0.0@Q (where the count is formed) and at a1.0@: (where it is moved) both verify
-    with IIA >= 0.9 on fair sources; n_letters, correlated with the count, is rejected."""
-    pm = load_probed(MODELS / "counting")
+    with IIA >= 0.9 on fair sources; n_letters, correlated with the count, is rejected.  The same holds on a
+    second model trained with another seed and batch size: the finding survives retraining."""
+    pm = load_probed(MODELS / model)
     ver = InterchangeVerifier(pm, n_inputs=1500, n_pairs=150)
     for site in ("a0.0@Q", "a1.0@:"):
         v = ver.test(site, ["count(query)"])

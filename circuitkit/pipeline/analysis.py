@@ -134,7 +134,8 @@ def stage_circuit(ctx: "RunContext", runner: "StageRunner") -> None:
         else:
             src = pool
         disc = discover_circuit(pm, sites, n_queries=h.queries, pool=h.pool, source=src, seed=cfg.seed,
-                                model_name=cfg.name, n_pairs=h.pairs, eval_inputs=h.eval_inputs, settings=settings,
+                                model_name=cfg.name, n_pairs=h.pairs, n_inputs=h.verify_inputs,
+                                eval_inputs=h.eval_inputs, settings=settings,
                                 progress=ctx.progress, claims=claims)
         ev = disc.evaluation.to_dict() if disc.evaluation else None
         edge_tests = disc.graph.graph.pop("edge_tests", [])

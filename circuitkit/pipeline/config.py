@@ -67,6 +67,7 @@ class HypothesisSection:
     n_per_cell: int = 0
     pool: int = 20000  # pool size for source = "pool" (and the random baseline)
     pairs: int = 200  # interchange pairs per verification test
+    verify_inputs: int = 3000  # task inputs the verifier draws bases from (and reads answer models off)
     eval_inputs: int = 1000  # inputs for faithfulness / completeness / minimality
 
 
@@ -159,6 +160,9 @@ def load_case(name_or_path: str, quick: bool = False) -> CaseConfig:
     if not 0 <= h.screen_threshold <= 1:
         raise CircuitkitError(f"{path.name} [hypotheses]: screen_threshold is a change rate in [0, 1], got "
                               f"{h.screen_threshold}")
+    if h.verify_inputs < 100 or h.pairs < 10:
+        raise CircuitkitError(f"{path.name} [hypotheses]: verify_inputs must be >= 100 and pairs >= 10, got "
+                              f"{h.verify_inputs} and {h.pairs}")
     if h.screen_examples < 10:
         raise CircuitkitError(f"{path.name} [hypotheses]: screen_examples must be >= 10, got {h.screen_examples}")
     if not 0 < c.target <= 1:

@@ -19,6 +19,8 @@ book per feature (so codes of sources, bases and the input pool compare).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import combinations
+from math import comb
 from typing import Hashable, Mapping, Sequence
 
 import numpy as np
@@ -155,49 +157,65 @@ class AnswerModel:
 
 def fit_answer_model(target: str, feature_rows: np.ndarray, features: Sequence[str], context_rows: np.ndarray,
                      context_names: Sequence[str], answers: np.ndarray, min_purity: float = 0.99,
-                     min_relevance: float = 0.1, max_context: int = 2, beam: int = 4) -> AnswerModel | None:
+                     min_relevance: float = 0.1, max_context: int = 2, beam: int = 8,
+                     max_exhaustive: int = 600, fixed_rows: np.ndarray | None = None,
+                     fixed_names: Sequence[str] = ()) -> AnswerModel | None:
     """The smallest context D (up to ``max_context`` of ``context_names``) with which ``features``
     determine the answer (purity ≥ ``min_purity``) and matter (purity − purity(D) ≥ ``min_relevance``).
 
-    Contexts are searched breadth-first with a beam: every single feature, then the ``beam`` best
-    relevant singles extended by one more feature, and so on.  feature_rows [k, n], context_rows
-    [m, n]: codes on n inputs (−1 undefined; such inputs are skipped per candidate); answers [n]
-    token ids (−1 = no such target).  None when no D qualifies."""
-    base_ok = (feature_rows >= 0).all(0) & (answers >= 0)
-    ctx_ok = context_rows >= 0
+    Contexts are searched breadth-first, smallest first: every context of a size while there are at most
+    ``max_exhaustive`` of them, else the ``beam`` best relevant ones of the size below extended by one more
+    feature.  feature_rows [k, n], context_rows [m, n]: codes on n inputs (−1 undefined: inputs where a
+    feature is undefined are left out); answers [n] token ids (−1 = no such target).  ``fixed_rows`` [j, n] (``fixed_names``): context that is always part
+    of D and not counted in its size — what the interchange pairs hold fixed (the layout, the query
+    letter), since the answer is only needed within such a stratum.  An undefined context value (−1) counts
+    as a value of its own.  None when no D qualifies."""
+    if fixed_rows is not None and len(fixed_names):
+        context_rows = np.concatenate([fixed_rows, context_rows])
+        context_names = list(fixed_names) + list(context_names)
+        fixed = tuple(range(len(fixed_names)))
+    else:
+        context_names, fixed = list(context_names), ()
+    # an undefined context value (−1) is a value of its own; the features and the answer must be defined
+    ok = (feature_rows >= 0).all(0) & (answers >= 0)
+    if ok.sum() < 20:
+        return None
+    a, na = _compact(answers[ok])
+    fg, nf = _group_ids(feature_rows[:, ok])
+    comp = [_compact(r[ok]) for r in context_rows]
+    gfix, nfix = np.zeros(int(ok.sum()), dtype=np.int64), 1
+    for j in fixed:
+        gfix, nfix = _combine(gfix, nfix, *comp[j])
 
-    def score(combo: tuple[int, ...]) -> tuple[float, float, np.ndarray] | None:
-        ok = base_ok & ctx_ok[list(combo)].all(0) if combo else base_ok
-        if ok.sum() < 20:
-            return None
-        a, na = _compact(answers[ok])
-        fg, nf = _group_ids(feature_rows[:, ok])
-        cg, nc = _group_ids(context_rows[list(combo)][:, ok])
-        p = _purity_ids(*_combine(fg, nf, cg, nc), a, na)
-        pc = _purity_ids(cg, nc, a, na)
-        return p, pc, ok
+    def score(combo: tuple[int, ...]) -> tuple[float, float]:
+        cg, nc = gfix, nfix
+        for j in combo:
+            cg, nc = _combine(cg, nc, *comp[j])
+        return _purity_ids(*_combine(fg, nf, cg, nc), a, na), _purity_ids(cg, nc, a, na)
 
     best: tuple | None = None
     frontier: list[tuple[int, ...]] = [()]
+    free = range(len(fixed), len(context_names))
     for size in range(max_context + 1):
         scored = []
         for combo in frontier:
-            r = score(combo)
-            if r is None:
-                continue
-            p, pc, ok = r
+            p, pc = score(combo)
             if p >= min_purity and p - pc >= min_relevance and (best is None or p > best[0]):
-                best = (p, pc, combo, ok)
+                best = (p, pc, combo)
             scored.append((p - pc, p, combo))
         if best is not None or size == max_context:
             break
-        # extend the most promising relevant contexts by one more feature
+        if comb(len(free), size + 1) <= max_exhaustive:  # every context of the next size
+            frontier = list(combinations(free, size + 1))
+            continue
+        # too many: extend the most promising relevant contexts by one more feature
         scored.sort(key=lambda t: (-t[1], -t[0]))
         keep = [c for rel, p, c in scored if rel > 0][:beam] if size else [()]
-        frontier = sorted({tuple(sorted(c + (j,))) for c in keep for j in range(len(context_names)) if j not in c})
+        frontier = sorted({tuple(sorted(c + (j,))) for c in keep for j in free if j not in c})
     if best is None:
         return None
-    p, pc, combo, ok = best
+    p, pc, combo = best
+    combo = fixed + combo
     rows = np.concatenate([feature_rows, context_rows[list(combo)]])[:, ok] if combo else feature_rows[:, ok]
     table: dict[tuple[int, ...], dict[int, int]] = {}
     for col, a in zip(rows.T.tolist(), answers[ok].tolist()):

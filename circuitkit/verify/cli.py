@@ -26,9 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-change-agree", type=float, default=0.15,
                    help="CI high of the change rate when a fair source agrees on f (default 0.15)")
     p.add_argument("--no-controls", action="store_true", help="skip the null controls (not recommended)")
-    p.add_argument("--max-group", type=int, default=8,
+    p.add_argument("--max-group", type=int, default=12,
                    help="largest group of sites at one position patched together for a feature no single one of "
-                        "them verifies (redundant carriers); 0 = no groups (default 8)")
+                        "them verifies (redundant carriers); 0 = no groups (default 12)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", help="write the full report (JSON) here")

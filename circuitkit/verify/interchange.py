@@ -55,7 +55,7 @@ class VerifyThresholds:
     max_change_agree: float = 0.15  # CI high of change(f agrees), same stratum
     determining_purity: float = 0.99  # answer = g(f, D) on at least this share of inputs
     min_relevance: float = 0.1  # ... and D alone determines it on at least this share fewer
-    max_context: int = 2  # |D| at most
+    max_context: int = 2  # |D| at most (besides what the pairs hold fixed)
     min_pairs: int = 30  # fewer pairs than this on either side: no verdict
     confidence: float = 0.95  # family-wise over the relevant answers of one test (Bonferroni)
 
@@ -248,12 +248,22 @@ class InterchangeVerifier:
     # ---- feature codes ----
     def codes(self, site: Site, feature: str) -> np.ndarray:
         """[N] codes of ``feature`` on every input, read at the site's position (−1 undefined)."""
-        if feature not in self.features:
+        if feature not in self.features and feature != LAYOUT:
             raise CircuitkitError(f"unknown feature {feature!r} for task {self.task.name}")
         key = (site.position, feature)
         if key not in self._code_rows:
-            self._code_rows[key] = self.coder.codes([feature], self.inputs, site.position)[0]
+            self._code_rows[key] = np.array([self.code(feature, t, site.position) for t in self.inputs])
         return self._code_rows[key]
+
+    def code(self, feature: str, text: str, position: str | int) -> int:
+        """A feature's code on one text at a position; ``layout`` (``Task.layout``) is coded too."""
+        if feature != LAYOUT:
+            return self.coder.code(feature, text, position)
+        toks = self.coder.tokens(text)
+        if toks is None or self.coder.position(text, position) is None:
+            return -1
+        book = self.coder.books.setdefault(LAYOUT, {})
+        return book.setdefault(self.task.layout(toks), len(book))
 
     def _shuffled_text(self, text: str) -> str:
         """The input whose feature values a text takes under the shuffled-feature control: a fixed
@@ -270,20 +280,23 @@ class InterchangeVerifier:
     # ---- what a feature predicts ----
     def answer_model(self, site: Site, features: Sequence[str], target: str) -> AnswerModel | None:
         """answer(target) = g(features, D) on the inputs (see ``circuitkit.verify.answers``), or None."""
-        hold = [h for h in self.task.holds_fixed(features) if h != LAYOUT]
-        context = [f for f in dict.fromkeys(self.task_feature_names + hold) if f not in features and f in self.features]
+        hold = [h for h in self.task.holds_fixed(features) if h not in features]
+        context = [f for f in self.task_feature_names if f not in features and f not in hold]
         # features that do not read the position give the same model wherever the position exists
-        positional = any(isinstance(self.features[f], PositionalFeature) for f in list(features) + context)
+        positional = any(isinstance(self.features[f], PositionalFeature) for f in list(features) + context
+                         if f in self.features)
         where = site.position if positional else self.has_position(site).tobytes()
-        key = (where, tuple(features), target)
+        key = (where, tuple(features), tuple(hold), target)
         if key not in self._answer_models:
             frows = np.stack([self.codes(site, f) for f in features])
             crows = np.stack([self.codes(site, f) for f in context]) if context else np.zeros(
                 (0, len(self.inputs)), dtype=np.int64)
+            fixed = np.stack([self.codes(site, h) for h in hold]) if hold else None
             answers = np.array([next((t.token for t in ts if t.name == target), -1) for ts in self.targets])
             th = self.th
             self._answer_models[key] = fit_answer_model(target, frows, features, crows, context, answers,
-                                                        th.determining_purity, th.min_relevance, th.max_context)
+                                                        th.determining_purity, th.min_relevance, th.max_context,
+                                                        fixed_rows=fixed, fixed_names=hold)
         return self._answer_models[key]
 
     def has_position(self, site: Site) -> np.ndarray:
@@ -373,7 +386,7 @@ class InterchangeVerifier:
             if t is None or t.position < self.site_index(i, site):
                 continue
             fsrc = self._fcodes(features, src, site.position, shuffle)
-            ctx = tuple(self.coder.code(c, self.inputs[i], site.position) for c in am.context)
+            ctx = tuple(self.code(c, self.inputs[i], site.position) for c in am.context)
             want = am.predict(fsrc, ctx)
             if want is None:
                 missing += 1

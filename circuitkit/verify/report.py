@@ -10,9 +10,9 @@ held-out ``confirm`` inputs and kept only if it verifies there too.
 Then, per position and feature: the components (heads, MLP outputs — not the residual stream, whose
 sites contain one another) where the feature is accepted but not verified alone are patched
 together as a *site group* (components that carry it redundantly, like backup heads, move nothing
-one at a time).  A group that verifies is pruned greedily to a minimal one — a member is dropped
-while the group still verifies without it — then confirmed on the held-out inputs; each remaining
-member becomes a node that names its group.
+one at a time).  The group grows from the members strongest alone (by IIA) until it verifies, is then
+pruned greedily to a minimal one — a member is dropped while the group still verifies without it — and
+confirmed on the held-out inputs; each remaining member becomes a node that names its group.
 
 Null controls run beside every test (``circuitkit.verify.controls``); a node whose test also
 verifies on the random-init model is marked *architectural*; every verified node gets a proxy control.
@@ -144,7 +144,7 @@ def claim_hypothesis(site: str, feature: str) -> Hypothesis:
 
 def verify_hypotheses(verifier: InterchangeVerifier, hypotheses: Sequence[Hypothesis], controls: bool = True,
                       max_joint: int = 4, null_seed: int = 0, model_name: str = "",
-                      max_group: int = 8, progress: bool = False,
+                      max_group: int = 12, progress: bool = False,
                       claims: Sequence[tuple[str, str]] = ()) -> VerificationReport:
     """Verify accepted hypotheses (others are ignored) and pre-registered ``claims`` (site, feature), and run
     the null controls beside them.
@@ -208,7 +208,10 @@ def verify_hypotheses(verifier: InterchangeVerifier, hypotheses: Sequence[Hypoth
         bar.close()
     verified_alone = {(n.site, f) for n in nodes for f in n.features}
     with_claims = list(hypotheses) + [claim_hypothesis(s, f) for s, f in claims]
+    alone_iia = {(v.site, v.features[0]): (v.best().iia.mean if v.best() and v.best().iia else -1.0)
+                 for v in verdicts if len(v.features) == 1 and v.condition == "real"}
     for (_, feature), members in _group_candidates(with_claims, verified_alone, max_group).items():
+        members = sorted(members, key=lambda m: -alone_iia.get((m, feature), -1.0))  # stable: kappa order on ties
         kept = _verify_group(with_controls, members, feature)
         if kept is not None:
             sites, cv, twin = kept
@@ -238,10 +241,8 @@ def _group_candidates(hypotheses: Sequence[Hypothesis], verified_alone: set[tupl
             by.setdefault((str(site.position), h.feature), []).append(h)
     out = {}
     for key, hs in by.items():
+        hs = list({h.site: h for h in reversed(hs)}.values())  # a claim and a hypothesis at one site count once
         if any((h.site, key[1]) in verified_alone for h in hs) or not 2 <= len(hs) <= max_group:
-            continue
-        hs = list({h.site: h for h in hs}.values())  # a claim and a hypothesis at one site count once
-        if not 2 <= len(hs) <= max_group:
             continue
         out[key] = [h.site for h in sorted(hs, key=lambda h: -(h.kappa if h.kappa == h.kappa else 0.0))]
     return out
@@ -249,20 +250,26 @@ def _group_candidates(hypotheses: Sequence[Hypothesis], verified_alone: set[tupl
 
 def _verify_group(with_controls, members: list[str], feature: str
                   ) -> tuple[list[str], Verdict, Verdict | None] | None:
-    """Test the group; if it verifies, drop members (weakest first) while it still does, then confirm the
-    minimal group on the held-out inputs.  Returns (kept members, confirmation verdict, its random-model
-    twin) or None."""
+    """Grow a group from the members in order (strongest alone first): test the first two, three, ... until
+    one verifies; drop members (latest first) while it still does; confirm the minimal group on the
+    held-out inputs.  Growing rather than testing everything at once matters: a group that holds every
+    component at the position also carries what the feature does not, and fails the stability test.
+    Returns (kept members, confirmation verdict, its random-model twin) or None."""
 
     def run(sites: list[str], split: str = "search") -> tuple[Verdict, Verdict | None]:
         v, twin = with_controls(group_name(sites), [feature], split)
         v.note = (v.note + "; " if v.note else "") + f"site group ({split})"
         return v, twin
 
-    v, _ = run(members)
-    if not v.verified:
+    kept = None
+    for k in range(2, len(members) + 1):
+        v, _ = run(members[:k])
+        if v.verified:
+            kept = list(members[:k])
+            break
+    if kept is None:
         return None
-    kept = list(members)
-    for m in reversed(members):
+    for m in reversed(kept[:-1]):  # the member that completed the group stays
         if len(kept) <= 2:
             break  # a one-site "group" was already tested alone
         trial = [x for x in kept if x != m]
