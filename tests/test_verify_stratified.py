@@ -84,6 +84,7 @@ def test_iia_is_required_and_measured_against_the_feature(copy_pm):
     v = ver.test("a0.0@=", ["tok@2"])
     r = v.targets[0]
     assert v.verified and r.iia.ci_low > 0.95 and r.answer_model["context"] == [] and r.iia_coverage == 1.0
+    assert r.iia.ci_high == 1.0 and r.iia.ci_low < 1.0  # a score interval: 200 hits of 200 is not [1, 1]
     assert v.hold == ("layout",)
     decoy = ver.test("a0.0@3", ["tok@2"])  # carries the token, never reaches the answer
     assert not decoy.verified and decoy.targets[0].iia.mean < 0.3

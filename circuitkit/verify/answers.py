@@ -168,8 +168,9 @@ def fit_answer_model(target: str, feature_rows: np.ndarray, features: Sequence[s
     feature.  feature_rows [k, n], context_rows [m, n]: codes on n inputs (−1 undefined: inputs where a
     feature is undefined are left out); answers [n] token ids (−1 = no such target).  ``fixed_rows`` [j, n] (``fixed_names``): context that is always part
     of D and not counted in its size — what the interchange pairs hold fixed (the layout, the query
-    letter), since the answer is only needed within such a stratum.  An undefined context value (−1) counts
-    as a value of its own.  None when no D qualifies."""
+    letter), since the answer is only needed within such a stratum; each context is tried without them
+    first (coarser groups are better supported by a few thousand inputs).  An undefined context value (−1)
+    counts as a value of its own.  None when no D qualifies."""
     if fixed_rows is not None and len(fixed_names):
         context_rows = np.concatenate([fixed_rows, context_rows])
         context_names = list(fixed_names) + list(context_names)
@@ -187,8 +188,8 @@ def fit_answer_model(target: str, feature_rows: np.ndarray, features: Sequence[s
     for j in fixed:
         gfix, nfix = _combine(gfix, nfix, *comp[j])
 
-    def score(combo: tuple[int, ...]) -> tuple[float, float]:
-        cg, nc = gfix, nfix
+    def score(combo: tuple[int, ...], with_fixed: bool) -> tuple[float, float]:
+        cg, nc = (gfix, nfix) if with_fixed else (np.zeros_like(gfix), 1)
         for j in combo:
             cg, nc = _combine(cg, nc, *comp[j])
         return _purity_ids(*_combine(fg, nf, cg, nc), a, na), _purity_ids(cg, nc, a, na)
@@ -199,9 +200,12 @@ def fit_answer_model(target: str, feature_rows: np.ndarray, features: Sequence[s
     for size in range(max_context + 1):
         scored = []
         for combo in frontier:
-            p, pc = score(combo)
-            if p >= min_purity and p - pc >= min_relevance and (best is None or p > best[0]):
-                best = (p, pc, combo)
+            # without the held context first (coarser groups, better supported by the inputs), then with it
+            for with_fixed in ((False, True) if fixed else (False,)):
+                p, pc = score(combo, with_fixed)
+                if p >= min_purity and p - pc >= min_relevance and (best is None or p > best[0]):
+                    best = (p, pc, (fixed if with_fixed else ()) + combo)
+                    break
             scored.append((p - pc, p, combo))
         if best is not None or size == max_context:
             break
@@ -215,7 +219,6 @@ def fit_answer_model(target: str, feature_rows: np.ndarray, features: Sequence[s
     if best is None:
         return None
     p, pc, combo = best
-    combo = fixed + combo
     rows = np.concatenate([feature_rows, context_rows[list(combo)]])[:, ok] if combo else feature_rows[:, ok]
     table: dict[tuple[int, ...], dict[int, int]] = {}
     for col, a in zip(rows.T.tolist(), answers[ok].tolist()):
