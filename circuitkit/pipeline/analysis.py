@@ -140,7 +140,9 @@ def stage_circuit(ctx: "RunContext", runner: "StageRunner") -> None:
         ev = disc.evaluation.to_dict() if disc.evaluation else None
         edge_tests = disc.graph.graph.pop("edge_tests", [])
         extra = {"case": cfg.name, "evaluation": ev, "edge_evaluation": disc.edge_evaluation,
-                 "explained_share": disc.explained_share, "edge_tests": edge_tests}
+                 "explained_share": disc.explained_share, "edge_tests": edge_tests,
+                 "growth": disc.growth.to_dict() if disc.growth else None,
+                 "curve": disc.curve.to_dict() if disc.curve else None}
         files = export_all(disc.graph, d, "circuit", extra=extra)
         hyp = disc.hypotheses.to_dict()
         hyp["preimage_source_by_site"] = getattr(src, "used", {str(s): src.name for s in sites})
