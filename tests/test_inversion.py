@@ -11,7 +11,7 @@ from circuitkit.inversion.checkpoint import load_decoder
 from circuitkit.inversion.decoder import DecoderConfig, InversionDecoder
 from circuitkit.inversion.distance import position_distances, sample_distances
 from circuitkit.inversion.evaluate import evaluate_site
-from circuitkit.inversion.preimage import invert_activation, invert_text, query_activation, special_ids, verify
+from circuitkit.inversion.preimage import invert_activation, invert_text, query_activation, verify
 from circuitkit.inversion.sample import PAPER_GRID, grid_queries, sample, sample_uncached
 from circuitkit.inversion.train import DecoderTrainConfig, build_for, train_decoder
 from circuitkit.models.train import random_init_like

@@ -17,7 +17,7 @@ from circuitkit.tasks import get_task
 from circuitkit.verify.answers import fit_answer_model, purity
 from circuitkit.verify.controls import proxy_features, varied_random_model
 from circuitkit.verify.interchange import InterchangeVerifier
-from circuitkit.verify.report import verify_hypotheses
+from circuitkit.verify.report import claim_hypothesis, verify_hypotheses
 
 from tests.groundtruth_copy import CopyTask, EchoTask, copy_model, echo_model
 
@@ -70,6 +70,14 @@ def test_fair_sources_hold_what_the_feature_needs():
     base = "B615+861=1476E"
     srcs = addition.fair_sources(base, rng, 20)
     assert len(srcs) == 20 and all(len(s) == len(base) for s in srcs)  # same layout: a 4-digit answer
+    # several column sums at once (constructive: plain rejection finds about one in 400 draws)
+    hold = ("layout", "F1+S1", "F2+S2", "carry(3)")
+    srcs = addition.fair_sources(base, rng, 20, hold)
+    assert len(srcs) == 20 and base not in srcs
+    assert {addition.stratum_key(s, hold) for s in srcs} == {addition.stratum_key(base, hold)}
+    assert len({s[1:4] for s in srcs}) > 10  # the digits themselves vary
+    held_digit = addition.fair_sources(base, rng, 10, ("layout", "S2", "F2+S2"))
+    assert all(s[6] == "6" and s[2] == "1" for s in held_digit)  # S2 held and the sum held: F2 follows
 
 
 # ---- the verifier on ground truth ------------------------------------------------------------------------
@@ -166,3 +174,24 @@ def test_committed_ioi_name_movers_carry_io_under_swaps():
     v = ver.test("a1.0@END & a1.1@END & a1.2@END & a1.3@END", ["IO"])
     assert v.hold == ("layout", "names")
     assert v.targets[0].iia.mean >= 0.9 and v.verified
+
+
+def test_committed_addition_heads_at_a1_carry_the_column_sums_jointly():
+    """The paper's second addition claim: A2 is computed at A1 from F2+S2 and the carry.  No single head
+    carries it; the components at A1 carry F1+S1 (for 4-digit answers), F2+S2 and carry(3) only together.
+    The joint group search finds that, agreeing sources for the joint are drawn from their own stratum, and
+    the held-out confirmation holds."""
+    pm = load_probed(MODELS / "addition")
+    ver = InterchangeVerifier(pm, n_inputs=1500, n_pairs=60)
+    heads = [f"a{layer}.{h}@A1" for layer in (0, 1) for h in range(4)]
+    alone = ver.test(heads[5], ["F2+S2"])
+    assert not alone.verified
+    joint = ver.test(" & ".join(heads), ["F1+S1", "F2+S2", "carry(3)"])
+    a2 = next(r for r in joint.targets if r.target == "A2")
+    assert a2.n_agree >= 30 and a2.iia.ci_low >= 0.8 and joint.verified
+    claims = [(s, f) for s in heads for f in ("F2", "S2", "F2+S2", "carry(3)")]
+    suggested = [claim_hypothesis(s, "F1+S1") for s in heads[4:7]]  # as the preimages at A1 suggest
+    rep = verify_hypotheses(ver, suggested, controls=False, claims=claims)
+    grouped = [n for n in rep.nodes if n.group and n.joint and "F2+S2" in n.features]
+    assert grouped and all(n.confirmed for n in grouped)
+    assert {n.site for n in grouped} & set(heads) and grouped[0].iia >= 0.9

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from circuitkit.tasks.base import CharTokenizer, Feature, Target, Task, Tokens, Vocabulary
+from circuitkit.tasks.base import LAYOUT, CharTokenizer, Feature, Target, Task, Tokens, Vocabulary
 
 VOCAB = Vocabulary(tokens=tuple("0123456789B+=EP"), bos="B", eos="E", pad="P")
 SEQ_LEN = 14
@@ -128,6 +128,47 @@ class AdditionTask(Task):
             if len(str(na + nb)) == len(str(a + b)) and na + nb != a + b:
                 return format_sum(na, nb)
         raise ValueError(f"no minimal edit found for {text!r}")
+
+    def fair_sources(self, text: str, rng: random.Random, n: int, hold: Sequence[str] = (LAYOUT,),
+                     max_tries: int = 4000) -> list[str]:
+        """Constructive: a column whose digit sum (or one of whose digits) is held keeps it, every other
+        digit is drawn fresh; the layout (answer length), carries and the rest are then held by rejection.
+        Sources that agree on several column sums at once are too rare for plain rejection sampling."""
+        held = set(hold)
+        columns = {f"{x}{k}" for k in (1, 2, 3) for x in ("F", "S")} | {f"F{k}+S{k}" for k in (1, 2, 3)}
+        if not held & columns:
+            return super().fair_sources(text, rng, n, hold, max_tries)
+        a, b = operands(self.tokens(text, pad=False))
+        fa, fb = [digit(a, k) for k in (1, 2, 3)], [digit(b, k) for k in (1, 2, 3)]
+        key = self.stratum_key(text, hold)
+        out: list[str] = []
+        seen = {text}
+        for _ in range(max_tries):
+            if len(out) >= n:
+                break
+            da, db = [], []
+            for k in (1, 2, 3):
+                lo = 1 if k == 1 else 0  # operands stay in [100, 999]
+                keep_f, keep_s = f"F{k}" in held, f"S{k}" in held
+                x = fa[k - 1] if keep_f else rng.randint(lo, 9)
+                y = fb[k - 1] if keep_s else rng.randint(lo, 9)
+                if f"F{k}+S{k}" in held and not (keep_f and keep_s):
+                    total = fa[k - 1] + fb[k - 1]
+                    if keep_s:
+                        x = total - y
+                    else:
+                        x = x if keep_f else rng.choice([d for d in range(lo, 10) if lo <= total - d <= 9])
+                        y = total - x
+                da.append(x)
+                db.append(y)
+            if not all(0 <= d <= 9 for d in da + db) or 0 in (da[0], db[0]):
+                continue
+            cand = format_sum(int("".join(map(str, da))), int("".join(map(str, db))))
+            if cand in seen or self.stratum_key(cand, hold) != key:
+                continue
+            seen.add(cand)
+            out.append(cand)
+        return out
 
     def proxies(self, feature: str) -> tuple[str, ...]:
         """A column's digit sum correlates with either of its digits, which alone do not fix it."""

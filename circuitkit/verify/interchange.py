@@ -320,6 +320,7 @@ class InterchangeVerifier:
         rows = list(self.split_rows[split])
         rng.shuffle(rows)
         db, ds, ab, as_ = [], [], [], []
+        no_agree: list[int] = []
         for visited, i in enumerate(rows):
             if (len(db) >= n and len(ab) >= n) or visited >= self.max_bases_per_pair * n:
                 break  # enough pairs, or agreeing sources are too rare to reach n (reported as fewer pairs)
@@ -342,7 +343,36 @@ class InterchangeVerifier:
             if agree and len(ab) < n:
                 ab.append(i)
                 as_.append(agree[rng.randrange(len(agree))])
+            elif not agree:
+                no_agree.append(i)
+        if len(ab) < n and not shuffle and set(features) <= set(self.task_feature_names):
+            # agreeing sources are rare among the candidates (e.g. a joint of several column sums): draw
+            # them from the stratum that also holds the features fixed (a second pass; bases that found
+            # one among the candidates keep it, so results where agreement is common do not move)
+            for i in no_agree:
+                if len(ab) >= n:
+                    break
+                fb = self._fcodes(features, self.inputs[i], site.position, False)
+                agree = [c for c in self.agreeing_candidates(i, tuple(hold) + tuple(f for f in features if f not in hold))
+                         if self.coder.position(c, site.position) is not None
+                         and self._fcodes(features, c, site.position, False) == fb]
+                if agree:
+                    ab.append(i)
+                    as_.append(agree[rng.randrange(len(agree))])
         return db, ds, ab, as_
+
+    def agreeing_candidates(self, row: int, hold: Sequence[str]) -> list[str]:
+        """A few fair sources for base ``row`` that share everything in ``hold`` (cached like ``candidates``)."""
+        key = ("agree", row, tuple(hold))
+        got = self._candidates.get(key)
+        if got is None:
+            rng = random.Random(zlib.crc32(f"{self.seed}|{row}|agree|{'|'.join(hold)}".encode()))
+            try:
+                got = self.task.fair_sources(self.inputs[row], rng, 4, hold)
+            except CircuitkitError:
+                got = []
+            self._candidates[key] = got
+        return got
 
     def candidates(self, row: int, hold: Sequence[str]) -> list[str]:
         """The fair sources drawn for base ``row`` under ``hold`` (cached: every test with the same hold

@@ -216,6 +216,13 @@ def verify_hypotheses(verifier: InterchangeVerifier, hypotheses: Sequence[Hypoth
         if kept is not None:
             sites, cv, twin = kept
             nodes += [_node(cv, s, twin, group=sites, confirmed=True) for s in sites]
+    grouped = {(str(parse_site(n.site).position), f) for n in nodes for f in n.features
+               if parse_site(n.site).kind in GROUPABLE_KINDS}  # a residual node always carries what it reads
+    for position, (members, feats) in _joint_group_candidates(with_claims, grouped, max_group).items():
+        kept = _verify_joint_group(verifier, with_controls, members, feats, max_joint)
+        if kept is not None:
+            sites, cv, twin = kept
+            nodes += [_node(cv, s, twin, joint=True, group=sites, confirmed=True) for s in sites]
     for n in list(nodes):
         if len(n.features) == 1 and not n.group:
             ctrl.extend(run_proxy_controls(verifier, n.site, n.features[0]))
@@ -277,6 +284,83 @@ def _verify_group(with_controls, members: list[str], feature: str
         if tv.verified:
             kept = trial
     cv, twin = run(kept, "confirm")
+    return (kept, cv, twin) if cv.verified else None
+
+
+def _joint_group_candidates(hypotheses: Sequence[Hypothesis], explained: set[tuple[str, str]], max_group: int
+                            ) -> dict[str, tuple[list[str], list[str]]]:
+    """{position: (members, features)} for positions where two or more features are each accepted at two or
+    more groupable components and none of them is verified there yet, alone or as a group: the components
+    may carry the features only together (e.g. the heads at A1 bringing F1+S1, F2+S2 and the carry)."""
+    by: dict[str, dict[str, list[Hypothesis]]] = {}
+    for h in hypotheses:
+        site = parse_site(h.site)
+        if h.accepted and site.kind in GROUPABLE_KINDS:
+            by.setdefault(str(site.position), {}).setdefault(h.feature, []).append(h)
+    out = {}
+    for position, per_feature in by.items():
+        if any((position, f) in explained for f in per_feature):
+            continue
+        feats = [f for f, hs in per_feature.items() if len({h.site for h in hs}) >= 2]
+        if len(feats) < 2:
+            continue
+        kappa: dict[str, float] = {}
+        for f in feats:
+            for h in per_feature[f]:
+                k = h.kappa if h.kappa == h.kappa else 0.0
+                kappa[h.site] = max(kappa.get(h.site, -1.0), k)
+        members = sorted(kappa, key=lambda m: -kappa[m])[:max_group]
+        out[position] = (members, feats)
+    return out
+
+
+def _verify_joint_group(verifier: InterchangeVerifier, with_controls, members: list[str], features: list[str],
+                        max_joint: int) -> tuple[list[str], Verdict, Verdict | None] | None:
+    """Forward selection of a joint feature set on the whole group (search split): add the feature that
+    raises IIA most until the set verifies (at most ``max_joint``); drop members (weakest first) while it still
+    does; confirm on the held-out inputs, controls beside.  Selection only ever sees the search split."""
+
+    def score(v: Verdict) -> tuple[float, float]:
+        """Share of all f-differing pairs whose patched answer the features predict (IIA x coverage), on
+        the answers the patch changes: an answer the group cannot change, or IIA over a few predictable
+        pairs, must not steer the selection."""
+        rel = [r for r in v.targets if r.relevant and r.iia is not None and r.change_differ is not None
+               and r.change_differ.mean >= verifier.th.min_effect]
+        if not rel:
+            return (-1.0, 0.0)
+        r = max(rel, key=lambda r: r.iia.mean * (r.iia_coverage or 0.0))
+        return (r.iia.mean * (r.iia_coverage or 0.0), r.effect.mean if r.effect else 0.0)
+
+    label = group_name(members)
+    chosen: list[str] = []
+    remaining = list(features)
+    found = None
+    while remaining and len(chosen) < max_joint:
+        trials = [(score(v), f, v) for f in remaining
+                  for v in [verifier.test(label, chosen + [f], skip_unpredictive=True)]]
+        best, f, v = max(trials, key=lambda t: t[0])
+        if best[0] < 0:
+            return None  # no addition makes the set predictive
+        chosen.append(f)
+        remaining.remove(f)
+        if v.verified:
+            found = v
+            break
+    if found is None:
+        return None
+    kept = list(members)
+    for m in reversed(members):
+        if len(kept) <= 2:
+            break
+        trial = [x for x in kept if x != m]
+        if verifier.test(group_name(trial), chosen).verified:
+            kept = trial
+    v, _ = with_controls(group_name(kept), chosen)
+    v.note = (v.note + "; " if v.note else "") + "joint feature set of a site group (search)"
+    if not v.verified:
+        return None
+    cv, twin = with_controls(group_name(kept), chosen, "confirm")
+    cv.note = (cv.note + "; " if cv.note else "") + "joint feature set of a site group (held-out confirmation)"
     return (kept, cv, twin) if cv.verified else None
 
 
