@@ -1,15 +1,20 @@
-"""Atomic writes: artifacts appear whole or not at all (write to a temp path, then rename)."""
+"""Atomic writes (artifacts appear whole or not at all: write to a temp path, then rename) and safe reads
+(tensor checkpoints load without unpickling arbitrary objects)."""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import pickle
+import zipfile
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+
+from circuitkit.errors import CircuitkitError
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -71,3 +76,24 @@ def atomic_dir(path: str | Path, keep_existing: bool = True) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def safe_torch_load(path: str | Path, what: str, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load`` with ``weights_only=True``: tensors, dicts, lists, tuples and plain numbers only.
+
+    A file a user hands over may be a crafted pickle that runs code when loaded; it is refused here, as is a
+    truncated or garbage file, each with one clear message naming ``what`` the file should have been."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln] or str(e).splitlines()[:1]
+        raise CircuitkitError(
+            f"refusing to load {what} {str(path)!r}: it is not a plain tensor checkpoint. It holds Python objects "
+            f"other than tensors, numbers and containers, which could run code when unpickled, or it is no "
+            f"checkpoint at all ({lines[0][:160] if lines else 'unreadable'}). circuitkit writes only plain tensor "
+            "checkpoints: recreate the file with circuitkit") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CircuitkitError(f"{what} {str(path)!r} is truncated or not a torch checkpoint "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else 'empty'}); "
+                              "delete it and recreate it") from None

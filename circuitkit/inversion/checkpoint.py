@@ -17,7 +17,7 @@ import torch
 
 from circuitkit.errors import CircuitkitError, choices_hint
 from circuitkit.inversion.decoder import DecoderConfig, InversionDecoder
-from circuitkit.io_utils import atomic_torch_save, atomic_write_json
+from circuitkit.io_utils import atomic_torch_save, atomic_write_json, safe_torch_load
 from circuitkit.models.checkpoint import ProbedModel, load_probed
 from circuitkit.sites import Site, parse_site
 
@@ -109,9 +109,17 @@ def load_decoder(path: str | Path, probed: ProbedModel | str | Path | None = Non
             f"weights sha256 {meta['probed_sha256'][:12]}…) than the one given "
             f"({probed.path}, sha256 {digest[:12]}…); train a decoder for this model"
         )
-    state = torch.load(path / WEIGHTS, map_location=device, weights_only=False)
-    dec = InversionDecoder(DecoderConfig(**state["config"]))
-    dec.load_state_dict(state["state_dict"])
+    state = safe_torch_load(path / WEIGHTS, "decoder weights", map_location=device)
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or not isinstance(
+            state.get("state_dict"), dict):
+        raise CircuitkitError(f"{str(path / WEIGHTS)!r} is not a circuitkit decoder (expected a dict with 'config' "
+                              "and 'state_dict'); retrain it with 'circuitkit decoder train'")
+    try:
+        dec = InversionDecoder(DecoderConfig(**state["config"]))
+        dec.load_state_dict(state["state_dict"])
+    except (TypeError, RuntimeError) as e:
+        raise CircuitkitError(f"decoder {str(path)!r} does not match its own config: "
+                              f"{str(e).splitlines()[0][:200]}") from None
     dec.to(device).eval()
     sites = [parse_site(s) for s in meta["sites"]]
     return TrainedDecoder(dec, probed, sites, meta, path)

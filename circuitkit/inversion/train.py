@@ -32,7 +32,7 @@ from circuitkit.inversion.checkpoint import save_decoder
 from circuitkit.inversion.data import PairSource, activation_scale
 from circuitkit.inversion.decoder import DecoderConfig, InversionDecoder
 from circuitkit.inversion.evaluate import evaluate_decoder, evaluate_site
-from circuitkit.io_utils import atomic_dir, atomic_torch_save, atomic_write_json
+from circuitkit.io_utils import atomic_dir, atomic_torch_save, atomic_write_json, safe_torch_load
 from circuitkit.manifest import write_manifest
 from circuitkit.models.checkpoint import ProbedModel
 from circuitkit.sites import Site, paper_sites
@@ -128,8 +128,12 @@ def build_for(probed: ProbedModel, sites: Sequence[Site], cfg: DecoderTrainConfi
 
 def train_decoder(probed: ProbedModel, out: str | Path, cfg: DecoderTrainConfig | None = None,
                   sites: Sequence[Site] | None = None, progress: bool = True, device: str = "cpu",
-                  on_eval: Callable[[dict], None] | None = None, _keep: dict | None = None) -> dict:
-    """Train a decoder for ``sites`` (default: the paper's) of ``probed``; write it to ``out``."""
+                  on_eval: Callable[[dict], None] | None = None, _keep: dict | None = None,
+                  partial: str | Path | None = None) -> dict:
+    """Train a decoder for ``sites`` (default: the paper's) of ``probed``; write it to ``out``.
+
+    ``partial``: where an interrupted run keeps its state (default ``<out>.partial``); a caller that writes
+    ``out`` inside a temporary directory passes a path outside it, so the state outlives the interruption."""
     cfg = cfg or DecoderTrainConfig()
     cfg.validate()
     out = Path(out)
@@ -143,7 +147,7 @@ def train_decoder(probed: ProbedModel, out: str | Path, cfg: DecoderTrainConfig 
     if str(probed.device) != str(torch.device(device)):
         probed.hf_model.to(device)
     sites = list(sites or decoder_sites(probed))
-    partial = out.with_name(out.name + ".partial")
+    partial = Path(partial) if partial is not None else out.with_name(out.name + ".partial")
     state_file = partial / "train_state.pt"
     dec = build_for(probed, sites, cfg).to(device)
     opt = torch.optim.AdamW(dec.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
@@ -151,19 +155,28 @@ def train_decoder(probed: ProbedModel, out: str | Path, cfg: DecoderTrainConfig 
     site_rng = random.Random(cfg.seed)  # identical on every rank: all replicas train the same site per step
     step, train_s, history = 0, 0.0, []
     hits = [0.0] * len(sites)
+    ema: float | None = None
+    resumed_from = None
     if state_file.exists():
-        state = torch.load(state_file, map_location=device, weights_only=False)
-        if state["config"] != dataclasses.asdict(cfg) or state["sites"] != [s.node for s in sites]:
+        state = safe_torch_load(state_file, "interrupted decoder training state", map_location=device)
+        if not isinstance(state, dict) or state.get("config") != dataclasses.asdict(cfg) or state.get("sites") != [
+                s.node for s in sites]:
             raise CircuitkitError(f"{str(partial)!r} holds an interrupted run with different options; delete it "
                                   f"to start over, or rerun with the same options to resume")
-        dec.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step, train_s, history, hits = state["step"], state["train_s"], state["history"], state["hits"]
-        site_rng.setstate(state["site_rng"])
-        if rank == 0:
-            source.load_state(state["source"])
-        else:
-            source = PairSource(probed, "train", seed=cfg.seed + 1000 * rank + step)
+        try:
+            dec.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            step, train_s, history, hits = state["step"], state["train_s"], state["history"], state["hits"]
+            ema = state.get("ema")
+            resumed_from = step
+            site_rng.setstate(tuple(state["site_rng"]) if isinstance(state["site_rng"], list) else state["site_rng"])
+            if rank == 0:
+                source.load_state(state["source"])
+            else:
+                source = PairSource(probed, "train", seed=cfg.seed + 1000 * rank + step)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CircuitkitError(f"{str(state_file)!r} is not a complete decoder training state "
+                                  f"({type(e).__name__}: {e}); delete {str(partial)!r} to start over") from None
     model: torch.nn.Module = dec
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -179,7 +192,7 @@ def train_decoder(probed: ProbedModel, out: str | Path, cfg: DecoderTrainConfig 
         atomic_torch_save({"model": dec.state_dict(), "optimizer": opt.state_dict(), "step": step,
                            "train_s": train_s, "history": history, "hits": hits, "config": dataclasses.asdict(cfg),
                            "sites": [s.node for s in sites], "site_rng": site_rng.getstate(),
-                           "source": source.state()}, state_file)
+                           "source": source.state(), "ema": ema}, state_file)
 
     def estimate() -> None:
         nonlocal hits, weights
@@ -202,7 +215,6 @@ def train_decoder(probed: ProbedModel, out: str | Path, cfg: DecoderTrainConfig 
         return step >= cfg.steps or (budget_s is not None and train_s >= budget_s)
 
     bar = tqdm(total=cfg.steps, initial=step, desc="decoder", disable=not progress or rank != 0, unit="step")
-    ema: float | None = None
     model.train()
     try:
         while not done():
@@ -242,7 +254,7 @@ def train_decoder(probed: ProbedModel, out: str | Path, cfg: DecoderTrainConfig 
         raise CircuitkitError(f"interrupted at step {step}; rerun the same command to resume from {partial}") from None
     bar.close()
     metrics: dict = {"steps": step, "train_minutes": round(train_s / 60, 3), "final_loss": ema,
-                     "world_size": world, "torch_threads": torch.get_num_threads()}
+                     "world_size": world, "torch_threads": torch.get_num_threads(), "resumed_from_step": resumed_from}
     if rank == 0:
         dec.eval()
         if cfg.final_eval_queries > 0:

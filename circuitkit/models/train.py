@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from circuitkit.errors import CircuitkitError
-from circuitkit.io_utils import atomic_dir, atomic_torch_save, atomic_write_json
+from circuitkit.io_utils import atomic_dir, atomic_torch_save, atomic_write_json, safe_torch_load
 from circuitkit.manifest import write_manifest
 from circuitkit.models.checkpoint import ProbedModel, quiet_transformers, save_probed
 from circuitkit.models.evaluate import evaluate_model
@@ -190,15 +190,17 @@ def _partial_dir(out: Path) -> Path:
 
 
 def train_probed(task: Task, out: str | Path, cfg: TrainConfig | None = None, progress: bool = True,
-                 device: str = "cpu") -> dict:
-    """Train, evaluate and write a checkpoint to ``out``; returns the metrics dict."""
+                 device: str = "cpu", partial: str | Path | None = None) -> dict:
+    """Train, evaluate and write a checkpoint to ``out``; returns the metrics dict.
+
+    ``partial``: where an interrupted run keeps its state (default ``<out>.partial``)."""
     cfg = cfg or default_config(task)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise CircuitkitError(f"output directory {str(out)!r} exists and is not empty; choose another --out")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    partial = _partial_dir(out)
+    partial = Path(partial) if partial is not None else _partial_dir(out)
     state_file = partial / "train_state.pt"
     rng = seed_everything(cfg.seed)
     model = build_model(task, cfg).to(device)
@@ -214,7 +216,7 @@ def train_probed(task: Task, out: str | Path, cfg: TrainConfig | None = None, pr
     opt = make_optimizer(model, cfg)
     step, elapsed, history = 0, 0.0, []
     if state_file.exists():
-        state = torch.load(state_file, map_location=device, weights_only=False)
+        state = safe_torch_load(state_file, "interrupted model training state", map_location=device)
         if state["config"] != dataclasses.asdict(cfg) or state["task"] != task.name:
             raise CircuitkitError(
                 f"{str(partial)!r} holds an interrupted run with a different task or configuration; "

@@ -2,11 +2,12 @@
 verification -> circuit -> report, each stage cached in the work directory (``runs/CASE``)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -16,7 +17,7 @@ from circuitkit.models.checkpoint import ProbedModel, load_probed
 from circuitkit.models.local_gpt2 import find_gpt2_small, missing_message
 from circuitkit.pipeline.analysis import evaluate_claims, stage_circuit, stage_groups, stage_patching, stage_screen
 from circuitkit.pipeline.config import CaseConfig
-from circuitkit.pipeline.stages import StageRunner
+from circuitkit.pipeline.stages import StageRunner, remove_orphans
 from circuitkit.seeding import seed_everything
 from circuitkit.sites import Site, parse_site
 
@@ -78,7 +79,8 @@ def stage_model(ctx: RunContext, runner: StageRunner) -> None:
             eval_limit=2000 if cfg.quick else 20000)
 
         def fn(d: Path) -> dict:
-            metrics = train_probed(task, d / "checkpoint", tcfg, progress=ctx.progress, device=ctx.device)
+            metrics = train_probed(task, d / "checkpoint", tcfg, progress=ctx.progress, device=ctx.device,
+                                   partial=runner.scratch("model"))
             return {"source": "trained here", "metrics": metrics, "config": dataclasses.asdict(tcfg)}
 
         summary = runner.run("model", dataclasses.asdict(tcfg), fn)
@@ -104,10 +106,13 @@ def stage_decoder(ctx: RunContext, runner: StageRunner) -> None:
         cond_mid=2 * dc.d_model if dc.d_model else None,  # the conditioning MLP scales with the width, as in the paper's 256/512
         batch_size=dc.batch_size or None, final_eval_queries=dc.eval_queries, final_eval_per_cell=dc.eval_per_cell)
     if cfg.quick:
-        dcfg = dcfg.replace(eval_every=100, eval_queries=8)
+        dcfg = dcfg.replace(eval_every=100, eval_queries=8, checkpoint_every=20)  # a killed quick run resumes too
 
     def fn(d: Path) -> dict:
-        res = train_decoder(pm, d / "decoder", dcfg, sites=sites, progress=ctx.progress, device=ctx.device)
+        res = train_decoder(pm, d / "decoder", dcfg, sites=sites, progress=ctx.progress, device=ctx.device,
+                            partial=runner.scratch("decoder"))
+        if res.get("resumed_from_step") is not None:
+            ctx.log(f"  decoder: resumed an interrupted training from step {res['resumed_from_step']}")
         return {"sites": [str(s) for s in sites], "eval": res.get("eval", {}), "curve": res.get("history", []),
                 "steps": res.get("steps"), "train_minutes": res.get("train_minutes"),
                 "config": dataclasses.asdict(dcfg)}
@@ -184,6 +189,25 @@ STAGES: list[tuple[str, Callable[[RunContext, StageRunner], None]]] = [
 ]
 
 
+@contextlib.contextmanager
+def work_lock(work: Path) -> Iterator[None]:
+    """Hold ``work/.lock`` for the whole run: a second run on the same work directory is refused at once
+    (the lock is the OS's, so a killed run releases it)."""
+    from filelock import FileLock, Timeout
+
+    work.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(work / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise CircuitkitError(f"another 'circuitkit run' is using the work directory {str(work)!r} (it holds "
+                              f"{str(work / '.lock')!r}); wait for it to finish, or pass another --work") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def run_case(cfg: CaseConfig, out: Path, work: Path, device: str = "cpu", progress: bool = True,
              log: Callable[[str], None] = print, threads: int | None = None) -> dict[str, Any]:
     """Run every stage (reusing cached ones under ``work``) and write the report to ``out``."""
@@ -196,15 +220,19 @@ def run_case(cfg: CaseConfig, out: Path, work: Path, device: str = "cpu", progre
     ctx = RunContext(cfg, work, device, progress, log)
     runner = StageRunner(work, log=log)
     t0 = time.perf_counter()
-    for name, stage in STAGES:
-        stage(ctx, runner)
-    ctx.results["claims"] = evaluate_claims(ctx)
-    manifest = build_manifest("case_study", cfg.seed, cfg.to_dict(),
-                              stage_seconds={k: round(v, 1) for k, v in runner.timings.items()},
-                              stages_cached=runner.cached, git_commit_at_start=commit_at_start)
-    report = build_report(ctx, manifest)
-    attachments = sorted((work / "circuit").glob("circuit.*")) if (work / "circuit").exists() else []
-    write_report(report, out, manifest, ctx.results, attachments)
+    with work_lock(work):
+        removed = remove_orphans(work)
+        if removed:
+            log(f"removed {len(removed)} temporary item(s) an interrupted run left behind: {', '.join(removed[:4])}")
+        for name, stage in STAGES:
+            stage(ctx, runner)
+        ctx.results["claims"] = evaluate_claims(ctx)
+        manifest = build_manifest("case_study", cfg.seed, cfg.to_dict(),
+                                  stage_seconds={k: round(v, 1) for k, v in runner.timings.items()},
+                                  stages_cached=runner.cached, git_commit_at_start=commit_at_start)
+        report = build_report(ctx, manifest)
+        attachments = sorted((work / "circuit").glob("circuit.*")) if (work / "circuit").exists() else []
+        write_report(report, out, manifest, ctx.results, attachments)
     total = time.perf_counter() - t0
     log(f"report written to {out / 'index.html'} and {out / 'report.md'} ({total:.0f} s)")
     return {"out": str(out), "seconds": round(total, 1), "stages": runner.timings, "cached": runner.cached,

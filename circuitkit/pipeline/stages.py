@@ -1,10 +1,16 @@
 """Cached pipeline stages: each stage writes its artifacts into ``<run>/<stage>/`` atomically,
 with ``stage.json`` recording a key of everything it depended on; a rerun with the same key
-reuses the stage, so an interrupted run resumes at the first stage that did not finish."""
+reuses the stage, so an interrupted run resumes at the first stage that did not finish.
+
+A stage that checkpoints its own progress (decoder training) keeps it in a scratch directory beside the
+stage (``.<stage>-<key>.partial``), outside the temporary directory the stage writes into, so that an
+interrupted run resumes mid-stage; it is removed once the stage finishes.  Temporary directories that a
+killed run left behind are removed when the next run takes the work directory's lock."""
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +38,11 @@ class StageRunner:
     timings: dict[str, float] = field(default_factory=dict)  # seconds each stage took when computed
     cached: list[str] = field(default_factory=list)  # stages reused from an earlier run
 
+    pending: dict[str, str] = field(default_factory=dict)  # key of each stage while it runs
+
     def run(self, name: str, key_parts: Any, fn: StageFn, depends: tuple[str, ...] = ()) -> dict[str, Any]:
         key = stage_key(key_parts, [self.keys[d] for d in depends])
+        self.pending[name] = key
         d = self.root / name
         meta_file = d / "stage.json"
         if meta_file.exists():
@@ -50,9 +59,29 @@ class StageRunner:
             summary = fn(tmp)
             secs = time.perf_counter() - t0
             atomic_write_json(tmp / "stage.json", {"key": key, "seconds": round(secs, 2), "summary": summary})
+        for stale in self.root.glob(f".{name}-*.partial"):  # this run's progress, and any other config's
+            shutil.rmtree(stale, ignore_errors=True)
         self.log(f"[{name}] done in {secs:.0f} s")
         self.keys[name], self.summaries[name], self.timings[name] = key, summary, secs
         return summary
 
     def path(self, name: str) -> Path:
         return self.root / name
+
+    def scratch(self, name: str) -> Path:
+        """Where the running stage ``name`` may keep progress that must survive an interruption (keyed by
+        the stage's key, so a changed config never resumes another's progress)."""
+        if name not in self.pending:
+            raise RuntimeError(f"stage {name!r} is not running")
+        return self.root / f".{name}-{self.pending[name]}.partial"
+
+
+def remove_orphans(root: Path) -> list[str]:
+    """Remove the temporary directories and files (``.*.tmp``, ``.*.old``) that a killed run left in
+    ``root`` and its stage directories; call only while holding the work directory's lock."""
+    removed = []
+    for parent in [root, *[p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]]:
+        for p in list(parent.glob(".*.tmp")) + list(parent.glob(".*.old")):
+            (shutil.rmtree if p.is_dir() else Path.unlink)(p)
+            removed.append(str(p.relative_to(root)))
+    return removed
