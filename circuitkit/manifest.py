@@ -55,6 +55,13 @@ def build_manifest(kind: str, seed: int | None, config: dict[str, Any], **extra:
 
 
 def write_manifest(directory: str | Path, kind: str, seed: int | None, config: dict[str, Any], **extra: Any) -> dict:
+    """Write ``manifest.json`` into ``directory``, with the sha256 and size of every tensor file already
+    there under ``files`` (loaders check them: weights changed under an intact header are refused)."""
+    from circuitkit.validate import weight_checksums
+
     man = build_manifest(kind, seed, config, **extra)
+    files = weight_checksums(directory)
+    if files:
+        man["files"] = files
     atomic_write_json(Path(directory) / "manifest.json", man)
     return man

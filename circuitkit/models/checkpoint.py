@@ -6,7 +6,6 @@ A checkpoint directory holds ``config.json`` and ``model.safetensors`` (or the o
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -18,6 +17,7 @@ import torch
 from circuitkit.errors import CircuitkitError, choices_hint
 from circuitkit.models.runner import GPT2Runner
 from circuitkit.tasks import TASKS, Task, get_task
+from circuitkit.validate import check_device, check_weight_dir, read_json
 
 META_FILE = "circuitkit.json"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -39,13 +39,11 @@ def _check_dir(path: Path) -> None:
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
+    """``circuitkit.json`` of a checkpoint (which task, its vocabulary); {} when there is none."""
     f = Path(path) / META_FILE
     if not f.exists():
         return {}
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise CircuitkitError(f"{str(f)!r} is corrupt ({e}); delete it or fix it") from None
+    return read_json(f, "checkpoint metadata")
 
 
 def quiet_transformers() -> None:
@@ -61,17 +59,105 @@ def _load_hf(path: Path, device: str) -> torch.nn.Module:
     quiet_transformers()
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    read_json(path / "config.json", "model config")  # encoding and JSON errors named plainly
     try:
         config = GPT2Config.from_pretrained(path, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - any parse failure is a corrupt checkpoint to the user
         raise CircuitkitError(f"cannot read {str(path / 'config.json')!r}: {e}") from None
     if config.model_type != "gpt2":
         raise CircuitkitError(f"{str(path)!r} holds a {config.model_type!r} model; circuitkit probes GPT-2-family models")
+    check_config(config, path)
+    try:
+        check_weight_dir(path)
+        check_weights_match_config(path, config)
+    except CircuitkitError as e:
+        raise CircuitkitError(f"cannot load the weights in {str(path)!r}: {e}") from None
     try:
         model = GPT2LMHeadModel.from_pretrained(path, config=config, local_files_only=True)
     except Exception as e:  # noqa: BLE001
         raise CircuitkitError(f"cannot load the weights in {str(path)!r} (corrupt or incomplete?): {e}") from None
+    check_finite(model, path)
     return model.to(device).eval()
+
+
+def check_config(config: Any, path: Path) -> None:
+    """Sizes in config.json that no GPT-2 can have (a hand edit gone wrong) are refused by name."""
+    where = str(path / "config.json")
+    for name in ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions"):
+        v = getattr(config, name, None)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise CircuitkitError(f"{where!r}: {name} must be a positive integer, got {v!r}")
+    if config.n_embd % config.n_head:
+        raise CircuitkitError(f"{where!r}: n_embd {config.n_embd} is not divisible by n_head {config.n_head}")
+
+
+def _tensor_shapes(path: Path) -> tuple[Path, dict[str, tuple[int, ...]]]:
+    """The weights file of a checkpoint and its tensors' shapes, read without loading any pickle."""
+    st = path / "model.safetensors"
+    if st.exists():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(st), "pt") as f:
+                return st, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as e:  # noqa: BLE001 - the safetensors reader raises its own error types
+            raise CircuitkitError(f"{str(st)!r} is corrupt or truncated ({e}); restore it or retrain") from None
+    pt = path / "pytorch_model.bin"
+    try:
+        state = torch.load(pt, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise CircuitkitError(f"{str(pt)!r} cannot be read as plain tensors ({e}); it is corrupt or not a "
+                              "weights file") from None
+    if not isinstance(state, dict):
+        raise CircuitkitError(f"{str(pt)!r} holds a {type(state).__name__}, not a state dict of tensors")
+    return pt, {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _norm(name: str) -> str:
+    return name[len("transformer."):] if name.startswith("transformer.") else name
+
+
+def check_weights_match_config(path: Path, config: Any) -> None:
+    """The weights file holds exactly the tensors config.json describes, with their shapes.
+
+    transformers would otherwise initialise a missing layer at random (or drop an extra one) and only
+    warn; a model that silently is not the one trained must never be probed.
+    """
+    from transformers import GPT2LMHeadModel
+
+    with torch.device("meta"):
+        expected = {_norm(k): tuple(v.shape) for k, v in GPT2LMHeadModel(config).state_dict().items()}
+    file, found = _tensor_shapes(path)
+    present = {_norm(k): v for k, v in found.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    optional = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", True) else set()
+    missing = sorted(set(expected) - set(present) - optional)
+    extra = sorted(set(present) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(present) if expected[k] != present[k])
+    if not (missing or extra or wrong):
+        return
+    dims = f"n_layer={config.n_layer}, n_head={config.n_head}, n_embd={config.n_embd}, vocab_size={config.vocab_size}"
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} tensor(s): {_names(missing)}")
+    if extra:
+        parts.append(f"{len(extra)} extra tensor(s): {_names(extra)}")
+    if wrong:
+        parts.append(f"{len(wrong)} of the wrong shape: " + ", ".join(
+            f"{k} is {list(present[k])}, config wants {list(expected[k])}" for k in wrong[:4]) + (" ..." if len(wrong) > 4 else ""))
+    raise CircuitkitError(f"{str(file)!r} does not match {str(path / 'config.json')!r} ({dims}): {'; '.join(parts)}; "
+                          "the config was edited or belongs to another model")
+
+
+def _names(keys: list[str], limit: int = 6) -> str:
+    return ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def check_finite(model: torch.nn.Module, path: Path) -> None:
+    """NaN or infinite weights make every downstream number meaningless: refuse them by tensor name."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise CircuitkitError(f"the weights in {str(path)!r} contain NaN or infinite values ({_names(bad)}); "
+                              "the checkpoint is corrupt or diverged in training")
 
 
 def check_vocab(task: Task, hf_model: torch.nn.Module, meta: dict[str, Any], where: str) -> None:
@@ -142,8 +228,7 @@ def load_probed(path: str | Path, task: str | Task | None = None, device: str = 
             )
         task = meta["task"]
     task_obj = get_task(task) if isinstance(task, str) else task
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CircuitkitError("--device cuda was requested but no CUDA device is available; use --device cpu")
+    device = check_device(device)
     hf_model = _load_hf(path, device)
     check_vocab(task_obj, hf_model, meta, str(path))
     return ProbedModel(hf_model=hf_model, task=task_obj, path=path, meta=meta)
