@@ -69,6 +69,13 @@ def _version() -> str:
     return __version__
 
 
+def os_error_message(e: OSError) -> str:
+    """One line for an ``OSError``: what failed on which path (``Is a directory: 'out'``)."""
+    paths = [str(p) for p in (e.filename, e.filename2) if p is not None]
+    where = " -> ".join(repr(p) for p in paths)
+    return f"{e.strerror or e}{': ' + where if where else ''}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -88,6 +95,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("circuitkit: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a path the user named that cannot be read or written: say which, no traceback
+        msg = os_error_message(e)
+        print(f"circuitkit: error: {msg}", file=sys.stderr)
+        if want_json:
+            print(json.dumps({"error": msg}))
+        return 2
     text = out.text if (out.text is not None and not want_json) else json.dumps(out.data, indent=2, default=str)
     try:
         print(text)

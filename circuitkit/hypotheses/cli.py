@@ -59,6 +59,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_hypothesize)
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    """Every numeric option in its range, and --out writable, before any model is loaded."""
+    from circuitkit.inversion.cli import MAX_PER_CELL
+    from circuitkit.validate import check_out_file, check_positive, check_range, check_threads
+
+    for name in ("queries", "pool"):
+        check_positive(f"--{name}", getattr(args, name))
+    check_range("--per-cell", args.per_cell, 1, MAX_PER_CELL)
+    check_range("--eps", args.eps, 0, lo_open=True, hint=" (a relative distance; the paper's 0.1)")
+    check_range("--fdr", args.fdr, 0, 1, lo_open=True, hint=" (a false discovery rate)")
+    check_range("--min-kappa", args.min_kappa, -1, 1, hint=" (a chance-corrected agreement)")
+    check_range("--min-lift", args.min_lift, 0)
+    check_range("--top", args.top, 0)
+    check_threads(args.threads)
+    check_out_file(args.out)
+
+
 def _hypothesize(args: argparse.Namespace) -> Output:
     import torch
 
@@ -68,18 +85,14 @@ def _hypothesize(args: argparse.Namespace) -> Output:
     from circuitkit.io_utils import atomic_write_json
     from circuitkit.models.checkpoint import load_probed
 
-    torch.set_num_threads(max(1, args.threads))
-    for name in ("queries", "pool", "per_cell"):
-        if getattr(args, name) <= 0:
-            raise CircuitkitError(f"--{name.replace('_', '-')} must be positive")
-    if not 0 < args.eps:
-        raise CircuitkitError("--eps must be positive")
+    _check_options(args)
+    torch.set_num_threads(args.threads)
     if args.source == "decoder":
         if not args.decoder:
             raise CircuitkitError("--source decoder needs --decoder DIR (train one with 'circuitkit decoder train')")
-        from circuitkit.inversion.checkpoint import load_decoder
+        from circuitkit.inversion.cli import load_checked_decoder
 
-        td = load_decoder(args.decoder, args.model)
+        td = load_checked_decoder(args.decoder, args.model)
         pm = td.probed
         source = DecoderPreimage(td, n_per_cell=args.per_cell, eps=args.eps, seed=args.seed)
     else:

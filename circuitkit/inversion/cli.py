@@ -61,9 +61,50 @@ def register(sub: argparse._SubParsersAction) -> None:
     iv.set_defaults(handler=_invert)
 
 
+#: upper bound on samples per (temperature, noise) cell: 64x the paper's 256, far past any useful value
+MAX_PER_CELL = 16384
+
+
 def _positive(name: str, v) -> None:
-    if v is not None and v <= 0:
-        raise CircuitkitError(f"--{name} must be positive, got {v}")
+    from circuitkit.validate import check_positive
+
+    check_positive(f"--{name}", v)
+
+
+def _check_sampling(args: argparse.Namespace) -> None:
+    """Ranges of the sampling options ``decoder eval`` and ``invert`` share."""
+    from circuitkit.validate import check_range, check_threads
+
+    check_range("--per-cell", args.per_cell, 1, MAX_PER_CELL)
+    check_range("--eps", args.eps, 0, lo_open=True, hint=" (a relative distance; the paper's 0.1)")
+    check_threads(args.threads)
+
+
+def load_checked_decoder(decoder_dir: str, model: str | None = None, device: str = "cpu"):
+    """``load_decoder`` after checks that read no pickle: the directory exists, ``decoder.json`` is
+    UTF-8 JSON, and every tensor file is whole and matches manifest.json's checksums, so a truncated or
+    garbage file is named as such instead of failing deep inside torch."""
+    from circuitkit.inversion.checkpoint import load_decoder
+
+    check_decoder_dir(decoder_dir)
+    return load_decoder(decoder_dir, probed=model, device=device)
+
+
+def check_decoder_dir(decoder_dir: str | Path) -> None:
+    """The pre-load checks of ``load_checked_decoder`` (also used by ``run --decoder``)."""
+    from circuitkit.inversion.checkpoint import META, read_decoder_meta
+    from circuitkit.validate import check_weight_dir, read_json
+
+    path = Path(decoder_dir)
+    if str(decoder_dir).strip() == "":
+        raise CircuitkitError("the decoder directory is empty; give the --out of 'circuitkit decoder train'")
+    if (path / META).is_file():
+        read_json(path / META, "decoder metadata")
+    read_decoder_meta(path)  # existence and layout, with the loader's own messages
+    try:
+        check_weight_dir(path)
+    except CircuitkitError as e:
+        raise CircuitkitError(f"cannot load the decoder in {str(path)!r}: {e}") from None
 
 
 def _parse_sites(text: str | None):
@@ -79,8 +120,12 @@ def _train(args: argparse.Namespace) -> Output:
     from circuitkit.models.checkpoint import load_probed
     from circuitkit.sites import check_site
 
+    from circuitkit.validate import check_out_dir, check_range
+
     for n in ("steps", "minutes", "batch_size", "lr", "d_model", "n_layers", "n_heads", "eval_every", "threads"):
         _positive(n.replace("_", "-"), getattr(args, n))
+    check_range("--final-eval-queries", args.final_eval_queries, 0)
+    check_out_dir(args.out)
     cfg = DecoderTrainConfig().replace(
         steps=args.steps, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr, d_model=args.d_model,
         n_layers=args.n_layers, n_heads=args.n_heads, eval_every=args.eval_every, seed=args.seed,
@@ -103,14 +148,14 @@ def _train(args: argparse.Namespace) -> Output:
 def _eval(args: argparse.Namespace) -> Output:
     import torch
 
-    from circuitkit.inversion.checkpoint import load_decoder
     from circuitkit.inversion.evaluate import evaluate_site
+    from circuitkit.validate import check_range
 
-    _positive("queries", args.queries)
-    _positive("per-cell", args.per_cell)
+    check_range("--queries", args.queries, 1, 100_000)
+    _check_sampling(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    td = load_decoder(args.decoder_dir, probed=args.model, device=args.device)
+    td = load_checked_decoder(args.decoder_dir, args.model, args.device)
     sites = _parse_sites(args.sites) or td.sites
     rows = [evaluate_site(td.decoder, td.probed, s, td.site_index(s), n_queries=args.queries,
                           n_per_cell=args.per_cell, metric=args.metric, eps=args.eps) for s in sites]
@@ -124,19 +169,21 @@ def _eval(args: argparse.Namespace) -> Output:
 def _invert(args: argparse.Namespace) -> Output:
     import torch
 
-    from circuitkit.inversion.checkpoint import load_decoder
     from circuitkit.inversion.colour import token_colours
     from circuitkit.inversion.preimage import invert_text
     from circuitkit.inversion.render import render_ansi, render_html
     from circuitkit.io_utils import atomic_write_text
     from circuitkit.sites import parse_site
+    from circuitkit.validate import check_out_file
 
-    _positive("per-cell", args.per_cell)
+    _check_sampling(args)
     _positive("show", args.show)
+    check_out_file(args.html, "--html")
+    site = parse_site(args.site)
     if args.threads:
         torch.set_num_threads(args.threads)
-    td = load_decoder(args.decoder_dir, probed=args.model, device=args.device)
-    site = parse_site(args.site)
+    td = load_checked_decoder(args.decoder_dir, args.model, args.device)
+    td.probed.task.check_input(args.input, "--input")
     inv = invert_text(td, site, args.input, n_per_cell=args.per_cell, metric=args.metric, eps=args.eps,
                       seed=args.seed)
     rows = inv.display(args.show)

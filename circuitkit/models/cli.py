@@ -51,8 +51,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> Output:
     from circuitkit.models.train import default_config, train_probed
+    from circuitkit.validate import check_device, check_out_dir, check_range, check_threads
 
     task = get_task(args.task)
+    check_out_dir(args.out)
+    check_device(args.device)
+    check_threads(args.threads)
+    check_range("--eval-limit", args.eval_limit, 1)
     cfg = default_config(task).replace(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, n_layer=args.n_layer, n_head=args.n_head,
         d_model=args.d_model, seed=args.seed, eval_limit=args.eval_limit, threads=args.threads,

@@ -8,6 +8,10 @@ from circuitkit.cli import Output, add_common
 from circuitkit.errors import CircuitkitError
 
 
+#: most examples per contrast for the counting table (the paper used 1,000; each is patched 8 times)
+MAX_TABLE_N = 100_000
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_common(sub.add_parser(
         "patch", help="activation / path / attribution patching on a probed model",
@@ -52,14 +56,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _inputs(args: argparse.Namespace, pm, need_source: bool) -> tuple[list[str], list[str] | None]:
+    """Base inputs (--base, checked against the task's format, else --n from the test split) and sources
+    (--source, checked likewise and one per base, else made by --contrast)."""
+    from circuitkit.validate import check_range
+
     task = pm.task
-    if args.n <= 0:
-        raise CircuitkitError(f"--n must be positive, got {args.n}")
     rng = random.Random(args.seed)
-    base = args.base or rng.sample(list(task.split("test")), args.n)
+    if args.base:
+        for i, t in enumerate(args.base):
+            task.check_input(t, f"--base input {i + 1}")
+        base = list(args.base)
+    else:
+        test = list(task.split("test"))
+        check_range("--n", args.n, 1, len(test), hint=f" (the {task.name} test split has {len(test)} inputs)")
+        base = rng.sample(test, args.n)
     if args.source is not None:
         if len(args.source) != len(base):
             raise CircuitkitError(f"{len(base)} base inputs but {len(args.source)} sources; give one source per base")
+        for i, t in enumerate(args.source):
+            task.check_input(t, f"--source input {i + 1}")
         return base, list(args.source)
     if not need_source:
         return base, None
@@ -73,7 +88,11 @@ def _inputs(args: argparse.Namespace, pm, need_source: bool) -> tuple[list[str],
 def _patch(args: argparse.Namespace) -> Output:
     from circuitkit.io_utils import atomic_write_json
     from circuitkit.models.checkpoint import load_probed
+    from circuitkit.validate import check_out_file, check_range
 
+    check_range("--n", args.n, 1)
+    check_range("--top", args.top, 0)
+    check_out_file(args.out)
     pm = load_probed(args.model_dir, task=args.task, device=args.device)
     if args.sender or args.receiver:
         if not (args.sender and args.receiver):
@@ -168,10 +187,16 @@ def _table(args: argparse.Namespace) -> Output:
     from circuitkit.models.checkpoint import load_probed
     from circuitkit.patching.counting_table import counting_table, to_markdown, write_table
 
-    if args.n <= 0:
-        raise CircuitkitError(f"--n must be positive, got {args.n}")
-    pm = load_probed(args.model_dir, device=args.device)
+    from circuitkit.validate import check_out_dir, check_range
+
+    check_range("--n", args.n, 1, MAX_TABLE_N)
+    check_out_dir(args.out)
     contrasts = [c.strip() for c in args.contrasts.split(",") if c.strip()]
+    bad = sorted(set(contrasts) - {"R", "F"})
+    if bad or not contrasts:
+        raise CircuitkitError(f"--contrasts {args.contrasts!r}: valid contrasts are R (random) and F (flip), "
+                              "comma-separated, e.g. R,F")
+    pm = load_probed(args.model_dir, device=args.device)
     res = counting_table(pm, args.n, contrasts, args.seed)
     data = write_table(res, args.out, {"model": args.model_dir, "n": args.n, "seed": args.seed})
     return Output(data, to_markdown(res, f"Counting: cumulative patching ({args.model_dir}, n={args.n})")

@@ -26,12 +26,38 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run)
 
 
+def _precheck_inputs(cfg) -> None:
+    """The model and decoder a case reads are checked (files whole, checksums, no pickle read) before any
+    stage runs, so a corrupt decoder is not found only after the model stage has run."""
+    from circuitkit.inversion.cli import check_decoder_dir
+    from circuitkit.pipeline.run import REPO_ROOT
+    from circuitkit.validate import check_weight_dir
+
+    if cfg.model.source == "path":
+        src = Path(cfg.model.path).expanduser()
+        src = src if src.is_absolute() else REPO_ROOT / src
+        if not (src / "config.json").is_file():
+            raise CircuitkitError(f"[model] path {cfg.model.path!r} is not a checkpoint directory (no config.json at "
+                                  f"{str(src)!r})")
+        check_weight_dir(src)
+    if cfg.decoder.path:
+        src = Path(cfg.decoder.path).expanduser()
+        if not src.is_absolute() and not src.exists():  # resolved as the decoder stage resolves it
+            src = REPO_ROOT / src
+        check_decoder_dir(src)
+
+
 def _run(args: argparse.Namespace) -> Output:
     import sys
 
     from circuitkit.pipeline.config import load_case
     from circuitkit.pipeline.run import run_case
+    from circuitkit.validate import check_device, check_out_dir, check_threads
 
+    check_out_dir(args.out)
+    check_out_dir(args.work, "--work")
+    check_device(args.device)
+    check_threads(args.threads)
     cfg = load_case(args.case, quick=args.quick)
     if args.decoder:
         cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, path=args.decoder))
@@ -40,6 +66,7 @@ def _run(args: argparse.Namespace) -> Output:
             raise CircuitkitError(f"--model {args.model!r} is not a checkpoint directory (no config.json); give a "
                                   "directory written by 'circuitkit model train' or save_pretrained")
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, source="path", path=str(Path(args.model).resolve())))
+    _precheck_inputs(cfg)
     suffix = "-quick" if args.quick else ""
     out = Path(args.out) if args.out else Path("reports") / f"{cfg.name}{suffix}"
     work = Path(args.work) if args.work else Path("runs") / f"{cfg.name}{suffix}"

@@ -6,10 +6,11 @@ must not silently fall back to a default.
 """
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin, get_type_hints
 
 from circuitkit.errors import CircuitkitError, choices_hint
 
@@ -99,7 +100,7 @@ class CaseConfig:
     hypotheses: HypothesisSection = field(default_factory=HypothesisSection)
     circuit: CircuitSection = field(default_factory=CircuitSection)
     patching: PatchingSection = field(default_factory=PatchingSection)
-    paper_claims: list[dict[str, str]] = field(default_factory=list)
+    paper_claims: list[dict[str, Any]] = field(default_factory=list)
     quick: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,20 +110,207 @@ class CaseConfig:
 _SECTIONS = {"model": ModelSection, "decoder": DecoderSection, "inversion": InversionSection,
              "hypotheses": HypothesisSection, "circuit": CircuitSection, "patching": PatchingSection}
 
+#: numeric ranges of case-config values: (section or "" for the top level, key) -> (low, high, low excluded)
+_RANGES: dict[tuple[str, str], tuple[float | None, float | None, bool]] = {
+    ("", "seed"): (0, 2**32 - 1, False),
+    **{("model", k): (0, None, False) for k in ("steps", "n_layer", "n_head", "d_model", "batch_size", "lr")},
+    ("decoder", "minutes"): (0, None, True),
+    **{("decoder", k): (0, None, False) for k in ("steps", "eval_queries", "d_model", "batch_size")},
+    ("decoder", "eval_per_cell"): (1, 16384, False),
+    ("decoder", "n_per_cell"): (1, 16384, False),
+    ("hypotheses", "screen_threshold"): (0, 1, False),
+    ("hypotheses", "screen_examples"): (10, None, False),
+    ("hypotheses", "queries"): (1, None, False),
+    ("hypotheses", "n_per_cell"): (0, 16384, False),
+    ("hypotheses", "pool"): (1, None, False),
+    ("hypotheses", "pairs"): (10, None, False),
+    ("hypotheses", "verify_inputs"): (100, None, False),
+    ("hypotheses", "eval_inputs"): (10, None, False),
+    ("circuit", "target"): (0, 1, True),
+    ("circuit", "min_edge"): (0, None, False),
+    ("circuit", "edge_pairs"): (10, None, False),
+    ("circuit", "completeness_subsets"): (0, None, False),
+    ("patching", "examples"): (1, None, False),
+}
+#: range texts clearer than the bare interval
+_RANGE_TEXT = {("hypotheses", "n_per_cell"): ">= 1, or 0 for [decoder] n_per_cell (at most 16384)"}
+_CONTRASTS = ("random", "minimal")
+_CLAIM_KINDS = ("verified", "finding", "circuit")
 
-def _build(cls, data: dict[str, Any], where: str, quick: bool):
+
+def _type_problem(value: Any, hint: Any) -> str | None:
+    """Why ``value`` (from TOML) is not of the dataclass type ``hint``, or None when it is."""
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is bool:
+        return None if isinstance(value, bool) else "expected true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "expected an integer"
+    if hint is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return "expected a number"
+        return None if math.isfinite(value) else "expected a finite number"
+    if hint is str:
+        return None if isinstance(value, str) else "expected a string"
+    if origin is list:
+        if not isinstance(value, list):
+            return f"expected a list ({_describe(args[0])})"
+        for i, item in enumerate(value):
+            problem = _type_problem(item, args[0])
+            if problem:
+                return f"item {i + 1} ({item!r}): {problem}"
+        return None
+    if origin is dict:
+        return None if isinstance(value, dict) else "expected a table"
+    return None
+
+
+def _describe(hint: Any) -> str:
+    names = {str: "strings", int: "integers", float: "numbers", bool: "booleans"}
+    if get_origin(hint) is list:
+        return f"lists of {_describe(get_args(hint)[0])}"
+    return names.get(hint, "tables")
+
+
+def _shown(value: Any) -> str:
+    kind = {str: "a string", bool: "a boolean", int: "an integer", float: "a number", list: "a list",
+            dict: "a table"}.get(type(value), type(value).__name__)
+    text = repr(value)
+    return f"{text[:60] + '...' if len(text) > 60 else text} ({kind})"
+
+
+def _build(cls: type, data: Any, where: str, quick: bool, errors: list[str]) -> Any:
+    """An instance of ``cls`` from a TOML table; every unknown key or mistyped value is added to
+    ``errors`` (and left at its default) instead of stopping at the first."""
+    if not isinstance(data, dict):
+        errors.append(f"{where or 'the file'} must be a table ([{where.strip('[]')}] with key = value lines), got {_shown(data)}")
+        return cls() if cls is not CaseConfig else None
+    hints = get_type_hints(cls)
     valid = {f.name for f in fields(cls)}
     plain = {k: v for k, v in data.items() if not k.startswith("quick_")}
     quick_vals = {k[len("quick_"):]: v for k, v in data.items() if k.startswith("quick_")}
-    for k in list(plain) + list(quick_vals):
-        if k not in valid:
-            raise CircuitkitError(f"{where}: unknown key {k!r}; valid keys: {choices_hint(sorted(valid))}")
-    if quick:
-        plain.update(quick_vals)
-    try:
-        return cls(**plain)
-    except TypeError as e:
-        raise CircuitkitError(f"{where}: {e}") from None
+    good: dict[str, Any] = {}
+    for vals, prefix in ((plain, ""), (quick_vals, "quick_")):
+        for k, v in vals.items():
+            if k not in valid:
+                errors.append(f"{where or 'top level'}: unknown key {prefix + k!r}; valid keys: "
+                              f"{choices_hint(sorted(valid))}")
+                continue
+            if isinstance(hints[k], type) and hints[k] in _SECTIONS.values():
+                good[k] = v  # a section object built by the caller
+                continue
+            problem = _type_problem(v, hints[k])
+            if problem:
+                errors.append(f"{where} {prefix + k}: {problem}, got {_shown(v)}")
+            elif prefix == "" or quick:
+                good[k] = v
+    if cls is CaseConfig:
+        for k in ("name", "task"):
+            if k not in good and not any(e.startswith(f"{where} {k}:") for e in errors):
+                errors.append(f"{k} = \"...\" is missing at the top level")
+        if "name" not in good or "task" not in good:
+            return None
+    return cls(**good)
+
+
+def _check_ranges(cfg: CaseConfig, where: str, errors: list[str]) -> None:
+    for (section, key), (lo, hi, lo_open) in _RANGES.items():
+        obj = getattr(cfg, section) if section else cfg
+        v = getattr(obj, key)
+        below = lo is not None and (v <= lo if lo_open else v < lo)
+        if below or (hi is not None and v > hi):
+            rng = _RANGE_TEXT.get((section, key)) or (f"{'>' if lo_open else '>='} {lo}" if hi is None else
+                                                      f"in {'(' if lo_open else '['}{lo}, {hi}]")
+            label = f"[{section}] {key}" if section else key
+            errors.append(f"{where} {label} must be {rng}, got {v}")
+
+
+def _check_sites(texts: list[str], label: str, task: Any, errors: list[str], need_position: bool = False) -> None:
+    from circuitkit.sites import parse_site
+
+    for t in texts:
+        try:
+            site = parse_site(t)
+        except CircuitkitError as e:
+            errors.append(f"{label}: {e}")
+            continue
+        if need_position and site.position is None:
+            errors.append(f"{label}: site {t!r} needs a position, e.g. {t}@{task.position_names[-1]}")
+        elif isinstance(site.position, str) and site.position not in task.position_names:
+            errors.append(f"{label}: site {t!r}: unknown position {site.position!r}; valid: "
+                          f"{choices_hint(task.position_names)} or an integer index")
+
+
+def _check_semantics(cfg: CaseConfig, where: str, errors: list[str]) -> None:
+    """What the types cannot say: names that must be valid choices, sites, inputs, claims, paths."""
+    from circuitkit.tasks import TASKS, get_task
+
+    if not cfg.name.strip() or "/" in cfg.name or "\\" in cfg.name:
+        errors.append(f"{where} name must be a non-empty name without slashes (it names the report folder), "
+                      f"got {cfg.name!r}")
+    if cfg.model.source not in ("train", "path", "gpt2"):
+        errors.append(f"{where} [model] source must be 'train', 'path' or 'gpt2', got {cfg.model.source!r}")
+    if cfg.model.source == "path" and not cfg.model.path:
+        errors.append(f"{where} [model] source = 'path' needs path = '<checkpoint dir>'")
+    if cfg.hypotheses.source not in ("decoder", "pool"):
+        errors.append(f"{where} [hypotheses] source must be 'decoder' or 'pool', got {cfg.hypotheses.source!r}")
+    bad = [c for c in cfg.patching.contrasts if c not in _CONTRASTS]
+    if bad:
+        errors.append(f"{where} [patching] contrasts: unknown {bad}; valid: {', '.join(_CONTRASTS)}")
+    _check_claims(cfg.paper_claims, f"{where} [[paper_claims]]", errors)
+    if cfg.task not in TASKS:
+        errors.append(f"unknown task {cfg.task!r}; valid: {choices_hint(TASKS)}")
+        return
+    task = get_task(cfg.task)
+    _check_sites(cfg.decoder.sites, f"{where} [decoder] sites", task, errors)
+    _check_sites(cfg.hypotheses.sites, f"{where} [hypotheses] sites", task, errors)
+    for p in cfg.hypotheses.positions:
+        if p not in task.position_names and not p.lstrip("-").isdigit():
+            errors.append(f"{where} [hypotheses] positions: unknown position {p!r}; valid: "
+                          f"{choices_hint(task.position_names)} or an integer index")
+    for group in cfg.patching.groups:
+        _check_sites(group, f"{where} [patching] groups", task, errors)
+    if cfg.patching.target:
+        valid = [t.name for t in task.targets(task.tokens(task.example()))]
+        if cfg.patching.target not in valid:
+            errors.append(f"{where} [patching] target: unknown target {cfg.patching.target!r} for {task.name}; "
+                          f"valid: {choices_hint(valid)}")
+    for q in cfg.inversion.queries:
+        site, sep, text = q.partition("|")
+        if not sep:
+            errors.append(f"{where} [inversion] queries: entries look like 'SITE@POS|TEXT', got {q!r}")
+            continue
+        _check_sites([site], f"{where} [inversion] queries", task, errors, need_position=True)
+        try:
+            task.check_input(text, f"query {q!r}: the text")
+        except CircuitkitError as e:
+            errors.append(f"{where} [inversion] queries: {e}")
+
+
+def _check_claims(claims: list[dict[str, Any]], where: str, errors: list[str]) -> None:
+    """Each ``[[paper_claims]]`` table: a claim text, a kind, and what that kind reads."""
+    for i, c in enumerate(claims):
+        label = f"{where} {i + 1}"
+        if not isinstance(c.get("claim"), str):
+            errors.append(f"{label}: claim = \"...\" (a string) is missing")
+        kind = c.get("kind")
+        if kind not in _CLAIM_KINDS:
+            errors.append(f"{label}: kind must be one of {', '.join(_CLAIM_KINDS)}, got {kind!r}")
+        elif kind == "verified":
+            for key in ("site", "feature"):
+                v = c.get(key)
+                if not (isinstance(v, str) or (isinstance(v, list) and v and all(isinstance(x, str) for x in v))):
+                    errors.append(f"{label}: {key} must be a string or a list of strings, got {v!r}")
+        else:
+            if not isinstance(c.get("path"), str):
+                errors.append(f"{label}: kind = {kind!r} needs path = \"a/b/c\" (a string)")
+            for key in ("min", "max"):
+                v = c.get(key)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                    errors.append(f"{label}: {key} must be a number, got {v!r}")
+        for key in ("min_iia",):
+            v = c.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1):
+                errors.append(f"{label}: {key} must be a number in [0, 1], got {v!r}")
 
 
 def available_cases() -> list[str]:
@@ -130,7 +318,13 @@ def available_cases() -> list[str]:
 
 
 def load_case(name_or_path: str, quick: bool = False) -> CaseConfig:
-    """Load ``case_studies/NAME.toml`` (or a path to a TOML file)."""
+    """Load ``case_studies/NAME.toml`` (or a path to a TOML file).
+
+    Every value is type- and range-checked, and names, sites, inputs and claims are checked against
+    the task, all before any stage runs; every problem found is reported at once (one line, ``;``
+    between problems), so a user fixes a config in one pass."""
+    from circuitkit.validate import read_text
+
     path = Path(name_or_path)
     if not path.suffix:
         path = CASE_DIR / f"{name_or_path}.toml"
@@ -138,37 +332,29 @@ def load_case(name_or_path: str, quick: bool = False) -> CaseConfig:
         raise CircuitkitError(f"no case study {name_or_path!r}; available: {choices_hint(available_cases())} "
                               f"(or a path to a .toml file)")
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(read_text(path, "case config"))
     except tomllib.TOMLDecodeError as e:
         raise CircuitkitError(f"{path}: invalid TOML: {e}") from None
-    top = {k: v for k, v in raw.items() if k not in _SECTIONS}
-    sections = {k: _build(cls, raw.get(k, {}), f"{path.name} [{k}]", quick) for k, cls in _SECTIONS.items()}
-    cfg = _build(CaseConfig, {**top, **sections}, path.name, quick)
-    cfg.quick = quick
-    from circuitkit.tasks import TASKS
-
-    if cfg.task not in TASKS:
-        raise CircuitkitError(f"{path.name}: unknown task {cfg.task!r}; valid: {choices_hint(TASKS)}")
-    if cfg.model.source not in ("train", "path", "gpt2"):
-        raise CircuitkitError(f"{path.name} [model]: source must be 'train', 'path' or 'gpt2', got {cfg.model.source!r}")
-    if cfg.hypotheses.source not in ("decoder", "pool"):
-        raise CircuitkitError(f"{path.name} [hypotheses]: source must be 'decoder' or 'pool', got {cfg.hypotheses.source!r}")
-    if cfg.hypotheses.n_per_cell < 0:
-        raise CircuitkitError(f"{path.name} [hypotheses]: n_per_cell must be >= 1, or 0 for [decoder] n_per_cell; "
-                              f"got {cfg.hypotheses.n_per_cell}")
-    h, c = cfg.hypotheses, cfg.circuit
-    if not 0 <= h.screen_threshold <= 1:
-        raise CircuitkitError(f"{path.name} [hypotheses]: screen_threshold is a change rate in [0, 1], got "
-                              f"{h.screen_threshold}")
-    if h.verify_inputs < 100 or h.pairs < 10:
-        raise CircuitkitError(f"{path.name} [hypotheses]: verify_inputs must be >= 100 and pairs >= 10, got "
-                              f"{h.verify_inputs} and {h.pairs}")
-    if h.screen_examples < 10:
-        raise CircuitkitError(f"{path.name} [hypotheses]: screen_examples must be >= 10, got {h.screen_examples}")
-    if not 0 < c.target <= 1:
-        raise CircuitkitError(f"{path.name} [circuit]: target is a normalised faithfulness in (0, 1], got {c.target}")
-    if c.edge_pairs < 10 or c.completeness_subsets < 0:
-        raise CircuitkitError(f"{path.name} [circuit]: edge_pairs must be >= 10 and completeness_subsets >= 0")
-    if cfg.model.source == "path" and not cfg.model.path:
-        raise CircuitkitError(f"{path.name} [model]: source = 'path' needs path = '<checkpoint dir>'")
+    cfg, errors = _parse(raw, quick)
+    other, other_errors = _parse(raw, not quick)  # quick_* values are checked on every run, not only with --quick
+    seen = set(errors)
+    tag = "(without --quick) " if quick else "(with --quick) "
+    errors += [tag + e for e in other_errors if e not in seen]
+    if errors:
+        n = len(errors)
+        raise CircuitkitError(f"{path.name}: {n} problem{'s' if n > 1 else ''}: " + "; ".join(errors))
+    assert cfg is not None
     return cfg
+
+
+def _parse(raw: dict[str, Any], quick: bool) -> tuple[CaseConfig | None, list[str]]:
+    """The config for one setting of ``--quick`` and every problem found in it."""
+    errors: list[str] = []
+    top = {k: v for k, v in raw.items() if k not in _SECTIONS}
+    sections = {k: _build(cls, raw.get(k, {}), f"[{k}]", quick, errors) for k, cls in _SECTIONS.items()}
+    cfg = _build(CaseConfig, {**top, **sections}, "", quick, errors)
+    if cfg is not None:
+        cfg.quick = quick
+        _check_ranges(cfg, "", errors)  # mistyped values were left at their defaults: these checks still hold
+        _check_semantics(cfg, "", errors)
+    return cfg, [e.strip() for e in errors]

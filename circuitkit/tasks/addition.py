@@ -7,6 +7,7 @@ Vocabulary: digits 0-9 -> 0-9, ``B`` 10, ``+`` 11, ``=`` 12, ``E`` 13, ``P`` 14.
 from __future__ import annotations
 
 import random
+import re
 from functools import lru_cache
 from typing import Sequence
 
@@ -18,6 +19,7 @@ VOCAB = Vocabulary(tokens=tuple("0123456789B+=EP"), bos="B", eos="E", pad="P")
 SEQ_LEN = 14
 LOW, HIGH = 100, 999
 TRAIN_RATIO = 0.75
+_FORMAT = re.compile(r"B(\d+)\+(\d+)=(\d+)E")
 
 
 def format_sum(a: int, b: int) -> str:
@@ -61,8 +63,23 @@ class AdditionTask(Task):
     default_target = "A1"
     eval_mode = "generate"
 
+    format_hint = f"B, a {LOW}-{HIGH}, +, another {LOW}-{HIGH}, =, their sum, E"
+
     def __init__(self) -> None:
         self.tokenizer = CharTokenizer(VOCAB)
+
+    def format_problem(self, tokens: Tokens) -> str | None:
+        """B a + b = a+b E with three-digit operands in [100, 999] and the right sum."""
+        m = _FORMAT.fullmatch("".join(tokens))
+        if m is None:
+            return "it must read B, digits, +, digits, =, digits, E"
+        a, b, answer = m.groups()
+        for name, op in (("first", a), ("second", b)):
+            if len(op) != 3 or not LOW <= int(op) <= HIGH:
+                return f"the {name} operand {op!r} is not a number in {LOW}..{HIGH}"
+        if answer != str(int(a) + int(b)):
+            return f"the answer {answer!r} is not {a}+{b} = {int(a) + int(b)}"
+        return None
 
     def generate(self, rng: random.Random, n: int) -> list[str]:
         return [format_sum(rng.randint(LOW, HIGH), rng.randint(LOW, HIGH)) for _ in range(n)]

@@ -367,6 +367,47 @@ class Task(ABC):
         valid = [t.name for t in self.targets(tokens)]
         raise CircuitkitError(f"{self.name} has no target {name!r} for this input; valid: {choices_hint(valid)}")
 
+    # ---- user-supplied inputs ------------------------------------------------------------
+    #: the task's input format in words, for error messages (tasks override it)
+    format_hint: str = ""
+
+    def example(self) -> str:
+        """One well-formed input, shown in error messages."""
+        return self.generate(random.Random(0), 1)[0]
+
+    def check_input(self, text: object, what: str = "input") -> None:
+        """Refuse ``text`` unless it is a complete input of this task: vocabulary, length, layout and
+        answer.  User-supplied inputs (``invert --input``, ``patch --base/--source``, a case's
+        ``[inversion] queries``) pass through here, so a wrong one is never silently run."""
+        expected = f"expected {self.format_hint + ', ' if self.format_hint else ''}e.g. {self.example()!r}"
+        if not isinstance(text, str) or not text.strip():
+            raise CircuitkitError(f"{what} is empty; {expected}")
+        try:
+            toks = self.tokens(text, pad=False)
+        except CircuitkitError as e:
+            raise CircuitkitError(f"{what} {text!r}: {e}") from None
+        while toks and toks[-1] == self.vocab.pad:
+            toks.pop()
+        problem = self.format_problem(toks)
+        if problem:
+            raise CircuitkitError(f"{what} {text!r} is not a valid {self.name} input: {problem}; {expected}")
+
+    def format_problem(self, tokens: Tokens) -> str | None:
+        """What is wrong with ``tokens`` (unpadded) as an input of this task, or None if nothing.
+
+        Default: it starts with BOS and its named positions and answers can be read; tasks with a
+        fixed grammar override this with a precise check."""
+        toks = list(tokens)
+        if not toks or toks[0] != self.vocab.bos:
+            return f"it must start with the BOS token {self.vocab.bos!r}"
+        try:
+            padded = toks + [self.vocab.pad] * (self.seq_len - len(toks))
+            self.positions(padded)
+            self.target(padded)
+        except (CircuitkitError, ValueError, IndexError, KeyError) as e:
+            return f"its answer cannot be read ({e})"
+        return None
+
     def describe(self) -> dict:
         """A JSON-able summary stored in checkpoints' metadata."""
         return {

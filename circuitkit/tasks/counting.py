@@ -8,6 +8,7 @@ checkpoints trained by the paper's code are evaluated on exactly their held-out 
 from __future__ import annotations
 
 import random
+import re
 import string
 from functools import lru_cache
 from itertools import combinations
@@ -24,6 +25,7 @@ VOCAB = Vocabulary(tokens=tuple(LETTERS + COUNT_DIGITS + "|:BEP"), bos="B", eos=
 SEQ_LEN = 9 * 3 + 6  # 27 letters + B | q : count E
 CONFIGS_PER_TRIPLE = 200
 TRAIN_RATIO = 0.75
+_FORMAT = re.compile(r"B([a-z]+)\|([a-z]):([1-9])E")
 
 
 def _format(chars: Sequence[str], query: str, count: int) -> str:
@@ -68,8 +70,28 @@ class CountingTask(Task):
     position_names = ("BOS", "Q", ":", "ANS", "EOS", "|")
     default_target = "count"
 
+    format_hint = "B, 3 distinct letters each 1-9 times in any order, |, one of them, :, its count, E"
+
     def __init__(self) -> None:
         self.tokenizer = CharTokenizer(VOCAB)
+
+    def format_problem(self, tokens: Tokens) -> str | None:
+        """B + letters + | + query + : + count + E, with 3 distinct letters 1-9 times each and the true count."""
+        m = _FORMAT.fullmatch("".join(tokens))
+        if m is None:
+            return "it must read B, lowercase letters, |, one letter, :, a count 1-9, E"
+        body, query, count = m.groups()
+        letters = sorted(set(body))
+        if len(letters) != 3:
+            return f"the string before '|' has {len(letters)} distinct letters ({''.join(letters)}), not 3"
+        over = [c for c in letters if body.count(c) > 9]
+        if over:
+            return f"letter {over[0]!r} occurs {body.count(over[0])} times; each occurs 1-9 times"
+        if query not in letters:
+            return f"the query letter {query!r} is not one of {''.join(letters)}"
+        if int(count) != body.count(query):
+            return f"the count {count} is wrong: {query!r} occurs {body.count(query)} times"
+        return None
 
     def generate(self, rng: random.Random, n: int) -> list[str]:
         out = []

@@ -310,6 +310,26 @@ class IOITask(Task):
         word = lambda i: self._word_of[toks[i]]  # noqa: E731
         return _Parsed(lay, word(lay.n1), word(lay.n2), word(lay.s2), word(lay.io2), word(lay.place), word(lay.obj), eos)
 
+    format_hint = "BOS, one of the BABA/ABBA templates with two names, a place and an object, the indirect object"
+
+    def format_problem(self, tokens: Tokens) -> str | None:
+        """A template prompt whose final name is the IO (BABA/ABBA), or an ABC-corrupted prompt (three
+        distinct names, as ``corrupt_abc`` writes: a source of the corrupted distribution)."""
+        toks = list(tokens)
+        if not toks or toks[0] != self.vocab.bos:
+            return f"it must start with the BOS token {self.vocab.bos!r}"
+        try:
+            p = self._parse(toks + [self.vocab.pad] * (self.seq_len - len(toks)))
+        except (ValueError, KeyError, IndexError):
+            return "it matches none of the templates (names, places and objects must be the task's own words)"
+        if p.n1 == p.n2:
+            return f"the two names of the first clause are both {p.n1!r}"
+        if p.s2 not in (p.n1, p.n2):  # ABC: the corrupted distribution
+            return None if p.io2 in (p.n1, p.n2) else f"the final name {p.io2!r} is not one of the first clause's names"
+        if p.io2 != p.io:
+            return f"the final name {p.io2!r} must be the indirect object {p.io!r}"
+        return None
+
     # ---- data -------------------------------------------------------------------------------
     def generate(self, rng: random.Random, n: int) -> list[str]:
         """Random examples: template, family, IO != S, place and object drawn uniformly."""
