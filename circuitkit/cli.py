@@ -76,6 +76,14 @@ def os_error_message(e: OSError) -> str:
     return f"{e.strerror or e}{': ' + where if where else ''}"
 
 
+def _fail(msg: str, want_json: bool) -> int:
+    """Print one error line (and the JSON error object with --json); the exit status of a user error."""
+    print(f"circuitkit: error: {msg}", file=sys.stderr)
+    if want_json:
+        print(json.dumps({"error": msg}))
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -88,19 +96,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         out: Output = args.handler(args)
     except CircuitkitError as e:
-        print(f"circuitkit: error: {e}", file=sys.stderr)
-        if want_json:
-            print(json.dumps({"error": str(e)}))
-        return 2
+        return _fail(str(e), want_json)
     except KeyboardInterrupt:
         print("circuitkit: interrupted", file=sys.stderr)
         return 130
+    except UnicodeDecodeError as e:  # a user file that is not UTF-8 (readers that name the file come first)
+        return _fail(f"an input file is not UTF-8 text ({e}); save it as UTF-8", want_json)
     except OSError as e:  # a path the user named that cannot be read or written: say which, no traceback
-        msg = os_error_message(e)
-        print(f"circuitkit: error: {msg}", file=sys.stderr)
-        if want_json:
-            print(json.dumps({"error": msg}))
-        return 2
+        return _fail(os_error_message(e), want_json)
     text = out.text if (out.text is not None and not want_json) else json.dumps(out.data, indent=2, default=str)
     try:
         print(text)
