@@ -104,7 +104,7 @@ def check_decoder_dir(decoder_dir: str | Path) -> None:
     try:
         check_weight_dir(path)
     except CircuitkitError as e:
-        raise CircuitkitError(f"cannot load the decoder in {str(path)!r}: {e}") from None
+        raise CircuitkitError(f"refusing to load the decoder in {str(path)!r}: {e}") from None
 
 
 def _parse_sites(text: str | None):
