@@ -19,7 +19,21 @@ import tempfile
 import time
 from pathlib import Path
 
+from circuitkit.manifest import git_commit
+
 HERE = Path(__file__).resolve().parent
+
+
+def findings(results: dict) -> dict:
+    """What the run found, beside its timing (so a README can quote both from one JSON): the paper's claims,
+    normalised faithfulness (logit difference) per answer with its bootstrap CI, and the circuit's summary."""
+    circuit = results.get("circuit", {})
+    ev, summary = circuit.get("evaluation", {}), dict(circuit.get("summary", {}))
+    summary.pop("timings_s", None)
+    return {"claims": results.get("claims", {}),
+            "faithfulness_normalized": ev.get("faithfulness_normalized"),
+            "faithfulness_normalized_ci": ev.get("faithfulness_normalized_ci"),
+            "circuit_summary": summary}
 
 
 def main() -> int:
@@ -40,9 +54,11 @@ def main() -> int:
         cmd = [sys.executable, "-m", "circuitkit.cli", "run", args.case, "--work", args.work or f"{tmp}/work", "--out",
                args.report or f"{tmp}/report", "--threads", str(args.threads), "--quiet", "--json"]
         cmd += (["--quick"] if args.quick else []) + (["--decoder", args.decoder] if args.decoder else [])
+        load_before = os.getloadavg()
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         wall = time.perf_counter() - t0
+        load_after = os.getloadavg()
     peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # Linux: KiB
     if proc.returncode != 0:
         print(proc.stderr[-3000:], file=sys.stderr)
@@ -52,7 +68,14 @@ def main() -> int:
     out = {"case": args.case, "quick": args.quick, "wall_seconds": round(wall, 1), "peak_rss_gib": round(peak_gib, 3),
            "stage_seconds": res.get("stages"), "threads": args.threads, "cpu_count": os.cpu_count(),
            "target_seconds": limit_s, "meets_time_target": wall < limit_s,
-           "meets_memory_target": peak_gib < 4.0}
+           "meets_memory_target": peak_gib < 4.0,
+           # 1/5/15-minute load averages: a run's own threads raise them to about --threads; more means the
+           # machine was shared and the wall time is not an idle-machine figure
+           "load_average_before": [round(x, 2) for x in load_before],
+           "load_average_after": [round(x, 2) for x in load_after],
+           "shared_machine": max(load_before[0], load_after[1]) > args.threads + 0.5,
+           "git_commit": git_commit()}
+    out["findings"] = findings(res.get("results", {}))
     if args.decoder:
         out["decoder_reused"] = args.decoder
         out["meets_time_target"] = None  # not end to end: the decoder was trained elsewhere

@@ -384,11 +384,14 @@ def test_hypothesize_refuses_truncated_decoder(add_model, decoder, work):
 @pytest.mark.parametrize("extra,message", [
     (["--claim", "a1.0@=", "zz"], r"unknown feature 'zz'"),
     (["--claim", "a1.0", "A1"], r"needs a position"),
-    (["--hypotheses", "{f}"], r"not a hypothesis report"),
-    (["--hypotheses", "{nonutf8}"], r"not UTF-8"),
+    (["--hypotheses", "{f}"], r"(not a hypothesis report|cannot read hypothesis report)"),
+    (["--hypotheses", "{nonutf8}"], r"hypothesis report .* is not UTF-8"),
     (["--hypotheses", "{f}/nope.json"], r"does not exist"),
-    (["--claim", "a1.0@=", "A1", "--min-iia", "2"], r"--min-iia is a rate in \[0, 1\]"),
-    (["--claim", "a1.0@=", "A1", "--pairs", "0"], r"--pairs > 0"),
+    (["--claim", "a1.0@=", "A1", "--min-iia", "2"], r"--min-iia must be in \[0, 1\] \(a rate\)"),
+    (["--claim", "a1.0@=", "A1", "--pairs", "0"], r"--pairs must be in \[1, 100000\]"),
+    (["--claim", "a1.0@=", "A1", "--inputs", "100000000"], r"--inputs must be in \[4, 200000\]"),
+    (["--claim", "a1.0@=", "A1", "--threads", "0"], r"--threads must be >= 1"),
+    (["--claim", "a1.0@=", "A1", "--max-group", "-1"], r"--max-group must be in \[0, 64\]"),
 ], ids=lambda v: "_".join(v) if isinstance(v, list) else None)
 def test_verify_options(add_model, a_file, work, extra, message):
     nonutf8 = work / "hyp_non_utf8.json"
@@ -399,16 +402,23 @@ def test_verify_options(add_model, a_file, work, extra, message):
 
 def test_verify_out_on_a_directory(add_model, a_dir):
     refused(["verify", add_model, "--claim", "a1.0@=", "A1", "--inputs", "100", "--pairs", "10", "--no-controls",
-             "--max-group", "0", "--out", a_dir], r"Is a directory")
+             "--max-group", "0", "--out", a_dir], r"is an existing directory")
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--verified", "{f}"], r"not a verification report"),
-    (["--target", "2"], r"--target is a normalised faithfulness in \(0, 1\]"),
-    (["--inputs", "3"], r"must be >= 10"),
+    (["--verified", "{f}"], r"(not a verification report|cannot read verification report)"),
+    (["--target", "2"], r"--target must be in \(0, 1\] \(a normalised faithfulness\)"),
+    (["--inputs", "3"], r"--inputs must be in \[10, 200000\]"),
+    (["--min-edge", "-5"], r"--min-edge must be in \[0, 1\]"),
+    (["--edge-pairs", "0"], r"--edge-pairs must be in \[1, 100000\]"),
+    (["--queries", "0"], r"--queries must be in \[1, 10000\]"),
+    (["--pool", "0"], r"--pool must be in \[1, 1000000\]"),
+    (["--threads", "0"], r"--threads must be >= 1"),
+    (["--out", "{f}"], r"is an existing file"),
 ], ids=lambda v: "_".join(v) if isinstance(v, list) else None)
 def test_circuit_options(add_model, a_file, a_dir, extra, message):
-    refused(["circuit", add_model, "--out", a_dir / "c", *[a.format(f=a_file) for a in extra]], message)
+    out = [] if "--out" in extra else ["--out", a_dir / "c"]
+    refused(["circuit", add_model, *out, *[a.format(f=a_file) for a in extra]], message)
 
 
 # ---- run: case tomls ----------------------------------------------------------------------------

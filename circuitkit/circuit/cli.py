@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from circuitkit.cli import Output, add_common
 from circuitkit.errors import CircuitkitError
+from circuitkit.validate import check_out_dir, check_range, check_threads, read_json
+from circuitkit.verify.cli import MAX_INPUTS, MAX_PAIRS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,11 +43,16 @@ def _circuit(args: argparse.Namespace) -> Output:
     from circuitkit.verify.interchange import InterchangeVerifier, VerifyThresholds
     from circuitkit.verify.report import VerificationReport, VerifiedNode
 
-    torch.set_num_threads(max(1, args.threads))
-    if not 0 < args.target <= 1:
-        raise CircuitkitError(f"--target is a normalised faithfulness in (0, 1], got {args.target}")
-    if args.eval_inputs < 10 or args.inputs < 10:
-        raise CircuitkitError("--inputs and --eval-inputs must be >= 10")
+    check_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    check_range("--target", args.target, 0, 1, lo_open=True, hint=" (a normalised faithfulness)")
+    check_range("--min-edge", args.min_edge, 0, 1, hint=" (the CI low of a path effect, a difference of rates)")
+    check_range("--inputs", args.inputs, 10, MAX_INPUTS)
+    check_range("--eval-inputs", args.eval_inputs, 10, MAX_INPUTS)
+    check_range("--edge-pairs", args.edge_pairs, 1, MAX_PAIRS)
+    check_range("--queries", args.queries, 1, 10_000)
+    check_range("--pool", args.pool, 1, 1_000_000)
+    check_out_dir(args.out)
     pm = load_probed(args.model, task=args.task)
     settings = CircuitSettings(target=args.target, min_edge=args.min_edge, edge_pairs=args.edge_pairs,
                                eval_inputs=args.eval_inputs)
@@ -55,11 +61,11 @@ def _circuit(args: argparse.Namespace) -> Output:
         path = Path(args.verified)
         if not path.exists():
             raise CircuitkitError(f"{str(path)!r} does not exist; write it with 'circuitkit verify MODEL --out FILE'")
+        d = read_json(path, "verification report")
         try:
-            d = json.loads(path.read_text())
             nodes = [VerifiedNode.from_dict(n) for n in d["nodes"]]
             extra["controls_summary"] = d.get("controls_summary")
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             raise CircuitkitError(f"{str(path)!r} is not a verification report ({e})") from None
         ver = InterchangeVerifier(pm, n_inputs=args.inputs, seed=args.seed)
         vr = VerificationReport(pm.task.name, str(args.model), VerifyThresholds(), nodes, [], [])

@@ -8,7 +8,6 @@ inputs for activations it has never seen.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from circuitkit.inversion.decoder import DecoderConfig, InversionDecoder
 from circuitkit.io_utils import atomic_torch_save, atomic_write_json, safe_torch_load
 from circuitkit.models.checkpoint import ProbedModel, load_probed
 from circuitkit.sites import Site, parse_site
+from circuitkit.validate import read_json
 
 WEIGHTS = "decoder.pt"
 META = "decoder.json"
@@ -86,10 +86,7 @@ def read_decoder_meta(path: str | Path) -> dict[str, Any]:
                               f"'circuitkit decoder train MODEL --out {path}'")
     if not (path / META).exists() or not (path / WEIGHTS).exists():
         raise CircuitkitError(f"{str(path)!r} is not a decoder directory (needs {WEIGHTS} and {META})")
-    try:
-        return json.loads((path / META).read_text())
-    except json.JSONDecodeError as e:
-        raise CircuitkitError(f"{str(path / META)!r} is corrupt: {e}") from None
+    return read_json(path / META, "decoder metadata")
 
 
 def load_decoder(path: str | Path, probed: ProbedModel | str | Path | None = None, device: str = "cpu") -> TrainedDecoder:

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from circuitkit.cli import Output, add_common
 from circuitkit.errors import CircuitkitError
+from circuitkit.validate import check_out_file, check_range, check_threads, read_json
+
+#: upper bounds that keep a typo (an extra zero or three) from hanging the verifier for hours
+MAX_INPUTS = 200_000
+MAX_PAIRS = 100_000
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,13 +48,14 @@ def _verify(args: argparse.Namespace) -> Output:
     from circuitkit.verify.interchange import InterchangeVerifier, VerifyThresholds
     from circuitkit.verify.report import claim_hypothesis, format_verification, verify_hypotheses
 
-    torch.set_num_threads(max(1, args.threads))
-    if args.inputs < 4 or args.pairs <= 0:
-        raise CircuitkitError("--inputs must be >= 4 and --pairs > 0")
+    check_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    check_range("--inputs", args.inputs, 4, MAX_INPUTS, hint=" (distinct task inputs drawn as bases)")
+    check_range("--pairs", args.pairs, 1, MAX_PAIRS)
+    check_range("--max-group", args.max_group, 0, 64)
     for name in ("min_effect", "min_iia", "max_change_agree"):
-        v = getattr(args, name)
-        if not 0 <= v <= 1:
-            raise CircuitkitError(f"--{name.replace('_', '-')} is a rate in [0, 1], got {v}")
+        check_range(f"--{name.replace('_', '-')}", getattr(args, name), 0, 1, hint=" (a rate)")
+    check_out_file(args.out)
     pm = load_probed(args.model, task=args.task)
     th = VerifyThresholds(min_effect=args.min_effect, min_iia=args.min_iia, max_change_agree=args.max_change_agree)
     ver = InterchangeVerifier(pm, n_inputs=args.inputs, n_pairs=args.pairs, thresholds=th, seed=args.seed)
@@ -59,9 +64,9 @@ def _verify(args: argparse.Namespace) -> Output:
         if not path.exists():
             raise CircuitkitError(f"{str(path)!r} does not exist; write it with 'circuitkit hypothesize MODEL --out FILE'")
         try:
-            hyps = HypothesisReport.from_dict(json.loads(path.read_text())).hypotheses
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CircuitkitError(f"{str(path)!r} is not a hypothesis report ({e})") from None
+            hyps = HypothesisReport.from_dict(read_json(path, "hypothesis report")).hypotheses
+        except (KeyError, TypeError, ValueError) as e:
+            raise CircuitkitError(f"{str(path)!r} is not a hypothesis report ({type(e).__name__}: {e})") from None
     else:
         hyps = []
         from circuitkit.sites import parse_site
@@ -72,8 +77,6 @@ def _verify(args: argparse.Namespace) -> Output:
             if f not in ver.features:
                 raise CircuitkitError(f"unknown feature {f!r}; e.g. {', '.join(list(ver.features)[:12])} ...")
             hyps.append(claim_hypothesis(site, f))
-    if args.max_group < 0:
-        raise CircuitkitError(f"--max-group must be >= 0, got {args.max_group}")
     rep = verify_hypotheses(ver, hyps, controls=not args.no_controls, null_seed=args.seed, model_name=str(args.model),
                             max_group=args.max_group)
     data = rep.to_dict()
