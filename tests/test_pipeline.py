@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -53,6 +58,33 @@ def test_quick_report_opens_cleanly_in_chromium(quick_run, tmp_path):
     root, _ = quick_run
     v = visit(root / "report" / "index.html", tmp_path / "report.png")
     assert v.console_errors == [] and v.network_requests == []
+
+
+def test_a_killed_run_resumes_to_the_same_circuit(quick_run, tmp_path):
+    """SIGKILL in the decoder stage (after its first checkpoint), then the same command: training resumes where
+    it stopped, what the killed run left is cleaned up, and circuit.json is byte-identical to the uninterrupted
+    run's, made in other processes with other hash seeds (same seed, same machine: the same circuit)."""
+    root, _ = quick_run
+    work, out = tmp_path / "work", tmp_path / "report"
+    cmd = [sys.executable, "-m", "circuitkit.cli", "run", "addition", "--quick", "--work", str(work), "--out",
+           str(out), "--threads", "2"]
+    env = {**os.environ, "PYTHONHASHSEED": "1"}
+    proc = subprocess.Popen(cmd + ["--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not list(work.glob(".decoder-*.partial/train_state.pt")):
+        assert proc.poll() is None, "the run ended before the decoder checkpointed"
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(work.glob(".decoder.*.tmp")) and not (work / "decoder").exists()  # killed mid-stage
+    rerun = subprocess.run(cmd, env={**env, "PYTHONHASHSEED": "2"}, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    log = rerun.stdout + rerun.stderr
+    assert "resumed an interrupted training from step" in log and "removed 1 temporary item" in log
+    assert not list(work.glob(".decoder*.tmp")) and not list(work.glob(".decoder-*.partial"))
+    assert (out / "circuit.json").read_bytes() == (root / "report" / "circuit.json").read_bytes()
 
 
 def test_run_bad_case_exits_2(capsys):
