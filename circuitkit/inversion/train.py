@@ -265,7 +265,8 @@ def train_decoder(probed: ProbedModel, out: str | Path, cfg: DecoderTrainConfig 
             atomic_write_json(tmp / "metrics.json", metrics)
             atomic_write_json(tmp / "train_history.json", history)
             write_manifest(tmp, "inversion_decoder", cfg.seed, dataclasses.asdict(cfg),
-                           probed_model=str(probed.path) if probed.path else None)
+                           probed_model=str(probed.path) if probed.path else None,
+                           steps_taken=step, stopped_by="steps" if step >= cfg.steps else "minutes")
         shutil.rmtree(partial, ignore_errors=True)
     if world > 1:
         dist.barrier()

@@ -229,7 +229,8 @@ def run_case(cfg: CaseConfig, out: Path, work: Path, device: str = "cpu", progre
         ctx.results["claims"] = evaluate_claims(ctx)
         manifest = build_manifest("case_study", cfg.seed, cfg.to_dict(),
                                   stage_seconds={k: round(v, 1) for k, v in runner.timings.items()},
-                                  stages_cached=runner.cached, git_commit_at_start=commit_at_start)
+                                  stages_cached=runner.cached, git_commit_at_start=commit_at_start,
+                                  decoder_steps_taken=ctx.results.get("decoder", {}).get("steps"))
         report = build_report(ctx, manifest)
         attachments = sorted((work / "circuit").glob("circuit.*")) if (work / "circuit").exists() else []
         write_report(report, out, manifest, ctx.results, attachments)

@@ -317,8 +317,8 @@ def _joint_group_candidates(hypotheses: Sequence[Hypothesis], explained: set[tup
 def _verify_joint_group(verifier: InterchangeVerifier, with_controls, members: list[str], features: list[str],
                         max_joint: int) -> tuple[list[str], Verdict, Verdict | None] | None:
     """Forward selection of a joint feature set on the whole group (search split): add the feature that
-    raises IIA most until the set verifies (at most ``max_joint``); drop members (weakest first) while it still
-    does; confirm on the held-out inputs, controls beside.  Selection only ever sees the search split."""
+    raises IIA x coverage most until the set verifies (at most ``max_joint``); drop members (weakest first)
+    while it still does; confirm on the held-out inputs, controls beside.  Selection only sees the search split."""
 
     def score(v: Verdict) -> tuple[float, float]:
         """Share of all f-differing pairs whose patched answer the features predict (IIA x coverage), on
