@@ -47,3 +47,21 @@ def test_patch_table_cli(tiny_counting_model, tmp_path, capsys):
     assert rc == 0 and "| R |" in out and "| F |" in out
     data = json.loads((tmp_path / "counting_patch_table.json").read_text())
     assert set(data["results"]) == {"R", "F"} and len(data["results"]["R"]["steps"]) == 8
+
+
+def test_verbs_load_a_checkpoint_that_does_not_name_its_task(tiny_counting_model, tmp_path, capsys):
+    """A bare transformers checkpoint (no circuitkit.json): patch-table needs no task (it is counting's table),
+    decoder train takes --task, and without it the error names an option the verb has."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_counting_model.path / f, bare / f)
+    assert main(["patch-table", str(bare), "--n", "16", "--out", str(tmp_path / "table")]) == 0
+    capsys.readouterr()
+    assert main(["decoder", "train", str(bare), "--out", str(tmp_path / "d0"), "--steps", "1"]) == 2
+    assert "pass --task" in capsys.readouterr().err
+    assert main(["decoder", "train", str(bare), "--task", "counting", "--out", str(tmp_path / "d1"), "--steps", "2",
+                 "--d-model", "16", "--layers", "1", "--heads", "2", "--final-eval-queries", "0",
+                 "--sites", "x0.pre"]) == 0

@@ -41,8 +41,8 @@ def test_quick_run_writes_a_complete_report(quick_run):
     assert man["seed"] == 0 and man["config"]["quick"] is True and man["versions"]["torch"].startswith("2.13")
     res = json.loads((rep / "results.json").read_text())
     assert set(res["claims"]) == {c["claim"] for c in load_case("addition", quick=True).paper_claims}
-    assert all(not (rep / "figures" / p).exists() or (rep / "figures" / p).read_bytes()[:4] == b"\x89PNG"
-               for p in ("decoder_curve.png", "circuit.png"))
+    for fig in ("decoder_curve.png", "circuit.png", "faithfulness_curve.png", "screen.png"):
+        assert (rep / "figures" / fig).read_bytes()[:4] == b"\x89PNG", fig  # present, and a PNG
 
 
 def test_rerun_reuses_every_stage(quick_run, capsys):

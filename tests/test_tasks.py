@@ -93,7 +93,8 @@ def test_contrasts_keep_length_and_change_answer(name):
             a, b = task.tokens(text, pad=False), task.tokens(other, pad=False)
             assert len(a) == len(b) and other != text
         m = task.tokens(task.contrast_minimal(text, rng))
-        assert task.target(m).token != task.target(task.tokens(text)).token or name == "addition"
+        # a minimal contrast changes the answer (for addition maybe not A1, but some answer digit)
+        assert [t.token for t in task.targets(m)] != [t.token for t in task.targets(task.tokens(text))]
 
 
 def test_bad_inputs():

@@ -15,6 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     tr = add_common(dsub.add_parser("train", help="train one decoder for all paper sites of a probed model"))
     tr.add_argument("model", help="probed model checkpoint directory")
+    tr.add_argument("--task", help="task (default: read from the checkpoint's circuitkit.json)")
     tr.add_argument("--out", required=True, help="decoder output directory (must not exist or be empty)")
     tr.add_argument("--steps", type=int, help="optimisation steps (default 20000)")
     tr.add_argument("--minutes", type=float, help="training-time budget in minutes (stops at steps or minutes)")
@@ -133,7 +134,7 @@ def _train(args: argparse.Namespace) -> Output:
     )
     if args.d_model is not None:
         cfg = cfg.replace(cond_mid=2 * args.d_model)
-    pm = load_probed(args.model, device=args.device)
+    pm = load_probed(args.model, task=args.task, device=args.device)
     sites = _parse_sites(args.sites)
     for s in sites or []:
         check_site(s, pm.n_layers, pm.n_heads)

@@ -196,7 +196,7 @@ def _table(args: argparse.Namespace) -> Output:
     if bad or not contrasts:
         raise CircuitkitError(f"--contrasts {args.contrasts!r}: valid contrasts are R (random) and F (flip), "
                               "comma-separated, e.g. R,F")
-    pm = load_probed(args.model_dir, device=args.device)
+    pm = load_probed(args.model_dir, task="counting", device=args.device)  # the table is the counting task's
     res = counting_table(pm, args.n, contrasts, args.seed)
     data = write_table(res, args.out, {"model": args.model_dir, "n": args.n, "seed": args.seed})
     return Output(data, to_markdown(res, f"Counting: cumulative patching ({args.model_dir}, n={args.n})")
