@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from circuitkit.errors import CircuitkitError, choices_hint
+from circuitkit.io_utils import safe_torch_load
 from circuitkit.models.runner import GPT2Runner
 from circuitkit.tasks import TASKS, Task, get_task
 from circuitkit.validate import check_device, check_weight_dir, read_json
@@ -103,11 +104,7 @@ def _tensor_shapes(path: Path) -> tuple[Path, dict[str, tuple[int, ...]]]:
         except Exception as e:  # noqa: BLE001 - the safetensors reader raises its own error types
             raise CircuitkitError(f"{str(st)!r} is corrupt or truncated ({e}); restore it or retrain") from None
     pt = path / "pytorch_model.bin"
-    try:
-        state = torch.load(pt, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise CircuitkitError(f"{str(pt)!r} cannot be read as plain tensors ({e}); it is corrupt or not a "
-                              "weights file") from None
+    state = safe_torch_load(pt, "model weights")
     if not isinstance(state, dict):
         raise CircuitkitError(f"{str(pt)!r} holds a {type(state).__name__}, not a state dict of tensors")
     return pt, {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}

@@ -184,7 +184,7 @@ def _attribution(args, pm):
 
 
 def _table(args: argparse.Namespace) -> Output:
-    from circuitkit.models.checkpoint import load_probed
+    from circuitkit.models.checkpoint import load_probed, read_meta
     from circuitkit.patching.counting_table import counting_table, to_markdown, write_table
 
     from circuitkit.validate import check_out_dir, check_range
@@ -196,7 +196,10 @@ def _table(args: argparse.Namespace) -> Output:
     if bad or not contrasts:
         raise CircuitkitError(f"--contrasts {args.contrasts!r}: valid contrasts are R (random) and F (flip), "
                               "comma-separated, e.g. R,F")
-    pm = load_probed(args.model_dir, task="counting", device=args.device)  # the table is the counting task's
+    # the table is the counting task's: a bare checkpoint (no circuitkit.json) is read as one; a checkpoint
+    # that names another task keeps it, and the table then says it needs a counting model
+    named = "task" in read_meta(args.model_dir)
+    pm = load_probed(args.model_dir, task=None if named else "counting", device=args.device)
     res = counting_table(pm, args.n, contrasts, args.seed)
     data = write_table(res, args.out, {"model": args.model_dir, "n": args.n, "seed": args.seed})
     return Output(data, to_markdown(res, f"Counting: cumulative patching ({args.model_dir}, n={args.n})")

@@ -157,12 +157,8 @@ class AdditionTask(Task):
             return super().fair_sources(text, rng, n, hold, max_tries)
         a, b = operands(self.tokens(text, pad=False))
         fa, fb = [digit(a, k) for k in (1, 2, 3)], [digit(b, k) for k in (1, 2, 3)]
-        key = self.stratum_key(text, hold)
-        out: list[str] = []
-        seen = {text}
-        for _ in range(max_tries):
-            if len(out) >= n:
-                break
+
+        def draw(rng: random.Random) -> str | None:
             da, db = [], []
             for k in (1, 2, 3):
                 lo = 1 if k == 1 else 0  # operands stay in [100, 999]
@@ -179,13 +175,10 @@ class AdditionTask(Task):
                 da.append(x)
                 db.append(y)
             if not all(0 <= d <= 9 for d in da + db) or 0 in (da[0], db[0]):
-                continue
-            cand = format_sum(int("".join(map(str, da))), int("".join(map(str, db))))
-            if cand in seen or self.stratum_key(cand, hold) != key:
-                continue
-            seen.add(cand)
-            out.append(cand)
-        return out
+                return None
+            return format_sum(int("".join(map(str, da))), int("".join(map(str, db))))
+
+        return self.sample_stratum(text, rng, n, hold, draw, max_tries)
 
     def proxies(self, feature: str) -> tuple[str, ...]:
         """A column's digit sum correlates with either of its digits, which alone do not fix it."""

@@ -242,17 +242,24 @@ class Task(ABC):
 
         Default: rejection sampling from ``generate`` (at most ``max_tries`` draws); tasks whose
         strata are rare override it with a constructive sampler."""
-        key = self.stratum_key(text, hold)
+        return self.sample_stratum(text, rng, n, hold, lambda r: self.generate(r, 1)[0], max_tries)
+
+    def sample_stratum(self, text: str, rng: random.Random, n: int, hold: Sequence[str],
+                       draw: Callable[[random.Random], str | None], max_tries: int = 4000) -> list[str]:
+        """Up to ``n`` distinct inputs other than ``text`` from ``draw`` (None = a rejected draw) that share
+        ``stratum_key(text, hold)``, in at most ``max_tries`` draws: the rejection loop every sampler of
+        ``fair_sources`` shares (a constructive ``draw`` only makes acceptance likelier)."""
+        key = self.stratum_key(text, hold) if hold else None
         out: list[str] = []
         seen = {text}
         for _ in range(max_tries):
             if len(out) >= n:
                 break
-            cand = self.generate(rng, 1)[0]
-            if cand in seen:
+            cand = draw(rng)
+            if cand is None or cand in seen:
                 continue
             seen.add(cand)
-            if self.stratum_key(cand, hold) == key:
+            if key is None or self.stratum_key(cand, hold) == key:
                 out.append(cand)
         return out
 

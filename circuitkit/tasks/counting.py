@@ -180,13 +180,9 @@ class CountingTask(Task):
         when ``query`` is held; counts uniform over triples with that total."""
         toks = self.tokens(text, pad=False)
         body, query = _body(toks), _query(toks)
-        rest = [h for h in hold if h not in (LAYOUT, "query")]
-        key = self.stratum_key(text, rest) if rest else None
-        out: list[str] = []
-        seen = {text}
-        for _ in range(max_tries):
-            if len(out) >= n:
-                break
+        rest = [h for h in hold if h not in (LAYOUT, "query")]  # what the draw does not hold by construction
+
+        def draw(rng: random.Random) -> str:
             total = len(body) if LAYOUT in hold else rng.randint(3, 27)
             triples = [(a, b, total - a - b) for a in range(1, 10) for b in range(1, 10) if 1 <= total - a - b <= 9]
             counts = rng.choice(triples)
@@ -198,12 +194,9 @@ class CountingTask(Task):
                 letters = rng.sample(LETTERS, 3)
             chars = [l for l, k in zip(letters, counts) for _ in range(k)]
             rng.shuffle(chars)
-            cand = _format(chars, letters[q], counts[q])
-            if cand in seen or (key is not None and self.stratum_key(cand, rest) != key):
-                continue
-            seen.add(cand)
-            out.append(cand)
-        return out
+            return _format(chars, letters[q], counts[q])
+
+        return self.sample_stratum(text, rng, n, rest, draw, max_tries)
 
     def task_features(self) -> list[Feature]:
         return [
