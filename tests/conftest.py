@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -49,3 +50,32 @@ def tiny_addition_model(tmp_path_factory) -> ProbedModel:
 def _deterministic_torch():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def installed_wheel(tmp_path_factory) -> Path:
+    """``bin/`` of a fresh virtual environment, outside the checkout, holding circuitkit installed from a
+    wheel built from this repository (package data included).  Its dependencies are this environment's
+    (a .pth line), so nothing is downloaded; circuitkit itself comes only from the wheel."""
+    import site
+    import subprocess
+    import sys
+
+    import shutil
+
+    root = tmp_path_factory.mktemp("wheel")
+    repo, src = Path(__file__).resolve().parents[1], root / "src"  # built from a copy: the checkout stays clean
+    for name in ("circuitkit", "case_studies"):
+        shutil.copytree(repo / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(repo / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(root / "dist")], check=True, cwd=root)
+    (wheel,) = (root / "dist").glob("circuitkit-*.whl")
+    subprocess.run([sys.executable, "-m", "venv", str(root / "venv")], check=True)
+    bin_dir = root / "venv" / "bin"
+    (venv_site,) = (root / "venv" / "lib").glob("python3*/site-packages")
+    (venv_site / "dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    subprocess.run([str(bin_dir / "python"), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)],
+                   check=True, cwd=root)
+    return bin_dir

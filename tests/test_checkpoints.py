@@ -11,7 +11,7 @@ import torch
 from circuitkit.cli import main
 from circuitkit.errors import CircuitkitError
 from circuitkit.models.checkpoint import load_probed
-from circuitkit.models.train import DEFAULTS, TrainConfig, train_probed
+from circuitkit.models.train import TrainConfig, default_config, train_probed
 from circuitkit.tasks import get_task
 
 
@@ -144,5 +144,5 @@ def test_init_std_sets_the_initial_weight_scale(std):
     model = build_model(get_task("counting"), TrainConfig(init_std=std))
     w = model.transformer.wte.weight.detach()
     assert abs(float(w.std()) - std) < 0.1 * std
-    assert DEFAULTS["ioi"].init_std == 0.1
-    assert (DEFAULTS["counting"].init_std, DEFAULTS["counting"].attn_init) == (0.02, "mimetic")
+    ioi, counting = default_config(get_task("ioi")), default_config(get_task("counting"))
+    assert ioi.init_std == 0.1 and (counting.init_std, counting.attn_init) == (0.02, "mimetic")

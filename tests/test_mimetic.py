@@ -6,7 +6,7 @@ import torch
 
 from circuitkit.errors import CircuitkitError
 from circuitkit.models.mimetic import MIMETIC_QK, MIMETIC_VO
-from circuitkit.models.train import DEFAULTS, TrainConfig, build_model
+from circuitkit.models.train import TrainConfig, build_model, default_config
 from circuitkit.tasks import get_task
 
 
@@ -78,6 +78,6 @@ def test_same_seed_same_weights_and_unknown_init_rejected():
     key = "transformer.h.0.attn.c_attn.weight"
     assert torch.equal(a[key], b[key]) and not torch.equal(a[key], c[key])
     with pytest.raises(CircuitkitError, match="unknown attention init 'xavier'; valid: normal, mimetic"):
-        DEFAULTS["counting"].replace(attn_init="xavier")
+        default_config(task).replace(attn_init="xavier")
     with pytest.raises(CircuitkitError, match="unknown attention init"):
         TrainConfig(attn_init="xavier")

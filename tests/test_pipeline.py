@@ -1,4 +1,6 @@
-"""`circuitkit run CASE --quick` end to end: every stage, the report, caching and resume."""
+"""`circuitkit run CASE --quick` end to end: every stage, the report, caching and resume.  The addition run
+is made by circuitkit installed from a wheel in a fresh environment outside the checkout (case configs and
+probed models are package data); the kill-and-resume test reruns it from the checkout, byte for byte."""
 from __future__ import annotations
 
 import json
@@ -17,12 +19,22 @@ from circuitkit.pipeline.config import load_case
 from tests.browser import visit
 
 
+def _installed(bin_dir, argv, cwd):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([str(bin_dir / "circuitkit"), *argv], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
+def quick_run(tmp_path_factory, installed_wheel):
     root = tmp_path_factory.mktemp("run")
     argv = ["run", "addition", "--quick", "--work", str(root / "work"), "--out", str(root / "report"), "--quiet",
             "--json", "--threads", "2"]
-    assert main(argv) == 0
+    where = subprocess.run([str(installed_wheel / "python"), "-c", "import circuitkit; print(circuitkit.__file__)"],
+                           cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    assert where.startswith(str(installed_wheel.parent)), where  # the wheel's copy, not the checkout
+    proc = _installed(installed_wheel, argv, root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return root, argv
 
 
@@ -45,11 +57,12 @@ def test_quick_run_writes_a_complete_report(quick_run):
         assert (rep / "figures" / fig).read_bytes()[:4] == b"\x89PNG", fig  # present, and a PNG
 
 
-def test_rerun_reuses_every_stage(quick_run, capsys):
+def test_rerun_reuses_every_stage(quick_run, installed_wheel):
     root, argv = quick_run
     before = json.loads((root / "report" / "results.json").read_text())
-    assert main(argv) == 0
-    out = json.loads(capsys.readouterr().out)
+    proc = _installed(installed_wheel, argv, root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
     assert set(out["cached"]) == set(out["stages"]), out  # every stage reused
     assert json.loads((root / "report" / "results.json").read_text()) == before
 

@@ -17,7 +17,8 @@ import torch
 from circuitkit.errors import CircuitkitError, choices_hint
 from circuitkit.io_utils import safe_torch_load
 from circuitkit.models.runner import GPT2Runner
-from circuitkit.tasks import TASKS, Task, get_task
+from circuitkit.tasks import Task
+from circuitkit.tasks.registry import load_task, task_from_record, task_names, task_record
 from circuitkit.validate import check_device, check_weight_dir, read_json
 
 META_FILE = "circuitkit.json"
@@ -54,6 +55,27 @@ def quiet_transformers() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+
+
+def read_architecture(path: str | Path) -> tuple[int, int]:
+    """(layers, heads) of a checkpoint, from config.json alone: sites need no task and no weights."""
+    path = Path(path)
+    _check_dir(path)
+    cfg = read_json(path / "config.json", "model config")
+    layers = next((cfg[k] for k in ("n_layer", "num_hidden_layers", "num_layers") if k in cfg), None)
+    heads = next((cfg[k] for k in ("n_head", "num_attention_heads", "num_heads") if k in cfg), None)
+    for name, v in (("number of layers", layers), ("number of heads", heads)):
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise CircuitkitError(f"{str(path / 'config.json')!r} does not give a positive {name} "
+                                  "(n_layer / num_hidden_layers, n_head / num_attention_heads)")
+    if cfg.get("model_type") == "gpt2":  # the weights must be the model config.json describes
+        quiet_transformers()
+        from transformers import GPT2Config
+
+        config = GPT2Config.from_pretrained(path, local_files_only=True)
+        check_config(config, path)
+        check_weights_match_config(path, config)
+    return layers, heads
 
 
 def _load_hf(path: Path, device: str) -> torch.nn.Module:
@@ -163,7 +185,7 @@ def check_vocab(task: Task, hf_model: torch.nn.Module, meta: dict[str, Any], whe
     if n != len(task.vocab):
         raise CircuitkitError(
             f"checkpoint {where!r} has vocab_size {n} but task {task.name!r} has {len(task.vocab)} tokens; "
-            f"pass the task it was trained on (--task {choices_hint(TASKS)})"
+            f"pass the task it was trained on (--task {choices_hint(task_names())} or FILE.py:Class)"
         )
     stored = meta.get("task_spec", {}).get("vocab")
     if stored is not None and list(stored) != list(task.vocab.tokens):
@@ -212,19 +234,16 @@ class ProbedModel:
 def load_probed(path: str | Path, task: str | Task | None = None, device: str = "cpu") -> ProbedModel:
     """Load a local HF GPT-2 checkpoint (safetensors or pytorch_model.bin) for ``task``.
 
-    The task comes from the argument, else from the checkpoint's ``circuitkit.json``.
+    The task comes from the argument (a Task or a spec ``load_task`` reads), else from the checkpoint's
+    ``circuitkit.json`` (its recorded spec; see ``registry.task_from_record``).
     """
     path = Path(path)
     _check_dir(path)
     meta = read_meta(path)
     if task is None:
-        if "task" not in meta:
-            raise CircuitkitError(
-                f"{str(path)!r} does not say which task it solves (no {META_FILE}); "
-                f"pass --task ({choices_hint(TASKS)})"
-            )
-        task = meta["task"]
-    task_obj = get_task(task) if isinstance(task, str) else task
+        task_obj = task_from_record(meta.get("task_ref"), meta.get("task"), str(path))
+    else:
+        task_obj = load_task(task) if isinstance(task, str) else task
     device = check_device(device)
     hf_model = _load_hf(path, device)
     check_vocab(task_obj, hf_model, meta, str(path))
@@ -238,4 +257,4 @@ def save_probed(model: torch.nn.Module, task: Task, out_dir: str | Path, extra_m
     out_dir = Path(out_dir)
     quiet_transformers()
     model.save_pretrained(out_dir)
-    atomic_write_json(out_dir / META_FILE, {"task": task.name, "task_spec": task.describe(), **(extra_meta or {})})
+    atomic_write_json(out_dir / META_FILE, {"task": task.name, "task_ref": task_record(task), "task_spec": task.describe(), **(extra_meta or {})})

@@ -5,7 +5,7 @@ import argparse
 
 from circuitkit.cli import Output, add_common
 from circuitkit.errors import CircuitkitError
-from circuitkit.tasks import TASKS, get_task
+from circuitkit.tasks import get_task, task_names
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,9 +13,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     msub = model.add_subparsers(dest="model_command", metavar="ACTION")
 
     tr = add_common(msub.add_parser("train", help="train a probed model on a task (CPU-friendly)"))
-    tr.add_argument("task", help=f"task name ({', '.join(TASKS)})")
+    tr.add_argument("task", help=f"task: {', '.join(task_names())}, path/to/file.py:Class or package.module:Class")
     tr.add_argument("--out", required=True, help="output checkpoint directory (must not exist or be empty)")
-    tr.add_argument("--steps", type=int, help="optimisation steps (default: per task)")
+    tr.add_argument("--steps", type=int, help="optimisation steps (default: the task's model_recipe)")
     tr.add_argument("--batch-size", type=int)
     tr.add_argument("--lr", type=float)
     tr.add_argument("--layers", type=int, dest="n_layer")
@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     st = add_common(sub.add_parser("sites", help="list every activation site of a model"))
     st.add_argument("model_dir")
-    st.add_argument("--task")
+    st.add_argument("--task", help="task whose named positions to list (default: the checkpoint's, if it records one); "
+                                          "the sites themselves depend on the architecture only")
     st.add_argument("--kinds", help="comma-separated site kinds (default: all)")
     st.set_defaults(handler=_sites)
 
@@ -90,13 +91,19 @@ def _eval(args: argparse.Namespace) -> Output:
 
 
 def _sites(args: argparse.Namespace) -> Output:
-    from circuitkit.models.checkpoint import load_probed
+    from circuitkit.models.checkpoint import read_architecture, read_meta
+    from circuitkit.tasks.registry import task_from_record
     from circuitkit.sites import all_sites
 
-    pm = load_probed(args.model_dir, task=args.task)
+    n_layers, n_heads = read_architecture(args.model_dir)
     kinds = args.kinds.split(",") if args.kinds else None
-    sites = all_sites(pm.n_layers, pm.n_heads, kinds)
+    sites = all_sites(n_layers, n_heads, kinds)
     rows = [{"site": s.node, "hook": s.hook_str(), "kind": s.kind, "layer": s.layer, "head": s.head} for s in sites]
     text = "\n".join(f"{r['site']:<14} {r['hook']}" for r in rows)
-    text += f"\npositions ({pm.task.name}): {', '.join(pm.task.position_names)} or an index 0..{pm.task.seq_len - 1}"
-    return Output({"sites": rows, "positions": list(pm.task.position_names), "seq_len": pm.task.seq_len}, text)
+    out = {"sites": rows}
+    meta = read_meta(args.model_dir)
+    if args.task or meta.get("task"):
+        task = get_task(args.task) if args.task else task_from_record(meta.get("task_ref"), meta["task"], args.model_dir)
+        text += f"\npositions ({task.name}): {', '.join(task.position_names)} or an index 0..{task.seq_len - 1}"
+        out.update(positions=list(task.position_names), seq_len=task.seq_len)
+    return Output(out, text)

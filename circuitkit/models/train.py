@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from circuitkit.errors import CircuitkitError
+from circuitkit.errors import CircuitkitError, choices_hint
 from circuitkit.io_utils import atomic_dir, atomic_torch_save, atomic_write_json, safe_torch_load
 from circuitkit.manifest import write_manifest
 from circuitkit.models.checkpoint import ProbedModel, quiet_transformers, save_probed
@@ -73,24 +73,14 @@ class TrainConfig:
 ATTN_INITS = ("normal", "mimetic")
 
 
-#: defaults per task: the paper's architectures, with a CPU-sized optimisation budget
-DEFAULTS: dict[str, TrainConfig] = {
-    # mimetic attention init (models/mimetic.py) at GPT-2's std 0.02: 99.99% after 30,000 steps (25 min on
-    # 2 cores). With the normal init, std 0.1 reached a ~0.22 loss plateau at ~91% (a bag of letters at ':'),
-    # where the paper's own run (lr 5e-4, std 0.02) sat until step ~690k; at 0.02 it first sat at ~1.98.
-    "counting": TrainConfig(n_layer=2, n_head=1, d_model=64, batch_size=128, lr=1e-3, steps=30000, checkpoint_every=1000,
-                            bucket_by_length=False, init_std=0.02, attn_init="mimetic"),
-    "addition": TrainConfig(n_layer=2, n_head=4, d_model=32, batch_size=256, lr=3e-3, steps=12000, checkpoint_every=1000,
-                            bucket_by_length=False),
-    # init_std 0.1: with 0.02 every recipe tried ended at ln 2 (both names equally likely, 50% IO over S);
-    # with 0.1 the loss is ~0 after 1,500 steps.
-    "ioi": TrainConfig(n_layer=2, n_head=4, d_model=64, batch_size=128, lr=1e-3, steps=3000, warmup=50,
-                       checkpoint_every=500, bucket_by_length=False, init_std=0.1),
-}
-
-
 def default_config(task: Task) -> TrainConfig:
-    return DEFAULTS.get(task.name, TrainConfig())
+    """The task's own model recipe (``Task.model_recipe``) over the generic TrainConfig defaults."""
+    recipe = dict(task.model_recipe)
+    unknown = sorted(set(recipe) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise CircuitkitError(f"task {task.name!r} model_recipe has unknown training options {unknown}; valid: "
+                              f"{choices_hint([f.name for f in dataclasses.fields(TrainConfig)], 30)}")
+    return dataclasses.replace(TrainConfig(), **recipe)
 
 
 def build_model(task: Task, cfg: TrainConfig) -> torch.nn.Module:
@@ -286,7 +276,8 @@ def write_trained(model: torch.nn.Module, task: Task, cfg: TrainConfig, out: Pat
         if cfg.init_from:
             src_man = Path(cfg.init_from) / "manifest.json"
             manifest_extra["init_from_manifest"] = json.loads(src_man.read_text()) if src_man.exists() else None
-        write_manifest(tmp, "probed_model", cfg.seed, {"task": task.name, **dataclasses.asdict(cfg)}, **manifest_extra)
+        write_manifest(tmp, "probed_model", cfg.seed, {"task": task.name, "task_ref": task.spec or task.name,
+                                                        **dataclasses.asdict(cfg)}, **manifest_extra)
 
 
 def as_probed(model: torch.nn.Module, task: Task, path: Path | None = None) -> ProbedModel:
@@ -303,5 +294,5 @@ def random_init_like(probed: ProbedModel, seed: int = 0) -> ProbedModel:
     return as_probed(fresh, probed.task)
 
 
-__all__ = ["TrainConfig", "DEFAULTS", "default_config", "build_model", "lm_loss", "learning_rate_at", "make_optimizer",
+__all__ = ["TrainConfig", "default_config", "build_model", "lm_loss", "learning_rate_at", "make_optimizer",
            "train_step", "train_probed", "write_trained", "as_probed", "random_init_like"]

@@ -30,21 +30,16 @@ def _precheck_inputs(cfg) -> None:
     """The model and decoder a case reads are checked (files whole, checksums, no pickle read) before any
     stage runs, so a corrupt decoder is not found only after the model stage has run."""
     from circuitkit.inversion.cli import check_decoder_dir
-    from circuitkit.pipeline.run import REPO_ROOT
     from circuitkit.validate import check_weight_dir
 
     if cfg.model.source == "path":
-        src = Path(cfg.model.path).expanduser()
-        src = src if src.is_absolute() else REPO_ROOT / src
+        src = cfg.resolve(cfg.model.path)
         if not (src / "config.json").is_file():
             raise CircuitkitError(f"[model] path {cfg.model.path!r} is not a checkpoint directory (no config.json at "
                                   f"{str(src)!r})")
         check_weight_dir(src)
     if cfg.decoder.path:
-        src = Path(cfg.decoder.path).expanduser()
-        if not src.is_absolute() and not src.exists():  # resolved as the decoder stage resolves it
-            src = REPO_ROOT / src
-        check_decoder_dir(src)
+        check_decoder_dir(cfg.resolve(cfg.decoder.path))
 
 
 def _run(args: argparse.Namespace) -> Output:
@@ -60,7 +55,7 @@ def _run(args: argparse.Namespace) -> Output:
     check_threads(args.threads)
     cfg = load_case(args.case, quick=args.quick)
     if args.decoder:
-        cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, path=args.decoder))
+        cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, path=str(Path(args.decoder).resolve())))
     if args.model:
         if not (Path(args.model) / "config.json").exists():
             raise CircuitkitError(f"--model {args.model!r} is not a checkpoint directory (no config.json); give a "

@@ -14,7 +14,14 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 from circuitkit.errors import CircuitkitError, choices_hint
 
-CASE_DIR = Path(__file__).resolve().parents[2] / "case_studies"
+def case_dir() -> Path:
+    """The built-in case configs and probed models: ``circuitkit/case_studies`` in an installed wheel
+    (package data), else the checkout's top-level ``case_studies/``."""
+    installed = Path(__file__).resolve().parents[1] / "case_studies"
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[2] / "case_studies"
+
+
+CASE_DIR = case_dir()
 
 
 @dataclass
@@ -103,8 +110,28 @@ class CaseConfig:
     paper_claims: list[dict[str, Any]] = field(default_factory=list)
     quick: bool = False
 
+    #: the folder of the toml this config came from: relative paths in it resolve against it (set by
+    #: ``load_case``; internal: never read from the toml, and not part of the recorded config)
+    base_dir: Path = field(default=Path("."), compare=False, repr=False, metadata={"internal": True})
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        for f in fields(self):
+            if f.metadata.get("internal"):
+                del d[f.name]
+        return d
+
+    def load_task(self) -> Any:
+        """The case's Task (``task =`` is a built-in or installed name, ``file.py:Class`` relative to the
+        toml's folder, or ``package.module:Class``)."""
+        from circuitkit.tasks.registry import load_task
+
+        return load_task(self.task, self.base_dir)
+
+    def resolve(self, path: str) -> Path:
+        """A path written in the case toml: ``~`` expanded, a relative one taken from the toml's folder."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
 
 
 _SECTIONS = {"model": ModelSection, "decoder": DecoderSection, "inversion": InversionSection,
@@ -185,7 +212,7 @@ def _build(cls: type, data: Any, where: str, quick: bool, errors: list[str]) -> 
         errors.append(f"{where or 'the file'} must be a table ([{where.strip('[]')}] with key = value lines), got {_shown(data)}")
         return cls() if cls is not CaseConfig else None
     hints = get_type_hints(cls)
-    valid = {f.name for f in fields(cls)}
+    valid = {f.name for f in fields(cls) if not f.metadata.get("internal")}
     plain = {k: v for k, v in data.items() if not k.startswith("quick_")}
     quick_vals = {k[len("quick_"):]: v for k, v in data.items() if k.startswith("quick_")}
     good: dict[str, Any] = {}
@@ -242,8 +269,6 @@ def _check_sites(texts: list[str], label: str, task: Any, errors: list[str], nee
 
 def _check_semantics(cfg: CaseConfig, where: str, errors: list[str]) -> None:
     """What the types cannot say: names that must be valid choices, sites, inputs, claims, paths."""
-    from circuitkit.tasks import TASKS, get_task
-
     if not cfg.name.strip() or "/" in cfg.name or "\\" in cfg.name:
         errors.append(f"{where} name must be a non-empty name without slashes (it names the report folder), "
                       f"got {cfg.name!r}")
@@ -257,10 +282,11 @@ def _check_semantics(cfg: CaseConfig, where: str, errors: list[str]) -> None:
     if bad:
         errors.append(f"{where} [patching] contrasts: unknown {bad}; valid: {', '.join(_CONTRASTS)}")
     _check_claims(cfg.paper_claims, f"{where} [[paper_claims]]", errors)
-    if cfg.task not in TASKS:
-        errors.append(f"unknown task {cfg.task!r}; valid: {choices_hint(TASKS)}")
+    try:
+        task = cfg.load_task()
+    except CircuitkitError as e:
+        errors.append(f"{where} task: {e}")
         return
-    task = get_task(cfg.task)
     _check_sites(cfg.decoder.sites, f"{where} [decoder] sites", task, errors)
     _check_sites(cfg.hypotheses.sites, f"{where} [hypotheses] sites", task, errors)
     for p in cfg.hypotheses.positions:
@@ -335,8 +361,9 @@ def load_case(name_or_path: str, quick: bool = False) -> CaseConfig:
         raw = tomllib.loads(read_text(path, "case config"))
     except tomllib.TOMLDecodeError as e:
         raise CircuitkitError(f"{path}: invalid TOML: {e}") from None
-    cfg, errors = _parse(raw, quick)
-    other, other_errors = _parse(raw, not quick)  # quick_* values are checked on every run, not only with --quick
+    base_dir = path.resolve().parent
+    cfg, errors = _parse(raw, quick, base_dir)
+    other, other_errors = _parse(raw, not quick, base_dir)  # quick_* values are checked on every run, not only with --quick
     seen = set(errors)
     tag = "(without --quick) " if quick else "(with --quick) "
     errors += [tag + e for e in other_errors if e not in seen]
@@ -347,7 +374,7 @@ def load_case(name_or_path: str, quick: bool = False) -> CaseConfig:
     return cfg
 
 
-def _parse(raw: dict[str, Any], quick: bool) -> tuple[CaseConfig | None, list[str]]:
+def _parse(raw: dict[str, Any], quick: bool, base_dir: Path) -> tuple[CaseConfig | None, list[str]]:
     """The config for one setting of ``--quick`` and every problem found in it."""
     errors: list[str] = []
     top = {k: v for k, v in raw.items() if k not in _SECTIONS}
@@ -355,6 +382,7 @@ def _parse(raw: dict[str, Any], quick: bool) -> tuple[CaseConfig | None, list[st
     cfg = _build(CaseConfig, {**top, **sections}, "", quick, errors)
     if cfg is not None:
         cfg.quick = quick
+        cfg.base_dir = base_dir
         _check_ranges(cfg, "", errors)  # mistyped values were left at their defaults: these checks still hold
         _check_semantics(cfg, "", errors)
     return cfg, [e.strip() for e in errors]

@@ -42,10 +42,9 @@ class RunContext:
 def stage_model(ctx: RunContext, runner: StageRunner) -> None:
     from circuitkit.models.evaluate import evaluate_model
     from circuitkit.models.train import default_config, train_probed
-    from circuitkit.tasks import get_task
 
     cfg = ctx.cfg
-    task = get_task(cfg.task)
+    task = cfg.load_task()
     m = cfg.model
     if m.source == "gpt2":
         gpt2 = find_gpt2_small(m.path or None)
@@ -60,9 +59,7 @@ def stage_model(ctx: RunContext, runner: StageRunner) -> None:
             task = IOITask(tokenizer="gpt2", tokenizer_dir=gpt2)
             m = dataclasses.replace(m, source="path", path=str(gpt2))
     if m.source == "path":
-        src = Path(m.path).expanduser()
-        if not src.is_absolute():
-            src = REPO_ROOT / src
+        src = cfg.resolve(m.path)
 
         ctx.probed = pm = load_probed(src, task=task, device=ctx.device)
 
@@ -71,7 +68,12 @@ def stage_model(ctx: RunContext, runner: StageRunner) -> None:
             (d / "source.txt").write_text(str(src))
             return {"source": str(src), "metrics": res}
 
-        summary = runner.run("model", {"path": str(src), "quick": cfg.quick, "task": task.describe()}, fn)
+        from circuitkit.inversion.checkpoint import model_hash
+
+        # keyed by the weights, not the path: a model retrained in place is not mistaken for the old one, and the
+        # same model reached by another path (a checkout or an installed wheel) reuses the stage
+        summary = runner.run("model", {"weights_sha256": model_hash(pm), "quick": cfg.quick,
+                                       "task": task.describe()}, fn)
     else:
         tcfg = default_config(task).replace(
             steps=m.steps or None, n_layer=m.n_layer or None, n_head=m.n_head or None, d_model=m.d_model or None,
@@ -129,9 +131,7 @@ def stage_decoder_from_path(ctx: RunContext, runner: StageRunner, sites: list[Si
 
     pm, dc = ctx.probed, ctx.cfg.decoder
     assert pm is not None
-    src = Path(dc.path).expanduser()
-    if not src.is_absolute() and not src.exists():
-        src = REPO_ROOT / src
+    src = ctx.cfg.resolve(dc.path)
     td = load_decoder(src, pm, device=ctx.device)
     for s in sites:
         td.site_index(s)  # a clear error for a site the decoder was not trained on

@@ -1,38 +1,16 @@
-"""Built-in tasks and the registry that maps a name to a Task."""
+"""Tasks, and the registry that finds one by name, file or module (see ``registry``)."""
 from __future__ import annotations
 
-from typing import Callable
+from circuitkit.tasks.base import CharTokenizer, Feature, Target, Task, Tokenizer, Tokens, Vocabulary, WordTokenizer
+from circuitkit.tasks.registry import BUILTIN_TASKS, load_task, task_names
 
-from circuitkit.errors import CircuitkitError, choices_hint
-from circuitkit.tasks.base import Feature, Target, Task, Tokenizer, Vocabulary
-
-
-def _counting() -> Task:
-    from circuitkit.tasks.counting import CountingTask
-
-    return CountingTask()
+#: the built-in tasks by name (kept for callers that list them)
+TASKS = BUILTIN_TASKS
 
 
-def _addition() -> Task:
-    from circuitkit.tasks.addition import AdditionTask
-
-    return AdditionTask()
-
-
-def _ioi() -> Task:
-    from circuitkit.tasks.ioi import IOITask
-
-    return IOITask()
+def get_task(spec: str) -> Task:
+    """The task ``spec`` names: a built-in or installed name, ``file.py:Class`` or ``module:Class``."""
+    return load_task(spec)
 
 
-TASKS: dict[str, Callable[[], Task]] = {"counting": _counting, "addition": _addition, "ioi": _ioi}
-
-
-def get_task(name: str) -> Task:
-    """The built-in task called ``name``; a clear error lists the valid names otherwise."""
-    if name not in TASKS:
-        raise CircuitkitError(f"unknown task {name!r}; valid tasks: {choices_hint(TASKS)}")
-    return TASKS[name]()
-
-
-__all__ = ["Feature", "Target", "Task", "Tokenizer", "Vocabulary", "TASKS", "get_task"]
+__all__ = ["CharTokenizer", "Feature", "Target", "Task", "Tokenizer", "Tokens", "Vocabulary", "WordTokenizer", "TASKS", "get_task", "load_task", "task_names"]

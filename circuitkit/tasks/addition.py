@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import re
 from functools import lru_cache
+from types import MappingProxyType
 from typing import Sequence
 
 import torch
@@ -61,6 +62,9 @@ class AdditionTask(Task):
     seq_len = SEQ_LEN
     position_names = ("BOS", "F1", "F2", "F3", "+", "S1", "S2", "S3", "=", "A1", "A2", "A3", "A4", "EOS")
     default_target = "A1"
+    #: the paper's architecture (2L, 4H, d32) with a CPU-sized budget
+    model_recipe = MappingProxyType(dict(n_layer=2, n_head=4, d_model=32, batch_size=256, lr=3e-3, steps=12000,
+                                         checkpoint_every=1000, bucket_by_length=False))
     eval_mode = "generate"
 
     format_hint = f"B, a {LOW}-{HIGH}, +, another {LOW}-{HIGH}, =, their sum, E"

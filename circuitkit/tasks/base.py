@@ -11,7 +11,8 @@ from __future__ import annotations
 import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Sequence
+from types import MappingProxyType
+from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import torch
 
@@ -171,6 +172,12 @@ class Task(ABC):
     #: how held-out accuracy is measured: "targets" (argmax at the default target) or
     #: "generate" (greedy decoding of everything after the prompt, EOS included)
     eval_mode: str = "targets"
+    #: how this task was found (``registry.load_task`` sets it): a name, ``file.py:Class`` or
+    #: ``module:Class``; checkpoints record it so later verbs reload the task with no flag
+    spec: str = ""
+    #: the task's default probed-model recipe: ``TrainConfig`` fields such as n_layer, n_head,
+    #: d_model and steps (``circuitkit model train`` starts from it; empty = the generic default)
+    model_recipe: Mapping[str, Any] = MappingProxyType({})
 
     # ---- data ---------------------------------------------------------------------------
     @abstractmethod

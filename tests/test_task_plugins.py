@@ -1,0 +1,165 @@
+"""Tasks from outside the package: a file (``FILE.py:Class``), a module (``pkg.mod:Class``) and an
+installed entry point, through every verb with no flag after training; and the errors when a spec,
+a file or a recorded task is wrong."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from circuitkit.cli import main
+from circuitkit.errors import CircuitkitError
+from circuitkit.pipeline.config import load_case
+from circuitkit.tasks import get_task
+from circuitkit.tasks.registry import load_task, task_from_record, task_record
+
+USER_FILE = Path(__file__).parent / "user_tasks" / "first_digit.py"
+SPEC = f"{USER_FILE}:FirstDigitTask"
+
+
+def _run(capsys, argv):
+    rc = main(argv)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def user_task_dir(tmp_path_factory):
+    """A copy of the user's task file (its own folder, so edits in a test cannot touch the original)."""
+    d = tmp_path_factory.mktemp("user_task")
+    shutil.copy(USER_FILE, d / "first_digit.py")
+    return d
+
+
+@pytest.fixture(scope="module")
+def user_model(user_task_dir, tmp_path_factory):
+    """`model train FILE.py:Class` with the recipe the task itself declares (1L, 2H, d32, 1,500 steps)."""
+    out = tmp_path_factory.mktemp("user_model") / "ckpt"
+    assert main(["model", "train", f"{user_task_dir / 'first_digit.py'}:FirstDigitTask", "--out", str(out),
+                 "--quiet", "--threads", "1"]) == 0
+    return out
+
+
+def test_a_task_in_a_user_file_goes_through_every_verb_without_a_flag(user_model, tmp_path, capsys):
+    model = str(user_model)
+    man = json.loads((user_model / "manifest.json").read_text())
+    assert (man["config"]["n_layer"], man["config"]["n_head"], man["config"]["steps"]) == (1, 2, 1500)  # its recipe
+    rc, out, err = _run(capsys, ["model", "eval", model, "--quiet", "--json"])  # no --task: the checkpoint says
+    assert rc == 0, err
+    ev = json.loads(out)
+    assert ev["task"] == "first_digit" and ev["accuracy"] >= 0.95
+    rc, out, err = _run(capsys, ["sites", model, "--json"])
+    assert rc == 0, err
+    assert json.loads(out)["positions"] == ["BOS", "D1", "D5", "=", "ANS"]
+    hyp, ver, circ = tmp_path / "hyp.json", tmp_path / "ver.json", tmp_path / "circuit"
+    rc, out, err = _run(capsys, ["hypothesize", model, "--sites", "a0.0,a0.1,m0", "--positions", "=,D5",
+                                 "--queries", "20", "--pool", "1500", "--out", str(hyp), "--json"])
+    assert rc == 0, err
+    accepted = {(h["site"], h["feature"]) for h in json.loads(out)["hypotheses"] if h["accepted"]}
+    assert any(s in {"a0.0@=", "a0.1@="} and f == "first" for s, f in accepted), accepted
+    rc, out, err = _run(capsys, ["verify", model, "--hypotheses", str(hyp), "--inputs", "600", "--pairs", "50",
+                                 "--out", str(ver), "--json"])
+    assert rc == 0, err
+    verified = [v for v in json.loads(out)["verdicts"] if v["verified"]]
+    # the answer is the first digit: a head at '=' must be found to carry it, with the task's own feature
+    assert any(v["site"] in {"a0.0@=", "a0.1@="} and v["features"] == ["first"]
+               and v["targets"][0]["iia"]["ci_low"] >= 0.9 for v in verified), verified
+    assert not any("last" in v["features"] for v in verified)  # the fifth digit never reaches the answer
+    rc, out, err = _run(capsys, ["circuit", model, "--verified", str(ver), "--out", str(circ), "--inputs", "600",
+                                 "--eval-inputs", "200", "--no-picture", "--json"])
+    assert rc == 0, err
+    assert json.loads(out)["evaluation"]["faithfulness_normalized"]["all"] >= 0.9
+
+
+def test_module_and_entry_point_specs_load_the_same_task(tmp_path, monkeypatch):
+    by_module = load_task("tests.user_tasks.first_digit:FirstDigitTask")
+    assert by_module.name == "first_digit" and task_record(by_module) == {
+        "spec": "tests.user_tasks.first_digit:FirstDigitTask"}
+    dist = tmp_path / "firstdigit_plugin-1.0.dist-info"  # what `pip install` of a plug-in package leaves
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: firstdigit-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[circuitkit.tasks]\nfirst = tests.user_tasks.first_digit:FirstDigitTask\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    task = get_task("first")
+    assert type(task).__name__ == "FirstDigitTask" and task_record(task) == {"spec": "first"}
+    with pytest.raises(CircuitkitError, match=r"valid tasks: counting, addition, ioi, first"):
+        get_task("sorting")
+
+
+def test_a_case_toml_names_a_task_file_and_a_model_relative_to_itself(user_task_dir, user_model):
+    (user_task_dir / "models").mkdir(exist_ok=True)
+    shutil.copytree(user_model, user_task_dir / "models" / "m", dirs_exist_ok=True)
+    (user_task_dir / "case.toml").write_text(
+        'name = "first_digit"\ntask = "first_digit.py:FirstDigitTask"\n\n[model]\nsource = "path"\n'
+        'path = "models/m"\n\n[inversion]\nqueries = ["a0.0@=|B31402=3E"]\n')
+    cfg = load_case(str(user_task_dir / "case.toml"))
+    assert cfg.load_task().name == "first_digit"
+    assert cfg.resolve(cfg.model.path) == user_task_dir / "models" / "m"
+    bad = user_task_dir / "bad.toml"
+    bad.write_text('name = "x"\ntask = "nowhere.py:FirstDigitTask"\n')
+    with pytest.raises(CircuitkitError, match=r"bad.toml: 1 problem: task: task file .*nowhere.py' does not exist"):
+        load_case(str(bad))
+
+
+def _user_file(tmp_path: Path, body: str) -> str:
+    f = tmp_path / "mytask.py"
+    f.write_text(body)
+    return str(f)
+
+
+@pytest.mark.parametrize("body,cls,message", [
+    ("x = 1\n", "MyTask", r"has no class 'MyTask'; Task subclasses there: none"),
+    ("class MyTask:\n    pass\n", "MyTask", r"not a subclass of circuitkit.tasks.Task"),
+    ("import not_a_module_anywhere\n", "MyTask", r"importing task file .* failed: ModuleNotFoundError"),
+    ("raise ValueError('boom')\n", "MyTask", r"failed: ValueError: boom"),
+    ("from tests.user_tasks.first_digit import FirstDigitTask\n\nclass MyTask(FirstDigitTask):\n"
+     "    def __init__(self, n):\n        super().__init__()\n", "MyTask", r"could not be constructed with no arguments"),
+])
+def test_bad_task_files_are_named(tmp_path, body, cls, message):
+    with pytest.raises(CircuitkitError, match=message):
+        load_task(f"{_user_file(tmp_path, body)}:{cls}")
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("missing_dir/task.py:X", r"task file .*task.py' does not exist"),
+    ("task.py", r"names a file but no class: write task.py:ClassName"),
+    ("tests.user_tasks.first_digit:", r"must end in ':ClassName'"),
+    ("no_such_package.mod:X", r"module 'no_such_package.mod' cannot be imported"),
+    ("tests.user_tasks.first_digit:Nope", r"module 'tests.user_tasks.first_digit' has no class 'Nope'"),
+    ("", r"empty task spec"),
+])
+def test_bad_specs_are_named(spec, message):
+    with pytest.raises(CircuitkitError, match=message):
+        load_task(spec)
+
+
+def test_a_recorded_task_file_runs_only_if_unchanged_and_outside_the_checkpoint(user_model, tmp_path, capsys):
+    task_file = tmp_path / "first_digit.py"
+    shutil.copy(USER_FILE, task_file)
+    record = task_record(load_task(f"{task_file}:FirstDigitTask"))
+    assert task_from_record(record, "first_digit", str(tmp_path / "ckpt")).name == "first_digit"
+    task_file.write_text(task_file.read_text() + "\n# edited\n")
+    with pytest.raises(CircuitkitError, match=r"changed since .* was written"):
+        task_from_record(record, "first_digit", str(tmp_path / "ckpt"))
+    with pytest.raises(CircuitkitError, match=r"names a task file inside itself"):
+        task_from_record(record, "first_digit", str(tmp_path))
+    task_file.unlink()
+    with pytest.raises(CircuitkitError, match=r"no longer exists"):
+        task_from_record(record, "first_digit", str(tmp_path / "ckpt"))
+    # a checkpoint whose task file is gone still loads with the task named explicitly
+    moved = tmp_path / "moved.py"
+    shutil.copy(USER_FILE, moved)
+    rc, out, err = _run(capsys, ["model", "eval", str(user_model), "--task", f"{moved}:FirstDigitTask", "--quiet",
+                                 "--limit", "50", "--json"])
+    assert rc == 0, err
+
+
+def test_a_bad_model_recipe_is_refused_by_name():
+    from circuitkit.models.train import default_config
+
+    task = load_task(SPEC)
+    task.model_recipe = {"n_layers": 2}
+    with pytest.raises(CircuitkitError, match=r"model_recipe has unknown training options \['n_layers'\]"):
+        default_config(task)
