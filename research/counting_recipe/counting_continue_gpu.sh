@@ -4,7 +4,7 @@
 # mechanism (a0.0 at the query letter attends to that letter). The paper's own run sat on the
 # same plateau for ~25 epochs (~230k steps at lr 5e-4, batch 128) before it dropped.
 #
-#   bash benchmarks/counting_continue_gpu.sh OUT_DIR MINUTES [INIT_FROM]
+#   bash research/counting_recipe/counting_continue_gpu.sh OUT_DIR MINUTES [INIT_FROM]
 #
 # It was written for the plateau model committed before the mimetic init (normal init, 90.85%);
 # the committed model is now at 99.99%, so pass a plateau model as INIT_FROM to repeat it.
@@ -30,7 +30,7 @@ declare -A recipes=(
 )
 for label in "${!recipes[@]}"; do
   # shellcheck disable=SC2086
-  python3 benchmarks/counting_recipe_screen.py "${common[@]}" ${recipes[$label]} --label "$label" \
+  python3 research/counting_recipe/counting_recipe_screen.py "${common[@]}" ${recipes[$label]} --label "$label" \
     --results "$work/$label.json" --save "$work/ckpt/$label" > "$work/$label.log" 2>&1 &
 done
 wait || true

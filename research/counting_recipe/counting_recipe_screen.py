@@ -13,9 +13,9 @@ plateau at ~0.22 for ~25 epochs before its mechanism formed); ``--device cuda`` 
 from a pre-encoded copy of the training split; ``--minutes`` stops early; ``--save DIR`` writes
 the final model as a circuitkit checkpoint (metrics, history, manifest).
 
-    .venv/bin/python benchmarks/counting_recipe_screen.py --set seed=1 --steps 8000 --threads 1
-    .venv/bin/python benchmarks/counting_recipe_screen.py --model case_studies/models/counting
-    python benchmarks/counting_recipe_screen.py --device cuda --set init_from=case_studies/models/counting \
+    .venv/bin/python research/counting_recipe/counting_recipe_screen.py --set seed=1 --steps 8000 --threads 1
+    .venv/bin/python research/counting_recipe/counting_recipe_screen.py --model case_studies/models/counting
+    python research/counting_recipe/counting_recipe_screen.py --device cuda --set init_from=case_studies/models/counting \
         --set lr=1e-3 --set warmup=0 --set min_lr_ratio=1 --steps 1000000 --minutes 6 --save runs/counting_cont
 
 Writes results/counting_screen_<label>.json (or --results PATH).
@@ -34,11 +34,11 @@ import torch
 from circuitkit.models.checkpoint import load_probed
 from circuitkit.models.evaluate import evaluate_model
 from circuitkit.models.runner import GPT2Runner
-from circuitkit.models.train import (DEFAULTS, TrainConfig, UniformSampler, build_model, make_optimizer, train_step,
+from circuitkit.models.train import (TrainConfig, default_config, UniformSampler, build_model, make_optimizer, train_step,
                                      trim_padding, write_trained)
 from circuitkit.tasks import get_task
 from circuitkit.tasks.base import Task
-from counting_graph_train import encode_all  # sibling script (benchmarks/ is on sys.path when run)
+from counting_graph_train import encode_all  # sibling script (this folder is on sys.path when run)
 
 HERE = Path(__file__).resolve().parent
 
@@ -100,7 +100,7 @@ def main() -> int:
         label, cfg_dict = args.label or Path(args.model).name, {"model": args.model}
     else:
         overrides = parse_overrides(args.set)
-        cfg = DEFAULTS["counting"].replace(**overrides)
+        cfg = default_config(get_task("counting")).replace(**overrides)
         label = args.label or ("_".join(f"{k}{v}" for k, v in overrides.items()) or "default")
         cfg_dict = {**cfg.__dict__, "screen_steps": args.steps, "device": args.device, "minutes": args.minutes}
         model, rows = screen(task, cfg, args.steps, args.every, test, args.device, args.minutes)
@@ -110,7 +110,7 @@ def main() -> int:
             metrics.update({"train_wall_seconds": rows[-1]["seconds"], "train_steps": rows[-1]["step"],
                             "device": args.device, "final_loss": rows[-1]["loss"]})
             write_trained(model, task, cfg, Path(args.save), metrics, rows,
-                          trained_by="benchmarks/counting_recipe_screen.py", screen=cfg_dict)
+                          trained_by="research/counting_recipe/counting_recipe_screen.py", screen=cfg_dict)
             print(f"saved {args.save}: accuracy {metrics.get('accuracy')}")
     dest = Path(args.results) if args.results else HERE / "results" / f"counting_screen_{label}.json"
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -11,9 +11,9 @@ launch. The forward is a functional GPT-2 over the HF model's own parameters
 (``gpt2_logits_at``, checked against HF's forward by ``--check``), so the trained weights are
 saved with the HF model they live in.
 
-    python benchmarks/counting_graph_train.py --init-from case_studies/models/counting --lr 5e-4 \\
+    python research/counting_recipe/counting_graph_train.py --init-from case_studies/models/counting --lr 5e-4 \\
         --batch-size 128 --minutes 5 --out OUT --label lr5e-4_b128
-    .venv/bin/python benchmarks/counting_graph_train.py --check   # CPU: functional forward == HF forward
+    .venv/bin/python research/counting_recipe/counting_graph_train.py --check   # CPU: functional forward == HF forward
 
 Writes OUT/LABEL.json (probe rows: steps, loss, test accuracy, a0.0's same-letter attention share)
 and OUT/LABEL.pt (the model's state dict, rewritten at every probe). ``--finish DIR`` turns a
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from circuitkit.models.checkpoint import load_probed
-from circuitkit.models.train import DEFAULTS, build_model
+from circuitkit.models.train import build_model, default_config
 from circuitkit.tasks import get_task
 from circuitkit.tasks.base import Task
 
@@ -226,7 +226,7 @@ def finish(task: Task, args: argparse.Namespace) -> int:
     from circuitkit.models.train import write_trained
 
     run = json.loads((Path(args.out) / f"{args.label}.json").read_text())
-    cfg = DEFAULTS["counting"].replace(lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
+    cfg = default_config(get_task("counting")).replace(lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
                                       warmup=args.warmup, min_lr_ratio=1.0, init_from=args.init_from,
                                       seed=args.seed, steps=run["rows"][-1]["step"])
     model = build_model(task, cfg)
@@ -236,7 +236,7 @@ def finish(task: Task, args: argparse.Namespace) -> int:
     metrics.update({"train_steps_continued": run["rows"][-1]["step"], "train_wall_seconds_continued":
                     run["rows"][-1]["seconds"], "device": "cuda (CUDA-graph continuation)"})
     write_trained(model, task, cfg, Path(args.finish), metrics, run["rows"],
-                  trained_by="benchmarks/counting_graph_train.py", continuation=run["args"])
+                  trained_by="research/counting_recipe/counting_graph_train.py", continuation=run["args"])
     print(json.dumps(metrics))
     return 0 if math.isfinite(metrics.get("accuracy", float("nan"))) else 1
 
