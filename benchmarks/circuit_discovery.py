@@ -26,7 +26,7 @@ from circuitkit.hypotheses.cli import expand_sites
 from circuitkit.hypotheses.scoring import format_report
 from circuitkit.io_utils import atomic_write_json, atomic_write_text
 from circuitkit.models.checkpoint import load_probed
-from circuitkit.verify.report import format_verification
+from circuitkit.verification.report import format_verification
 
 
 def routing_table(nodes, graph) -> list[dict]:

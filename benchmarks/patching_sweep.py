@@ -70,7 +70,7 @@ def run(model: str | None, batch: int, threads: int, repeats: int, contrasts: li
             ours_t.append(time.perf_counter() - t0)
             ctx = ours.context
 
-            def metric(logits: torch.Tensor) -> torch.Tensor:
+            def metric(logits: torch.Tensor, ctx=ctx) -> torch.Tensor:
                 return evaluate("logit_diff", logits, ctx)[0].mean()
 
             t0 = time.perf_counter()

@@ -5,7 +5,7 @@ The forward pass stops after the last block any requested site needs; positions 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

@@ -12,8 +12,9 @@ import importlib
 import json
 import os
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from circuitkit.errors import CircuitkitError
 
@@ -22,7 +23,7 @@ COMMAND_MODULES = (
     "circuitkit.patching.cli",
     "circuitkit.inversion.cli",
     "circuitkit.hypotheses.cli",
-    "circuitkit.verify.cli",
+    "circuitkit.verification.cli",
     "circuitkit.circuit.cli",
     "circuitkit.pipeline.cli",
 )

@@ -1,7 +1,7 @@
 """User-facing errors: one exception type the CLI turns into a clear message and exit code 2."""
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 
 class CircuitkitError(Exception):

@@ -6,11 +6,12 @@ import contextlib
 import json
 import os
 import pickle
-import zipfile
 import shutil
 import tempfile
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 

@@ -49,7 +49,7 @@ def build_manifest(kind: str, seed: int | None, config: dict[str, Any], **extra:
         "platform": platform.platform(),
         "git_commit": git_commit(),
         "command": sys.argv,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         **extra,
     }
 

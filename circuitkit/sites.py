@@ -12,8 +12,8 @@ TransformerLens notation: ``blocks.1.attn.hook_result[0]@:`` (head in brackets),
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Iterable
 
 import torch
 from torch import Tensor
@@ -113,7 +113,7 @@ class Site:
         s = self.hook_name + (f"[{self.head}]" if self.head is not None else "")
         return s if self.position is None else f"{s}@{self.position}"
 
-    def at(self, position: str | int | None) -> "Site":
+    def at(self, position: str | int | None) -> Site:
         return replace(self, position=position)
 
     @property

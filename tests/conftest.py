@@ -57,11 +57,10 @@ def installed_wheel(tmp_path_factory) -> Path:
     """``bin/`` of a fresh virtual environment, outside the checkout, holding circuitkit installed from a
     wheel built from this repository (package data included).  Its dependencies are this environment's
     (a .pth line), so nothing is downloaded; circuitkit itself comes only from the wheel."""
+    import shutil
     import site
     import subprocess
     import sys
-
-    import shutil
 
     root = tmp_path_factory.mktemp("wheel")
     repo, src = Path(__file__).resolve().parents[1], root / "src"  # built from a copy: the checkout stays clean

@@ -10,7 +10,7 @@ reaches the answer.
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -14,7 +14,6 @@ from circuitkit.circuit.edges_eval import complete_edges, edge_faithfulness
 from circuitkit.circuit.evaluate import AblationEvaluator, evaluate_circuit
 from circuitkit.circuit.grow import faithfulness_curve, grow_circuit, named_components
 from circuitkit.errors import CircuitkitError
-
 from tests.groundtruth_copy import CopyTask, copy_model
 
 

@@ -11,9 +11,8 @@ from circuitkit.hypotheses.preimage_sources import PoolPreimage
 from circuitkit.hypotheses.scoring import generate_hypotheses
 from circuitkit.models.train import random_init_like
 from circuitkit.sites import parse_site
-from circuitkit.verify.interchange import InterchangeVerifier
-from circuitkit.verify.report import verify_hypotheses
-
+from circuitkit.verification.interchange import InterchangeVerifier
+from circuitkit.verification.report import verify_hypotheses
 from tests.groundtruth_copy import CopyTask, copy_model
 
 #: the true path: the embedding at position 2 (x0.pre@2) -> head a0.0 at "=" -> the answer.
@@ -144,7 +143,7 @@ def test_circuit_graph_edges_faithfulness_and_exports(copy, tmp_path):
 def test_path_patching_does_not_invent_edges(copy):
     """x0.pre@1 carries tok@1, which the head ignores: no edge into a0.0@= from it."""
     from circuitkit.circuit.graph import edge_effects
-    from circuitkit.verify.report import VerifiedNode
+    from circuitkit.verification.report import VerifiedNode
 
     task, pm = copy
     ver = InterchangeVerifier(pm, n_inputs=1500)
@@ -186,7 +185,7 @@ def test_decoder_preimage_adapter_splits_samples_at_eps(copy, monkeypatch):
 
 def test_interchange_uses_patching_engine_and_matches_fallback(tiny_addition_model):
     """interchange_logits goes through circuitkit.patching; the in-module fallback gives the same logits."""
-    from circuitkit.verify.interchange import _interchange_logits_local, interchange_logits
+    from circuitkit.verification.interchange import _interchange_logits_local, interchange_logits
 
     pm = tiny_addition_model
     rng = random.Random(0)

@@ -7,8 +7,14 @@ import pytest
 import torch
 
 from circuitkit.errors import CircuitkitError
-from circuitkit.patching.counting_table import (PAPER, contrast_pairs, counting_table, paper_groups, to_markdown,
-                                                write_table)
+from circuitkit.patching.counting_table import (
+    PAPER,
+    contrast_pairs,
+    counting_table,
+    paper_groups,
+    to_markdown,
+    write_table,
+)
 from circuitkit.patching.groups import Group, cumulative_patch
 from circuitkit.patching.node import patch_nodes
 
@@ -91,6 +97,6 @@ def test_generic_table_names_the_task_groups_not_the_counting_papers(tiny_additi
     md = generic_markdown({"R": res}, "addition")
     assert "1 = L0@A1 · 2 = L1@A1 · 3 = L1@=" in md
     assert "forward (1 · 1+2 · all)" in md and "backward (3 · 3+2 · all)" in md
-    rows = [l for l in md.splitlines() if l.startswith("| R |")]
-    assert len(rows) == 2 and all(l.count("[") == 1 + len(groups) for l in rows)  # clean + one CI per step
+    rows = [row for row in md.splitlines() if row.startswith("| R |")]
+    assert len(rows) == 2 and all(row.count("[") == 1 + len(groups) for row in rows)  # clean + one CI per step
     assert "a1.0 at `:`" not in md and "pos@Q" not in md

@@ -15,7 +15,6 @@ import pytest
 
 from circuitkit.cli import main
 from circuitkit.pipeline.config import load_case
-
 from tests.browser import visit
 
 

@@ -8,7 +8,6 @@ import pytest
 from circuitkit.report.document import Figure, HtmlPanel, Report, Table
 from circuitkit.report.figures import heatmap
 from circuitkit.report.html import render_html
-
 from tests.browser import visit
 
 REPORTS = Path(__file__).resolve().parents[1] / "reports"

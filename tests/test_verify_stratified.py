@@ -14,11 +14,10 @@ from circuitkit.hypotheses.scoring import generate_hypotheses
 from circuitkit.models.checkpoint import load_probed
 from circuitkit.sites import parse_site
 from circuitkit.tasks import get_task
-from circuitkit.verify.answers import fit_answer_model, purity
-from circuitkit.verify.controls import proxy_features, varied_random_model
-from circuitkit.verify.interchange import InterchangeVerifier
-from circuitkit.verify.report import claim_hypothesis, verify_hypotheses
-
+from circuitkit.verification.answers import fit_answer_model, purity
+from circuitkit.verification.controls import proxy_features, varied_random_model
+from circuitkit.verification.interchange import InterchangeVerifier
+from circuitkit.verification.report import claim_hypothesis, verify_hypotheses
 from tests.groundtruth_copy import CopyTask, EchoTask, copy_model, echo_model
 
 MODELS = Path(__file__).resolve().parents[1] / "case_studies" / "models"

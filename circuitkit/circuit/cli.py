@@ -7,7 +7,7 @@ from pathlib import Path
 from circuitkit.cli import Output, add_common
 from circuitkit.errors import CircuitkitError
 from circuitkit.validate import check_out_dir, check_range, check_threads, read_json
-from circuitkit.verify.cli import MAX_INPUTS, MAX_PAIRS
+from circuitkit.verification.cli import MAX_INPUTS, MAX_PAIRS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,11 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _circuit(args: argparse.Namespace) -> Output:
     import torch
 
-    from circuitkit.circuit.discover import CircuitSettings, assemble_circuit, discover_circuit
-    from circuitkit.circuit.export import export_all, to_json_dict
+    from circuitkit.circuit.discover import CircuitSettings, assemble_circuit, discover_circuit, make_circuit
     from circuitkit.models.checkpoint import load_probed
-    from circuitkit.verify.interchange import InterchangeVerifier, VerifyThresholds
-    from circuitkit.verify.report import VerificationReport, VerifiedNode
+    from circuitkit.verification.interchange import InterchangeVerifier, VerifyThresholds
+    from circuitkit.verification.report import VerificationReport, VerifiedNode
 
     check_threads(args.threads)
     torch.set_num_threads(args.threads)
@@ -69,7 +68,7 @@ def _circuit(args: argparse.Namespace) -> Output:
             raise CircuitkitError(f"{str(path)!r} is not a verification report ({e})") from None
         ver = InterchangeVerifier(pm, n_inputs=args.inputs, seed=args.seed)
         vr = VerificationReport(pm.task.name, str(args.model), VerifyThresholds(), nodes, [], [])
-        g, ev, growth, curve, edge_eval, share = assemble_circuit(pm, ver, vr, settings, args.seed)
+        circuit = make_circuit(assemble_circuit(pm, ver, vr, settings, args.seed), extra)
     else:
         from circuitkit.hypotheses.cli import expand_sites
 
@@ -77,15 +76,11 @@ def _circuit(args: argparse.Namespace) -> Output:
         disc = discover_circuit(pm, sites, n_queries=args.queries, pool=args.pool, n_inputs=args.inputs,
                                 eval_inputs=args.eval_inputs, seed=args.seed, model_name=str(args.model),
                                 settings=settings)
-        g, ev, growth, curve = disc.graph, disc.evaluation, disc.growth, disc.curve
-        edge_eval, share = disc.edge_evaluation, disc.explained_share
-        extra["controls_summary"] = disc.verification.controls_summary()
-        extra["timings_s"] = disc.timings
-    extra["edge_tests"] = g.graph.pop("edge_tests", [])
-    extra.update({"evaluation": ev.to_dict(), "edge_evaluation": edge_eval, "growth": growth.to_dict(),
-                  "curve": curve.to_dict(), "explained_share": share})
-    files = export_all(g, args.out, extra=extra, picture=not args.no_picture)
-    data = {**to_json_dict(g, extra), "files": files}
+        circuit = disc.circuit()
+    files = circuit.save(args.out, picture=not args.no_picture)
+    data = {**circuit.to_dict(), "files": files}
+    g, ev, growth, curve = circuit.graph, circuit.evaluation, circuit.growth, circuit.curve
+    edge_eval, share = circuit.edge_evaluation, circuit.explained_share
     n_sites = sum(1 for _, dd in g.nodes(data=True) if dd["kind"] == "site")
     lines = [f"circuit: {n_sites} nodes ({len(growth.added)} added by growth, unexplained), "
              f"{g.number_of_edges()} edges -> {args.out}"]

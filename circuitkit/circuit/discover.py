@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any
 
 import networkx as nx
 
 from circuitkit.circuit.edges_eval import edge_faithfulness
 from circuitkit.circuit.evaluate import AblationEvaluator, CircuitEvaluation, evaluate_circuit, site_role
+from circuitkit.circuit.export import export_all, to_json_dict
 from circuitkit.circuit.graph import CircuitNode, build_circuit
 from circuitkit.circuit.grow import FaithfulnessCurve, GrowthResult, faithfulness_curve, grow_circuit, named_components
 from circuitkit.hypotheses.preimage_sources import PoolPreimage, PreimageSource
 from circuitkit.hypotheses.records import HypothesisReport, Thresholds
 from circuitkit.hypotheses.scoring import generate_hypotheses
 from circuitkit.models.checkpoint import ProbedModel
+from circuitkit.results import JsonResult
 from circuitkit.sites import Site
-from circuitkit.verify.interchange import InterchangeVerifier, VerifyThresholds
-from circuitkit.verify.report import VerificationReport, verify_hypotheses
+from circuitkit.verification.interchange import InterchangeVerifier, VerifyThresholds
+from circuitkit.verification.report import VerificationReport, verify_hypotheses
 
 EXPLAINED_SHARE = ("share of the circuit's effect that verified features explain = normalised faithfulness of the "
                    "verified nodes alone / normalised faithfulness of the whole circuit (logit difference, 'all')")
@@ -35,6 +39,50 @@ class CircuitSettings:
     eval_inputs: int = 1000
     completeness_subsets: int = 20
     positions: Sequence[str] | None = None  # growth candidates' positions (default: every named one)
+
+
+@dataclass
+class Circuit(JsonResult):
+    """A verified circuit: its graph (verified and unexplained nodes, tested edges) and every figure measured
+    on it.  ``to_dict()`` is the circuit.json layout; ``save(dir)`` writes JSON, GraphML, DOT and pictures."""
+
+    graph: nx.DiGraph
+    evaluation: CircuitEvaluation
+    growth: GrowthResult
+    curve: FaithfulnessCurve
+    edge_evaluation: dict[str, Any]
+    explained_share: float | None
+    info: dict[str, Any] = field(default_factory=dict)  # controls_summary, edge_tests, timings_s ...
+
+    @property
+    def sites(self) -> list[str]:
+        """The circuit's site nodes (verified first, then those growth added)."""
+        return [n for n, d in self.graph.nodes(data=True) if d["kind"] == "site"]
+
+    @property
+    def faithfulness(self) -> dict[str, float]:
+        """Normalised logit-difference faithfulness per answer and over all ("all")."""
+        return self.evaluation.faithfulness_normalized
+
+    def extra(self) -> dict[str, Any]:
+        return {**self.info, "evaluation": self.evaluation.to_dict(), "edge_evaluation": self.edge_evaluation,
+                "growth": self.growth.to_dict(), "curve": self.curve.to_dict(),
+                "explained_share": self.explained_share}
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_json_dict(self.graph, self.extra())
+
+    def save(self, out_dir: str | Path, picture: bool = True) -> dict[str, str]:
+        """Write circuit.json / .graphml / .dot (and .svg / .png); returns {format: path}."""
+        return export_all(self.graph, out_dir, extra=self.extra(), picture=picture)
+
+
+def make_circuit(parts: tuple, info: dict[str, Any] | None = None) -> Circuit:
+    """A ``Circuit`` from what ``assemble_circuit`` returns (the graph's edge tests move into ``info``)."""
+    g, ev, growth, curve, edge_eval, share = parts
+    info = dict(info or {})
+    info["edge_tests"] = g.graph.pop("edge_tests", [])
+    return Circuit(g, ev, growth, curve, edge_eval, share, info)
 
 
 @dataclass
@@ -58,6 +106,13 @@ class Discovery:
                 "controls": vr.controls_summary(),
                 "faithfulness_normalized": self.evaluation.faithfulness_normalized if self.evaluation else None,
                 "explained_share": self.explained_share, "timings_s": self.timings}
+
+    def circuit(self) -> Circuit:
+        """The circuit part of this discovery as a ``Circuit`` (controls and timings in its info)."""
+        assert self.evaluation is not None and self.growth is not None and self.curve is not None
+        return make_circuit((self.graph, self.evaluation, self.growth, self.curve, self.edge_evaluation or {},
+                             self.explained_share),
+                            {"controls_summary": self.verification.controls_summary(), "timings_s": self.timings})
 
     def circuit_sites(self) -> list[str]:
         return [n for n, d in self.graph.nodes(data=True) if d["kind"] == "site"]
@@ -127,4 +182,4 @@ def discover_circuit(pm: ProbedModel, sites: Sequence[Site], n_queries: int = 60
     return Discovery(hyp, vr, g, evaluation, growth, curve, edge_eval, share, t)
 
 
-__all__ = ["CircuitSettings", "Discovery", "assemble_circuit", "discover_circuit", "EXPLAINED_SHARE", "site_role"]
+__all__ = ["Circuit", "CircuitSettings", "Discovery", "make_circuit", "assemble_circuit", "discover_circuit", "EXPLAINED_SHARE", "site_role"]

@@ -39,16 +39,25 @@ position names never share an index).  Metrics and normalisation are the evaluat
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from circuitkit.circuit.evaluate import (HEAD_KINDS, METRICS, MLP_KINDS, AblationEvaluator, as_sites,
-                                         bundle_components, site_role, to_jsonable)
+from circuitkit.circuit.evaluate import (
+    HEAD_KINDS,
+    METRICS,
+    MLP_KINDS,
+    AblationEvaluator,
+    as_sites,
+    bundle_components,
+    site_role,
+)
 from circuitkit.errors import CircuitkitError
+from circuitkit.results import to_jsonable
 from circuitkit.sites import Site, check_site, parse_site
 
 DEFINITIONS = (__doc__ or "").split("\n", 1)[1].strip()

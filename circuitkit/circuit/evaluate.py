@@ -62,8 +62,9 @@ recomputed on each resample).  A ratio whose denominator is ~0 is undefined (nul
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,6 +72,7 @@ from torch import Tensor
 
 from circuitkit.errors import CircuitkitError
 from circuitkit.models.checkpoint import ProbedModel
+from circuitkit.results import JsonResult, to_jsonable
 from circuitkit.sites import Site, check_site, parse_site
 
 HEAD_KINDS = {"head", "z", "q", "k", "v", "pattern"}
@@ -150,19 +152,6 @@ def _ci(samples: np.ndarray) -> list[float]:
     return [float(lo), float(hi)]
 
 
-def to_jsonable(x: Any) -> Any:
-    """NaN -> None, numpy scalars -> Python numbers, tuples -> lists (JSON-safe)."""
-    if isinstance(x, dict):
-        return {str(k): to_jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [to_jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and x != x:
-        return None
-    return x
-
-
 @dataclass
 class Scores:
     """Per (input, target) pair metrics of one run: arrays [P] in the evaluator's pair order."""
@@ -184,13 +173,13 @@ class Mask:
     heads: Tensor
     mlps: Tensor
 
-    def __or__(self, o: "Mask") -> "Mask":
+    def __or__(self, o: Mask) -> Mask:
         return Mask(self.heads | o.heads, self.mlps | o.mlps)
 
-    def __and__(self, o: "Mask") -> "Mask":
+    def __and__(self, o: Mask) -> Mask:
         return Mask(self.heads & o.heads, self.mlps & o.mlps)
 
-    def __invert__(self) -> "Mask":
+    def __invert__(self) -> Mask:
         return Mask(~self.heads, ~self.mlps)
 
 
@@ -570,7 +559,7 @@ class AblationEvaluator:
 
 
 @dataclass
-class CircuitEvaluation:
+class CircuitEvaluation(JsonResult):
     sites: list[str]
     components: list[str]  # the component nodes (heads / MLPs named in the circuit)
     residual_sites: list[str]  # the residual nodes: bundles, see ``bundles``
@@ -690,4 +679,4 @@ def evaluate_circuit(pm: ProbedModel, sites: Sequence[Site | str], inputs: Seque
 
 __all__ = ["AblationEvaluator", "CircuitEvaluation", "Mask", "Scores", "as_sites", "bundle_components",
            "completeness_subsets", "covered_components", "evaluate_circuit", "is_component", "site_role",
-           "to_jsonable", "DEFINITIONS", "METRICS"]
+           "DEFINITIONS", "METRICS"]

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import random
 import zlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import networkx as nx
 import torch
@@ -39,9 +39,9 @@ from torch import Tensor
 from circuitkit.patching.path import path_patch_to_site, read_depth, write_depth
 from circuitkit.sites import Site, parse_site
 from circuitkit.tasks.base import LAYOUT
-from circuitkit.verify.interchange import InterchangeVerifier
-from circuitkit.verify.report import VerifiedNode
-from circuitkit.verify.stats import Estimate, proportion, proportion_diff
+from circuitkit.verification.interchange import InterchangeVerifier
+from circuitkit.verification.report import VerifiedNode
+from circuitkit.verification.stats import Estimate, proportion, proportion_diff
 
 RESID_KINDS = ("resid_pre", "resid_mid", "resid_post")
 
@@ -105,11 +105,11 @@ class CircuitNode:
     joint: bool = False
 
     @classmethod
-    def from_verified(cls, n: VerifiedNode) -> "CircuitNode":
+    def from_verified(cls, n: VerifiedNode) -> CircuitNode:
         return cls(n.site, n.features, n.targets, n.iia, n.effect, True, n.architectural, n.group, n.joint)
 
     @classmethod
-    def unexplained(cls, site: str) -> "CircuitNode":
+    def unexplained(cls, site: str) -> CircuitNode:
         return cls(site, explained=False)
 
 

@@ -31,13 +31,21 @@ nothing kept; f_|U| = 1: the full model).
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
-from circuitkit.circuit.evaluate import (HEAD_KINDS, MLP_KINDS, AblationEvaluator, as_sites, bundle_components,
-                                         site_role, to_jsonable)
+from circuitkit.circuit.evaluate import (
+    HEAD_KINDS,
+    MLP_KINDS,
+    AblationEvaluator,
+    as_sites,
+    bundle_components,
+    site_role,
+)
+from circuitkit.results import JsonResult, to_jsonable
 from circuitkit.sites import Site
 
 DEFINITIONS = (__doc__ or "").split("\n", 1)[1].strip()
@@ -89,7 +97,7 @@ def _meets(f: dict[str, float], target: float) -> bool:
 
 
 @dataclass
-class GrowthResult:
+class GrowthResult(JsonResult):
     start: list[str]
     added: list[str]  # kept after pruning, in the order they were added
     added_before_prune: list[str]
@@ -181,7 +189,7 @@ def grow_circuit(evaluator: AblationEvaluator, start_sites: Iterable[Site | str]
 
 
 @dataclass
-class FaithfulnessCurve:
+class FaithfulnessCurve(JsonResult):
     order: list[str]  # the node universe in curve order; the last node is "rest"
     n_universe: int
     ks: list[int]  # prefix sizes evaluated

@@ -21,8 +21,9 @@ functions per sample.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Hashable, Iterable, Mapping, Sequence, Union
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -52,7 +53,7 @@ class PositionalFeature:
             return None
 
 
-AnyFeature = Union[Feature, PositionalFeature]
+AnyFeature = Feature | PositionalFeature
 
 
 def evaluate(feature: AnyFeature, tokens: Tokens, position: int | None) -> Hashable | None:
@@ -67,7 +68,7 @@ def token_at(tokens: Tokens, k: int) -> str | None:
     return tokens[k] if 0 <= k < len(tokens) else None
 
 
-def generic_features(task: "Task") -> list[Feature]:
+def generic_features(task: Task) -> list[Feature]:
     """Input-only generic features: the token at each absolute position and equality of two positions.
 
     (Length and token counts are positional: they count up to the site's position, see
@@ -95,7 +96,7 @@ def _upto(t: Tokens, p: int) -> list[str]:
     return list(t[: p + 1])
 
 
-def positional_features(task: "Task") -> list[PositionalFeature]:
+def positional_features(task: Task) -> list[PositionalFeature]:
     """Generic features of the position p (the site's position for a query, the matched position for a
     preimage sample): tok@p±k, count(tok@p), p itself, and — counted over tokens 0..p only —
     the length and the count of each token."""
@@ -117,7 +118,7 @@ def positional_features(task: "Task") -> list[PositionalFeature]:
     return feats
 
 
-def all_features(task: "Task", positional: bool = True) -> dict[str, AnyFeature]:
+def all_features(task: Task, positional: bool = True) -> dict[str, AnyFeature]:
     """Task features (which win name clashes) + generic + (optionally) positional features."""
     feats: dict[str, AnyFeature] = dict(task.features())
     if positional:

@@ -11,8 +11,9 @@ Distance (InversionView): min over a sample's non-special positions p of ‖a_p(
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor

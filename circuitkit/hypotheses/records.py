@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from circuitkit.results import JsonResult
+
 
 @dataclass(frozen=True)
 class Example:
@@ -57,7 +59,7 @@ class Hypothesis:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Hypothesis":
+    def from_dict(cls, d: dict[str, Any]) -> Hypothesis:
         d = dict(d)
         d["aliases"] = tuple(d.get("aliases", ()))
         d["examples"] = tuple(Example(**e) for e in d.get("examples", ()))
@@ -85,7 +87,7 @@ class Thresholds:
 
 
 @dataclass
-class HypothesisReport:
+class HypothesisReport(JsonResult):
     """Everything ``hypothesize`` produced: ranked hypotheses per site plus the run's settings."""
 
     task: str
@@ -114,7 +116,7 @@ class HypothesisReport:
                 "settings": self.settings, "hypotheses": [h.to_dict() for h in self.hypotheses]}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "HypothesisReport":
+    def from_dict(cls, d: dict[str, Any]) -> HypothesisReport:
         return cls(d["task"], d["model"], d["source"], d["eps"], Thresholds(**d["thresholds"]),
                    [Hypothesis.from_dict(h) for h in d["hypotheses"]], d.get("coverage", {}),
                    d.get("n_tested", 0), d.get("settings", {}))

@@ -18,13 +18,20 @@ read tokens after the site's position (a causal model cannot carry them) are not
 from __future__ import annotations
 
 import random
-from typing import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 from scipy import stats as sps
 
 from circuitkit.errors import CircuitkitError
-from circuitkit.hypotheses.features import AnyFeature, PositionalFeature, all_features, evaluate, kind_rank, reads_beyond
+from circuitkit.hypotheses.features import (
+    AnyFeature,
+    PositionalFeature,
+    all_features,
+    evaluate,
+    kind_rank,
+    reads_beyond,
+)
 from circuitkit.hypotheses.preimage_sources import PreimageSource, QueryPreimage
 from circuitkit.hypotheses.records import Example, Hypothesis, HypothesisReport, Thresholds
 from circuitkit.models.checkpoint import ProbedModel

@@ -120,7 +120,6 @@ def _train(args: argparse.Namespace) -> Output:
     from circuitkit.inversion.train import DecoderTrainConfig, train_decoder
     from circuitkit.models.checkpoint import load_probed
     from circuitkit.sites import check_site
-
     from circuitkit.validate import check_out_dir, check_range
 
     for n in ("steps", "minutes", "batch_size", "lr", "d_model", "n_layers", "n_heads", "eval_every", "threads"):

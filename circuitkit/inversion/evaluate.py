@@ -2,7 +2,7 @@
 and the in-ε fraction (share of all samples within ε)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -7,7 +7,7 @@ feature, share of the values the true preimage takes that the reached members co
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

@@ -5,20 +5,21 @@ computed from the probed model's own activations of that sample (``distance.py``
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import Tensor
 
+from circuitkit.activations import resolve_positions
 from circuitkit.errors import CircuitkitError
 from circuitkit.inversion.checkpoint import TrainedDecoder
 from circuitkit.inversion.data import site_activations
 from circuitkit.inversion.distance import DEFAULT_EPS, check_metric, sample_distances
 from circuitkit.inversion.sample import PAPER_GRID, SpecialIds, grid_queries, sample
 from circuitkit.models.checkpoint import ProbedModel
+from circuitkit.results import JsonResult
 from circuitkit.sites import Site, check_site, parse_site
-from circuitkit.activations import resolve_positions
 
 
 def special_ids(model: ProbedModel) -> SpecialIds:
@@ -63,7 +64,7 @@ def verify(model: ProbedModel, site: Site, ids: Tensor, query: Tensor, metric: s
 
 
 @dataclass
-class Inversion:
+class Inversion(JsonResult):
     """Samples for one query, verified, sorted by distance (closest first)."""
 
     site: Site
@@ -85,6 +86,11 @@ class Inversion:
     @property
     def hit(self) -> bool:
         return bool(self.in_eps.any())
+
+    def to_dict(self, k: int = 100) -> dict:
+        """Site, ε, how many samples fell within it, and the ``k`` closest samples (``display``)."""
+        return {"site": str(self.site), "eps": self.eps, "metric": self.metric, "n_samples": len(self.texts),
+                "n_in_eps": int(self.in_eps.sum()), "hit": self.hit, "closest": self.display(k), **self.extra}
 
     def display(self, k: int = 100) -> list[dict]:
         """The ``k`` closest samples (unique texts kept in order) with their distances."""

@@ -6,7 +6,7 @@ The ε line separates samples inside the preimage from those outside.
 from __future__ import annotations
 
 import html
-from typing import Sequence
+from collections.abc import Sequence
 
 from circuitkit.inversion.preimage import Inversion
 

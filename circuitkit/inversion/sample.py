@@ -6,8 +6,8 @@ starts from BOS, stops a row at EOS (later tokens are PAD) and runs at most ``se
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor

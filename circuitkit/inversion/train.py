@@ -18,9 +18,10 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -64,7 +65,7 @@ class DecoderTrainConfig:
     seed: int = 0
     threads: int | None = None
 
-    def replace(self, **kw: Any) -> "DecoderTrainConfig":
+    def replace(self, **kw: Any) -> DecoderTrainConfig:
         unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise CircuitkitError(f"unknown decoder training options {sorted(unknown)}")

@@ -243,7 +243,7 @@ def load_probed(path: str | Path, task: str | Task | None = None, device: str = 
     if task is None:
         task_obj = task_from_record(meta.get("task_ref"), meta.get("task"), str(path))
     else:
-        task_obj = load_task(task) if isinstance(task, str) else task
+        task_obj = load_task(task, model_dir=path) if isinstance(task, str) else task
     device = check_device(device)
     hf_model = _load_hf(path, device)
     check_vocab(task_obj, hf_model, meta, str(path))

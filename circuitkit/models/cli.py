@@ -92,8 +92,8 @@ def _eval(args: argparse.Namespace) -> Output:
 
 def _sites(args: argparse.Namespace) -> Output:
     from circuitkit.models.checkpoint import read_architecture, read_meta
-    from circuitkit.tasks.registry import task_from_record
     from circuitkit.sites import all_sites
+    from circuitkit.tasks.registry import task_from_record
 
     n_layers, n_heads = read_architecture(args.model_dir)
     kinds = args.kinds.split(",") if args.kinds else None

@@ -21,8 +21,8 @@ A hook is ``fn(tensor) -> tensor | None``; returning a tensor replaces the activ
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F

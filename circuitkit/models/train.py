@@ -15,10 +15,11 @@ import math
 import random
 import shutil
 import time
-from dataclasses import dataclass
 from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +63,7 @@ class TrainConfig:
         if self.attn_init not in ATTN_INITS:
             raise CircuitkitError(f"unknown attention init {self.attn_init!r}; valid: {', '.join(ATTN_INITS)}")
 
-    def replace(self, **kw: Any) -> "TrainConfig":
+    def replace(self, **kw: Any) -> TrainConfig:
         unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise CircuitkitError(f"unknown training options {sorted(unknown)}")

@@ -8,9 +8,9 @@ positions with base/source of different (unpadded) lengths are an error.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Sequence, Union
 
 import torch
 from torch import Tensor
@@ -20,10 +20,10 @@ from circuitkit.models.checkpoint import ProbedModel
 from circuitkit.sites import Site, check_site
 from circuitkit.tasks.base import Task
 
-PositionSpec = Union[str, int, Tensor, None]
+PositionSpec = str | int | Tensor | None
 
 
-class Ablation(str, Enum):
+class Ablation(str, Enum):  # noqa: UP042 - StrEnum would change str(Ablation.X) in reports
     ZERO = "zero"
     MEAN = "mean"
     RESAMPLE = "resample"

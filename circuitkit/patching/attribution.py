@@ -9,8 +9,8 @@ LayerNorm and input weights.  A fast screen: confirm what it ranks high with exa
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +19,12 @@ from torch import Tensor
 from circuitkit.models.checkpoint import ProbedModel
 from circuitkit.patching.ablations import as_ids, check_pairing
 from circuitkit.patching.metrics import MetricContext, evaluate, metric_context
+from circuitkit.results import JsonResult
 from circuitkit.sites import Site
 
 
 @dataclass
-class AttributionResult:
+class AttributionResult(JsonResult):
     """nodes: site node name -> [b, pos] (per head sites) estimated metric change;
     edges: (sender, receiver) -> [b] estimated change through that edge alone."""
 

@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import random
 
 from circuitkit.cli import Output, add_common
 from circuitkit.errors import CircuitkitError
-
 
 #: most examples per contrast for the counting table (the paper used 1,000; each is patched 8 times)
 MAX_TABLE_N = 100_000
@@ -56,33 +54,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _inputs(args: argparse.Namespace, pm, need_source: bool) -> tuple[list[str], list[str] | None]:
-    """Base inputs (--base, checked against the task's format, else --n from the test split) and sources
-    (--source, checked likewise and one per base, else made by --contrast)."""
-    from circuitkit.validate import check_range
+    """Bases and sources from --base/--source, else --n test inputs and their --contrast (patching/inputs.py)."""
+    from circuitkit.patching.inputs import bases_and_sources
 
-    task = pm.task
-    rng = random.Random(args.seed)
-    if args.base:
-        for i, t in enumerate(args.base):
-            task.check_input(t, f"--base input {i + 1}")
-        base = list(args.base)
-    else:
-        test = list(task.split("test"))
-        check_range("--n", args.n, 1, len(test), hint=f" (the {task.name} test split has {len(test)} inputs)")
-        base = rng.sample(test, args.n)
-    if args.source is not None:
-        if len(args.source) != len(base):
-            raise CircuitkitError(f"{len(base)} base inputs but {len(args.source)} sources; give one source per base")
-        for i, t in enumerate(args.source):
-            task.check_input(t, f"--source input {i + 1}")
-        return base, list(args.source)
-    if not need_source:
-        return base, None
-    make = task.contrast_minimal if args.contrast == "minimal" else task.contrast_random
-    try:
-        return base, [make(t, rng) for t in base]
-    except ValueError as e:
-        raise CircuitkitError(f"cannot make a {args.contrast} contrast: {e}") from None
+    return bases_and_sources(pm.task, args.base, args.source, args.n, args.contrast, args.seed, need_source,
+                             ("--base", "--source"))
 
 
 def _patch(args: argparse.Namespace) -> Output:
@@ -115,12 +91,11 @@ def _fmt(est: dict) -> str:
 
 
 def _node(args, pm):
+    from circuitkit.patching.inputs import reference_inputs
     from circuitkit.patching.node import patch_nodes
 
     base, src = _inputs(args, pm, args.ablation == "interchange")
-    ref = None
-    if args.ablation in ("mean", "resample"):
-        ref = random.Random(args.seed + 1).sample(list(pm.task.split("test")), max(len(base), 200))
+    ref = reference_inputs(pm.task, len(base), args.ablation, args.seed)
     r = patch_nodes(pm, base, args.site, args.ablation, src, ref, args.metric, args.target, args.seed)
     d = r.to_dict()
     text = (f"{', '.join(d['sites'])} ({d['ablation']}, {d['metric']}, n={d['n']}, 95% bootstrap CI)\n"
@@ -130,11 +105,11 @@ def _node(args, pm):
 
 
 def _sweep(args, pm):
+    from circuitkit.patching.inputs import reference_inputs
     from circuitkit.patching.sweep import sweep
 
     base, src = _inputs(args, pm, args.ablation == "interchange")
-    ref = random.Random(args.seed + 1).sample(list(pm.task.split("test")), max(len(base), 200)) \
-        if args.ablation in ("mean", "resample") else None
+    ref = reference_inputs(pm.task, len(base), args.ablation, args.seed)
     r = sweep(pm, base, args.sweep, src, args.ablation, ref, args.metric, args.target, seed=args.seed,
               progress=not args.quiet)
     d = r.to_dict()
@@ -186,7 +161,6 @@ def _attribution(args, pm):
 def _table(args: argparse.Namespace) -> Output:
     from circuitkit.models.checkpoint import load_probed, read_meta
     from circuitkit.patching.counting_table import counting_table, to_markdown, write_table
-
     from circuitkit.validate import check_out_dir, check_range
 
     check_range("--n", args.n, 1, MAX_TABLE_N)

@@ -13,8 +13,8 @@ letters so the query count changes (``CountingTask.contrast_minimal``).
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from circuitkit.errors import CircuitkitError
 from circuitkit.io_utils import atomic_write_json, atomic_write_text

@@ -6,8 +6,8 @@ Each step is one forward pass that patches every site of its groups at once from
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -18,6 +18,7 @@ from circuitkit.patching.ablations import Ablation, as_ids, build_patches
 from circuitkit.patching.metrics import MetricContext, evaluate, metric_context
 from circuitkit.patching.node import resid_names, run_with_patches
 from circuitkit.patching.stats import estimate
+from circuitkit.results import JsonResult
 from circuitkit.sites import Site, parse_site
 
 
@@ -27,7 +28,7 @@ class Group:
     sites: list[Site]
 
     @classmethod
-    def parse(cls, name: str, sites: Sequence[str | Site]) -> "Group":
+    def parse(cls, name: str, sites: Sequence[str | Site]) -> Group:
         return cls(name, [parse_site(s) if isinstance(s, str) else s for s in sites])
 
 
@@ -39,7 +40,7 @@ class Step:
 
 
 @dataclass
-class CumulativeResult:
+class CumulativeResult(JsonResult):
     """clean: [b] metric of the unpatched base; each step's patched [b]; decrease = clean - patched."""
 
     metric: str

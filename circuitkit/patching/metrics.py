@@ -6,8 +6,8 @@ a batch of ``b`` examples (``n = k * b``); ``evaluate`` repeats the context to m
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor

@@ -1,8 +1,8 @@
 """Node patching: patch one or more sites (each at a position) and read a metric per example."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -12,6 +12,7 @@ from circuitkit.models.runner import GPT2Runner
 from circuitkit.patching.ablations import Ablation, Patch, PositionSpec, as_ids, build_patches, get_ablation
 from circuitkit.patching.metrics import MetricContext, evaluate, metric_context
 from circuitkit.patching.stats import Estimate, estimate
+from circuitkit.results import JsonResult
 from circuitkit.sites import Site, parse_site
 
 
@@ -49,7 +50,7 @@ def run_with_patches(runner: GPT2Runner, ids: Tensor, patches: Sequence[Patch],
 
 
 @dataclass
-class NodePatchResult:
+class NodePatchResult(JsonResult):
     """Per-example metric without and with the patch; effect = clean - patched."""
 
     metric: str

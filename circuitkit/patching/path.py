@@ -13,8 +13,8 @@ receiver position (``q1.0@:``) restricts the patched input to that row.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -10,18 +10,19 @@ are tested wherever patching shows the model uses something, not only where a co
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from circuitkit.errors import CircuitkitError
 from circuitkit.models.checkpoint import ProbedModel
+from circuitkit.results import JsonResult
 from circuitkit.sites import Site
 from circuitkit.tasks.base import LAYOUT
-from circuitkit.verify.interchange import interchange_logits
-from circuitkit.verify.stats import proportion
+from circuitkit.verification.interchange import interchange_logits
+from circuitkit.verification.stats import proportion
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class ScreenRow:
 
 
 @dataclass
-class ScreenResult:
+class ScreenResult(JsonResult):
     rows: list[ScreenRow]
     threshold: float
     n_examples: int

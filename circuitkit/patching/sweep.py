@@ -15,10 +15,9 @@ Kinds and their TL counterparts (output axes):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Sequence
-
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -33,6 +32,7 @@ from circuitkit.patching.ablations import Ablation, as_ids, check_pairing, get_a
 from circuitkit.patching.metrics import MetricContext, evaluate, metric_context
 from circuitkit.patching.node import resid_names
 from circuitkit.patching.stats import bootstrap_ci
+from circuitkit.results import JsonResult
 
 SWEEP_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "resid_pre": ("blocks.{L}.hook_resid_pre", ("layer", "pos")),
@@ -54,7 +54,7 @@ ROW_LOCAL = frozenset({"resid_mid", "resid_post", "attn_out", "mlp_out", "head",
 
 
 @dataclass
-class SweepResult:
+class SweepResult(JsonResult):
     """values: [*axes, b] per-example metric after each cell's patch; base: [b] unpatched."""
 
     kind: str

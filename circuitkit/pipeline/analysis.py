@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 CONTRASTS = ("random", "minimal")
 
 
-def _pairs(ctx: "RunContext", contrast: str, n: int) -> tuple[list[str], list[str]]:
+def _pairs(ctx: RunContext, contrast: str, n: int) -> tuple[list[str], list[str]]:
     """n test inputs and one contrast input for each (same token length); inputs that admit no
     contrast (counting: all three counts equal) are skipped, as the paper did."""
     task = ctx.probed.task
@@ -38,7 +38,7 @@ def _pairs(ctx: "RunContext", contrast: str, n: int) -> tuple[list[str], list[st
     return bases, sources
 
 
-def stage_patching(ctx: "RunContext", runner: "StageRunner") -> None:
+def stage_patching(ctx: RunContext, runner: StageRunner) -> None:
     """Head x position and residual x position interchange sweeps for each contrast."""
     from circuitkit.patching.sweep import sweep
 
@@ -61,7 +61,7 @@ def stage_patching(ctx: "RunContext", runner: "StageRunner") -> None:
                                                       cfg.patching.target, cfg.seed], fn, depends=("model",))
 
 
-def stage_screen(ctx: "RunContext", runner: "StageRunner") -> None:
+def stage_screen(ctx: RunContext, runner: StageRunner) -> None:
     """Coverage: every decoder site and MLP output at every named position (or ``[hypotheses] positions``) patched by
     aligned resampling; the pairs that change the answer go on to hypotheses and verification.
     Skipped when ``[hypotheses] sites`` lists the sites explicitly."""
@@ -104,7 +104,7 @@ def claimed_pairs(claims: list[dict]) -> list[tuple[str, str]]:
     return out
 
 
-def stage_circuit(ctx: "RunContext", runner: "StageRunner") -> None:
+def stage_circuit(ctx: RunContext, runner: StageRunner) -> None:
     """Hypotheses from decoder ε-preimages (exact pool preimages at sites the decoder does not decode)
     at the screened sites -> interchange verification on fair pairs with null controls -> circuit
     growth to the faithfulness target -> graph with path-patching edges -> node- and edge-level
@@ -163,7 +163,7 @@ def stage_circuit(ctx: "RunContext", runner: "StageRunner") -> None:
                                         depends=depends)
 
 
-def stage_groups(ctx: "RunContext", runner: "StageRunner") -> None:
+def stage_groups(ctx: RunContext, runner: StageRunner) -> None:
     """Cumulative group patching, forward and backward (the paper's tables), per contrast.
 
     Counting uses the paper's exact protocol (``circuitkit.patching.counting_table``: contrast R
@@ -206,7 +206,7 @@ def _lookup(obj: dict, path: str):
     return obj
 
 
-def evaluate_claims(ctx: "RunContext") -> dict[str, str]:
+def evaluate_claims(ctx: RunContext) -> dict[str, str]:
     """The paper's claims (config ``[[paper_claims]]``) checked against this run's results.
 
     kind = "verified": ``site`` (one or a list) carries ``feature`` (one or a list) among the *learned*
@@ -265,7 +265,7 @@ WANG_HEAD_CLASSES: dict[str, tuple[str, ...]] = {
 }
 
 
-def wang_comparison(ctx: "RunContext") -> list[list]:
+def wang_comparison(ctx: RunContext) -> list[list]:
     """Per Wang et al. head class: its heads, the mean head-patching effect at END (ABC contrast)
     and which of them circuitkit verified, for a GPT-2-small-shaped model."""
     pm = ctx.probed

@@ -14,6 +14,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 from circuitkit.errors import CircuitkitError, choices_hint
 
+
 def case_dir() -> Path:
     """The built-in case configs and probed models: ``circuitkit/case_studies`` in an installed wheel
     (package data), else the checkout's top-level ``case_studies/``."""
@@ -126,7 +127,8 @@ class CaseConfig:
         toml's folder, or ``package.module:Class``)."""
         from circuitkit.tasks.registry import load_task
 
-        return load_task(self.task, self.base_dir)
+        model_dir = self.resolve(self.model.path) if self.model.source == "path" and self.model.path else None
+        return load_task(self.task, self.base_dir, model_dir)
 
     def resolve(self, path: str) -> Path:
         """A path written in the case toml: ``~`` expanded, a relative one taken from the toml's folder."""

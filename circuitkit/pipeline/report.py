@@ -87,7 +87,7 @@ def inversion_section(report: Report, res: dict[str, Any], stage_dir: Path) -> N
                         f"<p>{p['in_eps']} of {p['n_samples']} samples within ε.</p>{frame}", "\n".join(lines)))
 
 
-def patching_section(report: Report, res: dict[str, Any], ctx: "RunContext") -> None:
+def patching_section(report: Report, res: dict[str, Any], ctx: RunContext) -> None:
     import numpy as np
 
     s = report.section("Activation patching")
@@ -113,7 +113,7 @@ def patching_section(report: Report, res: dict[str, Any], ctx: "RunContext") -> 
                      f"{kind} × position interchange patching, contrast {label}; clean mean LD {m['base_mean']:.2f}."))
 
 
-def groups_section(report: Report, res: dict[str, Any], ctx: "RunContext") -> None:
+def groups_section(report: Report, res: dict[str, Any], ctx: RunContext) -> None:
     s = report.section("Cumulative group patching")
     s.add("Groups of sites patched cumulatively from the contrast input, forward and backward, as in the "
           "paper's tables; values are mean decreases of the logit difference (paper values in brackets "
@@ -154,7 +154,7 @@ def _ci_text(point: Any, ci: Any) -> str:
     return f"{_fmt(point)} [{_fmt(ci[0])}, {_fmt(ci[1])}]"
 
 
-def screen_section(report: Report, res: dict[str, Any], ctx: "RunContext") -> None:
+def screen_section(report: Report, res: dict[str, Any], ctx: RunContext) -> None:
     import numpy as np
 
     s = report.section("Coverage screen")
@@ -177,7 +177,7 @@ def screen_section(report: Report, res: dict[str, Any], ctx: "RunContext") -> No
                  f"{res['threshold']}."))
 
 
-def circuit_section(report: Report, res: dict[str, Any], ctx: "RunContext") -> None:
+def circuit_section(report: Report, res: dict[str, Any], ctx: RunContext) -> None:
     s = report.section("Hypotheses, verification and the circuit")
     if "skipped" in res:
         s.add(f"Skipped: {res['skipped']}.")
@@ -295,7 +295,7 @@ def circuit_section(report: Report, res: dict[str, Any], ctx: "RunContext") -> N
     s3.add("Exports: " + ", ".join(f"`{v}`" for v in res.get("files", {}).values()) + " (next to this report).")
 
 
-def wang_section(report: Report, ctx: "RunContext") -> None:
+def wang_section(report: Report, ctx: RunContext) -> None:
     from circuitkit.pipeline.analysis import wang_comparison
 
     s = report.section("Comparison with Wang et al.'s IOI head classes")
@@ -309,7 +309,7 @@ def wang_section(report: Report, ctx: "RunContext") -> None:
                 wang_comparison(ctx)))
 
 
-def claims_section(report: Report, ctx: "RunContext") -> None:
+def claims_section(report: Report, ctx: RunContext) -> None:
     s = report.section("The paper's claims beside circuitkit's verification")
     rows = []
     for c in ctx.cfg.paper_claims:
@@ -333,7 +333,7 @@ def manifest_section(report: Report, manifest: dict[str, Any]) -> None:
     s.add("The full configuration is in `manifest.json` next to this report.")
 
 
-def build_report(ctx: "RunContext", manifest: dict[str, Any]) -> Report:
+def build_report(ctx: RunContext, manifest: dict[str, Any]) -> Report:
     cfg = ctx.cfg
     report = Report(f"circuitkit case study: {cfg.name}",
                     f"{cfg.description} {'Quick settings (smoke run).' if cfg.quick else 'Full settings.'}")

@@ -6,8 +6,9 @@ import contextlib
 import dataclasses
 import json
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -224,7 +225,7 @@ def run_case(cfg: CaseConfig, out: Path, work: Path, device: str = "cpu", progre
         removed = remove_orphans(work)
         if removed:
             log(f"removed {len(removed)} temporary item(s) an interrupted run left behind: {', '.join(removed[:4])}")
-        for name, stage in STAGES:
+        for _name, stage in STAGES:
             stage(ctx, runner)
         ctx.results["claims"] = evaluate_claims(ctx)
         manifest = build_manifest("case_study", cfg.seed, cfg.to_dict(),

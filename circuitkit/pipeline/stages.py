@@ -12,9 +12,10 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from circuitkit.io_utils import atomic_dir, atomic_write_json
 

@@ -34,7 +34,7 @@ class Section:
     title: str
     blocks: list[Any] = field(default_factory=list)
 
-    def add(self, block: Any) -> "Section":
+    def add(self, block: Any) -> Section:
         self.blocks.append(block)
         return self
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 from functools import lru_cache
 from types import MappingProxyType
-from typing import Sequence
 
 import torch
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import random
 import re
 import string
+from collections.abc import Sequence
 from functools import lru_cache
 from itertools import combinations
 from types import MappingProxyType
-from typing import Sequence
 
 import torch
 
@@ -106,7 +106,7 @@ class CountingTask(Task):
         for _ in range(n):
             letters = rng.sample(LETTERS, 3)
             counts = [rng.randint(1, 9) for _ in range(3)]
-            chars = [l for l, k in zip(letters, counts) for _ in range(k)]
+            chars = [ch for ch, k in zip(letters, counts) for _ in range(k)]
             rng.shuffle(chars)
             q = rng.randrange(3)
             out.append(_format(chars, letters[q], counts[q]))
@@ -145,7 +145,7 @@ class CountingTask(Task):
             if counts[q] == old:
                 continue
             letters = rng.sample(LETTERS, 3)
-            chars = [l for l, k in zip(letters, counts) for _ in range(k)]
+            chars = [ch for ch, k in zip(letters, counts) for _ in range(k)]
             rng.shuffle(chars)
             return _format(chars, letters[q], counts[q])
         raise CircuitkitError(f"no random contrast with another count exists for {text!r} (all counts equal)")
@@ -159,9 +159,9 @@ class CountingTask(Task):
         for _ in range(10_000):
             i = rng.randrange(len(body))
             new_body = list(body)
-            new_body[i] = rng.choice([l for l in letters if l != body[i]])
+            new_body[i] = rng.choice([ch for ch in letters if ch != body[i]])
             new = new_body.count(query)
-            if new != old and all(1 <= new_body.count(l) <= 9 for l in letters):
+            if new != old and all(1 <= new_body.count(ch) <= 9 for ch in letters):
                 return _format(new_body, query, new)
         raise ValueError(f"no one-letter flip changes the count of {query!r} in {text!r}")
 
@@ -200,7 +200,7 @@ class CountingTask(Task):
                 letters = others[:q] + [query] + others[q:]
             else:
                 letters = rng.sample(LETTERS, 3)
-            chars = [l for l, k in zip(letters, counts) for _ in range(k)]
+            chars = [ch for ch, k in zip(letters, counts) for _ in range(k)]
             rng.shuffle(chars)
             return _format(chars, letters[q], counts[q])
 

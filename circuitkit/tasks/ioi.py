@@ -32,11 +32,11 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import combinations
 from types import MappingProxyType
-from typing import Hashable, Sequence
 
 import torch
 

@@ -11,9 +11,10 @@ import hashlib
 import importlib
 import importlib.util
 import sys
+from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from circuitkit.errors import CircuitkitError, choices_hint
 from circuitkit.tasks.base import Task
@@ -21,7 +22,10 @@ from circuitkit.tasks.base import Task
 #: entry-point group an installed package uses to register tasks: ``name = "pkg.module:Class"``
 ENTRY_POINT_GROUP = "circuitkit.tasks"
 
-SPEC_FORMS = "a built-in name, path/to/file.py:Class, package.module:Class or an installed task name"
+SPEC_FORMS = ("a built-in name, path/to/file.py:Class, package.module:Class, prompt_pairs:FILE.jsonl or an "
+              "installed task name")
+#: the spec prefix of the prompt-pairs task (``tasks/prompt_pairs.py``)
+PROMPT_PAIRS = "prompt_pairs:"
 
 
 def _builtin(module: str, cls: str) -> Callable[[], Task]:
@@ -116,12 +120,23 @@ def _load_module_class(module_name: str, cls_name: str, spec: str) -> Task:
     return _instantiate(getattr(module, cls_name), spec)
 
 
-def load_task(spec: str, base_dir: str | Path | None = None) -> Task:
+def load_task(spec: str, base_dir: str | Path | None = None, model_dir: str | Path | None = None) -> Task:
     """The Task a spec names (see the module docstring); ``base_dir`` anchors a relative file path
-    (a case toml passes its own folder).  Every failure is a CircuitkitError naming the valid forms."""
+    (a case toml passes its own folder); ``model_dir`` is the checkpoint whose tokenizer a prompt-pairs
+    task (``prompt_pairs:FILE.jsonl``) uses.  Every failure is a CircuitkitError naming the valid forms."""
     if not isinstance(spec, str) or not spec.strip():
         raise CircuitkitError(f"empty task spec; valid: {choices_hint(task_names())} or {SPEC_FORMS}")
     spec = spec.strip()
+    if spec.startswith(PROMPT_PAIRS):
+        from circuitkit.tasks.prompt_pairs import PromptPairsTask
+
+        file = Path(spec[len(PROMPT_PAIRS):]).expanduser()
+        if not file.is_absolute() and base_dir is not None:
+            file = Path(base_dir) / file
+        if model_dir is None:
+            raise CircuitkitError(f"task {spec!r} tokenizes with the model's own tokenizer: name it on a verb that "
+                                  "loads a model (--task), or in a case whose [model] path is set")
+        return PromptPairsTask(file, model_dir)
     if spec in BUILTIN_TASKS:
         task = BUILTIN_TASKS[spec]()
         task.spec = spec
@@ -154,7 +169,7 @@ def task_record(task: Task) -> dict[str, Any]:
     """What a checkpoint stores to reload ``task`` later: its spec, and a task file's sha256."""
     spec = getattr(task, "spec", None) or task.name
     record: dict[str, Any] = {"spec": spec}
-    if ":" in spec:
+    if ":" in spec and not spec.startswith(PROMPT_PAIRS):
         target, _ = _split_spec(spec)
         if target.endswith(".py") or "/" in target:
             record["file_sha256"] = file_sha256(Path(target))
@@ -166,7 +181,7 @@ def task_from_record(record: dict[str, Any] | None, name: str | None, where: str
 
     A task file must exist, hold the content it had when the checkpoint was written, and lie outside
     the checkpoint (``where``): a directory someone hands you cannot make circuitkit run code it ships."""
-    hint = f"pass the task with --task ({choices_hint(task_names())} or FILE.py:Class)"
+    hint = f"pass --task ({choices_hint(task_names())} or FILE.py:Class)"
     if not record or "spec" not in record:
         if not name:
             raise CircuitkitError(f"{where!r} does not say which task it solves; {hint}")
@@ -186,4 +201,4 @@ def task_from_record(record: dict[str, Any] | None, name: str | None, where: str
         if file_sha256(file) != sha:
             raise CircuitkitError(f"the task file {str(file)!r} changed since {where!r} was written (sha256 "
                                   f"{sha[:12]}... then); {hint}")
-    return load_task(spec)
+    return load_task(spec, model_dir=where)

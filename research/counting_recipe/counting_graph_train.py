@@ -38,7 +38,6 @@ from circuitkit.models.train import build_model, default_config
 from circuitkit.tasks import get_task
 from circuitkit.tasks.base import Task
 
-
 HERE = Path(__file__).resolve().parent
 
 

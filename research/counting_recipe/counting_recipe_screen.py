@@ -30,15 +30,23 @@ import time
 from pathlib import Path
 
 import torch
+from counting_graph_train import encode_all  # sibling script (this folder is on sys.path when run)
 
 from circuitkit.models.checkpoint import load_probed
 from circuitkit.models.evaluate import evaluate_model
 from circuitkit.models.runner import GPT2Runner
-from circuitkit.models.train import (TrainConfig, default_config, UniformSampler, build_model, make_optimizer, train_step,
-                                     trim_padding, write_trained)
+from circuitkit.models.train import (
+    TrainConfig,
+    UniformSampler,
+    build_model,
+    default_config,
+    make_optimizer,
+    train_step,
+    trim_padding,
+    write_trained,
+)
 from circuitkit.tasks import get_task
 from circuitkit.tasks.base import Task
-from counting_graph_train import encode_all  # sibling script (this folder is on sys.path when run)
 
 HERE = Path(__file__).resolve().parent
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Sequence
 from types import MappingProxyType
-from typing import Sequence
 
 from circuitkit.tasks import CharTokenizer, Feature, Target, Task, Tokens, Vocabulary
 

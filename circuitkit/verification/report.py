@@ -1,7 +1,7 @@
 """Verify a list of hypotheses: per hypothesis, per site (joint feature sets), with null controls.
 
 Flow per site: test every accepted hypothesis alone (fair pairs, IIA, moves, stable: see
-``circuitkit.verify.interchange``).  Features verified alone become nodes.  If none is, grow a
+``circuitkit.verification.interchange``).  Features verified alone become nodes.  If none is, grow a
 set — the features that move the output (largest effect first), then the site's other accepted
 features — up to ``max_joint`` until the set verifies jointly (sources agreeing on the whole set
 leave the output unchanged and IIA holds for the set); a set found this way is re-tested on the
@@ -14,19 +14,20 @@ one at a time).  The group grows from the members strongest alone (by IIA) until
 pruned greedily to a minimal one — a member is dropped while the group still verifies without it — and
 confirmed on the held-out inputs; each remaining member becomes a node that names its group.
 
-Null controls run beside every test (``circuitkit.verify.controls``); a node whose test also
+Null controls run beside every test (``circuitkit.verification.controls``); a node whose test also
 verifies on the random-init model is marked *architectural*; every verified node gets a proxy control.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from circuitkit.hypotheses.records import Hypothesis
+from circuitkit.results import JsonResult
 from circuitkit.sites import parse_site
-from circuitkit.verify.controls import (CONTROLS, FAILING_CONTROLS, null_verifier, run_controls,
-                                        run_proxy_controls)
-from circuitkit.verify.interchange import InterchangeVerifier, Verdict, VerifyThresholds, group_name
+from circuitkit.verification.controls import CONTROLS, FAILING_CONTROLS, null_verifier, run_controls, run_proxy_controls
+from circuitkit.verification.interchange import InterchangeVerifier, Verdict, VerifyThresholds, group_name
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class VerifiedNode:
                 "confirmed": self.confirmed, "hold": list(self.hold)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "VerifiedNode":
+    def from_dict(cls, d: dict[str, Any]) -> VerifiedNode:
         ci = d.get("iia_ci")
         return cls(d["site"], tuple(d["features"]), tuple(d["targets"]), d["effect"], d.get("iia"), d["joint"],
                    tuple(d.get("group", ())), bool(d.get("architectural", False)), d.get("confirmed"),
@@ -64,7 +65,7 @@ class VerifiedNode:
 
 
 @dataclass
-class VerificationReport:
+class VerificationReport(JsonResult):
     task: str
     model: str
     thresholds: VerifyThresholds
@@ -218,7 +219,7 @@ def verify_hypotheses(verifier: InterchangeVerifier, hypotheses: Sequence[Hypoth
             nodes += [_node(cv, s, twin, group=sites, confirmed=True) for s in sites]
     grouped = {(str(parse_site(n.site).position), f) for n in nodes for f in n.features
                if parse_site(n.site).kind in GROUPABLE_KINDS}  # a residual node always carries what it reads
-    for position, (members, feats) in _joint_group_candidates(with_claims, grouped, max_group).items():
+    for _position, (members, feats) in _joint_group_candidates(with_claims, grouped, max_group).items():
         kept = _verify_joint_group(verifier, with_controls, members, feats, max_joint)
         if kept is not None:
             sites, cv, twin = kept
@@ -229,7 +230,7 @@ def verify_hypotheses(verifier: InterchangeVerifier, hypotheses: Sequence[Hypoth
     settings = {"n_inputs": len(verifier.inputs), "n_pairs": verifier.n_pairs, "n_candidates": verifier.n_candidates,
                 "seed": verifier.seed, "controls": list(CONTROLS) if controls else [], "max_joint": max_joint,
                 "max_group": max_group, "claims": [list(c) for c in claims],
-                "random_model": getattr(null, "random_model_info").to_dict() if null is not None else None}
+                "random_model": null.random_model_info.to_dict() if null is not None else None}
     return VerificationReport(verifier.task.name, model_name, verifier.th, nodes, verdicts, ctrl, settings)
 
 

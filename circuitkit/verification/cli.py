@@ -45,8 +45,8 @@ def _verify(args: argparse.Namespace) -> Output:
     from circuitkit.hypotheses.records import HypothesisReport
     from circuitkit.io_utils import atomic_write_json
     from circuitkit.models.checkpoint import load_probed
-    from circuitkit.verify.interchange import InterchangeVerifier, VerifyThresholds
-    from circuitkit.verify.report import claim_hypothesis, format_verification, verify_hypotheses
+    from circuitkit.verification.interchange import InterchangeVerifier, VerifyThresholds
+    from circuitkit.verification.report import claim_hypothesis, format_verification, verify_hypotheses
 
     check_threads(args.threads)
     torch.set_num_threads(args.threads)

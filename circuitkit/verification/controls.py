@@ -15,15 +15,15 @@
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from circuitkit.models.checkpoint import ProbedModel
 from circuitkit.models.train import as_probed
-from circuitkit.verify.interchange import InterchangeVerifier, Verdict
+from circuitkit.verification.interchange import InterchangeVerifier, Verdict
 
 CONTROLS = ("random_model", "shuffled_feature", "proxy")
 #: controls whose verified tests are failures (random_model verdicts mark claims architectural instead)

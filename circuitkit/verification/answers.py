@@ -18,10 +18,10 @@ book per feature (so codes of sources, bases and the input pool compare).
 """
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
 from math import comb
-from typing import Hashable, Mapping, Sequence
 
 import numpy as np
 

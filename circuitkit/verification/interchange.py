@@ -8,7 +8,7 @@ names for ``IO``), so a test asks about f and nothing else.  Per base we draw on
 differs and one whose f agrees.
 
 Per answer (target) that f is *relevant* to — the task's answer is a function of f and a small
-context D on the task's inputs (``circuitkit.verify.answers``) — three things must hold:
+context D on the task's inputs (``circuitkit.verification.answers``) — three things must hold:
 
 * **IIA** (the main criterion): among f-differing pairs, the patched prediction equals what f
   predicts, g(f(source), D(base)); CI low ≥ ``min_iia``.
@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import random
 import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,8 +41,8 @@ from circuitkit.hypotheses.features import AnyFeature, PositionalFeature, all_fe
 from circuitkit.models.checkpoint import ProbedModel
 from circuitkit.sites import Site, check_site, parse_site
 from circuitkit.tasks.base import LAYOUT
-from circuitkit.verify.answers import AnswerModel, FeatureCoder, fit_answer_model
-from circuitkit.verify.stats import Estimate, proportion, proportion_diff
+from circuitkit.verification.answers import AnswerModel, FeatureCoder, fit_answer_model
+from circuitkit.verification.stats import Estimate, proportion, proportion_diff
 
 SPLITS = ("search", "confirm")
 
@@ -236,7 +237,7 @@ class InterchangeVerifier:
         self._pair_cache: dict[tuple, tuple] = {}
         self._shuffle_map: dict[str, str] = {}
 
-    def with_model(self, pm: ProbedModel) -> "InterchangeVerifier":
+    def with_model(self, pm: ProbedModel) -> InterchangeVerifier:
         """The same inputs, splits, features and thresholds on another model (the random-init null control)."""
         other = InterchangeVerifier(pm, self.inputs, n_pairs=self.n_pairs, thresholds=self.th, features=self.features,
                                     seed=self.seed, n_candidates=self.n_candidates, coder=self.coder)
@@ -279,7 +280,7 @@ class InterchangeVerifier:
 
     # ---- what a feature predicts ----
     def answer_model(self, site: Site, features: Sequence[str], target: str) -> AnswerModel | None:
-        """answer(target) = g(features, D) on the inputs (see ``circuitkit.verify.answers``), or None."""
+        """answer(target) = g(features, D) on the inputs (see ``circuitkit.verification.answers``), or None."""
         hold = [h for h in self.task.holds_fixed(features) if h not in features]
         context = [f for f in self.task_feature_names if f not in features and f not in hold]
         # features that do not read the position give the same model wherever the position exists
