@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "circuitkit.verification.cli",
     "circuitkit.circuit.cli",
     "circuitkit.pipeline.cli",
+    "circuitkit.explorer.cli",
 )
 
 

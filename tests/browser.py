@@ -11,6 +11,11 @@ import pytest
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+#: flags for a headless Chromium that makes no request of its own
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run", "--disable-sync"]
+
+
 @dataclass
 class PageVisit:
     console_errors: list[str] = field(default_factory=list)
@@ -36,9 +41,7 @@ def visit(html_file: Path, screenshot: Path) -> PageVisit:
     exe = require_chromium()
     v = PageVisit()
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=exe, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--no-first-run", "--disable-sync"])
+        browser = pw.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1200, "height": 900})
         page.on("console", lambda m: v.console_errors.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: v.console_errors.append(str(e)))

@@ -84,7 +84,7 @@ def test_verify_matches_brute_force(tiny_addition_model):
 
 
 def test_exact_preimage_addition(tiny_addition_model):
-    from circuitkit.inversion.exact import all_addition_inputs, exact_distances
+    from circuitkit.paper.addition_exact import all_addition_inputs, exact_distances
 
     pm = tiny_addition_model
     ids, a, b = all_addition_inputs(pm.task)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from circuitkit.errors import CircuitkitError
-from circuitkit.patching.counting_table import (
+from circuitkit.paper.counting_table import (
     PAPER,
     contrast_pairs,
     counting_table,

@@ -131,6 +131,28 @@ def invert_activation(td: TrainedDecoder, site: Site | str, query: Tensor, n_per
     return Inversion(s, query, ids, texts, dist, pos, temps.cpu()[order], noise[order], eps, metric)
 
 
+def invert_pool(model: ProbedModel, pool, site: Site, text: str, metric: str = "l2") -> Inversion:
+    """The exact ε-preimage of ``site`` (with a position) on ``text`` over a ``PoolPreimage``'s inputs and the
+    query itself, sorted by distance: the decoder-free counterpart of ``invert_text``."""
+    from circuitkit.activations import collect_activations
+
+    task, node = model.task, site.at(None)
+    q_ids = task.encode([text])
+    q_acts = collect_activations(model, q_ids, [node])[node]  # [1, pos, d]
+    query = q_acts[0, int(resolve_positions(task, q_ids, site.position)[0])]
+    keep = [i for i, t in enumerate(pool.pool) if t != text]  # the query comes first, once
+    texts = [text] + [pool.pool[i] for i in keep]
+    ids = torch.cat([q_ids, pool.ids[keep]])
+    acts = torch.cat([q_acts, pool.pool_activations(site)[keep]])
+    dist, where = sample_distances(acts, query, task.special_positions(ids), metric)
+    order = torch.argsort(dist, stable=True)
+    zeros = torch.zeros(len(texts))
+    inv = Inversion(site, query, ids[order], [texts[i] for i in order.tolist()], dist[order], where[order], zeros,
+                    zeros, DEFAULT_EPS[metric], metric)
+    inv.extra.update({"input": text, "source": "pool", "pool_size": len(pool.pool)})
+    return inv
+
+
 def invert_text(td: TrainedDecoder, site: Site | str, text: str, **kw) -> Inversion:
     """Invert the activation of ``site`` (with a position) on input ``text``."""
     s = parse_site(site) if isinstance(site, str) else site

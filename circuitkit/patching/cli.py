@@ -160,7 +160,7 @@ def _attribution(args, pm):
 
 def _table(args: argparse.Namespace) -> Output:
     from circuitkit.models.checkpoint import load_probed, read_meta
-    from circuitkit.patching.counting_table import counting_table, to_markdown, write_table
+    from circuitkit.paper.counting_table import counting_table, to_markdown, write_table
     from circuitkit.validate import check_out_dir, check_range
 
     check_range("--n", args.n, 1, MAX_TABLE_N)

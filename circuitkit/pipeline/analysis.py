@@ -166,9 +166,9 @@ def stage_circuit(ctx: RunContext, runner: StageRunner) -> None:
 def stage_groups(ctx: RunContext, runner: StageRunner) -> None:
     """Cumulative group patching, forward and backward (the paper's tables), per contrast.
 
-    Counting uses the paper's exact protocol (``circuitkit.patching.counting_table``: contrast R
+    Counting uses the paper's exact protocol (``circuitkit.paper.counting_table``: contrast R
     may change the length, positions aligned by name; contrast F flips one letter)."""
-    from circuitkit.patching import counting_table as paper_table
+    from circuitkit.paper import counting_table as paper_table
     from circuitkit.patching.groups import Group, cumulative_patch, to_markdown
 
     cfg, pm = ctx.cfg, ctx.probed

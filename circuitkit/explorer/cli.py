@@ -1,0 +1,65 @@
+"""``circuitkit serve MODEL [--decoder DEC] [--case DIR] [--host H] [--port N]``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from circuitkit.cli import Output, add_common
+from circuitkit.errors import CircuitkitError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_common(sub.add_parser("serve", help="the live InversionView explorer in the browser (loopback)"))
+    p.add_argument("model", help="probed model checkpoint directory")
+    p.add_argument("--decoder", help="its InversionView decoder (default: exact pool preimages, no decoder)")
+    p.add_argument("--case", help="a case run's findings: a report directory (reports/CASE) or its circuit stage "
+                                  "(runs/CASE/circuit, which also holds the CIs)")
+    p.add_argument("--task", help="task (default: read from the checkpoint)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 = any free port)")
+    p.add_argument("--pool", type=int, default=20000, help="pool inputs for exact preimages without a decoder")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--verbose", action="store_true", help="log every request")
+    p.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> Output:
+    import torch
+
+    from circuitkit.explorer.server import ExplorerServer
+    from circuitkit.explorer.session import Explorer
+    from circuitkit.models.checkpoint import load_probed
+    from circuitkit.validate import check_device, check_range, check_threads
+
+    check_range("--port", args.port, 0, 65535)
+    check_range("--pool", args.pool, 10, 1_000_000)
+    check_threads(args.threads)
+    check_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pm = load_probed(args.model, task=args.task, device=args.device)
+    decoder = None
+    if args.decoder:
+        from circuitkit.inversion.checkpoint import load_decoder
+        from circuitkit.inversion.cli import check_decoder_dir
+
+        check_decoder_dir(args.decoder)
+        decoder = load_decoder(args.decoder, pm, device=args.device)
+    explorer = Explorer(pm, decoder, args.case, pool_size=args.pool)
+    try:
+        server = ExplorerServer(explorer, args.host, args.port, quiet=not args.verbose)
+    except OSError as e:
+        raise CircuitkitError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); choose another --port "
+                              "(0 = any free port)") from None
+    print(f"circuitkit explorer for {pm.task.name} on {server.url}  (Ctrl-C stops it)", flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host}: anyone who can reach this machine can use the explorer",
+              file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return Output({"url": server.url, "stopped": True}, "explorer stopped")

@@ -1,0 +1,171 @@
+"""The live explorer: `circuitkit serve` on the committed addition model, driven by headless Chromium
+(type an input, click a token, pick a site, sample), plus its HTTP answers to bad and concurrent requests."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.browser import CHROMIUM_ARGS, require_chromium
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = REPO / "case_studies" / "models" / "addition"
+
+
+@pytest.fixture(scope="module")
+def server():
+    """`circuitkit serve` in its own process on a free loopback port (pool preimages over 3,000 inputs)."""
+    cmd = [sys.executable, "-m", "circuitkit.cli", "serve", str(MODEL), "--port", "0", "--pool", "3000",
+           "--threads", "1", "--case", str(REPO / "reports" / "addition")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    line = proc.stdout.readline()  # printed once the model is loaded and the port is bound
+    match = re.search(r"(http://127\.0\.0\.1:\d+/)", line)
+    assert match, line + proc.stderr.read() if proc.poll() is not None else line
+    yield match.group(1)
+    os.killpg(proc.pid, signal.SIGTERM)  # stopped by its own PID
+    proc.wait(timeout=30)
+
+
+def _call(url: str, body: object | None = None, raw: bytes | None = None) -> tuple[int, dict]:
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _wait(url: str, job: str) -> dict:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status, s = _call(f"{url}api/jobs/{job}")
+        assert status == 200
+        if s["state"] != "running":
+            return s
+        time.sleep(0.2)
+    raise AssertionError("the preimage job did not finish in 120 s")
+
+
+def test_the_page_samples_a_preimage_beside_the_attention(server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    exe = require_chromium()
+    errors: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1300, "height": 1000})
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" and "400" not in m.text else None)
+        outside = []
+        page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(server) else None)
+        page.goto(server, wait_until="load")
+        page.wait_for_selector(".tok")
+        assert "a1.1" in page.inner_text("#site")  # the page names the model's sites
+        page.fill("#input", "B615+861=1476E")
+        page.click("#analyse")
+        page.wait_for_function("document.querySelectorAll('.tok').length === 14")
+        page.click(".tok[data-pos='8']")  # '='
+        page.select_option("#site", "a1.1")
+        page.click("#sample")
+        page.wait_for_selector("#results tr.sample", timeout=120_000)
+        rows = page.eval_on_selector_all("#results tr.sample", "rs => rs.map(r => [r.innerText, r.dataset.distance])")
+        assert rows[0][0].replace("\t", "").replace("\n", "").endswith("B615+861=1476E")  # the query itself ...
+        assert float(rows[0][1]) <= 0.1  # ... lies within ε of its own activation
+        assert all(float(d1) <= float(d2) for (_, d1), (_, d2) in zip(rows, rows[1:]))  # sorted by distance
+        assert page.locator("#attention .head").count() == 8  # 2 layers x 4 heads at the selected position
+        assert "within ε" in page.inner_text("#progress")
+        page.screenshot(path=str(tmp_path / "explorer.png"), full_page=True)
+        page.fill("#input", "B615+861=1477E")  # a wrong sum
+        page.click("#analyse")
+        page.wait_for_function("document.getElementById('error').textContent.length > 0")
+        assert "is not 615+861 = 1476" in page.inner_text("#error")
+        browser.close()
+    assert outside == [] and errors == [], (outside, errors)
+
+
+@pytest.mark.parametrize("path,body,status,message", [
+    ("api/analyse", {"input": "B615+861=1477E"}, 400, "is not 615+861 = 1476"),
+    ("api/analyse", {"input": 5}, 400, "must be a string"),
+    ("api/preimage", {"input": "B615+861=1476E", "site": "a9.0", "position": 8}, 400, "layer 9 does not exist"),
+    ("api/preimage", {"input": "B615+861=1476E", "site": "a1.1", "position": 14}, 400, "token index 0..13"),
+    ("api/preimage", {"input": "B615+861=1476E", "site": "a1.1@=", "position": 8}, 400, "without a position"),
+    ("api/preimage", {"input": "B615+861=1476E", "site": "nonsense", "position": 8}, 400, "site"),
+    ("api/jobs/ffffffffffff", None, 404, "no job"),
+    ("nowhere", None, 404, "no such page"),
+])
+def test_bad_requests_get_a_4xx_and_a_message(server, path, body, status, message):
+    got, data = _call(server + path, body)
+    assert got == status and message in data["error"], (got, data)
+
+
+def test_garbage_bodies_and_a_flood_of_jobs_do_not_break_the_server(server):
+    assert _call(server + "api/analyse", raw=b"{not json")[0] == 400
+    assert _call(server + "api/analyse", raw=b"[1, 2]")[0] == 400
+    results: list[tuple[int, dict]] = []
+
+    def one() -> None:
+        results.append(_call(server + "api/preimage", {"input": "B615+861=1476E", "site": "m0", "position": 3,
+                                                       "samples": 8}))
+
+    threads = [threading.Thread(target=one) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    codes = [c for c, _ in results]
+    assert set(codes) <= {202, 429} and 202 in codes and 429 in codes, codes  # bounded, never a 500
+    assert all("already being sampled" in d["error"] for c, d in results if c == 429)
+    for c, d in results:
+        if c == 202:
+            assert _wait(server, d["job"])["state"] == "done"
+    status, info = _call(server + "api/info")
+    assert status == 200 and info["source"] == "pool"
+
+
+def test_a_finished_job_exports_the_report_panel(server):
+    status, job = _call(server + "api/preimage", {"input": "B615+861=1476E", "site": "a0.0", "position": 8,
+                                                  "samples": 16})
+    assert status == 202
+    done = _wait(server, job["job"])
+    assert done["state"] == "done" and done["result"]["samples"][0]["distance"] == 0.0
+    with urllib.request.urlopen(f"{server}api/jobs/{job['job']}/panel", timeout=30) as r:
+        html = r.read().decode()
+        assert "attachment" in r.headers["Content-Disposition"]
+    assert html.startswith("<!doctype html>") and "ε = 0.1" in html and "B615+861=1476E" in html
+
+
+def test_with_a_decoder_the_explorer_samples_and_colours(tmp_path):
+    """Decoder mode in process: the requested number of samples over the paper's grid, each re-run through
+    the model and coloured, and a site the decoder was not trained on is refused by name."""
+    from circuitkit.errors import CircuitkitError
+    from circuitkit.explorer.session import Explorer
+    from circuitkit.inversion.checkpoint import load_decoder
+    from circuitkit.inversion.sample import PAPER_GRID
+    from circuitkit.inversion.train import DecoderTrainConfig, train_decoder
+    from circuitkit.models.checkpoint import load_probed
+    from circuitkit.sites import parse_site
+
+    pm = load_probed(MODEL)
+    train_decoder(pm, tmp_path / "dec", DecoderTrainConfig(steps=3, d_model=16, cond_mid=32, batch_size=8,
+                                                           final_eval_queries=0), sites=[parse_site("a1.1")],
+                  progress=False)
+    ex = Explorer(pm, load_decoder(tmp_path / "dec", pm))
+    assert ex.sites() == ["a1.1"] and ex.info()["source"] == "decoder"
+    r = ex.preimage("a1.1", 8, "B615+861=1476E", n_samples=64)
+    per_cell = -(-64 // len(PAPER_GRID))
+    assert r["n_samples"] == per_cell * len(PAPER_GRID) and len(r["samples"]) <= 100
+    assert all(len(s["colours"]) == len(s["tokens"]) for s in r["samples"])
+    assert [s["distance"] for s in r["samples"]] == sorted(s["distance"] for s in r["samples"])
+    with pytest.raises(CircuitkitError, match="not available here; valid: a1.1"):
+        ex.preimage("a0.0", 8, "B615+861=1476E")
