@@ -84,8 +84,8 @@ def main() -> int:
     }
     if args.task == "addition" and args.exact_queries > 0:
         from circuitkit.inversion.data import held_out_queries
-        from circuitkit.inversion.exact import all_addition_inputs, exact_distances, score_against_exact
         from circuitkit.inversion.preimage import invert_activation
+        from circuitkit.paper.addition_exact import all_addition_inputs, exact_distances, score_against_exact
 
         ids, _, _ = all_addition_inputs(pm.task)
         rows = []
