@@ -121,10 +121,6 @@ class Site:
         """Blocks that must run to compute this site (``stop_at_layer`` for the runner)."""
         return 0 if self.layer is None else self.layer + 1
 
-    @property
-    def is_pattern(self) -> bool:
-        return self.kind == "pattern"
-
     # ---- reading activations --------------------------------------------------------------
     def select(self, act: Tensor, positions: Tensor | None = None) -> Tensor:
         """This site's slice of its hook's activation.

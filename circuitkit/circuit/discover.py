@@ -114,9 +114,6 @@ class Discovery:
                              self.explained_share),
                             {"controls_summary": self.verification.controls_summary(), "timings_s": self.timings})
 
-    def circuit_sites(self) -> list[str]:
-        return [n for n, d in self.graph.nodes(data=True) if d["kind"] == "site"]
-
 
 def _node_sites(vr: VerificationReport) -> list[str]:
     return list(dict.fromkeys(n.site for n in vr.nodes))

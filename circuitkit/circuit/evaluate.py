@@ -376,9 +376,6 @@ class AblationEvaluator:
         return Mask(torch.zeros(self.L, self.n, self.seq, self.H, dtype=torch.bool),
                     torch.zeros(self.L, self.n, self.seq, dtype=torch.bool))
 
-    def all_mask(self) -> Mask:
-        return ~self.none_mask()
-
     def rest_mask(self) -> Mask:
         """Every component at a position that has no name in that input."""
         un = ~self.named_rows()

@@ -171,15 +171,6 @@ class FeatureTable:
     def value(self, name: str, code: int) -> Hashable | None:
         return None if code < 0 else self.values[self.index(name)][code]
 
-    def encode_value(self, name: str, value: Hashable | None) -> int:
-        """Code of ``value`` for feature ``name`` (−2 if never seen: matches nothing, not even undefined)."""
-        if value is None:
-            return -1
-        try:
-            return self.values[self.index(name)].index(value)
-        except ValueError:
-            return -2
-
 
 def build_table(features: Mapping[str, AnyFeature], items: Sequence[tuple[Tokens, int | None]],
                 code_books: Mapping[str, dict] | None = None) -> FeatureTable:

@@ -159,5 +159,3 @@ class InversionDecoder(nn.Module):
         return logits
 
 
-def build_decoder(cfg: DecoderConfig) -> InversionDecoder:
-    return InversionDecoder(cfg)

@@ -6,7 +6,7 @@ a batch of ``b`` examples (``n = k * b``); ``evaluate`` repeats the context to m
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -141,5 +141,3 @@ def evaluate(metric: str | MetricFn, logits: Tensor, ctx: MetricContext) -> Tens
     return vals.reshape(copies, b)
 
 
-def metric_names() -> Sequence[str]:
-    return list(METRICS)

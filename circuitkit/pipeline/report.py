@@ -199,6 +199,7 @@ def circuit_section(report: Report, res: dict[str, Any], ctx: RunContext) -> Non
 
     s2 = report.section("Verification by interchange on fair pairs")
     s2.add(f"Rules: {ver.get('thresholds_text', '')}.")
+
     def node_rows(nodes):
         return [[n["site"], ", ".join(n["features"]), ", ".join(n["targets"]),
                  _ci_text(n.get("iia"), n.get("iia_ci")), n["effect"], ", ".join(n.get("hold", [])) or "nothing",

@@ -33,26 +33,6 @@ def heatmap(values: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[
     return _png(fig)
 
 
-def bars_with_ci(labels: Sequence[str], values: Sequence[float], lows: Sequence[float], highs: Sequence[float],
-                 title: str, ylabel: str, null_values: Sequence[float] | None = None) -> bytes:
-    """Bars with 95% CI whiskers; optional null-control bars beside them."""
-    x = np.arange(len(labels))
-    w = 0.38 if null_values is not None else 0.7
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(labels) + 2), 3.2))
-    v = np.asarray(values, dtype=float)
-    err = np.vstack([v - np.asarray(lows, dtype=float), np.asarray(highs, dtype=float) - v])
-    ax.bar(x - (w / 2 if null_values is not None else 0), v, w, yerr=np.abs(err), capsize=3, label="model",
-           color="#3b6fb6")
-    if null_values is not None:
-        ax.bar(x + w / 2, null_values, w, label="null control", color="#bbbbbb")
-        ax.legend(fontsize=8)
-    ax.set_xticks(x, labels=list(labels), rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.axhline(0, color="black", lw=0.6)
-    return _png(fig)
-
-
 def line_plot(xs: Sequence[float], series: dict[str, Sequence[float]], title: str, xlabel: str, ylabel: str,
               hline: float | None = None) -> bytes:
     fig, ax = plt.subplots(figsize=(5.5, 3.2))

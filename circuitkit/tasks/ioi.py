@@ -85,6 +85,7 @@ N_TRAIN = 100_000
 N_TEST = 10_000
 TEST_FRACTION = 0.2
 
+
 def render(template: int, family: str, io: str, s: str, place: str, obj: str) -> str:
     """The sentence (no BOS/EOS) of base template ``template`` in ``family`` ("ABBA" or "BABA")."""
     n1, n2 = (io, s) if family == "ABBA" else (s, io)
