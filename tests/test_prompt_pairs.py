@@ -105,6 +105,7 @@ def test_sweep_and_claim_run_end_to_end(pairs_model, capsys):
     (lambda rows: [{**rows[0], "counterfactual_answer": rows[0]["answer"]}] + rows[1:], r"start with the same token"),
     (lambda rows: [{**rows[0], "prompt": rows[0]["prompt"].replace("[OBJ:", "[IO:")}] + rows[1:], r"used twice"),
     (lambda rows: [{**rows[0], "prompt": rows[0]["prompt"] + " ["}] + rows[1:], r"not part of a \[NAME:text\] span"),
+    (lambda rows: rows + [rows[3]], r"row 61: its prompt .* repeats one of an earlier row"),
 ])
 def test_malformed_pair_files_are_named(pairs_model, tmp_path, mutate, message):
     model_dir, jsonl = pairs_model

@@ -44,7 +44,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from circuitkit.circuit.evaluate import (
@@ -287,16 +286,14 @@ def _run(ev: AblationEvaluator, plan: _Plan) -> list[Tensor]:
             x = ev.empty_resid(nd.read)[sl].clone()
             for s in plan.incoming[nd.name]:
                 x = x + delta[s.name]
-            L, w = nd.site.layer, r_.layers[nd.site.layer]
+            L = nd.site.layer
             if nd.role == "head":
                 hook = f"blocks.{L}.attn.hook_z"
                 _, c = r_.run(ids, start_at_layer=L, stop_at_layer=L + 1, resid=x, cache=[hook], return_logits=False)
                 dz = (c[hook] - ev.src_z[L][sl])[:, :, nd.heads]  # [b, pos, h, d_head]
-                d = torch.einsum("bphe,hed->bpd", dz, w.W_O[nd.heads])
+                d = r_.head_out(L, dz, nd.heads)
             else:
-                h2 = F.layer_norm(x, (r_.d_model,), w.ln2_w, w.ln2_b, r_.eps)
-                out = r_.act_fn(h2 @ w.W_in + w.b_in) @ w.W_out + w.b_out
-                d = out - ev.src_mlp[L][sl]
+                d = r_.mlp(L, r_.norm2(L, x)) - ev.src_mlp[L][sl]
             delta[nd.name] = d * rows
         ps = ev._pairs_of(sl)
         p_rows = torch.as_tensor(ev.pair_input[ps] - sl.start, device=dev)

@@ -116,7 +116,7 @@ def _dist_info() -> tuple[int, int]:
 
 def build_for(probed: ProbedModel, sites: Sequence[Site], cfg: DecoderTrainConfig) -> InversionDecoder:
     dcfg = DecoderConfig(vocab_size=len(probed.task.vocab), seq_len=probed.task.seq_len,
-                         act_dim=probed.hf_model.config.n_embd, n_sites=len(sites), d_model=cfg.d_model,
+                         act_dim=probed.runner.d_model, n_sites=len(sites), d_model=cfg.d_model,
                          n_layers=cfg.n_layers, n_heads=cfg.n_heads, cond_mid=cfg.cond_mid,
                          n_cond_blocks=cfg.n_cond_blocks)
     torch.manual_seed(cfg.seed)

@@ -1,5 +1,5 @@
 """Probed models: training, loading, evaluating and running them."""
 from circuitkit.models.checkpoint import ProbedModel, load_probed, save_probed
-from circuitkit.models.runner import GPT2Runner
+from circuitkit.models.runner import ModelRunner
 
-__all__ = ["GPT2Runner", "ProbedModel", "load_probed", "save_probed"]
+__all__ = ["ModelRunner", "ProbedModel", "load_probed", "save_probed"]

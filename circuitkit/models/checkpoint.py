@@ -1,4 +1,4 @@
-"""Probed-model checkpoints: ordinary HuggingFace GPT-2 directories plus circuitkit metadata.
+"""Probed-model checkpoints: ordinary Hugging Face GPT-2, GPT-NeoX or Llama directories plus circuitkit metadata.
 
 A checkpoint directory holds ``config.json`` and ``model.safetensors`` (or the older
 ``pytorch_model.bin``), and when written by circuitkit also ``circuitkit.json`` (which task),
@@ -16,7 +16,8 @@ import torch
 
 from circuitkit.errors import CircuitkitError, choices_hint
 from circuitkit.io_utils import safe_torch_load
-from circuitkit.models.runner import GPT2Runner
+from circuitkit.models.architectures import SUPPORTED, architecture
+from circuitkit.models.runner import ModelRunner
 from circuitkit.tasks import Task
 from circuitkit.tasks.registry import load_task, task_from_record, task_names, task_record
 from circuitkit.validate import check_device, check_weight_dir, read_json
@@ -68,50 +69,78 @@ def read_architecture(path: str | Path) -> tuple[int, int]:
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise CircuitkitError(f"{str(path / 'config.json')!r} does not give a positive {name} "
                                   "(n_layer / num_hidden_layers, n_head / num_attention_heads)")
-    if cfg.get("model_type") == "gpt2":  # the weights must be the model config.json describes
-        quiet_transformers()
-        from transformers import GPT2Config
-
-        config = GPT2Config.from_pretrained(path, local_files_only=True)
-        check_config(config, path)
+    if cfg.get("model_type") in SUPPORTED:  # the weights must be the model config.json describes
+        config = _read_config(path)
         check_weights_match_config(path, config)
     return layers, heads
 
 
-def _load_hf(path: Path, device: str) -> torch.nn.Module:
-    quiet_transformers()
-    from transformers import GPT2Config, GPT2LMHeadModel
+#: config.json keys of each supported family that must be positive integers: (layers, heads, width, vocab, context)
+_SIZE_KEYS = {"gpt2": ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions"),
+              "gpt_neox": ("num_hidden_layers", "num_attention_heads", "hidden_size", "vocab_size",
+                           "max_position_embeddings"),
+              "llama": ("num_hidden_layers", "num_attention_heads", "hidden_size", "vocab_size",
+                        "max_position_embeddings")}
 
-    read_json(path / "config.json", "model config")  # encoding and JSON errors named plainly
+
+def _read_config(path: Path) -> Any:
+    """The checkpoint's HF config, of a supported family, with sane sizes (``check_config``)."""
+    quiet_transformers()
+    from transformers import AutoConfig
+
+    raw = read_json(path / "config.json", "model config")  # encoding and JSON errors named plainly
+    family = raw.get("model_type") if isinstance(raw, dict) else None
+    if family not in SUPPORTED:
+        raise CircuitkitError(f"{str(path)!r} holds a {family!r} model; circuitkit probes {', '.join(SUPPORTED)} "
+                              "checkpoints")
     try:
-        config = GPT2Config.from_pretrained(path, local_files_only=True)
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - any parse failure is a corrupt checkpoint to the user
         raise CircuitkitError(f"cannot read {str(path / 'config.json')!r}: {e}") from None
-    if config.model_type != "gpt2":
-        raise CircuitkitError(f"{str(path)!r} holds a {config.model_type!r} model; circuitkit probes GPT-2-family models")
     check_config(config, path)
+    return config
+
+
+def _load_hf(path: Path, device: str) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    config = _read_config(path)
     try:
         check_weight_dir(path)
         check_weights_match_config(path, config)
     except CircuitkitError as e:
         raise CircuitkitError(f"cannot load the weights in {str(path)!r}: {e}") from None
     try:
-        model = GPT2LMHeadModel.from_pretrained(path, config=config, local_files_only=True)
+        model, info = AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True,
+                                                           output_loading_info=True)
     except Exception as e:  # noqa: BLE001
         raise CircuitkitError(f"cannot load the weights in {str(path)!r} (corrupt or incomplete?): {e}") from None
+    problems = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys")
+                and v}
+    if problems:  # transformers would initialise a missing tensor at random and only warn
+        raise CircuitkitError(f"the weights in {str(path)!r} do not match its config.json: " + "; ".join(
+            f"{k.replace('_', ' ')}: {_names([str(x) for x in v])}" for k, v in problems.items()))
     check_finite(model, path)
+    architecture(model)  # wiring the runner cannot reproduce is refused here, by name
     return model.to(device).eval()
 
 
 def check_config(config: Any, path: Path) -> None:
-    """Sizes in config.json that no GPT-2 can have (a hand edit gone wrong) are refused by name."""
+    """Sizes in config.json that no model can have (a hand edit gone wrong) are refused by name."""
     where = str(path / "config.json")
-    for name in ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions"):
+    keys = _SIZE_KEYS[config.model_type]
+    for name in keys:
         v = getattr(config, name, None)
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise CircuitkitError(f"{where!r}: {name} must be a positive integer, got {v!r}")
-    if config.n_embd % config.n_head:
-        raise CircuitkitError(f"{where!r}: n_embd {config.n_embd} is not divisible by n_head {config.n_head}")
+    width, heads = getattr(config, keys[2]), getattr(config, keys[1])
+    if width % heads and not getattr(config, "head_dim", None):
+        raise CircuitkitError(f"{where!r}: {keys[2]} {width} is not divisible by {keys[1]} {heads}")
+
+
+def context_length(config: Any) -> int:
+    """How many positions the model takes (n_positions / max_position_embeddings)."""
+    return getattr(config, "n_positions", None) or config.max_position_embeddings
 
 
 def _tensor_shapes(path: Path) -> tuple[Path, dict[str, tuple[int, ...]]]:
@@ -137,15 +166,18 @@ def _norm(name: str) -> str:
 
 
 def check_weights_match_config(path: Path, config: Any) -> None:
-    """The weights file holds exactly the tensors config.json describes, with their shapes.
+    """The weights file holds exactly the tensors config.json describes, with their shapes (GPT-2, read from
+    the file's header before loading; other families are checked by the loader's report, ``_load_hf``).
 
     transformers would otherwise initialise a missing layer at random (or drop an extra one) and only
     warn; a model that silently is not the one trained must never be probed.
     """
-    from transformers import GPT2LMHeadModel
+    if config.model_type != "gpt2":
+        return
+    from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        expected = {_norm(k): tuple(v.shape) for k, v in GPT2LMHeadModel(config).state_dict().items()}
+        expected = {_norm(k): tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
     file, found = _tensor_shapes(path)
     present = {_norm(k): v for k, v in found.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
     optional = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", True) else set()
@@ -154,7 +186,7 @@ def check_weights_match_config(path: Path, config: Any) -> None:
     wrong = sorted(k for k in set(expected) & set(present) if expected[k] != present[k])
     if not (missing or extra or wrong):
         return
-    dims = f"n_layer={config.n_layer}, n_head={config.n_head}, n_embd={config.n_embd}, vocab_size={config.vocab_size}"
+    dims = ", ".join(f"{k}={getattr(config, k)}" for k in _SIZE_KEYS[config.model_type][:4])
     parts = []
     if missing:
         parts.append(f"missing {len(missing)} tensor(s): {_names(missing)}")
@@ -190,7 +222,7 @@ def check_vocab(task: Task, hf_model: torch.nn.Module, meta: dict[str, Any], whe
     stored = meta.get("task_spec", {}).get("vocab")
     if stored is not None and list(stored) != list(task.vocab.tokens):
         raise CircuitkitError(f"checkpoint {where!r} was trained with a different vocabulary than task {task.name!r}")
-    n_pos = hf_model.config.n_positions
+    n_pos = context_length(hf_model.config)
     if n_pos < task.seq_len:
         raise CircuitkitError(
             f"checkpoint {where!r} has n_positions {n_pos} < the task's sequence length {task.seq_len}"
@@ -207,8 +239,8 @@ class ProbedModel:
     meta: dict[str, Any] = field(default_factory=dict)
 
     @cached_property
-    def runner(self) -> GPT2Runner:
-        return GPT2Runner(self.hf_model)
+    def runner(self) -> ModelRunner:
+        return ModelRunner(self.hf_model)
 
     @property
     def device(self) -> torch.device:
@@ -216,11 +248,11 @@ class ProbedModel:
 
     @property
     def n_layers(self) -> int:
-        return self.hf_model.config.n_layer
+        return self.runner.n_layers
 
     @property
     def n_heads(self) -> int:
-        return self.hf_model.config.n_head
+        return self.runner.n_heads
 
     def bridge(self):
         """A TransformerLens ``TransformerBridge`` over the same weights (the reference path)."""

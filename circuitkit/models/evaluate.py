@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from circuitkit.models.runner import GPT2Runner
+from circuitkit.models.runner import ModelRunner
 from circuitkit.tasks.base import Task
 
 
@@ -30,7 +30,7 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def greedy_complete(runner: GPT2Runner, task: Task, ids: Tensor, prompt_len: Tensor) -> Tensor:
+def greedy_complete(runner: ModelRunner, task: Task, ids: Tensor, prompt_len: Tensor) -> Tensor:
     """Greedy decoding: keep each row's first ``prompt_len`` tokens, generate the rest.
 
     ids: [batch, seq_len]; prompt_len: [batch].  Returns generated ids [batch, seq_len] where
@@ -58,7 +58,7 @@ def _answer_span_equal(task: Task, gen: Tensor, ref: Tensor, prompt_len: Tensor)
 
 
 @torch.no_grad()
-def evaluate_texts(runner: GPT2Runner, task: Task, texts: Sequence[str], batch_size: int = 2048,
+def evaluate_texts(runner: ModelRunner, task: Task, texts: Sequence[str], batch_size: int = 2048,
                    progress: bool = False) -> dict:
     """Task metric(s) over ``texts`` with 95% Wilson intervals."""
     correct = 0
@@ -102,7 +102,7 @@ def evaluate_texts(runner: GPT2Runner, task: Task, texts: Sequence[str], batch_s
     return out
 
 
-def evaluate_model(runner: GPT2Runner, task: Task, split: str = "test", limit: int | None = 20000,
+def evaluate_model(runner: ModelRunner, task: Task, split: str = "test", limit: int | None = 20000,
                    seed: int = 0, progress: bool = False) -> dict:
     """Evaluate on (a seeded random subset of ``limit`` examples of) a split; ``limit=None`` = all."""
     texts = task.split(split)

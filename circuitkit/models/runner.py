@@ -1,134 +1,193 @@
-"""A lean, exact re-implementation of the GPT-2 forward pass with TransformerLens hook names.
+"""The one forward pass every engine uses: a lean, exact re-implementation of GPT-2, GPT-NeoX/Pythia and
+Llama-style blocks with TransformerLens hook names, plus the block pieces engines recompute for receivers.
 
-Why not only the TransformerLens bridge: circuitkit runs the probed model millions of times
-(decoder training pairs, re-running every decoder sample, patching sweeps).  The bridge wraps
-HuggingFace modules and fires ~45 hook points per layer; this runner reads the same weights,
-computes only what is asked for, can stop after the last layer needed and can *start* at any
-layer from a given residual stream.  ``tests/test_runner.py`` checks that every activation equals
-the bridge's ``run_with_cache`` (|Δ| ≤ 1e-4), so the bridge stays the reference.
+Why not only the TransformerLens bridge: circuitkit runs the probed model millions of times (decoder
+training pairs, re-running every decoder sample, patching sweeps).  The bridge wraps the HF modules and fires
+~45 hook points per layer; this runner reads the same weights (``models/architectures.py``), computes only
+what is asked for, can stop after the last layer needed and can *start* at any layer from a given residual
+stream.  ``tests/test_runner.py`` and ``tests/test_architectures.py`` check it against the bridge
+(|Δ| ≤ 1e-4), so the bridge stays the reference.
 
 Hook names (TransformerLens canonical):
-    hook_embed, hook_pos_embed                                 [batch, pos, d_model]
+    hook_embed, hook_pos_embed (learned positions only)        [batch, pos, d_model]
     blocks.L.hook_resid_pre / hook_resid_mid / hook_resid_post [batch, pos, d_model]
-    blocks.L.attn.hook_q / hook_k / hook_v / hook_z            [batch, pos, head, d_head]
+    blocks.L.attn.hook_q                                       [batch, pos, head, d_head]
+    blocks.L.attn.hook_k / hook_v                              [batch, pos, kv_head, d_head]
+    blocks.L.attn.hook_rot_q / hook_rot_k (rotary only)        q and k after the rotation
     blocks.L.attn.hook_attn_scores / hook_pattern              [batch, head, query_pos, key_pos]
+    blocks.L.attn.hook_z                                       [batch, pos, head, d_head]
     blocks.L.attn.hook_result                                  [batch, pos, head, d_model]
     blocks.L.hook_attn_out, blocks.L.hook_mlp_out              [batch, pos, d_model]
-    blocks.L.mlp.hook_pre / hook_post                          [batch, pos, d_mlp]
+    blocks.L.mlp.hook_pre / hook_pre_linear (gated) / hook_post [batch, pos, d_mlp]
     ln_final.hook_normalized                                   [batch, pos, d_model]
-A hook is ``fn(tensor) -> tensor | None``; returning a tensor replaces the activation.
+With a parallel residual (NeoX), the MLP reads the block's input and ``hook_resid_mid`` is resid_pre +
+attn_out.  A hook is ``fn(tensor) -> tensor | None``; returning a tensor replaces the activation.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from circuitkit.models.architectures import ACTIVATIONS, LayerWeights, architecture, read_weights
+
 Hook = Callable[[Tensor], "Tensor | None"]
 
-_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu": F.gelu,
-    "relu": F.relu,
-    "silu": F.silu,
-}
 
-
-@dataclass
-class LayerWeights:
-    """Weights of one GPT-2 block in TransformerLens layout."""
-
-    ln1_w: Tensor  # [d_model]
-    ln1_b: Tensor
-    W_Q: Tensor  # [head, d_model, d_head]
-    W_K: Tensor
-    W_V: Tensor
-    b_Q: Tensor  # [head, d_head]
-    b_K: Tensor
-    b_V: Tensor
-    W_O: Tensor  # [head, d_head, d_model]
-    b_O: Tensor  # [d_model]
-    ln2_w: Tensor
-    ln2_b: Tensor
-    W_in: Tensor  # [d_model, d_mlp]
-    b_in: Tensor
-    W_out: Tensor  # [d_mlp, d_model]
-    b_out: Tensor
-
-
-class GPT2Runner:
-    """Runs a HuggingFace ``GPT2LMHeadModel``'s weights with hooks; differentiable, any device."""
+class ModelRunner:
+    """Runs a supported HF causal LM's weights with hooks; differentiable, any device."""
 
     def __init__(self, hf_model: torch.nn.Module) -> None:
-        cfg = hf_model.config
-        if getattr(cfg, "scale_attn_by_inverse_layer_idx", False) or getattr(cfg, "reorder_and_upcast_attn", False):
-            raise NotImplementedError("GPT2Runner supports the standard GPT-2 attention scaling only")
-        self.n_layers: int = cfg.n_layer
-        self.n_heads: int = cfg.n_head
-        self.d_model: int = cfg.n_embd
-        self.d_head: int = cfg.n_embd // cfg.n_head
-        self.n_ctx: int = cfg.n_positions
-        self.d_vocab: int = cfg.vocab_size
-        self.eps: float = cfg.layer_norm_epsilon
-        self.scale_attn: bool = getattr(cfg, "scale_attn_weights", True)
-        act = cfg.activation_function
-        if act not in _ACTIVATIONS:
-            raise NotImplementedError(f"activation {act!r} not supported; supported: {sorted(_ACTIVATIONS)}")
-        self.act_fn = _ACTIVATIONS[act]
         self.hf_model = hf_model
+        self.arch = a = architecture(hf_model)
+        self.n_layers, self.n_heads, self.n_kv_heads = a.n_layers, a.n_heads, a.n_kv_heads
+        self.d_model, self.d_head, self.n_ctx, self.d_vocab, self.eps = a.d_model, a.d_head, a.n_ctx, a.d_vocab, a.eps
+        self.act_fn = ACTIVATIONS[a.act]
         self.refresh()
 
     def refresh(self) -> None:
-        """Re-read the weights from the HF model (views, no copies: gradients flow to it)."""
-        tr = self.hf_model.transformer
-        h, dh, d = self.n_heads, self.d_head, self.d_model
-        self.W_E: Tensor = tr.wte.weight  # [vocab, d_model]
-        self.W_pos: Tensor = tr.wpe.weight  # [n_ctx, d_model]
-        self.lnf_w, self.lnf_b = tr.ln_f.weight, tr.ln_f.bias
-        self.W_U: Tensor = self.hf_model.lm_head.weight  # [vocab, d_model]
-        self.b_U: Tensor | None = getattr(self.hf_model.lm_head, "bias", None)
-        self.layers: list[LayerWeights] = []
-        for blk in tr.h:
-            W = blk.attn.c_attn.weight  # [d_model, 3*d_model] (Conv1D: x @ W)
-            b = blk.attn.c_attn.bias
-            Wq, Wk, Wv = W.split(d, dim=1)
-            bq, bk, bv = b.split(d, dim=0)
-            per_head = lambda M: M.reshape(d, h, dh).permute(1, 0, 2)  # noqa: E731
-            self.layers.append(
-                LayerWeights(
-                    ln1_w=blk.ln_1.weight, ln1_b=blk.ln_1.bias,
-                    W_Q=per_head(Wq), W_K=per_head(Wk), W_V=per_head(Wv),
-                    b_Q=bq.reshape(h, dh), b_K=bk.reshape(h, dh), b_V=bv.reshape(h, dh),
-                    W_O=blk.attn.c_proj.weight.reshape(h, dh, d), b_O=blk.attn.c_proj.bias,
-                    ln2_w=blk.ln_2.weight, ln2_b=blk.ln_2.bias,
-                    W_in=blk.mlp.c_fc.weight, b_in=blk.mlp.c_fc.bias,
-                    W_out=blk.mlp.c_proj.weight, b_out=blk.mlp.c_proj.bias,
-                )
-            )
+        """Re-read the weights from the HF model (views: gradients flow to it, never stale after a step)."""
+        w = read_weights(self.hf_model, self.arch)
+        self.W_E, self.W_pos, self.lnf_w, self.lnf_b, self.W_U, self.b_U = w.W_E, w.W_pos, w.lnf_w, w.lnf_b, w.W_U, w.b_U
+        self.layers: list[LayerWeights] = w.layers
 
     @property
     def device(self) -> torch.device:
         return self.W_E.device
 
-    # ------------------------------------------------------------------------------------
+    # ---- block pieces (the only copy of the block maths) -------------------------------------
+    def norm(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        """LayerNorm (with its affine map) or RMSNorm, over the last dimension."""
+        if self.arch.norm == "rms":
+            xf = x.float()
+            return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return F.layer_norm(x, (self.d_model,), w, b, self.eps)
+
+    def project(self, L: int, which: str, h: Tensor, head: int | None = None) -> Tensor:
+        """q / k / v of block ``L`` from its normalised input h [..., d_model] -> [..., head, d_head], or
+        [..., d_head] for one ``head`` (before any rotation; k and v are indexed by key/value head)."""
+        w = self.layers[L]
+        W, b = {"q": (w.W_Q, w.b_Q), "k": (w.W_K, w.b_K), "v": (w.W_V, w.b_V)}[which]
+        if head is not None:
+            return h @ W[head] + b[head]
+        return torch.einsum("...d,hde->...he", h, W) + b
+
+    def rotate(self, x: Tensor, positions: Tensor) -> Tensor:
+        """Rotary embedding of q or k x [batch, pos, head, d_head] at ``positions`` [pos] or [batch, pos]
+        (the first ``rotary_dim`` dims, halves rotated as in GPT-NeoX and Llama); identity without rotary."""
+        r = self.arch.rotary_dim
+        if not r:
+            return x
+        inv = 1.0 / (self.arch.rotary_base ** (torch.arange(0, r, 2, device=x.device, dtype=torch.float) / r))
+        ang = positions.to(x.device).float()[..., None] * inv  # [(batch,) pos, r/2]
+        ang = torch.cat([ang, ang], dim=-1)
+        cos, sin = ang.cos().to(x.dtype).unsqueeze(-2), ang.sin().to(x.dtype).unsqueeze(-2)  # [.., pos, 1, r]
+        xr, xp = x[..., :r], x[..., r:]
+        half = torch.cat([-xr[..., r // 2:], xr[..., : r // 2]], dim=-1)
+        return torch.cat([xr * cos + half * sin, xp], dim=-1)
+
+    def expand_kv(self, x: Tensor) -> Tensor:
+        """Key/value heads repeated to the query heads (grouped-query attention): [..., kv, e] -> [..., head, e]."""
+        rep = self.n_heads // self.n_kv_heads
+        return x if rep == 1 else x.repeat_interleave(rep, dim=-2)
+
+    def scale(self, scores: Tensor) -> Tensor:
+        return scores / math.sqrt(self.d_head) if self.arch.scale_attn else scores
+
+    def head_out(self, L: int, z: Tensor, heads: Tensor | list[int] | None = None) -> Tensor:
+        """Summed output of ``heads`` (default all) of block ``L``: z [..., head, d_head] -> [..., d_model] (no bias)."""
+        W_O = self.layers[L].W_O if heads is None else self.layers[L].W_O[heads]
+        return torch.einsum("...he,hed->...d", z, W_O)
+
+    def mlp_pre(self, L: int, h: Tensor) -> Tensor:
+        """``mlp.hook_pre`` from the MLP's normalised input (the gate's pre-activation when gated)."""
+        w = self.layers[L]
+        return h @ w.W_gate if w.W_gate is not None else h @ w.W_in + w.b_in
+
+    def mlp_pre_linear(self, L: int, h: Tensor) -> Tensor:
+        """``mlp.hook_pre_linear`` of a gated MLP: the linear half, from the MLP's normalised input."""
+        w = self.layers[L]
+        return h @ w.W_in + w.b_in
+
+    def mlp_from_pre(self, L: int, pre: Tensor, h: Tensor) -> Tensor:
+        """The MLP's output [..., d_model] from its pre-activation (and its normalised input, for the gate)."""
+        w = self.layers[L]
+        post = self.act_fn(pre) * self.mlp_pre_linear(L, h) if w.W_gate is not None else self.act_fn(pre)
+        return post @ w.W_out + w.b_out
+
+    def mlp(self, L: int, h: Tensor) -> Tensor:
+        """Block ``L``'s MLP output from its normalised input h [..., d_model]."""
+        return self.mlp_from_pre(L, self.mlp_pre(L, h), h)
+
+    def mlp_input(self, L: int, resid_pre: Tensor, resid_mid: Tensor) -> Tensor:
+        """What block ``L``'s MLP normalises: resid_mid, or the block's input with a parallel residual."""
+        return resid_pre if self.arch.parallel else resid_mid
+
+    def mlp_input_hook(self, L: int) -> str:
+        """The hook holding what block ``L``'s MLP normalises (see ``mlp_input``)."""
+        return f"blocks.{L}.hook_resid_pre" if self.arch.parallel else f"blocks.{L}.hook_resid_mid"
+
+    def norm2(self, L: int, x: Tensor) -> Tensor:
+        """Block ``L``'s MLP norm of x (its ``mlp_input``)."""
+        return self.norm(x, self.layers[L].ln2_w, self.layers[L].ln2_b)
+
+    def norm1(self, L: int, x: Tensor) -> Tensor:
+        """Block ``L``'s attention norm of its resid_pre x."""
+        return self.norm(x, self.layers[L].ln1_w, self.layers[L].ln1_b)
+
+    def final_normalized(self, x: Tensor) -> Tensor:
+        """``ln_final.hook_normalized``: the final norm before its affine map (as in TransformerLens)."""
+        if self.arch.norm == "rms":
+            xf = x.float()
+            return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return F.layer_norm(x, (self.d_model,), eps=self.eps)
+
+    def unembed_normalized(self, xn: Tensor) -> Tensor:
+        """Logits [..., vocab] from ``final_normalized`` output: the norm's affine map, then W_U (and b_U)."""
+        y = xn * self.lnf_w if self.lnf_b is None else xn * self.lnf_w + self.lnf_b
+        logits = y @ self.W_U.T
+        return logits if self.b_U is None else logits + self.b_U
+
+    def unembed(self, x: Tensor) -> Tensor:
+        """Final norm and unembedding: x [..., d_model] -> logits [..., vocab]."""
+        return self.unembed_normalized(self.final_normalized(x))
+
+    def block_at_rows(self, L: int, x: Tensor, t: Tensor) -> Tensor:
+        """Block ``L`` for one row per example: x [n, pos, d_model] (its resid_pre), t [n] -> resid_post [n, d_model].
+        Keys and values come from every position up to t; the query, the MLP and the output only from row t."""
+        w, n = self.layers[L], x.shape[0]
+        rows = torch.arange(n, device=x.device)
+        pos = torch.arange(x.shape[1], device=x.device)
+        h1 = self.norm1(L, x)
+        k = self.expand_kv(self.rotate(self.project(L, "k", h1), pos))  # [n, pos, head, d_head]
+        v = self.expand_kv(self.project(L, "v", h1))
+        q = self.rotate(self.project(L, "q", h1[rows, t]).unsqueeze(1), t[:, None]).squeeze(1)  # [n, head, d_head]
+        scores = self.scale(torch.einsum("bhe,bkhe->bhk", q, k))
+        future = pos[None, :] > t[:, None]
+        scores = scores.masked_fill(future[:, None, :], torch.finfo(scores.dtype).min)
+        z = torch.einsum("bhk,bkhe->bhe", scores.softmax(-1), v)
+        xt = x[rows, t]
+        mid = xt + self.head_out(L, z) + w.b_O
+        return mid + self.mlp(L, self.norm2(L, self.mlp_input(L, xt, mid)))
+
+    # ---- the forward pass --------------------------------------------------------------------
     def hook_names(self) -> list[str]:
         """All hook points this runner fires, in execution order."""
-        names = ["hook_embed", "hook_pos_embed"]
+        rotary = bool(self.arch.rotary_dim)
+        gated = self.layers[0].W_gate is not None if self.layers else False
+        names = ["hook_embed"] + ([] if rotary else ["hook_pos_embed"])
         for L in range(self.n_layers):
             p = f"blocks.{L}."
-            names += [p + "hook_resid_pre"]
-            names += [p + f"attn.hook_{x}" for x in ("q", "k", "v", "attn_scores", "pattern", "z", "result")]
-            names += [p + "hook_attn_out", p + "hook_resid_mid", p + "mlp.hook_pre", p + "mlp.hook_post",
-                      p + "hook_mlp_out", p + "hook_resid_post"]
+            names += [p + "hook_resid_pre"] + [p + f"attn.hook_{x}" for x in ("q", "k", "v")]
+            names += [p + "attn.hook_rot_q", p + "attn.hook_rot_k"] if rotary else []
+            names += [p + f"attn.hook_{x}" for x in ("attn_scores", "pattern", "z", "result")]
+            names += [p + "hook_attn_out", p + "hook_resid_mid", p + "mlp.hook_pre"]
+            names += [p + "mlp.hook_pre_linear"] if gated else []
+            names += [p + "mlp.hook_post", p + "hook_mlp_out", p + "hook_resid_post"]
         return names + ["ln_final.hook_normalized"]
-
-    def _ln(self, x: Tensor, w: Tensor, b: Tensor) -> Tensor:
-        return F.layer_norm(x, (self.d_model,), w, b, self.eps)
 
     def run(
         self,
@@ -152,12 +211,12 @@ class GPT2Runner:
         Returns:
             (logits [batch, pos, vocab] or None, {hook name: activation}).
         """
-        self.refresh()  # views of the live parameters: cheap, and never stale after an optimizer step
+        self.refresh()
         hooks = dict(hooks or {})
         want = set(cache or ())
         unknown = (set(hooks) | want) - set(self.hook_names())
         if unknown:
-            raise KeyError(f"unknown hook names {sorted(unknown)}; see GPT2Runner.hook_names()")
+            raise KeyError(f"unknown hook names {sorted(unknown)}; see ModelRunner.hook_names()")
         out: dict[str, Tensor] = {}
 
         def fire(name: str, x: Tensor) -> Tensor:
@@ -173,49 +232,54 @@ class GPT2Runner:
         need_result = any(n.endswith("attn.hook_result") for n in set(hooks) | want)
         end = self.n_layers if stop_at_layer is None else stop_at_layer
         n_pos = tokens.shape[1]
+        positions = torch.arange(n_pos, device=self.device)
         if start_at_layer == 0 and resid is None:
-            emb = fire("hook_embed", self.W_E[tokens])
-            pos = fire("hook_pos_embed", self.W_pos[:n_pos].unsqueeze(0).expand(tokens.shape[0], -1, -1))
-            x = emb + pos
+            x = fire("hook_embed", self.W_E[tokens])
+            if self.W_pos is not None:
+                x = x + fire("hook_pos_embed", self.W_pos[:n_pos].unsqueeze(0).expand(tokens.shape[0], -1, -1))
         else:
             if resid is None:
                 raise ValueError("start_at_layer > 0 needs resid (the residual stream entering that block)")
             x = resid
         mask = torch.ones(n_pos, n_pos, dtype=torch.bool, device=x.device).tril()
+        rotary = bool(self.arch.rotary_dim)
         for L in range(start_at_layer, end):
             w, p = self.layers[L], f"blocks.{L}."
             x = fire(p + "hook_resid_pre", x)
-            h1 = self._ln(x, w.ln1_w, w.ln1_b)
-            q = fire(p + "attn.hook_q", torch.einsum("bpd,hde->bphe", h1, w.W_Q) + w.b_Q)
-            k = fire(p + "attn.hook_k", torch.einsum("bpd,hde->bphe", h1, w.W_K) + w.b_K)
-            v = fire(p + "attn.hook_v", torch.einsum("bpd,hde->bphe", h1, w.W_V) + w.b_V)
-            scores = torch.einsum("bqhe,bkhe->bhqk", q, k)
-            if self.scale_attn:
-                scores = scores / math.sqrt(self.d_head)
+            h1 = self.norm1(L, x)
+            q = fire(p + "attn.hook_q", self.project(L, "q", h1))
+            k = fire(p + "attn.hook_k", self.project(L, "k", h1))
+            v = fire(p + "attn.hook_v", self.project(L, "v", h1))
+            if rotary:
+                q = fire(p + "attn.hook_rot_q", self.rotate(q, positions))
+                k = fire(p + "attn.hook_rot_k", self.rotate(k, positions))
+            scores = self.scale(torch.einsum("bqhe,bkhe->bhqk", q, self.expand_kv(k)))
             scores = fire(p + "attn.hook_attn_scores", scores.masked_fill(~mask, torch.finfo(scores.dtype).min))
             pattern = fire(p + "attn.hook_pattern", scores.softmax(dim=-1))
-            z = fire(p + "attn.hook_z", torch.einsum("bhqk,bkhe->bqhe", pattern, v))
+            z = fire(p + "attn.hook_z", torch.einsum("bhqk,bkhe->bqhe", pattern, self.expand_kv(v)))
             if need_result:
                 result = fire(p + "attn.hook_result", torch.einsum("bqhe,hed->bqhd", z, w.W_O))
                 attn_out = result.sum(dim=2) + w.b_O
             else:
-                attn_out = torch.einsum("bqhe,hed->bqd", z, w.W_O) + w.b_O
+                attn_out = self.head_out(L, z) + w.b_O
             attn_out = fire(p + "hook_attn_out", attn_out)
-            x = fire(p + "hook_resid_mid", x + attn_out)
-            h2 = self._ln(x, w.ln2_w, w.ln2_b)
-            pre = fire(p + "mlp.hook_pre", h2 @ w.W_in + w.b_in)
-            post = fire(p + "mlp.hook_post", self.act_fn(pre))
+            mid = fire(p + "hook_resid_mid", x + attn_out)
+            h2 = self.norm2(L, self.mlp_input(L, x, mid))
+            pre = fire(p + "mlp.hook_pre", self.mlp_pre(L, h2))
+            if w.W_gate is not None:
+                lin = fire(p + "mlp.hook_pre_linear", self.mlp_pre_linear(L, h2))
+                post = fire(p + "mlp.hook_post", self.act_fn(pre) * lin)
+            else:
+                post = fire(p + "mlp.hook_post", self.act_fn(pre))
             mlp_out = fire(p + "hook_mlp_out", post @ w.W_out + w.b_out)
-            x = fire(p + "hook_resid_post", x + mlp_out)
+            x = fire(p + "hook_resid_post", mid + mlp_out)
         if stop_at_layer is not None or not return_logits:
             return None, out
-        # as in TransformerLens, hook_normalized is the normalised stream before the affine map
-        xn = fire("ln_final.hook_normalized", F.layer_norm(x, (self.d_model,), eps=self.eps))
-        logits = (xn * self.lnf_w + self.lnf_b) @ self.W_U.T
-        if self.b_U is not None:
-            logits = logits + self.b_U
-        return logits, out
+        return self.unembed_normalized(fire("ln_final.hook_normalized", self.final_normalized(x))), out
 
     def logits(self, tokens: Tensor) -> Tensor:
         """Plain forward: logits [batch, pos, vocab]."""
         return self.run(tokens)[0]  # type: ignore[return-value]
+
+
+__all__ = ["Hook", "ModelRunner"]

@@ -31,7 +31,7 @@ from circuitkit.manifest import write_manifest
 from circuitkit.models.checkpoint import ProbedModel, quiet_transformers, save_probed
 from circuitkit.models.evaluate import evaluate_model
 from circuitkit.models.mimetic import mimetic_attention_init
-from circuitkit.models.runner import GPT2Runner
+from circuitkit.models.runner import ModelRunner
 from circuitkit.seeding import seed_everything
 from circuitkit.tasks.base import Task
 
@@ -220,7 +220,7 @@ def train_probed(task: Task, out: str | Path, cfg: TrainConfig | None = None, pr
         torch.set_rng_state(state["torch_rng"])
     train = task.split("train")
     sampler = LengthBucketSampler(train) if cfg.bucket_by_length else UniformSampler(train)
-    runner = GPT2Runner(model)
+    runner = ModelRunner(model)
     model.train()
 
     def save_state(py_rng_state: object) -> None:
@@ -288,10 +288,8 @@ def as_probed(model: torch.nn.Module, task: Task, path: Path | None = None) -> P
 
 def random_init_like(probed: ProbedModel, seed: int = 0) -> ProbedModel:
     """A randomly initialised model with the same architecture and task: the null control."""
-    from transformers import GPT2LMHeadModel
-
     torch.manual_seed(seed)
-    fresh = GPT2LMHeadModel(probed.hf_model.config).to(probed.device)
+    fresh = type(probed.hf_model)(probed.hf_model.config).to(probed.device)  # same family as the probed model
     return as_probed(fresh, probed.task)
 
 

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from circuitkit.errors import CircuitkitError
 from circuitkit.models.checkpoint import ProbedModel
 from circuitkit.patching.ablations import as_ids, check_pairing
 from circuitkit.patching.metrics import MetricContext, evaluate, metric_context
@@ -104,24 +104,26 @@ def attribute(
 def _receiver_grads(pm: ProbedModel, cache: dict[str, Tensor], grads: dict[str, Tensor | None]):
     """Yield (receiver name, kind, layer, ∂metric/∂(its residual input) [b, pos, d_model])."""
     r = pm.runner
+    if r.arch.parallel or any(w.W_gate is not None for w in r.layers):
+        raise CircuitkitError(f"the attribution screen supports sequential blocks with plain MLPs; "
+                              f"{r.arch.family} is not supported yet: use activation patching (patch --sweep)")
     for L in range(pm.n_layers):
-        w = r.layers[L]
         x = cache[f"blocks.{L}.hook_resid_pre"].detach().requires_grad_(True)
         with torch.enable_grad():
-            h1 = F.layer_norm(x, (r.d_model,), w.ln1_w, w.ln1_b, r.eps)
-            for name, W, bias in (("q", w.W_Q, w.b_Q), ("k", w.W_K, w.b_K), ("v", w.W_V, w.b_V)):
+            h1 = r.norm1(L, x)
+            for name in ("q", "k", "v"):
                 g = grads[f"blocks.{L}.attn.hook_{name}"]
                 for h in range(pm.n_heads):
                     if g is None:
                         continue
-                    out = h1 @ W[h] + bias[h]
+                    out = r.project(L, name, h1, head=h)
                     (gin,) = torch.autograd.grad(out, x, g[:, :, h], retain_graph=True)
                     yield f"a{L}.{h}.{name}", "head", L, gin.detach()
         xm = cache[f"blocks.{L}.hook_resid_mid"].detach().requires_grad_(True)
         g = grads[f"blocks.{L}.mlp.hook_pre"]
         if g is not None:
             with torch.enable_grad():
-                pre = F.layer_norm(xm, (r.d_model,), w.ln2_w, w.ln2_b, r.eps) @ w.W_in + w.b_in
+                pre = r.mlp_pre(L, r.norm2(L, xm))
                 (gin,) = torch.autograd.grad(pre, xm, g)
             yield f"m{L}.in", "mlp", L, gin.detach()
     g = grads[f"blocks.{pm.n_layers - 1}.hook_resid_post"]

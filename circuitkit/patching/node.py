@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from circuitkit.models.checkpoint import ProbedModel
-from circuitkit.models.runner import GPT2Runner
+from circuitkit.models.runner import ModelRunner
 from circuitkit.patching.ablations import Ablation, Patch, PositionSpec, as_ids, build_patches, get_ablation
 from circuitkit.patching.metrics import MetricContext, evaluate, metric_context
 from circuitkit.patching.stats import Estimate, estimate
@@ -36,7 +36,7 @@ def resid_names(n_layers: int) -> list[str]:
     return [f"blocks.{L}.hook_resid_pre" for L in range(n_layers)]
 
 
-def run_with_patches(runner: GPT2Runner, ids: Tensor, patches: Sequence[Patch],
+def run_with_patches(runner: ModelRunner, ids: Tensor, patches: Sequence[Patch],
                      base_resid: dict[str, Tensor] | None = None) -> Tensor:
     """Patched logits [b, pos, vocab].  With ``base_resid`` (the base's ``blocks.L.hook_resid_pre``
     activations) the forward starts at the earliest patched layer instead of the embeddings."""

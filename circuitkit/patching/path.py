@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from circuitkit.activations import resolve_positions
@@ -126,23 +125,24 @@ def receiver_hooks(pm: ProbedModel, rec: Receiver, delta: Tensor, rec_pos: Tenso
     seen: dict[str, Tensor] = {}
     hooks = {}
     if rec.kind == "head":
-        L, H, w = rec.layer, rec.head, r.layers[rec.layer]
+        L, H = rec.layer, rec.head
+        if r.n_kv_heads != r.n_heads and set(rec.inputs) & {"k", "v"}:
+            raise CircuitkitError(f"receiver {rec}: with grouped-query attention a head's keys and values are "
+                                  f"shared by {r.n_heads // r.n_kv_heads} heads; path patch its q only")
         hooks[f"blocks.{L}.hook_resid_pre"] = lambda x: seen.__setitem__("x", x)
-        mats = {"q": (w.W_Q, w.b_Q), "k": (w.W_K, w.b_K), "v": (w.W_V, w.b_V)}
         for name in rec.inputs:
-            W, bias = mats[name]
 
-            def hook(act: Tensor, W: Tensor = W, bias: Tensor = bias) -> Tensor:
-                h1 = F.layer_norm(seen["x"] + delta, (r.d_model,), w.ln1_w, w.ln1_b, r.eps)
+            def hook(act: Tensor, name: str = name) -> Tensor:
                 act = act.clone()
-                act[:, :, H] = h1 @ W[H] + bias[H]
+                act[:, :, H] = r.project(L, name, r.norm1(L, seen["x"] + delta), head=H)
                 return act
             hooks[f"blocks.{L}.attn.hook_{name}"] = hook
     elif rec.kind == "mlp":
-        L, w = rec.layer, r.layers[rec.layer]
-        hooks[f"blocks.{L}.hook_resid_mid"] = lambda x: seen.__setitem__("x", x)
-        hooks[f"blocks.{L}.mlp.hook_pre"] = lambda act: F.layer_norm(
-            seen["x"] + delta, (r.d_model,), w.ln2_w, w.ln2_b, r.eps) @ w.W_in + w.b_in
+        L = rec.layer
+        hooks[r.mlp_input_hook(L)] = lambda x: seen.__setitem__("x", x)
+        hooks[f"blocks.{L}.mlp.hook_pre"] = lambda act: r.mlp_pre(L, r.norm2(L, seen["x"] + delta))
+        if r.layers[L].W_gate is not None:  # the gated MLP's linear half reads the same input
+            hooks[f"blocks.{L}.mlp.hook_pre_linear"] = lambda act: r.mlp_pre_linear(L, r.norm2(L, seen["x"] + delta))
     return hooks
 
 

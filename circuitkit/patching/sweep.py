@@ -15,19 +15,17 @@ Kinds and their TL counterparts (output axes):
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from circuitkit.errors import CircuitkitError, choices_hint
 from circuitkit.models.checkpoint import ProbedModel
-from circuitkit.models.runner import GPT2Runner
+from circuitkit.models.runner import ModelRunner
 from circuitkit.patching.ablations import Ablation, as_ids, check_pairing, get_ablation, resample_sources
 from circuitkit.patching.metrics import MetricContext, evaluate, metric_context
 from circuitkit.patching.node import resid_names
@@ -103,28 +101,10 @@ def _cell_pos(kind: str, cells: Tensor) -> Tensor:
     return cells[:, 1] if kind == "pattern" else cells[:, 0]
 
 
-def _last_block_at(runner: GPT2Runner, x: Tensor, t: Tensor) -> Tensor:
+def _last_block_at(runner: ModelRunner, x: Tensor, t: Tensor) -> Tensor:
     """The last block and the unembedding for row ``t`` only: x [n, pos, d_model] (the last block's
-    resid_pre), t [n] -> logits [n, 1, vocab].  Same arithmetic as ``GPT2Runner.run``."""
-    w, n = runner.layers[-1], x.shape[0]
-    rows = torch.arange(n, device=x.device)
-    h1 = F.layer_norm(x, (runner.d_model,), w.ln1_w, w.ln1_b, runner.eps)
-    k = torch.einsum("bpd,hde->bphe", h1, w.W_K) + w.b_K  # [n, pos, head, d_head]
-    v = torch.einsum("bpd,hde->bphe", h1, w.W_V) + w.b_V
-    q = torch.einsum("bd,hde->bhe", h1[rows, t], w.W_Q) + w.b_Q  # [n, head, d_head]
-    scores = torch.einsum("bhe,bkhe->bhk", q, k)
-    if runner.scale_attn:
-        scores = scores / math.sqrt(runner.d_head)
-    future = torch.arange(x.shape[1], device=x.device)[None, :] > t[:, None]  # [n, key]
-    scores = scores.masked_fill(future[:, None, :], torch.finfo(scores.dtype).min)
-    z = torch.einsum("bhk,bkhe->bhe", scores.softmax(-1), v)
-    xt = x[rows, t] + torch.einsum("bhe,hed->bd", z, w.W_O) + w.b_O  # [n, d_model]
-    h2 = F.layer_norm(xt, (runner.d_model,), w.ln2_w, w.ln2_b, runner.eps)
-    xt = xt + runner.act_fn(h2 @ w.W_in + w.b_in) @ w.W_out + w.b_out
-    logits = (F.layer_norm(xt, (runner.d_model,), eps=runner.eps) * runner.lnf_w + runner.lnf_b) @ runner.W_U.T
-    if runner.b_U is not None:
-        logits = logits + runner.b_U
-    return logits.unsqueeze(1)
+    resid_pre), t [n] -> logits [n, 1, vocab] (``ModelRunner.block_at_rows``)."""
+    return runner.unembed(runner.block_at_rows(runner.n_layers - 1, x, t)).unsqueeze(1)
 
 
 def _truncate(kind: str, act: Tensor, n_pos: int) -> Tensor:

@@ -92,6 +92,10 @@ class PromptPairsTask(Task):
             if set(a.spans) != set(b.spans):
                 raise CircuitkitError(f"{self.path.name} row {i + 1}: the prompt and the counterfactual mark "
                                       f"different spans ({sorted(a.spans)} vs {sorted(b.spans)})")
+            for ex, which in ((a, "prompt"), (b, "counterfactual")):
+                if ex.text in self._examples:
+                    raise CircuitkitError(f"{self.path.name} row {i + 1}: its {which} (with its answer) repeats one "
+                                          "of an earlier row; every prompt must be distinct")
             a, b = replace(a, partner=b.text), replace(b, partner=a.text)
             self._examples[a.text], self._examples[b.text] = a, b
             pairs.append((a.text, b.text))
@@ -108,7 +112,9 @@ class PromptPairsTask(Task):
     # ---- reading -----------------------------------------------------------------------------
     def _read_rows(self) -> list[dict]:
         rows = []
-        for i, line in enumerate(self.path.read_text(encoding="utf-8").splitlines()):
+        from circuitkit.validate import read_text
+
+        for i, line in enumerate(read_text(self.path, "prompt-pairs file").splitlines()):
             if not line.strip():
                 continue
             try:

@@ -61,8 +61,6 @@ def varied_random_model(verifier: InterchangeVerifier, seed: int = 0, max_top_sh
     the smallest weight scale in ``INIT_SCALES`` at which no prediction takes more than
     ``max_top_share`` of the answers and at least ``min_distinct`` tokens are predicted (else the
     most varied one tried)."""
-    from transformers import GPT2LMHeadModel
-
     pm = verifier.pm
     n = min(500, len(verifier.inputs))
     ids, targets = verifier.ids[:n], verifier.targets[:n]
@@ -70,7 +68,7 @@ def varied_random_model(verifier: InterchangeVerifier, seed: int = 0, max_top_sh
     for std in INIT_SCALES:
         cfg = pm.hf_model.config.__class__.from_dict({**pm.hf_model.config.to_dict(), "initializer_range": std})
         torch.manual_seed(seed)
-        fresh = as_probed(GPT2LMHeadModel(cfg).to(pm.device), pm.task)
+        fresh = as_probed(type(pm.hf_model)(cfg).to(pm.device), pm.task)  # same family as the probed model
         distinct, top = _prediction_spread(fresh, ids, targets)
         info = RandomModelInfo(std, distinct, top)
         if best is None or (top, -distinct) < (best[1].top_share, -best[1].distinct_predictions):
