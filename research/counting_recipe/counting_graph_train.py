@@ -221,7 +221,7 @@ def train(task: Task, args: argparse.Namespace) -> int:
 def finish(task: Task, args: argparse.Namespace) -> int:
     """Load OUT/LABEL.pt into the counting architecture and write a circuitkit checkpoint."""
     from circuitkit.models.evaluate import evaluate_model
-    from circuitkit.models.runner import GPT2Runner
+    from circuitkit.models.runner import ModelRunner
     from circuitkit.models.train import write_trained
 
     run = json.loads((Path(args.out) / f"{args.label}.json").read_text())
@@ -231,7 +231,7 @@ def finish(task: Task, args: argparse.Namespace) -> int:
     model = build_model(task, cfg)
     model.load_state_dict(torch.load(Path(args.out) / f"{args.label}.pt", map_location="cpu"))
     model.eval()
-    metrics = evaluate_model(GPT2Runner(model), task, "test", limit=cfg.eval_limit, seed=cfg.seed, progress=True)
+    metrics = evaluate_model(ModelRunner(model), task, "test", limit=cfg.eval_limit, seed=cfg.seed, progress=True)
     metrics.update({"train_steps_continued": run["rows"][-1]["step"], "train_wall_seconds_continued":
                     run["rows"][-1]["seconds"], "device": "cuda (CUDA-graph continuation)"})
     write_trained(model, task, cfg, Path(args.finish), metrics, run["rows"],

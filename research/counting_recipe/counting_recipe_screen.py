@@ -34,7 +34,7 @@ from counting_graph_train import encode_all  # sibling script (this folder is on
 
 from circuitkit.models.checkpoint import load_probed
 from circuitkit.models.evaluate import evaluate_model
-from circuitkit.models.runner import GPT2Runner
+from circuitkit.models.runner import ModelRunner
 from circuitkit.models.train import (
     TrainConfig,
     UniformSampler,
@@ -114,7 +114,7 @@ def main() -> int:
         model, rows = screen(task, cfg, args.steps, args.every, test, args.device, args.minutes)
         if args.save:
             model.eval()
-            metrics = evaluate_model(GPT2Runner(model), task, "test", limit=cfg.eval_limit, seed=cfg.seed)
+            metrics = evaluate_model(ModelRunner(model), task, "test", limit=cfg.eval_limit, seed=cfg.seed)
             metrics.update({"train_wall_seconds": rows[-1]["seconds"], "train_steps": rows[-1]["step"],
                             "device": args.device, "final_loss": rows[-1]["loss"]})
             write_trained(model, task, cfg, Path(args.save), metrics, rows,
