@@ -55,6 +55,7 @@ def _pairs(task, n: int, contrast: str, seed: int) -> tuple[list[str], list[str]
 
 def run(model: str | None, batch: int, threads: int, repeats: int, contrasts: list[str]) -> dict:
     torch.set_num_threads(threads)
+    load_before = os.getloadavg()
     pm, model_desc = _model(model)
     task = pm.task
     bridge = pm.bridge()
@@ -87,11 +88,21 @@ def run(model: str | None, batch: int, threads: int, repeats: int, contrasts: li
             "speedup_median": statistics.median(tl_t) / statistics.median(ours_t),
             "max_abs_diff": max_diff, "equal_within_1e-4": max_diff <= 1e-4,
         }
+    load_after = os.getloadavg()
+    busy = max(load_before[0], load_after[0]) > threads
+    if busy:  # a loaded machine slows the two sides unequally: no speed-up is stated from such a run
+        for r in results.values():
+            r["speedup_min"] = r["speedup_median"] = None
     return {
         "benchmark": "full head x position activation-patching sweep (get_act_patch_attn_head_out_by_pos)",
         "model": model_desc, "metric": "logit_diff at A1 (answer vs the source's answer)",
         "contrasts": {"R": "random other input of the same length", "F": "one operand digit changed"},
-        "threads": threads, "cpu_count": os.cpu_count(), "load_avg_at_end": os.getloadavg(),
+        "threads": threads, "cpu_count": os.cpu_count(),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in load_after],
+        "speedup_withheld": (f"the 1-minute load average ({max(load_before[0], load_after[0]):.2f}) exceeded the "
+                             f"{threads} threads: another job shared the cores, so no speed-up is stated") if busy
+        else None,
         "machine": platform.platform(), "versions": package_versions(), "results": results,
     }
 
@@ -108,8 +119,10 @@ def main() -> None:
     res = run(a.model, a.batch, a.threads, a.repeats, a.contrasts.split(","))
     atomic_write_json(a.out, res)
     for c, r in res["results"].items():
+        speed = ("speed-up withheld (loaded machine)" if r["speedup_min"] is None else
+                 f"speed-up {r['speedup_min']:.1f}x (median {r['speedup_median']:.1f}x)")
         print(f"{c}: circuitkit {r['circuitkit_s']['min']:.3f}s  transformer_lens {r['transformer_lens_s']['min']:.3f}s  "
-              f"speed-up {r['speedup_min']:.1f}x (median {r['speedup_median']:.1f}x)  max|Δ| {r['max_abs_diff']:.2e}")
+              f"{speed}  max|Δ| {r['max_abs_diff']:.2e}")
     print(f"wrote {a.out}")
 
 
