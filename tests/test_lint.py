@@ -10,5 +10,5 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_ruff_finds_nothing():
     proc = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--output-format", "concise",
-                           "circuitkit", "tests", "benchmarks", "research"], cwd=REPO, capture_output=True, text=True)
+                           "circuitkit", "tests", "benchmarks", "research", "docs"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

@@ -97,6 +97,8 @@ def load_decoder(path: str | Path, probed: ProbedModel | str | Path | None = Non
         if not meta.get("probed_model"):
             raise CircuitkitError(f"{str(path)!r} does not record its probed model; pass it explicitly")
         probed = meta["probed_model"]
+        if not Path(probed).is_absolute() and (path / probed).exists():
+            probed = path / probed  # a committed decoder names its model relative to itself
     if not isinstance(probed, ProbedModel):
         probed = load_probed(probed, task=meta.get("task"), device=device)
     digest = model_hash(probed)
