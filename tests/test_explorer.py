@@ -169,3 +169,15 @@ def test_with_a_decoder_the_explorer_samples_and_colours(tmp_path):
     assert [s["distance"] for s in r["samples"]] == sorted(s["distance"] for s in r["samples"])
     with pytest.raises(CircuitkitError, match="not available here; valid: a1.1"):
         ex.preimage("a0.0", 8, "B615+861=1476E")
+
+
+def test_the_committed_decoder_finds_its_model_and_samples_within_eps():
+    """case_studies/models/addition_decoder names its model relative to itself, and a live query on it
+    returns samples inside the ε-preimage (seeded, so the same every run)."""
+    from circuitkit.explorer.session import Explorer
+    from circuitkit.inversion.checkpoint import load_decoder
+
+    td = load_decoder(REPO / "case_studies" / "models" / "addition_decoder")
+    assert td.probed.path.resolve() == MODEL.resolve() and len(td.sites) == 13
+    r = Explorer(td.probed, td).preimage("a1.1", 8, "B615+861=1476E", n_samples=256)
+    assert r["n_in_eps"] > 0 and r["samples"][0]["in_eps"] and r["samples"][0]["distance"] <= 0.1
