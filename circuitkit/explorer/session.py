@@ -117,11 +117,13 @@ class Explorer:
                 inv = self._pool_inversion(s, text, progress)
         rows = inv.display(SHOWN)
         colours = self._colours(inv, rows, s) if self.decoder is not None else None
-        tok = self.model.task.tokenizer
+        tok, pad = self.model.task.tokenizer, self.model.task.vocab.pad
         for r in rows:
-            r["tokens"] = tok.id_tokens(inv.ids[r["index"]].tolist())
+            toks = tok.id_tokens(inv.ids[r["index"]].tolist())
+            n = next((i for i, t in enumerate(toks) if i > 0 and t == pad), len(toks))  # padding is not shown
+            r["tokens"] = toks[:n]
             if colours is not None:
-                r["colours"] = [round(c, 4) for c in colours[r["index"]].tolist()]
+                r["colours"] = [round(c, 4) for c in colours[r["index"]].tolist()[:n]]
         position_name = next((k for k, v in self.model.task.positions(self.model.task.tokens(text)).items()
                               if v == pos), None)
         return {"site": s.node, "position": pos, "position_name": position_name, "input": text, "eps": inv.eps,
