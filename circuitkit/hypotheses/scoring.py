@@ -53,11 +53,9 @@ class FeatureEncoder:
         self._tokens: dict[str, list[str] | None] = {}
 
     def tokens(self, text: str) -> list[str] | None:
+        """``Task.try_tokens``, cached per text."""
         if text not in self._tokens:
-            try:
-                self._tokens[text] = self.task.tokens(text)
-            except (CircuitkitError, ValueError):
-                self._tokens[text] = None
+            self._tokens[text] = self.task.try_tokens(text)
         return self._tokens[text]
 
     def _code(self, fi: int, v: Hashable | None) -> int:

@@ -335,6 +335,13 @@ class Task(ABC):
             toks = toks + [self.vocab.pad] * (self.seq_len - len(toks))
         return toks
 
+    def try_tokens(self, text: str) -> list[str] | None:
+        """``tokens(text)``, or None for a text this task cannot tokenize (a decoder sample may be any string)."""
+        try:
+            return self.tokens(text)
+        except (CircuitkitError, ValueError):
+            return None
+
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         """Token ids ``[batch, seq_len]`` (right-padded) of many texts."""
         rows = [[self.vocab.id_of(t) for t in self.tokens(s)] for s in texts]

@@ -42,11 +42,9 @@ class FeatureCoder:
         self._codes: dict[tuple[str, str, str | int], int] = {}
 
     def tokens(self, text: str) -> list[str] | None:
+        """``Task.try_tokens``, cached per text."""
         if text not in self._tokens:
-            try:
-                self._tokens[text] = self.task.tokens(text)
-            except (CircuitkitError, ValueError):
-                self._tokens[text] = None
+            self._tokens[text] = self.task.try_tokens(text)
         return self._tokens[text]
 
     def position(self, text: str, position: str | int) -> int | None:
