@@ -181,3 +181,17 @@ def test_the_committed_decoder_finds_its_model_and_samples_within_eps():
     assert td.probed.path.resolve() == MODEL.resolve() and len(td.sites) == 13
     r = Explorer(td.probed, td).preimage("a1.1", 8, "B615+861=1476E", n_samples=256)
     assert r["n_in_eps"] > 0 and r["samples"][0]["in_eps"] and r["samples"][0]["distance"] <= 0.1
+
+
+def test_a_bare_case_name_finds_its_run_or_report(monkeypatch, tmp_path):
+    from circuitkit.errors import CircuitkitError
+    from circuitkit.explorer.session import Explorer
+    from circuitkit.models.checkpoint import load_probed
+
+    pm = load_probed(MODEL)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "reports").symlink_to(REPO / "reports")
+    ex = Explorer(pm, None, "addition")
+    assert ex.case["name"] == "addition" and ex.case["nodes"] and ex.info()["examples"][0] == ex.info()["example"]
+    with pytest.raises(CircuitkitError, match="has no circuit.json"):
+        Explorer(pm, None, "no_such_case")

@@ -12,8 +12,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = add_common(sub.add_parser("serve", help="the live InversionView explorer in the browser (loopback)"))
     p.add_argument("model", help="probed model checkpoint directory")
     p.add_argument("--decoder", help="its InversionView decoder (default: exact pool preimages, no decoder)")
-    p.add_argument("--case", help="a case run's findings: a report directory (reports/CASE) or its circuit stage "
-                                  "(runs/CASE/circuit, which also holds the CIs)")
+    p.add_argument("--case", help="a case run's findings: a case name (runs/CASE/circuit if present, else "
+                                  "reports/CASE), a report directory, or a run's circuit stage (which holds the CIs)")
     p.add_argument("--task", help="task (default: read from the checkpoint)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 = any free port)")

@@ -50,7 +50,8 @@ class Explorer:
         task = self.model.task
         return {"task": task.name, "model": str(self.model.path), "n_layers": self.model.n_layers,
                 "n_heads": self.model.n_heads, "sites": self.sites(), "positions": list(task.position_names),
-                "example": task.split("test")[0], "format": task.format_hint,
+                "example": task.split("test")[0], "examples": list(task.split("test")[:12]),
+                "format": task.format_hint,
                 "source": "decoder" if self.decoder is not None else "pool",
                 "source_note": ("InversionView decoder samples over the paper's temperature/noise grid"
                                 if self.decoder is not None else
@@ -183,9 +184,15 @@ class Explorer:
 
 def _read_case(path: Path) -> dict[str, Any]:
     """A case run's findings: ``circuit.json`` (a report directory or a work directory's ``circuit`` stage),
-    with ``verification.json`` and ``hypotheses.json`` when present (they carry the CIs)."""
+    with ``verification.json`` and ``hypotheses.json`` when present (they carry the CIs).  A bare case name
+    means ``runs/NAME/circuit`` if that run exists here, else ``reports/NAME``."""
     from circuitkit.validate import read_json
 
+    if not path.exists() and len(path.parts) == 1:
+        for candidate in (Path("runs") / path.name / "circuit", Path("reports") / path.name):
+            if (candidate / "circuit.json").is_file():
+                path = candidate
+                break
     if not (path / "circuit.json").is_file():
         raise CircuitkitError(f"--case {str(path)!r} has no circuit.json; pass a report directory (reports/CASE) or "
                               "a run's circuit stage (runs/CASE/circuit)")
