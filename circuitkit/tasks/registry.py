@@ -151,9 +151,7 @@ def load_task(spec: str, base_dir: str | Path | None = None, model_dir: str | Pa
             except Exception as e:  # noqa: BLE001
                 raise CircuitkitError(f"installed task {spec!r} ({installed[spec].value}) failed to load: "
                                       f"{type(e).__name__}: {e}") from None
-            task = _instantiate(cls, spec)
-            task.spec = spec
-            return task
+            return _instantiate(cls, spec)  # it records the spec
         raise CircuitkitError(f"unknown task {spec!r}; valid tasks: {choices_hint(task_names())}, "
                               f"or a class: path/to/file.py:Class or package.module:Class")
     target, cls_name = _split_spec(spec)
