@@ -119,3 +119,83 @@ def test_a_head_sweep_equals_transformer_lens_patching(family_model):
     assert ref.shape == ours.mean().shape
     assert (ref - ours.mean()).abs().max() <= 1e-4
     assert (ours.mean() - ours.base.mean()).abs().max() > 1e-3  # some cell moves the metric: the test can fail
+
+
+def _pairs_of(pm, n: int) -> tuple[list[str], list[str]]:
+    base = list(pm.task.split("test"))[:n]
+    return base, [pm.task.contrast_minimal(t, random.Random(0)) for t in base]
+
+
+def test_attribution_is_the_directional_derivative(family_model):
+    """Attribution on parallel-residual, gated and grouped-query blocks: a node's estimate is
+    d/dε metric(base with a += ε·(a_src − a_base)) at ε = 0, and an edge's is the same through one receiver's
+    input only (a head's q, a shared key/value head's k, an MLP's input)."""
+    from circuitkit.patching.ablations import as_ids
+    from circuitkit.patching.attribution import attribute
+    from circuitkit.patching.metrics import evaluate, metric_context
+    from circuitkit.patching.path import parse_receiver, receiver_hooks, sender_delta
+    from circuitkit.sites import parse_site
+
+    family, _, _, pm = family_model
+    r = pm.runner
+    base, src = _pairs_of(pm, 6)
+    att = attribute(pm, base, src)
+    bids, sids = as_ids(pm.task, base), as_ids(pm.task, src)
+    ctx = metric_context(pm.task, bids, sids, None)
+    delta = sender_delta(pm, bids, sids, parse_site("a0.1"), None, None)  # [b, pos, d_model]
+
+    def derivative(hooks_for) -> torch.Tensor:
+        eps = torch.zeros((), requires_grad=True)
+        logits, _ = r.run(bids, hooks=hooks_for(eps))
+        return torch.autograd.grad(evaluate("logit_diff", logits, ctx)[0].sum(), eps)[0]
+
+    def bump(eps):
+        def hook(act):
+            act = act.clone()
+            act[:, :, 1] = act[:, :, 1] + eps * delta
+            return act
+        return {"blocks.0.attn.hook_result": hook}
+    d = derivative(bump)
+    assert d.abs() > 1e-4  # the sender matters, so the comparisons below can fail
+    assert torch.allclose(att.nodes["a0.1"].sum(), d, rtol=1e-3, atol=1e-4)
+    for rec_text, inp, name in (("a1.2", "q", "a1.2.q"), ("m1", "resid", "m1.in")):
+        rec = parse_receiver(rec_text, inp)
+        d = derivative(lambda eps, rec=rec: receiver_hooks(pm, rec, eps * delta, None))
+        assert torch.allclose(att.edges[("a0.1", name)].sum(), d, rtol=1e-3, atol=1e-4), name
+
+    def shared_k(eps):  # key/value head 1 (shared by its query heads) reads resid + ε·delta
+        seen = {}
+
+        def k_hook(act):
+            act = act.clone()
+            act[:, :, 1] = r.project(1, "k", r.norm1(1, seen["x"] + eps * delta), head=1)
+            return act
+        return {"blocks.1.hook_resid_pre": lambda x: seen.__setitem__("x", x), "blocks.1.attn.hook_k": k_hook}
+    k_name = "a1.kv1.k" if r.n_kv_heads != r.n_heads else "a1.1.k"
+    assert torch.allclose(att.edges[("a0.1", k_name)].sum(), derivative(shared_k), rtol=1e-3, atol=1e-4)
+    # a parallel residual: a layer's MLP does not read its own attention's output
+    assert (("a0.1", "m0.in") in att.edges) == (not r.arch.parallel)
+    assert ("pos" in {s for s, _ in att.edges}) == ("hook_pos_embed" in r.hook_names())
+
+
+def test_circuit_evaluation_and_edges_on_other_blocks(family_model):
+    """Aligned resample ablation on parallel-residual and gated blocks: the complete edge set reproduces
+    node-level faithfulness, dropping edges changes it, and the depth order knows that a parallel
+    block's MLP does not read its attention."""
+    from circuitkit.circuit.edges_eval import complete_edges, edge_faithfulness
+    from circuitkit.circuit.evaluate import AblationEvaluator
+
+    family, _, _, pm = family_model
+    ev = AblationEvaluator(pm, n=40, seed=0, n_boot=50)
+    for sites in (["a0.1", "m0", "a1.2", "m1"], ["x0.post", "a1.0", "m1"], ["x0.mid", "m0", "a1.3"]):
+        edges = complete_edges(ev, sites)
+        assert (("a0.1", "m0") in edges) == (not pm.runner.arch.parallel) or "a0.1" not in sites
+        node = ev.faithfulness(sites)
+        e = edge_faithfulness(ev, sites, edges, ci=False)
+        for k in node:
+            assert e.faithfulness_normalized[k] == pytest.approx(node[k], abs=1e-4), (sites, k)
+    sites = ["a0.1", "m0", "a1.2", "m1"]
+    node = ev.faithfulness(sites)
+    fewer = [x for x in complete_edges(ev, sites) if x != ("a0.1", "a1.2")]
+    e = edge_faithfulness(ev, sites, fewer, ci=False)
+    assert any(abs(e.faithfulness_normalized[k] - node[k]) > 1e-3 for k in node)

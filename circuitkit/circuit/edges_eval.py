@@ -17,7 +17,8 @@ whether listed or not.  ``expanded_edges`` lists the component-level edges that 
 
 Run.  Let R0 be the residual stream of the fully ablated run (the base's embeddings plus every
 component's output on the aligned source), at every depth (0 = embeddings; layer L's attention reads
-depth 2L and writes 2L+1, its MLP reads 2L+1 and writes 2L+2; the final stream is depth 2·n_layers).
+depth 2L and writes 2L+1, its MLP reads 2L+1 (2L with a parallel residual) and writes 2L+2; the final stream
+is depth 2·n_layers).
 The component nodes are processed in depth order; node r reads
 
     input_r = R0[read depth of r] + Σ over expanded edges s→r of Δs   (Δs placed at s's rows)
@@ -56,6 +57,7 @@ from circuitkit.circuit.evaluate import (
     site_role,
 )
 from circuitkit.errors import CircuitkitError
+from circuitkit.patching.path import read_depth
 from circuitkit.results import to_jsonable
 from circuitkit.sites import Site, check_site, parse_site
 
@@ -85,7 +87,8 @@ def _component_key(s: Site, n_heads: int) -> list[tuple]:
 
 def _component_node(ev: AblationEvaluator, s: Site, rows: Tensor, index: int, name: str | None = None) -> _Node:
     if s.kind in MLP_KINDS:
-        return _Node(name or str(s), s, "mlp", [], 2 * s.layer + 1, 2 * s.layer + 2, rows, index)
+        read = read_depth(s, ev.pm.runner.arch.parallel)
+        return _Node(name or str(s), s, "mlp", [], read, 2 * s.layer + 2, rows, index)
     heads = [s.head] if s.kind in HEAD_KINDS else list(range(ev.H))
     return _Node(name or str(s), s, "head", heads, 2 * s.layer, 2 * s.layer + 1, rows, index)
 

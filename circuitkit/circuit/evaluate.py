@@ -195,10 +195,6 @@ class AblationEvaluator:
 
     def __init__(self, pm: ProbedModel, inputs: Sequence[str] | None = None, n: int = 1000, seed: int = 0,
                  batch_size: int = 256, n_boot: int = 1000) -> None:
-        if pm.runner.arch.parallel:
-            raise CircuitkitError(f"circuit evaluation orders components as sequential blocks (the MLP reads "
-                                  f"resid_mid); this {pm.runner.arch.family} model has a parallel residual and is not "
-                                  "supported yet: patching, sweeps and verification are")
         task = pm.task
         self.pm, self.task, self.seed, self.batch_size, self.n_boot = pm, task, seed, batch_size, n_boot
         if inputs is None:

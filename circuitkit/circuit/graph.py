@@ -51,8 +51,9 @@ def _resid_depth(s: Site) -> int:
     return 2 * (s.layer or 0) + {"resid_pre": 0, "resid_mid": 1, "resid_post": 2}[s.kind]
 
 
-def can_send(sender: Site, receiver: Site) -> bool:
-    """Whether the sender's value can reach the receiver's input through the residual stream."""
+def can_send(sender: Site, receiver: Site, parallel: bool = False) -> bool:
+    """Whether the sender's value can reach the receiver's input through the residual stream (``parallel``:
+    the model's blocks have a parallel residual, so a layer's MLP does not read its attention's output)."""
     if sender == receiver:
         return False
     if sender.kind in RESID_KINDS and receiver.kind in RESID_KINDS:
@@ -60,14 +61,15 @@ def can_send(sender: Site, receiver: Site) -> bool:
     if receiver.kind in RESID_KINDS:
         return write_depth(sender) <= _resid_depth(receiver)
     if sender.kind in RESID_KINDS:
-        return _resid_depth(sender) <= read_depth(receiver)
-    return write_depth(sender) <= read_depth(receiver) and write_depth(sender) < write_depth(receiver)
+        return _resid_depth(sender) <= read_depth(receiver, parallel)
+    return write_depth(sender) <= read_depth(receiver, parallel) and write_depth(sender) < write_depth(receiver)
 
 
-def is_containment(sender: Site, receiver: Site) -> bool:
+def is_containment(sender: Site, receiver: Site, parallel: bool = False) -> bool:
     """The receiver is the residual stream at the sender's own position, which holds the sender's
     output (or an earlier residual value) by definition: a path-patching edge there means nothing."""
-    return receiver.kind in RESID_KINDS and sender.position == receiver.position and can_send(sender, receiver)
+    return (receiver.kind in RESID_KINDS and sender.position == receiver.position
+            and can_send(sender, receiver, parallel))
 
 
 @dataclass(frozen=True)
@@ -258,12 +260,13 @@ def build_circuit(verifier: InterchangeVerifier, nodes: Sequence[CircuitNode | V
     site_nodes = list(g.nodes)
     tpos = _target_position_names(verifier)
     last = 2 * verifier.pm.n_layers + 1
+    parallel = verifier.pm.runner.arch.parallel
     tests: list[dict] = []
     pairs = []
     for a in site_nodes:
         for b in site_nodes:
             sa, sb = parse_site(a), parse_site(b)
-            if not can_send(sa, sb) or is_containment(sa, sb):
+            if not can_send(sa, sb, parallel) or is_containment(sa, sb, parallel):
                 continue
             ia, ib = g.nodes[a]["index"], g.nodes[b]["index"]
             if ia > ib >= 0:

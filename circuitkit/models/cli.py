@@ -18,6 +18,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--steps", type=int, help="optimisation steps (default: the task's model_recipe)")
     tr.add_argument("--batch-size", type=int)
     tr.add_argument("--lr", type=float)
+    tr.add_argument("--arch", metavar="{gpt2,gpt_neox,llama}",
+                    help="block family (default gpt2): gpt_neox = parallel residual and rotary positions; llama = "
+                         "RMSNorm, rotary, gated SiLU MLP and grouped-query attention (--kv-heads)")
+    tr.add_argument("--kv-heads", type=int, dest="n_kv_head", help="llama: key/value heads (default --heads)")
     tr.add_argument("--layers", type=int, dest="n_layer")
     tr.add_argument("--heads", type=int, dest="n_head")
     tr.add_argument("--d-model", type=int, dest="d_model")
@@ -62,7 +66,8 @@ def _train(args: argparse.Namespace) -> Output:
     cfg = default_config(task).replace(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, n_layer=args.n_layer, n_head=args.n_head,
         d_model=args.d_model, seed=args.seed, eval_limit=args.eval_limit, threads=args.threads,
-        init_from=args.init_from, init_std=args.init_std, attn_init=args.attn_init,
+        init_from=args.init_from, init_std=args.init_std, attn_init=args.attn_init, arch=args.arch,
+        n_kv_head=args.n_kv_head,
     )
     for name in ("steps", "batch_size", "n_layer", "n_head", "d_model", "lr", "init_std"):
         if getattr(cfg, name) <= 0:

@@ -1,4 +1,4 @@
-"""Train a probed model (an HF ``GPT2LMHeadModel``) on a task, on the CPU, with resume.
+"""Train a probed model (an HF GPT-2, GPT-NeoX or Llama causal LM) on a task, on the CPU, with resume.
 
 Training state lives in ``<out>.partial/`` while the run is in progress (checkpointed every
 ``checkpoint_every`` steps and on Ctrl-C); a rerun of the same command resumes from it.  The
@@ -40,10 +40,13 @@ from circuitkit.tasks.base import Task
 class TrainConfig:
     """Architecture and optimisation of a probed model."""
 
+    arch: str = "gpt2"  # block family (ARCHS): gpt2; gpt_neox (parallel residual, rotary); llama (RMSNorm,
+    #                     rotary, gated MLP, grouped-query attention with n_kv_head)
     n_layer: int = 2
     n_head: int = 1
+    n_kv_head: int | None = None  # llama only: key/value heads (default n_head: no grouping)
     d_model: int = 64
-    activation: str = "gelu_new"
+    activation: str | None = None  # default per family (ARCH_ACTIVATION): GPT-2's gelu_new, NeoX's gelu, SiLU
     init_std: float = 0.02  # std of the initial weights (HF GPT-2 ``initializer_range``)
     batch_size: int = 256
     lr: float = 1e-3
@@ -62,6 +65,22 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.attn_init not in ATTN_INITS:
             raise CircuitkitError(f"unknown attention init {self.attn_init!r}; valid: {', '.join(ATTN_INITS)}")
+        if self.arch not in ARCHS:
+            raise CircuitkitError(f"unknown architecture {self.arch!r}; valid: {', '.join(ARCHS)}")
+        if self.attn_init == "mimetic" and self.arch != "gpt2":
+            raise CircuitkitError(f"the mimetic attention init is written for GPT-2 blocks; with --arch {self.arch} "
+                                  "use --attn-init normal")
+        if self.n_kv_head is not None:
+            if self.arch != "llama":
+                raise CircuitkitError(f"key/value heads (--kv-heads) are a llama option; --arch is {self.arch}")
+            if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
+                raise CircuitkitError(f"--kv-heads {self.n_kv_head} must be a positive divisor of --heads "
+                                      f"{self.n_head}")
+
+    @property
+    def act(self) -> str:
+        """The MLP's activation: the configured one, else the family's (``ARCH_ACTIVATION``)."""
+        return self.activation or ARCH_ACTIVATION[self.arch]
 
     def replace(self, **kw: Any) -> TrainConfig:
         unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
@@ -72,6 +91,9 @@ class TrainConfig:
 
 #: initialisations of the attention weights ``TrainConfig.attn_init`` accepts
 ATTN_INITS = ("normal", "mimetic")
+#: block families ``TrainConfig.arch`` builds, and each one's default MLP activation
+ARCH_ACTIVATION = {"gpt2": "gelu_new", "gpt_neox": "gelu", "llama": "silu"}
+ARCHS = tuple(ARCH_ACTIVATION)
 
 
 def default_config(task: Task) -> TrainConfig:
@@ -85,23 +107,35 @@ def default_config(task: Task) -> TrainConfig:
 
 
 def build_model(task: Task, cfg: TrainConfig) -> torch.nn.Module:
-    """A fresh GPT-2 shaped for the task (no dropout, the paper's setting)."""
+    """A fresh causal LM of the family ``cfg.arch`` shaped for the task (no dropout, the paper's setting;
+    MLP width 4·d_model)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     quiet_transformers()
 
     if cfg.d_model % cfg.n_head:
         raise CircuitkitError(f"d_model {cfg.d_model} is not divisible by n_head {cfg.n_head}")
-    hf_cfg = GPT2Config(
-        vocab_size=len(task.vocab), n_positions=task.seq_len, n_embd=cfg.d_model, n_layer=cfg.n_layer,
-        n_head=cfg.n_head, activation_function=cfg.activation, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, bos_token_id=task.vocab.bos_id, eos_token_id=task.vocab.eos_id,
-        pad_token_id=task.vocab.pad_id, initializer_range=cfg.init_std,
-    )
-    model = GPT2LMHeadModel(hf_cfg)
-    if cfg.attn_init == "mimetic":
-        mimetic_attention_init(model, seed=cfg.seed)
-    return model
+    ids = dict(bos_token_id=task.vocab.bos_id, eos_token_id=task.vocab.eos_id, pad_token_id=task.vocab.pad_id)
+    if cfg.arch == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(
+            vocab_size=len(task.vocab), n_positions=task.seq_len, n_embd=cfg.d_model, n_layer=cfg.n_layer,
+            n_head=cfg.n_head, activation_function=cfg.act, resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0, initializer_range=cfg.init_std, **ids))
+        if cfg.attn_init == "mimetic":
+            mimetic_attention_init(model, seed=cfg.seed)
+        return model
+    common = dict(vocab_size=len(task.vocab), hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
+                  num_attention_heads=cfg.n_head, intermediate_size=4 * cfg.d_model, hidden_act=cfg.act,
+                  max_position_embeddings=task.seq_len, initializer_range=cfg.init_std, **ids)
+    if cfg.arch == "gpt_neox":
+        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+        return GPTNeoXForCausalLM(GPTNeoXConfig(**common, use_parallel_residual=True, attention_dropout=0.0,
+                                                hidden_dropout=0.0, tie_word_embeddings=False))
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(**common, num_key_value_heads=cfg.n_kv_head or cfg.n_head,
+                                        attention_dropout=0.0, tie_word_embeddings=False))
 
 
 def lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

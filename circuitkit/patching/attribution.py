@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from circuitkit.errors import CircuitkitError
 from circuitkit.models.checkpoint import ProbedModel
 from circuitkit.patching.ablations import as_ids, check_pairing
 from circuitkit.patching.metrics import MetricContext, evaluate, metric_context
+from circuitkit.patching.path import feeds
 from circuitkit.results import JsonResult
 from circuitkit.sites import Site
 
@@ -46,18 +46,13 @@ class AttributionResult(JsonResult):
                 "edges": [{"sender": s, "receiver": r, "estimate": e} for (s, r), e in self.edge_means().items()]}
 
 
-def senders(n_layers: int, n_heads: int) -> list[Site]:
-    """Everything that writes into the residual stream, in forward order."""
-    out = [Site("emb"), Site("pos")]
+def senders(n_layers: int, n_heads: int, learned_positions: bool = True) -> list[Site]:
+    """Everything that writes into the residual stream, in forward order (rotary models add no
+    position embedding: ``learned_positions=False``)."""
+    out = [Site("emb")] + ([Site("pos")] if learned_positions else [])
     for L in range(n_layers):
         out += [Site("head", L, h) for h in range(n_heads)] + [Site("mlp_out", L)]
     return out
-
-
-def _upstream(s: Site, rkind: str, rlayer: int | None) -> bool:
-    if rkind == "logits" or s.kind in ("emb", "pos"):
-        return True
-    return s.layer < rlayer if rkind == "head" else (s.layer <= rlayer if s.kind == "head" else s.layer < rlayer)
 
 
 def attribute(
@@ -71,11 +66,13 @@ def attribute(
     task, r, dev = pm.task, pm.runner, pm.device
     base_ids, src_ids = as_ids(task, base, "base"), as_ids(task, source, "source")
     check_pairing(task, base_ids, src_ids, raw_positions=True)
-    snd = senders(pm.n_layers, pm.n_heads)
+    snd = senders(pm.n_layers, pm.n_heads, learned_positions="hook_pos_embed" in r.hook_names())
     snd_hooks = sorted({s.hook_name for s in snd})
+    gated = any(w.W_gate is not None for w in r.layers)
     recv_hooks = [f"blocks.{L}.{n}" for L in range(pm.n_layers)
                   for n in ("hook_resid_pre", "hook_resid_mid", "attn.hook_q", "attn.hook_k", "attn.hook_v",
-                            "mlp.hook_pre")] + [f"blocks.{pm.n_layers - 1}.hook_resid_post"]
+                            "mlp.hook_pre") + (("mlp.hook_pre_linear",) if gated else ())]
+    recv_hooks.append(f"blocks.{pm.n_layers - 1}.hook_resid_post")
     with torch.no_grad():
         _, src_cache = r.run(src_ids.to(dev), cache=snd_hooks)
     with torch.enable_grad():
@@ -96,35 +93,42 @@ def attribute(
     if edges:
         for rname, rkind, rlayer, gin in _receiver_grads(pm, cache, grads):
             for s in snd:
-                if _upstream(s, rkind, rlayer):
+                if feeds(s, rkind, rlayer, r.arch.parallel):
                     edge_scores[(s.node, rname)] = (deltas[s.node] * gin).sum((-1, -2)).cpu()
     return AttributionResult(metric, nodes, edge_scores, vals.detach().cpu(), ctx)
 
 
 def _receiver_grads(pm: ProbedModel, cache: dict[str, Tensor], grads: dict[str, Tensor | None]):
-    """Yield (receiver name, kind, layer, ∂metric/∂(its residual input) [b, pos, d_model])."""
+    """Yield (receiver name, kind, layer, ∂metric/∂(its residual input) [b, pos, d_model]).
+
+    Receivers: every head's q, k and v (``aL.H.q``; with grouped-query attention a key/value head is
+    shared, so its k and v are one receiver per key/value head, ``aL.kvG.k``), every MLP's input
+    (``mL.in``: resid_mid, or the block's input with a parallel residual; both halves of a gated MLP)
+    and the logits."""
     r = pm.runner
-    if r.arch.parallel or any(w.W_gate is not None for w in r.layers):
-        raise CircuitkitError(f"the attribution screen supports sequential blocks with plain MLPs; "
-                              f"{r.arch.family} is not supported yet: use activation patching (patch --sweep)")
+    shared_kv = r.n_kv_heads != r.n_heads
     for L in range(pm.n_layers):
         x = cache[f"blocks.{L}.hook_resid_pre"].detach().requires_grad_(True)
         with torch.enable_grad():
             h1 = r.norm1(L, x)
             for name in ("q", "k", "v"):
                 g = grads[f"blocks.{L}.attn.hook_{name}"]
-                for h in range(pm.n_heads):
-                    if g is None:
-                        continue
+                if g is None:
+                    continue
+                kv = shared_kv and name != "q"
+                for h in range(r.n_kv_heads if kv else r.n_heads):
                     out = r.project(L, name, h1, head=h)
                     (gin,) = torch.autograd.grad(out, x, g[:, :, h], retain_graph=True)
-                    yield f"a{L}.{h}.{name}", "head", L, gin.detach()
-        xm = cache[f"blocks.{L}.hook_resid_mid"].detach().requires_grad_(True)
-        g = grads[f"blocks.{L}.mlp.hook_pre"]
-        if g is not None:
+                    yield (f"a{L}.kv{h}.{name}" if kv else f"a{L}.{h}.{name}"), "head", L, gin.detach()
+        outs = [(r.mlp_pre, grads[f"blocks.{L}.mlp.hook_pre"])]
+        if r.layers[L].W_gate is not None:
+            outs.append((r.mlp_pre_linear, grads[f"blocks.{L}.mlp.hook_pre_linear"]))
+        outs = [(fn, g) for fn, g in outs if g is not None]
+        if outs:
+            xm = cache[r.mlp_input_hook(L)].detach().requires_grad_(True)
             with torch.enable_grad():
-                pre = r.mlp_pre(L, r.norm2(L, xm))
-                (gin,) = torch.autograd.grad(pre, xm, g)
+                hm = r.norm2(L, xm)
+                gin = torch.autograd.grad([fn(L, hm) for fn, _ in outs], xm, [g for _, g in outs])[0]
             yield f"m{L}.in", "mlp", L, gin.detach()
     g = grads[f"blocks.{pm.n_layers - 1}.hook_resid_post"]
     yield "logits", "logits", None, g.detach()

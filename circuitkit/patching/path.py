@@ -38,8 +38,11 @@ _WRITE = {"resid_pre": 0, "head": 1, "z": 1, "q": 1, "k": 1, "v": 1, "pattern": 
           "resid_mid": 1, "mlp_post": 2, "mlp_out": 2, "resid_post": 2, "emb": 0, "pos": 0}
 
 
-def read_depth(s: Site) -> int:
-    """Depth at which a site's value is read: 0 = embeddings; layer L's attention reads 2L, its MLP 2L+1."""
+def read_depth(s: Site, parallel: bool = False) -> int:
+    """Depth at which a site's value is read: 0 = embeddings; layer L's attention reads 2L, its MLP 2L+1
+    (2L with a ``parallel`` residual, as in GPT-NeoX, where the MLP reads the block's input)."""
+    if parallel and s.kind in ("mlp_post", "mlp_out"):
+        return 2 * (s.layer or 0)
     return 2 * (s.layer or 0) + _READ[s.kind]
 
 
@@ -84,14 +87,21 @@ def parse_receiver(text: str | Site, input: str = "resid") -> Receiver:
     raise CircuitkitError(f"receiver {text} must be a head (aL.H, qL.H, kL.H, vL.H), an MLP (mL) or logits")
 
 
-def _check_order(sender: Site, rec: Receiver, n_layers: int) -> None:
-    if rec.kind == "logits" or sender.kind in ("emb", "pos"):
-        return
-    ls = sender.layer
-    ok = ls < rec.layer if rec.kind == "head" else (ls <= rec.layer if sender.kind in ("head", "z", "attn_out")
-                                                     else ls < rec.layer)
-    if not ok:
-        raise CircuitkitError(f"sender {sender} does not feed receiver {rec}: it is not upstream of it")
+def feeds(sender: Site, receiver_kind: str, receiver_layer: int | None, parallel: bool = False) -> bool:
+    """Whether a sender's output is in the residual stream that a receiver (``head``, ``mlp`` or ``logits``
+    of ``receiver_layer``) reads: written at or before the depth it is read at (``read_depth``)."""
+    if receiver_kind == "logits":
+        return True
+    read = read_depth(Site("mlp_out", receiver_layer) if receiver_kind == "mlp" else Site("resid_pre", receiver_layer),
+                      parallel)
+    return write_depth(sender) <= read
+
+
+def _check_order(sender: Site, rec: Receiver, parallel: bool) -> None:
+    if not feeds(sender, rec.kind, rec.layer, parallel):
+        why = " (with a parallel residual a layer's MLP reads the block's input, not its attention's output)" \
+            if parallel and rec.kind == "mlp" and sender.layer == rec.layer else ""
+        raise CircuitkitError(f"sender {sender} does not feed receiver {rec}: it is not upstream of it{why}")
 
 
 @torch.no_grad()
@@ -172,7 +182,7 @@ def path_patch(
         check_site(Site("resid_pre", rec.layer), pm.n_layers, pm.n_heads)
         if rec.head is not None:
             check_site(Site("head", rec.layer, rec.head), pm.n_layers, pm.n_heads)
-    _check_order(snd, rec, pm.n_layers)
+    _check_order(snd, rec, pm.runner.arch.parallel)
     base_ids, src_ids = as_ids(task, base, "base"), as_ids(task, source, "source")
     bspec = snd.position if sender_base_pos is None else sender_base_pos
     sspec = bspec if sender_source_pos is None else sender_source_pos
