@@ -158,20 +158,32 @@ class ModelRunner:
     def block_at_rows(self, L: int, x: Tensor, t: Tensor) -> Tensor:
         """Block ``L`` for one row per example: x [n, pos, d_model] (its resid_pre), t [n] -> resid_post [n, d_model].
         Keys and values come from every position up to t; the query, the MLP and the output only from row t."""
-        w, n = self.layers[L], x.shape[0]
+        n = x.shape[0]
         rows = torch.arange(n, device=x.device)
         pos = torch.arange(x.shape[1], device=x.device)
         h1 = self.norm1(L, x)
-        k = self.expand_kv(self.rotate(self.project(L, "k", h1), pos))  # [n, pos, head, d_head]
-        v = self.expand_kv(self.project(L, "v", h1))
-        q = self.rotate(self.project(L, "q", h1[rows, t]).unsqueeze(1), t[:, None]).squeeze(1)  # [n, head, d_head]
+        k, v = self.keys_values(L, h1, pos)  # [n, pos, head, d_head]
+        q = self.query_at(L, h1[rows, t], t)  # [n, head, d_head]
         scores = self.scale(torch.einsum("bhe,bkhe->bhk", q, k))
         future = pos[None, :] > t[:, None]
         scores = scores.masked_fill(future[:, None, :], torch.finfo(scores.dtype).min)
         z = torch.einsum("bhk,bkhe->bhe", scores.softmax(-1), v)
-        xt = x[rows, t]
-        mid = xt + self.head_out(L, z) + w.b_O
-        return mid + self.mlp(L, self.norm2(L, self.mlp_input(L, xt, mid)))
+        return self.row_from_z(L, x[rows, t], z)
+
+    def keys_values(self, L: int, h1: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """Block ``L``'s keys (rotated) and values, repeated to the query heads, from its normalised input
+        h1 [..., pos, d_model] at positions ``pos`` ([pos] or [..., pos]): two [..., pos, head, d_head]."""
+        return self.expand_kv(self.rotate(self.project(L, "k", h1), pos)), self.expand_kv(self.project(L, "v", h1))
+
+    def query_at(self, L: int, h1: Tensor, t: Tensor) -> Tensor:
+        """Block ``L``'s (rotated) query of one row per example: h1 [n, d_model] at positions t [n] -> [n, head, d_head]."""
+        return self.rotate(self.project(L, "q", h1).unsqueeze(1), t[:, None]).squeeze(1)
+
+    def row_from_z(self, L: int, x: Tensor, z: Tensor) -> Tensor:
+        """Block ``L``'s resid_post for rows whose resid_pre is x [..., d_model] and whose heads' z is
+        [..., head, d_head]: the attention output, then the MLP."""
+        mid = x + self.head_out(L, z) + self.layers[L].b_O
+        return mid + self.mlp(L, self.norm2(L, self.mlp_input(L, x, mid)))
 
     # ---- the forward pass --------------------------------------------------------------------
     def hook_names(self) -> list[str]:

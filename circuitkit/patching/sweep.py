@@ -49,6 +49,9 @@ SWEEP_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 # kinds whose patch at position p changes only row p of the residual stream within its own block
 ROW_LOCAL = frozenset({"resid_mid", "resid_post", "attn_out", "mlp_out", "head", "z", "q", "pattern"})
+# row-local kinds whose patched value gives row p's new residual stream directly (``_patched_row``), so the
+# patched block is computed for that row alone
+ROW_DIRECT = frozenset({"resid_mid", "resid_post", "attn_out", "mlp_out", "head", "z"})
 
 
 @dataclass
@@ -107,6 +110,92 @@ def _last_block_at(runner: ModelRunner, x: Tensor, t: Tensor) -> Tensor:
     return runner.unembed(runner.block_at_rows(runner.n_layers - 1, x, t)).unsqueeze(1)
 
 
+def _patched_row(runner: ModelRunner, kind: str, L: int, base_cache: dict[str, Tensor], src: Tensor, bas: Tensor,
+                 ex: Tensor, cell: Tensor) -> Tensor:
+    """Block ``L``'s resid_post at the patched row only, for a ``ROW_DIRECT`` kind: [m, d_model] for the
+    (example ``ex``, cell) pairs.  The rest of the block's output is the base's (the patch is row-local).
+    src / bas: the kind's source and base activations [b, pos(, head), d]."""
+    p = cell[:, 0]
+    post = base_cache[f"blocks.{L}.hook_resid_post"][ex, p]  # [m, d_model]
+    if kind == "resid_post":
+        return src[ex, p]
+    if kind == "mlp_out":
+        return post + (src[ex, p] - bas[ex, p])
+    pre, mid = base_cache[f"blocks.{L}.hook_resid_pre"][ex, p], base_cache[f"blocks.{L}.hook_resid_mid"][ex, p]
+    if kind == "resid_mid":
+        new_mid = src[ex, p]
+    elif kind == "attn_out":
+        new_mid = mid + (src[ex, p] - bas[ex, p])
+    else:  # head / z: one head's z at row p -> its share of attn_out
+        h = cell[:, 1]
+        dz = src[ex, p, h] - bas[ex, p, h]  # [m, d_head]
+        new_mid = mid + torch.einsum("me,med->md", dz, runner.layers[L].W_O[h])
+    return new_mid + runner.mlp(L, runner.norm2(L, runner.mlp_input(L, pre, new_mid)))
+
+
+class _AnswerRowBlock:
+    """The last block at each example's answer row t when its input differs from the base's in one row p <= t.
+
+    Built once from the base: keys and values of every row, the query at t, and per key j the *leave-one-out*
+    softmax sums Σ_{k≠j} w_k and Σ_{k≠j} w_k v_k (w_k = exp(score_k − max), from exclusive prefix and suffix
+    sums: no subtraction, so no cancellation when one key holds all the attention).  A patch then needs row
+    p's new key and value only: z = (LOO_wv[p] + w'_p v'_p) / (LOO_w[p] + w'_p), exact up to rounding.  A
+    patch at the answer row itself (p = t) changes the query as well and runs ``block_at_rows``."""
+
+    def __init__(self, runner: ModelRunner, x: Tensor, t: Tensor) -> None:
+        L = runner.n_layers - 1
+        self.runner, self.L, self.x, self.t = runner, L, x, t  # x: [b, pos, d_model] (the last block's resid_pre)
+        rows, pos = torch.arange(x.shape[0], device=x.device), torch.arange(x.shape[1], device=x.device)
+        h1 = runner.norm1(L, x)
+        k, v = runner.keys_values(L, h1, pos)  # [b, pos, head, d_head]
+        self.q = runner.query_at(L, h1[rows, t], t)  # [b, head, d_head]
+        scores = runner.scale(torch.einsum("bhe,bkhe->bhk", self.q, k))
+        scores = scores.masked_fill((pos[None, :] > t[:, None])[:, None, :], float("-inf"))
+        self.max = scores.max(-1).values  # [b, head]
+        w = torch.exp(scores - self.max[..., None])  # [b, head, pos] (0 after t)
+        wv = w[..., None] * v.transpose(1, 2)  # [b, head, pos, d_head]
+        self.loo_w = self._exclusive(w, -1)
+        self.loo_wv = self._exclusive(wv, -2)
+
+    @staticmethod
+    def _exclusive(a: Tensor, dim: int) -> Tensor:
+        """Σ over every other index along ``dim`` (exclusive prefix + exclusive suffix sums)."""
+        zero = torch.zeros_like(a.narrow(dim, 0, 1))
+        prefix = torch.cat([zero, a.narrow(dim, 0, a.shape[dim] - 1).cumsum(dim)], dim)
+        rev = a.flip(dim)
+        suffix = torch.cat([zero, rev.narrow(dim, 0, a.shape[dim] - 1).cumsum(dim)], dim).flip(dim)
+        return prefix + suffix
+
+    def logits(self, ex: Tensor, p: Tensor, row: Tensor) -> Tensor:
+        """Logits [m, vocab] at the answer rows of examples ``ex`` whose last-block input has row ``p``
+        replaced by ``row`` [m, d_model]."""
+        r, L = self.runner, self.L
+        t = self.t[ex]
+        out = torch.empty_like(row)
+        full = p == t  # the answer row itself: a new query too
+        o = (~full).nonzero().squeeze(1)
+        if o.numel():
+            e, pp = ex[o], p[o]
+            kp, vp = r.keys_values(L, r.norm1(L, row[o]).unsqueeze(1), pp[:, None])  # [m, 1, head, d_head]
+            kp, vp = kp.squeeze(1), vp.squeeze(1)
+            sp = r.scale((self.q[e] * kp).sum(-1))  # [m, head]
+            top = torch.maximum(self.max[e], sp)
+            keep, wp = torch.exp(self.max[e] - top), torch.exp(sp - top)
+            heads = torch.arange(sp.shape[1], device=sp.device)
+            loo_w = self.loo_w[e[:, None], heads[None, :], pp[:, None]]  # [m, head]
+            loo_wv = self.loo_wv[e[:, None], heads[None, :], pp[:, None]]  # [m, head, d_head]
+            den = loo_w * keep + wp
+            ok = (den > 1e-30).all(-1)  # else every weight underflowed against the base's max: recompute
+            z = (loo_wv * keep[..., None] + wp[..., None] * vp) / den.clamp_min(1e-30)[..., None]
+            out[o[ok]] = r.row_from_z(L, self.x[e[ok], t[o[ok]]], z[ok])
+            full[o[~ok]] = True
+        if bool(full.any()):
+            x = self.x[ex[full]].clone()
+            x[torch.arange(int(full.sum()), device=x.device), p[full]] = row[full]
+            out[full] = r.block_at_rows(L, x, t[full])
+        return r.unembed(out)
+
+
 def _truncate(kind: str, act: Tensor, n_pos: int) -> Tensor:
     return act[:, :, :n_pos, :n_pos] if kind == "pattern" else act[:, :n_pos]
 
@@ -124,6 +213,7 @@ def sweep(
     max_rows: int = 4096,
     seed: int = 0,
     progress: bool = True,
+    incremental: bool = True,
 ) -> SweepResult:
     """Patch each cell of ``kind`` (all layers x positions [x heads]) separately; see module doc.
 
@@ -133,7 +223,9 @@ def sweep(
     leaves that example's metric at its unpatched value and is not run; sequences are cut after
     the last answer position.  The remaining (cell, example) pairs run ``max_rows`` at a time,
     each forward starting at the patched layer from the cached base residual stream; when the
-    patched layer is not the last, the last block runs for the answer row only.
+    patched layer is not the last, the last block runs for the answer row only.  ``incremental``
+    (default): for a kind whose patch gives the patched row's residual directly (``ROW_DIRECT``), the
+    patched block is computed for that one row (the others keep the base's values) instead of in full.
     """
     if kind not in SWEEP_KINDS:
         raise CircuitkitError(f"unknown sweep kind {kind!r}; valid: {choices_hint(SWEEP_KINDS)}")
@@ -153,7 +245,10 @@ def sweep(
     hook_fmt, axes = SWEEP_KINDS[kind]
     hooks = [hook_fmt.format(L=L) for L in range(pm.n_layers)]
     b, n_pos = base_ids.shape
-    base_logits, base_cache = runner.run(base_ids.to(dev), cache=resid_names(pm.n_layers) + hooks)
+    direct = incremental and kind in ROW_DIRECT
+    extra = [f"blocks.{L}.hook_resid_{x}" for L in range(pm.n_layers) for x in ("mid", "post")] if direct else []
+    base_logits, base_cache = runner.run(base_ids.to(dev), cache=list(dict.fromkeys(resid_names(pm.n_layers) + hooks
+                                                                                        + extra)))
     ctx = metric_context(task, base_ids, src_ids, target, base_logits)
     base_vals = evaluate(metric, base_logits, ctx)[0].cpu()
     if ab_eff is Ablation.INTERCHANGE:
@@ -186,11 +281,20 @@ def sweep(
     total = sum(int(w[1].numel()) for w in work)
     last = pm.n_layers - 1
     last_resid = f"blocks.{last - 1}.hook_resid_post"  # = the last block's resid_pre
+    answer_block = _AnswerRowBlock(runner, base_cache[f"blocks.{last}.hook_resid_pre"][:, :n_keep], t_pos) \
+        if direct and last > 0 else None
     bar = tqdm(total=total, desc=f"sweep {kind}", unit="patch", disable=not progress, leave=False)
     for L, ex_all, cell_all, src in work:
         resid_all = base_cache[f"blocks.{L}.hook_resid_pre"][:, :n_keep]
+        bas = _truncate(kind, base_cache[hooks[L]], n_keep)
         for i in range(0, ex_all.numel(), max_rows):
             ex, cell = ex_all[i:i + max_rows], cell_all[i:i + max_rows]
+            if direct:
+                logits, read_at = _direct_logits(runner, kind, L, base_cache, src, bas, ex, cell, ids_cut, t_pos,
+                                                 n_keep, answer_block)
+                _store(out, metric, logits, read_at, ex, cell, L, ctx_dev, ctx.target)
+                bar.update(int(ex.numel()))
+                continue
             mask = _cell_mask(kind, cell, src.shape, dev)
             rows_src = src[ex]
 
@@ -204,10 +308,39 @@ def sweep(
             else:
                 logits, _ = runner.run(ids_cut[ex], hooks={hooks[L]: patch}, start_at_layer=L, resid=resid_all[ex])
                 read_at = t_pos[ex]
-            rows_ctx = MetricContext(read_at, ctx_dev.answer[ex], None if ctx_dev.wrong is None else ctx_dev.wrong[ex],
-                                     None if ctx_dev.clean_logprobs is None else ctx_dev.clean_logprobs[ex], ctx.target)
-            vals = evaluate(metric, logits, rows_ctx)[0].cpu()
-            out[(torch.full_like(ex, L).cpu(), *cell.cpu().unbind(1), ex.cpu())] = vals
+            _store(out, metric, logits, read_at, ex, cell, L, ctx_dev, ctx.target)
             bar.update(int(ex.numel()))
     bar.close()
     return SweepResult(kind, axes, out, base_vals, metric, ab.value, ctx)
+
+
+def _direct_logits(runner: ModelRunner, kind: str, L: int, base_cache: dict[str, Tensor], src: Tensor, bas: Tensor,
+                   ex: Tensor, cell: Tensor, ids_cut: Tensor, t_pos: Tensor, n_keep: int,
+                   answer_block: _AnswerRowBlock | None) -> tuple[Tensor, Tensor]:
+    """Logits [m, 1, vocab] at each pair's answer row (and the row index into them, zeros) after a
+    ``ROW_DIRECT`` patch: block ``L`` for the patched row only, the blocks between in full from the base's
+    stream with that row replaced, the last block for the answer row only (from the base's keys, values and
+    attention sums, ``_AnswerRowBlock``, when only the patched row differs there)."""
+    row = _patched_row(runner, kind, L, base_cache, src, bas, ex, cell)  # [m, d_model]
+    read_at = torch.zeros_like(ex)
+    last = runner.n_layers - 1
+    if L == last:  # only pairs patched at their answer row are here (row-local in the last block)
+        return runner.unembed(row).unsqueeze(1), read_at
+    if L + 1 == last and answer_block is not None:  # the last block's input differs in row p only
+        return answer_block.logits(ex, cell[:, 0], row).unsqueeze(1), read_at
+    x = base_cache[f"blocks.{L}.hook_resid_post"][ex, :n_keep].clone()  # [m, pos, d_model]
+    x[torch.arange(ex.numel(), device=x.device), cell[:, 0]] = row
+    if L + 1 < last:
+        hook = f"blocks.{last - 1}.hook_resid_post"
+        _, c = runner.run(ids_cut[ex], cache=[hook], start_at_layer=L + 1, stop_at_layer=last, resid=x)
+        x = c[hook]
+    return _last_block_at(runner, x, t_pos[ex]), read_at
+
+
+def _store(out: Tensor, metric: str, logits: Tensor, read_at: Tensor, ex: Tensor, cell: Tensor, L: int,
+           ctx: MetricContext, target: str | None) -> None:
+    """Write the metric of patched ``logits`` (read at ``read_at``) into ``out`` at [L, *cell, ex]."""
+    rows_ctx = MetricContext(read_at, ctx.answer[ex], None if ctx.wrong is None else ctx.wrong[ex],
+                             None if ctx.clean_logprobs is None else ctx.clean_logprobs[ex], target)
+    vals = evaluate(metric, logits, rows_ctx)[0].cpu()
+    out[(torch.full_like(ex, L).cpu(), *cell.cpu().unbind(1), ex.cpu())] = vals
