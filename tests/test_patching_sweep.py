@@ -137,14 +137,16 @@ def _random_model(task_name: str, **kw) -> ProbedModel:
     return ProbedModel(model, task)
 
 
-@pytest.mark.parametrize("shape", [dict(n_layer=2, n_head=4, d_model=32), dict(n_layer=3, n_head=2, d_model=32),
+@pytest.mark.parametrize("shape", [dict(n_layer=1, n_head=2, d_model=32), dict(n_layer=2, n_head=4, d_model=32),
+                                   dict(n_layer=3, n_head=2, d_model=32),
                                    dict(arch="gpt_neox", n_layer=3, n_head=2, d_model=32),
                                    dict(arch="llama", n_layer=2, n_head=4, n_kv_head=2, d_model=32)])
 @pytest.mark.parametrize("kind", sorted(ROW_DIRECT))
 def test_incremental_sweep_equals_the_full_recomputation(shape, kind):
     """A row-direct patch computed for the patched row alone (then the layers between in full, the last block
-    at the answer row) gives the metric of re-running the patched block over every row: GPT-2 with 2 and 3
-    layers (the layers-between branch), a parallel-residual NeoX and a gated, grouped-query Llama."""
+    at the answer row) gives the metric of re-running the patched block over every row: GPT-2 with 1, 2 and 3
+    layers (the last-block-only and layers-between branches), a parallel-residual NeoX and a gated,
+    grouped-query Llama."""
     pm = _random_model("addition", **shape)
     rng = random.Random(1)
     base = pm.task.generate(rng, 12)

@@ -54,7 +54,7 @@ def decoder_section(report: Report, res: dict[str, Any]) -> None:
     ev = res["eval"]
     rows = [[r["site"], r["hit_rate"], r["in_eps_fraction"], r["median_min_distance"], r["n_queries"],
              r["samples_per_query"]] for r in ev.get("sites", [])]
-    where = f"Trained elsewhere ({res['source']}; not retrained by this run): " if res.get("source") else "Trained "
+    where = f"Trained elsewhere ({_shown_path(res['source'])}; not retrained by this run): " if res.get("source") else "Trained "
     s.add(f"{where}{res.get('steps')} steps in {res.get('train_minutes')} minutes. Hit rate = share of held-out "
           "query activations with at least one decoder sample within ε = 0.1 (every sample re-run through the "
           "probed model); in-ε fraction = share of all samples within ε.")

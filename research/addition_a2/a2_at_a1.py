@@ -1,0 +1,97 @@
+"""Where the committed addition model reads A2 at A1: interchange IIA split by the answer's length.
+
+The paper's second addition claim ("A2 is computed at A1 from F2, S2 and the carry from column 3") is not
+verified on the committed model (reports/addition). Answers are written left-aligned, so A2 means two
+things: on a 3-digit sum it is (F2 + S2 + carry(3)) mod 10; on a 4-digit sum (A1 = 1) it is the sum's
+hundreds digit, (F1 + S1 + carry(2)) mod 10. A test pooled over both cases mixes two mechanisms, so this
+script reports, for a few site groups at A1 and feature sets, the verifier's own test
+(``InterchangeVerifier.test``, on the search and the held-out confirm half, with the case study's settings:
+3,000 inputs, 200 pairs, seed 0, so the group the run tested gets the run's numbers) and the IIA on the
+same pairs split by the base's answer length (3-digit and 4-digit sums).
+
+    .venv/bin/python research/addition_a2/a2_at_a1.py            # writes research/addition_a2/results.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from circuitkit.manifest import build_manifest
+from circuitkit.models.checkpoint import load_probed
+from circuitkit.verification.interchange import InterchangeVerifier, group_name, group_sites
+from circuitkit.verification.stats import proportion
+
+HERE = Path(__file__).resolve().parent
+MODEL = HERE.parents[1] / "case_studies" / "models" / "addition"
+
+L0 = " & ".join(f"a0.{h}@A1" for h in range(4))
+L1 = " & ".join(f"a1.{h}@A1" for h in range(4))
+#: (site group, features) tested
+TESTS = [
+    (L0, ["carry(3)"]), (L0, ["A1", "carry(3)"]), (L0, ["F2+S2", "carry(3)"]),
+    (L1, ["F2+S2"]), (L1, ["F2+S2", "carry(3)"]), (L1, ["F1+S1", "F2+S2", "carry(3)"]),
+    ("x0.post@A1", ["A1", "carry(3)"]), ("x0.post@A1", ["A1", "F2+S2", "carry(3)"]),
+    ("m1@A1 & a0.0@A1 & a1.1@A1", ["F1+S1", "F2+S2", "carry(3)"]),
+]
+
+
+def answer_digits(text: str) -> int:
+    """Digits of the sum in ``B615+861=1476E`` (3 or 4)."""
+    return len(text.split("=")[1].split("E")[0])
+
+
+def split_iia(v: InterchangeVerifier, spec: str, features: list[str], split: str) -> dict:
+    """The verifier's own test of ``spec`` carrying ``features`` on one half of the inputs (its A2 IIA and
+    verdict), and the IIA on the very same f-differing pairs split by the base's answer length."""
+    sites = group_sites(spec)
+    verdict = v.test(spec, features, split=split)
+    pooled = next((t for t in verdict.targets if t.target == "A2"), None)
+    db, ds, _, _ = v._pair_cache[(group_name(sites), tuple(features), split, False)]  # the pairs test() used
+    am = v.answer_model(sites[0], features, "A2")
+    hits: dict[int, list[float]] = {3: [], 4: []}
+    if am is not None and db:
+        pred = v._patched_pred(sites, db, ds)
+        for r, (i, src) in enumerate(zip(db, ds)):
+            base = v.inputs[i]
+            t = next(t for t in v.targets[i] if t.name == "A2")
+            want = am.predict(v._fcodes(features, src, "A1", False), tuple(v.code(c, base, "A1") for c in am.context))
+            if want is not None:
+                hits[answer_digits(base)].append(float(int(pred[r, t.position]) == want))
+    by_len = {f"iia_{k}_digit_sums": proportion(np.array(h), 0.95).to_dict() if h else None for k, h in hits.items()}
+    return {"site": spec, "features": features, "split": split, "answer_context": list(am.context) if am else None,
+            "iia": pooled.iia.to_dict() if pooled is not None and pooled.iia else None,
+            "verified": bool(pooled is not None and pooled.verified), **by_len}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(MODEL))
+    ap.add_argument("--inputs", type=int, default=3000)
+    ap.add_argument("--pairs", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(HERE / "results.json"))
+    args = ap.parse_args()
+    torch.manual_seed(args.seed)
+    pm = load_probed(args.model)
+    v = InterchangeVerifier(pm, n_inputs=args.inputs, n_pairs=args.pairs, seed=args.seed)
+    rows = []
+    fmt = lambda e: "-" if e is None else f"{e['mean']:.3f} [{e['ci_low']:.3f}] n {e['n']}"  # noqa: E731
+    for spec, feats in TESTS:
+        for split in ("search", "confirm"):
+            row = split_iia(v, spec, feats, split)
+            rows.append(row)
+            print(f"{spec:34s} {'+'.join(feats):26s} {split:7s} IIA {fmt(row['iia'])}  3-digit "
+                  f"{fmt(row['iia_3_digit_sums'])}  4-digit {fmt(row['iia_4_digit_sums'])}")
+    out = {"rows": rows, "manifest": build_manifest("research_addition_a2", args.seed, vars(args))}
+    tmp = Path(args.out).with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    tmp.replace(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
