@@ -194,3 +194,18 @@ def test_committed_addition_heads_at_a1_carry_the_column_sums_jointly():
     grouped = [n for n in rep.nodes if n.group and n.joint and "F2+S2" in n.features]
     assert grouped and all(n.confirmed for n in grouped)
     assert {n.site for n in grouped} & set(heads) and grouped[0].iia >= 0.9
+
+
+def test_a_component_verified_alone_leaves_the_others_to_a_group_search():
+    """Site groups are searched among the components where a feature is accepted but not verified alone: an
+    MLP that carries IO by itself is left out of the IO group at END, and the heads still form one."""
+    from circuitkit.verification.report import _group_candidates, claim_hypothesis
+
+    hyps = [claim_hypothesis(s, "IO") for s in ("a1.2@END", "m1@END", "a1.3@END", "x1.post@END")]
+    hyps.append(claim_hypothesis("a1.0@END", "S"))
+    got = _group_candidates(hyps, {("m1@END", "IO")}, 12)
+    assert {k: sorted(v) for k, v in got.items()} == {("END", "IO"): ["a1.2@END", "a1.3@END"]}
+    # one component left besides the verified one: no group
+    assert _group_candidates(hyps[:2], {("m1@END", "IO")}, 12) == {}
+    got = _group_candidates(hyps, set(), 12)
+    assert {k: sorted(v) for k, v in got.items()} == {("END", "IO"): ["a1.2@END", "a1.3@END", "m1@END"]}

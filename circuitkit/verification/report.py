@@ -240,17 +240,19 @@ GROUPABLE_KINDS = ("head", "z", "attn_out", "mlp_out", "mlp_post")
 
 def _group_candidates(hypotheses: Sequence[Hypothesis], verified_alone: set[tuple[str, str]],
                       max_group: int) -> dict[tuple[str, str], list[str]]:
-    """{(position, feature): sites} where the feature is accepted at 2..max_group components of one
-    position and verified alone at none of them (strongest agreement first)."""
+    """{(position, feature): sites}: the 2..max_group components of one position where the feature is accepted
+    but not verified alone (strongest agreement first).  A component that verifies alone is left out of the
+    group (with it, any group would verify), not a reason to skip the others: an MLP carrying the name that
+    the heads before it moved says nothing about whether those heads carry it together."""
     by: dict[tuple[str, str], list[Hypothesis]] = {}
     for h in hypotheses:
         site = parse_site(h.site)
-        if h.accepted and site.kind in GROUPABLE_KINDS:
+        if h.accepted and site.kind in GROUPABLE_KINDS and (h.site, h.feature) not in verified_alone:
             by.setdefault((str(site.position), h.feature), []).append(h)
     out = {}
     for key, hs in by.items():
         hs = list({h.site: h for h in reversed(hs)}.values())  # a claim and a hypothesis at one site count once
-        if any((h.site, key[1]) in verified_alone for h in hs) or not 2 <= len(hs) <= max_group:
+        if not 2 <= len(hs) <= max_group:
             continue
         out[key] = [h.site for h in sorted(hs, key=lambda h: -(h.kappa if h.kappa == h.kappa else 0.0))]
     return out
