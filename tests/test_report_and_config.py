@@ -90,3 +90,22 @@ def test_stage_runner_caches_and_resumes(tmp_path):
     r2.run("b", {}, make("b"), depends=("a",))
     r2.run("a", {"x": 2}, make("a3"))  # config changed: recomputed
     assert calls == ["a1", "b", "a3"] and (tmp_path / "a" / "out.txt").read_text() == "a3"
+
+
+def test_a_rerendered_report_keeps_the_readers_notes_and_nothing_else_stale(tmp_path):
+    """The report directory is replaced whole (no stale figure survives), but a README.md someone wrote
+    there about the report is carried over."""
+    from circuitkit.pipeline.report import write_report
+
+    out = tmp_path / "report"
+    rep = Report("t")
+    rep.section("s").add("first")
+    write_report(rep, out, {"kind": "test"}, {"x": 1})
+    (out / "README.md").write_text("notes on this report\n")
+    (out / "stale.png").write_bytes(b"old")
+    rep2 = Report("t")
+    rep2.section("s").add("second")
+    write_report(rep2, out, {"kind": "test"}, {"x": 2})
+    assert (out / "README.md").read_text() == "notes on this report\n"
+    assert not (out / "stale.png").exists()
+    assert "second" in (out / "report.md").read_text()

@@ -363,10 +363,14 @@ SECTION_BUILDERS: list[tuple[str, Any]] = [("patching", patching_section), ("gro
 def write_report(report: Report, out: Path, manifest: dict[str, Any], results: dict[str, Any],
                  attachments: list[Path] = ()) -> None:
     """index.html, report.md (+ figures/), manifest.json, results.json and the attachments
-    (e.g. the circuit's JSON/GraphML/DOT/SVG) — the directory is replaced atomically."""
+    (e.g. the circuit's JSON/GraphML/DOT/SVG) — the directory is replaced atomically.  A ``README.md``
+    already there (a person's notes on the report) is carried over: circuitkit never writes one."""
     page = render_html(report)
     md, files = render_markdown(report)
+    notes = (out / "README.md").read_bytes() if (out / "README.md").is_file() else None
     with atomic_dir(out, keep_existing=False) as tmp:
+        if notes is not None:
+            (tmp / "README.md").write_bytes(notes)
         for f in attachments:
             (tmp / f.name).write_bytes(f.read_bytes())
         (tmp / "index.html").write_text(page)
