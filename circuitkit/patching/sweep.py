@@ -27,7 +27,7 @@ from circuitkit.errors import CircuitkitError, choices_hint
 from circuitkit.models.checkpoint import ProbedModel
 from circuitkit.models.runner import ModelRunner
 from circuitkit.patching.ablations import Ablation, as_ids, check_pairing, get_ablation, resample_sources
-from circuitkit.patching.metrics import MetricContext, evaluate, metric_context
+from circuitkit.patching.metrics import MetricContext, at_positions, evaluate, metric_context
 from circuitkit.patching.node import resid_names
 from circuitkit.patching.stats import bootstrap_ci
 from circuitkit.results import JsonResult
@@ -247,20 +247,20 @@ def sweep(
     b, n_pos = base_ids.shape
     direct = incremental and kind in ROW_DIRECT
     extra = [f"blocks.{L}.hook_resid_{x}" for L in range(pm.n_layers) for x in ("mid", "post")] if direct else []
-    base_logits, base_cache = runner.run(base_ids.to(dev), cache=list(dict.fromkeys(resid_names(pm.n_layers) + hooks
-                                                                                        + extra)))
-    ctx = metric_context(task, base_ids, src_ids, target, base_logits)
+    ctx = metric_context(task, base_ids, src_ids, target)  # answer positions come from the tokens
+    n_keep = int(ctx.positions.max()) + 1  # positions after the last answer cannot matter (causal masking), so
+    ids_cut = base_ids[:, :n_keep].to(dev)  # every run below stops there: the same values, fewer rows
+    base_logits, base_cache = runner.run(ids_cut, cache=list(dict.fromkeys(resid_names(pm.n_layers) + hooks + extra)))
+    ctx.clean_logprobs = at_positions(base_logits, ctx.positions, 1).log_softmax(-1)  # what metric_context sets
     base_vals = evaluate(metric, base_logits, ctx)[0].cpu()
     if ab_eff is Ablation.INTERCHANGE:
-        _, src_cache = runner.run(src_ids.to(dev), cache=hooks, return_logits=False)
+        _, src_cache = runner.run(src_ids[:, :n_keep].to(dev), cache=hooks, return_logits=False)
     else:
         ref = base_ids if reference is None else as_ids(task, reference, "reference")
-        _, ref_cache = runner.run(ref.to(dev), cache=hooks, return_logits=False)
+        _, ref_cache = runner.run(ref[:, :n_keep].to(dev), cache=hooks, return_logits=False)
         src_cache = {h: (a.mean(0, keepdim=True) if ab_eff is Ablation.MEAN else torch.zeros_like(a[:1]))
                      .expand(b, *a.shape[1:]) for h, a in ref_cache.items()}
     t_pos = ctx.positions.to(dev)  # [b]
-    n_keep = int(t_pos.max()) + 1  # positions after the last answer cannot matter
-    ids_cut = base_ids[:, :n_keep].to(dev)
     sizes = {"pos": n_pos, "dest_pos": n_pos, "head": pm.n_heads}
     shape = [pm.n_layers] + [sizes[a] for a in axes[1:]]
     out = base_vals.expand(*shape, b).clone()  # [layer, *cell axes, b]
