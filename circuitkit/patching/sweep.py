@@ -3,7 +3,11 @@
 Equal to ``transformer_lens.patching.get_act_patch_*`` (same cells, same order of axes) but many
 patches share one forward: for layer L, the base run's ``blocks.L.hook_resid_pre`` is replicated
 ``k`` times along the batch ([k*b, pos, d_model]), the forward starts at block L, and copy ``i``
-gets cell ``i``'s patch.  The base and source caches are computed once.
+gets cell ``i``'s patch.  The base and source caches are computed once.  Kinds whose patch at position p
+only rewrites row p of the residual stream (``ROW_DIRECT``: head/z, attn_out, mlp_out, resid_mid/post) go
+further and recompute only what the patch can change: block L for row p alone, the blocks between in full,
+and the last block at the answer row from the base's keys, values and leave-one-out attention sums
+(``_AnswerRowBlock``), which is exact up to float rounding.
 
 Mapping to TransformerLens: their corrupted tokens = our base, their clean cache = our source.
 Kinds and their TL counterparts (output axes):
