@@ -199,3 +199,60 @@ def test_circuit_evaluation_and_edges_on_other_blocks(family_model):
     fewer = [x for x in complete_edges(ev, sites) if x != ("a0.1", "a1.2")]
     e = edge_faithfulness(ev, sites, fewer, ci=False)
     assert any(abs(e.faithfulness_normalized[k] - node[k]) > 1e-3 for k in node)
+
+
+def test_path_patching_gives_a_head_its_own_keys_and_values(family_model):
+    """A head's k or v receiver: without a group, its own copy (recomputed scores and z) equals patching the
+    key/value activation; with grouped-query attention, where a key/value head is shared, the first-order
+    effects of giving each head of a group its own copy add up to patching the shared head, and the other
+    heads' attention is untouched."""
+    from circuitkit.patching.ablations import as_ids
+    from circuitkit.patching.metrics import evaluate, metric_context
+    from circuitkit.patching.path import parse_receiver, receiver_hooks, sender_delta
+    from circuitkit.sites import parse_site
+
+    family, _, _, pm = family_model
+    r = pm.runner
+    base, src = _pairs_of(pm, 6)
+    bids, sids = as_ids(pm.task, base), as_ids(pm.task, src)
+    ctx = metric_context(pm.task, bids, sids, None)
+    delta = sender_delta(pm, bids, sids, parse_site("a0.1"), None, None)
+    if r.n_kv_heads == r.n_heads:
+        emb = sender_delta(pm, bids, sids, parse_site("emb"), None, None)  # the flipped token itself: a large delta
+        z = "blocks.1.attn.hook_z"
+        _, clean = r.run(bids, cache=[z])
+        for inp in ("k", "v", "resid"):
+            rec = parse_receiver("a1.2", inp)
+            plain, c1 = r.run(bids, hooks=receiver_hooks(pm, rec, emb, None), cache=[z])
+            own, c2 = r.run(bids, hooks=receiver_hooks(pm, rec, emb, None, force_per_head_kv=True), cache=[z])
+            assert (plain - own).abs().max() <= 1e-4 and (c1[z] - c2[z]).abs().max() <= 1e-5, inp
+            assert (c1[z][:, :, 2] - clean[z][:, :, 2]).abs().max() > 1e-4, inp  # the patch moves head 2 (10x the tolerance)
+        return
+
+    def derivative(hooks_for) -> torch.Tensor:
+        eps = torch.zeros((), requires_grad=True)
+        logits, _ = r.run(bids, hooks=hooks_for(eps))
+        return torch.autograd.grad(evaluate("logit_diff", logits, ctx)[0].sum(), eps)[0]
+
+    group = [h for h in range(r.n_heads) if h // (r.n_heads // r.n_kv_heads) == 1]  # the heads sharing kv head 1
+
+    def shared(name: str):
+        def hooks_for(eps):
+            seen = {}
+
+            def hook(act):
+                act = act.clone()
+                act[:, :, 1] = r.project(1, name, r.norm1(1, seen["x"] + eps * delta), head=1)
+                return act
+            return {"blocks.1.hook_resid_pre": lambda x: seen.__setitem__("x", x), f"blocks.1.attn.hook_{name}": hook}
+        return hooks_for
+    for name in ("k", "v"):
+        per_head = sum(derivative(lambda eps, h=h, n=name: receiver_hooks(pm, parse_receiver(f"a1.{h}", n), eps * delta,
+                                                                   None)) for h in group)
+        whole = derivative(shared(name))
+        assert whole.abs() > 1e-4 and torch.allclose(per_head, whole, rtol=1e-3, atol=1e-4), name
+    hooks = receiver_hooks(pm, parse_receiver(f"a1.{group[0]}", "k"), delta, None)
+    _, patched = r.run(bids, hooks=hooks, cache=["blocks.1.attn.hook_pattern"])
+    _, clean = r.run(bids, cache=["blocks.1.attn.hook_pattern"])
+    moved = (patched["blocks.1.attn.hook_pattern"] - clean["blocks.1.attn.hook_pattern"]).abs().amax((0, 2, 3))
+    assert moved[group[0]] > 1e-4 and moved[[h for h in range(r.n_heads) if h != group[0]]].max() == 0

@@ -22,6 +22,7 @@ from torch import Tensor
 from circuitkit.activations import resolve_positions
 from circuitkit.errors import CircuitkitError
 from circuitkit.models.checkpoint import ProbedModel
+from circuitkit.models.runner import ModelRunner
 from circuitkit.patching.ablations import PositionSpec, as_ids, check_pairing, is_raw, resolve
 from circuitkit.patching.metrics import evaluate, metric_context
 from circuitkit.patching.node import NodePatchResult, resid_names
@@ -124,8 +125,52 @@ def sender_delta(pm: ProbedModel, base_ids: Tensor, source_ids: Tensor, sender: 
     return delta
 
 
-def receiver_hooks(pm: ProbedModel, rec: Receiver, delta: Tensor, rec_pos: Tensor | None) -> dict:
-    """Runner hooks that replace only the receiver's input by its value read from ``resid + delta``."""
+def _own_kv_hooks(r: ModelRunner, L: int, H: int, inputs: Sequence[str], delta: Tensor, seen: dict[str, Tensor],
+                  hooks: dict) -> dict:
+    """Hooks giving head H alone keys and/or values read from ``resid + delta`` when its key/value head is shared
+    by a group (grouped-query attention): its attention scores (k) and its z (v) are recomputed from them,
+    while the other heads of the group keep the shared, unpatched ones."""
+    p = f"blocks.{L}.attn."
+    q_hook = p + ("hook_rot_q" if r.arch.rotary_dim else "hook_q")
+    out: dict = {}
+    before = hooks.get(q_hook)  # the q receiver's own hook, when q is patched too
+
+    def capture_q(act: Tensor) -> Tensor:
+        act = before(act) if before is not None else act
+        seen["q"] = act
+        return act
+    out[q_hook] = capture_q
+
+    def own_kv() -> tuple[Tensor, Tensor]:  # head H's rotated keys and values from resid + delta, [b, pos, d_head]
+        x = seen["x"]
+        k, v = r.keys_values(L, r.norm1(L, x + delta), torch.arange(x.shape[1], device=x.device))
+        return k[:, :, H], v[:, :, H]
+    if "k" in inputs:
+        def scores_hook(act: Tensor) -> Tensor:
+            k_h = own_kv()[0]
+            s = r.scale(torch.einsum("bqe,bke->bqk", seen["q"][:, :, H], k_h))
+            n = s.shape[-1]
+            causal = torch.ones(n, n, dtype=torch.bool, device=s.device).tril()
+            act = act.clone()
+            act[:, H] = s.masked_fill(~causal, torch.finfo(s.dtype).min)
+            return act
+        out[p + "hook_attn_scores"] = scores_hook
+    if "v" in inputs:
+        out[p + "hook_pattern"] = lambda act: seen.__setitem__("pattern", act)
+
+        def z_hook(act: Tensor) -> Tensor:
+            act = act.clone()
+            act[:, :, H] = torch.einsum("bqk,bke->bqe", seen["pattern"][:, H], own_kv()[1])
+            return act
+        out[p + "hook_z"] = z_hook
+    return out
+
+
+def receiver_hooks(pm: ProbedModel, rec: Receiver, delta: Tensor, rec_pos: Tensor | None,
+                   force_per_head_kv: bool = False) -> dict:
+    """Runner hooks that replace only the receiver's input by its value read from ``resid + delta``.  With
+    grouped-query attention a head's keys and values are shared by its group, so head H gets its own copy
+    (``_own_kv_hooks``); ``force_per_head_kv`` takes that route without a group too (the tests compare the two)."""
     r = pm.runner
     row_mask = None
     if rec_pos is not None:
@@ -136,17 +181,19 @@ def receiver_hooks(pm: ProbedModel, rec: Receiver, delta: Tensor, rec_pos: Tenso
     hooks = {}
     if rec.kind == "head":
         L, H = rec.layer, rec.head
-        if r.n_kv_heads != r.n_heads and set(rec.inputs) & {"k", "v"}:
-            raise CircuitkitError(f"receiver {rec}: with grouped-query attention a head's keys and values are "
-                                  f"shared by {r.n_heads // r.n_kv_heads} heads; path patch its q only")
         hooks[f"blocks.{L}.hook_resid_pre"] = lambda x: seen.__setitem__("x", x)
+        shared = r.n_kv_heads != r.n_heads or force_per_head_kv
         for name in rec.inputs:
+            if name != "q" and shared:
+                continue  # a key/value head shared by a group: head H's own copy, below
 
             def hook(act: Tensor, name: str = name) -> Tensor:
                 act = act.clone()
                 act[:, :, H] = r.project(L, name, r.norm1(L, seen["x"] + delta), head=H)
                 return act
             hooks[f"blocks.{L}.attn.hook_{name}"] = hook
+        if shared and set(rec.inputs) & {"k", "v"}:
+            hooks.update(_own_kv_hooks(r, L, H, rec.inputs, delta, seen, hooks))
     elif rec.kind == "mlp":
         L = rec.layer
         hooks[r.mlp_input_hook(L)] = lambda x: seen.__setitem__("x", x)
