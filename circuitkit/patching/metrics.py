@@ -115,8 +115,14 @@ def metric_context(task: Task, base_ids: Tensor, source_ids: Tensor | None = Non
     wrong_t = None if any(w is None for w in wrong) else torch.tensor(wrong)
     ctx = MetricContext(torch.tensor(pos), torch.tensor(ans), wrong_t, None, name)
     if clean_logits is not None:
-        ctx.clean_logprobs = at_positions(clean_logits, ctx.positions, 1).log_softmax(-1).detach()
+        set_clean_logits(ctx, clean_logits)
     return ctx
+
+
+def set_clean_logits(ctx: MetricContext, clean_logits: Tensor) -> None:
+    """Record the unpatched base run's log-probabilities at the answer positions (what ``kl`` compares to);
+    clean_logits [b, pos, vocab] (any length that covers the answer positions)."""
+    ctx.clean_logprobs = at_positions(clean_logits, ctx.positions, 1).log_softmax(-1).detach()
 
 
 def at_positions(logits: Tensor, positions: Tensor, copies: int) -> Tensor:

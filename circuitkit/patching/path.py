@@ -143,8 +143,10 @@ def _own_kv_hooks(r: ModelRunner, L: int, H: int, inputs: Sequence[str], delta: 
 
     def own_kv() -> tuple[Tensor, Tensor]:  # head H's rotated keys and values from resid + delta, [b, pos, d_head]
         x = seen["x"]
-        k, v = r.keys_values(L, r.norm1(L, x + delta), torch.arange(x.shape[1], device=x.device))
-        return k[:, :, H], v[:, :, H]
+        if seen.get("kv_of") is not x:  # once per run: the scores hook and the z hook share them
+            k, v = r.keys_values(L, r.norm1(L, x + delta), torch.arange(x.shape[1], device=x.device))
+            seen["kv_of"], seen["k"], seen["v"] = x, k[:, :, H], v[:, :, H]
+        return seen["k"], seen["v"]
     if "k" in inputs:
         def scores_hook(act: Tensor) -> Tensor:
             k_h = own_kv()[0]

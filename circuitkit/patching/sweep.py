@@ -31,7 +31,7 @@ from circuitkit.errors import CircuitkitError, choices_hint
 from circuitkit.models.checkpoint import ProbedModel
 from circuitkit.models.runner import ModelRunner
 from circuitkit.patching.ablations import Ablation, as_ids, check_pairing, get_ablation, resample_sources
-from circuitkit.patching.metrics import MetricContext, at_positions, evaluate, metric_context
+from circuitkit.patching.metrics import MetricContext, evaluate, metric_context, set_clean_logits
 from circuitkit.patching.node import resid_names
 from circuitkit.patching.stats import bootstrap_ci
 from circuitkit.results import JsonResult
@@ -255,7 +255,7 @@ def sweep(
     n_keep = int(ctx.positions.max()) + 1  # positions after the last answer cannot matter (causal masking), so
     ids_cut = base_ids[:, :n_keep].to(dev)  # every run below stops there: the same values, fewer rows
     base_logits, base_cache = runner.run(ids_cut, cache=list(dict.fromkeys(resid_names(pm.n_layers) + hooks + extra)))
-    ctx.clean_logprobs = at_positions(base_logits, ctx.positions, 1).log_softmax(-1)  # what metric_context sets
+    set_clean_logits(ctx, base_logits)
     base_vals = evaluate(metric, base_logits, ctx)[0].cpu()
     if ab_eff is Ablation.INTERCHANGE:
         _, src_cache = runner.run(src_ids[:, :n_keep].to(dev), cache=hooks, return_logits=False)
