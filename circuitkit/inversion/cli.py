@@ -24,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--d-model", type=int, help="decoder width (paper: 256)")
     tr.add_argument("--layers", type=int, dest="n_layers")
     tr.add_argument("--heads", type=int, dest="n_heads")
+    tr.add_argument("--slots", type=int, dest="n_slots", help="activation slots per decoder layer (paper: 1)")
+    tr.add_argument("--mixed-sites", action="store_true",
+                    help="draw a site per training input rather than per batch (paper: per batch)")
     tr.add_argument("--sites", help="comma-separated sites (default: the paper's sites for this model)")
     tr.add_argument("--eval-every", type=int, help="steps between hit-rate estimates (rebalancing)")
     tr.add_argument("--final-eval-queries", type=int, help="held-out queries per site at the end (0 = skip)")
@@ -37,8 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("decoder_dir")
     ev.add_argument("--model", help="probed model (default: the one recorded in the decoder)")
     ev.add_argument("--queries", type=int, default=200, help="held-out queries per site (default 200)")
-    ev.add_argument("--per-cell", type=int, default=16,
-                    help="samples per (temperature, noise) cell; 4 cells (default 16 -> 64 per query; paper 256)")
+    ev.add_argument("--per-cell", type=int, default=256,
+                    help="samples per (temperature, noise) cell; 4 cells (default 256 -> 1024 per query, the paper's); "
+                         "a query stops at its first sample within ε")
     ev.add_argument("--sites", help="comma-separated subset of the decoder's sites")
     ev.add_argument("--metric", default="l2", choices=["l2", "cosine"])
     ev.add_argument("--eps", type=float)
@@ -122,13 +126,15 @@ def _train(args: argparse.Namespace) -> Output:
     from circuitkit.sites import check_site
     from circuitkit.validate import check_out_dir, check_range
 
-    for n in ("steps", "minutes", "batch_size", "lr", "d_model", "n_layers", "n_heads", "eval_every", "threads"):
+    for n in ("steps", "minutes", "batch_size", "lr", "d_model", "n_layers", "n_heads", "n_slots", "eval_every",
+              "threads"):
         _positive(n.replace("_", "-"), getattr(args, n))
     check_range("--final-eval-queries", args.final_eval_queries, 0)
     check_out_dir(args.out)
     cfg = DecoderTrainConfig().replace(
         steps=args.steps, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr, d_model=args.d_model,
-        n_layers=args.n_layers, n_heads=args.n_heads, eval_every=args.eval_every, seed=args.seed,
+        n_layers=args.n_layers, n_heads=args.n_heads, n_slots=args.n_slots, mixed_sites=args.mixed_sites or None,
+        eval_every=args.eval_every, seed=args.seed,
         threads=args.threads, final_eval_queries=args.final_eval_queries,
     )
     if args.d_model is not None:

@@ -3,7 +3,8 @@
 Every call draws new inputs from the task's training split (held-out queries come from the test
 split, so a query's own input is never a training example), runs the probed model once for the
 whole batch, only as far as the chosen site needs (``stop_at_layer``), and reads the site at one
-random non-special position per input.
+random non-special position per input.  ``PairSource.mixed`` draws a site per input instead (one
+forward reads them all), so a batch mixes sites.
 """
 from __future__ import annotations
 
@@ -62,6 +63,23 @@ class PairSource:
         acts = site_activations(self.model, site, ids)
         pos = random_nonspecial_positions(self.task.special_positions(ids), self.gen)
         return Pairs(site, ids, pos, acts[torch.arange(n, device=acts.device), pos])
+
+    def mixed(self, sites: Sequence[Site], weights: Sequence[float], n: int) -> tuple[Pairs, Tensor]:
+        """A batch whose inputs each get a site drawn with ``weights``: (pairs, site index [n]).
+
+        ``pairs.site`` is the first site; the activation of row r is of ``sites[index[r]]``."""
+        ids = self.inputs(n).to(self.model.device)
+        hooks = sorted({s.hook_name for s in sites})
+        _, cache = self.model.runner.run(ids, cache=hooks, stop_at_layer=max(s.stop_layer for s in sites),
+                                         return_logits=False)
+        idx = torch.multinomial(torch.tensor(weights, dtype=torch.float), n, replacement=True, generator=self.gen)
+        pos = random_nonspecial_positions(self.task.special_positions(ids), self.gen)
+        acts = torch.empty(n, self.model.runner.d_model, device=ids.device)
+        for j, s in enumerate(sites):
+            rows = (idx == j).nonzero().squeeze(1).to(ids.device)
+            if len(rows):
+                acts[rows] = s.at(None).select(cache[s.hook_name][rows])[torch.arange(len(rows)), pos[rows]]
+        return Pairs(sites[0], ids, pos, acts), idx.to(ids.device)
 
     def state(self) -> dict:
         return {"py_rng": self.rng.getstate(), "gen": self.gen.get_state()}

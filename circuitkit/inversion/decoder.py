@@ -9,7 +9,7 @@ conditioning costs nothing per generated token.  One decoder serves every site o
 
 Shapes: ``ids [batch, pos]``, ``act [batch, act_dim]``, ``site_idx [batch]``,
 logits ``[batch, pos, vocab]``; a KV cache is a list (per layer) of ``(k, v)`` with
-``k, v [batch, head, 1 + pos_so_far, d_head]`` (index 0 is the activation slot).
+``k, v [batch, head, n_slots + pos_so_far, d_head]`` (the activation slots come first).
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ class DecoderConfig:
     site_dim: int = 64
     cond_mid: int = 512
     n_cond_blocks: int = 6
+    n_slots: int = 1  # activation slots per layer (the paper: 1); more give each head more to read
     ln_eps: float = 1e-5
 
     def to_dict(self) -> dict:
@@ -68,15 +69,19 @@ class _Block(nn.Module):
         self.ln_2 = nn.LayerNorm(d, eps=cfg.ln_eps)
         self.fc = nn.Linear(d, 4 * d)
         self.proj = nn.Linear(4 * d, d)
-        self.slot = nn.Sequential(nn.Linear(cond_dim, d), nn.LayerNorm(d, eps=cfg.ln_eps))
+        self.n_slots = cfg.n_slots
+        # Linear to every slot at once, then a LayerNorm per slot (applied in slot_kv)
+        self.slot = nn.Sequential(nn.Linear(cond_dim, cfg.n_slots * d), nn.LayerNorm(d, eps=cfg.ln_eps))
 
     def _heads(self, x: Tensor) -> Tensor:  # [b, t, d] -> [b, h, t, dh]
         b, t, _ = x.shape
         return x.view(b, t, self.n_heads, self.d_head).transpose(1, 2)
 
     def slot_kv(self, cond: Tensor) -> tuple[Tensor, Tensor]:
-        """Key and value of the activation slot: each [b, h, 1, dh]."""
-        _, k, v = self.c_attn(self.slot(cond)).unsqueeze(1).split(self.c_attn.out_features // 3, dim=-1)
+        """Keys and values of the activation slots: each [b, h, n_slots, dh]."""
+        lin, ln = self.slot
+        slots = ln(lin(cond).view(cond.shape[0], self.n_slots, -1))  # [b, n_slots, d]
+        _, k, v = self.c_attn(slots).split(self.c_attn.out_features // 3, dim=-1)
         return self._heads(k), self._heads(v)
 
     def forward(self, x: Tensor, past: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:

@@ -1,8 +1,8 @@
 """Train an InversionView decoder for every paper site of a probed model, with resume.
 
 Every step draws a fresh batch for one site (``data.PairSource``: new inputs, one random
-non-special position each, the probed model run only as far as the site).  Sites are drawn with
-weights that favour those whose hit rate lags (re-estimated every ``eval_every`` steps on a few
+non-special position each, the probed model run only as far as the site), or with ``mixed_sites``
+a site per input.  Sites are drawn with weights that favour those whose hit rate lags (re-estimated every ``eval_every`` steps on a few
 held-out queries).  The learning rate warms up and then follows a cosine over the run, whose
 length is ``steps`` or, when ``minutes`` is set, whichever of steps and minutes runs out first.
 
@@ -48,6 +48,8 @@ class DecoderTrainConfig:
     n_heads: int = 4
     cond_mid: int = 512
     n_cond_blocks: int = 6
+    n_slots: int = 1  # activation slots per decoder layer (the paper: 1)
+    mixed_sites: bool = False  # a site per input rather than per batch (the paper: per batch)
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -72,7 +74,7 @@ class DecoderTrainConfig:
         return dataclasses.replace(self, **{k: v for k, v in kw.items() if v is not None})
 
     def validate(self) -> None:
-        for name in ("d_model", "n_layers", "n_heads", "batch_size", "steps", "eval_every", "eval_queries",
+        for name in ("d_model", "n_layers", "n_heads", "n_slots", "batch_size", "steps", "eval_every", "eval_queries",
                      "eval_per_cell", "checkpoint_every"):
             if getattr(self, name) <= 0:
                 raise CircuitkitError(f"{name} must be positive, got {getattr(self, name)}")
@@ -118,7 +120,7 @@ def build_for(probed: ProbedModel, sites: Sequence[Site], cfg: DecoderTrainConfi
     dcfg = DecoderConfig(vocab_size=len(probed.task.vocab), seq_len=probed.task.seq_len,
                          act_dim=probed.runner.d_model, n_sites=len(sites), d_model=cfg.d_model,
                          n_layers=cfg.n_layers, n_heads=cfg.n_heads, cond_mid=cfg.cond_mid,
-                         n_cond_blocks=cfg.n_cond_blocks)
+                         n_cond_blocks=cfg.n_cond_blocks, n_slots=cfg.n_slots)
     torch.manual_seed(cfg.seed)
     dec = InversionDecoder(dcfg)
     with torch.no_grad():
@@ -220,13 +222,17 @@ def train_decoder(probed: ProbedModel, out: str | Path, cfg: DecoderTrainConfig 
     try:
         while not done():
             t0 = time.perf_counter()
-            i = site_rng.choices(range(len(sites)), weights=weights)[0]
-            pairs = source.batch(sites[i], cfg.batch_size)
+            if cfg.mixed_sites:
+                pairs, site_idx = source.mixed(sites, weights, cfg.batch_size)
+            else:
+                i = site_rng.choices(range(len(sites)), weights=weights)[0]
+                pairs = source.batch(sites[i], cfg.batch_size)
+                site_idx = torch.full((cfg.batch_size,), i)
             frac = step / cfg.steps if budget_s is None else max(step / cfg.steps, train_s / budget_s)
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * _lr_factor(frac, step, cfg)
             ids = pairs.ids.to(device)
-            logits = model(ids, pairs.acts.to(device), torch.full((ids.shape[0],), i, device=device))
+            logits = model(ids, pairs.acts.to(device), site_idx.to(device))
             loss = decoder_loss(logits, ids, pad)
             opt.zero_grad(set_to_none=True)
             loss.backward()

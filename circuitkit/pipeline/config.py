@@ -47,13 +47,15 @@ class DecoderSection:
     minutes: float = 60.0
     steps: int = 0  # 0 = bounded by minutes only
     eval_queries: int = 200  # held-out queries per site in the final hit-rate evaluation
-    eval_per_cell: int = 16  # samples per cell in that evaluation (4 cells x 16 = 64 per query)
+    eval_per_cell: int = 256  # samples per cell in that evaluation (4 cells x 256 = 1024 per query, the paper's)
     n_per_cell: int = 256  # samples per (temperature, noise) cell: 4 cells x 256 = 1024 per query
     # a decoder trained elsewhere for this model (``circuitkit decoder train``, the benchmark): used as
     # is, not retrained; its hit rate is still evaluated here
     path: str = ""
     d_model: int = 0  # 0 = the paper's decoder width (256; conditioning MLP 512); else conditioning MLP 2 x d_model
     batch_size: int = 0  # 0 = the decoder trainer's default
+    n_slots: int = 1  # activation slots per decoder layer (the paper: 1)
+    mixed_sites: bool = False  # a site per training input rather than per batch (the paper: per batch)
 
 
 @dataclass
@@ -146,6 +148,7 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None, bool]] = {
     ("decoder", "minutes"): (0, None, True),
     **{("decoder", k): (0, None, False) for k in ("steps", "eval_queries", "d_model", "batch_size")},
     ("decoder", "eval_per_cell"): (1, 16384, False),
+    ("decoder", "n_slots"): (1, 64, False),
     ("decoder", "n_per_cell"): (1, 16384, False),
     ("hypotheses", "screen_threshold"): (0, 1, False),
     ("hypotheses", "screen_examples"): (10, None, False),
