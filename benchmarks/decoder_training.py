@@ -1,17 +1,23 @@
 """Benchmark: decoder hit rate against training minutes (→ benchmarks/results/decoder_<task>.json).
 
-Target (issue #4): hit rate ≥ 0.90 on every paper site of counting and of addition within 60
-minutes of training on 2 CPU cores.  The curve points come from the trainer's periodic estimates
-(``--eval-queries`` held-out queries per site, ``--eval-per-cell`` × 4 samples each); the final
-point is a separate evaluation (``--final-queries`` queries, ``--final-per-cell`` × 4 samples).
-For addition, ``--exact-queries`` > 0 also scores samples against the true (brute-force) preimage.
+Target (issue #17): hit rate ≥ 0.95 on every paper site of counting and of addition at the paper's
+1,024 samples per query, within 20 minutes of training on 2 CPU cores.  The curve points come from
+the trainer's periodic estimates (``--eval-queries`` held-out queries per site, ``--eval-per-cell``
+× 4 samples each); the final point is a separate evaluation (``--final-queries`` queries,
+``--final-per-cell`` × 4 samples, a query stopping at its first sample within ε).
 
-    .venv/bin/python benchmarks/decoder_training.py --task addition --minutes 60
+Two ways to produce the JSON:
+
+    # train here (a step budget; --minutes is only a cap)
+    .venv/bin/python benchmarks/decoder_training.py --task addition --steps 12000 --slots 4 --mixed-sites
+    # or take the decoder stage of a full case study, which trains and evaluates the same way
+    .venv/bin/python benchmarks/decoder_training.py --task addition --from-stage runs/full/addition3
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import sys
@@ -21,39 +27,54 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+TARGET_HIT_RATE, TARGET_MINUTES, TARGET_SAMPLES = 0.95, 20.0, 1024
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--task", default="addition", choices=["counting", "addition"])
-    p.add_argument("--model", help="probed model dir (default runs/models/<task>)")
-    p.add_argument("--minutes", type=float, default=60.0)
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--eval-every", type=int, default=150)
-    p.add_argument("--eval-queries", type=int, default=16)
-    p.add_argument("--eval-per-cell", type=int, default=4)
-    p.add_argument("--final-queries", type=int, default=200)
-    p.add_argument("--final-per-cell", type=int, default=16)
-    p.add_argument("--exact-queries", type=int, default=1, help="addition: queries per site for the exact check")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", help="JSON path (default benchmarks/results/decoder_<task>.json)")
-    p.add_argument("--keep", help="also keep the trained decoder here")
-    args = p.parse_args()
+def verdict(train_minutes: float, final: dict) -> dict:
+    """The issue's target, judged on the final evaluation."""
+    return {"target": f"min hit rate >= {TARGET_HIT_RATE} at >= {TARGET_SAMPLES} samples per query within "
+                      f"{TARGET_MINUTES:g} training minutes on 2 CPU cores",
+            "target_met": (final["min_hit_rate"] >= TARGET_HIT_RATE and train_minutes <= TARGET_MINUTES
+                           and final["samples_per_query"] >= TARGET_SAMPLES)}
 
+
+def from_stage(args: argparse.Namespace) -> dict:
+    """The figures of a case study's decoder stage (``<work>/decoder/stage.json``)."""
+    work = Path(args.from_stage)
+    stage = json.loads((work / "decoder" / "stage.json").read_text())
+    s = stage["summary"]
+    cfg = s.get("config", {})
+    ev = s["eval"]
+    per_query = {r["samples_per_query"] for r in ev["sites"]}
+    if len(per_query) != 1:
+        raise SystemExit(f"{work}: sites were evaluated at different sample counts {sorted(per_query)}")
+    final = {"n_queries": ev["sites"][0]["n_queries"], "samples_per_query": per_query.pop(), **ev}
+    manifest = work / "decoder" / "decoder" / "manifest.json"
+    curve = [{"train_minutes": r["train_minutes"], "step": r["step"], "loss": r["loss"],
+              "min_hit_rate": min(r["hit_rate"].values()), "hit_rate": r["hit_rate"]} for r in s.get("curve", [])]
+    return {"task": args.task, "produced_by": f"the decoder stage of a full case study (`{work}/decoder/stage.json`): "
+            f"`.venv/bin/python benchmarks/decoder_training.py --task {args.task} --from-stage {work}`",
+            "decoder": {k: cfg.get(k) for k in ("d_model", "n_layers", "n_heads", "cond_mid", "n_slots", "mixed_sites",
+                                                "batch_size", "lr", "steps", "minutes", "seed")},
+            "steps": s["steps"], "train_minutes": s["train_minutes"], "stage_seconds": stage["seconds"],
+            "timing_context": f"the run's wall time and load averages: benchmarks/results/case_study_{args.task}.json",
+            "manifest": json.loads(manifest.read_text()) if manifest.exists() else None,
+            "curve_note": "curve points: the trainer's estimates on a few held-out queries per site", "curve": curve,
+            "final": final, **verdict(s["train_minutes"], final)}
+
+
+def train_here(args: argparse.Namespace) -> dict:
     from circuitkit.inversion.evaluate import evaluate_decoder
     from circuitkit.inversion.train import DecoderTrainConfig, train_decoder
     from circuitkit.models.checkpoint import load_probed
 
-    torch.set_num_threads(args.threads)
-    model_dir = Path(args.model or ROOT / "runs" / "models" / args.task)
+    model_dir = Path(args.model or ROOT / "case_studies" / "models" / args.task)
     pm = load_probed(model_dir)
     dec_dir = Path(args.keep) if args.keep else Path("/tmp") / f"circuitkit_bench_decoder_{args.task}_{int(time.time())}"
     cfg = DecoderTrainConfig(d_model=args.d_model, cond_mid=2 * args.d_model, batch_size=args.batch_size, lr=args.lr,
-                             steps=10**7, minutes=args.minutes, eval_every=args.eval_every,
-                             eval_queries=args.eval_queries, eval_per_cell=args.eval_per_cell, final_eval_queries=0,
-                             threads=args.threads)
+                             n_slots=args.slots, mixed_sites=args.mixed_sites, steps=args.steps,
+                             minutes=args.minutes, eval_every=args.eval_every, eval_queries=args.eval_queries,
+                             eval_per_cell=args.eval_per_cell, final_eval_queries=0, threads=args.threads)
     t0 = time.time()
     curve = []
 
@@ -71,38 +92,53 @@ def main() -> int:
     td = load_decoder(dec_dir, probed=pm)
     t1 = time.time()
     final = evaluate_decoder(dec, pm, td.sites, n_queries=args.final_queries, n_per_cell=args.final_per_cell)
-    result = {
-        "task": args.task, "model": str(model_dir), "machine": f"{platform.machine()}, {args.threads} torch threads "
-        "(shared 2-core CPU box)", "minutes_budget": args.minutes, "decoder": {"d_model": args.d_model,
-        "batch_size": args.batch_size, "lr": args.lr}, "steps": m["steps"], "train_minutes": m["train_minutes"],
-        "curve_note": f"curve points: {args.eval_queries} held-out queries/site × {4 * args.eval_per_cell} samples",
-        "curve": curve,
-        "final": {"n_queries": args.final_queries, "samples_per_query": 4 * args.final_per_cell,
-                  "eval_seconds": round(time.time() - t1, 1), **final},
-        "target": "hit rate >= 0.90 on every site within 60 min on 2 CPU cores",
-        "target_met": final["min_hit_rate"] >= 0.9 and m["train_minutes"] <= 60,
-    }
-    if args.task == "addition" and args.exact_queries > 0:
-        from circuitkit.inversion.data import held_out_queries
-        from circuitkit.inversion.preimage import invert_activation
-        from circuitkit.paper.addition_exact import all_addition_inputs, exact_distances, score_against_exact
+    if not args.keep:
+        shutil.rmtree(dec_dir, ignore_errors=True)
+    final = {"n_queries": args.final_queries, "samples_per_query": 4 * args.final_per_cell,
+             "eval_seconds": round(time.time() - t1, 1), **final}
+    return {"task": args.task, "model": str(model_dir), "produced_by": " ".join(["benchmarks/decoder_training.py",
+            *sys.argv[1:]]), "decoder": {k: getattr(cfg, k) for k in ("d_model", "cond_mid", "n_slots", "mixed_sites",
+                                                                     "batch_size", "lr", "steps", "minutes")},
+            "steps": m["steps"], "train_minutes": m["train_minutes"],
+            "curve_note": f"curve points: {args.eval_queries} held-out queries/site × {4 * args.eval_per_cell} samples",
+            "curve": curve, "final": final, **verdict(m["train_minutes"], final)}
 
-        ids, _, _ = all_addition_inputs(pm.task)
-        rows = []
-        for s in td.sites:
-            q = held_out_queries(pm, s, args.exact_queries, seed=777)
-            for k in range(args.exact_queries):
-                inv = invert_activation(td, s, q.acts[k], n_per_cell=256)
-                true_d = exact_distances(pm, s, q.acts[k], inputs=ids)
-                rows.append(score_against_exact(pm, inv, true_d, ids))
-        result["exact"] = rows
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", default="addition", choices=["counting", "addition"])
+    p.add_argument("--from-stage", metavar="WORK", help="take the figures from this case study's stage cache")
+    p.add_argument("--model", help="probed model dir (default case_studies/models/<task>)")
+    p.add_argument("--steps", type=int, default=12000)
+    p.add_argument("--minutes", type=float, default=25.0, help="a cap only; the budget is --steps")
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--slots", type=int, default=4, help="activation slots per decoder layer (paper: 1)")
+    p.add_argument("--mixed-sites", action="store_true", help="a site per input rather than per batch")
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--eval-queries", type=int, default=16)
+    p.add_argument("--eval-per-cell", type=int, default=4)
+    p.add_argument("--final-queries", type=int, default=200)
+    p.add_argument("--final-per-cell", type=int, default=256, help="× 4 cells = samples per query (paper: 1,024)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", help="JSON path (default benchmarks/results/decoder_<task>.json)")
+    p.add_argument("--keep", help="also keep the trained decoder here")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    result = from_stage(args) if args.from_stage else train_here(args)
+    result["machine"] = f"{platform.machine()}, {os.cpu_count()} CPU cores, {args.threads} torch threads"
+    if not args.from_stage:
+        load_after = os.getloadavg()
+        result["load_average_before"] = [round(x, 2) for x in load_before]
+        result["load_average_after"] = [round(x, 2) for x in load_after]
+        result["shared_machine"] = max(load_before[0], load_after[1]) > args.threads + 0.5
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"decoder_{args.task}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    if not args.keep:
-        shutil.rmtree(dec_dir, ignore_errors=True)
     print(json.dumps({k: result[k] for k in ("task", "steps", "train_minutes", "target_met")}))
-    print("final min hit rate", final["min_hit_rate"])
+    print("final min hit rate", result["final"]["min_hit_rate"])
     return 0
 
 

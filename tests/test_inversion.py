@@ -38,10 +38,11 @@ def test_distance_exact_values():
         position_distances(acts, q, "manhattan")
 
 
-def test_kv_cached_sampling_equals_uncached():
+@pytest.mark.parametrize("n_slots", [1, 3])
+def test_kv_cached_sampling_equals_uncached(n_slots):
     torch.manual_seed(0)
     dec = InversionDecoder(DecoderConfig(vocab_size=15, seq_len=14, act_dim=8, n_sites=3, d_model=32, n_heads=4,
-                                         cond_mid=32, n_cond_blocks=2)).eval()
+                                         cond_mid=32, n_cond_blocks=2, n_slots=n_slots)).eval()
     acts, temps = grid_queries(torch.randn(8), 6, PAPER_GRID, torch.Generator().manual_seed(1))
     sites = torch.tensor([1] * acts.shape[0])
     ids = torch.randint(0, 15, (4, 10))
@@ -53,6 +54,7 @@ def test_kv_cached_sampling_equals_uncached():
             lg, cache = dec.forward_cached(ids[:, t:t + 1], cache, t)
             steps.append(lg)
         assert torch.allclose(full, torch.cat(steps, 1), atol=1e-5)
+        assert cache[0][0].shape[2] == n_slots + 10  # the activation slots, then one key per token
     sp = special_ids_like()
     a = sample(dec, acts, sites, temps, sp, torch.Generator().manual_seed(7), batch_size=64)
     b = sample_uncached(dec, acts, sites, temps, sp, torch.Generator().manual_seed(7))
@@ -189,3 +191,50 @@ def test_resume_after_interrupt(tiny_addition_model, tmp_path):
     m = train_decoder(tiny_addition_model, out, cfg, sites=sites, progress=False)
     assert [h["step"] for h in m["history"]] == [2, 4, 6] and m["steps"] == 6
     assert not out.with_name("dec.partial").exists() and (out / "decoder.pt").exists()
+
+
+def test_a_mixed_batch_reads_each_rows_own_site(tiny_addition_model):
+    from circuitkit.inversion.data import PairSource, site_activations
+
+    pm = tiny_addition_model
+    sites = [parse_site(s) for s in ("x0.pre", "a0.1", "x1.mid", "a1.0")]
+    pairs, idx = PairSource(pm, seed=3).mixed(sites, [0.1, 0.2, 0.3, 0.4], 200)
+    assert idx.shape == (200,) and set(idx.tolist()) == {0, 1, 2, 3}
+    for j, s in enumerate(sites):
+        rows = (idx == j).nonzero().squeeze(1)
+        want = site_activations(pm, s, pairs.ids[rows])[torch.arange(len(rows)), pairs.positions[rows]]
+        assert torch.allclose(pairs.acts[rows], want, atol=1e-6), s
+    assert not pm.task.special_positions(pairs.ids)[torch.arange(200), pairs.positions].any()
+
+
+def test_mixed_sites_and_slots_train_a_decoder_that_beats_the_untrained_one(tiny_addition_model, tmp_path):
+    pm = tiny_addition_model
+    sites = [parse_site("x0.pre"), parse_site("a1.0")]
+    cfg = DecoderTrainConfig(steps=120, lr=3e-3, **{**TINY, "n_slots": 2, "mixed_sites": True})
+    train_decoder(pm, tmp_path / "d", cfg, sites=sites, progress=False)
+    td = load_decoder(tmp_path / "d", probed=pm)
+    assert td.decoder.cfg.n_slots == 2
+    torch.manual_seed(0)
+    untrained = build_for(pm, td.sites, DecoderTrainConfig(**{**TINY, "steps": 1, "n_slots": 2}))
+    kw = dict(n_queries=40, n_per_cell=1, seed=99)
+    trained_hr = evaluate_site(td.decoder, pm, td.sites[0], 0, **kw)["hit_rate"]
+    assert trained_hr > evaluate_site(untrained, pm, td.sites[0], 0, **kw)["hit_rate"] + 0.15
+
+
+def test_hit_rate_in_rounds_matches_drawing_every_sample(trained_decoder, tiny_addition_model):
+    td = load_decoder(trained_decoder[0], probed=tiny_addition_model)
+    args = (td.decoder, td.probed, td.sites[1], 1)
+    kw = dict(n_queries=150, n_per_cell=6, seed=5)
+    whole = evaluate_site(*args, **kw, round_per_cell=None)
+    assert evaluate_site(*args, **kw, round_per_cell=6) == whole  # one round: the same draws
+    rounds = evaluate_site(*args, **kw, round_per_cell=4)  # a round of 4, then a last round of 2
+    assert whole["samples_per_query"] == rounds["samples_per_query"] == 24
+    assert rounds["in_eps_samples_per_query"] == 16 and whole["in_eps_samples_per_query"] == 24
+    first = evaluate_site(*args, n_queries=150, n_per_cell=4, seed=5, round_per_cell=None)
+    assert rounds["in_eps_fraction"] == first["in_eps_fraction"]  # the first round, which every query has
+    assert 0.05 < whole["hit_rate"] < 0.95  # not trivially 0 or 1, so the comparison can fail
+    # independent draws of the same estimator: within 4 binomial standard errors of each other
+    p = whole["hit_rate"]
+    assert abs(rounds["hit_rate"] - p) <= 4 * math.sqrt(2 * p * (1 - p) / 150)
+    with pytest.raises(CircuitkitError, match="round_per_cell"):
+        evaluate_site(*args, **kw, round_per_cell=0)

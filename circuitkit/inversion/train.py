@@ -2,9 +2,10 @@
 
 Every step draws a fresh batch for one site (``data.PairSource``: new inputs, one random
 non-special position each, the probed model run only as far as the site), or with ``mixed_sites``
-a site per input.  Sites are drawn with weights that favour those whose hit rate lags (re-estimated every ``eval_every`` steps on a few
-held-out queries).  The learning rate warms up and then follows a cosine over the run, whose
-length is ``steps`` or, when ``minutes`` is set, whichever of steps and minutes runs out first.
+a site per input.  Sites are drawn with weights that favour those whose hit rate lags
+(re-estimated every ``eval_every`` steps on a few held-out queries).  The learning rate warms up
+and then follows a cosine over the run, whose length is ``steps`` or, when ``minutes`` is set,
+whichever of steps and minutes runs out first.
 
 State lives in ``<out>.partial/`` (checkpointed every ``checkpoint_every`` steps and on Ctrl-C);
 rerunning the same command resumes.  The finished decoder appears in ``<out>/`` by rename.
