@@ -67,7 +67,7 @@ def evaluate_site(decoder: InversionDecoder, probed: ProbedModel, site: Site, si
         hit[todo] = (d <= eps).any(1)
         drawn += k
     decoder.train(was_training)
-    return {"site": site.node, "hit_rate": float(hit.float().mean()),
+    return {"site": site.node, "hit_rate": int(hit.sum()) / n_queries,  # exact: a float32 mean makes 190/200 < 0.95
             "in_eps_fraction": float((first <= eps).float().mean()), "n_queries": n_queries,
             "samples_per_query": n_per_cell * len(grid), "in_eps_samples_per_query": rnd * len(grid),
             "median_min_distance": float(first.min(1).values.median())}
