@@ -56,6 +56,8 @@ class DecoderSection:
     batch_size: int = 0  # 0 = the decoder trainer's default
     n_slots: int = 1  # activation slots per decoder layer (the paper: 1)
     mixed_sites: bool = False  # a site per training input rather than per batch (the paper: per batch)
+    # least share of training batches a site keeps when batches are rebalanced towards low-hit-rate sites
+    rebalance_floor: float = 0.1
 
 
 @dataclass
@@ -149,6 +151,7 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None, bool]] = {
     **{("decoder", k): (0, None, False) for k in ("steps", "eval_queries", "d_model", "batch_size")},
     ("decoder", "eval_per_cell"): (1, 16384, False),
     ("decoder", "n_slots"): (1, 64, False),
+    ("decoder", "rebalance_floor"): (0, 1, True),
     ("decoder", "n_per_cell"): (1, 16384, False),
     ("hypotheses", "screen_threshold"): (0, 1, False),
     ("hypotheses", "screen_examples"): (10, None, False),
