@@ -15,6 +15,7 @@ from circuitkit.circuit.evaluate import AblationEvaluator, evaluate_circuit
 from circuitkit.circuit.grow import faithfulness_curve, grow_circuit, named_components
 from circuitkit.errors import CircuitkitError
 from tests.groundtruth_copy import CopyTask, copy_model
+from tests.random_models import SHAPES, random_model
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +198,41 @@ def test_growth_and_curve_with_a_residual_start_site(copy_eval):
     assert c.order[:2] == ["a0.0@=", "m0@="] and c.excluded == [] and c.n_universe == len(cands) + 1
     assert c.ys[1] == pytest.approx(1.0, abs=1e-6)
     assert faithfulness_curve(ev, start_sites=["x0.pre@2"]).excluded == ["x0.pre@2"]
+
+
+def _runs(ev: AblationEvaluator) -> list:
+    """What growth, curves, pruning, completeness and single effects ask for: prefixes of one order of
+    components, each prefix minus one node, complements, and single-node ablations of the full model."""
+    comps = named_components(ev)
+    order = [comps[i] for i in np.random.default_rng(0).permutation(len(comps))][:12]
+    out = []
+    for k in (0, 3, 6, 12):
+        out.append((order[:k], (), False))
+        out.append((order[:k], (), True))
+    out += [(order[:12], [v], False) for v in order[:12:4]]
+    out += [([v], (), True) for v in order[:12:3]]
+    return out
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("cache_mib", [512.0, 0.0])
+def test_incremental_ablation_runs_equal_the_full_recomputation(shape, cache_mib):
+    """Starting at the deepest block input a remembered run shares and computing the last block at the
+    target rows only gives the scores of the full forward pass, for GPT-2 with 1-3 layers, a
+    parallel-residual NeoX and a gated grouped-query Llama, with and without room to remember runs."""
+    torch.set_num_threads(1)
+    pm = random_model("addition", **shape)
+    fast = AblationEvaluator(pm, n=48, seed=0, batch_size=20, resid_cache_mib=cache_mib)
+    full = AblationEvaluator(pm, n=48, seed=0, batch_size=20, incremental=False)
+    assert np.abs(full.full.logit_diff - full.empty.logit_diff).max() > 1e-2  # ablation moves the metric
+    for a, b in ((fast.full, full.full), (fast.empty, full.empty)):
+        assert np.abs(a.logit_diff - b.logit_diff).max() <= 1e-4
+    for keep, ablate, complement in _runs(full):
+        a, b = fast.score(keep, ablate, complement), full.score(keep, ablate, complement)
+        assert np.abs(a.logit_diff - b.logit_diff).max() <= 1e-4, (keep, ablate, complement)
+        assert np.abs(a.kl - b.kl).max() <= 1e-4
+        assert np.abs(a.accuracy - b.accuracy).sum() <= 1  # an argmax may flip on a near-tie, no more
+    last = fast.L - 1
+    m = ~fast.mask([f"m{last}@A1"])  # the full model with one last-layer MLP ablated
+    start = fast._refs.best_start(m.heads, m.mlps)[0]
+    assert start == (last if cache_mib else 0)  # remembered: only the last block runs

@@ -9,11 +9,9 @@ import torch
 from transformer_lens import patching as tlp
 
 from circuitkit.errors import CircuitkitError
-from circuitkit.models.checkpoint import ProbedModel
-from circuitkit.models.train import TrainConfig, build_model
 from circuitkit.patching.metrics import evaluate
 from circuitkit.patching.sweep import ROW_DIRECT, SWEEP_KINDS, sweep
-from circuitkit.tasks import get_task
+from tests.random_models import SHAPES, random_model
 
 TL_FUNCS = {
     "resid_pre": tlp.get_act_patch_resid_pre,
@@ -126,28 +124,14 @@ def test_sweep_errors(setup):
         sweep(pm, [base[0]], "head", source=[other], progress=False)
 
 
-def _random_model(task_name: str, **kw) -> ProbedModel:
-    """A random-weight model of the given shape (std 0.2, so that patches move the output visibly)."""
-    task = get_task(task_name)
-    torch.manual_seed(0)
-    model = build_model(task, TrainConfig(**kw)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    return ProbedModel(model, task)
-
-
-@pytest.mark.parametrize("shape", [dict(n_layer=1, n_head=2, d_model=32), dict(n_layer=2, n_head=4, d_model=32),
-                                   dict(n_layer=3, n_head=2, d_model=32),
-                                   dict(arch="gpt_neox", n_layer=3, n_head=2, d_model=32),
-                                   dict(arch="llama", n_layer=2, n_head=4, n_kv_head=2, d_model=32)])
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("kind", sorted(ROW_DIRECT))
 def test_incremental_sweep_equals_the_full_recomputation(shape, kind):
     """A row-direct patch computed for the patched row alone (then the layers between in full, the last block
     at the answer row) gives the metric of re-running the patched block over every row: GPT-2 with 1, 2 and 3
     layers (the last-block-only and layers-between branches), a parallel-residual NeoX and a gated,
     grouped-query Llama."""
-    pm = _random_model("addition", **shape)
+    pm = random_model("addition", **shape)
     rng = random.Random(1)
     base = pm.task.generate(rng, 12)
     src = [pm.task.contrast_random(t, rng) for t in base]

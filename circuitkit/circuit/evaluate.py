@@ -70,6 +70,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from circuitkit.circuit.incremental import ResidualReferences, last_block_at_pairs
 from circuitkit.errors import CircuitkitError
 from circuitkit.models.checkpoint import ProbedModel
 from circuitkit.results import JsonResult, to_jsonable
@@ -190,13 +191,19 @@ class AblationEvaluator:
     log-probabilities at every target, the fully ablated run's residual stream (on demand, for edge
     faithfulness) and the clean residual stream at a hook (on demand, only for explicit ``run(...,
     restores)`` calls: no circuit evaluation restores anything).  Every ablated evaluation is then one
-    forward pass per batch with ``torch.where`` hooks.
+    forward pass per batch with ``torch.where`` hooks; with ``incremental`` (the default) it starts at the
+    deepest block whose input a recent run shares and computes the last block at the target rows only
+    (``circuitkit.circuit.incremental``; equal to the full pass up to float rounding).  ``resid_cache_mib``
+    bounds the residual streams kept for that.
     """
 
     def __init__(self, pm: ProbedModel, inputs: Sequence[str] | None = None, n: int = 1000, seed: int = 0,
-                 batch_size: int = 256, n_boot: int = 1000) -> None:
+                 batch_size: int = 256, n_boot: int = 1000, incremental: bool = True,
+                 resid_cache_mib: float = 512.0) -> None:
         task = pm.task
         self.pm, self.task, self.seed, self.batch_size, self.n_boot = pm, task, seed, batch_size, n_boot
+        self.incremental = incremental
+        self._refs = ResidualReferences(pm.n_layers, int(resid_cache_mib * 2**20))
         if inputs is None:
             inputs = task.generate(random.Random(40_000 + seed), n)
         inputs = list(inputs)[:n]
@@ -294,10 +301,17 @@ class AblationEvaluator:
         rows = torch.as_tensor(self.pair_input[ps] - sl.start, device=logits.device)
         return logits[rows, self._pair_pos[ps].to(logits.device)]
 
+    def _prefix_hooks(self) -> list[str]:
+        """The hooks whose activations enter blocks 1 .. L-1 (what ``ResidualReferences`` keeps)."""
+        return [f"blocks.{L}.hook_resid_pre" for L in range(1, self.L)]
+
     def _clean_run(self) -> None:
         lps, comps, kinds = [], [], []
+        prefix: dict[str, list[Tensor]] = {h: [] for h in self._prefix_hooks()} if self.incremental else {}
         for sl in self._batches():
-            logits, _ = self.pm.runner.run(self.ids[sl].to(self.device))
+            logits, c = self.pm.runner.run(self.ids[sl].to(self.device), cache=list(prefix))
+            for h in prefix:
+                prefix[h].append(c[h])
             pl = self._pair_logits(logits, sl).float()
             ps = self._pairs_of(sl)
             ans = self._pair_answer[ps].to(pl.device)
@@ -315,6 +329,10 @@ class AblationEvaluator:
         self.competitors = {"task": int((k == 0).sum()), "source": int((k == 1).sum()),
                             "top_other": int((k == 2).sum())}
         self._clean_lp = torch.cat(lps)  # [P, vocab] on the model's device
+        if self.incremental:
+            full = ~self.none_mask()
+            self._refs.add(full.heads, full.mlps, {L: torch.cat(prefix[f"blocks.{L}.hook_resid_pre"])
+                                                   for L in range(1, self.L)}, pinned=True)
 
     def _score_batch(self, pl: Tensor, ps: slice) -> tuple[Tensor, Tensor, Tensor]:
         pl = pl.float()
@@ -474,11 +492,43 @@ class AblationEvaluator:
         callers that ask for it explicitly: the residual sites in ``restores`` are overwritten with their
         clean base value (circuit scores never restore; a residual circuit node is a live bundle)."""
         restores = as_sites(restores)
+        if self.incremental and not restores:
+            return self.scores_from_pair_logits(self._incremental_pair_logits(keep))
         chunks = []
         for sl in self._batches():
             logits, _ = self.pm.runner.run(self.ids[sl].to(self.device), hooks=self._hooks(keep, restores, sl))
             chunks.append(self._pair_logits(logits, sl))
         return self.scores_from_pair_logits(chunks)
+
+    def _incremental_pair_logits(self, keep: Mask) -> list[Tensor]:
+        """Per-batch pair logits of ``run(keep)``: from the deepest block input a remembered run shares,
+        the last block at the target rows only (``circuitkit.circuit.incremental``); remembers this run."""
+        r, dev, last = self.pm.runner, self.device, self.L - 1
+        start, shared = self._refs.best_start(keep.heads, keep.mlps)
+        computed = list(range(start + 1, self.L))  # block inputs this run computes (and remembers)
+        parts: dict[int, list[Tensor]] = {L: [] for L in computed}
+        chunks = []
+        for sl in self._batches():
+            ids = self.ids[sl].to(dev)
+            x = shared[start][sl] if start > 0 else None
+            if start < last:  # blocks start .. L-2 in full, keeping each next block's input
+                names = [f"blocks.{L - 1}.hook_resid_post" for L in computed]
+                _, c = r.run(ids, hooks=self._hooks(keep, [], sl), cache=names, stop_at_layer=last,
+                             start_at_layer=start, resid=x)
+                for L in computed:
+                    parts[L].append(c[f"blocks.{L - 1}.hook_resid_post"])
+                x = c[f"blocks.{last - 1}.hook_resid_post"]
+            elif x is None:  # a one-layer model: the last block reads the embeddings
+                x = r.embed(ids)
+            ps = self._pairs_of(sl)
+            rows = torch.as_tensor(self.pair_input[ps] - sl.start, device=dev)
+            chunks.append(last_block_at_pairs(r, x, rows, self._pair_pos[ps].to(dev), keep.heads[last, sl].to(dev),
+                                              keep.mlps[last, sl].to(dev), self.src_z[last][sl],
+                                              self.src_mlp[last][sl]))
+        resid = {L: shared[L] for L in range(1, start + 1)}
+        resid.update({L: torch.cat(parts[L]) for L in computed})
+        self._refs.add(keep.heads, keep.mlps, resid)
+        return chunks
 
     def score(self, keep_sites: Iterable[Site | str], ablate: Iterable[Site | str] = (),
               complement: bool = False) -> Scores:

@@ -155,6 +155,14 @@ class ModelRunner:
         """Final norm and unembedding: x [..., d_model] -> logits [..., vocab]."""
         return self.unembed_normalized(self.final_normalized(x))
 
+    def embed(self, tokens: Tensor) -> Tensor:
+        """Token (and learned position) embeddings, the first block's input: [batch, pos] -> [batch, pos, d_model]."""
+        self.refresh()
+        x = self.W_E[tokens]
+        if self.W_pos is not None:
+            x = x + self.W_pos[: tokens.shape[1]].unsqueeze(0)
+        return x
+
     def block_at_rows(self, L: int, x: Tensor, t: Tensor) -> Tensor:
         """Block ``L`` for one row per example: x [n, pos, d_model] (its resid_pre), t [n] -> resid_post [n, d_model].
         Keys and values come from every position up to t; the query, the MLP and the output only from row t."""
