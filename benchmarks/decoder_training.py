@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from circuitkit.io_utils import atomic_write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_HIT_RATE, TARGET_MINUTES, TARGET_SAMPLES = 0.95, 20.0, 1024
 
@@ -55,7 +57,7 @@ def from_stage(args: argparse.Namespace) -> dict:
     return {"task": args.task, "produced_by": f"the decoder stage of a full case study (`{work}/decoder/stage.json`): "
             f"`.venv/bin/python benchmarks/decoder_training.py --task {args.task} --from-stage {work}`",
             "decoder": {k: cfg.get(k) for k in ("d_model", "n_layers", "n_heads", "cond_mid", "n_slots", "mixed_sites",
-                                                "batch_size", "lr", "steps", "minutes", "seed")},
+                                                "rebalance_floor", "batch_size", "lr", "steps", "minutes", "seed")},
             "steps": s["steps"], "train_minutes": s["train_minutes"], "stage_seconds": stage["seconds"],
             "timing_context": f"the run's wall time and load averages: benchmarks/results/case_study_{args.task}.json",
             "manifest": json.loads(manifest.read_text()) if manifest.exists() else None,
@@ -139,8 +141,7 @@ def main() -> int:
         result["load_average_after"] = [round(x, 2) for x in load_after]
         result["shared_machine"] = max(load_before[0], load_after[1]) > args.threads + 0.5
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"decoder_{args.task}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(out, result)  # a temp file, then renamed: never half-written
     print(json.dumps({k: result[k] for k in ("task", "steps", "train_minutes", "target_met")}))
     print("final min hit rate", result["final"]["min_hit_rate"])
     return 0

@@ -222,6 +222,9 @@ class AblationEvaluator:
         self.ids, self.src_ids = task.encode(bases), task.encode(sources)
         self.n, self.seq = self.ids.shape
         self.L, self.H = pm.n_layers, pm.n_heads
+        # keep block inputs only when one run's set of them fits the cache (else only the last-block saving applies)
+        w = pm.runner.W_E
+        self._remember = incremental and self._refs.fits(self.n * self.seq * w.shape[-1] * (self.L - 1) * w.element_size())
         self.device = pm.device
         self._pos: dict[str | int, Tensor] = {}
         self._clean_resid: dict[str, Tensor] = {}
@@ -307,7 +310,7 @@ class AblationEvaluator:
 
     def _clean_run(self) -> None:
         lps, comps, kinds = [], [], []
-        prefix: dict[str, list[Tensor]] = {h: [] for h in self._prefix_hooks()} if self.incremental else {}
+        prefix: dict[str, list[Tensor]] = {h: [] for h in self._prefix_hooks()} if self._remember else {}
         for sl in self._batches():
             logits, c = self.pm.runner.run(self.ids[sl].to(self.device), cache=list(prefix))
             for h in prefix:
@@ -329,7 +332,7 @@ class AblationEvaluator:
         self.competitors = {"task": int((k == 0).sum()), "source": int((k == 1).sum()),
                             "top_other": int((k == 2).sum())}
         self._clean_lp = torch.cat(lps)  # [P, vocab] on the model's device
-        if self.incremental:
+        if self._remember:
             full = ~self.none_mask()
             self._refs.add(full.heads, full.mlps, {L: torch.cat(prefix[f"blocks.{L}.hook_resid_pre"])
                                                    for L in range(1, self.L)}, pinned=True)
@@ -515,8 +518,9 @@ class AblationEvaluator:
                 names = [f"blocks.{L - 1}.hook_resid_post" for L in computed]
                 _, c = r.run(ids, hooks=self._hooks(keep, [], sl), cache=names, stop_at_layer=last,
                              start_at_layer=start, resid=x)
-                for L in computed:
-                    parts[L].append(c[f"blocks.{L - 1}.hook_resid_post"])
+                if self._remember:
+                    for L in computed:
+                        parts[L].append(c[f"blocks.{L - 1}.hook_resid_post"])
                 x = c[f"blocks.{last - 1}.hook_resid_post"]
             elif x is None:  # a one-layer model: the last block reads the embeddings
                 x = r.embed(ids)
@@ -525,9 +529,10 @@ class AblationEvaluator:
             chunks.append(last_block_at_pairs(r, x, rows, self._pair_pos[ps].to(dev), keep.heads[last, sl].to(dev),
                                               keep.mlps[last, sl].to(dev), self.src_z[last][sl],
                                               self.src_mlp[last][sl]))
-        resid = {L: shared[L] for L in range(1, start + 1)}
-        resid.update({L: torch.cat(parts[L]) for L in computed})
-        self._refs.add(keep.heads, keep.mlps, resid)
+        if self._remember:
+            resid = {L: shared[L] for L in range(1, start + 1)}
+            resid.update({L: torch.cat(parts[L]) for L in computed})
+            self._refs.add(keep.heads, keep.mlps, resid)
         return chunks
 
     def score(self, keep_sites: Iterable[Site | str], ablate: Iterable[Site | str] = (),

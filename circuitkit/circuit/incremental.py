@@ -60,6 +60,10 @@ class ResidualReferences:
                 start, resid = s, ref.resid
         return start, resid
 
+    def fits(self, nbytes: int) -> bool:
+        """Whether one run's block inputs (``nbytes``) fit the budget, so remembering runs is worth it."""
+        return self.n_layers >= 2 and nbytes <= self.budget
+
     def _bytes(self) -> int:
         seen: dict[int, int] = {}
         for ref in self._pinned + self._recent:
