@@ -26,18 +26,21 @@ from pathlib import Path
 
 import torch
 
+from circuitkit.errors import CircuitkitError
 from circuitkit.io_utils import atomic_write_json
+from circuitkit.validate import check_device
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_HIT_RATE, TARGET_MINUTES, TARGET_SAMPLES = 0.95, 20.0, 1024
 
 
-def verdict(train_minutes: float, final: dict) -> dict:
-    """The issue's target, judged on the final evaluation."""
+def verdict(train_minutes: float, final: dict, device: str = "cpu") -> dict:
+    """The issue's target, judged on the final evaluation (only for a run on the CPU: the target is for 2 cores)."""
+    met = (final["min_hit_rate"] >= TARGET_HIT_RATE and train_minutes <= TARGET_MINUTES
+           and final["samples_per_query"] >= TARGET_SAMPLES)
     return {"target": f"min hit rate >= {TARGET_HIT_RATE} at >= {TARGET_SAMPLES} samples per query within "
                       f"{TARGET_MINUTES:g} training minutes on 2 CPU cores",
-            "target_met": (final["min_hit_rate"] >= TARGET_HIT_RATE and train_minutes <= TARGET_MINUTES
-                           and final["samples_per_query"] >= TARGET_SAMPLES)}
+            "target_met": met if device == "cpu" else None}
 
 
 def from_stage(args: argparse.Namespace) -> dict:
@@ -71,7 +74,7 @@ def train_here(args: argparse.Namespace) -> dict:
     from circuitkit.models.checkpoint import load_probed
 
     model_dir = Path(args.model or ROOT / "case_studies" / "models" / args.task)
-    pm = load_probed(model_dir)
+    pm = load_probed(model_dir, device=args.device)
     dec_dir = Path(args.keep) if args.keep else Path("/tmp") / f"circuitkit_bench_decoder_{args.task}_{int(time.time())}"
     cfg = DecoderTrainConfig(d_model=args.d_model, cond_mid=2 * args.d_model, batch_size=args.batch_size, lr=args.lr,
                              n_slots=args.slots, mixed_sites=args.mixed_sites, steps=args.steps,
@@ -88,11 +91,11 @@ def train_here(args: argparse.Namespace) -> dict:
         print(f"[{rec['train_minutes']:6.2f} min, step {rec['step']}] loss {rec['loss']:.3f} "
               f"min hit {min(hr.values()):.2f}", file=sys.stderr, flush=True)
 
-    m = train_decoder(pm, dec_dir, cfg, progress=False, on_eval=on_eval, _keep=(keep := {}))
+    m = train_decoder(pm, dec_dir, cfg, progress=False, on_eval=on_eval, _keep=(keep := {}), device=args.device)
     dec = keep["decoder"].eval()
     from circuitkit.inversion.checkpoint import load_decoder
 
-    td = load_decoder(dec_dir, probed=pm)
+    td = load_decoder(dec_dir, probed=pm, device=args.device)
     t1 = time.time()
     final = evaluate_decoder(dec, pm, td.sites, n_queries=args.final_queries, n_per_cell=args.final_per_cell)
     if not args.keep:
@@ -105,7 +108,7 @@ def train_here(args: argparse.Namespace) -> dict:
                                                                      "rebalance_floor")},
             "steps": m["steps"], "train_minutes": m["train_minutes"],
             "curve_note": f"curve points: {args.eval_queries} held-out queries/site × {4 * args.eval_per_cell} samples",
-            "curve": curve, "final": final, **verdict(m["train_minutes"], final)}
+            "curve": curve, "final": final, **verdict(m["train_minutes"], final, args.device)}
 
 
 def main() -> int:
@@ -128,13 +131,21 @@ def main() -> int:
     p.add_argument("--final-queries", type=int, default=200)
     p.add_argument("--final-per-cell", type=int, default=256, help="× 4 cells = samples per query (paper: 1,024)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the 20-minute target is for 2 CPU cores)")
     p.add_argument("--out", help="JSON path (default benchmarks/results/decoder_<task>.json)")
     p.add_argument("--keep", help="also keep the trained decoder here")
     args = p.parse_args()
+    try:
+        args.device = check_device(args.device)
+    except CircuitkitError as e:
+        raise SystemExit(f"error: {e}") from None
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     result = from_stage(args) if args.from_stage else train_here(args)
     result["machine"] = f"{platform.machine()}, {os.cpu_count()} CPU cores, {args.threads} torch threads"
+    result["device"] = args.device
+    if args.device.startswith("cuda"):
+        result["machine"] += f"; trained and evaluated on {torch.cuda.get_device_name(args.device)}"
     if not args.from_stage:
         load_after = os.getloadavg()
         result["load_average_before"] = [round(x, 2) for x in load_before]

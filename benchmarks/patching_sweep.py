@@ -7,7 +7,10 @@ re-run over every row) and
 the same weights, same base/corrupted tokens, same source/clean cache, same metric) alternately,
 checks they agree (|Δ| <= 1e-4 on every cell) and writes the times and the speed-up to JSON.
 
-    .venv/bin/python benchmarks/patching_sweep.py [--model DIR] [--batch 256] [--threads 2]
+    .venv/bin/python benchmarks/patching_sweep.py [--model DIR] [--batch 256] [--threads 2] [--device cuda]
+
+With ``--device cuda`` every timed region ends with ``torch.cuda.synchronize()`` (device work is
+asynchronous), and one untimed warm-up round of each method runs first (kernel loading, cuBLAS handles).
 
 Without --model a paper-shaped addition model (2 layers, 4 heads, d_model 32) is trained briefly
 into a temp dir: the timing does not depend on how well the model is trained.
@@ -26,6 +29,7 @@ from pathlib import Path
 import torch
 from transformer_lens import patching as tl_patching
 
+from circuitkit.errors import CircuitkitError
 from circuitkit.io_utils import atomic_write_json
 from circuitkit.manifest import package_versions
 from circuitkit.models.checkpoint import load_probed
@@ -33,18 +37,25 @@ from circuitkit.models.train import TrainConfig, train_probed
 from circuitkit.patching.metrics import evaluate
 from circuitkit.patching.sweep import sweep
 from circuitkit.tasks import get_task
+from circuitkit.validate import check_device
 
 OUT = Path(__file__).resolve().parent / "results" / "patching_sweep.json"
 
 
-def _model(path: str | None):
+def _sync(device: str) -> None:
+    """Wait for queued device work, so that a host clock times it (a no-op on the CPU)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _model(path: str | None, device: str):
     if path:
-        return load_probed(path), path
+        return load_probed(path, device=device), path
     tmp = Path(tempfile.mkdtemp(prefix="ck_bench_add_")) / "ckpt"
     cfg = TrainConfig(steps=150, batch_size=64, lr=3e-3, warmup=20, eval_limit=200, checkpoint_every=1000,
                       n_layer=2, n_head=4, d_model=32)
     train_probed(get_task("addition"), tmp, cfg, progress=False)
-    return load_probed(tmp), "trained briefly (150 steps), paper shape 2L 4H d32"
+    return load_probed(tmp, device=device), "trained briefly (150 steps), paper shape 2L 4H d32"
 
 
 def _pairs(task, n: int, contrast: str, seed: int) -> tuple[list[str], list[str]]:
@@ -55,10 +66,10 @@ def _pairs(task, n: int, contrast: str, seed: int) -> tuple[list[str], list[str]
     return base, [task.contrast_random(t, rng) for t in base]  # R: random other input, same length
 
 
-def run(model: str | None, batch: int, threads: int, repeats: int, contrasts: list[str]) -> dict:
+def run(model: str | None, batch: int, threads: int, repeats: int, contrasts: list[str], device: str = "cpu") -> dict:
     torch.set_num_threads(threads)
     load_before = os.getloadavg()
-    pm, model_desc = _model(model)
+    pm, model_desc = _model(model, device)
     task = pm.task
     bridge = pm.bridge()
     bridge.set_use_attn_result(True)
@@ -67,25 +78,34 @@ def run(model: str | None, batch: int, threads: int, repeats: int, contrasts: li
         base, src = _pairs(task, batch, contrast, seed=0)
         bids, sids = task.encode(base), task.encode(src)
         ours_t, full_t, tl_t, max_diff, max_diff_full = [], [], [], 0.0, 0.0
-        for _ in range(repeats):  # alternate, so that machine load hits all three alike
+        warmup = 1 if device.startswith("cuda") else 0
+        for rep in range(warmup + repeats):  # alternate, so that machine load hits all three alike
+            timed = rep >= warmup
+            _sync(device)
             t0 = time.perf_counter()
             ours = sweep(pm, base, "head", source=src, progress=False)
-            ours_t.append(time.perf_counter() - t0)
+            _sync(device)
+            if timed:
+                ours_t.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             full = sweep(pm, base, "head", source=src, progress=False, incremental=False)
-            full_t.append(time.perf_counter() - t0)
-            max_diff_full = max(max_diff_full, float((full.values - ours.values).abs().max()))
-            ctx = ours.context
+            _sync(device)
+            if timed:
+                full_t.append(time.perf_counter() - t0)
+            max_diff_full = max(max_diff_full, float((full.values - ours.values).abs().max().cpu()))
+            ctx = ours.context.to(device)
 
             def metric(logits: torch.Tensor, ctx=ctx) -> torch.Tensor:
                 return evaluate("logit_diff", logits, ctx)[0].mean()
 
             t0 = time.perf_counter()
             with torch.no_grad():
-                _, clean_cache = bridge.run_with_cache(sids)
-                ref = tl_patching.get_act_patch_attn_head_out_by_pos(bridge, bids, clean_cache, metric)
-            tl_t.append(time.perf_counter() - t0)
-            max_diff = max(max_diff, float((ref - ours.mean()).abs().max()))
+                _, clean_cache = bridge.run_with_cache(sids.to(device))
+                ref = tl_patching.get_act_patch_attn_head_out_by_pos(bridge, bids.to(device), clean_cache, metric)
+            _sync(device)
+            if timed:
+                tl_t.append(time.perf_counter() - t0)
+            max_diff = max(max_diff, float((ref.cpu() - ours.mean().cpu()).abs().max()))
         results[contrast] = {
             "batch": batch, "cells": int(ours.mean().numel()),
             "circuitkit_s": {"min": min(ours_t), "median": statistics.median(ours_t), "all": ours_t},
@@ -106,6 +126,10 @@ def run(model: str | None, batch: int, threads: int, repeats: int, contrasts: li
         "benchmark": "full head x position activation-patching sweep (get_act_patch_attn_head_out_by_pos)",
         "model": model_desc, "metric": "logit_diff at A1 (answer vs the source's answer)",
         "contrasts": {"R": "random other input of the same length", "F": "one operand digit changed"},
+        "device": device, "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else
+        platform.processor() or platform.machine(),
+        "timing": ("host clock around each call, torch.cuda.synchronize() before and after; one untimed warm-up "
+                   "round first" if device.startswith("cuda") else "host clock around each call"),
         "threads": threads, "cpu_count": os.cpu_count(),
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in load_after],
@@ -123,9 +147,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--contrasts", default="R,F", help="comma-separated: R (random), F (minimal edit)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args()
-    res = run(a.model, a.batch, a.threads, a.repeats, a.contrasts.split(","))
+    try:
+        device = check_device(a.device)
+    except CircuitkitError as e:
+        raise SystemExit(f"error: {e}") from None
+    res = run(a.model, a.batch, a.threads, a.repeats, a.contrasts.split(","), device)
     atomic_write_json(a.out, res)
     for c, r in res["results"].items():
         speed = ("speed-up withheld (loaded machine)" if r["speedup_min"] is None else

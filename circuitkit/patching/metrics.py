@@ -29,6 +29,11 @@ class MetricContext:
     def __len__(self) -> int:
         return int(self.positions.shape[0])
 
+    def to(self, device: torch.device | str) -> MetricContext:
+        """The same context with every tensor on ``device`` (where the logits it scores live)."""
+        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return MetricContext(mv(self.positions), mv(self.answer), mv(self.wrong), mv(self.clean_logprobs), self.target)
+
 
 MetricFn = Callable[[Tensor, MetricContext], Tensor]
 

@@ -268,8 +268,7 @@ def sweep(
     sizes = {"pos": n_pos, "dest_pos": n_pos, "head": pm.n_heads}
     shape = [pm.n_layers] + [sizes[a] for a in axes[1:]]
     out = base_vals.expand(*shape, b).clone()  # [layer, *cell axes, b]
-    ctx_dev = MetricContext(t_pos, ctx.answer.to(dev), None if ctx.wrong is None else ctx.wrong.to(dev),
-                            None if ctx.clean_logprobs is None else ctx.clean_logprobs.to(dev), ctx.target)
+    ctx_dev = ctx.to(dev)
     work = []
     for L in range(pm.n_layers):
         h = hooks[L]
