@@ -60,7 +60,7 @@ def from_stage(args: argparse.Namespace) -> dict:
     return {"task": args.task, "produced_by": f"the decoder stage of a full case study (`{work}/decoder/stage.json`): "
             f"`.venv/bin/python benchmarks/decoder_training.py --task {args.task} --from-stage {work}`",
             "decoder": {k: cfg.get(k) for k in ("d_model", "n_layers", "n_heads", "cond_mid", "n_slots", "mixed_sites",
-                                                "rebalance_floor", "batch_size", "lr", "steps", "minutes", "seed")},
+                                                "rebalance_floor", "compile", "batch_size", "lr", "steps", "minutes", "seed")},
             "steps": s["steps"], "train_minutes": s["train_minutes"], "stage_seconds": stage["seconds"],
             "timing_context": f"the run's wall time and load averages: benchmarks/results/case_study_{args.task}.json",
             "manifest": json.loads(manifest.read_text()) if manifest.exists() else None,
@@ -78,7 +78,7 @@ def train_here(args: argparse.Namespace) -> dict:
     dec_dir = Path(args.keep) if args.keep else Path("/tmp") / f"circuitkit_bench_decoder_{args.task}_{int(time.time())}"
     cfg = DecoderTrainConfig(d_model=args.d_model, cond_mid=2 * args.d_model, batch_size=args.batch_size, lr=args.lr,
                              n_slots=args.slots, mixed_sites=args.mixed_sites, steps=args.steps,
-                             rebalance_floor=args.rebalance_floor,
+                             rebalance_floor=args.rebalance_floor, compile=args.compile,
                              minutes=args.minutes, eval_every=args.eval_every, eval_queries=args.eval_queries,
                              eval_per_cell=args.eval_per_cell, final_eval_queries=0, threads=args.threads)
     t0 = time.time()
@@ -105,7 +105,7 @@ def train_here(args: argparse.Namespace) -> dict:
     return {"task": args.task, "model": str(model_dir), "produced_by": " ".join(["benchmarks/decoder_training.py",
             *sys.argv[1:]]), "decoder": {k: getattr(cfg, k) for k in ("d_model", "cond_mid", "n_slots", "mixed_sites",
                                                                      "batch_size", "lr", "steps", "minutes",
-                                                                     "rebalance_floor")},
+                                                                     "rebalance_floor", "compile")},
             "steps": m["steps"], "train_minutes": m["train_minutes"],
             "curve_note": f"curve points: {args.eval_queries} held-out queries/site × {4 * args.eval_per_cell} samples",
             "curve": curve, "final": final, **verdict(m["train_minutes"], final, args.device)}
@@ -123,6 +123,7 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--slots", type=int, default=4, help="activation slots per decoder layer (paper: 1)")
     p.add_argument("--mixed-sites", action="store_true", help="a site per input rather than per batch")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
     p.add_argument("--rebalance-floor", type=float, default=0.1,
                    help="site weights ∝ floor + (1 − hit rate); lower favours lagging sites more")
     p.add_argument("--eval-every", type=int, default=200)

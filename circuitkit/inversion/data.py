@@ -64,7 +64,8 @@ class PairSource:
         pos = random_nonspecial_positions(self.task.special_positions(ids), self.gen)
         return Pairs(site, ids, pos, acts[torch.arange(n, device=acts.device), pos])
 
-    def mixed(self, sites: Sequence[Site], weights: Sequence[float], n: int) -> tuple[Pairs, Tensor]:
+    @torch.no_grad()  # the probed model is fixed: no autograd graph through it (the decoder's loss would
+    def mixed(self, sites: Sequence[Site], weights: Sequence[float], n: int) -> tuple[Pairs, Tensor]:  # reach it)
         """A batch whose inputs each get a site drawn with ``weights``: (pairs, site index [n]).
 
         ``pairs.site`` is the first site; the activation of row r is of ``sites[index[r]]``."""
