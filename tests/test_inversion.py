@@ -238,3 +238,37 @@ def test_hit_rate_in_rounds_matches_drawing_every_sample(trained_decoder, tiny_a
     assert abs(rounds["hit_rate"] - p) <= 4 * math.sqrt(2 * p * (1 - p) / 150)
     with pytest.raises(CircuitkitError, match="round_per_cell"):
         evaluate_site(*args, **kw, round_per_cell=0)
+
+
+def test_decoder_training_leaves_the_probed_model_without_gradients(tiny_addition_model, tmp_path):
+    """The probed model is fixed: no batch may carry an autograd graph into it (a mixed batch once did, so every
+    decoder step also back-propagated through the probed model)."""
+    from circuitkit.inversion.data import PairSource
+
+    pm = tiny_addition_model
+    sites = [parse_site("x0.pre"), parse_site("a1.0")]
+    pairs, _ = PairSource(pm, seed=5).mixed(sites, [0.5, 0.5], 32)
+    assert not pairs.acts.requires_grad
+    assert not PairSource(pm, seed=5).batch(sites[1], 32).acts.requires_grad
+    for p in pm.hf_model.parameters():
+        p.grad = None
+    cfg = DecoderTrainConfig(steps=3, **{**TINY, "mixed_sites": True, "eval_every": 3})
+    train_decoder(pm, tmp_path / "d", cfg, sites=sites, progress=False)
+    assert all(p.grad is None for p in pm.hf_model.parameters())
+
+
+@pytest.mark.slow
+def test_compiled_training_steps_match_eager_ones(tiny_addition_model, tmp_path):
+    """``compile`` changes how a step runs, not what it computes: same seed, same losses and weights."""
+    pm = tiny_addition_model
+    sites = [parse_site("x0.pre"), parse_site("a1.0")]
+    runs = {}
+    for compiled in (False, True):
+        cfg = DecoderTrainConfig(steps=4, **{**TINY, "eval_every": 2, "compile": compiled})
+        out = tmp_path / f"d{int(compiled)}"
+        m = train_decoder(pm, out, cfg, sites=sites, progress=False)
+        runs[compiled] = (m["final_loss"], load_decoder(out, probed=pm).decoder.state_dict())
+    (loss_e, sd_e), (loss_c, sd_c) = runs[False], runs[True]
+    assert loss_c == pytest.approx(loss_e, rel=1e-4)
+    assert max(float((sd_e[k] - sd_c[k]).abs().max()) for k in sd_e) < 1e-4
+

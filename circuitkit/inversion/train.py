@@ -253,8 +253,7 @@ def train_decoder(probed: ProbedModel, out: str | Path, cfg: DecoderTrainConfig 
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * _lr_factor(frac, step, cfg)
             ids = pairs.ids.to(device)
-            logits = _forward(model, ids, pairs.acts.to(device), site_idx.to(device), cfg.compile)
-            loss = decoder_loss(logits, ids, pad)
+            loss = decoder_loss(_forward(model, ids, pairs.acts.to(device), site_idx.to(device), cfg.compile), ids, pad)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)

@@ -54,6 +54,7 @@ class DecoderSection:
     path: str = ""
     d_model: int = 0  # 0 = the paper's decoder width (256; conditioning MLP 512); else conditioning MLP 2 x d_model
     batch_size: int = 0  # 0 = the decoder trainer's default
+    lr: float = 0.0  # peak learning rate; 0 = the decoder trainer's default (1e-3)
     n_slots: int = 1  # activation slots per decoder layer (the paper: 1)
     mixed_sites: bool = False  # a site per training input rather than per batch (the paper: per batch)
     # least share of training batches a site keeps when batches are rebalanced towards low-hit-rate sites
@@ -149,7 +150,7 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None, bool]] = {
     ("", "seed"): (0, 2**32 - 1, False),
     **{("model", k): (0, None, False) for k in ("steps", "n_layer", "n_head", "d_model", "batch_size", "lr")},
     ("decoder", "minutes"): (0, None, True),
-    **{("decoder", k): (0, None, False) for k in ("steps", "eval_queries", "d_model", "batch_size")},
+    **{("decoder", k): (0, None, False) for k in ("steps", "eval_queries", "d_model", "batch_size", "lr")},
     ("decoder", "eval_per_cell"): (1, 16384, False),
     ("decoder", "n_slots"): (1, 64, False),
     ("decoder", "rebalance_floor"): (0, 1, True),
