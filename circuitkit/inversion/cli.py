@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--mixed-sites", action="store_true",
                     help="draw a site per training input rather than per batch (paper: per batch)")
     tr.add_argument("--compile", action="store_true",
-                    help="torch.compile the training step (needs a C++ compiler; faster steps after ~15 s)")
+                    help="torch.compile the training step (needs a C++ compiler; saved nothing on 2 CPU cores)")
     tr.add_argument("--sites", help="comma-separated sites (default: the paper's sites for this model)")
     tr.add_argument("--eval-every", type=int, help="steps between hit-rate estimates (rebalancing)")
     tr.add_argument("--final-eval-queries", type=int, help="held-out queries per site at the end (0 = skip)")

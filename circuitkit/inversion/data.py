@@ -64,11 +64,12 @@ class PairSource:
         pos = random_nonspecial_positions(self.task.special_positions(ids), self.gen)
         return Pairs(site, ids, pos, acts[torch.arange(n, device=acts.device), pos])
 
-    @torch.no_grad()  # the probed model is fixed: no autograd graph through it (the decoder's loss would
-    def mixed(self, sites: Sequence[Site], weights: Sequence[float], n: int) -> tuple[Pairs, Tensor]:  # reach it)
+    @torch.no_grad()
+    def mixed(self, sites: Sequence[Site], weights: Sequence[float], n: int) -> tuple[Pairs, Tensor]:
         """A batch whose inputs each get a site drawn with ``weights``: (pairs, site index [n]).
 
-        ``pairs.site`` is the first site; the activation of row r is of ``sites[index[r]]``."""
+        ``pairs.site`` is the first site; the activation of row r is of ``sites[index[r]]``.  The probed model
+        runs without autograd: it is fixed, and a graph through it would let the decoder's loss reach it."""
         ids = self.inputs(n).to(self.model.device)
         hooks = sorted({s.hook_name for s in sites})
         _, cache = self.model.runner.run(ids, cache=hooks, stop_at_layer=max(s.stop_layer for s in sites),

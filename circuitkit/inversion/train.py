@@ -67,8 +67,8 @@ class DecoderTrainConfig:
     checkpoint_every: int = 500
     seed: int = 0
     threads: int | None = None
-    # torch.compile the decoder's training forward/backward (Inductor; needs a C++ compiler on the CPU): about a
-    # quarter less time per step on 2 cores after a one-off compile of ~15 s, which counts as training time
+    # torch.compile the decoder's training forward/backward (Inductor; needs a C++ compiler on the CPU). On 2 CPU
+    # cores it saved nothing (benchmarks/results/decoder_step.json); its compile time counts as training time
     compile: bool = False
 
     def replace(self, **kw: Any) -> DecoderTrainConfig:
