@@ -440,6 +440,8 @@ def toml_case(tmp_path: Path, body: str, name: str = "case.toml") -> Path:
     ('[decoder]\nsites = ["zz"]\n', r"\[decoder\] sites: cannot parse site 'zz'"),
     ('[decoder]\nsites = "a0.0"\n', r"\[decoder\] sites: expected a list"),
     ('[decoder]\nminuts = 3\n', r"unknown key 'minuts'"),
+    ('[decoder]\nlr = -0.001\n', r"\[decoder\] lr must be >= 0"),
+    ('[decoder]\ncompile = "yes"\n', r"\[decoder\] compile: expected true or false"),
     ('seed = -1\n', r"seed must be in \[0, 4294967295\]"),
     ('bogus = 1\n', r"top level: unknown key 'bogus'"),
     ('[hypotheses]\nscreen_threshold = 2\n', r"screen_threshold must be in \[0, 1\]"),
@@ -626,6 +628,7 @@ TOML_VALUES = st.one_of(
     st.lists(st.text(alphabet="am0.1@=", max_size=6), max_size=3),
 )
 TOML_KEYS = [("decoder", "minutes"), ("decoder", "steps"), ("decoder", "n_per_cell"), ("decoder", "sites"),
+             ("decoder", "lr"),
              ("hypotheses", "screen_threshold"), ("hypotheses", "pairs"), ("hypotheses", "source"),
              ("hypotheses", "positions"), ("circuit", "target"), ("circuit", "edge_pairs"),
              ("patching", "examples"), ("patching", "contrasts"), ("model", "lr"), ("model", "source"),
