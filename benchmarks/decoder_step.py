@@ -2,7 +2,7 @@
 
 A step as ``train_decoder`` takes it with the case tomls' recipes (d_model 128, 4 slots, batch 128; addition
 mixes sites): fresh pairs through the probed model, the decoder's forward and backward, gradient clipping and
-AdamW, as the trainer runs it (``_forward``). Both ways run in one process, alternating repeats, so that
+AdamW, as the trainer runs it (``train_forward``). Both ways run in one process, alternating repeats, so that
 machine load hits both alike; each repeat is a fresh decoder from the same seed, its first ``--warmup`` steps
 (the compilation) timed apart.
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from circuitkit.inversion.data import PairSource
-from circuitkit.inversion.train import DecoderTrainConfig, _forward, build_for, decoder_loss, decoder_sites
+from circuitkit.inversion.train import DecoderTrainConfig, build_for, decoder_loss, decoder_sites, train_forward
 from circuitkit.io_utils import atomic_write_json
 from circuitkit.manifest import package_versions
 from circuitkit.models.checkpoint import load_probed
@@ -51,7 +51,7 @@ def timed_steps(task: str, compiled: bool, steps: int, warmup: int, seed: int = 
         else:
             i = site_rng.randrange(len(sites))
             pairs, site_idx = source.batch(sites[i], cfg.batch_size), torch.full((cfg.batch_size,), i)
-        loss = decoder_loss(_forward(model, pairs.ids, pairs.acts, site_idx, compiled), pairs.ids, pad)
+        loss = decoder_loss(train_forward(model, pairs.ids, pairs.acts, site_idx, compiled), pairs.ids, pad)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)

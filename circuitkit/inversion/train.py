@@ -114,7 +114,7 @@ def _lr_factor(progress: float, step: int, cfg: DecoderTrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
 
 
-def _forward(model: torch.nn.Module, ids: torch.Tensor, acts: torch.Tensor, site_idx: torch.Tensor,
+def train_forward(model: torch.nn.Module, ids: torch.Tensor, acts: torch.Tensor, site_idx: torch.Tensor,
              compiled: bool) -> torch.Tensor:
     """Teacher-forced logits; a compiled model that cannot be built says what to do instead of a backend trace."""
     if not compiled:
@@ -253,7 +253,8 @@ def train_decoder(probed: ProbedModel, out: str | Path, cfg: DecoderTrainConfig 
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * _lr_factor(frac, step, cfg)
             ids = pairs.ids.to(device)
-            loss = decoder_loss(_forward(model, ids, pairs.acts.to(device), site_idx.to(device), cfg.compile), ids, pad)
+            logits = train_forward(model, ids, pairs.acts.to(device), site_idx.to(device), cfg.compile)
+            loss = decoder_loss(logits, ids, pad)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
