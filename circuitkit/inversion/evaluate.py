@@ -27,7 +27,7 @@ from circuitkit.models.checkpoint import ProbedModel
 from circuitkit.sites import Site
 
 
-def _query_distances(decoder: InversionDecoder, probed: ProbedModel, site: Site, site_idx: int, acts: Tensor,
+def query_distances(decoder: InversionDecoder, probed: ProbedModel, site: Site, site_idx: int, acts: Tensor,
                      n_per_cell: int, grid: Sequence[tuple[float, float]], metric: str, gen: torch.Generator,
                      batch_size: int) -> Tensor:
     """Distances [n_queries, n_per_cell · len(grid)] of fresh samples for each query acts [n_queries, d]."""
@@ -57,13 +57,13 @@ def evaluate_site(decoder: InversionDecoder, probed: ProbedModel, site: Site, si
     decoder.eval()
     q = held_out_queries(probed, site, n_queries, seed=seed)
     gen = torch.Generator().manual_seed(seed)
-    first = _query_distances(decoder, probed, site, site_idx, q.acts, rnd, grid, metric, gen, batch_size)
+    first = query_distances(decoder, probed, site, site_idx, q.acts, rnd, grid, metric, gen, batch_size)
     hit = (first <= eps).any(1)
     drawn = rnd
     while drawn < n_per_cell and not bool(hit.all()):
         todo = (~hit).nonzero().squeeze(1)
         k = min(rnd, n_per_cell - drawn)
-        d = _query_distances(decoder, probed, site, site_idx, q.acts[todo], k, grid, metric, gen, batch_size)
+        d = query_distances(decoder, probed, site, site_idx, q.acts[todo], k, grid, metric, gen, batch_size)
         hit[todo] = (d <= eps).any(1)
         drawn += k
     decoder.train(was_training)

@@ -115,14 +115,12 @@ def _lr_factor(progress: float, step: int, cfg: DecoderTrainConfig) -> float:
 
 
 def train_forward(model: torch.nn.Module, ids: torch.Tensor, acts: torch.Tensor, site_idx: torch.Tensor,
-             compiled: bool) -> torch.Tensor:
+                  compiled: bool) -> torch.Tensor:
     """Teacher-forced logits; a compiled model that cannot be built says what to do instead of a backend trace."""
-    if not compiled:
-        return model(ids, acts, site_idx)
     try:
         return model(ids, acts, site_idx)
     except Exception as e:  # Inductor reports a missing compiler or an unsupported op as a backend error
-        if type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+        if compiled and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
             raise CircuitkitError(f"torch.compile of the decoder failed ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0] if str(e) else ''}); train without compile "
                                   f"([decoder] compile = false, or drop --compile)") from None

@@ -21,7 +21,7 @@ import torch
 from circuitkit.inversion.checkpoint import load_decoder
 from circuitkit.inversion.data import held_out_queries
 from circuitkit.inversion.distance import DEFAULT_EPS
-from circuitkit.inversion.evaluate import _query_distances
+from circuitkit.inversion.evaluate import query_distances
 from circuitkit.inversion.preimage import verify
 from circuitkit.inversion.sample import PAPER_GRID
 from circuitkit.io_utils import atomic_write_json
@@ -48,7 +48,7 @@ def main() -> int:
     idx, eps = td.site_index(site), DEFAULT_EPS["l2"]
     q = held_out_queries(pm, site, a.queries, seed=1234)
     with torch.no_grad():
-        best = _query_distances(td.decoder.eval(), pm, site, idx, q.acts, a.per_cell, PAPER_GRID, "l2",
+        best = query_distances(td.decoder.eval(), pm, site, idx, q.acts, a.per_cell, PAPER_GRID, "l2",
                                 torch.Generator().manual_seed(1234), 2048).min(1).values  # [queries]
         pool = random.Random(0).sample(list(pm.task.split("train")), a.pool)
         pool_ids = pm.task.encode(pool)
