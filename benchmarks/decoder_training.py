@@ -60,7 +60,8 @@ def from_stage(args: argparse.Namespace) -> dict:
     return {"task": args.task, "produced_by": f"the decoder stage of a full case study (`{work}/decoder/stage.json`): "
             f"`.venv/bin/python benchmarks/decoder_training.py --task {args.task} --from-stage {work}`",
             "decoder": {k: cfg.get(k) for k in ("d_model", "n_layers", "n_heads", "cond_mid", "n_slots", "mixed_sites",
-                                                "rebalance_floor", "compile", "batch_size", "lr", "steps", "minutes", "seed")},
+                                                "rebalance_floor", "compile", "batch_size", "lr", "steps", "minutes", "seed",
+                                                "eval_every", "eval_queries", "eval_per_cell", "eval_window")},
             "steps": s["steps"], "train_minutes": s["train_minutes"], "stage_seconds": stage["seconds"],
             "timing_context": f"the run's wall time and load averages: benchmarks/results/case_study_{args.task}.json",
             "manifest": json.loads(manifest.read_text()) if manifest.exists() else None,
@@ -80,7 +81,7 @@ def train_here(args: argparse.Namespace) -> dict:
                              n_slots=args.slots, mixed_sites=args.mixed_sites, steps=args.steps,
                              rebalance_floor=args.rebalance_floor, compile=args.compile,
                              minutes=args.minutes, eval_every=args.eval_every, eval_queries=args.eval_queries,
-                             eval_per_cell=args.eval_per_cell, final_eval_queries=0, threads=args.threads)
+                             eval_per_cell=args.eval_per_cell, eval_window=args.eval_window, final_eval_queries=0, threads=args.threads)
     t0 = time.time()
     curve = []
 
@@ -105,7 +106,8 @@ def train_here(args: argparse.Namespace) -> dict:
     return {"task": args.task, "model": str(model_dir), "produced_by": " ".join(["benchmarks/decoder_training.py",
             *sys.argv[1:]]), "decoder": {k: getattr(cfg, k) for k in ("d_model", "cond_mid", "n_slots", "mixed_sites",
                                                                      "batch_size", "lr", "steps", "minutes",
-                                                                     "rebalance_floor", "compile")},
+                                                                     "rebalance_floor", "compile", "eval_every", "eval_queries",
+                                                                     "eval_per_cell", "eval_window")},
             "steps": m["steps"], "train_minutes": m["train_minutes"],
             "curve_note": f"curve points: {args.eval_queries} held-out queries/site × {4 * args.eval_per_cell} samples",
             "curve": curve, "final": final, **verdict(m["train_minutes"], final, args.device)}
@@ -129,6 +131,8 @@ def main() -> int:
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--eval-queries", type=int, default=16)
     p.add_argument("--eval-per-cell", type=int, default=4)
+    p.add_argument("--eval-window", type=int, default=1,
+                   help="rebalance on the hit rate pooled over this many estimates, each on fresh queries")
     p.add_argument("--final-queries", type=int, default=200)
     p.add_argument("--final-per-cell", type=int, default=256, help="× 4 cells = samples per query (paper: 1,024)")
     p.add_argument("--threads", type=int, default=2)

@@ -193,6 +193,33 @@ def test_resume_after_interrupt(tiny_addition_model, tmp_path):
     assert not out.with_name("dec.partial").exists() and (out / "decoder.pt").exists()
 
 
+def test_pooled_estimates_draw_fresh_queries_survive_a_resume_and_average_the_window(tiny_addition_model, tmp_path):
+    """With eval_window 2 every estimate draws other queries, the weights use the mean of the last two estimates,
+    and an interrupted run resumes with its window (the same history as an uninterrupted run)."""
+    from circuitkit.inversion.train import estimate_seed, pooled_hit_rates
+
+    cfg = DecoderTrainConfig(steps=6, **{**TINY, "eval_every": 2, "checkpoint_every": 2, "batch_size": 16,
+                                         "eval_window": 2, "eval_queries": 6})
+    assert len({estimate_seed(k, cfg) for k in (2, 4, 6)}) == 3
+    assert estimate_seed(2, cfg.replace(eval_window=1)) == estimate_seed(4, cfg.replace(eval_window=1))
+    assert pooled_hit_rates([[0.5, 1.0], [1.0, 0.0], [0.0, 0.5]][-2:]) == [0.5, 0.25]
+    sites = [parse_site("x0.pre"), parse_site("a1.0")]
+    whole = train_decoder(tiny_addition_model, tmp_path / "a", cfg, sites=sites, progress=False)["history"]
+
+    def boom(rec):
+        if rec["step"] == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(CircuitkitError, match="resume"):
+        train_decoder(tiny_addition_model, tmp_path / "b", cfg, sites=sites, progress=False, on_eval=boom)
+    resumed = train_decoder(tiny_addition_model, tmp_path / "b", cfg, sites=sites, progress=False)["history"]
+    assert resumed == whole
+    for prev, rec in zip(whole, whole[1:]):
+        assert rec["pooled_hit_rate"] == {s: (prev["hit_rate"][s] + rec["hit_rate"][s]) / 2 for s in rec["hit_rate"]}
+    with pytest.raises(CircuitkitError, match="eval_window"):
+        cfg.replace(eval_window=0).validate()
+
+
 def test_a_mixed_batch_reads_each_rows_own_site(tiny_addition_model):
     from circuitkit.inversion.data import PairSource, site_activations
 

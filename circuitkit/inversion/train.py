@@ -3,7 +3,8 @@
 Every step draws a fresh batch for one site (``data.PairSource``: new inputs, one random
 non-special position each, the probed model run only as far as the site), or with ``mixed_sites``
 a site per input.  Sites are drawn with weights that favour those whose hit rate lags
-(re-estimated every ``eval_every`` steps on a few held-out queries).  The learning rate warms up
+(re-estimated every ``eval_every`` steps on a few held-out queries; with ``eval_window`` > 1 each
+estimate draws fresh queries and the weights use the hit rate pooled over the last estimates).  The learning rate warms up
 and then follows a cosine over the run, whose length is ``steps`` or, when ``minutes`` is set,
 whichever of steps and minutes runs out first.
 
@@ -61,6 +62,8 @@ class DecoderTrainConfig:
     eval_every: int = 200  # steps between hit-rate estimates (rebalancing, curve)
     eval_queries: int = 16  # held-out queries per site for those estimates
     eval_per_cell: int = 4  # samples per (temperature, noise) cell for those estimates
+    # estimates pooled for the rebalancing weights; > 1 draws fresh queries for each (1: the same queries each time)
+    eval_window: int = 1
     final_eval_queries: int = 200
     final_eval_per_cell: int = 16
     rebalance_floor: float = 0.1
@@ -79,7 +82,7 @@ class DecoderTrainConfig:
 
     def validate(self) -> None:
         for name in ("d_model", "n_layers", "n_heads", "n_slots", "batch_size", "steps", "eval_every", "eval_queries",
-                     "eval_per_cell", "checkpoint_every"):
+                     "eval_per_cell", "eval_window", "checkpoint_every"):
             if getattr(self, name) <= 0:
                 raise CircuitkitError(f"{name} must be positive, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
@@ -98,6 +101,16 @@ def site_weights(hit_rates: Sequence[float], floor: float) -> list[float]:
     w = [floor + (1.0 - h) for h in hit_rates]
     tot = sum(w)
     return [x / tot for x in w]
+
+
+def pooled_hit_rates(window: Sequence[Sequence[float]]) -> list[float]:
+    """Per-site hit rate over the estimates in ``window`` (each a list of per-site rates over equal query counts)."""
+    return [sum(col) / len(col) for col in zip(*window)]
+
+
+def estimate_seed(step: int, cfg: DecoderTrainConfig) -> int:
+    """Held-out query seed of the estimate at ``step``: fixed with no pooling, fresh for every pooled estimate."""
+    return 4321 if cfg.eval_window == 1 else 4321 + step
 
 
 def decoder_loss(logits: torch.Tensor, ids: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -175,6 +188,7 @@ def train_decoder(probed: ProbedModel, out: str | Path, cfg: DecoderTrainConfig 
     site_rng = random.Random(cfg.seed)  # identical on every rank: all replicas train the same site per step
     step, train_s, history = 0, 0.0, []
     hits = [0.0] * len(sites)
+    window: list[list[float]] = []  # the last ``eval_window`` estimates, oldest first
     ema: float | None = None
     resumed_from = None
     if state_file.exists():
@@ -188,6 +202,7 @@ def train_decoder(probed: ProbedModel, out: str | Path, cfg: DecoderTrainConfig 
             opt.load_state_dict(state["optimizer"])
             step, train_s, history, hits = state["step"], state["train_s"], state["history"], state["hits"]
             ema = state.get("ema")
+            window = state.get("window", [])
             resumed_from = step
             site_rng.setstate(tuple(state["site_rng"]) if isinstance(state["site_rng"], list) else state["site_rng"])
             if rank == 0:
@@ -214,16 +229,19 @@ def train_decoder(probed: ProbedModel, out: str | Path, cfg: DecoderTrainConfig 
         atomic_torch_save({"model": dec.state_dict(), "optimizer": opt.state_dict(), "step": step,
                            "train_s": train_s, "history": history, "hits": hits, "config": dataclasses.asdict(cfg),
                            "sites": [s.node for s in sites], "site_rng": site_rng.getstate(),
-                           "source": source.state(), "ema": ema}, state_file)
+                           "source": source.state(), "ema": ema, "window": window}, state_file)
 
     def estimate() -> None:
-        nonlocal hits, weights
+        nonlocal hits, weights, window
         if rank == 0:
             rows = [evaluate_site(dec, probed, s, i, n_queries=cfg.eval_queries, n_per_cell=cfg.eval_per_cell,
-                                  seed=4321) for i, s in enumerate(sites)]
-            hits = [r["hit_rate"] for r in rows]
+                                  seed=estimate_seed(step, cfg)) for i, s in enumerate(sites)]
+            window = [*window, [r["hit_rate"] for r in rows]][-cfg.eval_window:]
+            hits = pooled_hit_rates(window)
             rec = {"step": step, "train_minutes": round(train_s / 60, 3), "loss": ema,
                    "hit_rate": {r["site"]: r["hit_rate"] for r in rows}}
+            if cfg.eval_window > 1:
+                rec["pooled_hit_rate"] = {r["site"]: h for r, h in zip(rows, hits)}
             history.append(rec)
             if on_eval:
                 on_eval(rec)

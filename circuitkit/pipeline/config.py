@@ -59,6 +59,13 @@ class DecoderSection:
     mixed_sites: bool = False  # a site per training input rather than per batch (the paper: per batch)
     # least share of training batches a site keeps when batches are rebalanced towards low-hit-rate sites
     rebalance_floor: float = 0.1
+    # the running hit-rate estimates that rebalancing uses: every ``rebalance_every`` steps, ``rebalance_queries``
+    # held-out queries per site at ``rebalance_per_cell`` samples per cell, pooled over the last
+    # ``rebalance_window`` estimates, each on fresh queries (0 = the trainer's 200 / 16 / 4 / 1)
+    rebalance_every: int = 0
+    rebalance_queries: int = 0
+    rebalance_per_cell: int = 0
+    rebalance_window: int = 0
     compile: bool = False  # torch.compile the training step (needs a C++ compiler; saved nothing on 2 CPU cores)
 
 
@@ -154,6 +161,8 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None, bool]] = {
     ("decoder", "eval_per_cell"): (1, 16384, False),
     ("decoder", "n_slots"): (1, 64, False),
     ("decoder", "rebalance_floor"): (0, 1, True),
+    **{("decoder", k): (0, 100000, False) for k in ("rebalance_every", "rebalance_queries", "rebalance_per_cell",
+                                                                 "rebalance_window")},
     ("decoder", "n_per_cell"): (1, 16384, False),
     ("hypotheses", "screen_threshold"): (0, 1, False),
     ("hypotheses", "screen_examples"): (10, None, False),

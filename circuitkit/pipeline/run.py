@@ -109,7 +109,9 @@ def stage_decoder(ctx: RunContext, runner: StageRunner) -> None:
         cond_mid=2 * dc.d_model if dc.d_model else None,  # the conditioning MLP scales with the width, as in the paper's 256/512
         batch_size=dc.batch_size or None, lr=dc.lr or None, final_eval_queries=dc.eval_queries,
         final_eval_per_cell=dc.eval_per_cell, n_slots=dc.n_slots, mixed_sites=dc.mixed_sites,
-        rebalance_floor=dc.rebalance_floor, compile=dc.compile)
+        rebalance_floor=dc.rebalance_floor, compile=dc.compile, eval_every=dc.rebalance_every or None,
+        eval_queries=dc.rebalance_queries or None, eval_per_cell=dc.rebalance_per_cell or None,
+        eval_window=dc.rebalance_window or None)
     if cfg.quick:
         dcfg = dcfg.replace(eval_every=100, eval_queries=8, checkpoint_every=20)  # a killed quick run resumes too
 
