@@ -5,7 +5,10 @@ every sender (emb, pos, each head) -> receiver (each later head's q/k/v, each ML
 logits) edge, estimate vs exact path patching.  Spearman rank correlation, all cells and only
 the cells exact patching can move (|exact| > 1e-6).  Writes results/attribution_rank.json.
 
-    .venv/bin/python benchmarks/attribution_rank.py --model runs/models/addition [--n 64]
+    .venv/bin/python benchmarks/attribution_rank.py [--model case_studies/models/addition] [--n 64]
+
+The seconds it records (attribution against the exact sweep) come with the load average before and after
+(``circuitkit.machine_load``).
 """
 from __future__ import annotations
 
@@ -18,12 +21,15 @@ import torch
 from scipy.stats import spearmanr
 
 from circuitkit.io_utils import atomic_write_json
+from circuitkit.machine_load import LoadWatch
+from circuitkit.manifest import git_commit, package_versions
 from circuitkit.models.checkpoint import load_probed
 from circuitkit.patching.attribution import attribute
 from circuitkit.patching.path import path_patch
 from circuitkit.patching.sweep import sweep
 
-OUT = Path(__file__).resolve().parent / "results" / "attribution_rank.json"
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results" / "attribution_rank.json"
 
 
 def _rho(a: list[float] | torch.Tensor, b: list[float] | torch.Tensor) -> float:
@@ -67,16 +73,20 @@ def one(pm, contrast: str, metric: str, target: str, n: int, seed: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="runs/models/addition")
+    ap.add_argument("--model", default=str(ROOT / "case_studies" / "models" / "addition"))
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    load = LoadWatch(a.threads)
     pm = load_probed(a.model)
     runs = [one(pm, c, m, t, a.n, 0) for c, m, t in
             (("R", "logit_diff", "A3"), ("F", "logit_diff", "A3"), ("R", "logit", "A2"), ("F", "logit", "A2"))]
-    atomic_write_json(a.out, {"model": a.model, "runs": runs})
+    shown = Path(a.model).resolve()
+    atomic_write_json(a.out, {"model": str(shown.relative_to(ROOT)) if shown.is_relative_to(ROOT) else a.model,
+                              "runs": runs, "threads": a.threads, **load.stop().record("timing comparison"),
+                              "versions": package_versions(), "git_commit": git_commit()})
     for r in runs:
         print(f"{r['contrast']} {r['metric']}@{r['target']}: nodes rho={r['nodes']['spearman_all']:.3f} "
               f"(live {r['nodes']['spearman_live']:.3f}, {r['nodes']['live_cells']} cells); edges "

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from circuitkit.io_utils import atomic_write_json
+from circuitkit.machine_load import LoadWatch
 from circuitkit.manifest import git_commit
 
 HERE = Path(__file__).resolve().parent
@@ -61,11 +62,11 @@ def main() -> int:
                args.report or f"{tmp}/report", "--threads", str(args.threads), "--device", args.device, "--quiet",
                "--json"]
         cmd += (["--quick"] if args.quick else []) + (["--decoder", args.decoder] if args.decoder else [])
-        load_before = os.getloadavg()
+        load = LoadWatch(args.threads)
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         wall = time.perf_counter() - t0
-        load_after = os.getloadavg()
+        load.stop()
     peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # Linux: KiB
     if proc.returncode != 0:
         print(proc.stderr[-3000:], file=sys.stderr)
@@ -79,9 +80,7 @@ def main() -> int:
            "meets_memory_target": peak_gib < 4.0 if on_cpu else None,
            # 1/5/15-minute load averages: a run's own threads raise them to about --threads; more means the
            # machine was shared and the wall time is not an idle-machine figure
-           "load_average_before": [round(x, 2) for x in load_before],
-           "load_average_after": [round(x, 2) for x in load_after],
-           "shared_machine": max(load_before[0], load_after[1]) > args.threads + 0.5,
+           **load.record("idle-machine time"),
            "git_commit": git_commit()}
     out["findings"] = findings(res.get("results", {}))
     if args.decoder:

@@ -39,6 +39,7 @@ from circuitkit.circuit.evaluate import AblationEvaluator, evaluate_circuit
 from circuitkit.circuit.graph import can_send, is_containment
 from circuitkit.circuit.grow import faithfulness_curve, grow_circuit, named_components
 from circuitkit.io_utils import atomic_write_json
+from circuitkit.machine_load import LoadWatch
 from circuitkit.manifest import git_commit, package_versions
 from circuitkit.models.checkpoint import load_probed
 from circuitkit.patching.path import path_patch_to_site
@@ -46,7 +47,6 @@ from circuitkit.sites import Site, parse_site
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
-LOAD_SLACK = 0.25  # load above the benchmark's own threads that short-lived processes (a shell) can add
 
 
 def evaluator_work(pm, incremental: bool, n: int, seed: int) -> tuple[float, dict]:
@@ -97,7 +97,7 @@ def edge_work(pm, pairs: list[tuple[Site, Site]], ev: AblationEvaluator,
 
 def run(case: str, threads: int, repeats: int, n: int, n_pairs: int, seed: int) -> dict:
     torch.set_num_threads(threads)
-    load_before = os.getloadavg()
+    load = LoadWatch(threads)
     model_dir = ROOT / "case_studies" / "models" / case
     pm = load_probed(model_dir)
     ev_t: dict[bool, list[float]] = {True: [], False: []}
@@ -119,14 +119,14 @@ def run(case: str, threads: int, repeats: int, n: int, n_pairs: int, seed: int) 
                 s, out = edge_work(pm, pairs, pair_ev, inc)
                 edge_t[inc].append(s)
                 logits[inc] = out
-        load_after = os.getloadavg()
+        load.stop()
         f32 = differences(found[True], found[False], logits[True], logits[False])
         pm.hf_model.double()  # the exactness check: both again in float64 (untimed)
         pair_ev = AblationEvaluator(pm, n=n_pairs, seed=seed + 1)
         found64 = {inc: evaluator_work(pm, inc, n, seed)[1] for inc in (True, False)}
         logits64 = {inc: edge_work(pm, pairs, pair_ev, inc)[1] for inc in (True, False)}
         f64 = differences(found64[True], found64[False], logits64[True], logits64[False])
-    busy = load_before[0] > threads or load_after[0] > threads + LOAD_SLACK
+    busy = load.shared
     fi = found[True]
     exact_ev = f64["same_growth"] and max(f64["max_abs_diff_scores"], f64["max_abs_diff_curve"]) <= 1e-4
 
@@ -146,12 +146,9 @@ def run(case: str, threads: int, repeats: int, n: int, n_pairs: int, seed: int) 
                       "faithfulness_normalized": fi["faithfulness"], "equal_within_1e-4": exact_ev},
         "edges": {**timing(edge_t), "paths": len(pairs), "equal_within_1e-4": f64["max_abs_diff_logits"] <= 1e-4},
         "differences_float64": f64, "differences_float32": f32,
-        "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in load_after],
-        "load_rule": f"speed-ups withheld when the 1-minute load average exceeds {threads} before the run or "
-                     f"{threads + LOAD_SLACK} after it (the run's own {threads} threads hold it at about {threads})",
-        "speedup_withheld": (f"the 1-minute load averages ({load_before[0]:.2f} before, {load_after[0]:.2f} after) "
-                             "say another job shared the cores, so no speed-up is stated") if busy else None,
+        "load_average_before": load.record()["load_average_before"],
+        "load_average_after": load.record()["load_average_after"], "load_rule": load.record()["load_rule"],
+        "speedup_withheld": load.withheld(),
         "machine": platform.platform(), "versions": package_versions(), "git_commit": git_commit(),
     }
 

@@ -24,6 +24,7 @@ import torch
 from circuitkit.inversion.data import PairSource
 from circuitkit.inversion.train import DecoderTrainConfig, build_for, decoder_loss, decoder_sites, train_forward
 from circuitkit.io_utils import atomic_write_json
+from circuitkit.machine_load import LoadWatch
 from circuitkit.manifest import package_versions
 from circuitkit.models.checkpoint import load_probed
 
@@ -68,7 +69,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decoder_step.json"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    load_before = os.getloadavg()
+    load = LoadWatch(a.threads)
     results = {}
     for task in RECIPES:
         per: dict[str, list[float]] = {w: [] for w in WAYS}
@@ -85,15 +86,12 @@ def main() -> int:
                                "first_steps_s": first[way], "saves_vs_eager": round(1 - min(v) / base, 3),
                                "median_saves_vs_eager": round(1 - statistics.median(v) / statistics.median(per["eager"]), 3)}
                          for way, v in per.items()}
-    load_after = os.getloadavg()
-    busy = max(load_before[0], load_after[0]) > a.threads + 0.25
+    busy = load.stop().shared
     out = {"benchmark": "one decoder training step (fresh pairs, forward, backward, clipping, AdamW), eager vs "
                         "torch.compile, alternating repeats in one process",
            "recipe": "d_model 128, cond_mid 256, 4 slots, batch 128; addition: mixed sites",
            "threads": a.threads, "cpu_count": os.cpu_count(), "machine": platform.platform(),
-           "load_average_before": [round(x, 2) for x in load_before],
-           "load_average_after": [round(x, 2) for x in load_after],
-           "shared_machine": busy, "versions": package_versions(), "results": results,
+           **load.record("idle-machine figure"), "versions": package_versions(), "results": results,
            "produced_by": " ".join(["benchmarks/decoder_step.py", *sys.argv[1:]])}
     if busy:
         out["note"] = "the load average exceeded the threads: another job shared the cores; the figures are not idle-machine ones"

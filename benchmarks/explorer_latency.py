@@ -5,8 +5,8 @@ model, sort, colour the 100 closest → benchmarks/results/explorer_latency.json
     .venv/bin/python benchmarks/explorer_latency.py --decoder case_studies/models/addition_decoder
 
 Also times the decoder-free path (exact pool preimages), first query (pool activations computed) and later
-ones.  The load average before and after is recorded; with a load above the thread count the JSON says the
-timing is not clean.
+ones.  The load average before and after is recorded (``circuitkit.machine_load``); when another job shared
+the cores the JSON says so and states no idle-machine latency.
 """
 from __future__ import annotations
 
@@ -37,11 +37,13 @@ def main() -> int:
 
     from circuitkit.explorer.session import Explorer
     from circuitkit.inversion.checkpoint import load_decoder
+    from circuitkit.io_utils import atomic_write_json
+    from circuitkit.machine_load import LoadWatch
     from circuitkit.manifest import package_versions
     from circuitkit.models.checkpoint import load_probed
 
     torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()
+    load = LoadWatch(args.threads)
     pm = load_probed(args.model)
     with_decoder = Explorer(pm, load_decoder(args.decoder, pm))
     pool = Explorer(pm, None)
@@ -59,8 +61,7 @@ def main() -> int:
         decoder_s.append(s)
         s, _ = timed(pool)
         pool_s.append(s)
-    load_after = os.getloadavg()
-    busy = max(load_before[0], load_after[0]) > args.threads
+    load.stop()
     out = {
         "what": f"one live preimage query: {args.site} at position {args.position} of {args.input!r}, "
                 f"{args.samples} decoder samples (paper grid), re-run, sorted, 100 closest coloured",
@@ -68,15 +69,11 @@ def main() -> int:
         "decoder_seconds": {"median": round(statistics.median(decoder_s), 3), "all": [round(x, 3) for x in decoder_s]},
         "pool_seconds": {"first_query": round(pool_first, 3), "median_later": round(statistics.median(pool_s), 3),
                          "pool_size": pool.pool_size},
-        "threads": args.threads, "cpu_count": os.cpu_count(), "load_avg_before": load_before,
-        "load_avg_after": load_after,
-        "clean_timing": not busy,
-        "note": ("the load average exceeded the thread count: another job shared the cores, so these are upper "
-                 "bounds") if busy else "idle machine",
+        "threads": args.threads, "cpu_count": os.cpu_count(), **load.record("idle-machine latency"),
         "versions": package_versions(),
     }
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps({k: out[k] for k in ("decoder_seconds", "pool_seconds", "clean_timing")}, indent=2))
+    atomic_write_json(args.out, out)
+    print(json.dumps({k: out[k] for k in ("decoder_seconds", "pool_seconds", "shared_machine")}, indent=2))
     return 0
 
 

@@ -31,6 +31,7 @@ from transformer_lens import patching as tl_patching
 
 from circuitkit.errors import CircuitkitError
 from circuitkit.io_utils import atomic_write_json
+from circuitkit.machine_load import LoadWatch
 from circuitkit.manifest import package_versions
 from circuitkit.models.checkpoint import load_probed
 from circuitkit.models.train import TrainConfig, train_probed
@@ -68,7 +69,7 @@ def _pairs(task, n: int, contrast: str, seed: int) -> tuple[list[str], list[str]
 
 def run(model: str | None, batch: int, threads: int, repeats: int, contrasts: list[str], device: str = "cpu") -> dict:
     torch.set_num_threads(threads)
-    load_before = os.getloadavg()
+    load = LoadWatch(threads)
     pm, model_desc = _model(model, device)
     task = pm.task
     bridge = pm.bridge()
@@ -117,8 +118,8 @@ def run(model: str | None, batch: int, threads: int, repeats: int, contrasts: li
             "max_abs_diff": max_diff, "equal_within_1e-4": max_diff <= 1e-4,
             "max_abs_diff_incremental_vs_full": max_diff_full,
         }
-    load_after = os.getloadavg()
-    busy = max(load_before[0], load_after[0]) > threads
+    load.stop()
+    busy = load.shared
     if busy:  # a loaded machine slows the two sides unequally: no speed-up is stated from such a run
         for r in results.values():
             r["speedup_min"] = r["speedup_median"] = r["incremental_speedup_min"] = None
@@ -131,11 +132,9 @@ def run(model: str | None, batch: int, threads: int, repeats: int, contrasts: li
         "timing": ("host clock around each call, torch.cuda.synchronize() before and after; one untimed warm-up "
                    "round first" if device.startswith("cuda") else "host clock around each call"),
         "threads": threads, "cpu_count": os.cpu_count(),
-        "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in load_after],
-        "speedup_withheld": (f"the 1-minute load average ({max(load_before[0], load_after[0]):.2f}) exceeded the "
-                             f"{threads} threads: another job shared the cores, so no speed-up is stated") if busy
-        else None,
+        "load_average_before": load.record()["load_average_before"],
+        "load_average_after": load.record()["load_average_after"], "load_rule": load.record()["load_rule"],
+        "speedup_withheld": load.withheld(),
         "machine": platform.platform(), "versions": package_versions(), "results": results,
     }
 

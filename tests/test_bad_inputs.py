@@ -442,6 +442,8 @@ def toml_case(tmp_path: Path, body: str, name: str = "case.toml") -> Path:
     ('[decoder]\nminuts = 3\n', r"unknown key 'minuts'"),
     ('[decoder]\nlr = -0.001\n', r"\[decoder\] lr must be >= 0"),
     ('[decoder]\ncompile = "yes"\n', r"\[decoder\] compile: expected true or false"),
+    ('[decoder]\nrebalance_window = -1\n', r"\[decoder\] rebalance_window must be"),
+    ('[decoder]\nrebalance_per_cell = 2.5\n', r"\[decoder\] rebalance_per_cell"),
     ('seed = -1\n', r"seed must be in \[0, 4294967295\]"),
     ('bogus = 1\n', r"top level: unknown key 'bogus'"),
     ('[hypotheses]\nscreen_threshold = 2\n', r"screen_threshold must be in \[0, 1\]"),
@@ -628,7 +630,7 @@ TOML_VALUES = st.one_of(
     st.lists(st.text(alphabet="am0.1@=", max_size=6), max_size=3),
 )
 TOML_KEYS = [("decoder", "minutes"), ("decoder", "steps"), ("decoder", "n_per_cell"), ("decoder", "sites"),
-             ("decoder", "lr"),
+             ("decoder", "lr"), ("decoder", "rebalance_window"),
              ("hypotheses", "screen_threshold"), ("hypotheses", "pairs"), ("hypotheses", "source"),
              ("hypotheses", "positions"), ("circuit", "target"), ("circuit", "edge_pairs"),
              ("patching", "examples"), ("patching", "contrasts"), ("model", "lr"), ("model", "source"),

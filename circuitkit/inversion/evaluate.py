@@ -8,13 +8,15 @@ Samples within a cell are independent draws and every round draws the same numbe
 so the chance that a query is hit within ``n_per_cell`` per cell, and hence the hit rate's
 distribution, is the same as when every sample is drawn.  The in-ε fraction and the median minimum
 distance are taken over the first round, which every query has in full
-(``in_eps_samples_per_query`` says how many samples that is).
+(``in_eps_samples_per_query`` says how many samples that is).  The hit rate comes with a Wilson 95%
+interval over queries: at 200 queries its half-width near 0.95 is about 0.03.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
+from scipy.stats import binomtest
 from torch import Tensor
 
 from circuitkit.errors import CircuitkitError
@@ -67,7 +69,9 @@ def evaluate_site(decoder: InversionDecoder, probed: ProbedModel, site: Site, si
         hit[todo] = (d <= eps).any(1)
         drawn += k
     decoder.train(was_training)
+    ci = binomtest(int(hit.sum()), n_queries).proportion_ci(method="wilson")
     return {"site": site.node, "hit_rate": int(hit.sum()) / n_queries,  # exact: a float32 mean makes 190/200 < 0.95
+            "hit_rate_ci95": [round(ci.low, 4), round(ci.high, 4)],
             "in_eps_fraction": float((first <= eps).float().mean()), "n_queries": n_queries,
             "samples_per_query": n_per_cell * len(grid), "in_eps_samples_per_query": rnd * len(grid),
             "median_min_distance": float(first.min(1).values.median())}
