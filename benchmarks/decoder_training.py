@@ -40,7 +40,8 @@ def verdict(train_minutes: float, final: dict, device: str = "cpu") -> dict:
     met = (final["min_hit_rate"] >= TARGET_HIT_RATE and train_minutes <= TARGET_MINUTES
            and final["samples_per_query"] >= TARGET_SAMPLES)
     worst = min(final["sites"], key=lambda r: r["hit_rate"])
-    return {"lagging_site": worst["site"], "lagging_site_ci95": worst.get("hit_rate_ci95"),"target": f"min hit rate >= {TARGET_HIT_RATE} at >= {TARGET_SAMPLES} samples per query within "
+    return {"lagging_site": worst["site"], "lagging_site_ci95": worst.get("hit_rate_ci95"),
+            "target": f"min hit rate >= {TARGET_HIT_RATE} at >= {TARGET_SAMPLES} samples per query within "
                       f"{TARGET_MINUTES:g} training minutes on 2 CPU cores",
             "target_met": met if device == "cpu" else None}
 
@@ -96,7 +97,8 @@ def train_here(args: argparse.Namespace) -> dict:
                              n_slots=args.slots, mixed_sites=args.mixed_sites, steps=args.steps,
                              rebalance_floor=args.rebalance_floor, compile=args.compile,
                              minutes=args.minutes, eval_every=args.eval_every, eval_queries=args.eval_queries,
-                             eval_per_cell=args.eval_per_cell, eval_window=args.eval_window, final_eval_queries=0, threads=args.threads)
+                             eval_per_cell=args.eval_per_cell, eval_window=args.eval_window, final_eval_queries=0,
+                             threads=args.threads)
     t0 = time.time()
     curve = []
 

@@ -4,8 +4,8 @@ Every step draws a fresh batch for one site (``data.PairSource``: new inputs, on
 non-special position each, the probed model run only as far as the site), or with ``mixed_sites``
 a site per input.  Sites are drawn with weights that favour those whose hit rate lags
 (re-estimated every ``eval_every`` steps on a few held-out queries; with ``eval_window`` > 1 each
-estimate draws fresh queries and the weights use the hit rate pooled over the last estimates).  The learning rate warms up
-and then follows a cosine over the run, whose length is ``steps`` or, when ``minutes`` is set,
+estimate draws fresh queries and the weights use the hit rate pooled over the last estimates).  The
+learning rate warms up and then follows a cosine over the run, whose length is ``steps`` or, when ``minutes`` is set,
 whichever of steps and minutes runs out first.
 
 State lives in ``<out>.partial/`` (checkpointed every ``checkpoint_every`` steps and on Ctrl-C);
