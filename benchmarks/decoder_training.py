@@ -72,7 +72,7 @@ def from_stage(args: argparse.Namespace) -> dict:
     curve = [{"train_minutes": r["train_minutes"], "step": r["step"], "loss": r["loss"],
               "min_hit_rate": min(r["hit_rate"].values()), "hit_rate": r["hit_rate"]} for r in s.get("curve", [])]
     return {"task": args.task, "produced_by": f"the decoder stage of a full case study (`{work}/decoder/stage.json`): "
-            f"`.venv/bin/python benchmarks/decoder_training.py --task {args.task} --from-stage {work}`",
+            f"`.venv/bin/python {' '.join(['benchmarks/decoder_training.py', *sys.argv[1:]])}`",
             "decoder": {k: cfg.get(k) for k in ("d_model", "n_layers", "n_heads", "cond_mid", "n_slots", "mixed_sites",
                                                 "rebalance_floor", "compile", "batch_size", "lr", "steps", "minutes", "seed",
                                                 "eval_every", "eval_queries", "eval_per_cell", "eval_window")},
