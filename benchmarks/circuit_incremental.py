@@ -146,9 +146,7 @@ def run(case: str, threads: int, repeats: int, n: int, n_pairs: int, seed: int) 
                       "faithfulness_normalized": fi["faithfulness"], "equal_within_1e-4": exact_ev},
         "edges": {**timing(edge_t), "paths": len(pairs), "equal_within_1e-4": f64["max_abs_diff_logits"] <= 1e-4},
         "differences_float64": f64, "differences_float32": f32,
-        "load_average_before": load.record()["load_average_before"],
-        "load_average_after": load.record()["load_average_after"], "load_rule": load.record()["load_rule"],
-        "speedup_withheld": load.withheld(),
+        **load.record(),
         "machine": platform.platform(), "versions": package_versions(), "git_commit": git_commit(),
     }
 

@@ -132,9 +132,7 @@ def run(model: str | None, batch: int, threads: int, repeats: int, contrasts: li
         "timing": ("host clock around each call, torch.cuda.synchronize() before and after; one untimed warm-up "
                    "round first" if device.startswith("cuda") else "host clock around each call"),
         "threads": threads, "cpu_count": os.cpu_count(),
-        "load_average_before": load.record()["load_average_before"],
-        "load_average_after": load.record()["load_average_after"], "load_rule": load.record()["load_rule"],
-        "speedup_withheld": load.withheld(),
+        **load.record(),
         "machine": platform.platform(), "versions": package_versions(), "results": results,
     }
 

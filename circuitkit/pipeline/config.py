@@ -161,8 +161,8 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None, bool]] = {
     ("decoder", "eval_per_cell"): (1, 16384, False),
     ("decoder", "n_slots"): (1, 64, False),
     ("decoder", "rebalance_floor"): (0, 1, True),
-    **{("decoder", k): (0, 100000, False) for k in ("rebalance_every", "rebalance_queries", "rebalance_per_cell",
-                                                                 "rebalance_window")},
+    **{("decoder", k): (0, 100000, False)
+       for k in ("rebalance_every", "rebalance_queries", "rebalance_per_cell", "rebalance_window")},
     ("decoder", "n_per_cell"): (1, 16384, False),
     ("hypotheses", "screen_threshold"): (0, 1, False),
     ("hypotheses", "screen_examples"): (10, None, False),

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from circuitkit.errors import CircuitkitError
+from circuitkit.inversion.train import DecoderTrainConfig
 from circuitkit.manifest import build_manifest, git_commit
 from circuitkit.models.checkpoint import ProbedModel, load_probed
 from circuitkit.models.local_gpt2 import find_gpt2_small, missing_message
@@ -93,17 +94,11 @@ def stage_model(ctx: RunContext, runner: StageRunner) -> None:
     ctx.log(f"  probed model: {summary['metrics']['metric']} = {acc:.4f}")
 
 
-def stage_decoder(ctx: RunContext, runner: StageRunner) -> None:
-    from circuitkit.inversion.checkpoint import load_decoder
-    from circuitkit.inversion.train import DecoderTrainConfig, decoder_sites, train_decoder
+def decoder_train_config(cfg: CaseConfig) -> DecoderTrainConfig:
+    """The trainer's options from a case's ``[decoder]`` section (0 keeps the trainer's default)."""
+    from circuitkit.inversion.train import DecoderTrainConfig
 
-    cfg, pm = ctx.cfg, ctx.probed
-    assert pm is not None
-    sites = [parse_site(s) for s in cfg.decoder.sites] or decoder_sites(pm)
     dc = cfg.decoder
-    if dc.path:
-        stage_decoder_from_path(ctx, runner, sites)
-        return
     dcfg = DecoderTrainConfig().replace(
         minutes=dc.minutes, seed=cfg.seed, steps=dc.steps or 10**9, d_model=dc.d_model or None,
         cond_mid=2 * dc.d_model if dc.d_model else None,  # the conditioning MLP scales with the width, as in the paper's 256/512
@@ -114,6 +109,20 @@ def stage_decoder(ctx: RunContext, runner: StageRunner) -> None:
         eval_window=dc.rebalance_window or None)
     if cfg.quick:
         dcfg = dcfg.replace(eval_every=100, eval_queries=8, checkpoint_every=20)  # a killed quick run resumes too
+    return dcfg
+
+
+def stage_decoder(ctx: RunContext, runner: StageRunner) -> None:
+    from circuitkit.inversion.checkpoint import load_decoder
+    from circuitkit.inversion.train import decoder_sites, train_decoder
+
+    cfg, pm = ctx.cfg, ctx.probed
+    assert pm is not None
+    sites = [parse_site(s) for s in cfg.decoder.sites] or decoder_sites(pm)
+    if cfg.decoder.path:
+        stage_decoder_from_path(ctx, runner, sites)
+        return
+    dcfg = decoder_train_config(cfg)
 
     def fn(d: Path) -> dict:
         res = train_decoder(pm, d / "decoder", dcfg, sites=sites, progress=ctx.progress, device=ctx.device,
