@@ -79,6 +79,25 @@ def test_fair_sources_hold_what_the_feature_needs():
     assert all(s[6] == "6" and s[2] == "1" for s in held_digit)  # S2 held and the sum held: F2 follows
 
 
+def test_addition_sources_share_the_answer_digits_written_at_the_site():
+    """At A_k the model has been given A1..A_k: a fair source writes the same prefix (a different one
+    would give operands implying one carry and a written digit stating another); elsewhere, and for
+    the written digit itself when it is under test, only the layout is held."""
+    addition = get_task("addition")
+    assert addition.holds_fixed(["F2+S2", "carry(3)"], "=") == ("layout",)
+    assert addition.holds_fixed(["F2+S2", "carry(3)"], "A1") == ("layout", "A1")
+    assert addition.holds_fixed(["F3+S3"], "A3") == ("layout", "A1", "A2", "A3")
+    assert addition.holds_fixed(["A1"], "A1") == ("layout",)
+    assert addition.holds_fixed(["F2"], 10) == ("layout", "A1", "A2")  # index 10 is A2
+    rng = random.Random(1)
+    feats = addition.features()
+    for base in ("B615+861=1476E", "B123+456=579E", "B455+472=927E"):
+        key = lambda s: [feats[f](addition.tokens(s)) for f in ("A1", "A2")] + [len(s)]  # noqa: E731
+        srcs = addition.fair_sources(base, rng, 30, addition.holds_fixed(["F2+S2"], "A2"))
+        assert len(srcs) == 30 and all(key(s) == key(base) for s in srcs)
+        assert len({feats["F2+S2"](addition.tokens(s)) for s in srcs}) > 3  # the feature under test varies
+
+
 # ---- the verifier on ground truth ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def copy_pm():

@@ -55,6 +55,20 @@ def carry(tokens: Tokens, k: int) -> int:
     return int((a % mod) + (b % mod) >= mod)
 
 
+def _draw_with_prefix(rng: random.Random, total: str, k: int) -> str | None:
+    """A uniformly random problem (a, b in [LOW, HIGH]) whose sum has the length of ``total`` and starts
+    with its first ``k`` digits (None: a rejected draw; accepted draws are uniform on that stratum)."""
+    span = 10 ** (len(total) - k)
+    lo = max(2 * LOW, int(total[:k]) * span)
+    hi = min(2 * HIGH, (int(total[:k]) + 1) * span - 1)
+    a = rng.randint(LOW, HIGH)
+    b_lo, b_hi = max(LOW, lo - a), min(HIGH, hi - a)
+    width = min(hi - lo + 1, HIGH - LOW + 1)  # the most b values any a can have
+    if b_lo > b_hi or rng.random() * width >= b_hi - b_lo + 1:
+        return None
+    return format_sum(a, rng.randint(b_lo, b_hi))
+
+
 class AdditionTask(Task):
     """The paper's 3-digit addition task."""
 
@@ -150,14 +164,38 @@ class AdditionTask(Task):
                 return format_sum(na, nb)
         raise ValueError(f"no minimal edit found for {text!r}")
 
+    def holds_fixed(self, features: Sequence[str], position: str | int | None = None) -> tuple[str, ...]:
+        """The layout (the answer's length), and at an answer position A_k the answer digits A1..A_k the
+        model has already been given there (teacher forcing), unless they are the features under test.
+
+        The written digits are a function of the operands, and the site's downstream computation reads
+        them: at A1 of a 3-digit sum, A1 = F1 + S1 + carry(2) tells the model carry(2). A source that
+        writes another A1 gives a hybrid no input produces (operands that imply one carry, a digit that
+        states another), so interchange would test that conflict instead of the features."""
+        name = self.position_names[position] if isinstance(position, int) and 0 <= position < self.seq_len \
+            else position
+        written = ()
+        if isinstance(name, str) and re.fullmatch(r"A[1-4]", name):
+            written = tuple(f"A{k}" for k in range(1, int(name[1]) + 1))
+        return (LAYOUT,) + tuple(a for a in written if a not in features)
+
     def fair_sources(self, text: str, rng: random.Random, n: int, hold: Sequence[str] = (LAYOUT,),
                      max_tries: int = 4000) -> list[str]:
         """Constructive: a column whose digit sum (or one of whose digits) is held keeps it, every other
-        digit is drawn fresh; the layout (answer length), carries and the rest are then held by rejection.
-        Sources that agree on several column sums at once are too rare for plain rejection sampling."""
+        digit is drawn fresh; held answer digits (a prefix A1..A_k) draw the sum among those that start
+        with them; the layout (answer length), carries and the rest are then held by rejection. Sources
+        that agree on several column sums, or on a written prefix of the answer, are too rare for plain
+        rejection sampling."""
         held = set(hold)
         columns = {f"{x}{k}" for k in (1, 2, 3) for x in ("F", "S")} | {f"F{k}+S{k}" for k in (1, 2, 3)}
         if not held & columns:
+            prefix = 0
+            while f"A{prefix + 1}" in held:
+                prefix += 1
+            if prefix:
+                total = str(sum(operands(self.tokens(text, pad=False))))
+                return self.sample_stratum(text, rng, n, hold, lambda r: _draw_with_prefix(r, total, prefix),
+                                           max_tries)
             return super().fair_sources(text, rng, n, hold, max_tries)
         a, b = operands(self.tokens(text, pad=False))
         fa, fb = [digit(a, k) for k in (1, 2, 3)], [digit(b, k) for k in (1, 2, 3)]

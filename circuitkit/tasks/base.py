@@ -236,11 +236,13 @@ class Task(ABC):
         Resample ablation in the circuit evaluator draws its sources within the base's layout."""
         return tuple(sorted(self.positions(tokens).items()))
 
-    def holds_fixed(self, features: Sequence[str]) -> tuple[str, ...]:
-        """What a *fair* interchange source for testing ``features`` shares with its base:
-        ``"layout"`` and/or names of features whose values it must share.  A fair test asks about
-        the features and nothing else, so a source holds fixed what the features' own definition
-        needs held (counting: the query letter for ``count(query)``).  Default: the layout."""
+    def holds_fixed(self, features: Sequence[str], position: str | int | None = None) -> tuple[str, ...]:
+        """What a *fair* interchange source for testing ``features`` at a site at ``position`` shares
+        with its base: ``"layout"`` and/or names of features whose values it must share.  A fair test
+        asks about the features and nothing else, so a source holds fixed what the features' own
+        definition needs held (counting: the query letter for ``count(query)``) and what the base's
+        unpatched input at the site already states about them (addition: the answer digits written up
+        to the site).  ``position`` is the site's position (None: any).  Default: the layout."""
         return (LAYOUT,)
 
     def fair_sources(self, text: str, rng: random.Random, n: int, hold: Sequence[str] = ("layout",),

@@ -166,7 +166,7 @@ class CountingTask(Task):
         raise ValueError(f"no one-letter flip changes the count of {query!r} in {text!r}")
 
     # ---- stratified sources ----------------------------------------------------------------
-    def holds_fixed(self, features: Sequence[str]) -> tuple[str, ...]:
+    def holds_fixed(self, features: Sequence[str], position: str | int | None = None) -> tuple[str, ...]:
         """The layout (the length), except for ``n_letters``, which *is* the length; and the query
         letter for features defined relative to it (``count(query)``): a fair source for the count
         asks "how many of *this* letter", not "which letter"."""

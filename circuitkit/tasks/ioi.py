@@ -427,7 +427,7 @@ class IOITask(Task):
     #: features whose test holds the base's own two names fixed (their roles may change)
     NAME_ROLE_FEATURES = ("IO", "S", "ABBA_or_BABA", "IO_first")
 
-    def holds_fixed(self, features: Sequence[str]) -> tuple[str, ...]:
+    def holds_fixed(self, features: Sequence[str], position: str | int | None = None) -> tuple[str, ...]:
         """The template, and for the name-role features (IO, S, family) the base's own two names:
         a fair source for "this head carries IO" swaps IO and S, or flips S2, among the base's own
         names, so the test asks which of the two is the IO, not which names occur."""

@@ -281,7 +281,7 @@ class InterchangeVerifier:
     # ---- what a feature predicts ----
     def answer_model(self, site: Site, features: Sequence[str], target: str) -> AnswerModel | None:
         """answer(target) = g(features, D) on the inputs (see ``circuitkit.verification.answers``), or None."""
-        hold = [h for h in self.task.holds_fixed(features) if h not in features]
+        hold = [h for h in self.task.holds_fixed(features, site.position) if h not in features]
         context = [f for f in self.task_feature_names if f not in features and f not in hold]
         # features that do not read the position give the same model wherever the position exists
         positional = any(isinstance(self.features[f], PositionalFeature) for f in list(features) + context
@@ -317,7 +317,7 @@ class InterchangeVerifier:
             raise CircuitkitError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
         n = n_pairs or self.n_pairs
         rng = rng or random.Random(self.seed)
-        hold = self.task.holds_fixed(features)
+        hold = self.task.holds_fixed(features, site.position)
         rows = list(self.split_rows[split])
         rng.shuffle(rows)
         db, ds, ab, as_ = [], [], [], []
@@ -445,10 +445,15 @@ class InterchangeVerifier:
         return any(self.answer_model(s, features, t) is not None for t in self.downstream_targets(s))
 
     def test(self, site: Site | str | Sequence[Site], features: Sequence[str], condition: str = "real",
-             shuffle: bool = False, split: str = "search", skip_unpredictive: bool = False) -> Verdict:
+             shuffle: bool = False, split: str = "search", skip_unpredictive: bool = False,
+             family: int = 1) -> Verdict:
         """IIA, moves and stable (see the module docstring) of ``site`` carrying ``features``; a site group
         (``"a1.0@END & a1.2@END"`` or a list) is patched as one.  ``skip_unpredictive``: when the features
-        predict no downstream answer, return the (unverifiable) verdict without patching."""
+        predict no downstream answer, return the (unverifiable) verdict without patching.  ``family``: the
+        number of tests this one is judged among (a confirmation that may fall back to a second candidate):
+        intervals are Bonferroni-adjusted over it as well as over the answers."""
+        if family < 1:
+            raise CircuitkitError(f"family must be a positive number of tests, got {family}")
         sites = group_sites(site)
         for x in sites:
             check_site(x, self.pm.n_layers, self.pm.n_heads)
@@ -460,7 +465,7 @@ class InterchangeVerifier:
             if f not in self.features:
                 raise CircuitkitError(f"unknown feature {f!r} for task {self.task.name}")
         label = group_name(sites)
-        hold = tuple(self.task.holds_fixed(features))
+        hold = tuple(self.task.holds_fixed(features, site0.position))
         if skip_unpredictive and not self.predicts_an_answer(site0, features):
             return Verdict(label, tuple(features), condition, [], False, [], [],
                            f"{', '.join(features)} predicts no answer downstream of the site: IIA undefined, not "
@@ -475,7 +480,7 @@ class InterchangeVerifier:
         models = {name: self.answer_model(site0, features, name) for name in self.target_names}
         k = max(1, sum(m is not None for name, m in models.items() if name in ch_d or name in ch_a))
         th = self.th
-        conf = 1 - (1 - th.confidence) / k
+        conf = 1 - (1 - th.confidence) / (k * family)
         results = []
         for name in self.target_names:
             xd, xa = ch_d.get(name, np.zeros(0)), ch_a.get(name, np.zeros(0))

@@ -163,8 +163,9 @@ def verify_hypotheses(verifier: InterchangeVerifier, hypotheses: Sequence[Hypoth
     ctrl: list[Verdict] = []
     nodes: list[VerifiedNode] = []
 
-    def with_controls(site: str, feats: Sequence[str], split: str = "search") -> tuple[Verdict, Verdict | None]:
-        v = verifier.test(site, feats, split=split, skip_unpredictive=True)
+    def with_controls(site: str, feats: Sequence[str], split: str = "search", family: int = 1
+                      ) -> tuple[Verdict, Verdict | None]:
+        v = verifier.test(site, feats, split=split, skip_unpredictive=True, family=family)
         verdicts.append(v)
         twin = None
         if null is not None and v.targets:  # a test that was not patched (predicts no answer) needs no control
@@ -266,19 +267,20 @@ def _verify_group(with_controls, members: list[str], feature: str
     component at the position also carries what the feature does not, and fails the stability test.
     Returns (kept members, confirmation verdict, its random-model twin) or None."""
 
-    def run(sites: list[str], split: str = "search") -> tuple[Verdict, Verdict | None]:
-        v, twin = with_controls(group_name(sites), [feature], split)
+    def run(sites: list[str], split: str = "search", family: int = 1) -> tuple[Verdict, Verdict | None]:
+        v, twin = with_controls(group_name(sites), [feature], split, family)
         v.note = (v.note + "; " if v.note else "") + f"site group ({split})"
         return v, twin
 
-    kept = None
+    grown = None
     for k in range(2, len(members) + 1):
         v, _ = run(members[:k])
         if v.verified:
-            kept = list(members[:k])
+            grown = list(members[:k])
             break
-    if kept is None:
+    if grown is None:
         return None
+    kept = list(grown)
     for m in reversed(kept[:-1]):  # the member that completed the group stays
         if len(kept) <= 2:
             break  # a one-site "group" was already tested alone
@@ -286,8 +288,20 @@ def _verify_group(with_controls, members: list[str], feature: str
         tv, _ = run(trial)
         if tv.verified:
             kept = trial
-    cv, twin = run(kept, "confirm")
-    return (kept, cv, twin) if cv.verified else None
+    return _confirm_first(run, [kept, grown])
+
+
+def _confirm_first(run, candidates: list[list[str]]) -> tuple[list[str], Verdict, Verdict | None] | None:
+    """Confirm on the held-out inputs the pruned group, else the group as it first verified before pruning.
+    Pruning stops where a group barely verifies on the search half, so the minimal group may miss on the
+    held-out half where a larger one holds; both are chosen before the held-out half is seen, and each
+    confirmation is judged at a Bonferroni-adjusted level over the two."""
+    distinct = [c for i, c in enumerate(candidates) if c not in candidates[:i]]
+    for sites in distinct:
+        cv, twin = run(sites, "confirm", len(distinct))
+        if cv.verified:
+            return sites, cv, twin
+    return None
 
 
 def _joint_group_candidates(hypotheses: Sequence[Hypothesis], explained: set[tuple[str, str]], max_group: int
@@ -358,13 +372,16 @@ def _verify_joint_group(verifier: InterchangeVerifier, with_controls, members: l
         trial = [x for x in kept if x != m]
         if verifier.test(group_name(trial), chosen).verified:
             kept = trial
-    v, _ = with_controls(group_name(kept), chosen)
-    v.note = (v.note + "; " if v.note else "") + "joint feature set of a site group (search)"
-    if not v.verified:
+
+    def run(sites: list[str], split: str = "search", family: int = 1) -> tuple[Verdict, Verdict | None]:
+        v, twin = with_controls(group_name(sites), chosen, split, family)
+        what = "search" if split == "search" else "held-out confirmation"
+        v.note = (v.note + "; " if v.note else "") + f"joint feature set of a site group ({what})"
+        return v, twin
+
+    if not run(kept)[0].verified:
         return None
-    cv, twin = with_controls(group_name(kept), chosen, "confirm")
-    cv.note = (cv.note + "; " if cv.note else "") + "joint feature set of a site group (held-out confirmation)"
-    return (kept, cv, twin) if cv.verified else None
+    return _confirm_first(run, [kept, list(members)])
 
 
 def _why_rejected(v: Verdict) -> str:
