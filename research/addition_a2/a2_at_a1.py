@@ -1,13 +1,22 @@
-"""Where the committed addition model reads A2 at A1: interchange IIA split by the answer's length.
+"""Where the committed addition model reads A2 at A1: interchange IIA split by the answer's length, under
+two rules for what a fair source holds fixed.
 
-The paper's second addition claim ("A2 is computed at A1 from F2, S2 and the carry from column 3") is not
-verified on the committed model (reports/addition). Answers are written left-aligned, so A2 means two
-things: on a 3-digit sum it is (F2 + S2 + carry(3)) mod 10; on a 4-digit sum (A1 = 1) it is the sum's
-hundreds digit, (F1 + S1 + carry(2)) mod 10. A test pooled over both cases mixes two mechanisms, so this
-script reports, for a few site groups at A1 and feature sets, the verifier's own test
+The paper's second addition claim is "A2 is computed at A1 from F2, S2 and the carry from column 3".
+Answers are written left-aligned, so A2 means two things: on a 3-digit sum it is (F2 + S2 + carry(3))
+mod 10; on a 4-digit sum (A1 = 1) it is the sum's hundreds digit, (F1 + S1 + carry(2)) mod 10.
+
+The two rules:
+
+* ``layout``: sources share the answer's length only (the verifier's rule until 2d797af). On a 3-digit
+  sum the source then usually writes another A1 than the base. The model reads the base's written A1 at
+  the patched position, and A1 = F1 + S1 + carry(2) there, so the patched heads bring operands that imply
+  one carry(2) while the written digit states another.
+* ``written``: sources also share the answer digits written at the site (A1 at A1): the verifier's rule now
+  (``AdditionTask.holds_fixed``).
+
+For each rule and a few site groups at A1 and feature sets, the script runs the verifier's own test
 (``InterchangeVerifier.test``, on the search and the held-out confirm half, with the case study's settings:
-3,000 inputs, 200 pairs, seed 0, so the group the run tested gets the run's numbers) and the IIA on the
-same pairs split by the base's answer length (3-digit and 4-digit sums).
+3,000 inputs, 200 pairs, seed 0) and splits the IIA on the same pairs by the base's answer length.
 
     .venv/bin/python research/addition_a2/a2_at_a1.py            # writes research/addition_a2/results.json
 """
@@ -21,7 +30,9 @@ import numpy as np
 import torch
 
 from circuitkit.manifest import build_manifest
-from circuitkit.models.checkpoint import load_probed
+from circuitkit.models.checkpoint import ProbedModel, load_probed
+from circuitkit.tasks.addition import AdditionTask
+from circuitkit.tasks.base import LAYOUT
 from circuitkit.verification.interchange import InterchangeVerifier, group_name, group_sites
 from circuitkit.verification.stats import proportion
 
@@ -30,13 +41,23 @@ MODEL = HERE.parents[1] / "case_studies" / "models" / "addition"
 
 L0 = " & ".join(f"a0.{h}@A1" for h in range(4))
 L1 = " & ".join(f"a1.{h}@A1" for h in range(4))
+JOINT = ["F1+S1", "F2+S2", "carry(3)"]
 #: (site group, features) tested
 TESTS = [
-    (L0, ["carry(3)"]), (L0, ["A1", "carry(3)"]), (L0, ["F2+S2", "carry(3)"]),
-    (L1, ["F2+S2"]), (L1, ["F2+S2", "carry(3)"]), (L1, ["F1+S1", "F2+S2", "carry(3)"]),
-    ("x0.post@A1", ["A1", "carry(3)"]), ("x0.post@A1", ["A1", "F2+S2", "carry(3)"]),
-    ("m1@A1 & a0.0@A1 & a1.1@A1", ["F1+S1", "F2+S2", "carry(3)"]),
+    (L0, ["carry(3)"]), (L0, ["F2+S2", "carry(3)"]),
+    (L1, ["F2+S2"]), (L1, ["F2+S2", "carry(3)"]), (L1, JOINT),
+    (f"{L0} & {L1}", ["F2+S2", "carry(3)"]), (f"{L0} & {L1}", JOINT),
+    ("m1@A1 & a0.0@A1 & a1.1@A1", JOINT),  # the group the full run found under the layout rule (at 52dc844)
+    ("m1@A1 & a1.2@A1 & a1.1@A1", JOINT),  # the group the full run found under the written rule (at 2d797af)
 ]
+RULES = ("layout", "written")
+
+
+class LayoutOnlyAddition(AdditionTask):
+    """The addition task with the earlier fair-source rule: the answer's length only."""
+
+    def holds_fixed(self, features, position=None):
+        return (LAYOUT,)
 
 
 def answer_digits(text: str) -> int:
@@ -44,7 +65,7 @@ def answer_digits(text: str) -> int:
     return len(text.split("=")[1].split("E")[0])
 
 
-def split_iia(v: InterchangeVerifier, spec: str, features: list[str], split: str) -> dict:
+def split_iia(v: InterchangeVerifier, spec: str, features: list[str], split: str, rule: str = "written") -> dict:
     """The verifier's own test of ``spec`` carrying ``features`` on one half of the inputs (its A2 IIA and
     verdict), and the IIA on the very same f-differing pairs split by the base's answer length."""
     sites = group_sites(spec)
@@ -62,7 +83,8 @@ def split_iia(v: InterchangeVerifier, spec: str, features: list[str], split: str
             if want is not None:
                 hits[answer_digits(base)].append(float(int(pred[r, t.position]) == want))
     by_len = {f"iia_{k}_digit_sums": proportion(np.array(h), 0.95).to_dict() if h else None for k, h in hits.items()}
-    return {"site": spec, "features": features, "split": split, "answer_context": list(am.context) if am else None,
+    return {"rule": rule, "hold": list(verdict.hold), "site": spec, "features": features, "split": split,
+            "answer_context": list(am.context) if am else None,
             "iia": pooled.iia.to_dict() if pooled is not None and pooled.iia else None,
             "verified": bool(pooled is not None and pooled.verified), **by_len}
 
@@ -77,15 +99,19 @@ def main() -> int:
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     pm = load_probed(args.model)
-    v = InterchangeVerifier(pm, n_inputs=args.inputs, n_pairs=args.pairs, seed=args.seed)
+    verifiers = {"written": InterchangeVerifier(pm, n_inputs=args.inputs, n_pairs=args.pairs, seed=args.seed),
+                 "layout": InterchangeVerifier(ProbedModel(pm.hf_model, LayoutOnlyAddition(), pm.path, pm.meta),
+                                               n_inputs=args.inputs, n_pairs=args.pairs, seed=args.seed)}
     rows = []
     fmt = lambda e: "-" if e is None else f"{e['mean']:.3f} [{e['ci_low']:.3f}] n {e['n']}"  # noqa: E731
-    for spec, feats in TESTS:
-        for split in ("search", "confirm"):
-            row = split_iia(v, spec, feats, split)
-            rows.append(row)
-            print(f"{spec:34s} {'+'.join(feats):26s} {split:7s} IIA {fmt(row['iia'])}  3-digit "
-                  f"{fmt(row['iia_3_digit_sums'])}  4-digit {fmt(row['iia_4_digit_sums'])}")
+    for rule in RULES:
+        for spec, feats in TESTS:
+            for split in ("search", "confirm"):
+                row = split_iia(verifiers[rule], spec, feats, split, rule)
+                rows.append(row)
+                print(f"{rule:7s} {spec[:44]:44s} {'+'.join(feats):22s} {split:7s} IIA {fmt(row['iia'])} "
+                      f"({'verified' if row['verified'] else 'not verified'})  3-digit "
+                      f"{fmt(row['iia_3_digit_sums'])}  4-digit {fmt(row['iia_4_digit_sums'])}", flush=True)
     out = {"rows": rows, "manifest": build_manifest("research_addition_a2", args.seed, vars(args))}
     tmp = Path(args.out).with_suffix(".tmp")
     tmp.write_text(json.dumps(out, indent=1))
