@@ -228,3 +228,39 @@ def test_a_component_verified_alone_leaves_the_others_to_a_group_search():
     assert _group_candidates(hyps[:2], {("m1@END", "IO")}, 12) == {}
     got = _group_candidates(hyps, set(), 12)
     assert {k: sorted(v) for k, v in got.items()} == {("END", "IO"): ["a1.2@END", "a1.3@END", "m1@END"]}
+
+
+def test_group_confirmation_falls_back_to_the_unpruned_group_at_a_bonferroni_level():
+    """The held-out half confirms the pruned group first, else the group before pruning; with two candidates
+    each is judged at family 2, with one (pruning removed nothing) at family 1; a miss on both is None."""
+    from circuitkit.verification.report import _confirm_first
+
+    calls: list[tuple[tuple[str, ...], str, int]] = []
+
+    def run(confirming: set[tuple[str, ...]]):
+        def fn(sites, split="search", family=1):
+            calls.append((tuple(sites), split, family))
+            v = type("V", (), {"verified": tuple(sites) in confirming})()
+            return v, None
+        return fn
+
+    pruned, grown = ["a", "b"], ["a", "b", "c"]
+    got = _confirm_first(run({("a", "b", "c")}), [pruned, grown])
+    assert got is not None and got[0] == grown
+    assert calls == [(("a", "b"), "confirm", 2), (("a", "b", "c"), "confirm", 2)]
+    calls.clear()
+    assert _confirm_first(run({("a", "b")}), [pruned, grown])[0] == pruned and len(calls) == 1
+    calls.clear()
+    assert _confirm_first(run(set()), [grown, grown]) is None and calls == [(("a", "b", "c"), "confirm", 1)]
+
+
+def test_a_family_of_tests_widens_the_intervals(copy_pm):
+    """family=2 halves the error rate per test (Bonferroni), so the same pairs give a wider IIA interval;
+    family < 1 is refused."""
+    ver = InterchangeVerifier(copy_pm, n_inputs=600, n_pairs=60)
+    one, two = ver.test("a0.0@=", ["tok@2"]), ver.test("a0.0@=", ["tok@2"], family=2)
+    assert two.confidence > one.confidence
+    r1, r2 = one.targets[0], two.targets[0]
+    assert r1.iia.n == r2.iia.n and r2.iia.ci_low < r1.iia.ci_low
+    with pytest.raises(Exception, match="family must be a positive"):
+        ver.test("a0.0@=", ["tok@2"], family=0)
