@@ -12,7 +12,8 @@ sites contain one another) where the feature is accepted but not verified alone 
 together as a *site group* (components that carry it redundantly, like backup heads, move nothing
 one at a time).  The group grows from the members strongest alone (by IIA) until it verifies, is then
 pruned greedily to a minimal one — a member is dropped while the group still verifies without it — and
-confirmed on the held-out inputs; each remaining member becomes a node that names its group.
+confirmed on the held-out inputs (the minimal group, else the group before pruning, at a Bonferroni level
+over the two); each remaining member becomes a node that names its group.
 
 Null controls run beside every test (``circuitkit.verification.controls``); a node whose test also
 verifies on the random-init model is marked *architectural*; every verified node gets a proxy control.
