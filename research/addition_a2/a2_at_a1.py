@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,7 @@ RULES = ("layout", "written")
 class LayoutOnlyAddition(AdditionTask):
     """The addition task with the earlier fair-source rule: the answer's length only."""
 
-    def holds_fixed(self, features, position=None):
+    def holds_fixed(self, features: Sequence[str], position: str | int | None = None) -> tuple[str, ...]:
         return (LAYOUT,)
 
 
