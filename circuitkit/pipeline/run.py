@@ -8,12 +8,11 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from circuitkit.errors import CircuitkitError
-from circuitkit.inversion.train import DecoderTrainConfig
 from circuitkit.manifest import build_manifest, git_commit
 from circuitkit.models.checkpoint import ProbedModel, load_probed
 from circuitkit.models.local_gpt2 import find_gpt2_small, missing_message
@@ -22,6 +21,9 @@ from circuitkit.pipeline.config import CaseConfig
 from circuitkit.pipeline.stages import StageRunner, remove_orphans
 from circuitkit.seeding import seed_everything
 from circuitkit.sites import Site, parse_site
+
+if TYPE_CHECKING:
+    from circuitkit.inversion.train import DecoderTrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
