@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# the trusted-task list and other per-user state live in a folder of this session, never the user's cache
+os.environ["CIRCUITKIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="circuitkit-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -196,3 +196,110 @@ def test_a_bad_model_recipe_is_refused_by_name():
     task.model_recipe = {"n_layers": 2}
     with pytest.raises(CircuitkitError, match=r"model_recipe has unknown training options \['n_layers'\]"):
         default_config(task)
+
+
+# ---- consent: a task file that an artefact names runs only with the user's word for it ------------------------
+
+MARKER_LINE = "import pathlib as _p\n_p.Path(__file__).with_suffix('.ran').write_text('ran')\n"
+
+
+def _hostile_checkpoint(user_model: Path, dest: Path, record: dict, name: str = "first_digit") -> Path:
+    """A copy of a real checkpoint whose circuitkit.json says what ``record`` says."""
+    ckpt = dest / "ckpt"
+    shutil.copytree(user_model, ckpt)
+    meta = json.loads((ckpt / "circuitkit.json").read_text())
+    meta["task"], meta["task_ref"] = name, record
+    (ckpt / "circuitkit.json").write_text(json.dumps(meta))
+    return ckpt
+
+
+def _marked_copy(path: Path) -> Path:
+    """A working task file that leaves ``<name>.ran`` beside itself when its code runs."""
+    path.write_text(USER_FILE.read_text() + MARKER_LINE)
+    return path
+
+
+def test_a_checkpoint_naming_a_task_file_inside_itself_without_a_hash_runs_nothing(user_model, tmp_path, capsys):
+    ckpt = _hostile_checkpoint(user_model, tmp_path, {})
+    evil = _marked_copy(ckpt / "evil.py")
+    meta = json.loads((ckpt / "circuitkit.json").read_text())
+    meta["task_ref"] = {"spec": f"{evil}:FirstDigitTask"}  # no file_sha256
+    (ckpt / "circuitkit.json").write_text(json.dumps(meta))
+    for argv in (["sites", str(ckpt)], ["model", "eval", str(ckpt), "--limit", "20"],
+                 ["sites", str(ckpt), "--trust-task"]):  # consent to the unhashable is not possible either
+        rc, _, err = _run(capsys, argv)
+        assert rc == 2 and "without its sha256" in err and "untrusted" in err, err
+    assert not evil.with_suffix(".ran").exists()
+
+
+def test_a_sibling_task_file_runs_only_after_the_user_names_it(user_model, tmp_path, capsys):
+    """A file beside the checkpoint (as in an archive), with a matching sha256, still needs consent: refused,
+    then run with --trust-task (which remembers it), or after the user named it with --task."""
+    for how in ("trust-flag", "named"):
+        d = tmp_path / how
+        d.mkdir()
+        sibling = _marked_copy(d / "task.py")
+        sibling.write_text(sibling.read_text() + f"# {how}\n")  # a content the session has not trusted yet
+        ckpt = _hostile_checkpoint(user_model, d, _record(sibling))
+        rc, _, err = _run(capsys, ["sites", str(ckpt)])
+        assert rc == 2 and "which you have not named yourself" in err and "--trust-task" in err, err
+        assert f"--task {sibling}:FirstDigitTask" in err
+        assert not sibling.with_suffix(".ran").exists()
+        if how == "trust-flag":
+            rc, _, err = _run(capsys, ["sites", str(ckpt), "--trust-task"])
+        else:
+            rc, _, err = _run(capsys, ["model", "eval", str(ckpt), "--task", f"{sibling}:FirstDigitTask",
+                                       "--limit", "20"])
+        assert rc == 0, err
+        assert sibling.with_suffix(".ran").exists()
+        rc, _, err = _run(capsys, ["sites", str(ckpt), "--json"])  # remembered: no flag needed any more
+        assert rc == 0, err
+
+
+def _record(file: Path, spec: str | None = None) -> dict:
+    """What another machine would have recorded for ``file`` (task_record's form), written without trusting it."""
+    import hashlib
+
+    return {"spec": spec or f"{file}:FirstDigitTask", "file_sha256": hashlib.sha256(file.read_bytes()).hexdigest()}
+
+
+def test_a_relative_task_spec_resolved_against_the_working_directory_is_refused(user_model, tmp_path, monkeypatch,
+                                                                                capsys):
+    d = tmp_path / "archive"
+    d.mkdir()
+    sibling = _marked_copy(d / "rel_task.py")
+    sibling.write_text(sibling.read_text() + "# relative\n")
+    ckpt = _hostile_checkpoint(user_model, d, _record(sibling, "rel_task.py:FirstDigitTask"))
+    monkeypatch.chdir(d)
+    rc, _, err = _run(capsys, ["sites", str(ckpt)])
+    assert rc == 2 and "which you have not named yourself" in err, err
+    assert not sibling.with_suffix(".ran").exists()
+
+
+def test_a_recorded_module_inside_the_checkpoint_or_a_file_as_a_bare_name_is_refused(user_model, tmp_path,
+                                                                                     monkeypatch, capsys):
+    ckpt = _hostile_checkpoint(user_model, tmp_path, {"spec": "ckpt_evil_mod:FirstDigitTask"})
+    _marked_copy(ckpt / "ckpt_evil_mod.py")
+    monkeypatch.syspath_prepend(str(ckpt))  # as if the user ran python from inside the archive
+    rc, _, err = _run(capsys, ["sites", str(ckpt)])
+    assert rc == 2 and "resolves inside itself" in err, err
+    assert not (ckpt / "ckpt_evil_mod.ran").exists()
+    # a decoder or checkpoint whose bare task name is a file spec: a name never loads a file
+    outside = _marked_copy(tmp_path / "named.py")
+    with pytest.raises(CircuitkitError, match=r"neither built in nor installed"):
+        task_from_record(None, f"{outside}:FirstDigitTask", str(ckpt))
+    with pytest.raises(CircuitkitError, match=r"neither built in nor installed"):
+        task_from_record({"spec": "no_such_task"}, None, str(ckpt))
+    assert not outside.with_suffix(".ran").exists()
+
+
+def test_a_damaged_trusted_list_is_named(tmp_path, monkeypatch):
+    from circuitkit.tasks import trust
+
+    monkeypatch.setenv(trust.CACHE_ENV, str(tmp_path))
+    (tmp_path / trust.ALLOWLIST_FILE).write_text("{not json")
+    with pytest.raises(CircuitkitError, match=r"trusted-task list .* is damaged"):
+        load_task(SPEC)
+    (tmp_path / trust.ALLOWLIST_FILE).unlink()
+    load_task(SPEC)
+    assert json.loads((tmp_path / trust.ALLOWLIST_FILE).read_text())["files"]  # the user's word is remembered

@@ -19,6 +19,7 @@ from circuitkit.inversion.decoder import DecoderConfig, InversionDecoder
 from circuitkit.io_utils import atomic_torch_save, atomic_write_json, safe_torch_load
 from circuitkit.models.checkpoint import ProbedModel, load_probed
 from circuitkit.sites import Site, parse_site
+from circuitkit.tasks.registry import task_from_record, task_record
 from circuitkit.validate import read_json
 
 WEIGHTS = "decoder.pt"
@@ -73,6 +74,7 @@ def save_decoder(out: str | Path, decoder: InversionDecoder, probed: ProbedModel
         "probed_model": str(probed.path.resolve()) if probed.path else None,
         "probed_sha256": model_hash(probed),
         "task": probed.task.name,
+        "task_ref": task_record(probed.task),  # reloads a plug-in task through the trusted path
         "sites": [s.node for s in sites],
         "act_dim": raw.cfg.act_dim,
         **(extra or {}),
@@ -100,7 +102,8 @@ def load_decoder(path: str | Path, probed: ProbedModel | str | Path | None = Non
         if not Path(probed).is_absolute() and (path / probed).exists():
             probed = path / probed  # a committed decoder names its model relative to itself
     if not isinstance(probed, ProbedModel):
-        probed = load_probed(probed, task=meta.get("task"), device=device)
+        task = task_from_record(meta.get("task_ref"), meta.get("task"), str(path), model_dir=probed)
+        probed = load_probed(probed, task=task, device=device)
     digest = model_hash(probed)
     if digest != meta["probed_sha256"]:
         raise CircuitkitError(

@@ -2,8 +2,13 @@
 or a name an installed package registers under the ``circuitkit.tasks`` entry-point group.
 
 A checkpoint records the spec of its task (``task_record``), so later verbs reload a user's task
-with no flag.  A task file recorded in a checkpoint is imported only if it still has the content it
-had at training time (sha256) and does not live inside a directory the loader was handed.
+with no flag (``task_from_record``).  Specs come from two places, trusted differently:
+- the user (``load_task``: ``--task``, ``model train TASK``, a case TOML): a task file named there runs, and
+  its sha256 joins the user's allowlist (``tasks/trust.py``);
+- an artefact (``task_from_record``: a checkpoint, a decoder): a task file runs only if it still has the
+  content it had when the artefact was written, lies outside the artefact's directory, and its content is
+  on the user's allowlist (or ``--trust-task`` is given); a bare name only resolves to a built-in or
+  installed task, and a module only if it is not found inside the artefact's directory.
 """
 from __future__ import annotations
 
@@ -11,12 +16,14 @@ import hashlib
 import importlib
 import importlib.util
 import sys
+import types
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
 from circuitkit.errors import CircuitkitError, choices_hint
+from circuitkit.tasks import trust
 from circuitkit.tasks.base import Task
 
 #: entry-point group an installed package uses to register tasks: ``name = "pkg.module:Class"``
@@ -81,21 +88,32 @@ def _instantiate(cls: Any, spec: str) -> Task:
     return task
 
 
-def _load_file_class(file: Path, cls_name: str, spec: str) -> Task:
+#: called with (file, sha256) before a task file's code runs; raises to refuse it
+FileCheck = Callable[[Path, str], None]
+
+
+def _trust_named(file: Path, digest: str) -> None:
+    """The user named this file: it runs, and its content joins the allowlist."""
+    trust.trust(file, digest)
+
+
+def _load_file_class(file: Path, cls_name: str, spec: str, check: FileCheck = _trust_named) -> Task:
+    """Import ``file`` (its bytes read once: the content checked is the content run) and build ``cls_name``."""
     if not file.is_file():
         raise CircuitkitError(f"task file {str(file)!r} does not exist (from task spec {spec!r})")
     if file.suffix != ".py":
         raise CircuitkitError(f"task file {str(file)!r} is not a .py file (from task spec {spec!r})")
-    digest = file_sha256(file)
+    source = file.read_bytes()
+    digest = hashlib.sha256(source).hexdigest()
+    check(file, digest)
     module_name = f"circuitkit_user_task_{digest[:16]}"
     module = sys.modules.get(module_name)
     if module is None:
-        loader_spec = importlib.util.spec_from_file_location(module_name, file)
-        assert loader_spec is not None and loader_spec.loader is not None
-        module = importlib.util.module_from_spec(loader_spec)
+        module = types.ModuleType(module_name)
+        module.__file__ = str(file)
         sys.modules[module_name] = module  # dataclasses and pickling look classes up by module name
         try:
-            loader_spec.loader.exec_module(module)
+            exec(compile(source, str(file), "exec"), module.__dict__)  # noqa: S102 - the user's consented task file
         except Exception as e:  # noqa: BLE001 - a user's file may raise anything on import
             del sys.modules[module_name]
             raise CircuitkitError(f"importing task file {str(file)!r} failed: {type(e).__name__}: {e}") from None
@@ -121,9 +139,32 @@ def _load_module_class(module_name: str, cls_name: str, spec: str) -> Task:
 
 
 def load_task(spec: str, base_dir: str | Path | None = None, model_dir: str | Path | None = None) -> Task:
-    """The Task a spec names (see the module docstring); ``base_dir`` anchors a relative file path
-    (a case toml passes its own folder); ``model_dir`` is the checkpoint whose tokenizer a prompt-pairs
-    task (``prompt_pairs:FILE.jsonl``) uses.  Every failure is a CircuitkitError naming the valid forms."""
+    """The Task a spec *the user named* designates (see the module docstring): a task file named here runs
+    and joins the user's allowlist.  ``base_dir`` anchors a relative file path (a case toml passes its own
+    folder); ``model_dir`` is the checkpoint whose tokenizer a prompt-pairs task (``prompt_pairs:FILE.jsonl``)
+    uses.  Every failure is a CircuitkitError naming the valid forms.  Specs read from artefacts go through
+    ``task_from_record`` instead."""
+    return _resolve(spec, base_dir, model_dir, _trust_named)
+
+
+def _load_named(spec: str) -> Task | None:
+    """A built-in or installed task by bare name, else None."""
+    if spec in BUILTIN_TASKS:
+        task = BUILTIN_TASKS[spec]()
+        task.spec = spec
+        return task
+    installed = installed_tasks()
+    if spec in installed:
+        try:
+            cls = installed[spec].load()
+        except Exception as e:  # noqa: BLE001
+            raise CircuitkitError(f"installed task {spec!r} ({installed[spec].value}) failed to load: "
+                                  f"{type(e).__name__}: {e}") from None
+        return _instantiate(cls, spec)  # it records the spec
+    return None
+
+
+def _resolve(spec: str, base_dir: str | Path | None, model_dir: str | Path | None, check: FileCheck) -> Task:
     if not isinstance(spec, str) or not spec.strip():
         raise CircuitkitError(f"empty task spec; valid: {choices_hint(task_names())} or {SPEC_FORMS}")
     spec = spec.strip()
@@ -137,66 +178,104 @@ def load_task(spec: str, base_dir: str | Path | None = None, model_dir: str | Pa
             raise CircuitkitError(f"task {spec!r} tokenizes with the model's own tokenizer: name it on a verb that "
                                   "loads a model (--task), or in a case whose [model] path is set")
         return PromptPairsTask(file, model_dir)
-    if spec in BUILTIN_TASKS:
-        task = BUILTIN_TASKS[spec]()
-        task.spec = spec
-        return task
     if ":" not in spec and spec.endswith(".py"):
         raise CircuitkitError(f"task spec {spec!r} names a file but no class: write {spec}:ClassName")
     if ":" not in spec:
-        installed = installed_tasks()
-        if spec in installed:
-            try:
-                cls = installed[spec].load()
-            except Exception as e:  # noqa: BLE001
-                raise CircuitkitError(f"installed task {spec!r} ({installed[spec].value}) failed to load: "
-                                      f"{type(e).__name__}: {e}") from None
-            return _instantiate(cls, spec)  # it records the spec
-        raise CircuitkitError(f"unknown task {spec!r}; valid tasks: {choices_hint(task_names())}, "
-                              f"or a class: path/to/file.py:Class or package.module:Class")
+        task = _load_named(spec)
+        if task is None:
+            raise CircuitkitError(f"unknown task {spec!r}; valid tasks: {choices_hint(task_names())}, "
+                                  f"or a class: path/to/file.py:Class or package.module:Class")
+        return task
     target, cls_name = _split_spec(spec)
-    if target.endswith(".py") or "/" in target or "\\" in target:
+    if _is_file_target(target):
         file = Path(target).expanduser()
         if not file.is_absolute() and base_dir is not None:
             file = Path(base_dir) / file
-        return _load_file_class(file.resolve(), cls_name, spec)
+        return _load_file_class(file.resolve(), cls_name, spec, check)
     return _load_module_class(target, cls_name, spec)
 
 
+def _is_file_target(target: str) -> bool:
+    return target.endswith(".py") or "/" in target or "\\" in target
+
+
 def task_record(task: Task) -> dict[str, Any]:
-    """What a checkpoint stores to reload ``task`` later: its spec, and a task file's sha256."""
+    """What an artefact stores to reload ``task`` later: its spec, and a task file's sha256."""
     spec = getattr(task, "spec", None) or task.name
     record: dict[str, Any] = {"spec": spec}
     if ":" in spec and not spec.startswith(PROMPT_PAIRS):
         target, _ = _split_spec(spec)
-        if target.endswith(".py") or "/" in target:
+        if _is_file_target(target):
             record["file_sha256"] = file_sha256(Path(target))
     return record
 
 
-def task_from_record(record: dict[str, Any] | None, name: str | None, where: str) -> Task:
-    """The task a checkpoint's metadata names (``record`` from ``task_record``, else the bare name).
+def _inside(path: Path, directory: Path) -> bool:
+    return path == directory or directory in path.parents
 
-    A task file must exist, hold the content it had when the checkpoint was written, and lie outside
-    the checkpoint (``where``): a directory someone hands you cannot make circuitkit run code it ships."""
+
+def task_from_record(record: dict[str, Any] | None, name: str | None, where: str,
+                     model_dir: str | Path | None = None) -> Task:
+    """The task an artefact's metadata names (``record`` from ``task_record``, else the bare ``name``);
+    ``where`` is the artefact, ``model_dir`` the checkpoint whose tokenizer a prompt-pairs task uses
+    (default ``where``).
+
+    Nothing an artefact says is taken as the user's word (module docstring): a task file must hold the
+    content recorded for it, lie outside ``where``, and be on the user's allowlist or allowed by
+    ``--trust-task``; a record without a hash is refused, never read as "nothing to check"."""
     hint = f"pass --task ({choices_hint(task_names())} or FILE.py:Class)"
     if not record or "spec" not in record:
         if not name:
             raise CircuitkitError(f"{where!r} does not say which task it solves; {hint}")
-        return load_task(name)
-    spec = str(record["spec"])
+        task = _load_named(str(name))
+        if task is None:
+            raise CircuitkitError(f"{where!r} names task {str(name)!r}, which is neither built in nor installed "
+                                  f"(valid: {choices_hint(task_names())}); {hint}")
+        return task
+    spec = str(record["spec"]).strip()
+    inside = Path(where).resolve()
+    if spec.startswith(PROMPT_PAIRS) or ":" not in spec:  # data, or a built-in / installed name: no code of its own
+        if ":" not in spec and _load_named(spec) is None:
+            raise CircuitkitError(f"{where!r} names task {spec!r}, which is neither built in nor installed "
+                                  f"(valid: {choices_hint(task_names())}); {hint}")
+        return _resolve(spec, None, model_dir if model_dir is not None else where, _refuse_unrecorded(where))
+    target, cls_name = _split_spec(spec)
+    if not _is_file_target(target):
+        found = importlib.util.find_spec(target.split(".")[0]) if target.split(".")[0] else None
+        origin = Path(found.origin).resolve() if found is not None and found.origin else None
+        if origin is not None and _inside(origin, inside):
+            raise CircuitkitError(f"{where!r} names task module {target!r}, which resolves inside itself ({origin}); "
+                                  f"circuitkit does not run code shipped with an artefact: {hint}")
+        return _load_module_class(target, cls_name, spec)
     sha = record.get("file_sha256")
-    if sha is not None:
-        target, _ = _split_spec(spec)
-        file = Path(target).resolve()
-        inside = Path(where).resolve()
-        if file == inside or inside in file.parents:
-            raise CircuitkitError(f"{where!r} names a task file inside itself ({file}); circuitkit does not run "
-                                  f"code shipped with a checkpoint: {hint}")
-        if not file.is_file():
-            raise CircuitkitError(f"{where!r} was trained on the task in {str(file)!r}, which no longer exists; "
-                                  f"put the file back or {hint}")
-        if file_sha256(file) != sha:
-            raise CircuitkitError(f"the task file {str(file)!r} changed since {where!r} was written (sha256 "
+    file = Path(target).expanduser().resolve()
+    consent = ("circuitkit runs a task file an artefact names only once you have named that file yourself: "
+               f"pass --task {file}:{cls_name} (which trusts it) or --trust-task")
+    if not isinstance(sha, str) or not sha:
+        raise CircuitkitError(f"{where!r} names the task file {str(file)!r} without its sha256, so its content "
+                              f"cannot be checked; it is treated as untrusted; {consent}")
+    if _inside(file, inside):
+        raise CircuitkitError(f"{where!r} names a task file inside itself ({file}); circuitkit does not run "
+                              f"code shipped with a checkpoint: {hint}")
+    if not file.is_file():
+        raise CircuitkitError(f"{where!r} was trained on the task in {str(file)!r}, which no longer exists; "
+                              f"put the file back or {hint}")
+
+    def check(path: Path, digest: str) -> None:
+        if digest != sha:
+            raise CircuitkitError(f"the task file {str(path)!r} changed since {where!r} was written (sha256 "
                                   f"{sha[:12]}... then); {hint}")
-    return load_task(spec, model_dir=where)
+        if trust.recorded_files_trusted():
+            trust.trust(path, digest)
+        elif not trust.is_trusted(digest):
+            raise CircuitkitError(f"{where!r} names the task file {str(path)!r}, which you have not named yourself "
+                                  f"on this machine; {consent}")
+
+    return _load_file_class(file, cls_name, spec, check)
+
+
+def _refuse_unrecorded(where: str) -> FileCheck:
+    def check(path: Path, digest: str) -> None:  # pragma: no cover - only file specs reach a file check
+        raise CircuitkitError(f"{where!r} names the task file {str(path)!r} in an unexpected form; pass --task")
+
+    return check
