@@ -3,7 +3,6 @@
 and verify --claim, plus the errors a malformed file gets."""
 from __future__ import annotations
 
-import itertools
 import json
 import random
 
@@ -12,43 +11,6 @@ import pytest
 from circuitkit.cli import main
 from circuitkit.errors import CircuitkitError
 from circuitkit.models.checkpoint import load_probed
-
-NAMES = ["Mary", "John", "Alice", "Bob", "Sara", "Tom", "Anna", "Paul", "Lea"]
-PLACES = ["store", "park", "school"]
-OBJECTS = ["drink", "book", "ball"]
-WORDS = ["When", "and", "went", "to", "the", "gave", "a", ","]
-
-
-def _row(io: str, s: str, place: str, obj: str) -> dict:
-    template = "When [IO:{io}] and [S:{s}] went to the [PLACE:{place}], [S2:{s2}] gave a [OBJ:{obj}] to"
-    return {"prompt": template.format(io=io, s=s, s2=s, place=place, obj=obj), "answer": f" {io}",
-            "counterfactual": template.format(io=io, s=s, s2=io, place=place, obj=obj), "counterfactual_answer": f" {s}"}
-
-
-@pytest.fixture(scope="module")
-def pairs_model(tmp_path_factory):
-    """A tiny random GPT-2 saved by transformers with its tokenizer, and a 60-row prompt-pairs file."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    root = tmp_path_factory.mktemp("pairs")
-    vocab = ["<|endoftext|>", "When", ","] + [f"Ġ{w}" for w in WORDS[1:-1] + NAMES + PLACES + OBJECTS]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<|endoftext|>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<|endoftext|>"])
-    model_dir = root / "model"
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                            unk_token="<|endoftext|>").save_pretrained(model_dir)
-    config = GPT2Config(vocab_size=len(vocab), n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=0,
-                        eos_token_id=0)
-    GPT2LMHeadModel(config).save_pretrained(model_dir)
-    rng = random.Random(0)
-    combos = [(io, s) for io, s in itertools.permutations(NAMES, 2)]
-    rows = [_row(io, s, rng.choice(PLACES), rng.choice(OBJECTS)) for io, s in rng.sample(combos, 60)]
-    jsonl = root / "pairs.jsonl"
-    jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return model_dir, jsonl
 
 
 def _run(capsys, argv):

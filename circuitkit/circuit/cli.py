@@ -39,6 +39,7 @@ def _circuit(args: argparse.Namespace) -> Output:
 
     from circuitkit.circuit.discover import CircuitSettings, assemble_circuit, discover_circuit, make_circuit
     from circuitkit.models.checkpoint import load_probed
+    from circuitkit.tasks.registry import check_same_task, task_record
     from circuitkit.verification.interchange import InterchangeVerifier, VerifyThresholds
     from circuitkit.verification.report import VerificationReport, VerifiedNode
 
@@ -52,22 +53,28 @@ def _circuit(args: argparse.Namespace) -> Output:
     check_range("--queries", args.queries, 1, 10_000)
     check_range("--pool", args.pool, 1, 1_000_000)
     check_out_dir(args.out)
-    pm = load_probed(args.model, task=args.task)
-    settings = CircuitSettings(target=args.target, min_edge=args.min_edge, edge_pairs=args.edge_pairs,
-                               eval_inputs=args.eval_inputs)
-    extra: dict = {}
+    d = None
     if args.verified:
         path = Path(args.verified)
         if not path.exists():
             raise CircuitkitError(f"{str(path)!r} does not exist; write it with 'circuitkit verify MODEL --out FILE'")
         d = read_json(path, "verification report")
+        if not isinstance(d, dict):
+            raise CircuitkitError(f"{str(path)!r} is not a verification report (not a JSON object)")
+    pm = load_probed(args.model, task=args.task, artefact=(d, str(args.verified)) if d is not None else None)
+    settings = CircuitSettings(target=args.target, min_edge=args.min_edge, edge_pairs=args.edge_pairs,
+                               eval_inputs=args.eval_inputs)
+    extra: dict = {}
+    if d is not None:
+        check_same_task(d, pm.task, str(args.verified))
         try:
             nodes = [VerifiedNode.from_dict(n) for n in d["nodes"]]
             extra["controls_summary"] = d.get("controls_summary")
         except (KeyError, TypeError, ValueError) as e:
-            raise CircuitkitError(f"{str(path)!r} is not a verification report ({e})") from None
+            raise CircuitkitError(f"{str(args.verified)!r} is not a verification report ({e})") from None
         ver = InterchangeVerifier(pm, n_inputs=args.inputs, seed=args.seed)
-        vr = VerificationReport(pm.task.name, str(args.model), VerifyThresholds(), nodes, [], [])
+        vr = VerificationReport(pm.task.name, str(args.model), VerifyThresholds(), nodes, [], [],
+                                task_ref=task_record(pm.task))
         circuit = make_circuit(assemble_circuit(pm, ver, vr, settings, args.seed), extra)
     else:
         from circuitkit.hypotheses.cli import expand_sites

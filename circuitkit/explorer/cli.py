@@ -38,13 +38,18 @@ def _serve(args: argparse.Namespace) -> Output:
     check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    pm = load_probed(args.model, task=args.task, device=args.device)
-    decoder = None
+    decoder, decoder_meta = None, None
     if args.decoder:
-        from circuitkit.inversion.checkpoint import load_decoder
+        from circuitkit.inversion.checkpoint import read_decoder_meta
         from circuitkit.inversion.cli import check_decoder_dir
 
         check_decoder_dir(args.decoder)
+        decoder_meta = read_decoder_meta(args.decoder)
+    pm = load_probed(args.model, task=args.task, device=args.device,
+                     artefact=(decoder_meta, str(args.decoder)) if decoder_meta is not None else None)
+    if args.decoder:
+        from circuitkit.inversion.checkpoint import load_decoder
+
         decoder = load_decoder(args.decoder, pm, device=args.device)
     explorer = Explorer(pm, decoder, args.case, pool_size=args.pool)
     try:

@@ -16,6 +16,7 @@ import torch
 from circuitkit.errors import CircuitkitError, choices_hint
 from circuitkit.models.checkpoint import ProbedModel
 from circuitkit.sites import Site, all_sites, check_site, parse_site
+from circuitkit.tasks.registry import task_record
 
 #: most samples one preimage request may ask for (the paper shows 1,024 per query)
 MAX_SAMPLES = 4096
@@ -48,7 +49,7 @@ class Explorer:
 
     def info(self) -> dict[str, Any]:
         task = self.model.task
-        return {"task": task.name, "model": str(self.model.path), "n_layers": self.model.n_layers,
+        return {"task": task.name, "task_ref": task_record(task), "model": str(self.model.path), "n_layers": self.model.n_layers,
                 "n_heads": self.model.n_heads, "sites": self.sites(), "positions": list(task.position_names),
                 "example": task.split("test")[0], "examples": list(task.split("test")[:12]),
                 "format": task.format_hint,

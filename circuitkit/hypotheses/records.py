@@ -99,6 +99,7 @@ class HypothesisReport(JsonResult):
     coverage: dict[str, float] = field(default_factory=dict)  # site -> share of queries with members
     n_tested: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
+    task_ref: dict[str, Any] = field(default_factory=dict)  # registry.task_record: reloads a plug-in task
 
     def accepted(self) -> list[Hypothesis]:
         return [h for h in self.hypotheses if h.accepted]
@@ -110,7 +111,7 @@ class HypothesisReport(JsonResult):
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"task": self.task, "model": self.model, "source": self.source, "eps": self.eps,
+        return {"task": self.task, "task_ref": self.task_ref, "model": self.model, "source": self.source, "eps": self.eps,
                 "thresholds": self.thresholds.to_dict(), "thresholds_text": self.thresholds.describe(),
                 "n_tested": self.n_tested, "n_accepted": len(self.accepted()), "coverage": self.coverage,
                 "settings": self.settings, "hypotheses": [h.to_dict() for h in self.hypotheses]}
@@ -119,4 +120,4 @@ class HypothesisReport(JsonResult):
     def from_dict(cls, d: dict[str, Any]) -> HypothesisReport:
         return cls(d["task"], d["model"], d["source"], d["eps"], Thresholds(**d["thresholds"]),
                    [Hypothesis.from_dict(h) for h in d["hypotheses"]], d.get("coverage", {}),
-                   d.get("n_tested", 0), d.get("settings", {}))
+                   d.get("n_tested", 0), d.get("settings", {}), d.get("task_ref") or {})

@@ -37,6 +37,7 @@ from circuitkit.hypotheses.records import Example, Hypothesis, HypothesisReport,
 from circuitkit.models.checkpoint import ProbedModel
 from circuitkit.sites import Site
 from circuitkit.tasks.base import Task
+from circuitkit.tasks.registry import task_record
 
 
 class FeatureEncoder:
@@ -257,7 +258,7 @@ def generate_hypotheses(
             raw.append((site, row, groups[encoder.names[row["fi"]]], qps))
     if not raw:
         return HypothesisReport(task.name, model_name, getattr(source, "name", "?"), source.eps, thresholds, [],
-                                coverage, 0)
+                                coverage, 0, task_ref=task_record(task))
     pvals = np.array([r["p"] for _, r, _, _ in raw])
     qvals = sps.false_discovery_control(pvals, method="bh")
     hyps_by_site: dict[str, list[Hypothesis]] = {}
@@ -283,7 +284,7 @@ def generate_hypotheses(
                 "seed": seed, "sign_test": "one-sided binomial sign test over queries",
                 "fdr_method": "Benjamini-Hochberg (scipy.stats.false_discovery_control)"}
     return HypothesisReport(task.name, model_name, getattr(source, "name", "?"), source.eps, thresholds, out,
-                            coverage, len(raw), settings)
+                            coverage, len(raw), settings, task_record(task))
 
 
 def _has_position(task: Task, encoder: FeatureEncoder, text: str, position: str | int) -> bool:

@@ -263,16 +263,22 @@ class ProbedModel:
         return TransformerBridge.boot_transformers(str(self.path), hf_model=self.hf_model, device=str(self.device))
 
 
-def load_probed(path: str | Path, task: str | Task | None = None, device: str = "cpu") -> ProbedModel:
+def load_probed(path: str | Path, task: str | Task | None = None, device: str = "cpu",
+                artefact: tuple[dict[str, Any], str] | None = None) -> ProbedModel:
     """Load a local HF GPT-2 checkpoint (safetensors or pytorch_model.bin) for ``task``.
 
-    The task comes from the argument (a Task or a spec ``load_task`` reads), else from the checkpoint's
-    ``circuitkit.json`` (its recorded spec; see ``registry.task_from_record``).
+    The task comes from the argument (a Task or a spec the user named, ``load_task``), else from the
+    checkpoint's ``circuitkit.json`` (its recorded spec; see ``registry.task_from_record``), else from
+    ``artefact`` = (metadata, path) of a file the user handed with the model (a decoder, hypotheses or
+    verification JSON), for a model saved by other tools with no task of its own (a prompt-pairs model).
     """
     path = Path(path)
     _check_dir(path)
     meta = read_meta(path)
-    if task is None:
+    if task is None and not meta.get("task") and not meta.get("task_ref") and artefact is not None and (
+            artefact[0].get("task_ref") or artefact[0].get("task")):
+        task_obj = task_from_record(artefact[0].get("task_ref"), artefact[0].get("task"), artefact[1], model_dir=path)
+    elif task is None:
         task_obj = task_from_record(meta.get("task_ref"), meta.get("task"), str(path))
     else:
         task_obj = load_task(task, model_dir=path) if isinstance(task, str) else task

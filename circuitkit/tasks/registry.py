@@ -210,6 +210,21 @@ def task_record(task: Task) -> dict[str, Any]:
     return record
 
 
+def check_same_task(meta: dict[str, Any], task: Task, where: str) -> None:
+    """An artefact (hypotheses, verification) made for another task than ``task`` is refused by name: its sites
+    and features would mean something else.  Compares the recorded spec (and a task file's sha256) when the
+    artefact has one, else the bare name."""
+    mine = task_record(task)
+    ref = meta.get("task_ref") if isinstance(meta.get("task_ref"), dict) else None
+    recorded = str(ref.get("spec")) if ref and ref.get("spec") else str(meta.get("task", ""))
+    same = (recorded == mine["spec"] and ref.get("file_sha256") == mine.get("file_sha256")) if ref and ref.get(
+        "spec") else recorded in ("", task.name)
+    if not same:
+        raise CircuitkitError(f"{where!r} was made for task {recorded!r}, but the model solves {mine['spec']!r}"
+                              f"{' (the task file changed since)' if recorded == mine['spec'] else ''}; "
+                              "rerun the step that wrote it on this model")
+
+
 def _inside(path: Path, directory: Path) -> bool:
     return path == directory or directory in path.parents
 

@@ -45,6 +45,7 @@ def _verify(args: argparse.Namespace) -> Output:
     from circuitkit.hypotheses.records import HypothesisReport
     from circuitkit.io_utils import atomic_write_json
     from circuitkit.models.checkpoint import load_probed
+    from circuitkit.tasks.registry import check_same_task
     from circuitkit.verification.interchange import InterchangeVerifier, VerifyThresholds
     from circuitkit.verification.report import claim_hypothesis, format_verification, verify_hypotheses
 
@@ -56,17 +57,22 @@ def _verify(args: argparse.Namespace) -> Output:
     for name in ("min_effect", "min_iia", "max_change_agree"):
         check_range(f"--{name.replace('_', '-')}", getattr(args, name), 0, 1, hint=" (a rate)")
     check_out_file(args.out)
-    pm = load_probed(args.model, task=args.task)
-    th = VerifyThresholds(min_effect=args.min_effect, min_iia=args.min_iia, max_change_agree=args.max_change_agree)
-    ver = InterchangeVerifier(pm, n_inputs=args.inputs, n_pairs=args.pairs, thresholds=th, seed=args.seed)
+    report = None
     if args.hypotheses:
         path = Path(args.hypotheses)
         if not path.exists():
             raise CircuitkitError(f"{str(path)!r} does not exist; write it with 'circuitkit hypothesize MODEL --out FILE'")
+        raw = read_json(path, "hypothesis report")
         try:
-            hyps = HypothesisReport.from_dict(read_json(path, "hypothesis report")).hypotheses
+            report = HypothesisReport.from_dict(raw)
         except (KeyError, TypeError, ValueError) as e:
             raise CircuitkitError(f"{str(path)!r} is not a hypothesis report ({type(e).__name__}: {e})") from None
+    pm = load_probed(args.model, task=args.task, artefact=(raw, str(args.hypotheses)) if report else None)
+    th = VerifyThresholds(min_effect=args.min_effect, min_iia=args.min_iia, max_change_agree=args.max_change_agree)
+    ver = InterchangeVerifier(pm, n_inputs=args.inputs, n_pairs=args.pairs, thresholds=th, seed=args.seed)
+    if report is not None:
+        check_same_task(raw, pm.task, str(args.hypotheses))
+        hyps = report.hypotheses
     else:
         hyps = []
         from circuitkit.sites import parse_site

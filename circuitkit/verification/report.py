@@ -27,6 +27,7 @@ from typing import Any
 from circuitkit.hypotheses.records import Hypothesis
 from circuitkit.results import JsonResult
 from circuitkit.sites import parse_site
+from circuitkit.tasks.registry import task_record
 from circuitkit.verification.controls import CONTROLS, FAILING_CONTROLS, null_verifier, run_controls, run_proxy_controls
 from circuitkit.verification.interchange import InterchangeVerifier, Verdict, VerifyThresholds, group_name
 
@@ -74,6 +75,7 @@ class VerificationReport(JsonResult):
     verdicts: list[Verdict]
     controls: list[Verdict]
     settings: dict[str, Any] = field(default_factory=dict)
+    task_ref: dict[str, Any] = field(default_factory=dict)  # registry.task_record: reloads a plug-in task
 
     @property
     def controls_verified(self) -> list[Verdict]:
@@ -99,7 +101,8 @@ class VerificationReport(JsonResult):
     def to_dict(self, compact: bool = False) -> dict[str, Any]:
         """compact: per verdict only the verdict and per-answer effect / change-when-agree / IIA (rounded)."""
         conv = _compact if compact else (lambda v: v.to_dict())
-        return {"task": self.task, "model": self.model, "thresholds": self.thresholds.to_dict(),
+        return {"task": self.task, "task_ref": self.task_ref, "model": self.model,
+                "thresholds": self.thresholds.to_dict(),
                 "thresholds_text": self.thresholds.describe(), "settings": self.settings,
                 "nodes": [n.to_dict() for n in self.nodes],
                 "n_learned_nodes": len(self.learned_nodes), "n_architectural_nodes": len(self.architectural_nodes),
@@ -233,7 +236,8 @@ def verify_hypotheses(verifier: InterchangeVerifier, hypotheses: Sequence[Hypoth
                 "seed": verifier.seed, "controls": list(CONTROLS) if controls else [], "max_joint": max_joint,
                 "max_group": max_group, "claims": [list(c) for c in claims],
                 "random_model": null.random_model_info.to_dict() if null is not None else None}
-    return VerificationReport(verifier.task.name, model_name, verifier.th, nodes, verdicts, ctrl, settings)
+    return VerificationReport(verifier.task.name, model_name, verifier.th, nodes, verdicts, ctrl, settings,
+                              task_record(verifier.task))
 
 
 #: site kinds that write into the residual stream side by side, so may carry a feature redundantly
