@@ -40,11 +40,13 @@ MAX_EQ_SEQ_LEN = 16
 
 @dataclass(frozen=True)
 class PositionalFeature:
-    """A named function of (tokens, position); ``None`` means undefined."""
+    """A named function of (tokens, position); ``None`` means undefined.  ``reads``: offsets from the position
+    of the tokens the feature *is* (``tok@p-1``: (-1,)), for the generic causal model (``Feature.reads``)."""
 
     name: str
     fn: Callable[[Tokens, int], Hashable | None] = field(compare=False)
     description: str = ""
+    reads: tuple[int, ...] = ()
 
     def __call__(self, tokens: Tokens, position: int) -> Hashable | None:
         try:
@@ -76,7 +78,8 @@ def generic_features(task: Task) -> list[Feature]:
     """
     feats = []
     for k in range(task.seq_len):
-        feats.append(Feature(f"tok@{k}", lambda t, k=k: token_at(t, k), f"the token at absolute position {k}"))
+        feats.append(Feature(f"tok@{k}", lambda t, k=k: token_at(t, k), f"the token at absolute position {k}",
+                             reads=(k,)))
     if task.seq_len <= MAX_EQ_SEQ_LEN:
         for i in range(1, task.seq_len):
             for j in range(i + 1, task.seq_len):
@@ -104,7 +107,8 @@ def positional_features(task: Task) -> list[PositionalFeature]:
     feats = []
     for k in RELATIVE_OFFSETS:
         name = "tok@p" if k == 0 else f"tok@p{k:+d}"
-        feats.append(PositionalFeature(name, lambda t, p, k=k: token_at(t, p + k), f"the token at the matched position {k:+d}"))
+        feats.append(PositionalFeature(name, lambda t, p, k=k: token_at(t, p + k),
+                                       f"the token at the matched position {k:+d}", reads=(k,)))
     feats.append(PositionalFeature("count(tok@p)", lambda t, p: _upto(t, p).count(t[p]),
                                    "occurrences of the token at p among tokens 0..p"))
     feats.append(PositionalFeature("p", lambda t, p: p, "the matched position itself"))

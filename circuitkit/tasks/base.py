@@ -147,11 +147,16 @@ class Target:
 
 @dataclass(frozen=True)
 class Feature:
-    """A named function of an input's token list; ``None`` means "undefined for this input"."""
+    """A named function of an input's token list; ``None`` means "undefined for this input".
+
+    ``reads`` names the positions (named or indices) of the tokens the feature *is*, for a token-level
+    variable (``F2`` is the token at ``F2``; an index variable is the token that names the index): the
+    generic causal model sets it to a source's value by copying those tokens (``verification/causal.py``)."""
 
     name: str
     fn: Callable[[Tokens], Hashable | None] = field(compare=False)
     description: str = ""
+    reads: tuple[str | int, ...] = ()
 
     def __call__(self, tokens: Tokens) -> Hashable | None:
         try:
@@ -201,6 +206,15 @@ class Task(ABC):
     @abstractmethod
     def targets(self, tokens: Tokens) -> list[Target]:
         """Where the answer(s) are read and what they are."""
+
+    def answers(self, tokens: Tokens) -> dict[str, int] | None:
+        """The correct answer token id of every target of an *arbitrary* input, by target name, computed
+        from its prompt (not read off its written answer); None when the task cannot answer that input.
+
+        The causal model behind interchange predictions runs it on the base with the tested variables set to
+        the source's values (``verification/causal.py``).  Optional: a task without it gets data-driven
+        predictions only."""
+        raise NotImplementedError
 
     def prompt_length(self, tokens: Tokens) -> int:
         """Number of leading tokens given to the model before it must produce the answer."""

@@ -148,9 +148,12 @@ class AnswerModel:
         ctx = f" given {', '.join(self.context)}" if self.context else ""
         return f"{self.target} = g({', '.join(self.features)}{ctx}) on {self.purity:.1%} of inputs"
 
+    method = "data-driven g(f, D)"  # as verification JSONs name how a prediction was made
+
     def to_dict(self) -> dict:
         return {"target": self.target, "features": list(self.features), "context": list(self.context),
-                "purity": round(self.purity, 4), "context_purity": round(self.context_purity, 4)}
+                "purity": round(self.purity, 4), "context_purity": round(self.context_purity, 4),
+                "method": self.method}
 
 
 def fit_answer_model(target: str, feature_rows: np.ndarray, features: Sequence[str], context_rows: np.ndarray,

@@ -42,6 +42,7 @@ from circuitkit.models.checkpoint import ProbedModel
 from circuitkit.sites import Site, check_site, parse_site
 from circuitkit.tasks.base import LAYOUT
 from circuitkit.verification.answers import AnswerModel, FeatureCoder, fit_answer_model
+from circuitkit.verification.causal import TokenEditPrediction, fit_token_edit, token_editable
 from circuitkit.verification.stats import Estimate, proportion, proportion_diff
 
 SPLITS = ("search", "confirm")
@@ -65,9 +66,10 @@ class VerifyThresholds:
 
     def describe(self) -> str:
         return (f"sources are fair (they hold fixed the base's layout and what the feature's definition needs); "
-                f"on an answer that f predicts (answer = g(f, D) on >= {self.determining_purity:.0%} of inputs for a "
-                f"context D of <= {self.max_context} task features, which alone determines >= {self.min_relevance} "
-                f"less): verified when IIA CI low >= {self.min_iia}, CI low of [change rate when f differs − change "
+                f"on an answer that f predicts (by the task's causal model where it applies: the answer of the base "
+                f"with f's tokens copied from the source, moving the answer on >= {self.min_relevance} of aligned "
+                f"pairs; else answer = g(f, D) on >= {self.determining_purity:.0%} of inputs for a context D of <= "
+                f"{self.max_context} task features, which alone determines >= {self.min_relevance} less): verified when IIA CI low >= {self.min_iia}, CI low of [change rate when f differs − change "
                 f"rate when f agrees] >= {self.min_effect} and CI high of the change rate when f agrees <= "
                 f"{self.max_change_agree}; {self.confidence:.0%} intervals, Bonferroni-adjusted over the answers of a "
                 f"test; >= {self.min_pairs} pairs per side; a feature that predicts no answer is never verified")
@@ -231,7 +233,7 @@ class InterchangeVerifier:
         with torch.no_grad():
             logits = pm.runner.logits(self.ids.to(pm.device))
         self.clean_pred = logits.argmax(-1).cpu()  # [N, pos]
-        self._answer_models: dict[tuple, AnswerModel | None] = {}
+        self._answer_models: dict[tuple, AnswerModel | TokenEditPrediction | None] = {}
         self._candidates: dict[tuple, list[str]] = {}
         self._code_rows: dict[tuple, np.ndarray] = {}
         self._pair_cache: dict[tuple, tuple] = {}
@@ -279,7 +281,26 @@ class InterchangeVerifier:
         return tuple(self.coder.code(f, src, position) for f in features)
 
     # ---- what a feature predicts ----
-    def answer_model(self, site: Site, features: Sequence[str], target: str) -> AnswerModel | None:
+    def answer_model(self, site: Site, features: Sequence[str], target: str
+                     ) -> AnswerModel | TokenEditPrediction | None:
+        """What ``features`` predict about answer ``target``, or None when they do not move it: the task's causal
+        model where it applies (token-level variables of a task that answers any input: exact, see
+        ``verification/causal.py``), else answer(target) = g(features, D) read off the inputs
+        (``verification/answers.py``)."""
+        if token_editable(self.task, self.features, features):
+            key = ("token_edit", site.position, tuple(features), target)
+            if key not in self._answer_models:
+                positions = [self.coder.position(t, site.position) for t in self.inputs]
+                layouts = [self.code(LAYOUT, t, site.position) for t in self.inputs]
+                self._answer_models[key] = fit_token_edit(self.task, self.features, features, target, self.tokens,
+                                                          positions, layouts, seed=self.seed)
+            edit_model = self._answer_models[key]
+            if edit_model is not None:  # decided by the causal model: no data-driven second opinion
+                assert isinstance(edit_model, TokenEditPrediction)
+                return edit_model if edit_model.relevance >= self.th.min_relevance else None
+        return self._data_driven_model(site, features, target)
+
+    def _data_driven_model(self, site: Site, features: Sequence[str], target: str) -> AnswerModel | None:
         """answer(target) = g(features, D) on the inputs (see ``circuitkit.verification.answers``), or None."""
         hold = [h for h in self.task.holds_fixed(features, site.position) if h not in features]
         context = [f for f in self.task_feature_names if f not in features and f not in hold]
@@ -408,17 +429,23 @@ class InterchangeVerifier:
                     out.setdefault(t.name, []).append(float(pred[r, t.position] != self.clean_pred[i, t.position]))
         return {k: np.array(v) for k, v in out.items()}
 
-    def iia_hits(self, site: Site, features: Sequence[str], am: AnswerModel, bases: Sequence[int],
-                 sources: Sequence[str], pred: Tensor, shuffle: bool = False) -> tuple[np.ndarray, int]:
+    def iia_hits(self, site: Site, features: Sequence[str], am: AnswerModel | TokenEditPrediction,
+                 bases: Sequence[int], sources: Sequence[str], pred: Tensor, shuffle: bool = False
+                 ) -> tuple[np.ndarray, int]:
         """([k] 1.0 where the patched answer is what the features predict, n pairs without a prediction)."""
         hits, missing = [], 0
         for r, (i, src) in enumerate(zip(bases, sources)):
             t = next((t for t in self.targets[i] if t.name == am.target), None)
-            if t is None or t.position < self.site_index(i, site):
+            p = self.site_index(i, site)
+            if t is None or t.position < p:
                 continue
-            fsrc = self._fcodes(features, src, site.position, shuffle)
-            ctx = tuple(self.code(c, self.inputs[i], site.position) for c in am.context)
-            want = am.predict(fsrc, ctx)
+            if isinstance(am, TokenEditPrediction):  # the features take the (shuffled) source's tokens
+                src_toks = self.coder.tokens(self._shuffled_text(src) if shuffle else src)
+                want = None if src_toks is None else am.predict_pair(self.tokens[i], src_toks, p)
+            else:
+                fsrc = self._fcodes(features, src, site.position, shuffle)
+                ctx = tuple(self.code(c, self.inputs[i], site.position) for c in am.context)
+                want = am.predict(fsrc, ctx)
             if want is None:
                 missing += 1
                 continue

@@ -28,6 +28,7 @@ from circuitkit.hypotheses.records import Hypothesis
 from circuitkit.results import JsonResult
 from circuitkit.sites import parse_site
 from circuitkit.tasks.registry import task_record
+from circuitkit.verification.causal import DATA_DRIVEN
 from circuitkit.verification.controls import CONTROLS, FAILING_CONTROLS, null_verifier, run_controls, run_proxy_controls
 from circuitkit.verification.interchange import InterchangeVerifier, Verdict, VerifyThresholds, group_name
 
@@ -47,6 +48,9 @@ class VerifiedNode:
     confirmed: bool | None = None  # joint/group search result re-verified on held-out inputs (None: not searched)
     hold: tuple[str, ...] = ()  # what the fair sources held fixed
     iia_ci: tuple[float, float] | None = None
+    #: how the predictions behind its IIA were made (``verification/causal.py``: the task's causal model, else
+    #: the data-driven g(f, D)), per verified answer
+    prediction: tuple[str, ...] = ()
 
     @property
     def learned(self) -> bool:
@@ -56,14 +60,15 @@ class VerifiedNode:
         return {"site": self.site, "features": list(self.features), "targets": list(self.targets),
                 "effect": self.effect, "iia": self.iia, "iia_ci": None if self.iia_ci is None else list(self.iia_ci),
                 "joint": self.joint, "group": list(self.group), "architectural": self.architectural,
-                "confirmed": self.confirmed, "hold": list(self.hold)}
+                "confirmed": self.confirmed, "hold": list(self.hold), "prediction": list(self.prediction)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VerifiedNode:
         ci = d.get("iia_ci")
         return cls(d["site"], tuple(d["features"]), tuple(d["targets"]), d["effect"], d.get("iia"), d["joint"],
                    tuple(d.get("group", ())), bool(d.get("architectural", False)), d.get("confirmed"),
-                   tuple(d.get("hold", ())), None if ci is None else (float(ci[0]), float(ci[1])))
+                   tuple(d.get("hold", ())), None if ci is None else (float(ci[0]), float(ci[1])),
+                   tuple(d.get("prediction", ())))
 
 
 @dataclass
@@ -136,8 +141,10 @@ def _best(v: Verdict) -> tuple[float, float | None, tuple[float, float] | None]:
 def _node(v: Verdict, site: str, twin: Verdict | None, joint: bool = False, group: Sequence[str] = (),
           confirmed: bool | None = None) -> VerifiedNode:
     eff, iia, ci = _best(v)
+    how = tuple(dict.fromkeys(r.answer_model.get("method", DATA_DRIVEN) for r in v.targets
+                              if r.target in v.verified_targets and r.answer_model))
     return VerifiedNode(site, v.features, tuple(v.verified_targets), eff, iia, joint, tuple(group),
-                        bool(twin is not None and twin.verified), confirmed, v.hold, ci)
+                        bool(twin is not None and twin.verified), confirmed, v.hold, ci, how)
 
 
 def claim_hypothesis(site: str, feature: str) -> Hypothesis:
@@ -416,7 +423,8 @@ def format_verification(rep: VerificationReport) -> str:
         lines.append(f"  {kind} {n.site:<10} carries {' + '.join(n.features):<24} -> {', '.join(n.targets)} "
                      f"(effect {n.effect:.2f}{iia}{', jointly' if n.joint else ''}"
                      f"{', only with ' + ', '.join(x for x in n.group if x != n.site) if n.group else ''}"
-                     f"{', confirmed on held-out inputs' if n.confirmed else ''})")
+                     f"{', confirmed on held-out inputs' if n.confirmed else ''}"
+                     f"{'; predicted by ' + ' / '.join(n.prediction) if n.prediction else ''})")
     for v in rep.verdicts:
         if v.verified:
             continue

@@ -1,0 +1,146 @@
+"""The task's causal model: what an interchange on some variables predicts (causal abstraction, Geiger et al.).
+
+The prediction for a base/source pair is the task's answer on the base with the tested variables set to the
+source's values and everything else left as it is.  The generic causal model does this for *token-level*
+variables, those that are the token at some position (``tok@k``, ``tok@p-1``, a task feature declaring
+``Feature.reads``, such as an index variable naming which earlier token is copied): copy those tokens from
+the source into the base, then ask the task for the answers of the edited input (``Task.answers``).  It is
+exact where it applies, so an index or position variable is testable although no small function g(f, D) of
+other features gives the answer (``verification/answers.py``, the data-driven fallback, which the verifier
+uses for every other variable and says so).
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from circuitkit.errors import CircuitkitError
+from circuitkit.hypotheses.features import AnyFeature, PositionalFeature
+from circuitkit.tasks.base import Feature, Task, Tokens
+from circuitkit.verification.answers import AnswerModel
+
+#: how a prediction was made, as verification JSONs and reports name it
+TOKEN_EDIT = "causal model: token edit"
+DATA_DRIVEN = AnswerModel.method
+
+
+def answers_any_input(task: Task) -> bool:
+    """Whether the task implements ``Task.answers`` (the causal model's answer function)."""
+    return type(task).answers is not Task.answers
+
+
+def edit_positions(feature: AnyFeature, tokens: Tokens, site_position: int, task: Task) -> list[int] | None:
+    """Indices of the tokens that ``feature`` is on this input (None: not a token-level variable here)."""
+    if isinstance(feature, PositionalFeature):
+        return [site_position + k for k in feature.reads] if feature.reads else None
+    if isinstance(feature, Feature) and feature.reads:
+        out = []
+        for r in feature.reads:
+            try:
+                out.append(task.resolve_position(r, tokens))
+            except CircuitkitError:
+                return None
+        return out
+    return None
+
+
+def token_editable(task: Task, features: Mapping[str, AnyFeature], names: Sequence[str]) -> bool:
+    """Whether the generic causal model applies to ``names``: the task answers any input and every name is a
+    token-level variable."""
+    return answers_any_input(task) and all(
+        isinstance(features.get(n), PositionalFeature | Feature) and bool(getattr(features[n], "reads", ()))
+        for n in names)
+
+
+def edit(task: Task, features: Mapping[str, AnyFeature], names: Sequence[str], base: Tokens, source: Tokens,
+         site_position: int) -> list[str] | None:
+    """The base's tokens with the tokens that ``names`` read copied from the source (same layout assumed);
+    None when a variable has no position on either input or the two differ in length."""
+    if len(base) != len(source):
+        return None
+    out = list(base)
+    for n in names:
+        pos = edit_positions(features[n], base, site_position, task)
+        if pos is None or pos != edit_positions(features[n], source, site_position, task):
+            return None
+        for k in pos:
+            if not 0 <= k < len(out):
+                return None
+            out[k] = source[k]
+    return out
+
+
+def answers_of(task: Task, tokens: Tokens) -> dict[str, int] | None:
+    """``Task.answers`` with the failures of an input the task cannot answer read as None."""
+    try:
+        return task.answers(tokens)
+    except (CircuitkitError, IndexError, KeyError, ValueError):
+        return None
+
+
+@dataclass
+class TokenEditPrediction:
+    """answer(target) = the task's answer on the base with ``features`` copied from the source."""
+
+    target: str
+    features: tuple[str, ...]
+    relevance: float  # share of sampled aligned pairs whose answer the edit changes
+    task: Task = field(repr=False)
+    table: Mapping[str, AnyFeature] = field(repr=False)
+    method: str = TOKEN_EDIT
+    context: tuple[str, ...] = ()
+
+    def predict_pair(self, base: Tokens, source: Tokens, site_position: int) -> int | None:
+        edited = edit(self.task, self.table, self.features, base, source, site_position)
+        if edited is None:
+            return None
+        answers = answers_of(self.task, edited)
+        return None if answers is None else answers.get(self.target)
+
+    def describe(self) -> str:
+        return f"{self.target} = answer(base with {', '.join(self.features)} from the source)"
+
+    def to_dict(self) -> dict:
+        return {"target": self.target, "features": list(self.features), "context": [], "purity": 1.0,
+                "context_purity": round(1 - self.relevance, 4), "method": self.method,
+                "relevance": round(self.relevance, 4)}
+
+
+def fit_token_edit(task: Task, table: Mapping[str, AnyFeature], features: Sequence[str], target: str,
+                   tokens: Sequence[Tokens], site_positions: Sequence[int | None], layouts: Sequence[object],
+                   seed: int = 0, n_pairs: int = 400) -> TokenEditPrediction | None:
+    """The token-edit prediction for ``target``, with ``relevance`` = how often the edit moves that answer on
+    sampled same-layout pairs (the caller treats relevance < ``min_relevance`` as "the variables do not
+    matter for it"); None when fewer than 20 pairs could be edited and answered (no verdict: fall back).
+    ``tokens``: the verifier's inputs; ``site_positions``: the site's index in each (None where absent)."""
+    rows = [i for i, p in enumerate(site_positions) if p is not None]
+    by_layout: dict[object, list[int]] = {}
+    for i in rows:
+        by_layout.setdefault(layouts[i], []).append(i)
+    rng = random.Random(seed)
+    changed = total = 0
+    for _ in range(n_pairs):
+        if not rows:
+            break
+        i = rng.choice(rows)
+        peers = by_layout[layouts[i]]
+        if len(peers) < 2:
+            continue
+        j = rng.choice(peers)
+        if j == i:
+            continue
+        base_ans = answers_of(task, tokens[i])
+        edited = edit(task, table, features, tokens[i], tokens[j], site_positions[i])  # type: ignore[arg-type]
+        new_ans = None if edited is None else answers_of(task, edited)
+        if not base_ans or not new_ans or target not in base_ans or target not in new_ans:
+            continue
+        total += 1
+        changed += int(base_ans[target] != new_ans[target])
+    if total < 20:
+        return None
+    return TokenEditPrediction(target, tuple(features), changed / total, task, table)
+
+
+__all__ = ["TOKEN_EDIT", "DATA_DRIVEN", "TokenEditPrediction", "answers_any_input", "edit", "edit_positions",
+           "fit_token_edit", "token_editable"]
