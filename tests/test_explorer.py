@@ -2,6 +2,7 @@
 (type an input, click a token, pick a site, sample), plus its HTTP answers to bad and concurrent requests."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -36,9 +38,15 @@ def server():
     proc.wait(timeout=30)
 
 
-def _call(url: str, body: object | None = None, raw: bytes | None = None) -> tuple[int, dict]:
+def _call(url: str, body: object | None = None, raw: bytes | None = None,
+          headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    """A request as the explorer's own page sends it (a POST carries the page's Origin) unless ``headers``
+    say otherwise."""
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    parts = urllib.parse.urlsplit(url)
+    own = {"Origin": f"{parts.scheme}://{parts.netloc}"} if data is not None else {}
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET",
+                                 headers={**own, **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             return r.status, json.loads(r.read())
@@ -195,3 +203,82 @@ def test_a_bare_case_name_finds_its_run_or_report(monkeypatch, tmp_path):
     assert ex.case["name"] == "addition" and ex.case["nodes"] and ex.info()["examples"][0] == ex.info()["example"]
     with pytest.raises(CircuitkitError, match="has no circuit.json"):
         Explorer(pm, None, "no_such_case")
+
+
+# ---- only its user drives it: Host, Origin and the launch token (access.AccessPolicy) ---------------------------
+
+@pytest.fixture(scope="module")
+def explorer_obj():
+    from circuitkit.explorer.session import Explorer
+    from circuitkit.models.checkpoint import load_probed
+
+    return Explorer(load_probed(MODEL), None, pool_size=500)
+
+
+@contextlib.contextmanager
+def _in_process(explorer, host: str = "127.0.0.1"):
+    from circuitkit.explorer.server import ExplorerServer
+
+    srv = ExplorerServer(explorer, host, 0)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def _raw(port: int, method: str, path: str, headers: dict[str, str], body: bytes = b"") -> tuple[int, dict, dict]:
+    """A request with exactly these headers (Host included), as a forging page or script would send it."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+    for k, v in {**headers, "Content-Length": str(len(body))}.items():
+        conn.putheader(k, v)
+    conn.endheaders(body)
+    r = conn.getresponse()
+    data = r.read()
+    conn.close()
+    return r.status, (json.loads(data) if r.headers.get("Content-Type") == "application/json" else {}), dict(r.headers)
+
+
+def test_a_forged_host_or_origin_is_refused_on_loopback(explorer_obj):
+    with _in_process(explorer_obj) as srv:
+        port = srv.server_address[1]
+        own = f"127.0.0.1:{port}"
+        assert _raw(port, "GET", "/api/info", {"Host": own})[0] == 200
+        assert _raw(port, "GET", "/api/info", {"Host": f"localhost:{port}"})[0] == 200
+        status, body, _ = _raw(port, "GET", "/api/info", {"Host": f"evil.example:{port}"})  # DNS rebinding
+        assert status == 403 and "is not an address this explorer answers to" in body["error"]
+        assert _raw(port, "GET", "/api/info", {})[0] == 403  # no Host at all
+        analyse = json.dumps({"input": "B615+861=1476E"}).encode()
+        status, body, _ = _raw(port, "POST", "/api/analyse", {"Host": own, "Origin": "http://evil.example"}, analyse)
+        assert status == 403 and "may not change anything here" in body["error"]
+        status, body, _ = _raw(port, "POST", "/api/preimage", {"Host": own}, analyse)  # no Origin, no token
+        assert status == 403
+        assert _raw(port, "POST", "/api/analyse", {"Host": own, "Origin": f"http://{own}"}, analyse)[0] == 200
+        token = srv.access.token
+        assert _raw(port, "POST", "/api/analyse", {"Host": own, "Authorization": f"token {token}"}, analyse)[0] == 200
+        assert srv.url == f"http://{own}/?token={token}"
+
+
+def test_beyond_loopback_every_request_needs_the_launch_token(explorer_obj):
+    with _in_process(explorer_obj, host="0.0.0.0") as srv:
+        port = srv.server_address[1]
+        host = {"Host": f"192.0.2.7:{port}"}  # any name the machine is reached by
+        status, body, _ = _raw(port, "GET", "/api/info", host)
+        assert status == 403 and "needs its launch token" in body["error"]
+        assert _raw(port, "GET", "/api/info?token=wrong", host)[0] == 403
+        status, _, headers = _raw(port, "GET", f"/?token={srv.access.token}", host)
+        assert status == 200 and "HttpOnly" in headers["Set-Cookie"] and "SameSite=Strict" in headers["Set-Cookie"]
+        cookie = headers["Set-Cookie"].split(";")[0]
+        assert _raw(port, "GET", "/api/info", {**host, "Cookie": cookie})[0] == 200  # the page's own calls
+
+
+def test_a_remote_bind_needs_allow_remote(capsys):
+    from circuitkit.cli import main
+
+    assert main(["serve", str(MODEL), "--host", "0.0.0.0", "--port", "0"]) == 2
+    assert "pass --allow-remote" in capsys.readouterr().err

@@ -84,8 +84,9 @@ def _serve_preimage(model: Path, dec: Path, text: str, site: str, position: int)
         assert match, line + (proc.stderr.read() if proc.poll() is not None else "")
         url = match.group(1)
         body = json.dumps({"input": text, "site": site, "position": position, "samples": 128}).encode()
-        with urllib.request.urlopen(urllib.request.Request(f"{url}api/preimage", data=body, method="POST"),
-                                    timeout=60) as r:
+        request = urllib.request.Request(f"{url}api/preimage", data=body, method="POST",
+                                         headers={"Origin": url.rstrip("/")})  # as the explorer's own page sends it
+        with urllib.request.urlopen(request, timeout=60) as r:
             job = json.loads(r.read())["job"]
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

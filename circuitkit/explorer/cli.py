@@ -15,7 +15,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--case", help="a case run's findings: a case name (runs/CASE/circuit if present, else "
                                   "reports/CASE), a report directory, or a run's circuit stage (which holds the CIs)")
     p.add_argument("--task", help="task (default: read from the checkpoint)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only; "
+                                                       "any other needs --allow-remote)")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="listen on a non-loopback --host; every request then needs the printed launch token")
     p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 = any free port)")
     p.add_argument("--pool", type=int, default=20000, help="pool inputs for exact preimages without a decoder")
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -27,12 +30,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _serve(args: argparse.Namespace) -> Output:
     import torch
 
+    from circuitkit.explorer.access import is_loopback
     from circuitkit.explorer.server import ExplorerServer
     from circuitkit.explorer.session import Explorer
     from circuitkit.models.checkpoint import load_probed
     from circuitkit.validate import check_device, check_range, check_threads
 
     check_range("--port", args.port, 0, 65535)
+    if not is_loopback(args.host) and not args.allow_remote:
+        raise CircuitkitError(f"--host {args.host} is reachable from other machines; pass --allow-remote as well "
+                              "(every request then needs the launch token printed in the URL), or keep the default "
+                              "127.0.0.1")
     check_range("--pool", args.pool, 10, 1_000_000)
     check_threads(args.threads)
     check_device(args.device)
@@ -58,8 +66,9 @@ def _serve(args: argparse.Namespace) -> Output:
         raise CircuitkitError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); choose another --port "
                               "(0 = any free port)") from None
     print(f"circuitkit explorer for {pm.task.name} on {server.url}  (Ctrl-C stops it)", flush=True)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: listening on {args.host}: anyone who can reach this machine can use the explorer",
+    if not is_loopback(args.host):
+        print(f"warning: listening on {args.host}: other machines can reach the explorer; it answers only "
+              "requests that carry the launch token in the URL above, which anyone who sees it can use",
               file=sys.stderr, flush=True)
     try:
         server.serve_forever()

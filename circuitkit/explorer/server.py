@@ -9,11 +9,13 @@ Routes:
     GET  /api/jobs/ID/panel   the finished preimage as the report's self-contained HTML panel (a download)
     GET  /case/circuit.svg    the case run's circuit picture (with --case)
 Bad requests get 4xx with {"error": message}; work in flight is bounded (429 when full); an unexpected failure
-is a 500 naming the error type, never a traceback.
+is a 500 naming the error type, never a traceback.  Every request first passes ``access.AccessPolicy`` (Host,
+Origin, launch token): a web page the user visits cannot drive the explorer (403).
 """
 from __future__ import annotations
 
 import json
+import socket
 import sys
 import threading
 import time
@@ -24,6 +26,7 @@ from importlib.resources import files
 from typing import Any
 
 from circuitkit.errors import CircuitkitError
+from circuitkit.explorer.access import AccessPolicy
 from circuitkit.explorer.session import Explorer
 
 #: preimage jobs that may run or wait at once; more get 429
@@ -44,8 +47,12 @@ class _Reject(Exception):
 class ExplorerServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, explorer: Explorer, host: str = "127.0.0.1", port: int = 0, quiet: bool = True) -> None:
+    def __init__(self, explorer: Explorer, host: str = "127.0.0.1", port: int = 0, quiet: bool = True,
+                 token: str | None = None) -> None:
+        if ":" in host:  # an IPv6 address
+            self.address_family = socket.AF_INET6
         super().__init__((host, port), _Handler)
+        self.access = AccessPolicy(host, self.server_address[1], **({"token": token} if token else {}))
         self.explorer = explorer
         self.quiet = quiet
         self.jobs: dict[str, dict[str, Any]] = {}
@@ -56,8 +63,8 @@ class ExplorerServer(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}/"
+        """The address to open, launch token included."""
+        return self.access.url()
 
     # ---- jobs ------------------------------------------------------------------------------
     def start_job(self, body: dict[str, Any]) -> str:
@@ -140,6 +147,11 @@ class _Handler(BaseHTTPRequestHandler):
         return body
 
     def _dispatch(self, method: str) -> None:
+        why = self.server.access.refusal(method, self.path, self.headers)
+        if why is not None:
+            if method == "POST":
+                self.close_connection = True  # its body is left unread
+            return self._json(HTTPStatus.FORBIDDEN, {"error": why})
         try:
             self._route(method, self.path.split("?", 1)[0])
         except _Reject as e:
@@ -160,7 +172,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _route(self, method: str, path: str) -> None:
         srv, ex = self.server, self.server.explorer
         if method == "GET" and path in ("/", "/index.html"):
-            return self._send(HTTPStatus.OK, srv.page.encode(), "text/html; charset=utf-8")
+            cookie = srv.access.cookie_for(self.path)
+            return self._send(HTTPStatus.OK, srv.page.encode(), "text/html; charset=utf-8",
+                              {"Set-Cookie": cookie} if cookie else None)
         if method == "GET" and path == "/api/info":
             return self._json(HTTPStatus.OK, ex.info())
         if method == "POST" and path == "/api/analyse":
