@@ -12,7 +12,7 @@ import torch
 
 from circuitkit.cli import main
 from circuitkit.models.checkpoint import load_probed
-from tests.test_prompt_pairs import NAMES, OBJECTS, PLACES, WORDS, _row
+from tests.conftest import NAMES, OBJECTS, PLACES, WORDS, _row
 
 
 def _save(root, family: str):
