@@ -8,6 +8,7 @@ line naming what was wrong and exit with status 2, never with a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import os
@@ -39,6 +40,9 @@ class Output:
 
 
 Handler = Callable[[argparse.Namespace], Output]
+
+#: errnos of a write that ran out of room (disk full, file-size limit, quota)
+DISK_FULL = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
 
 
 def add_common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -111,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UnicodeDecodeError as e:  # a user file that is not UTF-8 (readers that name the file come first)
         return _fail(f"an input file is not UTF-8 text ({e}); save it as UTF-8", want_json)
     except OSError as e:  # a path the user named that cannot be read or written: say which, no traceback
+        if e.errno in DISK_FULL:
+            return _fail(f"{os_error_message(e)}: the disk is full or a file-size limit was reached while writing; "
+                         "nothing half-written was kept (finished stages and earlier artefacts are intact): free "
+                         "space and run the same command again", want_json)
         return _fail(os_error_message(e), want_json)
     text = out.text if (out.text is not None and not want_json) else json.dumps(out.data, indent=2, default=str)
     try:

@@ -46,7 +46,7 @@ class RunContext:
 def stage_model(ctx: RunContext, runner: StageRunner) -> None:
     from circuitkit.models.evaluate import evaluate_model
     from circuitkit.models.train import default_config, train_probed
-    from circuitkit.tasks.registry import task_record
+    from circuitkit.tasks.registry import task_identity
 
     cfg = ctx.cfg
     task = cfg.load_task()
@@ -78,7 +78,7 @@ def stage_model(ctx: RunContext, runner: StageRunner) -> None:
         # keyed by the weights, not the path: a model retrained in place is not mistaken for the old one, and the
         # same model reached by another path (a checkout or an installed wheel) reuses the stage
         summary = runner.run("model", {"weights_sha256": model_hash(pm), "quick": cfg.quick,
-                                       "task": task.describe(), "task_ref": task_record(task)}, fn)
+                                       "task": task.describe(), "task_ref": task_identity(task)}, fn)
     else:
         tcfg = default_config(task).replace(
             steps=m.steps or None, n_layer=m.n_layer or None, n_head=m.n_head or None, d_model=m.d_model or None,
@@ -90,7 +90,7 @@ def stage_model(ctx: RunContext, runner: StageRunner) -> None:
                                    partial=runner.scratch("model"))
             return {"source": "trained here", "metrics": metrics, "config": dataclasses.asdict(tcfg)}
 
-        summary = runner.run("model", {**dataclasses.asdict(tcfg), "task_ref": task_record(task)}, fn)
+        summary = runner.run("model", {**dataclasses.asdict(tcfg), "task_ref": task_identity(task)}, fn)
         ctx.probed = load_probed(runner.path("model") / "checkpoint", device=ctx.device)
     ctx.results["model"] = summary
     acc = summary["metrics"]["accuracy"]

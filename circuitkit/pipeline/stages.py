@@ -5,7 +5,10 @@ reuses the stage, so an interrupted run resumes at the first stage that did not 
 A stage that checkpoints its own progress (decoder training) keeps it in a scratch directory beside the
 stage (``.<stage>-<key>.partial``), outside the temporary directory the stage writes into, so that an
 interrupted run resumes mid-stage; it is removed once the stage finishes.  Temporary directories that a
-killed run left behind are removed when the next run takes the work directory's lock."""
+killed run left behind are removed when the next run takes the work directory's lock.
+
+``stage.json`` also records the size and sha256 of every file the stage wrote; a cached stage is reused only
+when all of them still match, so a truncated or altered cache file is named and recomputed, never trusted."""
 from __future__ import annotations
 
 import hashlib
@@ -20,6 +23,48 @@ from typing import Any
 from circuitkit.io_utils import atomic_dir, atomic_write_json
 
 StageFn = Callable[[Path], dict[str, Any]]
+META = "stage.json"
+
+
+def fingerprint(directory: Path) -> dict[str, list]:
+    """{relative path: [size, sha256]} of every file under ``directory`` but ``stage.json``."""
+    out: dict[str, list] = {}
+    for f in sorted(directory.rglob("*")):
+        if f.is_file() and f.name != META:
+            h = hashlib.sha256()
+            with f.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            out[str(f.relative_to(directory))] = [f.stat().st_size, h.hexdigest()]
+    return out
+
+
+def cache_damage(directory: Path, meta: dict[str, Any]) -> str | None:
+    """What makes a cached stage untrustworthy (a missing, truncated or changed file), or None."""
+    files = meta.get("files")
+    if not isinstance(files, dict):
+        return "it records no checksums"
+    now = fingerprint(directory)
+    for rel, want in files.items():
+        have = now.get(rel)
+        if have is None:
+            return f"{rel} is missing"
+        if have[0] != want[0]:
+            return f"{rel} has {have[0]} bytes, {want[0]} when written"
+        if have[1] != want[1]:
+            return f"{rel} changed since it was written (sha256)"
+    return None
+
+
+def _read_meta(meta_file: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """The stage's metadata, or (None, why) when the file is not readable JSON with a key."""
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"{META} is unreadable ({type(e).__name__})"
+    if not isinstance(meta, dict) or "summary" not in meta:
+        return None, f"{META} is not a stage record"
+    return meta, None
 
 
 def stage_key(*parts: Any) -> str:
@@ -45,21 +90,26 @@ class StageRunner:
         key = stage_key(key_parts, [self.keys[d] for d in depends])
         self.pending[name] = key
         d = self.root / name
-        meta_file = d / "stage.json"
+        meta_file = d / META
         if meta_file.exists():
-            meta = json.loads(meta_file.read_text())
-            if meta.get("key") == key:
-                self.log(f"[{name}] cached ({meta.get('seconds', 0):.0f} s when computed)")
-                self.keys[name], self.summaries[name] = key, meta["summary"]
-                self.timings[name] = meta.get("seconds", 0.0)
-                self.cached.append(name)
-                return meta["summary"]
+            meta, why = _read_meta(meta_file)
+            if meta is not None and meta.get("key") == key:
+                why = cache_damage(d, meta)
+                if why is None:
+                    self.log(f"[{name}] cached ({meta.get('seconds', 0):.0f} s when computed)")
+                    self.keys[name], self.summaries[name] = key, meta["summary"]
+                    self.timings[name] = meta.get("seconds", 0.0)
+                    self.cached.append(name)
+                    return meta["summary"]
+            if why is not None:
+                self.log(f"[{name}] the cached stage in {d} is damaged ({why}): recomputing it")
         self.log(f"[{name}] running ...")
         t0 = time.perf_counter()
         with atomic_dir(d, keep_existing=False) as tmp:
             summary = fn(tmp)
             secs = time.perf_counter() - t0
-            atomic_write_json(tmp / "stage.json", {"key": key, "seconds": round(secs, 2), "summary": summary})
+            atomic_write_json(tmp / META, {"key": key, "seconds": round(secs, 2), "summary": summary,
+                                          "files": fingerprint(tmp)})
         for stale in self.root.glob(f".{name}-*.partial"):  # this run's progress, and any other config's
             shutil.rmtree(stale, ignore_errors=True)
         self.log(f"[{name}] done in {secs:.0f} s")

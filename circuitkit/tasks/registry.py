@@ -210,6 +210,17 @@ def task_record(task: Task) -> dict[str, Any]:
     return record
 
 
+def task_identity(task: Task) -> dict[str, Any]:
+    """What makes two tasks the same for a cache key: a task file's content and class (not where the file
+    lies, so a moved case folder keeps its caches), else the spec."""
+    record = task_record(task)
+    if "file_sha256" in record:
+        return {"class": record["spec"].rpartition(":")[2], "file_sha256": record["file_sha256"]}
+    if record["spec"].startswith(PROMPT_PAIRS):
+        return {"prompt_pairs_sha256": file_sha256(Path(record["spec"][len(PROMPT_PAIRS):]))}
+    return record
+
+
 def check_same_task(meta: dict[str, Any], task: Task, where: str) -> None:
     """An artefact (hypotheses, verification) made for another task than ``task`` is refused by name: its sites
     and features would mean something else.  Compares the recorded spec (and a task file's sha256) when the
