@@ -32,7 +32,9 @@ from tests import bad_files
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "case_studies" / "models"
 GOOD_SUM = "B615+861=1476E"
-FAST = settings(max_examples=12, deadline=None, derandomize=True,
+#: a generated example that runs longer than this fails: no input may make circuitkit hang
+DEADLINE_MS = 30_000
+FAST = settings(max_examples=12, deadline=DEADLINE_MS, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
@@ -514,7 +516,7 @@ def test_property_site_strings_parse_or_refuse(text):
     assert parse_site(str(site)) == site
 
 
-@settings(max_examples=8, deadline=None, derandomize=True,
+@settings(max_examples=8, deadline=DEADLINE_MS, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(st.text(alphabet=SITE_ALPHABET, min_size=1, max_size=16))
 def test_property_patch_site_strings(add_model, text):
@@ -557,7 +559,7 @@ def _mutations(valid: str, alphabet: str) -> st.SearchStrategy[str]:
     )
 
 
-@settings(max_examples=150, deadline=None, derandomize=True)
+@settings(max_examples=150, deadline=DEADLINE_MS, derandomize=True)
 @given(st.one_of(_mutations(GOOD_SUM, "0123456789B+=EPx"), st.text(alphabet="0123456789B+=EP", max_size=16)))
 def test_property_addition_inputs(text):
     """check_input accepts exactly what the independent oracle calls an addition input."""
@@ -571,7 +573,7 @@ def test_property_addition_inputs(text):
     assert accepted == _addition_oracle(text), text
 
 
-@settings(max_examples=150, deadline=None, derandomize=True)
+@settings(max_examples=150, deadline=DEADLINE_MS, derandomize=True)
 @given(_mutations("Bvvzccvczvvvzvcvc|v:8E", "abcvz|:123456789BEP"))
 def test_property_counting_inputs(text):
     task = get_task("counting")
@@ -583,7 +585,7 @@ def test_property_counting_inputs(text):
     assert accepted == _counting_oracle(text), text
 
 
-@settings(max_examples=60, deadline=None, derandomize=True)
+@settings(max_examples=60, deadline=DEADLINE_MS, derandomize=True)
 @given(st.lists(st.sampled_from(["<bos>", "<eos>", "Then", ",", ".", "Mary", "John", "Alice", "went", "to", "the",
                                  "store", "gave", "a", "drink", "and"]), max_size=20))
 def test_property_ioi_inputs(words):
@@ -637,7 +639,7 @@ TOML_KEYS = [("decoder", "minutes"), ("decoder", "steps"), ("decoder", "n_per_ce
              ("inversion", "queries"), ("", "seed")]
 
 
-@settings(max_examples=120, deadline=None, derandomize=True)
+@settings(max_examples=120, deadline=DEADLINE_MS, derandomize=True)
 @given(st.sampled_from(TOML_KEYS), TOML_VALUES, st.booleans())
 def test_property_toml_values(tmp_path_factory, key, value, quick):
     """A generated value for a case key: loaded with the declared type and a value in range, or refused
@@ -664,7 +666,7 @@ def test_property_toml_values(tmp_path_factory, key, value, quick):
         assert isinstance(got, get_origin(hint) or hint)
 
 
-@settings(max_examples=25, deadline=None, derandomize=True)
+@settings(max_examples=25, deadline=DEADLINE_MS, derandomize=True)
 @given(st.lists(st.sampled_from(TOML_KEYS[:10]), min_size=2, max_size=4, unique=True))
 def test_property_every_toml_error_reported(tmp_path_factory, keys):
     """Several mistyped keys at once: every one of them is named in the single message."""

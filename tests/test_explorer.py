@@ -282,3 +282,25 @@ def test_a_remote_bind_needs_allow_remote(capsys):
 
     assert main(["serve", str(MODEL), "--host", "0.0.0.0", "--port", "0"]) == 2
     assert "pass --allow-remote" in capsys.readouterr().err
+
+
+def test_twenty_concurrent_clients_get_answers_or_429_never_a_5xx():
+    """The load benchmark's driver for 10 s (`benchmarks/explorer_load.py` runs it for a minute): every request
+    is answered, nothing fails inside, every job finishes or is refused with 429, and memory stays bounded."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("explorer_load", REPO / "benchmarks" / "explorer_load.py")
+    load = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load)
+    proc, base = load.start_server(MODEL)
+    try:
+        result = load.drive(base, clients=20, seconds=10)
+        peak = load.peak_memory_mb(proc.pid)
+    finally:
+        load.stop_server(proc)
+    assert result["server_errors_5xx"] == 0 and result["connection_errors"] == 0, result
+    jobs = result["jobs"]
+    assert jobs.get("started", 0) >= 1 and jobs.get("done", 0) + jobs.get("error", 0) == jobs["started"], jobs
+    assert "unfinished" not in jobs and jobs.get("refused_429", 0) >= 1  # the bound on work in flight held
+    assert set(result["statuses"]) <= {"200", "202", "400", "429"}, result["statuses"]
+    assert peak is None or peak < 3000, peak  # MB: bounded (about 0.7 GB measured)

@@ -46,6 +46,8 @@ class _Reject(Exception):
 
 class ExplorerServer(ThreadingHTTPServer):
     daemon_threads = True
+    #: connections the kernel queues before accept (the default 5 resets clients of a busy page: 20 at once)
+    request_queue_size = 128
 
     def __init__(self, explorer: Explorer, host: str = "127.0.0.1", port: int = 0, quiet: bool = True,
                  token: str | None = None) -> None:
