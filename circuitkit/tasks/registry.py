@@ -223,16 +223,22 @@ def task_identity(task: Task) -> dict[str, Any]:
 
 def check_same_task(meta: dict[str, Any], task: Task, where: str) -> None:
     """An artefact (hypotheses, verification) made for another task than ``task`` is refused by name: its sites
-    and features would mean something else.  Compares the recorded spec (and a task file's sha256) when the
-    artefact has one, else the bare name."""
+    and features would mean something else.  Compares the recorded reference when the artefact has one (a task
+    file by class and content, wherever it lies now), else the bare name."""
     mine = task_record(task)
     ref = meta.get("task_ref") if isinstance(meta.get("task_ref"), dict) else None
-    recorded = str(ref.get("spec")) if ref and ref.get("spec") else str(meta.get("task", ""))
-    same = (recorded == mine["spec"] and ref.get("file_sha256") == mine.get("file_sha256")) if ref and ref.get(
-        "spec") else recorded in ("", task.name)
+
+    def identity(record: dict[str, Any]) -> tuple:
+        spec = str(record.get("spec", ""))
+        return (spec.rpartition(":")[2], record["file_sha256"]) if record.get("file_sha256") else (spec,)
+
+    if ref and ref.get("spec"):
+        recorded, same = str(ref["spec"]), identity(ref) == identity(mine)
+    else:
+        recorded = str(meta.get("task", ""))
+        same = recorded in ("", task.name)
     if not same:
-        raise CircuitkitError(f"{where!r} was made for task {recorded!r}, but the model solves {mine['spec']!r}"
-                              f"{' (the task file changed since)' if recorded == mine['spec'] else ''}; "
+        raise CircuitkitError(f"{where!r} was made for task {recorded!r}, but the model solves {mine['spec']!r}; "
                               "rerun the step that wrote it on this model")
 
 
