@@ -306,3 +306,23 @@ def test_a_damaged_trusted_list_is_named(tmp_path, monkeypatch):
     (tmp_path / trust.ALLOWLIST_FILE).unlink()
     load_task(SPEC)
     assert json.loads((tmp_path / trust.ALLOWLIST_FILE).read_text())["files"]  # the user's word is remembered
+
+
+def test_commands_trusting_files_at_once_all_keep_their_entries(tmp_path, monkeypatch):
+    """The trusted list is read, changed and written under a file lock: four processes that start together and
+    add 40 files each leave all 160 (without the lock, their read-modify-writes lose entries)."""
+    import subprocess
+    import sys
+    import time
+
+    from circuitkit.tasks import trust
+
+    monkeypatch.setenv(trust.CACHE_ENV, str(tmp_path))
+    start = time.time() + 4  # after every process has imported circuitkit
+    code = ("import sys, time; from pathlib import Path; from circuitkit.tasks import trust\n"
+            f"time.sleep(max(0, {start} - time.time()))\n"
+            "for i in range(40): trust.trust(Path(f'/x/{sys.argv[1]}_{i}.py'), f'{sys.argv[1]}{i:063d}')\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(k)]) for k in range(1, 5)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    files = json.loads((tmp_path / trust.ALLOWLIST_FILE).read_text())["files"]
+    assert len(files) == 160 and all(trust.is_trusted(f"{k}{i:063d}") for k in range(1, 5) for i in range(40))

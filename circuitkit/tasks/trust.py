@@ -65,18 +65,23 @@ def is_trusted(sha256: str) -> bool:
 
 def trust(file: Path, sha256: str) -> None:
     """Record that the user named ``file`` (content ``sha256``) themselves; idempotent, atomic."""
+    from filelock import FileLock
+
     from circuitkit.io_utils import atomic_write_json
 
-    files = _read()
-    if sha256 in files:
+    if sha256 in _read():
         return
-    files[sha256] = {"path": str(file), "trusted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    path = allowlist_path()
     try:
-        atomic_write_json(allowlist_path(), {"version": 1, "files": files})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock", timeout=30):  # two commands trusting at once both keep their entry
+            files = _read()
+            files.setdefault(sha256, {"path": str(file), "trusted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            atomic_write_json(path, {"version": 1, "files": files})
     except OSError as e:  # a read-only home must not stop the user's own command; the file simply is not remembered
         import warnings
 
-        warnings.warn(f"could not record trusted task file in {str(allowlist_path())!r}: {e}", stacklevel=2)
+        warnings.warn(f"could not record trusted task file in {str(path)!r}: {e}", stacklevel=2)
 
 
 def recorded_files_trusted() -> bool:
