@@ -95,7 +95,8 @@ def _circuit(args: argparse.Namespace) -> Output:
         lines.append(f"  {a} -> {b}  [{dd['feature']}] effect {float(dd['effect']):.2f} (CI low {float(dd['ci_low']):.2f})")
     fmt = lambda v: "n/a" if v is None or v != v else f"{v:.3f}"  # noqa: E731
     lines.append("faithfulness, normalised logit difference (C − ∅) / (M − ∅) [95% CI]: " +
-                 ", ".join(f"{k} {fmt(v)} [{fmt(ev.faithfulness_normalized_ci[k][0])}, "
+                 ", ".join(f"{k} undefined (m(M) <= m(∅): left out of all)" if v != v else
+                           f"{k} {fmt(v)} [{fmt(ev.faithfulness_normalized_ci[k][0])}, "
                            f"{fmt(ev.faithfulness_normalized_ci[k][1])}]" for k, v in ev.faithfulness_normalized.items()))
     ef = (edge_eval or {}).get("faithfulness_normalized", {})
     lines.append("edge-level faithfulness (nodes talk only along the edges): " +

@@ -57,7 +57,10 @@ a head inside a residual bundle of C, stays live in both).
                         of C still cover, e.g. a head inside a residual bundle of C: removing it removes nothing)
     minimal           = every node's pooled minimality > min_contribution
 95% CIs: percentile bootstrap over inputs (inputs resampled with replacement, every ratio
-recomputed on each resample).  A ratio whose denominator is ~0 is undefined (null).
+recomputed on each resample).  A ratio whose denominator is ~0 is undefined (null).  A normalisation is
+undefined for an answer where m(M) <= m(∅) (or KL(∅) <= KL_MIN): the full model does no better there than
+the ablated one, so the ratio says nothing (an EOS that every input ends with); such answers are reported
+as undefined and left out of the pooled "all".
 """
 from __future__ import annotations
 
@@ -82,6 +85,9 @@ RESID_KINDS = {"resid_pre", "resid_mid", "resid_post"}
 METRICS = ("logit_diff", "accuracy", "kl")
 CONDITIONS = ("full", "empty", "circuit", "complement")
 _EPS = 1e-9
+#: below this mean KL(∅) (nats) ablating everything leaves an answer's distribution as it was: 1 − KL(C)/KL(∅)
+#: would divide by noise, so the normalised KL is undefined there
+KL_MIN = 1e-4
 
 DEFINITIONS = (__doc__ or "").split("\n", 1)[1].strip()
 
@@ -583,21 +589,43 @@ class AblationEvaluator:
         with np.errstate(divide="ignore", invalid="ignore"):
             return (self._boot_w @ self._sums(values)) / (self._boot_w @ self._counts)
 
+    def defined_targets(self, metric: str = "logit_diff") -> list[str]:
+        """Answers whose normalisation means something: the full model beats the fully ablated one on them
+        (m(M) > m(∅)), or for KL, ablating everything moves their distribution (KL(∅) > ``KL_MIN``).  The
+        others are undefined (null, "undefined" in reports) and left out of "all"."""
+        m, e = self.means(self.full.metric(metric)), self.means(self.empty.metric(metric))
+        if metric == "kl":
+            return [k for k in self.target_names if e[k] == e[k] and e[k] > KL_MIN]
+        return [k for k in self.target_names if m[k] == m[k] and e[k] == e[k] and m[k] - e[k] > _EPS]
+
+    def _pooled(self, values: np.ndarray, cols: list[int]) -> tuple[dict[str, float], np.ndarray]:
+        """Means per target and "all" pooled over the columns ``cols`` only, with their bootstrap [B, T + 1]."""
+        sums, counts = self._sums(values), self._counts.copy().astype(float)
+        sums[:, -1], counts[:, -1] = sums[:, cols].sum(1), counts[:, cols].sum(1)
+        tot, cnt = sums.sum(0), counts.sum(0)
+        point = {k: _ratio(tot[j], cnt[j]) for j, k in enumerate(self.target_names + ["all"])}
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return point, (self._boot_w @ sums) / (self._boot_w @ counts)
+
     def normalized(self, scores: Scores, metric: str = "logit_diff",
                    ci: bool = True) -> tuple[dict[str, float], dict[str, list[float]]]:
-        """Normalised faithfulness of ``scores`` per target and "all", with bootstrap CIs."""
+        """Normalised faithfulness of ``scores`` per target and "all" (pooled over the answers whose
+        normalisation is defined, ``defined_targets``; NaN for the others), with bootstrap CIs."""
         keys = self.target_names + ["all"]
-        c, m, e = scores.metric(metric), self.full.metric(metric), self.empty.metric(metric)
-        mc, mm, me = self.means(c), self.means(m), self.means(e)
+        defined = set(self.defined_targets(metric))
+        cols = [j for j, k in enumerate(self.target_names) if k in defined]
+        (mc, bc), (mm, bm), (me, be) = (self._pooled(x, cols) for x in (
+            scores.metric(metric), self.full.metric(metric), self.empty.metric(metric)))
         if metric == "kl":
             point = {k: 1.0 - _ratio(mc[k], me[k]) for k in keys}
         else:
             point = {k: _ratio(mc[k] - me[k], mm[k] - me[k]) for k in keys}
+        point = {k: (v if k in defined or (k == "all" and cols) else float("nan")) for k, v in point.items()}
         if not ci:
             return point, {}
-        bc, bm, be = self.boot_means(c), self.boot_means(m), self.boot_means(e)
         boot = 1.0 - _ratio_arr(bc, be) if metric == "kl" else _ratio_arr(bc - be, bm - be)
-        return point, {k: _ci(boot[:, j]) for j, k in enumerate(keys)}
+        return point, {k: (_ci(boot[:, j]) if point[k] == point[k] else [float("nan"), float("nan")])
+                       for j, k in enumerate(keys)}
 
     def faithfulness(self, keep_sites: Iterable[Site | str], metric: str = "logit_diff") -> dict[str, float]:
         """Normalised faithfulness (no CI) of a circuit, per target and "all"."""

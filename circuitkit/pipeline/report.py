@@ -154,6 +154,13 @@ def _ci_text(point: Any, ci: Any) -> str:
     return f"{_fmt(point)} [{_fmt(ci[0])}, {_fmt(ci[1])}]"
 
 
+def _normalized_text(point: Any, ci: Any) -> str:
+    """A normalised faithfulness with its CI, or "undefined" (null or NaN: see ``circuit/evaluate.py``)."""
+    if point is None or (isinstance(point, float) and point != point):
+        return "undefined"
+    return _ci_text(point, ci)
+
+
 def screen_section(report: Report, res: dict[str, Any], ctx: RunContext) -> None:
     import numpy as np
 
@@ -255,16 +262,17 @@ def circuit_section(report: Report, res: dict[str, Any], ctx: RunContext) -> Non
         rows = []
         for t in ev["target_names"] + ["all"]:
             n = ev["normalized"]
-            rows.append([t, _ci_text(n["logit_diff"].get(t), ev["normalized_ci"]["logit_diff"].get(t)),
-                         _ci_text(n["accuracy"].get(t), ev["normalized_ci"]["accuracy"].get(t)),
-                         _ci_text(n["kl"].get(t), ev["normalized_ci"]["kl"].get(t)),
+            rows.append([t, *(_normalized_text(n[m].get(t), ev["normalized_ci"][m].get(t)) for m in
+                              ("logit_diff", "accuracy", "kl")),
                          _fmt(ev["means"]["logit_diff"]["full"].get(t), 2),
                          _fmt(ev["means"]["logit_diff"]["empty"].get(t), 2),
                          _fmt(ev["means"]["logit_diff"]["circuit"].get(t), 2), _fmt(ev["completeness"].get(t))])
         s3.add(Table(["answer", "faithfulness, logit difference [95% CI]", "accuracy (normalised)",
                       "KL (1 − KL(C)/KL(∅))", "m(M) LD", "m(∅) LD", "m(C) LD", "completeness"], rows,
                      caption=f"Node-level evaluation by aligned resample ablation (n = {ev['n']} inputs; "
-                             f"minimal: {ev['minimal']})"))
+                             f"minimal: {ev['minimal']}). A normalisation is undefined on an answer where the full "
+                             "model does no better than the fully ablated one (m(M) <= m(∅), or KL(∅) ≈ 0); such "
+                             "answers are left out of all."))
         s3.add(Table(["node", "minimality (all) [95% CI]"],
                      [[k, _ci_text(v.get("all"), ev["minimality_ci"].get(k, {}).get("all"))]
                       for k, v in ev["minimality"].items()], caption="Per-node minimality"))
