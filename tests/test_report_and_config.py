@@ -128,3 +128,20 @@ def test_a_rerendered_report_keeps_the_readers_notes_and_nothing_else_stale(tmp_
     assert (out / "README.md").read_text() == "notes on this report\n"
     assert not (out / "stale.png").exists()
     assert "second" in (out / "report.md").read_text()
+
+
+def test_a_site_group_is_one_row_of_the_verified_table():
+    """Members of a site group share one test: one row naming the group (not one row per member with the same
+    numbers); a single node keeps its own row and says what made its predictions."""
+    from circuitkit.pipeline.report import verified_node_rows
+
+    group = ["a0.0@=", "a1.1@="]
+    common = {"features": ["F1+S1"], "targets": ["A1"], "iia": 0.965, "iia_ci": [0.9, 0.99], "effect": 0.375,
+              "hold": ["layout"], "confirmed": True, "group": group, "prediction": ["data-driven g(f, D)"]}
+    nodes = [{"site": s, **common} for s in group]
+    nodes.append({"site": "a1.0@:", "features": ["count(query)"], "targets": ["answer"], "iia": 1.0,
+                  "iia_ci": [0.97, 1.0], "effect": 0.9, "hold": [], "confirmed": None, "group": [],
+                  "prediction": ["causal model: token edit"]})
+    rows = verified_node_rows(nodes)
+    assert [r[0] for r in rows] == ["a0.0@= & a1.1@=", "a1.0@:"]
+    assert rows[0][3] == "0.965 [0.900, 0.990]" and rows[1][-1] == "causal model: token edit"
