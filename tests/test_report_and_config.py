@@ -145,3 +145,25 @@ def test_a_site_group_is_one_row_of_the_verified_table():
     rows = verified_node_rows(nodes)
     assert [r[0] for r in rows] == ["a0.0@= & a1.1@=", "a1.0@:"]
     assert rows[0][3] == "0.965 [0.900, 0.990]" and rows[1][-1] == "causal model: token edit"
+
+
+def test_a_whole_story_claim_is_judged_on_the_verified_nodes_alone(tmp_path):
+    """A claim with a list of paths holds only when every value does; an undefined value never holds."""
+    from types import SimpleNamespace
+
+    from circuitkit.pipeline.analysis import evaluate_claims
+
+    claim = {"claim": "whole story", "kind": "circuit", "path": ["verified_faithfulness/all", "explained_share"],
+             "min": 0.9}
+
+    def judge(circuit: dict) -> str:
+        ctx = SimpleNamespace(work=tmp_path, cfg=SimpleNamespace(paper_claims=[claim]), results={"circuit": circuit})
+        return evaluate_claims(ctx)["whole story"]
+
+    grown = {"evaluation": {"faithfulness_normalized": {"all": 0.95}}}  # the grown circuit is faithful ...
+    assert judge({**grown, "verified_faithfulness": {"all": 0.96}, "explained_share": 1.0}).startswith("holds")
+    no = judge({**grown, "verified_faithfulness": {"all": 0.14}, "explained_share": 0.15})  # ... its labels are not
+    assert no.startswith("does not hold") and "verified_faithfulness/all = 0.140" in no
+    assert judge({**grown, "verified_faithfulness": {"all": float("nan")}, "explained_share": 0.95}).startswith(
+        "does not hold (verified_faithfulness/all = undefined")
+    assert judge(grown).startswith("not evaluated")

@@ -139,8 +139,11 @@ def stage_circuit(ctx: RunContext, runner: StageRunner) -> None:
                                 progress=ctx.progress, claims=claims)
         ev = disc.evaluation.to_dict() if disc.evaluation else None
         edge_tests = disc.graph.graph.pop("edge_tests", [])
+        # the verified nodes alone (growth's first step): what "the whole story" claims are judged on
+        verified_only = disc.growth.steps[0]["faithfulness"] if disc.growth and disc.growth.steps else None
         extra = {"case": cfg.name, "evaluation": ev, "edge_evaluation": disc.edge_evaluation,
-                 "explained_share": disc.explained_share, "edge_tests": edge_tests,
+                 "explained_share": disc.explained_share, "verified_faithfulness": verified_only,
+                 "edge_tests": edge_tests,
                  "growth": disc.growth.to_dict() if disc.growth else None,
                  "curve": disc.curve.to_dict() if disc.curve else None}
         files = export_all(disc.graph, d, "circuit", extra=extra)
@@ -153,7 +156,7 @@ def stage_circuit(ctx: RunContext, runner: StageRunner) -> None:
                 "files": {k: Path(v).name for k, v in files.items()}, "evaluation": ev,
                 "edge_evaluation": disc.edge_evaluation, "growth": disc.growth.to_dict() if disc.growth else None,
                 "curve": disc.curve.to_dict() if disc.curve else None, "explained_share": disc.explained_share,
-                "edge_tests": edge_tests,
+                "verified_faithfulness": verified_only, "edge_tests": edge_tests,
                 "random_model": ver["settings"].get("random_model")}
 
     depends = ("model", "decoder") if h.source == "decoder" else ("model",)
@@ -215,7 +218,8 @@ def evaluate_claims(ctx: RunContext) -> dict[str, str]:
     kind = "finding": the value at ``path`` (``/``-separated, in the group-patching findings)
     must be true, or lie within [``min``, ``max``];
     kind = "circuit": the same for a value in the circuit stage's results (e.g.
-    ``evaluation/faithfulness_normalized/all``)."""
+    ``evaluation/faithfulness_normalized/all``, or ``verified_faithfulness/all``: the verified nodes alone);
+    ``path`` may be a list, every value of which must hold (an undefined one does not)."""
     out: dict[str, str] = {}
     ver = None
     vfile = ctx.work / "circuit" / "verification.json"
@@ -241,15 +245,26 @@ def evaluate_claims(ctx: RunContext) -> dict[str, str]:
                                f"carrying {' or '.join(feats)}{iia_txt}")
         elif kind in ("finding", "circuit"):
             src = ctx.results.get("groups", {}).get("findings", {}) if kind == "finding" else ctx.results.get("circuit", {})
-            val = _lookup(src, c["path"])
-            if val is None:
+            paths = c["path"] if isinstance(c["path"], list) else [c["path"]]  # a list: every value must hold
+            lo, hi = float(c.get("min", "-inf")), float(c.get("max", "inf"))
+            parts, verdicts = [], []
+            for path in paths:
+                val = _lookup(src, path)
+                if val is None or (isinstance(val, float) and val != val):
+                    parts.append(f"{path} = undefined")
+                    verdicts.append(None)
+                elif isinstance(val, bool):
+                    parts.append(f"{path} = {val}")
+                    verdicts.append(val)
+                else:
+                    parts.append(f"{path} = {float(val):.3f}")
+                    verdicts.append(lo <= float(val) <= hi)
+            expected = "" if all(isinstance(_lookup(src, p), bool) for p in paths) else f", expected [{lo}, {hi}]"
+            if all(v is None for v in verdicts):
                 out[claim] = f"not evaluated (no {'group patching' if kind == 'finding' else 'circuit'} result)"
-            elif isinstance(val, bool):
-                out[claim] = f"{'holds' if val else 'does not hold'} ({c['path']} = {val})"
             else:
-                lo, hi = float(c.get("min", "-inf")), float(c.get("max", "inf"))
-                ok = lo <= float(val) <= hi
-                out[claim] = f"{'holds' if ok else 'does not hold'} ({c['path']} = {float(val):.3f}, expected [{lo}, {hi}])"
+                ok = all(v is True for v in verdicts)
+                out[claim] = f"{'holds' if ok else 'does not hold'} ({'; '.join(parts)}{expected})"
     return out
 
 

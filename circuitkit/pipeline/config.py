@@ -346,8 +346,10 @@ def _check_claims(claims: list[dict[str, Any]], where: str, errors: list[str]) -
                 if not (isinstance(v, str) or (isinstance(v, list) and v and all(isinstance(x, str) for x in v))):
                     errors.append(f"{label}: {key} must be a string or a list of strings, got {v!r}")
         else:
-            if not isinstance(c.get("path"), str):
-                errors.append(f"{label}: kind = {kind!r} needs path = \"a/b/c\" (a string)")
+            path = c.get("path")
+            if not (isinstance(path, str) or (isinstance(path, list) and path and all(isinstance(x, str)
+                                                                                     for x in path))):
+                errors.append(f"{label}: kind = {kind!r} needs path = \"a/b/c\" (a string, or a list of them)")
             for key in ("min", "max"):
                 v = c.get(key)
                 if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
