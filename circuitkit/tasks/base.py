@@ -11,15 +11,15 @@ from __future__ import annotations
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
 import torch
 
 from circuitkit.errors import CircuitkitError, choices_hint
+from circuitkit.tasks.features import Feature, Tokens
 
-Tokens = Sequence[str]
 """An input as its list of token strings, BOS first, padding included."""
 
 LAYOUT = "layout"
@@ -143,26 +143,6 @@ class Target:
     position: int
     token: int
     wrong: int | None = None
-
-
-@dataclass(frozen=True)
-class Feature:
-    """A named function of an input's token list; ``None`` means "undefined for this input".
-
-    ``reads`` names the positions (named or indices) of the tokens the feature *is*, for a token-level
-    variable (``F2`` is the token at ``F2``; an index variable is the token that names the index): the
-    generic causal model sets it to a source's value by copying those tokens (``verification/causal.py``)."""
-
-    name: str
-    fn: Callable[[Tokens], Hashable | None] = field(compare=False)
-    description: str = ""
-    reads: tuple[str | int, ...] = ()
-
-    def __call__(self, tokens: Tokens) -> Hashable | None:
-        try:
-            return self.fn(tokens)
-        except (IndexError, ValueError, KeyError):
-            return None
 
 
 class Task(ABC):
@@ -317,7 +297,7 @@ class Task(ABC):
         """Task features plus the generic ones every task gets for free."""
         cached = self.__dict__.get("_features_cache")
         if cached is None:
-            from circuitkit.hypotheses.features import generic_features
+            from circuitkit.tasks.features import generic_features
 
             cached = {f.name: f for f in generic_features(self)}
             cached.update({f.name: f for f in self.task_features()})
