@@ -201,6 +201,7 @@ def verified_node_rows(nodes: list[dict[str, Any]]) -> list[list[Any]]:
 
 
 def circuit_section(report: Report, res: dict[str, Any], ctx: RunContext) -> None:
+    """Hypotheses (this part), then ``verification_part`` and ``circuit_part`` from the circuit stage's files."""
     s = report.section("Hypotheses, verification and the circuit")
     if "skipped" in res:
         s.add(f"Skipped: {res['skipped']}.")
@@ -219,7 +220,12 @@ def circuit_section(report: Report, res: dict[str, Any], ctx: RunContext) -> Non
     s.add(Table(["site", "feature", "agreement", "baseline", "lift", "kappa", "q (BH)"],
                 [[h["site"], h["feature"], h["agreement"], h["baseline"], h["lift"], h["kappa"], h["q_value"]]
                  for h in top], caption="Accepted hypotheses, ranked (top 30)"))
+    verification_part(report, ver, res)
+    circuit_part(report, res, d)
 
+
+def verification_part(report: Report, ver: dict[str, Any], res: dict[str, Any]) -> None:
+    """The verified nodes (learned and architectural), the rejected tests and the null controls."""
     s2 = report.section("Verification by interchange on fair pairs")
     s2.add(f"Rules: {ver.get('thresholds_text', '')}.")
 
@@ -257,6 +263,9 @@ def circuit_section(report: Report, res: dict[str, Any], ctx: RunContext) -> Non
                           f"{rm.get('distinct_predictions')} distinct predictions, the most common on "
                           f"{_fmt(rm.get('top_share'), 2)} of answers.") if rm else "Null controls beside every test"))
 
+
+def circuit_part(report: Report, res: dict[str, Any], d: Path) -> None:
+    """The circuit: growth, its picture, node- and edge-level evaluation, the MIB curve and every edge test."""
     s3 = report.section("The circuit")
     growth, ev = res.get("growth") or {}, res.get("evaluation")
     s3.add(f"Circuit growth starts from the {len(growth.get('start', []))} verified node sites and adds components "

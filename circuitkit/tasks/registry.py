@@ -266,11 +266,16 @@ def task_from_record(record: dict[str, Any] | None, name: str | None, where: str
         return task
     spec = str(record["spec"]).strip()
     inside = Path(where).resolve()
-    if spec.startswith(PROMPT_PAIRS) or ":" not in spec:  # data, or a built-in / installed name: no code of its own
-        if ":" not in spec and _load_named(spec) is None:
+    if spec.startswith(PROMPT_PAIRS):  # data, not code
+        from circuitkit.tasks.prompt_pairs import PromptPairsTask
+
+        return PromptPairsTask(Path(spec[len(PROMPT_PAIRS):]).expanduser(), model_dir if model_dir is not None else where)
+    if ":" not in spec:  # a built-in or installed name
+        task = _load_named(spec)
+        if task is None:
             raise CircuitkitError(f"{where!r} names task {spec!r}, which is neither built in nor installed "
                                   f"(valid: {choices_hint(task_names())}); {hint}")
-        return _resolve(spec, None, model_dir if model_dir is not None else where, _refuse_unrecorded(where))
+        return task
     target, cls_name = _split_spec(spec)
     if not _is_file_target(target):
         found = importlib.util.find_spec(target.split(".")[0]) if target.split(".")[0] else None
@@ -304,10 +309,3 @@ def task_from_record(record: dict[str, Any] | None, name: str | None, where: str
                                   f"on this machine; {consent}")
 
     return _load_file_class(file, cls_name, spec, check)
-
-
-def _refuse_unrecorded(where: str) -> FileCheck:
-    def check(path: Path, digest: str) -> None:  # pragma: no cover - only file specs reach a file check
-        raise CircuitkitError(f"{where!r} names the task file {str(path)!r} in an unexpected form; pass --task")
-
-    return check
