@@ -176,7 +176,7 @@ def build_circuit(model: ProbedModel, verification: VerificationReport, target: 
     settings = CircuitSettings(target=target, min_edge=min_edge, edge_pairs=edge_pairs, eval_inputs=eval_inputs)
     ver = InterchangeVerifier(model, n_inputs=inputs, seed=seed)
     parts = assemble_circuit(model, ver, verification, settings, seed, progress)
-    return make_circuit(parts, {"controls_summary": verification.controls_summary()})
+    return make_circuit(parts, {"controls_summary": parts.loop.verification.controls_summary()})
 
 
 # ---- whole case studies ------------------------------------------------------------------------

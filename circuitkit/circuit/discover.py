@@ -11,11 +11,12 @@ from typing import Any
 
 import networkx as nx
 
+from circuitkit.circuit.close_loop import Hypothesize, LoopResult, close_the_loop, node_sites
 from circuitkit.circuit.edges_eval import edge_faithfulness
 from circuitkit.circuit.evaluate import AblationEvaluator, CircuitEvaluation, evaluate_circuit, site_role
 from circuitkit.circuit.export import export_all, to_json_dict
 from circuitkit.circuit.graph import CircuitNode, build_circuit
-from circuitkit.circuit.grow import FaithfulnessCurve, GrowthResult, faithfulness_curve, grow_circuit, named_components
+from circuitkit.circuit.grow import FaithfulnessCurve, GrowthResult, faithfulness_curve, named_components
 from circuitkit.hypotheses.preimage_sources import PoolPreimage, PreimageSource
 from circuitkit.hypotheses.records import HypothesisReport, Thresholds
 from circuitkit.hypotheses.scoring import generate_hypotheses
@@ -39,6 +40,7 @@ class CircuitSettings:
     eval_inputs: int = 1000
     completeness_subsets: int = 20
     positions: Sequence[str] | None = None  # growth candidates' positions (default: every named one)
+    loop_rounds: int = 2  # rounds of re-examining the nodes growth adds (close_loop.py); 0: growth only
 
 
 @dataclass
@@ -77,12 +79,29 @@ class Circuit(JsonResult):
         return export_all(self.graph, out_dir, extra=self.extra(), picture=picture)
 
 
-def make_circuit(parts: tuple, info: dict[str, Any] | None = None) -> Circuit:
+@dataclass
+class Assembly:
+    """What ``assemble_circuit`` builds: the graph, its evaluation, the (final) growth, curves, the explained
+    share overall and per answer, and the closed loop (the verification with the nodes it added)."""
+
+    graph: nx.DiGraph
+    evaluation: CircuitEvaluation
+    growth: GrowthResult
+    curve: FaithfulnessCurve
+    edge_evaluation: dict[str, Any]
+    explained_share: float | None
+    explained_shares: dict[str, float | None]
+    loop: LoopResult
+
+
+def make_circuit(parts: Assembly, info: dict[str, Any] | None = None) -> Circuit:
     """A ``Circuit`` from what ``assemble_circuit`` returns (the graph's edge tests move into ``info``)."""
-    g, ev, growth, curve, edge_eval, share = parts
     info = dict(info or {})
-    info["edge_tests"] = g.graph.pop("edge_tests", [])
-    return Circuit(g, ev, growth, curve, edge_eval, share, info)
+    info["edge_tests"] = parts.graph.graph.pop("edge_tests", [])
+    info["explained_share_per_answer"] = parts.explained_shares
+    info["loop"] = parts.loop.to_dict()
+    return Circuit(parts.graph, parts.evaluation, parts.growth, parts.curve, parts.edge_evaluation,
+                   parts.explained_share, info)
 
 
 @dataclass
@@ -96,6 +115,8 @@ class Discovery:
     edge_evaluation: dict[str, Any] | None = None
     explained_share: float | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    explained_shares: dict[str, float | None] = field(default_factory=dict)
+    loop: LoopResult | None = None
 
     def summary(self) -> dict[str, Any]:
         vr = self.verification
@@ -105,39 +126,48 @@ class Discovery:
                 "n_unexplained_nodes": len(self.growth.added) if self.growth else 0,
                 "controls": vr.controls_summary(),
                 "faithfulness_normalized": self.evaluation.faithfulness_normalized if self.evaluation else None,
-                "explained_share": self.explained_share, "timings_s": self.timings}
+                "explained_share": self.explained_share, "explained_share_per_answer": self.explained_shares,
+                "n_examined_by_loop": len(self.loop.examined) if self.loop else 0, "timings_s": self.timings}
 
     def circuit(self) -> Circuit:
         """The circuit part of this discovery as a ``Circuit`` (controls and timings in its info)."""
         assert self.evaluation is not None and self.growth is not None and self.curve is not None
-        return make_circuit((self.graph, self.evaluation, self.growth, self.curve, self.edge_evaluation or {},
-                             self.explained_share),
-                            {"controls_summary": self.verification.controls_summary(), "timings_s": self.timings})
+        assert self.loop is not None
+        parts = Assembly(self.graph, self.evaluation, self.growth, self.curve, self.edge_evaluation or {},
+                         self.explained_share, self.explained_shares, self.loop)
+        return make_circuit(parts, {"controls_summary": self.verification.controls_summary(),
+                                    "timings_s": self.timings})
 
 
-def _node_sites(vr: VerificationReport) -> list[str]:
-    return list(dict.fromkeys(n.site for n in vr.nodes))
-
-
-def _share(verified_only: dict[str, float], whole: dict[str, float]) -> float | None:
-    a, b = verified_only.get("all"), whole.get("all")
-    if a is None or b is None or a != a or b != b or abs(b) < 1e-9:
-        return None
-    return round(float(a / b), 4)
+def explained_shares(verified_only: dict[str, float], whole: dict[str, float]) -> dict[str, float | None]:
+    """{answer or "all": faithfulness of the verified nodes alone / of the whole circuit}; None where either is
+    undefined or the whole circuit's is ~0."""
+    out: dict[str, float | None] = {}
+    for k, b in whole.items():
+        a = verified_only.get(k)
+        ok = a is not None and b is not None and a == a and b == b and abs(b) >= 1e-9
+        out[k] = round(float(a / b), 4) if ok else None
+    return out
 
 
 def assemble_circuit(pm: ProbedModel, verifier: InterchangeVerifier, vr: VerificationReport,
                      settings: CircuitSettings | None = None, seed: int = 0, progress: bool = False,
-                     timings: dict[str, float] | None = None) -> tuple[nx.DiGraph, CircuitEvaluation, GrowthResult,
-                                                                     FaithfulnessCurve, dict[str, Any], float | None]:
-    """Verified nodes -> growth to the faithfulness target -> graph -> node/edge evaluation and curves."""
+                     timings: dict[str, float] | None = None, hypothesize: Hypothesize | None = None,
+                     hypotheses: HypothesisReport | None = None) -> Assembly:
+    """Verified nodes -> growth to the faithfulness target, the grown nodes re-examined (``close_loop``) ->
+    graph -> node/edge evaluation and curves.  ``hypothesize`` (default: exact ε-preimages from a pool of task
+    inputs, ``PoolPreimage``) makes hypotheses for the grown sites; ``hypotheses`` are the first pass's."""
     cs = settings or CircuitSettings()
     t = timings if timings is not None else {}
     t0 = time.perf_counter()
     ev = AblationEvaluator(pm, n=cs.eval_inputs, seed=seed)
-    start = _node_sites(vr)
-    growth = grow_circuit(ev, start, named_components(ev, cs.positions), target=cs.target)
-    t["grow"] = round(time.perf_counter() - t0, 1)
+    if hypothesize is None and cs.loop_rounds > 0:
+        hypothesize = pool_hypothesize(pm, seed=seed)
+    loop = close_the_loop(ev, verifier, vr, named_components(ev, cs.positions), cs.target, hypothesize, hypotheses,
+                          max_rounds=cs.loop_rounds, model_name=vr.model, progress=progress)
+    vr, growth = loop.verification, loop.growth
+    start = node_sites(vr)
+    t["grow_and_reexamine"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
     nodes: list[Any] = list(vr.nodes) + [CircuitNode.unexplained(s) for s in growth.added]
     g = build_circuit(verifier, nodes, min_edge=cs.min_edge, n_pairs=cs.edge_pairs, progress=progress)
@@ -149,10 +179,27 @@ def assemble_circuit(pm: ProbedModel, verifier: InterchangeVerifier, vr: Verific
     edge_eval = edge_faithfulness(ev, sites, edges)
     edge_eval = edge_eval.to_dict() if hasattr(edge_eval, "to_dict") else edge_eval
     curve = faithfulness_curve(ev, growth)
-    share = _share(ev.faithfulness(start) if start else {"all": 0.0}, evaluation.faithfulness_normalized)
+    verified_only = ev.faithfulness(start) if start else {k: 0.0 for k in evaluation.faithfulness_normalized}
+    shares = explained_shares(verified_only, evaluation.faithfulness_normalized)
+    share = shares.get("all")
     t["evaluate"] = round(time.perf_counter() - t0, 1)
     g.graph["explained_share"] = -1.0 if share is None else share
-    return g, evaluation, growth, curve, edge_eval, share
+    return Assembly(g, evaluation, growth, curve, edge_eval, share, shares, loop)
+
+
+def pool_hypothesize(pm: ProbedModel, pool: int = 20000, n_queries: int = 60, seed: int = 0,
+                     thresholds: Thresholds | None = None) -> Hypothesize:
+    """Hypotheses for any sites from exact ε-preimages in a pool of task inputs (built on first use)."""
+    cache: dict[str, PreimageSource] = {}
+
+    def run(sites: Sequence[Site]) -> HypothesisReport:
+        if "pool" not in cache:
+            cache["pool"] = PoolPreimage(pm, pool_size=pool, seed=seed)
+        test = list(pm.task.split("test"))
+        queries = random.Random(seed).sample(test, min(n_queries, len(test)))
+        return generate_hypotheses(pm, sites, queries, cache["pool"], thresholds=thresholds, seed=seed)
+
+    return run
 
 
 def discover_circuit(pm: ProbedModel, sites: Sequence[Site], n_queries: int = 60, pool: int = 20000,
@@ -175,8 +222,15 @@ def discover_circuit(pm: ProbedModel, sites: Sequence[Site], n_queries: int = 60
     ver = InterchangeVerifier(pm, n_inputs=n_inputs, n_pairs=n_pairs, thresholds=verify_thresholds, seed=seed)
     vr = verify_hypotheses(ver, hyp.hypotheses, model_name=model_name, progress=progress, claims=claims)
     t["verify"] = round(time.perf_counter() - t0, 1)
-    g, evaluation, growth, curve, edge_eval, share = assemble_circuit(pm, ver, vr, cs, seed, progress, t)
-    return Discovery(hyp, vr, g, evaluation, growth, curve, edge_eval, share, t)
+
+    def hypothesize(more: Sequence[Site]) -> HypothesisReport:
+        return generate_hypotheses(pm, more, queries, src, thresholds=thresholds, seed=seed, model_name=model_name)
+
+    a = assemble_circuit(pm, ver, vr, cs, seed, progress, t, hypothesize=hypothesize, hypotheses=hyp)
+    loop = a.loop
+    return Discovery(loop.hypotheses or hyp, loop.verification, a.graph, a.evaluation, a.growth, a.curve,
+                     a.edge_evaluation, a.explained_share, t, a.explained_shares, loop)
 
 
-__all__ = ["Circuit", "CircuitSettings", "Discovery", "make_circuit", "assemble_circuit", "discover_circuit", "EXPLAINED_SHARE", "site_role"]
+__all__ = ["Circuit", "CircuitSettings", "Discovery", "make_circuit", "assemble_circuit", "discover_circuit", "EXPLAINED_SHARE", "site_role", "Assembly",
+           "explained_shares", "pool_hypothesize"]

@@ -143,7 +143,8 @@ def stage_circuit(ctx: RunContext, runner: StageRunner) -> None:
         verified_only = disc.growth.steps[0]["faithfulness"] if disc.growth and disc.growth.steps else None
         extra = {"case": cfg.name, "evaluation": ev, "edge_evaluation": disc.edge_evaluation,
                  "explained_share": disc.explained_share, "verified_faithfulness": verified_only,
-                 "edge_tests": edge_tests,
+                 "explained_share_per_answer": disc.explained_shares,
+                 "loop": disc.loop.to_dict() if disc.loop else None, "edge_tests": edge_tests,
                  "growth": disc.growth.to_dict() if disc.growth else None,
                  "curve": disc.curve.to_dict() if disc.curve else None}
         files = export_all(disc.graph, d, "circuit", extra=extra)
@@ -156,7 +157,8 @@ def stage_circuit(ctx: RunContext, runner: StageRunner) -> None:
                 "files": {k: Path(v).name for k, v in files.items()}, "evaluation": ev,
                 "edge_evaluation": disc.edge_evaluation, "growth": disc.growth.to_dict() if disc.growth else None,
                 "curve": disc.curve.to_dict() if disc.curve else None, "explained_share": disc.explained_share,
-                "verified_faithfulness": verified_only, "edge_tests": edge_tests,
+                "verified_faithfulness": verified_only, "explained_share_per_answer": disc.explained_shares,
+                "loop": disc.loop.to_dict() if disc.loop else None, "edge_tests": edge_tests,
                 "random_model": ver["settings"].get("random_model")}
 
     depends = ("model", "decoder") if h.source == "decoder" else ("model",)

@@ -136,6 +136,21 @@ class AdditionTask(Task):
             out.append(Target("EOS", prev, VOCAB.eos_id))
         return out
 
+    def answers(self, tokens: Tokens) -> dict[str, int] | None:
+        """The causal model's answers: the digits of a + b, and EOS after them, on an input whose written
+        answer has the sum's length (else None: the answer would sit at other positions)."""
+        try:
+            a, b = operands(tokens)
+            written = self.positions(tokens)
+        except (ValueError, IndexError):
+            return None
+        total = str(a + b)
+        if sum(f"A{k}" in written for k in range(1, 5)) != len(total):
+            return None
+        out = {f"A{k}": VOCAB.id_of(d) for k, d in enumerate(total, 1)}
+        out["EOS"] = VOCAB.eos_id
+        return out
+
     def loss_mask(self, ids: torch.Tensor) -> torch.Tensor:
         """Train on the answer digits and EOS only (read at ``=`` onwards).
 
@@ -232,8 +247,10 @@ class AdditionTask(Task):
     def task_features(self) -> list[Feature]:
         feats: list[Feature] = []
         for k in range(1, 4):
-            feats.append(Feature(f"F{k}", lambda t, k=k: digit(operands(t)[0], k), f"digit {k} of the first operand"))
-            feats.append(Feature(f"S{k}", lambda t, k=k: digit(operands(t)[1], k), f"digit {k} of the second operand"))
+            feats.append(Feature(f"F{k}", lambda t, k=k: digit(operands(t)[0], k), f"digit {k} of the first operand",
+                                 reads=(f"F{k}",)))
+            feats.append(Feature(f"S{k}", lambda t, k=k: digit(operands(t)[1], k), f"digit {k} of the second operand",
+                                 reads=(f"S{k}",)))
             feats.append(
                 Feature(
                     f"F{k}+S{k}",

@@ -129,6 +129,15 @@ class CountingTask(Task):
         pos = self.positions(tokens)
         return [Target("count", pos[":"], VOCAB.id_of(tokens[pos["ANS"]]))]
 
+    def answers(self, tokens: Tokens) -> dict[str, int] | None:
+        """The causal model's answer: how often the query letter occurs in the string (None when it does not
+        occur or occurs more than 9 times: no count token says so)."""
+        try:
+            n = _body(tokens).count(_query(tokens))
+        except (ValueError, IndexError):
+            return None
+        return {"count": VOCAB.id_of(str(n))} if 1 <= n <= 9 else None
+
     def loss_mask(self, ids: torch.Tensor) -> torch.Tensor:
         """Only the count is trained (as in the paper): the position of ``:``."""
         return ids == VOCAB.id_of(":")
@@ -209,7 +218,7 @@ class CountingTask(Task):
     def task_features(self) -> list[Feature]:
         return [
             Feature("count(query)", lambda t: _body(t).count(_query(t)), "how often the query letter occurs"),
-            Feature("query", _query, "the query letter"),
+            Feature("query", _query, "the query letter", reads=("Q",)),
             Feature("n_letters", lambda t: len(_body(t)), "length of the letter string"),
             Feature("query_in_string", lambda t: _query(t) in _body(t), "the query letter occurs at all"),
         ]

@@ -382,6 +382,16 @@ class IOITask(Task):
         io_tok, s_tok = tokens[p.layout.io2], tokens[p.layout.s2]
         return [Target("IO", p.layout.io2 - 1, self.vocab.id_of(io_tok), wrong=self.vocab.id_of(s_tok))]
 
+    def answers(self, tokens: Tokens) -> dict[str, int] | None:
+        """The causal model's answer, computed from the prompt (not the written final name): the first-clause
+        name that S2 does not repeat.  None for an ABC prompt or a first clause naming one person twice."""
+        try:
+            p = self._parse(tokens)
+            io = p.io
+        except (ValueError, KeyError, IndexError):
+            return None
+        return {"IO": self.vocab.id_of(self._token_of[io])}
+
     def loss_mask(self, ids: torch.Tensor) -> torch.Tensor:
         """Only the answer is trained: True at END, the position before the last non-special token.
 
@@ -467,7 +477,7 @@ class IOITask(Task):
             Feature("names", lambda t: "+".join(sorted((parse(t).io, parse(t).s2))),
                     "the two names of the prompt, whatever their roles"),
             Feature("IO", lambda t: parse(t).io, "the indirect object (the first-clause name not repeated)"),
-            Feature("S", lambda t: parse(t).s2, "the subject (the repeated name)"),
+            Feature("S", lambda t: parse(t).s2, "the subject (the repeated name)", reads=("S2",)),
             Feature("ABBA_or_BABA", lambda t: parse(t).family, "template family: first clause IO S (ABBA) or S IO"),
             Feature("IO_first", lambda t: parse(t).family == "ABBA", "IO appears before S1"),
             Feature("place", lambda t: parse(t).place, "the place"),

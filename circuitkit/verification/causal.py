@@ -11,8 +11,7 @@ uses for every other variable and says so).
 """
 from __future__ import annotations
 
-import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from circuitkit.errors import CircuitkitError
@@ -108,30 +107,16 @@ class TokenEditPrediction:
 
 
 def fit_token_edit(task: Task, table: Mapping[str, AnyFeature], features: Sequence[str], target: str,
-                   tokens: Sequence[Tokens], site_positions: Sequence[int | None], layouts: Sequence[object],
-                   seed: int = 0, n_pairs: int = 400) -> TokenEditPrediction | None:
+                   pairs: Iterable[tuple[Tokens, Tokens, int]]) -> TokenEditPrediction | None:
     """The token-edit prediction for ``target``, with ``relevance`` = how often the edit moves that answer on
-    sampled same-layout pairs (the caller treats relevance < ``min_relevance`` as "the variables do not
-    matter for it"); None when fewer than 20 pairs could be edited and answered (no verdict: fall back).
-    ``tokens``: the verifier's inputs; ``site_positions``: the site's index in each (None where absent)."""
-    rows = [i for i, p in enumerate(site_positions) if p is not None]
-    by_layout: dict[object, list[int]] = {}
-    for i in rows:
-        by_layout.setdefault(layouts[i], []).append(i)
-    rng = random.Random(seed)
+    ``pairs`` (base tokens, source tokens, the site's index in the base): the fair pairs the tests draw from, so
+    that the variables are judged under the same held-fixed context (IOI's S is set among the base's own two
+    names).  The caller treats relevance < ``min_relevance`` as "the variables do not matter for it"; None when
+    fewer than 20 pairs could be edited and answered (no verdict: fall back to the data-driven model)."""
     changed = total = 0
-    for _ in range(n_pairs):
-        if not rows:
-            break
-        i = rng.choice(rows)
-        peers = by_layout[layouts[i]]
-        if len(peers) < 2:
-            continue
-        j = rng.choice(peers)
-        if j == i:
-            continue
-        base_ans = answers_of(task, tokens[i])
-        edited = edit(task, table, features, tokens[i], tokens[j], site_positions[i])  # type: ignore[arg-type]
+    for base, source, position in pairs:
+        base_ans = answers_of(task, base)
+        edited = edit(task, table, features, base, source, position)
         new_ans = None if edited is None else answers_of(task, edited)
         if not base_ans or not new_ans or target not in base_ans or target not in new_ans:
             continue

@@ -290,15 +290,27 @@ class InterchangeVerifier:
         if token_editable(self.task, self.features, features):
             key = ("token_edit", site.position, tuple(features), target)
             if key not in self._answer_models:
-                positions = [self.coder.position(t, site.position) for t in self.inputs]
-                layouts = [self.code(LAYOUT, t, site.position) for t in self.inputs]
-                self._answer_models[key] = fit_token_edit(self.task, self.features, features, target, self.tokens,
-                                                          positions, layouts, seed=self.seed)
+                self._answer_models[key] = fit_token_edit(self.task, self.features, features, target,
+                                                          self.edit_pairs(site, features))
             edit_model = self._answer_models[key]
             if edit_model is not None:  # decided by the causal model: no data-driven second opinion
                 assert isinstance(edit_model, TokenEditPrediction)
                 return edit_model if edit_model.relevance >= self.th.min_relevance else None
         return self._data_driven_model(site, features, target)
+
+    def edit_pairs(self, site: Site, features: Sequence[str], n: int = 400) -> list[tuple[list[str], list[str], int]]:
+        """(base tokens, source tokens, site index) for up to ``n`` bases of the inputs with one of their fair
+        sources each (the cached candidates the tests draw from): where the causal model's relevance is judged."""
+        hold = self.task.holds_fixed(features, site.position)
+        rows = [i for i in range(len(self.inputs)) if self.coder.position(self.inputs[i], site.position) is not None]
+        random.Random(self.seed).shuffle(rows)
+        out = []
+        for i in rows[:n]:
+            cands = self.candidates(i, hold)
+            src = self.coder.tokens(cands[0]) if cands else None
+            if src is not None:
+                out.append((self.tokens[i], src, self.site_index(i, site)))
+        return out
 
     def _data_driven_model(self, site: Site, features: Sequence[str], target: str) -> AnswerModel | None:
         """answer(target) = g(features, D) on the inputs (see ``circuitkit.verification.answers``), or None."""
