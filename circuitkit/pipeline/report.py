@@ -264,6 +264,24 @@ def verification_part(report: Report, ver: dict[str, Any], res: dict[str, Any]) 
                           f"{_fmt(rm.get('top_share'), 2)} of answers.") if rm else "Null controls beside every test"))
 
 
+def _per_answer_shares(res: dict[str, Any]) -> str:
+    """"; per answer: A1 0.95, ..." when there is more than one answer."""
+    per = {k: v for k, v in (res.get("explained_share_per_answer") or {}).items() if k != "all"}
+    return "; per answer: " + ", ".join(f"{k} {_fmt(v)}" for k, v in per.items()) if len(per) > 1 else ""
+
+
+def _loop_text(res: dict[str, Any]) -> str:
+    """What closing the loop did: the grown nodes re-examined by hypotheses and verification, and the result."""
+    loop = res.get("loop") or {}
+    if not loop.get("rounds"):
+        return " Every node growth added had already been examined (or none was added)."
+    return (f" Before any node is called unexplained, the nodes growth added go back through hypotheses and "
+            f"verification (alone, as joint features and as site groups): {len(loop['examined'])} examined in "
+            f"{len(loop['rounds'])} round(s), {len(loop['verified'])} gained a verified label "
+            f"({', '.join(loop['verified']) or 'none'}); still unexplained after being tested: "
+            f"{', '.join(loop['still_unexplained']) or 'none'}.")
+
+
 def circuit_part(report: Report, res: dict[str, Any], d: Path) -> None:
     """The circuit: growth, its picture, node- and edge-level evaluation, the MIB curve and every edge test."""
     s3 = report.section("The circuit")
@@ -273,7 +291,7 @@ def circuit_part(report: Report, res: dict[str, Any], d: Path) -> None:
            f"the target on every answer; it added **{len(growth.get('added', []))}** unexplained node(s): "
            f"{', '.join(growth.get('added', [])) or 'none'}. Share of the circuit's effect that verified features "
            f"explain: **{_fmt(res.get('explained_share'))}** (faithfulness of the verified nodes alone / of the "
-           f"whole circuit).")
+           f"whole circuit)" + _per_answer_shares(res) + "." + _loop_text(res))
     png = d / "circuit.png"
     if png.exists():
         s3.add(Figure("circuit", png.read_bytes(), "The circuit: verified nodes with the features they carry, "
@@ -365,9 +383,15 @@ def manifest_section(report: Report, manifest: dict[str, Any]) -> None:
 
 def build_report(ctx: RunContext, manifest: dict[str, Any]) -> Report:
     cfg = ctx.cfg
-    report = Report(f"circuitkit case study: {cfg.name}",
-                    f"{cfg.description} {'Quick settings (smoke run).' if cfg.quick else 'Full settings.'}")
     r = ctx.results
+    circ = r.get("circuit") or {}
+    headline = ""
+    if (circ.get("evaluation") or {}).get("faithfulness_normalized"):
+        headline = (f" Circuit faithfulness {_fmt(circ['evaluation']['faithfulness_normalized'].get('all'))}; share "
+                    f"the verified labels explain {_fmt(circ.get('explained_share'))}"
+                    f"{_per_answer_shares(circ)}.")
+    report = Report(f"circuitkit case study: {cfg.name}",
+                    f"{cfg.description} {'Quick settings (smoke run).' if cfg.quick else 'Full settings.'}{headline}")
     if "model" in r:
         model_section(report, r["model"])
     if "decoder" in r:
