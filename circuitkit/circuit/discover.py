@@ -89,9 +89,13 @@ class Assembly:
     growth: GrowthResult
     curve: FaithfulnessCurve
     edge_evaluation: dict[str, Any]
-    explained_share: float | None
     explained_shares: dict[str, float | None]
     loop: LoopResult
+
+    @property
+    def explained_share(self) -> float | None:
+        """The share over all answers (``explained_shares["all"]``)."""
+        return self.explained_shares.get("all")
 
 
 def make_circuit(parts: Assembly, info: dict[str, Any] | None = None) -> Circuit:
@@ -134,7 +138,7 @@ class Discovery:
         assert self.evaluation is not None and self.growth is not None and self.curve is not None
         assert self.loop is not None
         parts = Assembly(self.graph, self.evaluation, self.growth, self.curve, self.edge_evaluation or {},
-                         self.explained_share, self.explained_shares, self.loop)
+                         self.explained_shares, self.loop)
         return make_circuit(parts, {"controls_summary": self.verification.controls_summary(),
                                     "timings_s": self.timings})
 
@@ -184,7 +188,7 @@ def assemble_circuit(pm: ProbedModel, verifier: InterchangeVerifier, vr: Verific
     share = shares.get("all")
     t["evaluate"] = round(time.perf_counter() - t0, 1)
     g.graph["explained_share"] = -1.0 if share is None else share
-    return Assembly(g, evaluation, growth, curve, edge_eval, share, shares, loop)
+    return Assembly(g, evaluation, growth, curve, edge_eval, shares, loop)
 
 
 def pool_hypothesize(pm: ProbedModel, pool: int = 20000, n_queries: int = 60, seed: int = 0,
