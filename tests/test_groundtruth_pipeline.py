@@ -198,9 +198,10 @@ def test_interchange_uses_patching_engine_and_matches_fallback(tiny_addition_mod
 
 
 def test_redundant_heads_verify_only_as_a_group():
-    """Three heads copy x2 equally: no head alone moves the answer, so each fails the one-site test;
-    patched together they verify (the group grows from two: two of three already outvote the third), and
-    the group is confirmed on held-out inputs; the null controls verify nothing."""
+    """Three heads copy x2 equally: no head alone moves the answer, so none verifies alone at the answer level
+    (each does at the logit level: it pushes the answer towards the source's x2); patched together they verify
+    on the answer (the group grows from two: two of three already outvote the third), and the group is
+    confirmed on held-out inputs; the null controls verify nothing."""
     task = CopyTask()
     pm = copy_model(task, n_heads=3)
     ids = task.encode(task.split("test"))
@@ -212,16 +213,19 @@ def test_redundant_heads_verify_only_as_a_group():
     assert {(s, "tok@2") for s in heads + ["x0.post@="]} <= {(h.site, h.feature) for h in rep.accepted()}
     vr = verify_hypotheses(InterchangeVerifier(pm, n_inputs=2000, seed=0), rep.hypotheses)
     alone = [v for v in vr.verdicts if v.features == ("tok@2",) and v.site in heads]
-    assert len(alone) == 3 and not any(v.verified or v.necessary_targets for v in alone)
+    assert len(alone) == 3 and not any(v.necessary_targets for v in alone)
+    assert all(v.level == "logit" and v.targets[0].graded_iia.ci_low > 0.9 for v in alone)
     groups = [v for v in vr.verdicts if " & " in v.site and v.features == ("tok@2",)]
     assert groups[0].site.count(" & ") == 1 and set(groups[0].site.split(" & ")) < set(heads) and groups[0].verified
     assert [v.split for v in groups] == ["search", "confirm"] and groups[1].verified
     assert all("x0.post@=" not in v.site for v in groups)  # the residual stream is never a group member
     assert any(n.site == "x0.post@=" and not n.group for n in vr.nodes)  # it holds everything: verified alone
-    nodes = [n for n in vr.nodes if "tok@2" in n.features and n.site in heads]
+    nodes = [n for n in vr.nodes if "tok@2" in n.features and n.site in heads and n.group]
     assert len(nodes) == 2 and all(len(n.group) == 2 and n.site in n.group for n in nodes)
     assert nodes[0].group == nodes[1].group and set(nodes[0].group) < set(heads)
-    assert all(n.targets == ("copy",) and n.iia > 0.9 for n in nodes)
+    assert all(n.targets == ("copy",) and n.iia > 0.9 and n.level == "answer" for n in nodes)
+    third = [n for n in vr.nodes if n.site in set(heads) - set(nodes[0].group) and "tok@2" in n.features]
+    assert len(third) == 1 and third[0].level == "logit" and not third[0].group  # alone, at the logit level
     assert not vr.controls_verified
     ctrl_groups = [v for v in vr.controls if " & " in v.site]
     assert len(ctrl_groups) == 2 * len(groups)  # both null controls beside every group test

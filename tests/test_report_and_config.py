@@ -145,6 +145,7 @@ def test_a_site_group_is_one_row_of_the_verified_table():
     rows = verified_node_rows(nodes)
     assert [r[0] for r in rows] == ["a0.0@= & a1.1@=", "a1.0@:"]
     assert rows[0][3] == "0.965 [0.900, 0.990]" and rows[1][-1] == "causal model: token edit"
+    assert rows[0][4] == "answer"  # nodes saved before levels existed were verified on the answer
 
 
 def test_a_whole_story_claim_is_judged_on_the_verified_nodes_alone(tmp_path):

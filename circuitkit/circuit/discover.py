@@ -91,6 +91,8 @@ class Assembly:
     edge_evaluation: dict[str, Any]
     explained_shares: dict[str, float | None]
     loop: LoopResult
+    #: the same share with only the nodes verified on the answer (not those verified at the logit level)
+    answer_level_shares: dict[str, float | None] = field(default_factory=dict)
 
     @property
     def explained_share(self) -> float | None:
@@ -103,6 +105,7 @@ def make_circuit(parts: Assembly, info: dict[str, Any] | None = None) -> Circuit
     info = dict(info or {})
     info["edge_tests"] = parts.graph.graph.pop("edge_tests", [])
     info["explained_share_per_answer"] = parts.explained_shares
+    info["explained_share_answer_level"] = parts.answer_level_shares
     info["loop"] = parts.loop.to_dict()
     return Circuit(parts.graph, parts.evaluation, parts.growth, parts.curve, parts.edge_evaluation,
                    parts.explained_share, info)
@@ -121,6 +124,7 @@ class Discovery:
     timings: dict[str, float] = field(default_factory=dict)
     explained_shares: dict[str, float | None] = field(default_factory=dict)
     loop: LoopResult | None = None
+    answer_level_shares: dict[str, float | None] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         vr = self.verification
@@ -131,6 +135,8 @@ class Discovery:
                 "controls": vr.controls_summary(),
                 "faithfulness_normalized": self.evaluation.faithfulness_normalized if self.evaluation else None,
                 "explained_share": self.explained_share, "explained_share_per_answer": self.explained_shares,
+                "explained_share_answer_level": self.answer_level_shares,
+                "n_logit_level_nodes": sum(n.level == "logit" for n in vr.nodes),
                 "n_examined_by_loop": len(self.loop.examined) if self.loop else 0, "timings_s": self.timings}
 
     def circuit(self) -> Circuit:
@@ -138,7 +144,7 @@ class Discovery:
         assert self.evaluation is not None and self.growth is not None and self.curve is not None
         assert self.loop is not None
         parts = Assembly(self.graph, self.evaluation, self.growth, self.curve, self.edge_evaluation or {},
-                         self.explained_shares, self.loop)
+                         self.explained_shares, self.loop, self.answer_level_shares)
         return make_circuit(parts, {"controls_summary": self.verification.controls_summary(),
                                     "timings_s": self.timings})
 
@@ -185,10 +191,16 @@ def assemble_circuit(pm: ProbedModel, verifier: InterchangeVerifier, vr: Verific
     curve = faithfulness_curve(ev, growth)
     verified_only = ev.faithfulness(start) if start else {k: 0.0 for k in evaluation.faithfulness_normalized}
     shares = explained_shares(verified_only, evaluation.faithfulness_normalized)
+    answer_sites = list(dict.fromkeys(n.site for n in vr.nodes if n.level == "answer"))
+    if answer_sites == start:
+        answer_shares = dict(shares)
+    else:
+        answer_only = ev.faithfulness(answer_sites) if answer_sites else {k: 0.0 for k in shares}
+        answer_shares = explained_shares(answer_only, evaluation.faithfulness_normalized)
     share = shares.get("all")
     t["evaluate"] = round(time.perf_counter() - t0, 1)
     g.graph["explained_share"] = -1.0 if share is None else share
-    return Assembly(g, evaluation, growth, curve, edge_eval, shares, loop)
+    return Assembly(g, evaluation, growth, curve, edge_eval, shares, loop, answer_shares)
 
 
 def pool_hypothesize(pm: ProbedModel, pool: int = 20000, n_queries: int = 60, seed: int = 0,
@@ -233,7 +245,7 @@ def discover_circuit(pm: ProbedModel, sites: Sequence[Site], n_queries: int = 60
     a = assemble_circuit(pm, ver, vr, cs, seed, progress, t, hypothesize=hypothesize, hypotheses=hyp)
     loop = a.loop
     return Discovery(loop.hypotheses or hyp, loop.verification, a.graph, a.evaluation, a.growth, a.curve,
-                     a.edge_evaluation, a.explained_share, t, a.explained_shares, loop)
+                     a.edge_evaluation, a.explained_share, t, a.explained_shares, loop, a.answer_level_shares)
 
 
 __all__ = ["Circuit", "CircuitSettings", "Discovery", "make_circuit", "assemble_circuit", "discover_circuit", "EXPLAINED_SHARE", "site_role", "Assembly",

@@ -144,6 +144,7 @@ def stage_circuit(ctx: RunContext, runner: StageRunner) -> None:
         extra = {"case": cfg.name, "evaluation": ev, "edge_evaluation": disc.edge_evaluation,
                  "explained_share": disc.explained_share, "verified_faithfulness": verified_only,
                  "explained_share_per_answer": disc.explained_shares,
+                 "explained_share_answer_level": disc.answer_level_shares,
                  "loop": disc.loop.to_dict() if disc.loop else None, "edge_tests": edge_tests,
                  "growth": disc.growth.to_dict() if disc.growth else None,
                  "curve": disc.curve.to_dict() if disc.curve else None}
@@ -158,6 +159,7 @@ def stage_circuit(ctx: RunContext, runner: StageRunner) -> None:
                 "edge_evaluation": disc.edge_evaluation, "growth": disc.growth.to_dict() if disc.growth else None,
                 "curve": disc.curve.to_dict() if disc.curve else None, "explained_share": disc.explained_share,
                 "verified_faithfulness": verified_only, "explained_share_per_answer": disc.explained_shares,
+                "explained_share_answer_level": disc.answer_level_shares,
                 "loop": disc.loop.to_dict() if disc.loop else None, "edge_tests": edge_tests,
                 "random_model": ver["settings"].get("random_model")}
 
@@ -215,7 +217,8 @@ def evaluate_claims(ctx: RunContext) -> dict[str, str]:
     """The paper's claims (config ``[[paper_claims]]``) checked against this run's results.
 
     kind = "verified": ``site`` (one or a list) carries ``feature`` (one or a list) among the *learned*
-    verified nodes (architectural ones never count), with IIA >= ``min_iia`` if given; ``all_sites =
+    verified nodes verified on the answer (architectural ones and logit-level ones never count), with IIA >=
+    ``min_iia`` if given; ``all_sites =
     true`` demands every listed site;
     kind = "finding": the value at ``path`` (``/``-separated, in the group-patching findings)
     must be true, or lie within [``min``, ``max``];
@@ -237,7 +240,8 @@ def evaluate_claims(ctx: RunContext) -> dict[str, str]:
             feats = c["feature"] if isinstance(c["feature"], list) else [c["feature"]]
             min_iia = float(c.get("min_iia", 0.0))
             hit = [n for n in ver["nodes"] if n["site"] in sites and set(feats) & set(n["features"])
-                   and not n.get("architectural") and (n.get("iia") or 0.0) >= min_iia]
+                   and not n.get("architectural") and n.get("level", "answer") == "answer"
+                   and (n.get("iia") or 0.0) >= min_iia]
             found = {n["site"] for n in hit}
             ok = found >= set(sites) if c.get("all_sites") else bool(found)
             iia_txt = f" with IIA >= {min_iia}" if min_iia else ""

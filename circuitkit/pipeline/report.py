@@ -194,7 +194,7 @@ def verified_node_rows(nodes: list[dict[str, Any]]) -> list[list[Any]]:
             continue
         seen.add(key)
         rows.append([" & ".join(members), ", ".join(n["features"]), ", ".join(n["targets"]),
-                     _ci_text(n.get("iia"), n.get("iia_ci")), n["effect"], ", ".join(n.get("hold", [])) or "nothing",
+                     _ci_text(n.get("iia"), n.get("iia_ci")), n.get("level", "answer"), n["effect"], ", ".join(n.get("hold", [])) or "nothing",
                      "yes" if n.get("confirmed") else ("–" if n.get("confirmed") is None else "no"),
                      " / ".join(n.get("prediction", [])) or "–"])
     return rows
@@ -229,13 +229,14 @@ def verification_part(report: Report, ver: dict[str, Any], res: dict[str, Any]) 
     s2 = report.section("Verification by interchange on fair pairs")
     s2.add(f"Rules: {ver.get('thresholds_text', '')}.")
 
-    header = ["site (a group: patched together)", "features", "answers", "IIA [CI]", "effect",
+    header = ["site (a group: patched together)", "features", "answers", "IIA [CI]", "level", "effect",
               "fair sources held fixed", "held-out confirmation", "predicted by"]
     learned = [n for n in ver.get("nodes", []) if not n.get("architectural")]
     arch = [n for n in ver.get("nodes", []) if n.get("architectural")]
     s2.add(Table(header, verified_node_rows(learned),
                  caption="Learned findings: verified nodes (IIA is the main criterion; a site group verifies only "
-                         "patched together, as one row)"))
+                         "patched together, as one row; level \"logit\": a component that never flips the answer, "
+                         "whose IIA is the graded one on logits)"))
     s2.add(Table(header, verified_node_rows(arch),
                  caption="Architectural claims: verified on the real model AND on the random-init model (true by "
                          "construction; not counted as findings)"))
@@ -270,6 +271,17 @@ def _per_answer_shares(res: dict[str, Any]) -> str:
     return "; per answer: " + ", ".join(f"{k} {_fmt(v)}" for k, v in per.items()) if len(per) > 1 else ""
 
 
+def _level_text(res: dict[str, Any]) -> str:
+    """How much of the explained share rests on labels verified at the logit level (components that never flip
+    the answer), stated beside the share of the labels verified on the answer alone."""
+    nodes = (res.get("summary") or {}).get("n_logit_level_nodes")
+    answer = (res.get("explained_share_answer_level") or {}).get("all")
+    if not nodes:
+        return ""
+    return (f" {nodes} verified node(s) never flip the answer and carry their feature at the logit level (graded "
+            f"IIA); with the labels verified on the answer alone the share is {_fmt(answer)}.")
+
+
 def _loop_text(res: dict[str, Any]) -> str:
     """What closing the loop did: the grown nodes re-examined by hypotheses and verification, and the result."""
     loop = res.get("loop") or {}
@@ -291,7 +303,7 @@ def circuit_part(report: Report, res: dict[str, Any], d: Path) -> None:
            f"the target on every answer; it added **{len(growth.get('added', []))}** unexplained node(s): "
            f"{', '.join(growth.get('added', [])) or 'none'}. Share of the circuit's effect that verified features "
            f"explain: **{_fmt(res.get('explained_share'))}** (faithfulness of the verified nodes alone / of the "
-           f"whole circuit)" + _per_answer_shares(res) + "." + _loop_text(res))
+           f"whole circuit)" + _per_answer_shares(res) + "." + _level_text(res) + _loop_text(res))
     png = d / "circuit.png"
     if png.exists():
         s3.add(Figure("circuit", png.read_bytes(), "The circuit: verified nodes with the features they carry, "

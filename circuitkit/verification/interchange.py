@@ -16,6 +16,16 @@ context D on the task's inputs (``circuitkit.verification.answers``) — three t
 * **stable**: sources agreeing on f (in the same stratum) leave the prediction unchanged: change
   rate CI high ≤ ``max_change_agree``.
 
+A component that only adds margin (patching it never flips the answer, so it cannot "move") is judged at
+the **logit level** instead of by IIA, which would be 0 by construction.  Among f-differing pairs whose
+predicted answer y' differs from the base's y, take the shift of ℓ(y') against the median logit of the
+answer's other possible values (those the task ever gives; y itself where there is no other): the *graded
+IIA* is the share of that movement, summed over pairs, that is upward (CI low ≥ ``min_iia``).  The reference
+is the other answers, not y, because any patch that weakens y raises every alternative against it.
+Sources that agree on f must shift the base's margin (ℓ(y) against the same reference) by at most
+``max_shift_ratio`` of what differing sources shift it, the difference's CI above 0.  Such a node is
+"verified at the logit level" and reported as such.
+
 A feature that predicts no answer (no relevant target) cannot be verified, however much patching
 moves the output (a proxy such as the string's length).  Confidence intervals are Bonferroni-
 adjusted over the relevant answers of one test, so "verified on some answer" keeps its level.
@@ -43,7 +53,14 @@ from circuitkit.sites import Site, check_site, parse_site
 from circuitkit.tasks.base import LAYOUT
 from circuitkit.verification.answers import AnswerModel, FeatureCoder, fit_answer_model
 from circuitkit.verification.causal import TokenEditPrediction, fit_token_edit, token_editable
-from circuitkit.verification.stats import Estimate, proportion, proportion_diff
+from circuitkit.verification.stats import (
+    Estimate,
+    diff_estimate,
+    directional_share,
+    estimate,
+    proportion,
+    proportion_diff,
+)
 
 SPLITS = ("search", "confirm")
 
@@ -59,6 +76,8 @@ class VerifyThresholds:
     min_relevance: float = 0.1  # ... and D alone determines it on at least this share fewer
     max_context: int = 2  # |D| at most (besides what the pairs hold fixed)
     min_pairs: int = 30  # fewer pairs than this on either side: no verdict
+    max_shift_ratio: float = 0.5  # logit level: agreeing sources shift the margin by at most this share
+    logit_level: bool = True  # judge components that never flip the answer at the logit level
     confidence: float = 0.95  # family-wise over the relevant answers of one test (Bonferroni)
 
     def to_dict(self) -> dict[str, Any]:
@@ -72,7 +91,11 @@ class VerifyThresholds:
                 f"{self.max_context} task features, which alone determines >= {self.min_relevance} less): verified when IIA CI low >= {self.min_iia}, CI low of [change rate when f differs − change "
                 f"rate when f agrees] >= {self.min_effect} and CI high of the change rate when f agrees <= "
                 f"{self.max_change_agree}; {self.confidence:.0%} intervals, Bonferroni-adjusted over the answers of a "
-                f"test; >= {self.min_pairs} pairs per side; a feature that predicts no answer is never verified")
+                f"test; >= {self.min_pairs} pairs per side; a feature that predicts no answer is never verified"
+                + (f"; a component that never moves the answer is judged at the logit level instead: of the predicted "
+                   f"answer's logit movement against the answer's other values, summed over differing pairs, a share "
+                   f"with CI low >= {self.min_iia} is upward (graded IIA), and agreeing sources shift the base's "
+                   f"margin by <= {self.max_shift_ratio:.0%} of what differing sources do" if self.logit_level else ""))
 
 
 @dataclass
@@ -91,18 +114,38 @@ class TargetResult:
     moves: bool
     iia_ok: bool
     stable: bool
+    #: logit level (module doc): the upward share of the predicted answer's movement (graded IIA), and the mean
+    #: |shift| of the base's margin under differing / agreeing sources
+    graded_iia: Estimate | None = None
+    shift_differ: Estimate | None = None
+    shift_agree: Estimate | None = None
+    graded_ok: bool = False
 
     @property
     def relevant(self) -> bool:
         return self.answer_model is not None
 
     @property
+    def level(self) -> str | None:
+        """"answer" (IIA on the argmax), "logit" (a margin-only component, judged on logits) or None."""
+        if not (self.relevant and self.stable):
+            return None
+        if self.moves and self.iia_ok:
+            return "answer"
+        return "logit" if (not self.moves and self.graded_ok) else None
+
+    @property
     def verified(self) -> bool:
-        return self.relevant and self.moves and self.iia_ok and self.stable
+        return self.level is not None
+
+    @property
+    def verified_iia(self) -> Estimate | None:
+        """The IIA that verified (or would verify) this answer: the graded one at the logit level."""
+        return self.graded_iia if self.level == "logit" else self.iia
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["relevant"], d["verified"] = self.relevant, self.verified
+        d["relevant"], d["verified"], d["level"] = self.relevant, self.verified, self.level
         return d
 
 
@@ -128,11 +171,18 @@ class Verdict:
                 or list(self.targets))
         if not pool:
             return None
-        return max(pool, key=lambda r: ((r.iia.mean if r.iia else -1.0), (r.effect.mean if r.effect else -1.0)))
+        return max(pool, key=lambda r: (r.level == "answer", (r.verified_iia.mean if r.verified_iia else -1.0),
+                                        (r.effect.mean if r.effect else -1.0)))
+
+    @property
+    def level(self) -> str | None:
+        """"answer" when some answer verifies on the argmax, "logit" when only logit-level ones do, else None."""
+        levels = {r.level for r in self.targets if r.verified}
+        return "answer" if "answer" in levels else ("logit" if levels else None)
 
     def to_dict(self) -> dict[str, Any]:
         return {"site": self.site, "features": list(self.features), "condition": self.condition, "split": self.split,
-                "hold": list(self.hold), "verified": self.verified, "necessary_targets": self.necessary_targets,
+                "hold": list(self.hold), "verified": self.verified, "level": self.level, "necessary_targets": self.necessary_targets,
                 "verified_targets": self.verified_targets, "note": self.note, "confidence": self.confidence,
                 "targets": [t.to_dict() for t in self.targets]}
 
@@ -233,6 +283,15 @@ class InterchangeVerifier:
         with torch.no_grad():
             logits = pm.runner.logits(self.ids.to(pm.device))
         self.clean_pred = logits.argmax(-1).cpu()  # [N, pos]
+        #: per input, {answer position: clean logits [vocab]}, and per answer the tokens it takes on the inputs
+        #: (the logit-level criterion's reference)
+        self.clean_target_logits = [{t.position: logits[i, t.position].float().cpu() for t in ts}
+                                    for i, ts in enumerate(self.targets)]
+        self.answer_values: dict[str, list[int]] = {}
+        for ts in self.targets:
+            for t in ts:
+                self.answer_values.setdefault(t.name, set()).add(t.token)  # type: ignore[arg-type]
+        self.answer_values = {k: sorted(v) for k, v in self.answer_values.items()}
         self._answer_models: dict[tuple, AnswerModel | TokenEditPrediction | None] = {}
         self._candidates: dict[tuple, list[str]] = {}
         self._code_rows: dict[tuple, np.ndarray] = {}
@@ -422,11 +481,11 @@ class InterchangeVerifier:
             self._candidates[key] = got
         return got
 
-    def _patched_pred(self, sites: Sequence[Site], bases: Sequence[int], sources: Sequence[str]) -> Tensor:
+    def _patched_logits(self, sites: Sequence[Site], bases: Sequence[int], sources: Sequence[str]) -> Tensor:
+        """Logits [b, pos, vocab] of the bases with the sites patched from the sources (on the CPU)."""
         if not bases:
-            return torch.zeros(0, self.ids.shape[1], dtype=torch.long)
-        logits = interchange_logits(self.pm, self.ids[list(bases)], self.task.encode(list(sources)), list(sites))
-        return logits.argmax(-1).cpu()
+            return torch.zeros(0, self.ids.shape[1], 1)
+        return interchange_logits(self.pm, self.ids[list(bases)], self.task.encode(list(sources)), list(sites)).cpu()
 
     def site_index(self, row: int, site: Site) -> int:
         return self.task.resolve_position(site.position, self.tokens[row])
@@ -441,11 +500,12 @@ class InterchangeVerifier:
                     out.setdefault(t.name, []).append(float(pred[r, t.position] != self.clean_pred[i, t.position]))
         return {k: np.array(v) for k, v in out.items()}
 
-    def iia_hits(self, site: Site, features: Sequence[str], am: AnswerModel | TokenEditPrediction,
-                 bases: Sequence[int], sources: Sequence[str], pred: Tensor, shuffle: bool = False
-                 ) -> tuple[np.ndarray, int]:
-        """([k] 1.0 where the patched answer is what the features predict, n pairs without a prediction)."""
-        hits, missing = [], 0
+    def predictions(self, site: Site, features: Sequence[str], am: AnswerModel | TokenEditPrediction,
+                    bases: Sequence[int], sources: Sequence[str], shuffle: bool = False
+                    ) -> tuple[list[tuple[int, int, int, int]], int]:
+        """([(pair row, base row, answer position, predicted token)] for pairs whose answer ``am.target`` is read
+        at or after the site and for which the features predict an answer, n pairs without a prediction)."""
+        out, missing = [], 0
         for r, (i, src) in enumerate(zip(bases, sources)):
             t = next((t for t in self.targets[i] if t.name == am.target), None)
             p = self.site_index(i, site)
@@ -461,8 +521,47 @@ class InterchangeVerifier:
             if want is None:
                 missing += 1
                 continue
-            hits.append(float(int(pred[r, t.position]) == want))
-        return np.array(hits), missing
+            out.append((r, i, t.position, int(want)))
+        return out, missing
+
+    def iia_hits(self, site: Site, features: Sequence[str], am: AnswerModel | TokenEditPrediction,
+                 bases: Sequence[int], sources: Sequence[str], pred: Tensor, shuffle: bool = False
+                 ) -> tuple[np.ndarray, int]:
+        """([k] 1.0 where the patched answer [b, pos] is what the features predict, n pairs without a prediction)."""
+        wants, missing = self.predictions(site, features, am, bases, sources, shuffle)
+        return np.array([float(int(pred[r, pos]) == want) for r, _, pos, want in wants]), missing
+
+    def _reference(self, target: str, d: Tensor, *exclude: int) -> Tensor:
+        """The median logit shift [] over the answer's other values (``answer_values`` minus ``exclude``), or the
+        shift of the first excluded token where the answer has no other value."""
+        others = [a for a in self.answer_values.get(target, []) if a not in exclude]
+        return d[others].median() if others else d[exclude[-1]]
+
+    def directional_shifts(self, target: str, wants: Sequence[tuple[int, int, int, int]], logits: Tensor
+                           ) -> np.ndarray:
+        """Logit level: [k] shift of the predicted answer y' against the answer's other values, over the pairs of
+        ``wants`` (``predictions``) whose y' differs from the base's clean answer y."""
+        out = []
+        for r, i, pos, want in wants:
+            y = int(self.clean_pred[i, pos])
+            if want == y:
+                continue  # no direction to move in
+            d = logits[r, pos].float() - self.clean_target_logits[i][pos]  # [vocab]
+            out.append(float(d[want] - self._reference(target, d, want, y)))
+        return np.array(out)
+
+    def margin_shifts(self, site: Site, bases: Sequence[int], logits: Tensor) -> dict[str, np.ndarray]:
+        """{answer: [n] |shift| of the base's margin ℓ(y) against the answer's other values} (y its clean answer),
+        answers read at or after the site: how far a patch moves the base's own answer, flipped or not."""
+        out: dict[str, list[float]] = {}
+        for r, i in enumerate(bases):
+            p = self.site_index(i, site)
+            for t in self.targets[i]:
+                if t.position >= p:
+                    y = int(self.clean_pred[i, t.position])
+                    d = logits[r, t.position].float() - self.clean_target_logits[i][t.position]
+                    out.setdefault(t.name, []).append(abs(float(d[y] - self._reference(t.name, d, y))))
+        return {k: np.array(v) for k, v in out.items()}
 
     # ---- tests ----
     def downstream_targets(self, site: Site) -> list[str]:
@@ -514,8 +613,11 @@ class InterchangeVerifier:
             rng = random.Random(zlib.crc32(f"{label}|{'|'.join(features)}|{self.seed}|{split}|{shuffle}".encode()))
             self._pair_cache[key] = self.fair_pairs(site0, features, split, shuffle, rng)
         db, ds, ab, as_ = self._pair_cache[key]
-        pred_d, pred_a = self._patched_pred(sites, db, ds), self._patched_pred(sites, ab, as_)
+        logits_d, logits_a = self._patched_logits(sites, db, ds), self._patched_logits(sites, ab, as_)
+        pred_d, pred_a = logits_d.argmax(-1), logits_a.argmax(-1)
         ch_d, ch_a = self.changes(site0, db, pred_d), self.changes(site0, ab, pred_a)
+        if self.th.logit_level:
+            sh_d, sh_a = self.margin_shifts(site0, db, logits_d), self.margin_shifts(site0, ab, logits_a)
         models = {name: self.answer_model(site0, features, name) for name in self.target_names}
         k = max(1, sum(m is not None for name, m in models.items() if name in ch_d or name in ch_a))
         th = self.th
@@ -530,16 +632,28 @@ class InterchangeVerifier:
             e_a = proportion(xa, conf) if xa.size else None
             eff = proportion_diff(xd, xa, conf) if xd.size and xa.size else None
             am = models[name]
-            iia, cov = None, None
+            iia, cov, graded, wants = None, None, None, []
             if am is not None and db:
-                hits, missing = self.iia_hits(site0, features, am, db, ds, pred_d, shuffle)
+                wants, missing = self.predictions(site0, features, am, db, ds, shuffle)
+                hits = np.array([float(int(pred_d[r, pos]) == want) for r, _, pos, want in wants])
                 cov = float(hits.size / max(1, hits.size + missing))
                 iia = proportion(hits, conf) if hits.size else None
             moves = bool(enough and eff is not None and eff.ci_low >= th.min_effect)
             iia_ok = bool(enough and iia is not None and iia.n >= th.min_pairs and iia.ci_low >= th.min_iia)
             stable = bool(enough and e_a is not None and e_a.ci_high <= th.max_change_agree)
+            s_d = s_a = None
+            graded_ok = False
+            # the logit level judges what the argmax cannot: a relevant answer that the patch does not move
+            if th.logit_level and enough and wants and not moves and name in sh_d and name in sh_a:
+                g = self.directional_shifts(name, wants, logits_d)
+                graded = directional_share(g, conf) if g.size else None
+                s_d, s_a = estimate(sh_d[name], conf), estimate(sh_a[name], conf)
+                gap = diff_estimate(sh_d[name], sh_a[name], conf)
+                graded_ok = bool(graded is not None and graded.n >= th.min_pairs and graded.ci_low >= th.min_iia
+                                 and s_a.mean <= th.max_shift_ratio * s_d.mean and gap.ci_low > 0)
             results.append(TargetResult(name, int(xd.size), int(xa.size), e_d, e_a, eff, iia, cov,
-                                        am.to_dict() if am is not None else None, moves, iia_ok, stable))
+                                        am.to_dict() if am is not None else None, moves, iia_ok, stable,
+                                        graded, s_d, s_a, graded_ok))
         nec = [r.target for r in results if r.moves]
         ver = [r.target for r in results if r.verified]
         notes = []

@@ -51,6 +51,9 @@ class VerifiedNode:
     #: how the predictions behind its IIA were made (``verification/causal.py``: the task's causal model, else
     #: the data-driven g(f, D)), per verified answer
     prediction: tuple[str, ...] = ()
+    #: "answer": IIA on the argmax; "logit": a component that never flips the answer, verified by the graded
+    #: (logit-level) IIA that ``iia`` then holds (``verification/interchange.py``)
+    level: str = "answer"
 
     @property
     def learned(self) -> bool:
@@ -60,7 +63,8 @@ class VerifiedNode:
         return {"site": self.site, "features": list(self.features), "targets": list(self.targets),
                 "effect": self.effect, "iia": self.iia, "iia_ci": None if self.iia_ci is None else list(self.iia_ci),
                 "joint": self.joint, "group": list(self.group), "architectural": self.architectural,
-                "confirmed": self.confirmed, "hold": list(self.hold), "prediction": list(self.prediction)}
+                "confirmed": self.confirmed, "hold": list(self.hold), "prediction": list(self.prediction),
+                "level": self.level}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VerifiedNode:
@@ -68,7 +72,7 @@ class VerifiedNode:
         return cls(d["site"], tuple(d["features"]), tuple(d["targets"]), d["effect"], d.get("iia"), d["joint"],
                    tuple(d.get("group", ())), bool(d.get("architectural", False)), d.get("confirmed"),
                    tuple(d.get("hold", ())), None if ci is None else (float(ci[0]), float(ci[1])),
-                   tuple(d.get("prediction", ())))
+                   tuple(d.get("prediction", ())), d.get("level", "answer"))
 
 
 @dataclass
@@ -122,10 +126,12 @@ def _compact(v: Verdict) -> dict[str, Any]:
         return None if e is None else [round(e.mean, 3), round(e.ci_low, 3), round(e.ci_high, 3)]
 
     return {"site": v.site, "features": list(v.features), "condition": v.condition, "split": v.split,
-            "verified": v.verified, "necessary_targets": v.necessary_targets, "verified_targets": v.verified_targets,
-            "note": v.note, "hold": list(v.hold),
+            "verified": v.verified, "level": v.level, "necessary_targets": v.necessary_targets,
+            "verified_targets": v.verified_targets, "note": v.note, "hold": list(v.hold),
             "targets": {r.target: {"effect": est(r.effect), "change_agree": est(r.change_agree), "iia": est(r.iia),
-                                   "relevant": r.relevant, "n": [r.n_differ, r.n_agree]} for r in v.targets}}
+                                   "graded_iia": est(r.graded_iia), "shift_differ": est(r.shift_differ),
+                                   "shift_agree": est(r.shift_agree), "relevant": r.relevant, "level": r.level,
+                                   "n": [r.n_differ, r.n_agree]} for r in v.targets}}
 
 
 def _best(v: Verdict) -> tuple[float, float | None, tuple[float, float] | None]:
@@ -133,9 +139,16 @@ def _best(v: Verdict) -> tuple[float, float | None, tuple[float, float] | None]:
     if r is None:
         return 0.0, None, None
     eff = round(r.effect.mean, 4) if r.effect else 0.0
-    if r.iia is None:
+    iia = r.verified_iia
+    if iia is None:
         return eff, None, None
-    return eff, round(r.iia.mean, 4), (round(r.iia.ci_low, 4), round(r.iia.ci_high, 4))
+    return eff, round(iia.mean, 4), (round(iia.ci_low, 4), round(iia.ci_high, 4))
+
+
+def _strength(v: Verdict) -> tuple[float, float]:
+    """(IIA, graded IIA) of a verdict's best answer (−1 where absent): how strongly a site carries a feature alone."""
+    r = v.best()
+    return ((r.iia.mean if r and r.iia else -1.0), (r.graded_iia.mean if r and r.graded_iia else -1.0))
 
 
 def _node(v: Verdict, site: str, twin: Verdict | None, joint: bool = False, group: Sequence[str] = (),
@@ -144,7 +157,7 @@ def _node(v: Verdict, site: str, twin: Verdict | None, joint: bool = False, grou
     how = tuple(dict.fromkeys(r.answer_model.get("method", DATA_DRIVEN) for r in v.targets
                               if r.target in v.verified_targets and r.answer_model))
     return VerifiedNode(site, v.features, tuple(v.verified_targets), eff, iia, joint, tuple(group),
-                        bool(twin is not None and twin.verified), confirmed, v.hold, ci, how)
+                        bool(twin is not None and twin.verified), confirmed, v.hold, ci, how, v.level or "answer")
 
 
 def claim_hypothesis(site: str, feature: str) -> Hypothesis:
@@ -219,15 +232,17 @@ def verify_hypotheses(verifier: InterchangeVerifier, hypotheses: Sequence[Hypoth
                 break
     if bar is not None:
         bar.close()
-    verified_alone = {(n.site, f) for n in nodes for f in n.features}
+    # a component verified alone at the logit level may still carry the feature at the answer level with others
+    verified_alone = {(n.site, f) for n in nodes if n.level == "answer" for f in n.features}
     with_claims = list(hypotheses) + [claim_hypothesis(s, f) for s, f in claims]
-    alone_iia = {(v.site, v.features[0]): (v.best().iia.mean if v.best() and v.best().iia else -1.0)
-                 for v in verdicts if len(v.features) == 1 and v.condition == "real"}
+    alone_iia = {(v.site, v.features[0]): _strength(v) for v in verdicts if len(v.features) == 1 and v.condition == "real"}
     for (_, feature), members in _group_candidates(with_claims, verified_alone, max_group).items():
-        members = sorted(members, key=lambda m: -alone_iia.get((m, feature), -1.0))  # stable: kappa order on ties
+        members = sorted(members, key=lambda m: tuple(-x for x in alone_iia.get((m, feature), (-1.0, -1.0))))  # stable: kappa order on ties
         kept = _verify_group(with_controls, members, feature)
         if kept is not None:
             sites, cv, twin = kept
+            # the group's answer-level claim replaces its members' logit-level claims for this feature
+            nodes = [n for n in nodes if not (n.site in sites and n.features == (feature,) and not n.group)]
             nodes += [_node(cv, s, twin, group=sites, confirmed=True) for s in sites]
     grouped = {(str(parse_site(n.site).position), f) for n in nodes for f in n.features
                if parse_site(n.site).kind in GROUPABLE_KINDS}  # a residual node always carries what it reads
@@ -411,6 +426,10 @@ def _why_rejected(v: Verdict) -> str:
         parts.append(f"changes {r.change_agree.mean:.0%} when f agrees")
     if not r.moves:
         parts.append("does not move the output")
+        if r.graded_iia is not None:
+            parts.append(f"logit level: graded IIA {r.graded_iia.mean:.2f} (CI low {r.graded_iia.ci_low:.2f})"
+                         + (f", agreeing sources shift the margin {r.shift_agree.mean:.3g} vs {r.shift_differ.mean:.3g}"
+                            if r.shift_agree is not None and r.shift_differ is not None else ""))
     return f"{r.target}: " + ", ".join(parts)
 
 
@@ -418,7 +437,8 @@ def format_verification(rep: VerificationReport) -> str:
     lines = [f"{rep.task}: {len(rep.learned_nodes)} learned and {len(rep.architectural_nodes)} architectural "
              f"verified nodes; {rep.thresholds.describe()}"]
     for n in rep.nodes:
-        iia = f", IIA {n.iia:.2f}" if n.iia is not None else ""
+        iia = (f", {'graded (logit-level) ' if n.level == 'logit' else ''}IIA {n.iia:.2f}" if n.iia is not None
+               else "")
         kind = "ARCHITECTURAL" if n.architectural else "VERIFIED"
         lines.append(f"  {kind} {n.site:<10} carries {' + '.join(n.features):<24} -> {', '.join(n.targets)} "
                      f"(effect {n.effect:.2f}{iia}{', jointly' if n.joint else ''}"

@@ -5,7 +5,8 @@ score intervals: Wilson's for one proportion and Newcombe's hybrid score interva
 for the difference of two independent proportions.  Unlike a percentile bootstrap they do not
 collapse to a point when every outcome is the same (60 hits of 60 is [0.94, 1], not [1, 1]).
 Other means reuse the patching engine's bootstrap ``estimate`` (``circuitkit.patching.stats``);
-``diff_estimate`` bootstraps a difference of two independent means.
+``diff_estimate`` bootstraps a difference of two independent means, ``directional_share`` the share of
+signed shifts that go the predicted way (the logit-level criterion of ``verification/interchange.py``).
 """
 from __future__ import annotations
 
@@ -31,6 +32,28 @@ def diff_estimate(x: np.ndarray, y: np.ndarray, confidence: float = 0.95, n_resa
     if np.isnan(lo) or np.isnan(hi):
         lo = hi = d
     return Estimate(d, lo, hi, int(x.size + y.size), confidence)
+
+
+def directional_share(x: np.ndarray, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> Estimate:
+    """Σ max(x, 0) / Σ |x| of signed shifts [n] (the share of the movement that goes the predicted way; 0 when
+    nothing moves) with a percentile bootstrap CI over the pairs."""
+    x = np.asarray(x, dtype=float)
+    if x.ndim != 1 or x.size == 0:
+        raise ValueError(f"a directional share needs a non-empty 1-D sample, got shape {x.shape}")
+
+    def share(a: np.ndarray, axis: int = -1) -> np.ndarray:
+        total = np.abs(a).sum(axis=axis)
+        return np.where(total > 0, np.clip(a, 0, None).sum(axis=axis) / np.where(total > 0, total, 1.0), 0.0)
+
+    d = float(share(x))
+    if x.size < 2 or np.ptp(x) == 0:
+        return Estimate(d, d, d, int(x.size), confidence)
+    res = sps.bootstrap((x,), share, vectorized=True, confidence_level=confidence, n_resamples=n_resamples,
+                        method="percentile", random_state=np.random.default_rng(seed))
+    lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    if np.isnan(lo) or np.isnan(hi):
+        lo = hi = d
+    return Estimate(d, lo, hi, int(x.size), confidence)
 
 
 def _wilson(k: float, n: int, z: float) -> tuple[float, float]:
@@ -71,4 +94,4 @@ def proportion_diff(x: np.ndarray, y: np.ndarray, confidence: float = 0.95) -> E
     return Estimate(d, max(-1.0, lo), min(1.0, hi), int(x.size + y.size), confidence)
 
 
-__all__ = ["Estimate", "estimate", "diff_estimate", "proportion", "proportion_diff"]
+__all__ = ["Estimate", "estimate", "diff_estimate", "directional_share", "proportion", "proportion_diff"]
