@@ -289,7 +289,8 @@ def _group_candidates(hypotheses: Sequence[Hypothesis], verified_alone: set[tupl
 def _verify_group(with_controls, members: list[str], feature: str
                   ) -> tuple[list[str], Verdict, Verdict | None] | None:
     """Grow a group from the members in order (strongest alone first): test the first two, three, ... until
-    one verifies; drop members (latest first) while it still does; confirm the minimal group on the
+    one verifies; drop members (latest first) while it still does with IIA within ``PRUNE_TOLERANCE`` of the
+    grown group's; confirm the minimal group on the
     held-out inputs.  Growing rather than testing everything at once matters: a group that holds every
     component at the position also carries what the feature does not, and fails the stability test.
     Returns (kept members, confirmation verdict, its random-model twin) or None."""
@@ -299,13 +300,13 @@ def _verify_group(with_controls, members: list[str], feature: str
         v.note = (v.note + "; " if v.note else "") + f"site group ({split})"
         return v, twin
 
-    grown = None
+    grown, grown_v = None, None
     for k in range(2, len(members) + 1):
         v, _ = run(members[:k])
         if v.verified:
-            grown = list(members[:k])
+            grown, grown_v = list(members[:k]), v
             break
-    if grown is None:
+    if grown is None or grown_v is None:
         return None
     kept = list(grown)
     for m in reversed(kept[:-1]):  # the member that completed the group stays
@@ -313,9 +314,26 @@ def _verify_group(with_controls, members: list[str], feature: str
             break  # a one-site "group" was already tested alone
         trial = [x for x in kept if x != m]
         tv, _ = run(trial)
-        if tv.verified:
+        if _keeps(tv, grown_v):
             kept = trial
     return _confirm_first(run, [kept, grown])
+
+
+#: pruning a group may cost at most this much IIA: the minimal group must carry the feature as well as the
+#: group it was pruned from, not merely clear the verdict rule (a group pruned to the edge of the rule holds on
+#: one input stratum and misses on another)
+PRUNE_TOLERANCE = 0.05
+
+
+def _iia_of(v: Verdict) -> float:
+    """The IIA (graded at the logit level) of a verdict's best answer, −1 where there is none."""
+    r = v.best()
+    return r.verified_iia.mean if r is not None and r.verified_iia is not None else -1.0
+
+
+def _keeps(trial: Verdict, full: Verdict) -> bool:
+    """A pruned group replaces the fuller one when it verifies at the same level with IIA within the tolerance."""
+    return trial.verified and trial.level == full.level and _iia_of(trial) >= _iia_of(full) - PRUNE_TOLERANCE
 
 
 def _confirm_first(run, candidates: list[list[str]]) -> tuple[list[str], Verdict, Verdict | None] | None:
@@ -362,7 +380,7 @@ def _verify_joint_group(verifier: InterchangeVerifier, with_controls, members: l
                         max_joint: int) -> tuple[list[str], Verdict, Verdict | None] | None:
     """Forward selection of a joint feature set on the whole group (search split): add the feature that
     raises IIA x coverage most until the set verifies (at most ``max_joint``); drop members (weakest first)
-    while it still does; confirm on the held-out inputs, controls beside.  Selection only sees the search split."""
+    while it still does with IIA within ``PRUNE_TOLERANCE`` of the whole group's; confirm on the held-out inputs, controls beside.  Selection only sees the search split."""
 
     def score(v: Verdict) -> tuple[float, float]:
         """Share of all f-differing pairs whose patched answer the features predict (IIA x coverage), on
@@ -397,7 +415,7 @@ def _verify_joint_group(verifier: InterchangeVerifier, with_controls, members: l
         if len(kept) <= 2:
             break
         trial = [x for x in kept if x != m]
-        if verifier.test(group_name(trial), chosen).verified:
+        if _keeps(verifier.test(group_name(trial), chosen), found):
             kept = trial
 
     def run(sites: list[str], split: str = "search", family: int = 1) -> tuple[Verdict, Verdict | None]:
