@@ -264,3 +264,17 @@ def test_a_family_of_tests_widens_the_intervals(copy_pm):
     assert r1.iia.n == r2.iia.n and r2.iia.ci_low < r1.iia.ci_low
     with pytest.raises(Exception, match="family must be a positive"):
         ver.test("a0.0@=", ["tok@2"], family=0)
+
+
+def test_directional_share_counts_movement_and_keeps_an_interval_when_every_pair_agrees():
+    """The logit level's graded IIA: the upward share of the total movement (a big upward shift outweighs small
+    downward ones), a bootstrap interval, and Wilson's where every shift goes one way (30 of 30 is not [1, 1])."""
+    import numpy as np
+
+    from circuitkit.verification.stats import directional_share
+
+    mixed = directional_share(np.array([3.0, -1.0] * 20))
+    assert mixed.mean == 0.75 and mixed.ci_low < 0.75 < mixed.ci_high
+    up = directional_share(np.full(30, 0.2))
+    assert up.mean == 1.0 and 0.85 < up.ci_low < 0.9 and up.ci_high > 0.999
+    assert directional_share(np.zeros(40)).mean == 0.0  # nothing moves: nothing is carried

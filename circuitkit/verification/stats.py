@@ -36,7 +36,8 @@ def diff_estimate(x: np.ndarray, y: np.ndarray, confidence: float = 0.95, n_resa
 
 def directional_share(x: np.ndarray, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> Estimate:
     """Σ max(x, 0) / Σ |x| of signed shifts [n] (the share of the movement that goes the predicted way; 0 when
-    nothing moves) with a percentile bootstrap CI over the pairs."""
+    nothing moves) with a percentile bootstrap CI over the pairs; where every shift goes one way, Wilson's
+    interval of the share of upward pairs (which then equals it), so 30 of 30 upward is not [1, 1]."""
     x = np.asarray(x, dtype=float)
     if x.ndim != 1 or x.size == 0:
         raise ValueError(f"a directional share needs a non-empty 1-D sample, got shape {x.shape}")
@@ -46,8 +47,9 @@ def directional_share(x: np.ndarray, confidence: float = 0.95, n_resamples: int 
         return np.where(total > 0, np.clip(a, 0, None).sum(axis=axis) / np.where(total > 0, total, 1.0), 0.0)
 
     d = float(share(x))
-    if x.size < 2 or np.ptp(x) == 0:
-        return Estimate(d, d, d, int(x.size), confidence)
+    if (x > 0).all() or (x <= 0).all():  # every pair one way: a bootstrap collapses to a point, Wilson's does not
+        w = proportion((x > 0).astype(float), confidence)
+        return Estimate(d, w.ci_low, w.ci_high, int(x.size), confidence)
     res = sps.bootstrap((x,), share, vectorized=True, confidence_level=confidence, n_resamples=n_resamples,
                         method="percentile", random_state=np.random.default_rng(seed))
     lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)

@@ -76,7 +76,7 @@ def split_iia(v: InterchangeVerifier, spec: str, features: list[str], split: str
     am = v.answer_model(sites[0], features, "A2")
     hits: dict[int, list[float]] = {3: [], 4: []}
     if am is not None and db:
-        pred = v._patched_pred(sites, db, ds)
+        pred = v._patched_logits(sites, db, ds).argmax(-1)
         for r, (i, src) in enumerate(zip(db, ds)):
             base = v.inputs[i]
             t = next(t for t in v.targets[i] if t.name == "A2")
