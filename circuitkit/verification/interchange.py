@@ -563,6 +563,19 @@ class InterchangeVerifier:
                     out.setdefault(t.name, []).append(abs(float(d[y] - self._reference(t.name, d, y))))
         return {k: np.array(v) for k, v in out.items()}
 
+    def _logit_level(self, target: str, wants: Sequence[tuple[int, int, int, int]], logits_d: Tensor,
+                     shift_d: np.ndarray, shift_a: np.ndarray, conf: float
+                     ) -> tuple[Estimate | None, Estimate, Estimate, bool]:
+        """(graded IIA, mean |margin shift| when f differs / agrees, verdict) of the logit level (module doc)."""
+        g = self.directional_shifts(target, wants, logits_d)
+        graded = directional_share(g, conf) if g.size else None
+        s_d, s_a = estimate(shift_d, conf), estimate(shift_a, conf)
+        gap = diff_estimate(shift_d, shift_a, conf)
+        th = self.th
+        ok = bool(graded is not None and graded.n >= th.min_pairs and graded.ci_low >= th.min_iia
+                  and s_a.mean <= th.max_shift_ratio * s_d.mean and gap.ci_low > 0)
+        return graded, s_d, s_a, ok
+
     # ---- tests ----
     def downstream_targets(self, site: Site) -> list[str]:
         """Answers read at or after the site's position in some input (the only ones it can affect)."""
@@ -632,7 +645,7 @@ class InterchangeVerifier:
             e_a = proportion(xa, conf) if xa.size else None
             eff = proportion_diff(xd, xa, conf) if xd.size and xa.size else None
             am = models[name]
-            iia, cov, graded, wants = None, None, None, []
+            iia, cov, wants = None, None, []
             if am is not None and db:
                 wants, missing = self.predictions(site0, features, am, db, ds, shuffle)
                 hits = np.array([float(int(pred_d[r, pos]) == want) for r, _, pos, want in wants])
@@ -641,16 +654,10 @@ class InterchangeVerifier:
             moves = bool(enough and eff is not None and eff.ci_low >= th.min_effect)
             iia_ok = bool(enough and iia is not None and iia.n >= th.min_pairs and iia.ci_low >= th.min_iia)
             stable = bool(enough and e_a is not None and e_a.ci_high <= th.max_change_agree)
-            s_d = s_a = None
-            graded_ok = False
+            graded, s_d, s_a, graded_ok = None, None, None, False
             # the logit level judges what the argmax cannot: a relevant answer that the patch does not move
             if th.logit_level and enough and wants and not moves and name in sh_d and name in sh_a:
-                g = self.directional_shifts(name, wants, logits_d)
-                graded = directional_share(g, conf) if g.size else None
-                s_d, s_a = estimate(sh_d[name], conf), estimate(sh_a[name], conf)
-                gap = diff_estimate(sh_d[name], sh_a[name], conf)
-                graded_ok = bool(graded is not None and graded.n >= th.min_pairs and graded.ci_low >= th.min_iia
-                                 and s_a.mean <= th.max_shift_ratio * s_d.mean and gap.ci_low > 0)
+                graded, s_d, s_a, graded_ok = self._logit_level(name, wants, logits_d, sh_d[name], sh_a[name], conf)
             results.append(TargetResult(name, int(xd.size), int(xa.size), e_d, e_a, eff, iia, cov,
                                         am.to_dict() if am is not None else None, moves, iia_ok, stable,
                                         graded, s_d, s_a, graded_ok))
