@@ -6,6 +6,7 @@ from the name movers alone, growth must add m0@S2, and the loop must then give i
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from circuitkit.circuit.close_loop import close_the_loop
 from circuitkit.circuit.discover import pool_hypothesize
 from circuitkit.circuit.evaluate import AblationEvaluator
 from circuitkit.circuit.grow import named_components
+from circuitkit.hypotheses.records import HypothesisReport, Thresholds
 from circuitkit.models.checkpoint import load_probed
 from circuitkit.tasks.registry import load_task
 from circuitkit.verification.interchange import InterchangeVerifier
@@ -57,3 +59,32 @@ def test_growth_nodes_are_re_examined_and_m0_at_s2_gains_its_label() -> None:
     assert "m0@S2" not in loop.growth.added
     # the newly labelled node is in growth's start, so the verified nodes alone now reproduce much more
     assert loop.rounds[0].verified_faithfulness["all"] > none.growth.steps[0]["faithfulness"]["all"] + 0.15
+
+
+def test_heads_beside_a_verified_carrier_inherit_its_feature_as_a_group() -> None:
+    """The layer-0 heads at IO each move the IO logit too little to verify alone, and the preimages of so small a
+    component need not name the IO name; beside m0@IO, which carries it (the token at IO), they are tested for it
+    (an inherited claim) and verify together, with the null controls beside them verifying nothing."""
+    pm = load_probed(IOI_MODEL)
+    ver = InterchangeVerifier(pm, n_inputs=1200, n_pairs=200, seed=0)  # graded IIA needs the default pairs
+    start = [claim_hypothesis("a1.2@END", "IO"), claim_hypothesis("a1.3@END", "IO"),
+             claim_hypothesis("m0@IO", "tok@p")]  # the token at IO, the IO name: the causal model's token edit
+    vr = verify_hypotheses(ver, start, controls=False)
+    assert "m0@IO" in {n.site for n in vr.nodes}
+    ev = AblationEvaluator(pm, n=200, seed=0)
+    cands = [s for s in named_components(ev, ["IO", "END"]) if str(s).startswith("a0.")]
+    heads = [f"a0.{h}@IO" for h in range(pm.n_heads)]
+
+    def no_preimages(sites: object) -> HypothesisReport:  # only an inherited claim can label a head
+        return HypothesisReport("ioi", "", "none", 0.0, Thresholds(), [])
+
+    # the first pass already hypothesized the heads (nothing accepted): no new preimages, the claims still apply
+    first = HypothesisReport("ioi", "", "none", 0.0, Thresholds(),
+                             [replace(claim_hypothesis(h, "tok@1"), accepted=False) for h in heads])
+    loop = close_the_loop(ev, ver, vr, cands, 0.99, no_preimages, first, max_rounds=1)
+    rnd = loop.rounds[0]
+    examined = [s for s in rnd.examined if s in heads]
+    assert examined and {(s, "tok@p") for s in examined} <= set(rnd.inherited_claims)
+    labelled = [n for n in loop.verification.nodes if n.site in heads]
+    assert labelled and all(n.features == ("tok@p",) and len(n.group) >= 2 for n in labelled)
+    assert not [v for v in loop.verification.controls_verified if v.condition == "shuffled_feature"]

@@ -5,7 +5,13 @@ Growth (``circuit/grow.py``) adds, to the verified nodes, the components the cir
 faithfulness target.  Each round here takes the added sites that have not been examined yet, generates
 hypotheses for them from ε-preimages (the same preimage source and queries as the first pass), and verifies
 them by interchange on fair pairs (alone, as joint feature sets, and as site groups of one position, with the
-null controls beside them: ``verification/report.py``).  Newly verified nodes join the start set, growth is
+null controls beside them: ``verification/report.py``).  Besides what preimages suggest, every site growth
+added (one the first pass hypothesized too) is tested for the features that verified nodes at its own
+position carry and it was not yet tested for alone ("inherited claims"): a
+component beside a verified carrier is the first suspect for carrying the same variable redundantly (IOI's
+layer-0 heads beside the MLP that carries the IO name), which a preimage of one small component may not show.
+Inherited claims are tested exactly as the rest (fair pairs, controls, site groups with held-out confirmation)
+and listed per round.  Newly verified nodes join the start set, growth is
 run again from it, and the next round examines what that growth adds, until a round verifies nothing new,
 nothing is left to examine, or ``max_rounds`` is reached.  A node that is still added then has been tested and
 is reported as unexplained with the reasons its hypotheses were rejected.
@@ -20,7 +26,7 @@ from typing import Any
 
 from circuitkit.circuit.evaluate import AblationEvaluator
 from circuitkit.circuit.grow import GrowthResult, grow_circuit
-from circuitkit.hypotheses.records import HypothesisReport
+from circuitkit.hypotheses.records import Hypothesis, HypothesisReport
 from circuitkit.results import JsonResult, to_jsonable
 from circuitkit.sites import Site, parse_site
 from circuitkit.verification.interchange import InterchangeVerifier
@@ -38,6 +44,7 @@ class LoopRound:
     round: int
     examined: list[str]
     verified: list[str]
+    inherited_claims: list[tuple[str, str]]
     verified_faithfulness: dict[str, float]
     added_after: list[str]
 
@@ -53,7 +60,7 @@ class LoopResult(JsonResult):
 
     @property
     def examined(self) -> list[str]:
-        return [s for r in self.rounds for s in r.examined]
+        return list(dict.fromkeys(s for r in self.rounds for s in r.examined))
 
     def to_dict(self) -> dict[str, Any]:
         return to_jsonable({"rounds": [asdict(r) for r in self.rounds], "examined": self.examined,
@@ -82,33 +89,83 @@ def node_sites(vr: VerificationReport) -> list[str]:
     return list(dict.fromkeys(n.site for n in vr.nodes))
 
 
+def inherited_claims(vr: VerificationReport, sites: Sequence[str], tested: set[tuple[str, str]] = frozenset()
+                     ) -> list[tuple[str, str]]:
+    """(site, feature) for every feature a verified node at the site's position carries, the site does not
+    already carry and ``tested`` does not hold (module doc)."""
+    carried: dict[str, dict[str, None]] = {}
+    have = {(n.site, f) for n in vr.nodes for f in n.features}
+    for n in vr.nodes:
+        for f in n.features:
+            carried.setdefault(str(parse_site(n.site).position), {})[f] = None
+    out = []
+    for s in sites:
+        for f in carried.get(str(parse_site(s).position), {}):
+            if (s, f) not in have and (s, f) not in tested:
+                out.append((s, f))
+    return out
+
+
+def tested_alone(vr: VerificationReport) -> set[tuple[str, str]]:
+    """(site, feature) of every single-site, single-feature test on the real model so far."""
+    return {(v.site, v.features[0]) for v in vr.verdicts if len(v.features) == 1 and v.condition == "real"}
+
+
+def _verify_round(verifier: InterchangeVerifier, vr: VerificationReport, sites: Sequence[str],
+                  hypotheses: Sequence[Hypothesis], model_name: str, progress: bool
+                  ) -> tuple[VerificationReport, list[tuple[str, str]]]:
+    """The round's verification: the preimage hypotheses with the inherited claims of ``sites`` (those growth
+    added), then, while the round itself labels more sites at their positions, the claims those labels give
+    the sites still unlabelled.  Returns (the round's verification, every inherited claim tested)."""
+    tested = tested_alone(vr) | {(h.site, h.feature) for h in hypotheses if h.accepted}
+    claims = inherited_claims(vr, sites, tested)
+    new_vr = verify_hypotheses(verifier, hypotheses, claims=claims, model_name=model_name, progress=progress)
+    done = list(claims)
+    while True:
+        labelled = {n.site for n in new_vr.nodes}
+        more = inherited_claims(merge_verification(vr, new_vr), [s for s in sites if s not in labelled],
+                                tested | tested_alone(new_vr) | set(done))
+        if not more:
+            return new_vr, done
+        done += more
+        new_vr = merge_verification(new_vr, verify_hypotheses(verifier, [], claims=more, model_name=model_name,
+                                                              progress=progress))
+
+
 def close_the_loop(ev: AblationEvaluator, verifier: InterchangeVerifier, verification: VerificationReport,
                    candidates: Sequence[Site], target: float, hypothesize: Hypothesize | None,
                    hypotheses: HypothesisReport | None = None, max_rounds: int = 2, model_name: str = "",
                    progress: bool = False) -> LoopResult:
     """Grow from the verified nodes, then re-examine what growth adds (module doc); ``hypothesize`` None or
-    ``max_rounds`` 0: growth only.  Sites the first pass already hypothesized are not examined again."""
+    ``max_rounds`` 0: growth only.  Sites the first pass already hypothesized get no new preimage hypotheses,
+    but their inherited claims are tested all the same."""
     vr, hyp = verification, hypotheses
     growth = grow_circuit(ev, node_sites(vr), candidates, target=target)
     examined = set(hyp.by_site()) if hyp is not None else set()
     rounds: list[LoopRound] = []
     for k in range(1, max_rounds + 1 if hypothesize is not None else 1):
-        todo = [s for s in growth.added if s not in examined]
-        if not todo:
+        added = list(growth.added)
+        todo = [s for s in added if s not in examined]
+        claim_sites = {s for s, _ in inherited_claims(vr, added, tested_alone(vr))}
+        if not todo and not claim_sites:
             break
         examined.update(todo)
-        new_hyp = hypothesize([parse_site(s) for s in todo])
-        new_vr = verify_hypotheses(verifier, new_hyp.hypotheses, model_name=model_name, progress=progress)
-        hyp, vr = merge_hypotheses(hyp, new_hyp), merge_verification(vr, new_vr)
+        new_hyp = hypothesize([parse_site(s) for s in todo]) if todo else None
+        new_vr, claims = _verify_round(verifier, vr, added, new_hyp.hypotheses if new_hyp else [], model_name,
+                                       progress)
+        if new_hyp is not None:
+            hyp = merge_hypotheses(hyp, new_hyp)
+        vr = merge_verification(vr, new_vr)
         gained = list(dict.fromkeys(n.site for n in new_vr.nodes))
         if gained:
             growth = grow_circuit(ev, node_sites(vr), candidates, target=target)
-        rounds.append(LoopRound(k, todo, gained, growth.steps[0]["faithfulness"] if growth.steps else {},
+        looked_at = [s for s in added if s in set(todo) | {c for c, _ in claims}]
+        rounds.append(LoopRound(k, looked_at, gained, claims, growth.steps[0]["faithfulness"] if growth.steps else {},
                                 list(growth.added)))
         if not gained:
             break
     return LoopResult(hyp, vr, growth, rounds)
 
 
-__all__ = ["Hypothesize", "LoopRound", "LoopResult", "close_the_loop", "merge_hypotheses", "merge_verification",
-           "node_sites"]
+__all__ = ["Hypothesize", "LoopRound", "LoopResult", "close_the_loop", "inherited_claims", "merge_hypotheses",
+           "merge_verification", "node_sites", "tested_alone"]
