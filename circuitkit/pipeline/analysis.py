@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from circuitkit.errors import CircuitkitError
 from circuitkit.sites import parse_site
@@ -213,6 +213,15 @@ def _lookup(obj: dict, path: str):
     return obj
 
 
+def _carrier_texts(nodes: list[dict[str, Any]]) -> list[str]:
+    """"SITE carries F (IIA, effect)" once per verified claim: a site group is one entry, its members joined."""
+    seen: dict[tuple[tuple[str, ...], tuple[str, ...]], dict[str, Any]] = {}
+    for n in nodes:
+        seen.setdefault((tuple(n.get("group") or [n["site"]]), tuple(n["features"])), n)
+    return [f"{' + '.join(sites)}{' (site group)' if len(sites) > 1 else ''} carries {', '.join(feats)} "
+            f"(IIA {n['iia']}, effect {n['effect']})" for (sites, feats), n in seen.items()]
+
+
 def evaluate_claims(ctx: RunContext) -> dict[str, str]:
     """The paper's claims (config ``[[paper_claims]]``) checked against this run's results.
 
@@ -245,8 +254,7 @@ def evaluate_claims(ctx: RunContext) -> dict[str, str]:
             found = {n["site"] for n in hit}
             ok = found >= set(sites) if c.get("all_sites") else bool(found)
             iia_txt = f" with IIA >= {min_iia}" if min_iia else ""
-            out[claim] = ("holds: " + "; ".join(f"{n['site']} carries {', '.join(n['features'])} (IIA {n['iia']}, "
-                                                f"effect {n['effect']})" for n in hit) if ok
+            out[claim] = ("holds: " + "; ".join(_carrier_texts(hit)) if ok
                           else f"not verified: no learned verified node among {', '.join(sorted(set(sites) - found))} "
                                f"carrying {' or '.join(feats)}{iia_txt}")
         elif kind in ("finding", "circuit"):
