@@ -19,6 +19,8 @@ For each rule and a few site groups at A1 and feature sets, the script runs the 
 3,000 inputs, 200 pairs, seed 0) and splits the IIA on the same pairs by the base's answer length.
 
     .venv/bin/python research/addition_a2/a2_at_a1.py            # writes research/addition_a2/results.json
+    .venv/bin/python research/addition_a2/a2_at_a1.py --verification runs/full/addition/circuit/verification.json
+        # also the site groups at A1 that a case-study run verified for A2
 """
 from __future__ import annotations
 
@@ -77,17 +79,22 @@ def split_iia(v: InterchangeVerifier, spec: str, features: list[str], split: str
     hits: dict[int, list[float]] = {3: [], 4: []}
     if am is not None and db:
         pred = v._patched_logits(sites, db, ds).argmax(-1)
-        for r, (i, src) in enumerate(zip(db, ds)):
-            base = v.inputs[i]
-            t = next(t for t in v.targets[i] if t.name == "A2")
-            want = am.predict(v._fcodes(features, src, "A1", False), tuple(v.code(c, base, "A1") for c in am.context))
-            if want is not None:
-                hits[answer_digits(base)].append(float(int(pred[r, t.position]) == want))
+        wants, _ = v.predictions(sites[0], features, am, db, ds)  # the verifier's own predictions for these pairs
+        for r, i, pos, want in wants:
+            hits[answer_digits(v.inputs[i])].append(float(int(pred[r, pos]) == want))
     by_len = {f"iia_{k}_digit_sums": proportion(np.array(h), 0.95).to_dict() if h else None for k, h in hits.items()}
     return {"rule": rule, "hold": list(verdict.hold), "site": spec, "features": features, "split": split,
             "answer_context": list(am.context) if am else None,
             "iia": pooled.iia.to_dict() if pooled is not None and pooled.iia else None,
             "verified": bool(pooled is not None and pooled.verified), **by_len}
+
+
+def verified_groups(path: Path) -> list[tuple[str, list[str]]]:
+    """(site group, features) of every site group at A1 that a run verified with A2 among its answers."""
+    nodes = json.loads(path.read_text())["nodes"]
+    out = {(group_name(group_sites(" & ".join(n["group"]))), tuple(n["features"])) for n in nodes
+           if n.get("group") and n["site"].endswith("@A1") and "A2" in n.get("targets", [])}
+    return [(spec, list(feats)) for spec, feats in sorted(out)]
 
 
 def main() -> int:
@@ -97,6 +104,8 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(HERE / "results.json"))
+    ap.add_argument("--verification", metavar="JSON", help="also test (written rule) the site groups at A1 that this "
+                    "verification.json verified for A2 (a case-study run's <work>/circuit/verification.json)")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     pm = load_probed(args.model)
@@ -105,14 +114,16 @@ def main() -> int:
                                                n_inputs=args.inputs, n_pairs=args.pairs, seed=args.seed)}
     rows = []
     fmt = lambda e: "-" if e is None else f"{e['mean']:.3f} [{e['ci_low']:.3f}] n {e['n']}"  # noqa: E731
-    for rule in RULES:
-        for spec, feats in TESTS:
-            for split in ("search", "confirm"):
-                row = split_iia(verifiers[rule], spec, feats, split, rule)
-                rows.append(row)
-                print(f"{rule:7s} {spec[:44]:44s} {'+'.join(feats):22s} {split:7s} IIA {fmt(row['iia'])} "
-                      f"({'verified' if row['verified'] else 'not verified'})  3-digit "
-                      f"{fmt(row['iia_3_digit_sums'])}  4-digit {fmt(row['iia_4_digit_sums'])}", flush=True)
+    tests = [(rule, spec, feats) for rule in RULES for spec, feats in TESTS]
+    if args.verification:
+        tests += [("written", spec, feats) for spec, feats in verified_groups(Path(args.verification))]
+    for rule, spec, feats in tests:
+        for split in ("search", "confirm"):
+            row = split_iia(verifiers[rule], spec, feats, split, rule)
+            rows.append(row)
+            print(f"{rule:7s} {spec[:44]:44s} {'+'.join(feats):22s} {split:7s} IIA {fmt(row['iia'])} "
+                  f"({'verified' if row['verified'] else 'not verified'})  3-digit "
+                  f"{fmt(row['iia_3_digit_sums'])}  4-digit {fmt(row['iia_4_digit_sums'])}", flush=True)
     out = {"rows": rows, "manifest": build_manifest("research_addition_a2", args.seed, vars(args))}
     tmp = Path(args.out).with_suffix(".tmp")
     tmp.write_text(json.dumps(out, indent=1))
