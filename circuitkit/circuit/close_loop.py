@@ -7,7 +7,8 @@ hypotheses for them from ε-preimages (the same preimage source and queries as t
 them by interchange on fair pairs (alone, as joint feature sets, and as site groups of one position, with the
 null controls beside them: ``verification/report.py``).  Besides what preimages suggest, every site growth
 added (one the first pass hypothesized too) is tested for the features that verified nodes at its own
-position carry and it was not yet tested for alone ("inherited claims"): a
+position carry ("inherited claims", once per site and feature, even where the site failed that test alone:
+it may pass in a group with the other sites inheriting it): a
 component beside a verified carrier is the first suspect for carrying the same variable redundantly (IOI's
 layer-0 heads beside the MLP that carries the IO name), which a preimage of one small component may not show.
 Inherited claims are tested exactly as the rest (fair pairs, controls, site groups with held-out confirmation)
@@ -106,25 +107,21 @@ def inherited_claims(vr: VerificationReport, sites: Sequence[str], tested: set[t
     return out
 
 
-def tested_alone(vr: VerificationReport) -> set[tuple[str, str]]:
-    """(site, feature) of every single-site, single-feature test on the real model so far."""
-    return {(v.site, v.features[0]) for v in vr.verdicts if len(v.features) == 1 and v.condition == "real"}
-
-
 def _verify_round(verifier: InterchangeVerifier, vr: VerificationReport, sites: Sequence[str],
-                  hypotheses: Sequence[Hypothesis], model_name: str, progress: bool
+                  hypotheses: Sequence[Hypothesis], claimed: set[tuple[str, str]], model_name: str, progress: bool
                   ) -> tuple[VerificationReport, list[tuple[str, str]]]:
     """The round's verification: the preimage hypotheses with the inherited claims of ``sites`` (those growth
-    added), then, while the round itself labels more sites at their positions, the claims those labels give
-    the sites still unlabelled.  Returns (the round's verification, every inherited claim tested)."""
-    tested = tested_alone(vr) | {(h.site, h.feature) for h in hypotheses if h.accepted}
-    claims = inherited_claims(vr, sites, tested)
+    added) not in ``claimed`` (inherited in an earlier round), then, while the round itself labels more sites at
+    their positions, the claims those labels give the sites still unlabelled.  A claim is made even where the
+    site was tested alone for the feature before: what failed alone may verify in a group with the claim's other
+    sites.  Returns (the round's verification, every inherited claim tested)."""
+    claims = inherited_claims(vr, sites, claimed)
     new_vr = verify_hypotheses(verifier, hypotheses, claims=claims, model_name=model_name, progress=progress)
     done = list(claims)
     while True:
         labelled = {n.site for n in new_vr.nodes}
         more = inherited_claims(merge_verification(vr, new_vr), [s for s in sites if s not in labelled],
-                                tested | tested_alone(new_vr) | set(done))
+                                claimed | set(done))
         if not more:
             return new_vr, done
         done += more
@@ -143,16 +140,17 @@ def close_the_loop(ev: AblationEvaluator, verifier: InterchangeVerifier, verific
     growth = grow_circuit(ev, node_sites(vr), candidates, target=target)
     examined = set(hyp.by_site()) if hyp is not None else set()
     rounds: list[LoopRound] = []
+    claimed: set[tuple[str, str]] = set()
     for k in range(1, max_rounds + 1 if hypothesize is not None else 1):
         added = list(growth.added)
         todo = [s for s in added if s not in examined]
-        claim_sites = {s for s, _ in inherited_claims(vr, added, tested_alone(vr))}
-        if not todo and not claim_sites:
+        if not todo and not inherited_claims(vr, added, claimed):
             break
         examined.update(todo)
         new_hyp = hypothesize([parse_site(s) for s in todo]) if todo else None
-        new_vr, claims = _verify_round(verifier, vr, added, new_hyp.hypotheses if new_hyp else [], model_name,
-                                       progress)
+        new_vr, claims = _verify_round(verifier, vr, added, new_hyp.hypotheses if new_hyp else [], claimed,
+                                       model_name, progress)
+        claimed.update(claims)
         if new_hyp is not None:
             hyp = merge_hypotheses(hyp, new_hyp)
         vr = merge_verification(vr, new_vr)
@@ -168,4 +166,4 @@ def close_the_loop(ev: AblationEvaluator, verifier: InterchangeVerifier, verific
 
 
 __all__ = ["Hypothesize", "LoopRound", "LoopResult", "close_the_loop", "inherited_claims", "merge_hypotheses",
-           "merge_verification", "node_sites", "tested_alone"]
+           "merge_verification", "node_sites"]
