@@ -7,14 +7,13 @@ hypotheses for them from ε-preimages (the same preimage source and queries as t
 them by interchange on fair pairs (alone, as joint feature sets, and as site groups of one position, with the
 null controls beside them: ``verification/report.py``).  Besides what preimages suggest, every site growth
 added (one the first pass hypothesized too) is tested for the features that verified nodes at its own
-position carry ("inherited claims", once per site and feature, even where the site failed that test alone:
-it may pass in a group with the other sites inheriting it): a
-component beside a verified carrier is the first suspect for carrying the same variable redundantly (IOI's
-layer-0 heads beside the MLP that carries the IO name), which a preimage of one small component may not show.
-Inherited claims are tested exactly as the rest (fair pairs, controls, site groups with held-out confirmation)
-and listed per round.  Newly verified nodes join the start set, growth is
-run again from it, and the next round examines what that growth adds, until a round verifies nothing new,
-nothing is left to examine, or ``max_rounds`` is reached.  A node that is still added then has been tested and
+position carry ("inherited claims"; once per site and feature, even where the site failed that test alone,
+since it may pass in a group with the other sites inheriting it).  A component beside a verified carrier is
+the first suspect for carrying the same variable redundantly (IOI's layer-0 heads beside the MLP that carries
+the IO name), which a preimage of one small component may not show.  Inherited claims are tested exactly as
+the rest (fair pairs, controls, site groups with held-out confirmation) and listed per round.  Newly verified
+nodes join the start set, growth is run again from it, and the next round examines what that growth adds,
+until a round verifies nothing new, nothing is left to examine, or ``max_rounds`` is reached.  A node that is still added then has been tested and
 is reported as unexplained with the reasons its hypotheses were rejected.
 
 Hypothesis q-values are Benjamini–Hochberg-controlled within each round's batch, as in the first pass.
@@ -22,6 +21,7 @@ Hypothesis q-values are Benjamini–Hochberg-controlled within each round's batc
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -90,8 +90,8 @@ def node_sites(vr: VerificationReport) -> list[str]:
     return list(dict.fromkeys(n.site for n in vr.nodes))
 
 
-def inherited_claims(vr: VerificationReport, sites: Sequence[str], tested: set[tuple[str, str]] = frozenset()
-                     ) -> list[tuple[str, str]]:
+def inherited_claims(vr: VerificationReport, sites: Sequence[str],
+                     tested: AbstractSet[tuple[str, str]] = frozenset()) -> list[tuple[str, str]]:
     """(site, feature) for every feature a verified node at the site's position carries, the site does not
     already carry and ``tested`` does not hold (module doc)."""
     carried: dict[str, dict[str, None]] = {}
@@ -157,7 +157,8 @@ def close_the_loop(ev: AblationEvaluator, verifier: InterchangeVerifier, verific
         gained = list(dict.fromkeys(n.site for n in new_vr.nodes))
         if gained:
             growth = grow_circuit(ev, node_sites(vr), candidates, target=target)
-        looked_at = [s for s in added if s in set(todo) | {c for c, _ in claims}]
+        looked = set(todo) | {c for c, _ in claims}
+        looked_at = [s for s in added if s in looked]
         rounds.append(LoopRound(k, looked_at, gained, claims, growth.steps[0]["faithfulness"] if growth.steps else {},
                                 list(growth.added)))
         if not gained:
