@@ -160,6 +160,40 @@ def test_proxy_control_runs_beside_verified_nodes(copy_pm):
     assert rep.controls_summary()["proxy"] == {"tested": 1, "verified": 0, "must_verify_nothing": True}
 
 
+class _AliasCopyTask(CopyTask):
+    """CopyTask with a second name for x2 declared as a proxy of ``tok@2``: a proxy the site truly carries."""
+
+    def task_features(self):
+        from circuitkit.tasks.base import Feature
+
+        return super().task_features() + [Feature("x2_alias", lambda t: t[2], "x2 under another name")]
+
+    def proxies(self, feature: str) -> tuple[str, ...]:
+        return ("x2_alias", "n_distinct") if feature == "tok@2" else ()
+
+
+def test_proxy_control_is_skipped_where_the_site_carries_the_proxy_itself():
+    pm = copy_model(_AliasCopyTask())
+    rep = verify_hypotheses(InterchangeVerifier(pm, n_inputs=1500),
+                            [_hyp("a0.0@=", "tok@2"), _hyp("a0.0@=", "x2_alias")])
+    assert {n.features for n in rep.learned_nodes} == {("tok@2",), ("x2_alias",)}
+    proxies = [v for v in rep.controls if v.condition == "proxy"]
+    # the alias verified as a node of its own: its "control" would repeat that test, so only n_distinct runs
+    assert [v.features for v in proxies] == [("n_distinct",)] and not proxies[0].verified
+    assert rep.settings["proxy_controls_skipped"] == [["a0.0@=", "tok@2", "x2_alias"]]
+
+
+def test_a_logit_level_node_leaves_its_position_open_for_a_joint_group():
+    from circuitkit.verification.report import VerifiedNode, explained_at
+
+    def node(site, feature, level):
+        return VerifiedNode(site, (feature,), ("A2",), 0.1, 0.9, False, level=level)
+
+    # addition, A1: a0.2 carries carry(3) only at the logit level; the heads may still carry it jointly
+    assert explained_at([node("a0.2@A1", "carry(3)", "logit"), node("x1.mid@A1", "A2", "answer")]) == set()
+    assert explained_at([node("a0.2@A1", "carry(3)", "answer")]) == {("A1", "carry(3)")}
+
+
 def _hyp(site: str, feature: str):
     from circuitkit.hypotheses.records import Hypothesis
 

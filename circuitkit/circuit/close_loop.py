@@ -81,8 +81,9 @@ def merge_verification(a: VerificationReport, b: VerificationReport) -> Verifica
     """``a`` with ``b``'s nodes (sites ``a`` already labels are not repeated), verdicts and controls added."""
     have = {(n.site, n.features) for n in a.nodes}
     nodes = a.nodes + [n for n in b.nodes if (n.site, n.features) not in have]
+    skipped = a.settings.get("proxy_controls_skipped", []) + b.settings.get("proxy_controls_skipped", [])
     return VerificationReport(a.task, a.model, a.thresholds, nodes, a.verdicts + b.verdicts, a.controls + b.controls,
-                              a.settings, a.task_ref)
+                              {**a.settings, "proxy_controls_skipped": skipped}, a.task_ref)
 
 
 def node_sites(vr: VerificationReport) -> list[str]:

@@ -258,6 +258,10 @@ def verification_part(report: Report, ver: dict[str, Any], res: dict[str, Any]) 
     for k, v in cs.items():
         meaning = ("must verify nothing" if v.get("must_verify_nothing") else
                    "verified here = architectural claim (reported apart)")
+        if k == "proxy" and ver.get("settings", {}).get("proxy_controls_skipped"):
+            skipped = ver["settings"]["proxy_controls_skipped"]
+            meaning += ("; skipped where the site is itself verified to carry the proxy (no null there): "
+                        + ", ".join(f"{p} at {s} (beside {f})" for s, f, p in skipped))
         ctrl_rows.append([k, v["tested"], v["verified"], meaning])
     s2.add(Table(["null control", "tests run", "tests verified", "meaning"], ctrl_rows,
                  caption=(f"Null controls beside every test. Random-init model: weight std {rm.get('init_std')}, "

@@ -11,11 +11,15 @@
   broken.  Must verify nothing.
 * ``proxy``: beside every verified (site, feature), the feature's declared proxies (``Task.proxies``:
   correlated with it without determining the answer the same way, e.g. the string's length for
-  the count of one letter) are tested at the same site.  They must be rejected.
+  the count of one letter) are tested at the same site.  They must be rejected.  A proxy that the
+  site is itself verified to carry (a node of its own, e.g. the residual at S3 carrying S3 beside
+  F3+S3) is no null there: its control would repeat that real, verified test, so it is skipped
+  and listed as skipped.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,9 +105,12 @@ def proxy_features(verifier: InterchangeVerifier, site: str, feature: str) -> li
     return [p for p in verifier.task.proxies(feature) if p in verifier.features and p != feature]
 
 
-def run_proxy_controls(verifier: InterchangeVerifier, site: str, feature: str, split: str = "search") -> list[Verdict]:
-    """The proxy control beside a verified (site, feature): each proxy tested at the site."""
-    return [verifier.test(site, [p], condition="proxy", split=split) for p in proxy_features(verifier, site, feature)]
+def run_proxy_controls(verifier: InterchangeVerifier, site: str, feature: str, split: str = "search",
+                       carried: AbstractSet[str] = frozenset()) -> list[Verdict]:
+    """The proxy control beside a verified (site, feature): each proxy tested at the site, except those in
+    ``carried`` (features the site is itself verified to carry, for which the control is no null)."""
+    return [verifier.test(site, [p], condition="proxy", split=split)
+            for p in proxy_features(verifier, site, feature) if p not in carried]
 
 
 __all__ = ["CONTROLS", "FAILING_CONTROLS", "RandomModelInfo", "varied_random_model", "null_verifier", "run_controls",

@@ -29,7 +29,8 @@ from circuitkit.results import JsonResult
 from circuitkit.sites import parse_site
 from circuitkit.tasks.registry import task_record
 from circuitkit.verification.causal import DATA_DRIVEN
-from circuitkit.verification.controls import CONTROLS, FAILING_CONTROLS, null_verifier, run_controls, run_proxy_controls
+from circuitkit.verification.controls import (CONTROLS, FAILING_CONTROLS, null_verifier, proxy_features, run_controls,
+                                              run_proxy_controls)
 from circuitkit.verification.interchange import InterchangeVerifier, Verdict, VerifyThresholds, group_name
 
 
@@ -244,19 +245,25 @@ def verify_hypotheses(verifier: InterchangeVerifier, hypotheses: Sequence[Hypoth
             # the group's answer-level claim replaces its members' logit-level claims for this feature
             nodes = [n for n in nodes if not (n.site in sites and n.features == (feature,) and not n.group)]
             nodes += [_node(cv, s, twin, group=sites, confirmed=True) for s in sites]
-    grouped = {(str(parse_site(n.site).position), f) for n in nodes for f in n.features
-               if parse_site(n.site).kind in GROUPABLE_KINDS}  # a residual node always carries what it reads
-    for _position, (members, feats) in _joint_group_candidates(with_claims, grouped, max_group).items():
+    for _position, (members, feats) in _joint_group_candidates(with_claims, explained_at(nodes), max_group).items():
         kept = _verify_joint_group(verifier, with_controls, members, feats, max_joint)
         if kept is not None:
             sites, cv, twin = kept
             nodes += [_node(cv, s, twin, joint=True, group=sites, confirmed=True) for s in sites]
+    carried: dict[str, set[str]] = {}
+    for n in nodes:
+        if len(n.features) == 1 and not n.group:
+            carried.setdefault(n.site, set()).add(n.features[0])
+    proxy_skipped: list[list[str]] = []
     for n in list(nodes):
         if len(n.features) == 1 and not n.group:
-            ctrl.extend(run_proxy_controls(verifier, n.site, n.features[0]))
+            ctrl.extend(run_proxy_controls(verifier, n.site, n.features[0], carried=carried[n.site]))
+            proxy_skipped += [[n.site, n.features[0], p] for p in proxy_features(verifier, n.site, n.features[0])
+                              if p in carried[n.site]]
     settings = {"n_inputs": len(verifier.inputs), "n_pairs": verifier.n_pairs, "n_candidates": verifier.n_candidates,
                 "seed": verifier.seed, "controls": list(CONTROLS) if controls else [], "max_joint": max_joint,
                 "max_group": max_group, "claims": [list(c) for c in claims],
+                "proxy_controls_skipped": proxy_skipped,  # [site, feature, proxy]: the site carries the proxy too
                 "random_model": null.random_model_info.to_dict() if null is not None else None}
     return VerificationReport(verifier.task.name, model_name, verifier.th, nodes, verdicts, ctrl, settings,
                               task_record(verifier.task))
@@ -264,6 +271,14 @@ def verify_hypotheses(verifier: InterchangeVerifier, hypotheses: Sequence[Hypoth
 
 #: site kinds that write into the residual stream side by side, so may carry a feature redundantly
 GROUPABLE_KINDS = ("head", "z", "attn_out", "mlp_out", "mlp_post")
+
+
+def explained_at(nodes: Sequence[VerifiedNode]) -> set[tuple[str, str]]:
+    """(position, feature) that a groupable component already carries on the answer.  Residual nodes do not
+    count (a residual node always carries what it reads), nor do logit-level ones: they leave the answer to be
+    explained, so a joint group there is still worth testing."""
+    return {(str(parse_site(n.site).position), f) for n in nodes for f in n.features
+            if parse_site(n.site).kind in GROUPABLE_KINDS and n.level == "answer"}
 
 
 def _group_candidates(hypotheses: Sequence[Hypothesis], verified_alone: set[tuple[str, str]],
