@@ -21,6 +21,8 @@ For each rule and a few site groups at A1 and feature sets, the script runs the 
     .venv/bin/python research/addition_a2/a2_at_a1.py            # writes research/addition_a2/results.json
     .venv/bin/python research/addition_a2/a2_at_a1.py --verification runs/full/addition/circuit/verification.json
         # also the site groups at A1 that a case-study run verified for A2
+    .venv/bin/python research/addition_a2/a2_at_a1.py --verification V.json --only-verification --pairs 600 \
+        --out research/addition_a2/results_run_group_600.json   # those groups only, on 3x the pairs
 """
 from __future__ import annotations
 
@@ -106,7 +108,11 @@ def main() -> int:
     ap.add_argument("--out", default=str(HERE / "results.json"))
     ap.add_argument("--verification", metavar="JSON", help="also test (written rule) the site groups at A1 that this "
                     "verification.json verified for A2 (a case-study run's <work>/circuit/verification.json)")
+    ap.add_argument("--only-verification", action="store_true", help="test only the --verification groups (e.g. "
+                    "with more --pairs, to narrow their intervals on 3-digit sums)")
     args = ap.parse_args()
+    if args.only_verification and not args.verification:
+        ap.error("--only-verification needs --verification JSON")
     torch.manual_seed(args.seed)
     pm = load_probed(args.model)
     verifiers = {"written": InterchangeVerifier(pm, n_inputs=args.inputs, n_pairs=args.pairs, seed=args.seed),
@@ -114,7 +120,7 @@ def main() -> int:
                                                n_inputs=args.inputs, n_pairs=args.pairs, seed=args.seed)}
     rows = []
     fmt = lambda e: "-" if e is None else f"{e['mean']:.3f} [{e['ci_low']:.3f}] n {e['n']}"  # noqa: E731
-    tests = [(rule, spec, feats) for rule in RULES for spec, feats in TESTS]
+    tests = [] if args.only_verification else [(rule, spec, feats) for rule in RULES for spec, feats in TESTS]
     if args.verification:
         tests += [("written", spec, feats) for spec, feats in verified_groups(Path(args.verification))]
     for rule, spec, feats in tests:
