@@ -29,8 +29,14 @@ from circuitkit.results import JsonResult
 from circuitkit.sites import parse_site
 from circuitkit.tasks.registry import task_record
 from circuitkit.verification.causal import DATA_DRIVEN
-from circuitkit.verification.controls import (CONTROLS, FAILING_CONTROLS, null_verifier, proxy_features, run_controls,
-                                              run_proxy_controls)
+from circuitkit.verification.controls import (
+    CONTROLS,
+    FAILING_CONTROLS,
+    null_verifier,
+    proxy_features,
+    run_controls,
+    run_proxy_controls,
+)
 from circuitkit.verification.interchange import InterchangeVerifier, Verdict, VerifyThresholds, group_name
 
 
