@@ -22,10 +22,10 @@ import torch
 
 from circuitkit.circuit.discover import discover_circuit
 from circuitkit.circuit.export import export_all
-from circuitkit.hypotheses.cli import expand_sites
 from circuitkit.hypotheses.scoring import format_report
 from circuitkit.io_utils import atomic_write_json, atomic_write_text
 from circuitkit.models.checkpoint import load_probed
+from circuitkit.sites import expand_sites
 from circuitkit.verification.report import format_verification
 
 

@@ -13,18 +13,6 @@ from torch import Tensor
 from circuitkit.errors import CircuitkitError
 from circuitkit.models.checkpoint import ProbedModel
 from circuitkit.sites import Site, check_site
-from circuitkit.tasks.base import Task
-
-
-def resolve_positions(task: Task, ids: Tensor, position: str | int) -> Tensor:
-    """[batch] indices of ``position`` in each input (named positions resolved per input)."""
-    if isinstance(position, int) or str(position).lstrip("-").isdigit():
-        idx = task.resolve_position(int(position), [])
-        return torch.full((ids.shape[0],), idx, dtype=torch.long)
-    out = []
-    for row in ids.tolist():
-        out.append(task.resolve_position(position, task.tokenizer.id_tokens(row)))
-    return torch.tensor(out, dtype=torch.long)
 
 
 @torch.no_grad()
@@ -48,7 +36,7 @@ def collect_activations(
     hooks = sorted({s.hook_name for s in sites})
     stop = max(s.stop_layer for s in sites)
     stop_at = None if stop >= model.n_layers else stop
-    positions = {s: resolve_positions(task, ids, s.position) for s in sites if s.position is not None}
+    positions = {s: task.position_indices(ids, s.position) for s in sites if s.position is not None}
     chunks: dict[Site, list[Tensor]] = {s: [] for s in sites}
     dev = model.device
     for start in range(0, ids.shape[0], batch_size):

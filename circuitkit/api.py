@@ -54,11 +54,11 @@ def load_case(name_or_path: str, quick: bool = False) -> CaseConfig:
 
 def load_decoder(path: str | Path, model: ProbedModel | str | Path | None = None, device: str = "cpu") -> TrainedDecoder:
     """A trained InversionView decoder (checked against its probed model: ``model``, else the one it records)."""
-    from circuitkit.inversion.cli import load_checked_decoder
+    from circuitkit.inversion.checkpoint import load_checked_decoder
 
     if isinstance(model, ProbedModel):
+        from circuitkit.inversion.checkpoint import check_decoder_dir
         from circuitkit.inversion.checkpoint import load_decoder as _load
-        from circuitkit.inversion.cli import check_decoder_dir
 
         check_decoder_dir(path)
         return _load(path, probed=model, device=device)
@@ -120,7 +120,7 @@ def invert(decoder: TrainedDecoder, site: str | Site, text: str, n_per_cell: int
 
 # ---- hypotheses, verification, circuit ---------------------------------------------------------
 def _sites(model: ProbedModel, sites: Sequence[str | Site] | None, positions: Sequence[str] | None) -> list[Site]:
-    from circuitkit.hypotheses.cli import expand_sites
+    from circuitkit.sites import expand_sites
 
     text = None if sites is None else ",".join(str(s) for s in sites)
     return expand_sites(text, None if positions is None else ",".join(str(p) for p in positions), model)

@@ -12,7 +12,7 @@ TransformerLens notation: ``blocks.1.attn.hook_result[0]@:`` (head in brackets),
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -205,3 +205,47 @@ def paper_sites(n_layers: int, n_heads: int, include_mlp: bool = True) -> list[S
             out.append(Site("mlp_out", L))
         out.append(Site("resid_post", L))
     return out
+
+
+# ---- site groups: several sites patched together at one position ----
+GROUP_SEP = " & "
+
+
+def group_sites(spec: Site | str | Sequence[Site]) -> list[Site]:
+    """The sites of a site or site group (``"a1.0@END & a1.2@END"``); a group's sites share one position."""
+    if isinstance(spec, Site):
+        return [spec]
+    sites = [parse_site(x.strip()) for x in spec.split(GROUP_SEP)] if isinstance(spec, str) else list(spec)
+    if len({x.position for x in sites}) > 1:
+        raise CircuitkitError(f"a site group patches one position; got {', '.join(map(str, sites))}")
+    return sites
+
+
+def group_name(sites: Sequence[Site | str]) -> str:
+    """The spelling of a site group, the inverse of ``group_sites``."""
+    return GROUP_SEP.join(str(x) for x in sites)
+
+
+def expand_sites(site_text: str | None, positions: str | None, pm) -> list:
+    """Sites from "a0.0,a1.0@:" and "=,A1" (sites without a position get every listed position)."""
+    task = pm.task
+    if site_text:
+        sites = [parse_site(s) for s in site_text.split(",") if s.strip()]
+    else:
+        sites = [s for s in paper_sites(pm.n_layers, pm.n_heads) if s.kind in ("head", "mlp_out")]
+    pos_list = [p for p in (positions or "").split(",") if p]
+    out = []
+    for s in sites:
+        check_site(s, pm.n_layers, pm.n_heads)
+        if s.position is not None:
+            out.append(s)
+        elif pos_list:
+            out += [s.at(int(p) if p.lstrip("-").isdigit() else p) for p in pos_list]
+        else:
+            raise CircuitkitError(f"site {s} has no position: write it as {s.node}@POS or pass --positions "
+                                  f"(named positions of {task.name}: {', '.join(task.position_names)})")
+    for p in {s.position for s in out}:
+        if isinstance(p, str) and p not in task.position_names:
+            raise CircuitkitError(f"unknown position {p!r} for {task.name}; valid: {', '.join(task.position_names)}"
+                                  " or an integer index")
+    return list(dict.fromkeys(out))

@@ -11,8 +11,8 @@ import pytest
 from circuitkit.cli import main
 from circuitkit.hypotheses.features import all_features, reads_beyond
 from circuitkit.hypotheses.scoring import FeatureEncoder, alias_groups
+from circuitkit.stats import diff_estimate
 from circuitkit.tasks import get_task
-from circuitkit.verification.stats import diff_estimate
 
 
 def _run(capsys, argv):

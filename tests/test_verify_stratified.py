@@ -305,7 +305,7 @@ def test_directional_share_counts_movement_and_keeps_an_interval_when_every_pair
     downward ones), a bootstrap interval, and Wilson's where every shift goes one way (30 of 30 is not [1, 1])."""
     import numpy as np
 
-    from circuitkit.verification.stats import directional_share
+    from circuitkit.stats import directional_share
 
     mixed = directional_share(np.array([3.0, -1.0] * 20))
     assert mixed.mean == 0.75 and mixed.ci_low < 0.75 < mixed.ci_high

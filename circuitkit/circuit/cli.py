@@ -7,7 +7,7 @@ from pathlib import Path
 from circuitkit.cli import Output, add_common
 from circuitkit.errors import CircuitkitError
 from circuitkit.validate import check_out_dir, check_range, check_threads, read_json
-from circuitkit.verification.cli import MAX_INPUTS, MAX_PAIRS
+from circuitkit.verification.interchange import MAX_INPUTS, MAX_PAIRS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -77,7 +77,7 @@ def _circuit(args: argparse.Namespace) -> Output:
                                 task_ref=task_record(pm.task))
         circuit = make_circuit(assemble_circuit(pm, ver, vr, settings, args.seed), extra)
     else:
-        from circuitkit.hypotheses.cli import expand_sites
+        from circuitkit.sites import expand_sites
 
         sites = expand_sites(args.sites, args.positions, pm)
         disc = discover_circuit(pm, sites, n_queries=args.queries, pool=args.pool, n_inputs=args.inputs,

@@ -38,10 +38,10 @@ from torch import Tensor
 
 from circuitkit.patching.path import path_patch_to_site, read_depth, write_depth
 from circuitkit.sites import Site, parse_site
+from circuitkit.stats import Estimate, proportion, proportion_diff
 from circuitkit.tasks.base import LAYOUT
 from circuitkit.verification.interchange import InterchangeVerifier
 from circuitkit.verification.report import VerifiedNode
-from circuitkit.verification.stats import Estimate, proportion, proportion_diff
 
 RESID_KINDS = ("resid_pre", "resid_mid", "resid_post")
 

@@ -48,8 +48,7 @@ def _serve(args: argparse.Namespace) -> Output:
         torch.set_num_threads(args.threads)
     decoder, decoder_meta = None, None
     if args.decoder:
-        from circuitkit.inversion.checkpoint import read_decoder_meta
-        from circuitkit.inversion.cli import check_decoder_dir
+        from circuitkit.inversion.checkpoint import check_decoder_dir, read_decoder_meta
 
         check_decoder_dir(args.decoder)
         decoder_meta = read_decoder_meta(args.decoder)

@@ -8,33 +8,6 @@ from circuitkit.cli import Output, add_common
 from circuitkit.errors import CircuitkitError
 
 
-def expand_sites(site_text: str | None, positions: str | None, pm) -> list:
-    """Sites from "a0.0,a1.0@:" and "=,A1" (sites without a position get every listed position)."""
-    from circuitkit.sites import check_site, paper_sites, parse_site
-
-    task = pm.task
-    if site_text:
-        sites = [parse_site(s) for s in site_text.split(",") if s.strip()]
-    else:
-        sites = [s for s in paper_sites(pm.n_layers, pm.n_heads) if s.kind in ("head", "mlp_out")]
-    pos_list = [p for p in (positions or "").split(",") if p]
-    out = []
-    for s in sites:
-        check_site(s, pm.n_layers, pm.n_heads)
-        if s.position is not None:
-            out.append(s)
-        elif pos_list:
-            out += [s.at(int(p) if p.lstrip("-").isdigit() else p) for p in pos_list]
-        else:
-            raise CircuitkitError(f"site {s} has no position: write it as {s.node}@POS or pass --positions "
-                                  f"(named positions of {task.name}: {', '.join(task.position_names)})")
-    for p in {s.position for s in out}:
-        if isinstance(p, str) and p not in task.position_names:
-            raise CircuitkitError(f"unknown position {p!r} for {task.name}; valid: {', '.join(task.position_names)}"
-                                  " or an integer index")
-    return list(dict.fromkeys(out))
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_common(sub.add_parser("hypothesize", help="rank hypotheses 'site@pos carries feature f' from ε-preimages"))
     p.add_argument("model", help="probed model checkpoint directory")
@@ -61,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _check_options(args: argparse.Namespace) -> None:
     """Every numeric option in its range, and --out writable, before any model is loaded."""
-    from circuitkit.inversion.cli import MAX_PER_CELL
+    from circuitkit.inversion.preimage import MAX_PER_CELL
     from circuitkit.validate import check_out_file, check_positive, check_range, check_threads
 
     for name in ("queries", "pool"):
@@ -90,7 +63,7 @@ def _hypothesize(args: argparse.Namespace) -> Output:
     if args.source == "decoder":
         if not args.decoder:
             raise CircuitkitError("--source decoder needs --decoder DIR (train one with 'circuitkit decoder train')")
-        from circuitkit.inversion.cli import load_checked_decoder
+        from circuitkit.inversion.checkpoint import load_checked_decoder
 
         td = load_checked_decoder(args.decoder, args.model)
         pm = td.probed
@@ -98,6 +71,8 @@ def _hypothesize(args: argparse.Namespace) -> Output:
     else:
         pm = load_probed(args.model, task=args.task)
         source = PoolPreimage(pm, pool_size=args.pool, eps=args.eps, seed=args.seed)
+    from circuitkit.sites import expand_sites
+
     sites = expand_sites(args.sites, args.positions, pm)
     test = list(pm.task.split("test"))
     queries = random.Random(args.seed).sample(test, min(args.queries, len(test)))

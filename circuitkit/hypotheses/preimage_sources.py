@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from circuitkit.activations import collect_activations, resolve_positions
+from circuitkit.activations import collect_activations
 from circuitkit.errors import CircuitkitError
 from circuitkit.models.checkpoint import ProbedModel
 from circuitkit.sites import Site, check_site
@@ -118,7 +118,7 @@ class PoolPreimage:
         task = self.model.task
         acts = self.pool_activations(site)
         q_ids = task.encode(list(queries))
-        q_pos = resolve_positions(task, q_ids, site.position)
+        q_pos = task.position_indices(q_ids, site.position)
         q_acts = collect_activations(self.model, q_ids, [site.at(None)], self.batch_size)[site.at(None)]
         rng = random.Random(self.seed)
         out = []
@@ -144,7 +144,7 @@ class PoolPreimage:
                 b_idx = rng.sample(b_idx, self.max_baseline)
             members = [Sample(self.pool[i], int(where[i]), float(dist[i])) for i in m_idx]
             if random_baseline:
-                pos_b = resolve_positions(task, self.ids[b_idx], site.position).tolist() if b_idx else []
+                pos_b = task.position_indices(self.ids[b_idx], site.position).tolist() if b_idx else []
                 baseline = [Sample(self.pool[i], int(p), float(dist[i])) for i, p in zip(b_idx, pos_b)]
             else:
                 baseline = [Sample(self.pool[i], int(where[i]), float(dist[i])) for i in b_idx]

@@ -20,7 +20,7 @@ from circuitkit.io_utils import atomic_torch_save, atomic_write_json, safe_torch
 from circuitkit.models.checkpoint import ProbedModel, load_probed
 from circuitkit.sites import Site, parse_site
 from circuitkit.tasks.registry import task_from_record, task_record
-from circuitkit.validate import read_json
+from circuitkit.validate import check_weight_dir, read_json
 
 WEIGHTS = "decoder.pt"
 META = "decoder.json"
@@ -125,3 +125,25 @@ def load_decoder(path: str | Path, probed: ProbedModel | str | Path | None = Non
     dec.to(device).eval()
     sites = [parse_site(s) for s in meta["sites"]]
     return TrainedDecoder(dec, probed, sites, meta, path)
+
+
+def load_checked_decoder(decoder_dir: str, model: str | None = None, device: str = "cpu"):
+    """``load_decoder`` after checks that read no pickle: the directory exists, ``decoder.json`` is
+    UTF-8 JSON, and every tensor file is whole and matches manifest.json's checksums, so a truncated or
+    garbage file is named as such instead of failing deep inside torch."""
+    check_decoder_dir(decoder_dir)
+    return load_decoder(decoder_dir, probed=model, device=device)
+
+
+def check_decoder_dir(decoder_dir: str | Path) -> None:
+    """The pre-load checks of ``load_checked_decoder`` (also used by ``run --decoder``)."""
+    path = Path(decoder_dir)
+    if str(decoder_dir).strip() == "":
+        raise CircuitkitError("the decoder directory is empty; give the --out of 'circuitkit decoder train'")
+    if (path / META).is_file():
+        read_json(path / META, "decoder metadata")
+    read_decoder_meta(path)  # existence and layout, with the loader's own messages
+    try:
+        check_weight_dir(path)
+    except CircuitkitError as e:
+        raise CircuitkitError(f"refusing to load the decoder in {str(path)!r}: {e}") from None

@@ -5,7 +5,6 @@ import argparse
 from pathlib import Path
 
 from circuitkit.cli import Output, add_common
-from circuitkit.errors import CircuitkitError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -68,10 +67,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     iv.set_defaults(handler=_invert)
 
 
-#: upper bound on samples per (temperature, noise) cell: 64x the paper's 256, far past any useful value
-MAX_PER_CELL = 16384
-
-
 def _positive(name: str, v) -> None:
     from circuitkit.validate import check_positive
 
@@ -80,38 +75,12 @@ def _positive(name: str, v) -> None:
 
 def _check_sampling(args: argparse.Namespace) -> None:
     """Ranges of the sampling options ``decoder eval`` and ``invert`` share."""
+    from circuitkit.inversion.preimage import MAX_PER_CELL
     from circuitkit.validate import check_range, check_threads
 
     check_range("--per-cell", args.per_cell, 1, MAX_PER_CELL)
     check_range("--eps", args.eps, 0, lo_open=True, hint=" (a relative distance; the paper's 0.1)")
     check_threads(args.threads)
-
-
-def load_checked_decoder(decoder_dir: str, model: str | None = None, device: str = "cpu"):
-    """``load_decoder`` after checks that read no pickle: the directory exists, ``decoder.json`` is
-    UTF-8 JSON, and every tensor file is whole and matches manifest.json's checksums, so a truncated or
-    garbage file is named as such instead of failing deep inside torch."""
-    from circuitkit.inversion.checkpoint import load_decoder
-
-    check_decoder_dir(decoder_dir)
-    return load_decoder(decoder_dir, probed=model, device=device)
-
-
-def check_decoder_dir(decoder_dir: str | Path) -> None:
-    """The pre-load checks of ``load_checked_decoder`` (also used by ``run --decoder``)."""
-    from circuitkit.inversion.checkpoint import META, read_decoder_meta
-    from circuitkit.validate import check_weight_dir, read_json
-
-    path = Path(decoder_dir)
-    if str(decoder_dir).strip() == "":
-        raise CircuitkitError("the decoder directory is empty; give the --out of 'circuitkit decoder train'")
-    if (path / META).is_file():
-        read_json(path / META, "decoder metadata")
-    read_decoder_meta(path)  # existence and layout, with the loader's own messages
-    try:
-        check_weight_dir(path)
-    except CircuitkitError as e:
-        raise CircuitkitError(f"refusing to load the decoder in {str(path)!r}: {e}") from None
 
 
 def _parse_sites(text: str | None):
@@ -156,6 +125,7 @@ def _train(args: argparse.Namespace) -> Output:
 def _eval(args: argparse.Namespace) -> Output:
     import torch
 
+    from circuitkit.inversion import checkpoint
     from circuitkit.inversion.evaluate import evaluate_site
     from circuitkit.validate import check_range
 
@@ -163,7 +133,7 @@ def _eval(args: argparse.Namespace) -> Output:
     _check_sampling(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    td = load_checked_decoder(args.decoder_dir, args.model, args.device)
+    td = checkpoint.load_checked_decoder(args.decoder_dir, args.model, args.device)
     sites = _parse_sites(args.sites) or td.sites
     rows = [evaluate_site(td.decoder, td.probed, s, td.site_index(s), n_queries=args.queries,
                           n_per_cell=args.per_cell, metric=args.metric, eps=args.eps) for s in sites]
@@ -177,6 +147,7 @@ def _eval(args: argparse.Namespace) -> Output:
 def _invert(args: argparse.Namespace) -> Output:
     import torch
 
+    from circuitkit.inversion import checkpoint
     from circuitkit.inversion.colour import token_colours
     from circuitkit.inversion.preimage import invert_text
     from circuitkit.inversion.render import render_ansi, render_html
@@ -190,7 +161,7 @@ def _invert(args: argparse.Namespace) -> Output:
     site = parse_site(args.site)
     if args.threads:
         torch.set_num_threads(args.threads)
-    td = load_checked_decoder(args.decoder_dir, args.model, args.device)
+    td = checkpoint.load_checked_decoder(args.decoder_dir, args.model, args.device)
     td.probed.task.check_input(args.input, "--input")
     inv = invert_text(td, site, args.input, n_per_cell=args.per_cell, metric=args.metric, eps=args.eps,
                       seed=args.seed)

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from circuitkit.activations import resolve_positions
 from circuitkit.errors import CircuitkitError
 from circuitkit.inversion.checkpoint import TrainedDecoder
 from circuitkit.inversion.data import site_activations
@@ -20,6 +19,9 @@ from circuitkit.inversion.sample import PAPER_GRID, SpecialIds, grid_queries, sa
 from circuitkit.models.checkpoint import ProbedModel
 from circuitkit.results import JsonResult
 from circuitkit.sites import Site, check_site, parse_site
+
+#: upper bound on samples per (temperature, noise) cell: 64x the paper's 256, far past any useful value
+MAX_PER_CELL = 16384
 
 
 def special_ids(model: ProbedModel) -> SpecialIds:
@@ -36,7 +38,7 @@ def query_activation(model: ProbedModel, site: Site | str, text: str) -> Tensor:
                               f"or {s.node}@3; named positions: {', '.join(model.task.position_names)}")
     check_site(s, model.n_layers, model.n_heads)
     ids = model.task.encode([text]).to(model.device)
-    pos = resolve_positions(model.task, ids.cpu(), s.position)
+    pos = model.task.position_indices(ids.cpu(), s.position)
     return site_activations(model, s, ids)[0, int(pos[0])]
 
 
@@ -139,7 +141,7 @@ def invert_pool(model: ProbedModel, pool, site: Site, text: str, metric: str = "
     task, node = model.task, site.at(None)
     q_ids = task.encode([text])
     q_acts = collect_activations(model, q_ids, [node])[node]  # [1, pos, d]
-    query = q_acts[0, int(resolve_positions(task, q_ids, site.position)[0])]
+    query = q_acts[0, int(task.position_indices(q_ids, site.position)[0])]
     keep = [i for i, t in enumerate(pool.pool) if t != text]  # the query comes first, once
     texts = [text] + [pool.pool[i] for i in keep]
     ids = torch.cat([q_ids, pool.ids[keep]])

@@ -20,7 +20,8 @@ from circuitkit.errors import CircuitkitError
 from circuitkit.io_utils import atomic_write_json, atomic_write_text
 from circuitkit.models.checkpoint import ProbedModel
 from circuitkit.patching.groups import CumulativeResult, Group, cumulative_patch
-from circuitkit.patching.stats import Estimate, estimate
+from circuitkit.patching.inputs import paired_inputs
+from circuitkit.stats import Estimate, estimate
 
 PAPER = {
     "R": {"clean": 22.12, "forward": [15.13, 37.22, 41.18, 44.25], "backward": [37.94, 42.94, 42.94, 44.25]},
@@ -65,17 +66,8 @@ def contrast_pairs(pm: ProbedModel, contrast: str, n: int, seed: int = 0) -> tup
                     src.append(s)
                     break
         return base, src
-    if contrast == "F":
-        base, src = [], []
-        for t in rng.sample(test, min(len(test), 3 * n)):
-            try:  # some inputs have no flip that keeps every count in 1..9 (e.g. three single letters)
-                src.append(pm.task.contrast_minimal(t, rng))
-            except ValueError:
-                continue
-            base.append(t)
-            if len(base) == n:
-                break
-        return base, src
+    if contrast == "F":  # some inputs have no flip that keeps every count in 1..9 (e.g. three single letters)
+        return paired_inputs(pm.task, pm.task.contrast_minimal, n, rng, oversample=3)
     raise CircuitkitError(f"unknown contrast {contrast!r}; valid: R (random other example), F (flip one letter)")
 
 

@@ -17,14 +17,14 @@ from circuitkit.patching.ablations import ABLATIONS, Ablation, Patch, build_patc
 from circuitkit.patching.attribution import AttributionResult, attribute
 from circuitkit.patching.groups import CumulativeResult, Group, cumulative_patch
 from circuitkit.patching.metrics import METRICS, MetricContext, metric_context
-from circuitkit.patching.node import NodePatchResult, patch_nodes, run_with_patches
+from circuitkit.patching.node import NodePatchResult, interchange_logits, patch_nodes, run_with_patches
 from circuitkit.patching.path import Receiver, path_patch, path_patch_to_site
-from circuitkit.patching.stats import Estimate, bootstrap_ci, estimate
 from circuitkit.patching.sweep import SWEEP_KINDS, SweepResult, sweep
+from circuitkit.stats import Estimate, bootstrap_ci, estimate
 
 __all__ = [
     "ABLATIONS", "Ablation", "Patch", "build_patches", "AttributionResult", "attribute", "CumulativeResult",
-    "Group", "cumulative_patch", "METRICS", "MetricContext", "metric_context", "NodePatchResult", "patch_nodes",
+    "Group", "cumulative_patch", "METRICS", "MetricContext", "metric_context", "NodePatchResult", "interchange_logits", "patch_nodes",
     "run_with_patches", "Receiver", "path_patch", "path_patch_to_site", "Estimate", "bootstrap_ci", "estimate", "SWEEP_KINDS",
     "SweepResult", "sweep",
 ]

@@ -118,10 +118,7 @@ def resolve(task: Task, ids: Tensor, position: PositionSpec, what: str = "base")
         if bad.any():
             raise CircuitkitError(f"{what}: positions {position[bad].tolist()} are out of range 0..{ids.shape[1] - 1}")
         return position.long()
-    if isinstance(position, int) or str(position).lstrip("-").isdigit():
-        idx = task.resolve_position(int(position), [])
-        return torch.full((ids.shape[0],), idx, dtype=torch.long)
-    return torch.tensor([task.resolve_position(position, task.tokenizer.id_tokens(r)) for r in ids.tolist()])
+    return task.position_indices(ids, position)
 
 
 def is_raw(position: PositionSpec) -> bool:

@@ -17,9 +17,9 @@ from circuitkit.models.checkpoint import ProbedModel
 from circuitkit.patching.ablations import Ablation, as_ids, build_patches
 from circuitkit.patching.metrics import MetricContext, evaluate, metric_context
 from circuitkit.patching.node import resid_names, run_with_patches
-from circuitkit.patching.stats import estimate
 from circuitkit.results import JsonResult
 from circuitkit.sites import Site, parse_site
+from circuitkit.stats import estimate
 
 
 @dataclass

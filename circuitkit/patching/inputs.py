@@ -3,13 +3,33 @@ reference inputs of mean / resample ablation.  The CLI and the Python API share 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from circuitkit.errors import CircuitkitError
-from circuitkit.tasks.base import Task
+from circuitkit.tasks.base import CONTRASTS, Task
 
-#: how sources are made from bases when none are given: the paper's contrasts R and F
-CONTRASTS = ("random", "minimal")
+#: makes one source for a base (None, or a CircuitkitError / ValueError, when the base admits none)
+SourceMaker = Callable[[str, random.Random], "str | None"]
+
+
+def paired_inputs(task: Task, make_source: SourceMaker, n: int, rng: random.Random,
+                  oversample: int = 20) -> tuple[list[str], list[str]]:
+    """Up to ``n`` test-split bases, each with the one source ``make_source`` gives it.  Candidates are drawn
+    without replacement (``oversample`` × n of them); a base that admits no source is skipped."""
+    test = list(task.split("test"))
+    bases: list[str] = []
+    sources: list[str] = []
+    for base in rng.sample(test, min(len(test), oversample * n)):
+        try:
+            source = make_source(base, rng)
+        except (CircuitkitError, ValueError):
+            continue
+        if source is not None:
+            bases.append(base)
+            sources.append(source)
+        if len(bases) == n:
+            break
+    return bases, sources
 
 
 def bases_and_sources(task: Task, base: Sequence[str] | None, source: Sequence[str] | None, n: int,
@@ -20,6 +40,9 @@ def bases_and_sources(task: Task, base: Sequence[str] | None, source: Sequence[s
     from circuitkit.validate import check_range
 
     rng = random.Random(seed)
+    make = lambda text, r: task.contrast(text, contrast, r)  # noqa: E731
+    if need_source and source is None and contrast not in CONTRASTS:
+        raise CircuitkitError(f"unknown contrast {contrast!r}; valid: {', '.join(CONTRASTS)}")
     if base:
         for i, t in enumerate(base):
             task.check_input(t, f"{what[0]} input {i + 1}")
@@ -27,6 +50,12 @@ def bases_and_sources(task: Task, base: Sequence[str] | None, source: Sequence[s
     else:
         test = list(task.split("test"))
         check_range("--n", n, 1, len(test), hint=f" (the {task.name} test split has {len(test)} inputs)")
+        if need_source and source is None:
+            bases, sources = paired_inputs(task, make, n, rng, oversample=1)
+            if len(bases) < n:
+                raise CircuitkitError(f"cannot make a {contrast} contrast for {n - len(bases)} of the {n} sampled "
+                                      "inputs; give sources or use another contrast")
+            return bases, sources
         bases = rng.sample(test, n)
     if source is not None:
         if len(source) != len(bases):
@@ -36,9 +65,6 @@ def bases_and_sources(task: Task, base: Sequence[str] | None, source: Sequence[s
         return bases, list(source)
     if not need_source:
         return bases, None
-    if contrast not in CONTRASTS:
-        raise CircuitkitError(f"unknown contrast {contrast!r}; valid: {', '.join(CONTRASTS)}")
-    make = task.contrast_minimal if contrast == "minimal" else task.contrast_random
     try:
         return bases, [make(t, rng) for t in bases]
     except ValueError as e:

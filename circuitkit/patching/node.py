@@ -11,9 +11,9 @@ from circuitkit.models.checkpoint import ProbedModel
 from circuitkit.models.runner import ModelRunner
 from circuitkit.patching.ablations import Ablation, Patch, PositionSpec, as_ids, build_patches, get_ablation
 from circuitkit.patching.metrics import MetricContext, evaluate, metric_context
-from circuitkit.patching.stats import Estimate, estimate
 from circuitkit.results import JsonResult
-from circuitkit.sites import Site, parse_site
+from circuitkit.sites import Site, group_sites, parse_site
+from circuitkit.stats import Estimate, estimate
 
 
 def patch_hooks(patches: Sequence[Patch], copies: int = 1) -> dict:
@@ -74,6 +74,14 @@ class NodePatchResult(JsonResult):
         if per_example:
             d["per_example"] = {"clean": self.clean.tolist(), "patched": self.patched.tolist()}
         return d
+
+
+@torch.no_grad()
+def interchange_logits(pm: ProbedModel, base_ids: Tensor, source_ids: Tensor, site: Site | Sequence[Site]) -> Tensor:
+    """Logits [b, pos, vocab] of the base inputs with ``site`` — or every site of a group at once — (at its
+    named position, resolved per input in base and source separately) replaced by the source's activation."""
+    patches = build_patches(pm, base_ids, group_sites(site), "interchange", source_ids=source_ids)
+    return run_with_patches(pm.runner, base_ids.to(pm.device), patches)
 
 
 @torch.no_grad()

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from circuitkit.activations import resolve_positions
 from circuitkit.errors import CircuitkitError
 from circuitkit.models.checkpoint import ProbedModel
 from circuitkit.models.runner import ModelRunner
@@ -299,7 +298,7 @@ def path_patch_to_site(pm: ProbedModel, base_ids: Tensor, source_ids: Tensor, se
 
     def where(ids: Tensor, site: Site) -> Tensor | None:
         """[b] indices of the site's position per input; None = every position."""
-        return None if site.position is None else resolve_positions(task, ids.cpu(), site.position).to(dev)
+        return None if site.position is None else task.position_indices(ids.cpu(), site.position).to(dev)
 
     spos, bpos, rpos = where(source_ids, sender), where(base_ids, sender), where(base_ids, receiver)
     value = sender.select(scache[sender.hook_name], spos)

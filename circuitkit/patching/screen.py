@@ -18,11 +18,12 @@ import torch
 
 from circuitkit.errors import CircuitkitError
 from circuitkit.models.checkpoint import ProbedModel
+from circuitkit.patching.inputs import paired_inputs
+from circuitkit.patching.node import interchange_logits
 from circuitkit.results import JsonResult
 from circuitkit.sites import Site
+from circuitkit.stats import proportion
 from circuitkit.tasks.base import LAYOUT
-from circuitkit.verification.interchange import interchange_logits
-from circuitkit.verification.stats import proportion
 
 
 @dataclass(frozen=True)
@@ -58,16 +59,8 @@ class ScreenResult(JsonResult):
 def aligned_pairs(pm: ProbedModel, n: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """``n`` test-split bases, each with one aligned resample source (same layout)."""
     task = pm.task
-    rng = random.Random(50_000 + seed)
-    test = list(task.split("test"))
-    bases, sources = [], []
-    for i in rng.sample(range(len(test)), min(len(test), 4 * n)):
-        got = task.fair_sources(test[i], rng, 1, (LAYOUT,))
-        if got:
-            bases.append(test[i])
-            sources.append(got[0])
-        if len(bases) == n:
-            break
+    bases, sources = paired_inputs(task, lambda t, r: next(iter(task.fair_sources(t, r, 1, (LAYOUT,))), None), n,
+                                   random.Random(50_000 + seed), oversample=4)
     if not bases:
         raise CircuitkitError(f"{task.name}: no aligned sources found for the screen")
     return bases, sources

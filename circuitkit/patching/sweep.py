@@ -33,8 +33,8 @@ from circuitkit.models.runner import ModelRunner
 from circuitkit.patching.ablations import Ablation, as_ids, check_pairing, get_ablation, resample_sources
 from circuitkit.patching.metrics import MetricContext, evaluate, metric_context, set_clean_logits
 from circuitkit.patching.node import resid_names
-from circuitkit.patching.stats import bootstrap_ci
 from circuitkit.results import JsonResult
+from circuitkit.stats import bootstrap_ci
 
 SWEEP_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "resid_pre": ("blocks.{L}.hook_resid_pre", ("layer", "pos")),

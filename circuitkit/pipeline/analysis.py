@@ -13,34 +13,19 @@ if TYPE_CHECKING:
     from circuitkit.pipeline.run import RunContext
     from circuitkit.pipeline.stages import StageRunner
 
-CONTRASTS = ("random", "minimal")
-
-
 def _pairs(ctx: RunContext, contrast: str, n: int) -> tuple[list[str], list[str]]:
     """n test inputs and one contrast input for each (same token length); inputs that admit no
     contrast (counting: all three counts equal) are skipped, as the paper did."""
-    task = ctx.probed.task
-    rng = random.Random(ctx.cfg.seed)
-    test = task.split("test")
-    target = ctx.cfg.patching.target or None
-    bases: list[str] = []
-    sources: list[str] = []
-    for i in rng.sample(range(len(test)), min(len(test), 20 * n)):
-        try:
-            src = (task.contrast_random(test[i], rng, target) if contrast == "random"
-                   else task.contrast_minimal(test[i], rng))
-        except (CircuitkitError, ValueError):
-            continue
-        bases.append(test[i])
-        sources.append(src)
-        if len(bases) == n:
-            break
-    return bases, sources
+    from circuitkit.patching.inputs import paired_inputs
+
+    task, target = ctx.probed.task, ctx.cfg.patching.target or None
+    return paired_inputs(task, lambda t, r: task.contrast(t, contrast, r, target), n, random.Random(ctx.cfg.seed))
 
 
 def stage_patching(ctx: RunContext, runner: StageRunner) -> None:
     """Head x position and residual x position interchange sweeps for each contrast."""
     from circuitkit.patching.sweep import sweep
+    from circuitkit.tasks.base import CONTRASTS
 
     cfg, pm = ctx.cfg, ctx.probed
     bad = set(cfg.patching.contrasts) - set(CONTRASTS)

@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _precheck_inputs(cfg) -> None:
     """The model and decoder a case reads are checked (files whole, checksums, no pickle read) before any
     stage runs, so a corrupt decoder is not found only after the model stage has run."""
-    from circuitkit.inversion.cli import check_decoder_dir
+    from circuitkit.inversion.checkpoint import check_decoder_dir
     from circuitkit.validate import check_weight_dir
 
     if cfg.model.source == "path":

@@ -14,12 +14,14 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 from circuitkit.errors import CircuitkitError, choices_hint
 
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout (reports show paths relative to it)
+
 
 def case_dir() -> Path:
     """The built-in case configs and probed models: ``circuitkit/case_studies`` in an installed wheel
     (package data), else the checkout's top-level ``case_studies/``."""
     installed = Path(__file__).resolve().parents[1] / "case_studies"
-    return installed if installed.is_dir() else Path(__file__).resolve().parents[2] / "case_studies"
+    return installed if installed.is_dir() else REPO_ROOT / "case_studies"
 
 
 CASE_DIR = case_dir()
@@ -180,7 +182,6 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None, bool]] = {
 }
 #: range texts clearer than the bare interval
 _RANGE_TEXT = {("hypotheses", "n_per_cell"): ">= 1, or 0 for [decoder] n_per_cell (at most 16384)"}
-_CONTRASTS = ("random", "minimal")
 _CLAIM_KINDS = ("verified", "finding", "circuit")
 
 
@@ -297,9 +298,11 @@ def _check_semantics(cfg: CaseConfig, where: str, errors: list[str]) -> None:
         errors.append(f"{where} [model] source = 'path' needs path = '<checkpoint dir>'")
     if cfg.hypotheses.source not in ("decoder", "pool"):
         errors.append(f"{where} [hypotheses] source must be 'decoder' or 'pool', got {cfg.hypotheses.source!r}")
-    bad = [c for c in cfg.patching.contrasts if c not in _CONTRASTS]
+    from circuitkit.tasks.base import CONTRASTS
+
+    bad = [c for c in cfg.patching.contrasts if c not in CONTRASTS]
     if bad:
-        errors.append(f"{where} [patching] contrasts: unknown {bad}; valid: {', '.join(_CONTRASTS)}")
+        errors.append(f"{where} [patching] contrasts: unknown {bad}; valid: {', '.join(CONTRASTS)}")
     _check_claims(cfg.paper_claims, f"{where} [[paper_claims]]", errors)
     try:
         task = cfg.load_task()

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from circuitkit.io_utils import atomic_dir, atomic_write_json
+from circuitkit.pipeline.config import REPO_ROOT
 from circuitkit.report.document import Figure, HtmlPanel, Report, Table
 from circuitkit.report.figures import heatmap, line_plot
 from circuitkit.report.html import render_html
@@ -23,8 +24,6 @@ def _pct(x: float) -> str:
 
 def _shown_path(path: str) -> str:
     """A path inside the repository relative to its root (reports are shared; the clone's location is noise)."""
-    from circuitkit.pipeline.run import REPO_ROOT
-
     try:
         return str(Path(path).resolve().relative_to(REPO_ROOT))
     except ValueError:

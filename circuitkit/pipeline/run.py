@@ -25,8 +25,6 @@ from circuitkit.sites import Site, parse_site
 if TYPE_CHECKING:
     from circuitkit.inversion.train import DecoderTrainConfig
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
 
 @dataclasses.dataclass
 class RunContext:

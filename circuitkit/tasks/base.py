@@ -20,10 +20,12 @@ import torch
 from circuitkit.errors import CircuitkitError, choices_hint
 from circuitkit.tasks.features import Feature, Tokens
 
-"""An input as its list of token strings, BOS first, padding included."""
-
 LAYOUT = "layout"
 """In ``Task.holds_fixed`` / ``fair_sources``: hold the base's layout fixed (``Task.layout``)."""
+
+CONTRASTS = ("random", "minimal")
+"""The paper's two ways to make a source from a base (``Task.contrast``): R, another example whose answer
+differs, and F, a minimal edit that changes the answer."""
 
 
 @dataclass(frozen=True)
@@ -223,6 +225,15 @@ class Task(ABC):
     def contrast_minimal(self, text: str, rng: random.Random) -> str:
         """A minimal edit of ``text`` that changes the answer and keeps the length (contrast F)."""
 
+    def contrast(self, text: str, kind: str, rng: random.Random, target: str | None = None) -> str:
+        """The paper's contrast ``kind`` of ``text``: "random" (R, ``contrast_random`` at ``target``) or
+        "minimal" (F, ``contrast_minimal``)."""
+        if kind == "random":
+            return self.contrast_random(text, rng, target)
+        if kind == "minimal":
+            return self.contrast_minimal(text, rng)
+        raise CircuitkitError(f"unknown contrast {kind!r}; valid: {', '.join(CONTRASTS)}")
+
     # ---- aligned and stratified sources -------------------------------------------------
     def layout(self, tokens: Tokens) -> Hashable:
         """What an *aligned* source shares with its base: by default the index of every named
@@ -370,6 +381,13 @@ class Task(ABC):
                 f"{choices_hint(self.position_names)} or an integer index"
             )
         return named[position]
+
+    def position_indices(self, ids: torch.Tensor, position: str | int) -> torch.Tensor:
+        """[batch] index of ``position`` in each row of ``ids`` [batch, pos] (a named position per input)."""
+        if isinstance(position, int) or str(position).lstrip("-").isdigit():
+            return torch.full((ids.shape[0],), self.resolve_position(int(position), []), dtype=torch.long)
+        return torch.tensor([self.resolve_position(position, self.tokenizer.id_tokens(row)) for row in ids.tolist()],
+                            dtype=torch.long)
 
     def special_positions(self, ids: torch.Tensor) -> torch.Tensor:
         """Bool mask [batch, pos] of BOS/EOS/PAD positions (excluded from InversionView distances)."""

@@ -8,10 +8,6 @@ from circuitkit.cli import Output, add_common
 from circuitkit.errors import CircuitkitError
 from circuitkit.validate import check_out_file, check_range, check_threads, read_json
 
-#: upper bounds that keep a typo (an extra zero or three) from hanging the verifier for hours
-MAX_INPUTS = 200_000
-MAX_PAIRS = 100_000
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_common(sub.add_parser("verify", help="verify hypotheses by interchange on fair (stratified) pairs: IIA, "
@@ -46,7 +42,7 @@ def _verify(args: argparse.Namespace) -> Output:
     from circuitkit.io_utils import atomic_write_json
     from circuitkit.models.checkpoint import load_probed
     from circuitkit.tasks.registry import check_same_task
-    from circuitkit.verification.interchange import InterchangeVerifier, VerifyThresholds
+    from circuitkit.verification.interchange import MAX_INPUTS, MAX_PAIRS, InterchangeVerifier, VerifyThresholds
     from circuitkit.verification.report import claim_hypothesis, format_verification, verify_hypotheses
 
     check_threads(args.threads)

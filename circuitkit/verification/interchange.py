@@ -49,11 +49,9 @@ from torch import Tensor
 from circuitkit.errors import CircuitkitError
 from circuitkit.hypotheses.features import AnyFeature, PositionalFeature, all_features
 from circuitkit.models.checkpoint import ProbedModel
-from circuitkit.sites import Site, check_site, parse_site
-from circuitkit.tasks.base import LAYOUT
-from circuitkit.verification.answers import AnswerModel, FeatureCoder, fit_answer_model
-from circuitkit.verification.causal import TokenEditPrediction, fit_token_edit, token_editable
-from circuitkit.verification.stats import (
+from circuitkit.patching.node import interchange_logits
+from circuitkit.sites import Site, check_site, group_name, group_sites
+from circuitkit.stats import (
     Estimate,
     diff_estimate,
     directional_share,
@@ -61,8 +59,15 @@ from circuitkit.verification.stats import (
     proportion,
     proportion_diff,
 )
+from circuitkit.tasks.base import LAYOUT
+from circuitkit.verification.answers import AnswerModel, FeatureCoder, fit_answer_model
+from circuitkit.verification.causal import TokenEditPrediction, fit_token_edit, token_editable
 
 SPLITS = ("search", "confirm")
+
+#: upper bounds that keep a typo (an extra zero or three) from hanging the verifier for hours
+MAX_INPUTS = 200_000
+MAX_PAIRS = 100_000
 
 
 @dataclass(frozen=True)
@@ -185,61 +190,6 @@ class Verdict:
                 "hold": list(self.hold), "verified": self.verified, "level": self.level, "necessary_targets": self.necessary_targets,
                 "verified_targets": self.verified_targets, "note": self.note, "confidence": self.confidence,
                 "targets": [t.to_dict() for t in self.targets]}
-
-
-# ---- the patching call (the one place this module touches the patching engine) ----------------------
-GROUP_SEP = " & "
-
-
-def group_sites(spec: Site | str | Sequence[Site]) -> list[Site]:
-    """The sites of a site or site group (``"a1.0@END & a1.2@END"``); a group's sites share one position."""
-    if isinstance(spec, Site):
-        return [spec]
-    sites = [parse_site(x.strip()) for x in spec.split(GROUP_SEP)] if isinstance(spec, str) else list(spec)
-    if len({x.position for x in sites}) > 1:
-        raise CircuitkitError(f"a site group patches one position; got {', '.join(map(str, sites))}")
-    return sites
-
-
-def group_name(sites: Sequence[Site | str]) -> str:
-    """The spelling of a site group, the inverse of ``group_sites``."""
-    return GROUP_SEP.join(str(x) for x in sites)
-
-
-@torch.no_grad()
-def interchange_logits(pm: ProbedModel, base_ids: Tensor, source_ids: Tensor, site: Site | Sequence[Site]) -> Tensor:
-    """Logits [b, pos, vocab] of the base inputs with ``site`` — or every site of a group at once — (at its
-    named position, resolved per input in base and source separately) replaced by the source's activation."""
-    sites = group_sites(site)
-    try:
-        from circuitkit.patching.ablations import build_patches
-        from circuitkit.patching.node import run_with_patches
-    except ImportError:  # pragma: no cover - interim path while the patching package is absent
-        if len(sites) != 1:
-            raise
-        return _interchange_logits_local(pm, base_ids, source_ids, sites[0])
-    patches = build_patches(pm, base_ids, sites, "interchange", source_ids=source_ids)
-    return run_with_patches(pm.runner, base_ids.to(pm.device), patches)
-
-
-def _interchange_logits_local(pm: ProbedModel, base_ids: Tensor, source_ids: Tensor, site: Site) -> Tensor:
-    from circuitkit.activations import resolve_positions
-
-    bpos = resolve_positions(pm.task, base_ids, site.position)
-    spos = resolve_positions(pm.task, source_ids, site.position)
-    _, cache = pm.runner.run(source_ids.to(pm.device), cache=[site.hook_name], return_logits=False)
-    value = site.select(cache[site.hook_name], spos)
-
-    def hook(act: Tensor) -> Tensor:
-        act = act.clone()
-        rows = torch.arange(act.shape[0])
-        if site.head is not None:
-            act[rows, bpos, site.head] = value
-        else:
-            act[rows, bpos] = value
-        return act
-
-    return pm.runner.run(base_ids.to(pm.device), hooks={site.hook_name: hook})[0]
 
 
 # ---- the verifier -----------------------------------------------------------------------------------
@@ -675,5 +625,4 @@ class InterchangeVerifier:
                        hold, round(conf, 6))
 
 
-__all__ = ["VerifyThresholds", "TargetResult", "Verdict", "InterchangeVerifier", "interchange_logits", "group_sites",
-           "group_name", "GROUP_SEP", "SPLITS"]
+__all__ = ["MAX_INPUTS", "MAX_PAIRS", "VerifyThresholds", "TargetResult", "Verdict", "InterchangeVerifier", "SPLITS"]

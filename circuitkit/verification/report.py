@@ -26,7 +26,7 @@ from typing import Any
 
 from circuitkit.hypotheses.records import Hypothesis
 from circuitkit.results import JsonResult
-from circuitkit.sites import parse_site
+from circuitkit.sites import group_name, parse_site
 from circuitkit.tasks.registry import task_record
 from circuitkit.verification.causal import DATA_DRIVEN
 from circuitkit.verification.controls import (
@@ -37,7 +37,7 @@ from circuitkit.verification.controls import (
     run_controls,
     run_proxy_controls,
 )
-from circuitkit.verification.interchange import InterchangeVerifier, Verdict, VerifyThresholds, group_name
+from circuitkit.verification.interchange import InterchangeVerifier, Verdict, VerifyThresholds
 
 
 @dataclass(frozen=True)

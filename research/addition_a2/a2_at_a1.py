@@ -36,10 +36,11 @@ import torch
 
 from circuitkit.manifest import build_manifest
 from circuitkit.models.checkpoint import ProbedModel, load_probed
+from circuitkit.sites import group_name, group_sites
+from circuitkit.stats import proportion
 from circuitkit.tasks.addition import AdditionTask
 from circuitkit.tasks.base import LAYOUT
-from circuitkit.verification.interchange import InterchangeVerifier, group_name, group_sites
-from circuitkit.verification.stats import proportion
+from circuitkit.verification.interchange import InterchangeVerifier
 
 HERE = Path(__file__).resolve().parent
 MODEL = HERE.parents[1] / "case_studies" / "models" / "addition"
