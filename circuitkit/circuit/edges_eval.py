@@ -217,61 +217,72 @@ class _Plan:
     expanded: list[list[str]]
 
 
+def _skip(plan: _Plan, strict: bool, s: str, r: str, why: str) -> None:
+    """Record an edge that cannot be run as ignored (with the reason), or raise on it when ``strict``."""
+    if strict:
+        raise CircuitkitError(f"edge {s} -> {r}: {why}")
+    plan.ignored.append([s, r, why])
+
+
+def _link(plan: _Plan, a: _Node, b: _Node) -> None:
+    """Let component node ``b`` read ``a``'s delta (once), and list the component-level edge."""
+    if a not in plan.incoming[b.name]:
+        plan.incoming[b.name].append(a)
+        plan.expanded.append([a.name, b.name])
+
+
+def _plan_output_edge(ev: AblationEvaluator, plan: _Plan, s: str, r: str, strict: bool) -> None:
+    """Plan an edge s -> out:T: every component of s writes into T's final residual stream."""
+    t = r[len(OUT):]
+    if t not in plan.outgoing:
+        _skip(plan, strict, s, r, f"unknown target {t!r}; valid: {', '.join(ev.target_names)}")
+        return
+    for a in plan.ex.of[s]:
+        if a not in plan.outgoing[t]:
+            plan.outgoing[t].append(a)
+            plan.expanded.append([a.name, r])
+    plan.used.append([s, r])
+
+
+def _plan_edge(ev: AblationEvaluator, plan: _Plan, s: str, r: str, strict: bool) -> None:
+    """Plan one named edge s -> r (module doc), or skip it with the reason it carries nothing or is unknown."""
+    ex = plan.ex
+    if s in ex.never:
+        _skip(plan, strict, s, r, "the sender is an embedding, never ablated (part of R0): the edge carries nothing")
+    elif r in ex.never:
+        _skip(plan, strict, s, r, "the receiver is an embedding node: it reads nothing")
+    elif s not in ex.of:
+        _skip(plan, strict, s, r, f"{s} is not a circuit node ({', '.join(ex.of) or 'none'})")
+    elif r.startswith(OUT):
+        _plan_output_edge(ev, plan, s, r, strict)
+    elif r not in ex.of:
+        _skip(plan, strict, s, r, f"{r} is not a circuit node ({', '.join(ex.of)})")
+    else:
+        pairs = _pairs(ex.of[s], ex.of[r])
+        if not pairs:
+            _skip(plan, strict, s, r, f"{s} is written after {r} reads the residual stream")
+            return
+        for a, b in pairs:
+            _link(plan, a, b)
+        plan.used.append([s, r])
+
+
 def _plan(ev: AblationEvaluator, sites: Sequence[Site], edges: Iterable[tuple[str | Site, str | Site]],
           strict: bool) -> _Plan:
     ex = _expand(ev, sites)
-    incoming: dict[str, list[_Node]] = {n.name: [] for n in ex.nodes}
-    outgoing: dict[str, list[_Node]] = {t: [] for t in ev.target_names}
-    used: list[list[str]] = []
-    ignored: list[list[str]] = []
-    expanded: list[list[str]] = []
-
-    def skip(s: str, r: str, why: str) -> None:
-        if strict:
-            raise CircuitkitError(f"edge {s} -> {r}: {why}")
-        ignored.append([s, r, why])
-
-    def link(a: _Node, b: _Node) -> None:
-        if a not in incoming[b.name]:
-            incoming[b.name].append(a)
-            expanded.append([a.name, b.name])
-
+    plan = _Plan(ex, incoming={n.name: [] for n in ex.nodes}, outgoing={t: [] for t in ev.target_names},
+                 used=[], ignored=[], expanded=[])
     for s_raw, r_raw in edges:
         try:
             s, r = _name(s_raw), _name(r_raw)
         except CircuitkitError as e:
-            skip(str(s_raw), str(r_raw), f"not a site ({e})")
+            _skip(plan, strict, str(s_raw), str(r_raw), f"not a site ({e})")
             continue
-        if s in ex.never:
-            skip(s, r, "the sender is an embedding, never ablated (part of R0): the edge carries nothing")
-        elif r in ex.never:
-            skip(s, r, "the receiver is an embedding node: it reads nothing")
-        elif s not in ex.of:
-            skip(s, r, f"{s} is not a circuit node ({', '.join(ex.of) or 'none'})")
-        elif r.startswith(OUT):
-            t = r[len(OUT):]
-            if t not in outgoing:
-                skip(s, r, f"unknown target {t!r}; valid: {', '.join(ev.target_names)}")
-                continue
-            for a in ex.of[s]:
-                if a not in outgoing[t]:
-                    outgoing[t].append(a)
-                    expanded.append([a.name, r])
-            used.append([s, r])
-        elif r not in ex.of:
-            skip(s, r, f"{r} is not a circuit node ({', '.join(ex.of)})")
-        else:
-            pairs = _pairs(ex.of[s], ex.of[r])
-            if not pairs:
-                skip(s, r, f"{s} is written after {r} reads the residual stream")
-                continue
-            for a, b in pairs:
-                link(a, b)
-            used.append([s, r])
+        _plan_edge(ev, plan, s, r, strict)
     for r in ex.bundles:  # a bundle's complete internal edges
         for a, b in _pairs(ex.of[r], ex.of[r]):
-            link(a, b)
-    return _Plan(ex, incoming, outgoing, used, ignored, expanded)
+            _link(plan, a, b)
+    return plan
 
 
 @torch.no_grad()

@@ -118,7 +118,7 @@ class CircuitNode:
 def _target_position_names(verifier: InterchangeVerifier) -> dict[str, str]:
     """{target: the named position where it is read} (the first input's naming)."""
     out: dict[str, str] = {}
-    for toks, ts in zip(verifier.tokens, verifier.targets):
+    for toks, ts in zip(verifier.tokens, verifier.targets, strict=False):
         named = {i: n for n, i in verifier.task.positions(toks).items()}
         for t in ts:
             if t.name not in out and t.position in named:
@@ -144,7 +144,7 @@ def _aligned_pairs(verifier: InterchangeVerifier, n: int, rng: random.Random) ->
 def _where_both(verifier: InterchangeVerifier, bases: Sequence[int], sources: Sequence[str], *sites: Site
                 ) -> tuple[list[int], list[str]]:
     pos = verifier.coder.position
-    keep = [(b, src) for b, src in zip(bases, sources)
+    keep = [(b, src) for b, src in zip(bases, sources, strict=False)
             if all(pos(verifier.inputs[b], x.position) is not None and pos(src, x.position) is not None for x in sites)]
     return [b for b, _ in keep], [src for _, src in keep]
 
@@ -216,7 +216,7 @@ def edge_effects(verifier: InterchangeVerifier, sender: CircuitNode | VerifiedNo
 def _answers_after(verifier: InterchangeVerifier, site: Site) -> list[str]:
     """Answers read at or after the site's position (on the inputs where it resolves)."""
     names: dict[str, None] = {}
-    for toks, ts in zip(verifier.tokens[:200], verifier.targets[:200]):
+    for toks, ts in zip(verifier.tokens[:200], verifier.targets[:200], strict=False):
         try:
             p = verifier.task.resolve_position(site.position, toks)
         except Exception:  # noqa: BLE001 - a position absent from this input
@@ -227,41 +227,32 @@ def _answers_after(verifier: InterchangeVerifier, site: Site) -> list[str]:
     return list(names)
 
 
-def build_circuit(verifier: InterchangeVerifier, nodes: Sequence[CircuitNode | VerifiedNode], min_edge: float = 0.1,
-                  n_pairs: int = 150, progress: bool = False) -> nx.DiGraph:
-    """A DiGraph of the circuit's nodes, path-patching edges between them, and output nodes; every
-    tested edge (kept or not) is listed in the graph attribute ``edge_tests``."""
-    cnodes = [CircuitNode.from_verified(n) if isinstance(n, VerifiedNode) else n for n in nodes]
-    g = nx.DiGraph(task=verifier.task.name,
-                   edge_rule=f"path-patching effect CI low >= {min_edge} on an answer downstream of the receiver "
-                             "(explained senders: change rate when the sender's feature differs minus when it agrees; "
-                             "unexplained senders: change rate under aligned resampling); containment pairs not tested")
-    example = verifier.tokens[0]
-    for n in cnodes:
-        s = parse_site(n.site)
-        try:
-            pos = verifier.task.resolve_position(s.position, example)
-        except Exception:  # noqa: BLE001 - display only
-            pos = -1
-        if g.has_node(n.site):  # one site verified with several features: merge
-            d = g.nodes[n.site]
-            d["features"] = list(dict.fromkeys(d["features"] + list(n.features)))
-            d["targets"] = list(dict.fromkeys(d["targets"] + list(n.targets)))
-            d["effect"] = max(d["effect"], n.effect)
-            d["explained"] = d["explained"] or n.explained
-            continue
-        g.add_node(n.site, kind="site", site_kind=s.kind, layer=s.layer if s.layer is not None else -1,
-                   head=s.head if s.head is not None else -1, position=str(s.position), index=pos,
-                   depth=_resid_depth(s) if s.kind in RESID_KINDS else write_depth(s),
-                   features=list(n.features) if n.features else ["unexplained"] * (not n.explained),
-                   targets=list(n.targets), effect=n.effect, iia=n.iia if n.iia is not None else -1.0,
-                   joint=n.joint, group=", ".join(n.group), explained=n.explained, architectural=n.architectural)
-    by_site = {n.site: n for n in cnodes}
-    site_nodes = list(g.nodes)
-    tpos = _target_position_names(verifier)
-    last = 2 * verifier.pm.n_layers + 1
-    parallel = verifier.pm.runner.arch.parallel
-    tests: list[dict] = []
+def _add_site_node(g: nx.DiGraph, n: CircuitNode, example: list[str], verifier: InterchangeVerifier) -> None:
+    """Add a circuit node to the graph, or merge it into the node of its site (one site, several features)."""
+    s = parse_site(n.site)
+    try:
+        pos = verifier.task.resolve_position(s.position, example)
+    except Exception:  # noqa: BLE001 - display only
+        pos = -1
+    if g.has_node(n.site):  # one site verified with several features: merge
+        d = g.nodes[n.site]
+        d["features"] = list(dict.fromkeys(d["features"] + list(n.features)))
+        d["targets"] = list(dict.fromkeys(d["targets"] + list(n.targets)))
+        d["effect"] = max(d["effect"], n.effect)
+        d["explained"] = d["explained"] or n.explained
+        return
+    g.add_node(n.site, kind="site", site_kind=s.kind, layer=s.layer if s.layer is not None else -1,
+               head=s.head if s.head is not None else -1, position=str(s.position), index=pos,
+               depth=_resid_depth(s) if s.kind in RESID_KINDS else write_depth(s),
+               features=list(n.features) if n.features else ["unexplained"] * (not n.explained),
+               targets=list(n.targets), effect=n.effect, iia=n.iia if n.iia is not None else -1.0,
+               joint=n.joint, group=", ".join(n.group), explained=n.explained, architectural=n.architectural)
+
+
+def _edge_candidates(g: nx.DiGraph, site_nodes: list[str], tpos: dict[str, str], parallel: bool
+                     ) -> list[tuple[str, str]]:
+    """(sender, receiver) pairs to test: site pairs that can send and are not containment pairs (in position
+    order), and each site into ``out:T`` for the answers read at its position."""
     pairs = []
     for a in site_nodes:
         for b in site_nodes:
@@ -275,32 +266,63 @@ def build_circuit(verifier: InterchangeVerifier, nodes: Sequence[CircuitNode | V
         for t, p in tpos.items():
             if str(parse_site(a).position) == p:
                 pairs.append((a, f"out:{t}"))
+    return pairs
+
+
+def _edge_answers(verifier: InterchangeVerifier, g: nx.DiGraph, b: str) -> list[str]:
+    """The answers an edge into ``b`` is judged on: an output's own, else the receiver's verified answers, else
+    every answer read at or after it."""
+    if b.startswith("out:"):
+        return [b[4:]]
+    node_b = g.nodes[b]
+    return node_b["targets"] if node_b["explained"] and node_b["targets"] else _answers_after(verifier, parse_site(b))
+
+
+def _add_edge(g: nx.DiGraph, verifier: InterchangeVerifier, a: str, b: str, best: EdgeResult, last: int) -> None:
+    """Add a kept edge a → b (with b's output node, made on first use) labelled by its best answer's result."""
+    if b.startswith("out:") and not g.has_node(b):
+        t = b[4:]
+        g.add_node(b, kind="output", site_kind="output", layer=verifier.pm.n_layers, head=-1, position=t,
+                   index=next((x.position for ts in verifier.targets for x in ts if x.name == t), -1),
+                   depth=last, features=[], targets=[t], effect=0.0, iia=-1.0, joint=False, group="",
+                   explained=True, architectural=False)
+    g.add_edge(a, b, kind="output" if b.startswith("out:") else "path", feature=best.feature,
+               answer=best.target, effect=best.effect, ci_low=best.ci_low, ci_high=best.ci_high,
+               change_agree=-1.0 if best.change_agree is None else best.change_agree,
+               iia=-1.0 if best.iia is None else best.iia, n=best.n)
+
+
+def build_circuit(verifier: InterchangeVerifier, nodes: Sequence[CircuitNode | VerifiedNode], min_edge: float = 0.1,
+                  n_pairs: int = 150, progress: bool = False) -> nx.DiGraph:
+    """A DiGraph of the circuit's nodes, path-patching edges between them, and output nodes; every
+    tested edge (kept or not) is listed in the graph attribute ``edge_tests``."""
+    cnodes = [CircuitNode.from_verified(n) if isinstance(n, VerifiedNode) else n for n in nodes]
+    g = nx.DiGraph(task=verifier.task.name,
+                   edge_rule=f"path-patching effect CI low >= {min_edge} on an answer downstream of the receiver "
+                             "(explained senders: change rate when the sender's feature differs minus when it agrees; "
+                             "unexplained senders: change rate under aligned resampling); containment pairs not tested")
+    example = verifier.tokens[0]
+    for n in cnodes:
+        _add_site_node(g, n, example, verifier)
+    by_site = {n.site: n for n in cnodes}
+    site_nodes = list(g.nodes)
+    tpos = _target_position_names(verifier)
+    last = 2 * verifier.pm.n_layers + 1
+    parallel = verifier.pm.runner.arch.parallel
+    tests: list[dict] = []
+    pairs = _edge_candidates(g, site_nodes, tpos, parallel)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(pairs), desc="edges", unit="edge")
     for a, b in pairs:
-        if b.startswith("out:"):
-            answers = [b[4:]]
-        else:
-            node_b = g.nodes[b]
-            answers = node_b["targets"] if node_b["explained"] and node_b["targets"] else _answers_after(
-                verifier, parse_site(b))
+        answers = _edge_answers(verifier, g, b)
         res = edge_effects(verifier, by_site[a], b, answers, n_pairs)
         tests += [r.to_dict() for r in res]
         best = max(res, key=lambda r: r.ci_low, default=None)
         if best is not None and best.ci_low >= min_edge:
-            if b.startswith("out:") and not g.has_node(b):
-                t = b[4:]
-                g.add_node(b, kind="output", site_kind="output", layer=verifier.pm.n_layers, head=-1, position=t,
-                           index=next((x.position for ts in verifier.targets for x in ts if x.name == t), -1),
-                           depth=last, features=[], targets=[t], effect=0.0, iia=-1.0, joint=False, group="",
-                           explained=True, architectural=False)
-            g.add_edge(a, b, kind="output" if b.startswith("out:") else "path", feature=best.feature,
-                       answer=best.target, effect=best.effect, ci_low=best.ci_low, ci_high=best.ci_high,
-                       change_agree=-1.0 if best.change_agree is None else best.change_agree,
-                       iia=-1.0 if best.iia is None else best.iia, n=best.n)
+            _add_edge(g, verifier, a, b, best, last)
         if bar is not None:
             bar.update(1)
     if bar is not None:

@@ -239,19 +239,7 @@ def generate_hypotheses(
             continue  # e.g. A4 of a sum with a 3-digit answer: no query has this position
         qps = source.preimages(site, site_queries)
         coverage[str(site)] = float(np.mean([len(q.members) > 0 for q in qps])) if qps else 0.0
-        # candidate features: not reading past the site's (latest) position, informative, de-aliased
-        max_pos = max(q.position for q in qps)
-        alias_items = [(q.query, q.position) for q in qps]
-        for t in extra:
-            toks = encoder.tokens(t)
-            if toks is not None:
-                try:
-                    alias_items.append((t, task.resolve_position(site.position, toks)))
-                except CircuitkitError:
-                    pass
-        codes = encoder.codes(alias_items)
-        keep = [fi for fi, n in enumerate(encoder.names) if not reads_beyond(n, max_pos)]
-        groups = alias_groups(codes[keep], [encoder.names[k] for k in keep], task_names)
+        codes, groups = _candidate_features(task, encoder, site, qps, extra, task_names)
         cand = [encoder.names.index(n) for n in groups]
         site_codes[str(site)] = codes
         for row in score_site(encoder, site, qps, cand):
@@ -259,10 +247,41 @@ def generate_hypotheses(
     if not raw:
         return HypothesisReport(task.name, model_name, getattr(source, "name", "?"), source.eps, thresholds, [],
                                 coverage, 0, task_ref=task_record(task))
+    hyps_by_site = _fdr_hypotheses(raw, thresholds, encoder, n_examples)
+    out = _ranked(sites, hyps_by_site, site_codes, encoder, keep_rejected)
+    settings = {"n_queries": len(queries), "sites": [str(s) for s in sites], "n_features": len(feats),
+                "seed": seed, "sign_test": "one-sided binomial sign test over queries",
+                "fdr_method": "Benjamini-Hochberg (scipy.stats.false_discovery_control)"}
+    return HypothesisReport(task.name, model_name, getattr(source, "name", "?"), source.eps, thresholds, out,
+                            coverage, len(raw), settings, task_record(task))
+
+
+def _candidate_features(task: Task, encoder: FeatureEncoder, site: Site, qps: Sequence[QueryPreimage],
+                        extra: Sequence[str], task_names: list[str]) -> tuple[np.ndarray, dict[str, list[str]]]:
+    """(codes on the queries and alias inputs, {candidate: aliases}): the features not reading past the site's
+    (latest) position, informative and de-aliased, that are worth scoring at the site."""
+    max_pos = max(q.position for q in qps)
+    alias_items = [(q.query, q.position) for q in qps]
+    for t in extra:
+        toks = encoder.tokens(t)
+        if toks is not None:
+            try:
+                alias_items.append((t, task.resolve_position(site.position, toks)))
+            except CircuitkitError:
+                pass
+    codes = encoder.codes(alias_items)
+    keep = [fi for fi, n in enumerate(encoder.names) if not reads_beyond(n, max_pos)]
+    groups = alias_groups(codes[keep], [encoder.names[k] for k in keep], task_names)
+    return codes, groups
+
+
+def _fdr_hypotheses(raw: list[tuple[Site, dict, list[str], list[QueryPreimage]]], thresholds: Thresholds,
+                    encoder: FeatureEncoder, n_examples: int) -> dict[str, list[Hypothesis]]:
+    """{site: hypotheses}: every scored row with its BH q-value and acceptance (examples only for accepted ones)."""
     pvals = np.array([r["p"] for _, r, _, _ in raw])
     qvals = sps.false_discovery_control(pvals, method="bh")
     hyps_by_site: dict[str, list[Hypothesis]] = {}
-    for (site, r, aliases, qps), q in zip(raw, qvals):
+    for (site, r, aliases, qps), q in zip(raw, qvals, strict=False):
         accepted = bool(q <= thresholds.fdr and r["kappa"] >= thresholds.min_kappa
                         and r["lift"] >= thresholds.min_lift and r["nq"] >= thresholds.min_queries)
         h = Hypothesis(str(site), encoder.names[r["fi"]], round(r["agreement"], 4), round(r["baseline"], 4),
@@ -270,6 +289,12 @@ def generate_hypotheses(
                        accepted, aliases=tuple(aliases),
                        examples=_examples(encoder, r["fi"], qps, n_examples) if accepted else ())
         hyps_by_site.setdefault(str(site), []).append(h)
+    return hyps_by_site
+
+
+def _ranked(sites: Sequence[Site], hyps_by_site: dict[str, list[Hypothesis]], site_codes: dict[str, np.ndarray],
+            encoder: FeatureEncoder, keep_rejected: int) -> list[Hypothesis]:
+    """Per site in order, the accepted hypotheses then the best ``keep_rejected`` others, ranked from 1."""
     out: list[Hypothesis] = []
     for site in sites:
         hs = hyps_by_site.get(str(site), [])
@@ -280,11 +305,7 @@ def generate_hypotheses(
         rej = [h for h in hs if not h.accepted][:keep_rejected]
         for i, h in enumerate(acc + rej):
             out.append(_with_rank(h, i + 1))
-    settings = {"n_queries": len(queries), "sites": [str(s) for s in sites], "n_features": len(feats),
-                "seed": seed, "sign_test": "one-sided binomial sign test over queries",
-                "fdr_method": "Benjamini-Hochberg (scipy.stats.false_discovery_control)"}
-    return HypothesisReport(task.name, model_name, getattr(source, "name", "?"), source.eps, thresholds, out,
-                            coverage, len(raw), settings, task_record(task))
+    return out
 
 
 def _has_position(task: Task, encoder: FeatureEncoder, text: str, position: str | int) -> bool:
@@ -301,7 +322,7 @@ def _has_position(task: Task, encoder: FeatureEncoder, text: str, position: str 
 def is_function_of(f_row: np.ndarray, g_row: np.ndarray) -> bool:
     """Whether f's value is determined by g's on these items (every defined g-code maps to one f-code)."""
     seen: dict[int, int] = {}
-    for g, f in zip(g_row.tolist(), f_row.tolist()):
+    for g, f in zip(g_row.tolist(), f_row.tolist(), strict=False):
         if g < 0:
             continue
         if seen.setdefault(g, f) != f:

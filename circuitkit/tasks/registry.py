@@ -246,6 +246,25 @@ def _inside(path: Path, directory: Path) -> bool:
     return path == directory or directory in path.parents
 
 
+def _recorded_named_task(name: str, where: str, hint: str) -> Task:
+    """The built-in or installed task an artefact names by ``name`` (never a file or module), else an error."""
+    task = _load_named(name)
+    if task is None:
+        raise CircuitkitError(f"{where!r} names task {name!r}, which is neither built in nor installed "
+                              f"(valid: {choices_hint(task_names())}); {hint}")
+    return task
+
+
+def _recorded_module_task(target: str, cls_name: str, spec: str, where: str, inside: Path, hint: str) -> Task:
+    """The task class of a module an artefact names, refused when the module resolves inside the artefact."""
+    found = importlib.util.find_spec(target.split(".")[0]) if target.split(".")[0] else None
+    origin = Path(found.origin).resolve() if found is not None and found.origin else None
+    if origin is not None and _inside(origin, inside):
+        raise CircuitkitError(f"{where!r} names task module {target!r}, which resolves inside itself ({origin}); "
+                              f"circuitkit does not run code shipped with an artefact: {hint}")
+    return _load_module_class(target, cls_name, spec)
+
+
 def task_from_record(record: dict[str, Any] | None, name: str | None, where: str,
                      model_dir: str | Path | None = None) -> Task:
     """The task an artefact's metadata names (``record`` from ``task_record``, else the bare ``name``);
@@ -259,11 +278,7 @@ def task_from_record(record: dict[str, Any] | None, name: str | None, where: str
     if not record or "spec" not in record:
         if not name:
             raise CircuitkitError(f"{where!r} does not say which task it solves; {hint}")
-        task = _load_named(str(name))
-        if task is None:
-            raise CircuitkitError(f"{where!r} names task {str(name)!r}, which is neither built in nor installed "
-                                  f"(valid: {choices_hint(task_names())}); {hint}")
-        return task
+        return _recorded_named_task(str(name), where, hint)
     spec = str(record["spec"]).strip()
     inside = Path(where).resolve()
     if spec.startswith(PROMPT_PAIRS):  # data, not code
@@ -271,19 +286,10 @@ def task_from_record(record: dict[str, Any] | None, name: str | None, where: str
 
         return PromptPairsTask(Path(spec[len(PROMPT_PAIRS):]).expanduser(), model_dir if model_dir is not None else where)
     if ":" not in spec:  # a built-in or installed name
-        task = _load_named(spec)
-        if task is None:
-            raise CircuitkitError(f"{where!r} names task {spec!r}, which is neither built in nor installed "
-                                  f"(valid: {choices_hint(task_names())}); {hint}")
-        return task
+        return _recorded_named_task(spec, where, hint)
     target, cls_name = _split_spec(spec)
     if not _is_file_target(target):
-        found = importlib.util.find_spec(target.split(".")[0]) if target.split(".")[0] else None
-        origin = Path(found.origin).resolve() if found is not None and found.origin else None
-        if origin is not None and _inside(origin, inside):
-            raise CircuitkitError(f"{where!r} names task module {target!r}, which resolves inside itself ({origin}); "
-                                  f"circuitkit does not run code shipped with an artefact: {hint}")
-        return _load_module_class(target, cls_name, spec)
+        return _recorded_module_task(target, cls_name, spec, where, inside, hint)
     sha = record.get("file_sha256")
     file = Path(target).expanduser().resolve()
     consent = ("circuitkit runs a task file an artefact names only once you have named that file yourself: "

@@ -456,7 +456,7 @@ class InterchangeVerifier:
         """([(pair row, base row, answer position, predicted token)] for pairs whose answer ``am.target`` is read
         at or after the site and for which the features predict an answer, n pairs without a prediction)."""
         out, missing = [], 0
-        for r, (i, src) in enumerate(zip(bases, sources)):
+        for r, (i, src) in enumerate(zip(bases, sources, strict=False)):
             t = next((t for t in self.targets[i] if t.name == am.target), None)
             p = self.site_index(i, site)
             if t is None or t.position < p:
@@ -532,7 +532,7 @@ class InterchangeVerifier:
         key = ("__downstream__", site.position)
         if key not in self._code_rows:
             names: dict[str, None] = {}
-            for text, ts in zip(self.inputs[:500], self.targets[:500]):
+            for text, ts in zip(self.inputs[:500], self.targets[:500], strict=False):
                 p = self.coder.position(text, site.position)
                 if p is not None:
                     names.update((t.name, None) for t in ts if t.position >= p)
@@ -545,14 +545,9 @@ class InterchangeVerifier:
         s = group_sites(site)[0]
         return any(self.answer_model(s, features, t) is not None for t in self.downstream_targets(s))
 
-    def test(self, site: Site | str | Sequence[Site], features: Sequence[str], condition: str = "real",
-             shuffle: bool = False, split: str = "search", skip_unpredictive: bool = False,
-             family: int = 1) -> Verdict:
-        """IIA, moves and stable (see the module docstring) of ``site`` carrying ``features``; a site group
-        (``"a1.0@END & a1.2@END"`` or a list) is patched as one.  ``skip_unpredictive``: when the features
-        predict no downstream answer, return the (unverifiable) verdict without patching.  ``family``: the
-        number of tests this one is judged among (a confirmation that may fall back to a second candidate):
-        intervals are Bonferroni-adjusted over it as well as over the answers."""
+    def _checked_test_args(self, site: Site | str | Sequence[Site], features: Sequence[str], family: int
+                           ) -> tuple[list[Site], list[str]]:
+        """The sites and features of a test, validated (family, sites, a position, known features) before patching."""
         if family < 1:
             raise CircuitkitError(f"family must be a positive number of tests, got {family}")
         sites = group_sites(site)
@@ -565,54 +560,86 @@ class InterchangeVerifier:
         for f in features:
             if f not in self.features:
                 raise CircuitkitError(f"unknown feature {f!r} for task {self.task.name}")
+        return sites, features
+
+    def _test_pairs(self, label: str, site0: Site, features: list[str], split: str, shuffle: bool
+                    ) -> tuple[list[int], list[str], list[int], list[str]]:
+        """The fair pairs of a test, cached by (label, features, split, shuffle) so the null model gets the same."""
+        key = (label, tuple(features), split, shuffle)
+        if key not in self._pair_cache:  # model-independent: the null model is tested on the same pairs
+            rng = random.Random(zlib.crc32(f"{label}|{'|'.join(features)}|{self.seed}|{split}|{shuffle}".encode()))
+            self._pair_cache[key] = self.fair_pairs(site0, features, split, shuffle, rng)
+        return self._pair_cache[key]
+
+    def test(self, site: Site | str | Sequence[Site], features: Sequence[str], condition: str = "real",
+             shuffle: bool = False, split: str = "search", skip_unpredictive: bool = False,
+             family: int = 1) -> Verdict:
+        """IIA, moves and stable (see the module docstring) of ``site`` carrying ``features``; a site group
+        (``"a1.0@END & a1.2@END"`` or a list) is patched as one.  ``skip_unpredictive``: when the features
+        predict no downstream answer, return the (unverifiable) verdict without patching.  ``family``: the
+        number of tests this one is judged among (a confirmation that may fall back to a second candidate):
+        intervals are Bonferroni-adjusted over it as well as over the answers."""
+        sites, features = self._checked_test_args(site, features, family)
+        site0 = sites[0]  # features and answers are read at the group's one position
         label = group_name(sites)
         hold = tuple(self.task.holds_fixed(features, site0.position))
         if skip_unpredictive and not self.predicts_an_answer(site0, features):
             return Verdict(label, tuple(features), condition, [], False, [], [],
                            f"{', '.join(features)} predicts no answer downstream of the site: IIA undefined, not "
                            "verifiable (not patched)", split, hold, self.th.confidence)
-        key = (label, tuple(features), split, shuffle)
-        if key not in self._pair_cache:  # model-independent: the null model is tested on the same pairs
-            rng = random.Random(zlib.crc32(f"{label}|{'|'.join(features)}|{self.seed}|{split}|{shuffle}".encode()))
-            self._pair_cache[key] = self.fair_pairs(site0, features, split, shuffle, rng)
-        db, ds, ab, as_ = self._pair_cache[key]
+        db, ds, ab, as_ = self._test_pairs(label, site0, features, split, shuffle)
         logits_d, logits_a = self._patched_logits(sites, db, ds), self._patched_logits(sites, ab, as_)
         pred_d, pred_a = logits_d.argmax(-1), logits_a.argmax(-1)
         ch_d, ch_a = self.changes(site0, db, pred_d), self.changes(site0, ab, pred_a)
+        sh_d: dict[str, np.ndarray] = {}
+        sh_a: dict[str, np.ndarray] = {}
         if self.th.logit_level:
             sh_d, sh_a = self.margin_shifts(site0, db, logits_d), self.margin_shifts(site0, ab, logits_a)
         models = {name: self.answer_model(site0, features, name) for name in self.target_names}
         k = max(1, sum(m is not None for name, m in models.items() if name in ch_d or name in ch_a))
-        th = self.th
-        conf = 1 - (1 - th.confidence) / (k * family)
+        conf = 1 - (1 - self.th.confidence) / (k * family)
         results = []
         for name in self.target_names:
             xd, xa = ch_d.get(name, np.zeros(0)), ch_a.get(name, np.zeros(0))
             if xd.size == 0 and xa.size == 0:
                 continue  # answer read before the site (or no pairs): it cannot be affected
-            enough = xd.size >= th.min_pairs and xa.size >= th.min_pairs
-            e_d = proportion(xd, conf) if xd.size else None
-            e_a = proportion(xa, conf) if xa.size else None
-            eff = proportion_diff(xd, xa, conf) if xd.size and xa.size else None
-            am = models[name]
-            iia, cov, wants = None, None, []
-            if am is not None and db:
-                wants, missing = self.predictions(site0, features, am, db, ds, shuffle)
-                hits = np.array([float(int(pred_d[r, pos]) == want) for r, _, pos, want in wants])
-                cov = float(hits.size / max(1, hits.size + missing))
-                iia = proportion(hits, conf) if hits.size else None
-            moves = bool(enough and eff is not None and eff.ci_low >= th.min_effect)
-            iia_ok = bool(enough and iia is not None and iia.n >= th.min_pairs and iia.ci_low >= th.min_iia)
-            stable = bool(enough and e_a is not None and e_a.ci_high <= th.max_change_agree)
-            graded, s_d, s_a, graded_ok = None, None, None, False
-            # the logit level judges what the argmax cannot: a relevant answer that the patch does not move
-            if th.logit_level and enough and wants and not moves and name in sh_d and name in sh_a:
-                graded, s_d, s_a, graded_ok = self._logit_level(name, wants, logits_d, sh_d[name], sh_a[name], conf)
-            results.append(TargetResult(name, int(xd.size), int(xa.size), e_d, e_a, eff, iia, cov,
-                                        am.to_dict() if am is not None else None, moves, iia_ok, stable,
-                                        graded, s_d, s_a, graded_ok))
+            results.append(self._target_result(name, site0, features, models[name], xd, xa, db, ds, pred_d, logits_d,
+                                               sh_d, sh_a, shuffle, conf))
         nec = [r.target for r in results if r.moves]
         ver = [r.target for r in results if r.verified]
+        return Verdict(label, tuple(features), condition, results, bool(ver), nec, ver,
+                       self._verdict_note(results, features), split, hold, round(conf, 6))
+
+    def _target_result(self, name: str, site0: Site, features: list[str], am: AnswerModel | TokenEditPrediction | None,
+                       xd: np.ndarray, xa: np.ndarray, db: list[int], ds: list[str], pred_d: Tensor, logits_d: Tensor,
+                       sh_d: dict[str, np.ndarray], sh_a: dict[str, np.ndarray], shuffle: bool, conf: float
+                       ) -> TargetResult:
+        """One answer's effect, change when agreeing, IIA and verdicts (and the logit level where it applies)."""
+        th = self.th
+        enough = xd.size >= th.min_pairs and xa.size >= th.min_pairs
+        e_d = proportion(xd, conf) if xd.size else None
+        e_a = proportion(xa, conf) if xa.size else None
+        eff = proportion_diff(xd, xa, conf) if xd.size and xa.size else None
+        iia, cov, wants = None, None, []
+        if am is not None and db:
+            wants, missing = self.predictions(site0, features, am, db, ds, shuffle)
+            hits = np.array([float(int(pred_d[r, pos]) == want) for r, _, pos, want in wants])
+            cov = float(hits.size / max(1, hits.size + missing))
+            iia = proportion(hits, conf) if hits.size else None
+        moves = bool(enough and eff is not None and eff.ci_low >= th.min_effect)
+        iia_ok = bool(enough and iia is not None and iia.n >= th.min_pairs and iia.ci_low >= th.min_iia)
+        stable = bool(enough and e_a is not None and e_a.ci_high <= th.max_change_agree)
+        graded, s_d, s_a, graded_ok = None, None, None, False
+        # the logit level judges what the argmax cannot: a relevant answer that the patch does not move
+        if th.logit_level and enough and wants and not moves and name in sh_d and name in sh_a:
+            graded, s_d, s_a, graded_ok = self._logit_level(name, wants, logits_d, sh_d[name], sh_a[name], conf)
+        return TargetResult(name, int(xd.size), int(xa.size), e_d, e_a, eff, iia, cov,
+                            am.to_dict() if am is not None else None, moves, iia_ok, stable,
+                            graded, s_d, s_a, graded_ok)
+
+    def _verdict_note(self, results: Sequence[TargetResult], features: Sequence[str]) -> str:
+        """Why a test could not judge: no answer downstream, none predicted, or too few agreeing sources."""
+        th = self.th
         notes = []
         if not results:
             notes.append("no answer is read at or after this position, or no fair pairs were found")
@@ -621,8 +648,7 @@ class InterchangeVerifier:
                          " IIA undefined, not verifiable")
         if results and all(r.n_agree < th.min_pairs for r in results):
             notes.append(f"fewer than {th.min_pairs} fair sources agree on {', '.join(features)}")
-        return Verdict(label, tuple(features), condition, results, bool(ver), nec, ver, "; ".join(notes), split,
-                       hold, round(conf, 6))
+        return "; ".join(notes)
 
 
 __all__ = ["MAX_INPUTS", "MAX_PAIRS", "VerifyThresholds", "TargetResult", "Verdict", "InterchangeVerifier", "SPLITS"]

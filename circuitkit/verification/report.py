@@ -20,7 +20,7 @@ verifies on the random-init model is marked *architectural*; every verified node
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -174,15 +174,12 @@ def claim_hypothesis(site: str, feature: str) -> Hypothesis:
                       float("nan"), 0, 0, 0, True)
 
 
-def verify_hypotheses(verifier: InterchangeVerifier, hypotheses: Sequence[Hypothesis], controls: bool = True,
-                      max_joint: int = 4, null_seed: int = 0, model_name: str = "",
-                      max_group: int = 12, progress: bool = False,
-                      claims: Sequence[tuple[str, str]] = ()) -> VerificationReport:
-    """Verify accepted hypotheses (others are ignored) and pre-registered ``claims`` (site, feature), and run
-    the null controls beside them.
+#: one test with its null controls beside it: (site, features, split, family) -> (verdict, random-model twin)
+_Tester = Callable[..., tuple[Verdict, Verdict | None]]
 
-    ``max_group``: the largest site group tested for a redundantly carried feature (0 = no groups)."""
-    null = null_verifier(verifier, null_seed) if controls else None
+
+def _features_by_site(hypotheses: Sequence[Hypothesis], claims: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
+    """{site: features to test there}: the accepted hypotheses' features, then the claims not among them."""
     by_site: dict[str, list[str]] = {}
     for h in hypotheses:
         if h.accepted:
@@ -190,9 +187,12 @@ def verify_hypotheses(verifier: InterchangeVerifier, hypotheses: Sequence[Hypoth
     for site, feature in claims:
         if feature not in by_site.setdefault(site, []):
             by_site[site].append(feature)
-    verdicts: list[Verdict] = []
-    ctrl: list[Verdict] = []
-    nodes: list[VerifiedNode] = []
+    return by_site
+
+
+def _controlled_tester(verifier: InterchangeVerifier, null: InterchangeVerifier | None, verdicts: list[Verdict],
+                       ctrl: list[Verdict]) -> _Tester:
+    """A tester that records every verdict in ``verdicts`` and runs the null controls beside it into ``ctrl``."""
 
     def with_controls(site: str, feats: Sequence[str], split: str = "search", family: int = 1
                       ) -> tuple[Verdict, Verdict | None]:
@@ -205,7 +205,13 @@ def verify_hypotheses(verifier: InterchangeVerifier, hypotheses: Sequence[Hypoth
             twin = cs[0]
         return v, twin
 
-    items = list(by_site.items())
+    return with_controls
+
+
+def _verify_sites(with_controls: _Tester, items: list[tuple[str, list[str]]], max_joint: int,
+                  progress: bool) -> list[VerifiedNode]:
+    """Per site, the features verified alone, else a joint feature set grown there (see the module docstring)."""
+    nodes: list[VerifiedNode] = []
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -217,33 +223,49 @@ def verify_hypotheses(verifier: InterchangeVerifier, hypotheses: Sequence[Hypoth
         nodes += [_node(v, site, t) for v, t in alone]
         if bar is not None:
             bar.update(1)
-        moving = sorted([v for v, _ in singles if v.necessary_targets and not v.verified], key=lambda v: -_best(v)[0])
-        if alone or not moving:
+        if alone:
             continue
-        # grow a set: features that move the output first (largest effect first), then the site's other
-        # accepted features (they may be what the site also carries, breaking stability of the first ones)
-        others = sorted([v for v, _ in singles if not v.necessary_targets],
-                        key=lambda v: -max((r.effect.mean for r in v.targets if r.effect), default=0.0))
-        chosen: list[str] = []
-        for v in (moving + others)[:max_joint]:
-            chosen.append(v.features[0])
-            if len(chosen) < 2:
-                continue
-            jv, _ = with_controls(site, chosen)
-            jv.note = (jv.note + "; " if jv.note else "") + "joint feature set (search)"
-            if jv.verified:
-                cv, twin = with_controls(site, chosen, split="confirm")
-                cv.note = (cv.note + "; " if cv.note else "") + "joint feature set (held-out confirmation)"
-                if cv.verified:
-                    nodes.append(_node(cv, site, twin, joint=True, confirmed=True))
-                break
+        joint = _grow_joint_set(with_controls, site, singles, max_joint)
+        if joint is not None:
+            nodes.append(joint)
     if bar is not None:
         bar.close()
+    return nodes
+
+
+def _grow_joint_set(with_controls: _Tester, site: str, singles: list[tuple[Verdict, Verdict | None]],
+                    max_joint: int) -> VerifiedNode | None:
+    """The joint feature set of a site where no feature verified alone, confirmed on held-out inputs, or None."""
+    moving = sorted([v for v, _ in singles if v.necessary_targets and not v.verified], key=lambda v: -_best(v)[0])
+    if not moving:
+        return None
+    # grow a set: features that move the output first (largest effect first), then the site's other
+    # accepted features (they may be what the site also carries, breaking stability of the first ones)
+    others = sorted([v for v, _ in singles if not v.necessary_targets],
+                    key=lambda v: -max((r.effect.mean for r in v.targets if r.effect), default=0.0))
+    chosen: list[str] = []
+    for v in (moving + others)[:max_joint]:
+        chosen.append(v.features[0])
+        if len(chosen) < 2:
+            continue
+        jv, _ = with_controls(site, chosen)
+        jv.note = (jv.note + "; " if jv.note else "") + "joint feature set (search)"
+        if jv.verified:
+            cv, twin = with_controls(site, chosen, split="confirm")
+            cv.note = (cv.note + "; " if cv.note else "") + "joint feature set (held-out confirmation)"
+            if cv.verified:
+                return _node(cv, site, twin, joint=True, confirmed=True)
+            return None
+    return None
+
+
+def _with_site_groups(with_controls: _Tester, nodes: list[VerifiedNode], verdicts: Sequence[Verdict],
+                      hypotheses: Sequence[Hypothesis], max_group: int) -> list[VerifiedNode]:
+    """The nodes with each verified site group's members added, replacing their logit-level claims on its feature."""
     # a component verified alone at the logit level may still carry the feature at the answer level with others
     verified_alone = {(n.site, f) for n in nodes if n.level == "answer" for f in n.features}
-    with_claims = list(hypotheses) + [claim_hypothesis(s, f) for s, f in claims]
     alone_iia = {(v.site, v.features[0]): _strength(v) for v in verdicts if len(v.features) == 1 and v.condition == "real"}
-    for (_, feature), members in _group_candidates(with_claims, verified_alone, max_group).items():
+    for (_, feature), members in _group_candidates(hypotheses, verified_alone, max_group).items():
         members = sorted(members, key=lambda m: tuple(-x for x in alone_iia.get((m, feature), (-1.0, -1.0))))  # stable: kappa order on ties
         kept = _verify_group(with_controls, members, feature)
         if kept is not None:
@@ -251,21 +273,57 @@ def verify_hypotheses(verifier: InterchangeVerifier, hypotheses: Sequence[Hypoth
             # the group's answer-level claim replaces its members' logit-level claims for this feature
             nodes = [n for n in nodes if not (n.site in sites and n.features == (feature,) and not n.group)]
             nodes += [_node(cv, s, twin, group=sites, confirmed=True) for s in sites]
-    for _position, (members, feats) in _joint_group_candidates(with_claims, explained_at(nodes), max_group).items():
+    return nodes
+
+
+def _joint_group_nodes(verifier: InterchangeVerifier, with_controls: _Tester, nodes: Sequence[VerifiedNode],
+                       hypotheses: Sequence[Hypothesis], max_group: int, max_joint: int) -> list[VerifiedNode]:
+    """The member nodes of the site groups that verify a joint feature set where nothing is explained yet."""
+    out: list[VerifiedNode] = []
+    for _position, (members, feats) in _joint_group_candidates(hypotheses, explained_at(nodes), max_group).items():
         kept = _verify_joint_group(verifier, with_controls, members, feats, max_joint)
         if kept is not None:
             sites, cv, twin = kept
-            nodes += [_node(cv, s, twin, joint=True, group=sites, confirmed=True) for s in sites]
+            out += [_node(cv, s, twin, joint=True, group=sites, confirmed=True) for s in sites]
+    return out
+
+
+def _proxy_controls(verifier: InterchangeVerifier, nodes: Sequence[VerifiedNode]
+                    ) -> tuple[list[Verdict], list[list[str]]]:
+    """(proxy control verdicts of every single-feature node, [site, feature, proxy] skipped as the site carries it)."""
     carried: dict[str, set[str]] = {}
     for n in nodes:
         if len(n.features) == 1 and not n.group:
             carried.setdefault(n.site, set()).add(n.features[0])
+    ctrl: list[Verdict] = []
     proxy_skipped: list[list[str]] = []
     for n in list(nodes):
         if len(n.features) == 1 and not n.group:
             ctrl.extend(run_proxy_controls(verifier, n.site, n.features[0], carried=carried[n.site]))
             proxy_skipped += [[n.site, n.features[0], p] for p in proxy_features(verifier, n.site, n.features[0])
                               if p in carried[n.site]]
+    return ctrl, proxy_skipped
+
+
+def verify_hypotheses(verifier: InterchangeVerifier, hypotheses: Sequence[Hypothesis], controls: bool = True,
+                      max_joint: int = 4, null_seed: int = 0, model_name: str = "",
+                      max_group: int = 12, progress: bool = False,
+                      claims: Sequence[tuple[str, str]] = ()) -> VerificationReport:
+    """Verify accepted hypotheses (others are ignored) and pre-registered ``claims`` (site, feature), and run
+    the null controls beside them.
+
+    ``max_group``: the largest site group tested for a redundantly carried feature (0 = no groups)."""
+    null = null_verifier(verifier, null_seed) if controls else None
+    by_site = _features_by_site(hypotheses, claims)
+    verdicts: list[Verdict] = []
+    ctrl: list[Verdict] = []
+    with_controls = _controlled_tester(verifier, null, verdicts, ctrl)
+    nodes = _verify_sites(with_controls, list(by_site.items()), max_joint, progress)
+    with_claims = list(hypotheses) + [claim_hypothesis(s, f) for s, f in claims]
+    nodes = _with_site_groups(with_controls, nodes, verdicts, with_claims, max_group)
+    nodes += _joint_group_nodes(verifier, with_controls, nodes, with_claims, max_group, max_joint)
+    proxy_ctrl, proxy_skipped = _proxy_controls(verifier, nodes)
+    ctrl.extend(proxy_ctrl)
     settings = {"n_inputs": len(verifier.inputs), "n_pairs": verifier.n_pairs, "n_candidates": verifier.n_candidates,
                 "seed": verifier.seed, "controls": list(CONTROLS) if controls else [], "max_joint": max_joint,
                 "max_group": max_group, "claims": [list(c) for c in claims],
