@@ -35,6 +35,24 @@ from torch import Tensor
 from circuitkit.models.architectures import ACTIVATIONS, LayerWeights, architecture, read_weights
 
 Hook = Callable[[Tensor], "Tensor | None"]
+_Fire = Callable[[str, Tensor], Tensor]
+
+
+def _make_fire(hooks: Mapping[str, Hook], want: set[str], out: dict[str, Tensor]) -> _Fire:
+    """The per-run ``fire(name, x)``: applies the hook at ``name`` (a returned tensor replaces x) and records
+    x in ``out`` when ``name`` is cached; one closure so each hook point costs a dict lookup and a set test."""
+
+    def fire(name: str, x: Tensor) -> Tensor:
+        fn = hooks.get(name)
+        if fn is not None:
+            y = fn(x)
+            if y is not None:
+                x = y
+        if name in want:
+            out[name] = x
+        return x
+
+    return fire
 
 
 class ModelRunner:
@@ -238,64 +256,77 @@ class ModelRunner:
         if unknown:
             raise KeyError(f"unknown hook names {sorted(unknown)}; see ModelRunner.hook_names()")
         out: dict[str, Tensor] = {}
-
-        def fire(name: str, x: Tensor) -> Tensor:
-            fn = hooks.get(name)
-            if fn is not None:
-                y = fn(x)
-                if y is not None:
-                    x = y
-            if name in want:
-                out[name] = x
-            return x
-
+        fire = _make_fire(hooks, want, out)
         need_result = any(n.endswith("attn.hook_result") for n in set(hooks) | want)
         end = self.n_layers if stop_at_layer is None else stop_at_layer
         n_pos = tokens.shape[1]
         positions = torch.arange(n_pos, device=self.device)
-        if start_at_layer == 0 and resid is None:
-            x = fire("hook_embed", self.W_E[tokens])
-            if self.W_pos is not None:
-                x = x + fire("hook_pos_embed", self.W_pos[:n_pos].unsqueeze(0).expand(tokens.shape[0], -1, -1))
-        else:
-            if resid is None:
-                raise ValueError("start_at_layer > 0 needs resid (the residual stream entering that block)")
-            x = resid
+        x = self._input_stream(tokens, start_at_layer, resid, fire)  # [batch, pos, d_model]
         mask = torch.ones(n_pos, n_pos, dtype=torch.bool, device=x.device).tril()
         rotary = bool(self.arch.rotary_dim)
         for L in range(start_at_layer, end):
-            w, p = self.layers[L], f"blocks.{L}."
-            x = fire(p + "hook_resid_pre", x)
-            h1 = self.norm1(L, x)
-            q = fire(p + "attn.hook_q", self.project(L, "q", h1))
-            k = fire(p + "attn.hook_k", self.project(L, "k", h1))
-            v = fire(p + "attn.hook_v", self.project(L, "v", h1))
-            if rotary:
-                q = fire(p + "attn.hook_rot_q", self.rotate(q, positions))
-                k = fire(p + "attn.hook_rot_k", self.rotate(k, positions))
-            scores = self.scale(torch.einsum("bqhe,bkhe->bhqk", q, self.expand_kv(k)))
-            scores = fire(p + "attn.hook_attn_scores", scores.masked_fill(~mask, torch.finfo(scores.dtype).min))
-            pattern = fire(p + "attn.hook_pattern", scores.softmax(dim=-1))
-            z = fire(p + "attn.hook_z", torch.einsum("bhqk,bkhe->bqhe", pattern, self.expand_kv(v)))
-            if need_result:
-                result = fire(p + "attn.hook_result", torch.einsum("bqhe,hed->bqhd", z, w.W_O))
-                attn_out = result.sum(dim=2) + w.b_O
-            else:
-                attn_out = self.head_out(L, z) + w.b_O
-            attn_out = fire(p + "hook_attn_out", attn_out)
-            mid = fire(p + "hook_resid_mid", x + attn_out)
-            h2 = self.norm2(L, self.mlp_input(L, x, mid))
-            pre = fire(p + "mlp.hook_pre", self.mlp_pre(L, h2))
-            if w.W_gate is not None:
-                lin = fire(p + "mlp.hook_pre_linear", self.mlp_pre_linear(L, h2))
-                post = fire(p + "mlp.hook_post", self.act_fn(pre) * lin)
-            else:
-                post = fire(p + "mlp.hook_post", self.act_fn(pre))
-            mlp_out = fire(p + "hook_mlp_out", post @ w.W_out + w.b_out)
-            x = fire(p + "hook_resid_post", mid + mlp_out)
+            x = self._run_block(L, x, fire, positions, mask, rotary, need_result)
         if stop_at_layer is not None or not return_logits:
             return None, out
         return self.unembed_normalized(fire("ln_final.hook_normalized", self.final_normalized(x))), out
+
+    def _input_stream(self, tokens: Tensor, start_at_layer: int, resid: Tensor | None, fire: _Fire) -> Tensor:
+        """The residual stream entering block ``start_at_layer`` [batch, pos, d_model]: the (hooked) embeddings
+        from the tokens, or the given ``resid`` when the run starts mid-way."""
+        if start_at_layer == 0 and resid is None:
+            n_pos = tokens.shape[1]
+            x = fire("hook_embed", self.W_E[tokens])
+            if self.W_pos is not None:
+                x = x + fire("hook_pos_embed", self.W_pos[:n_pos].unsqueeze(0).expand(tokens.shape[0], -1, -1))
+            return x
+        if resid is None:
+            raise ValueError("start_at_layer > 0 needs resid (the residual stream entering that block)")
+        return resid
+
+    def _run_block(self, L: int, x: Tensor, fire: _Fire, positions: Tensor, mask: Tensor, rotary: bool,
+                   need_result: bool) -> Tensor:
+        """Block ``L`` with its hooks fired in TransformerLens order: resid_pre x [batch, pos, d_model] ->
+        resid_post [batch, pos, d_model]."""
+        p = f"blocks.{L}."
+        x = fire(p + "hook_resid_pre", x)
+        attn_out = fire(p + "hook_attn_out", self._run_attention(L, x, fire, positions, mask, rotary, need_result))
+        mid = fire(p + "hook_resid_mid", x + attn_out)
+        mlp_out = fire(p + "hook_mlp_out", self._run_mlp(L, x, mid, fire))
+        return fire(p + "hook_resid_post", mid + mlp_out)
+
+    def _run_attention(self, L: int, x: Tensor, fire: _Fire, positions: Tensor, mask: Tensor, rotary: bool,
+                       need_result: bool) -> Tensor:
+        """Block ``L``'s attention output [batch, pos, d_model] (before ``hook_attn_out``) from its resid_pre x,
+        firing the attention hooks; the per-head ``hook_result`` is only formed when ``need_result``."""
+        w, p = self.layers[L], f"blocks.{L}."
+        h1 = self.norm1(L, x)  # [batch, pos, d_model]
+        q = fire(p + "attn.hook_q", self.project(L, "q", h1))  # [batch, pos, head, d_head]
+        k = fire(p + "attn.hook_k", self.project(L, "k", h1))  # [batch, pos, kv_head, d_head]
+        v = fire(p + "attn.hook_v", self.project(L, "v", h1))  # [batch, pos, kv_head, d_head]
+        if rotary:
+            q = fire(p + "attn.hook_rot_q", self.rotate(q, positions))
+            k = fire(p + "attn.hook_rot_k", self.rotate(k, positions))
+        scores = self.scale(torch.einsum("bqhe,bkhe->bhqk", q, self.expand_kv(k)))  # [batch, head, q_pos, k_pos]
+        scores = fire(p + "attn.hook_attn_scores", scores.masked_fill(~mask, torch.finfo(scores.dtype).min))
+        pattern = fire(p + "attn.hook_pattern", scores.softmax(dim=-1))  # [batch, head, q_pos, k_pos]
+        z = fire(p + "attn.hook_z", torch.einsum("bhqk,bkhe->bqhe", pattern, self.expand_kv(v)))  # [b, pos, head, e]
+        if need_result:
+            result = fire(p + "attn.hook_result", torch.einsum("bqhe,hed->bqhd", z, w.W_O))  # [b, pos, head, d]
+            return result.sum(dim=2) + w.b_O
+        return self.head_out(L, z) + w.b_O
+
+    def _run_mlp(self, L: int, x: Tensor, mid: Tensor, fire: _Fire) -> Tensor:
+        """Block ``L``'s MLP output [batch, pos, d_model] (before ``hook_mlp_out``) from its resid_pre x and
+        resid_mid ``mid`` (which one it reads: ``mlp_input``), firing the MLP hooks."""
+        w, p = self.layers[L], f"blocks.{L}."
+        h2 = self.norm2(L, self.mlp_input(L, x, mid))  # [batch, pos, d_model]
+        pre = fire(p + "mlp.hook_pre", self.mlp_pre(L, h2))  # [batch, pos, d_mlp]
+        if w.W_gate is not None:
+            lin = fire(p + "mlp.hook_pre_linear", self.mlp_pre_linear(L, h2))
+            post = fire(p + "mlp.hook_post", self.act_fn(pre) * lin)
+        else:
+            post = fire(p + "mlp.hook_post", self.act_fn(pre))
+        return post @ w.W_out + w.b_out
 
     def logits(self, tokens: Tensor) -> Tensor:
         """Plain forward: logits [batch, pos, vocab]."""

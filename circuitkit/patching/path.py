@@ -21,11 +21,12 @@ from torch import Tensor
 
 from circuitkit.errors import CircuitkitError
 from circuitkit.models.checkpoint import ProbedModel
-from circuitkit.models.runner import ModelRunner
+from circuitkit.models.runner import Hook, ModelRunner
 from circuitkit.patching.ablations import PositionSpec, as_ids, check_pairing, is_raw, resolve
 from circuitkit.patching.metrics import evaluate, metric_context
 from circuitkit.patching.node import NodePatchResult, resid_names
 from circuitkit.sites import Site, check_site, parse_site
+from circuitkit.tasks.base import Task
 
 SENDER_KINDS = ("emb", "pos", "head", "z", "attn_out", "mlp_out")
 _RESID = ("resid_pre", "resid_mid", "resid_post")
@@ -255,6 +256,71 @@ def path_patch(
                            evaluate(metric, logits, ctx)[0].cpu(), ctx)
 
 
+def _frozen_hooks(sender: Site, receiver: Site, n_layers: int) -> list[str]:
+    """Sorted hook names of every head result and MLP output written after ``sender`` and before ``receiver``
+    reads: the components a path patch freezes at their base values."""
+    freeze = []
+    for L in range(n_layers):
+        for kind, hook in (("head", f"blocks.{L}.attn.hook_result"), ("mlp_out", f"blocks.{L}.hook_mlp_out")):
+            probe = Site(kind, L, 0 if kind == "head" else None)
+            if write_depth(sender) < write_depth(probe) <= read_depth(receiver):
+                freeze.append(hook)  # written after the sender and before the receiver reads
+    return sorted(set(freeze))
+
+
+def _site_rows(task: Task, ids: Tensor, site: Site, dev: torch.device) -> Tensor | None:
+    """[b] indices of the site's position per input; None = every position."""
+    return None if site.position is None else task.position_indices(ids.cpu(), site.position).to(dev)
+
+
+def _resid_at(bcache: dict[str, Tensor], L: int) -> Tensor | None:
+    """The base's residual stream entering block ``L`` [b, pos, d_model]; None at 0 (run from the embeddings)."""
+    return bcache[f"blocks.{L}.hook_resid_pre"] if L > 0 else None
+
+
+def _write(act: Tensor, site: Site, rows: Tensor, pos: Tensor | None, val: Tensor) -> Tensor:
+    """Write ``val`` into ``act`` in place at the site's rows (``pos`` [b] per input, None = all) and head."""
+    at = (slice(None), slice(None)) if pos is None else (rows, pos)
+    if site.head is not None:
+        act[(*at, site.head)] = val
+    else:
+        act[at] = val
+    return act
+
+
+def _live_rows(receiver: Site, rpos: Tensor | None, through_bundle: bool, shape: torch.Size, rows: Tensor,
+               dev: torch.device) -> Tensor | None:
+    """Bool [b, pos] marking where the frozen components run live: a residual-stream receiver reads the sender
+    through whatever writes into it at its own position (its "bundle"); None = everything frozen."""
+    if not (through_bundle and receiver.kind in _RESID and rpos is not None):
+        return None
+    live_rows = torch.zeros(shape, dtype=torch.bool, device=dev)
+    live_rows[rows, rpos] = True
+    return live_rows
+
+
+def _step_one_hook(name: str, bcache: dict[str, Tensor], live_rows: Tensor | None, sender: Site, rows: Tensor,
+                   bpos: Tensor | None, value: Tensor) -> Hook:
+    """Step (1)'s hook at ``name``: the base's frozen value (live at ``live_rows``), and at the sender's hook
+    the source's sender value written at its positions."""
+
+    def fn(act: Tensor) -> Tensor:
+        if name in bcache:
+            frozen = bcache[name]
+            if live_rows is not None:
+                m = live_rows.reshape(*live_rows.shape, *([1] * (act.ndim - 2)))  # [b, pos, 1, ...]
+                act = torch.where(m, act, frozen)
+            else:
+                act = frozen.clone()
+        else:
+            act = act.clone()
+        if name == sender.hook_name:
+            act = _write(act, sender, rows, bpos, value)
+        return act
+
+    return fn
+
+
 @torch.no_grad()
 def path_patch_to_site(pm: ProbedModel, base_ids: Tensor, source_ids: Tensor, sender: Site, receiver: Site,
                        through_bundle: bool = True, incremental: bool = True) -> Tensor:
@@ -277,13 +343,7 @@ def path_patch_to_site(pm: ProbedModel, base_ids: Tensor, source_ids: Tensor, se
     """
     task, dev, n_layers = pm.task, pm.device, pm.n_layers
     base_ids, source_ids = base_ids.to(dev), source_ids.to(dev)
-    freeze = []
-    for L in range(n_layers):
-        for kind, hook in (("head", f"blocks.{L}.attn.hook_result"), ("mlp_out", f"blocks.{L}.hook_mlp_out")):
-            probe = Site(kind, L, 0 if kind == "head" else None)
-            if write_depth(sender) < write_depth(probe) <= read_depth(receiver):
-                freeze.append(hook)  # written after the sender and before the receiver reads
-    freeze = sorted(set(freeze))
+    freeze = _frozen_hooks(sender, receiver, n_layers)
     # the blocks the two steps start at (an embedding site: the embeddings)
     s_start, r_start = ((sender.layer or 0), (receiver.layer or 0)) if incremental else (0, 0)
     starts = sorted({f"blocks.{L}.hook_resid_pre" for L in (s_start, r_start) if L > 0})
@@ -292,56 +352,19 @@ def path_patch_to_site(pm: ProbedModel, base_ids: Tensor, source_ids: Tensor, se
                               return_logits=False)
     s_stop = sender.stop_layer if incremental and sender.stop_layer < n_layers else None
     _, scache = pm.runner.run(source_ids, cache=[sender.hook_name], stop_at_layer=s_stop, return_logits=False)
-
-    def resid_at(L: int) -> Tensor | None:
-        return bcache[f"blocks.{L}.hook_resid_pre"] if L > 0 else None
-
-    def where(ids: Tensor, site: Site) -> Tensor | None:
-        """[b] indices of the site's position per input; None = every position."""
-        return None if site.position is None else task.position_indices(ids.cpu(), site.position).to(dev)
-
-    spos, bpos, rpos = where(source_ids, sender), where(base_ids, sender), where(base_ids, receiver)
+    spos, bpos = _site_rows(task, source_ids, sender, dev), _site_rows(task, base_ids, sender, dev)
+    rpos = _site_rows(task, base_ids, receiver, dev)
     value = sender.select(scache[sender.hook_name], spos)
     rows = torch.arange(base_ids.shape[0], device=dev)
-
-    def write(act: Tensor, site: Site, pos: Tensor | None, val: Tensor) -> Tensor:
-        at = (slice(None), slice(None)) if pos is None else (rows, pos)
-        if site.head is not None:
-            act[(*at, site.head)] = val
-        else:
-            act[at] = val
-        return act
-
-    # a residual-stream receiver reads the sender through whatever writes into it at its own position:
-    # those components (its "bundle") run live, everything else between sender and receiver is frozen
-    live_rows = None
-    if through_bundle and receiver.kind in _RESID and rpos is not None:
-        live_rows = torch.zeros(base_ids.shape, dtype=torch.bool, device=dev)
-        live_rows[rows, rpos] = True
-
-    def hook_for(name: str):
-        def fn(act: Tensor) -> Tensor:
-            if name in bcache:
-                frozen = bcache[name]
-                if live_rows is not None:
-                    m = live_rows.reshape(*live_rows.shape, *([1] * (act.ndim - 2)))
-                    act = torch.where(m, act, frozen)
-                else:
-                    act = frozen.clone()
-            else:
-                act = act.clone()
-            if name == sender.hook_name:
-                act = write(act, sender, bpos, value)
-            return act
-        return fn
-
-    hooks = {n: hook_for(n) for n in set(freeze) | {sender.hook_name}}
+    live_rows = _live_rows(receiver, rpos, through_bundle, base_ids.shape, rows, dev)  # [b, pos] or None
+    hooks = {n: _step_one_hook(n, bcache, live_rows, sender, rows, bpos, value)
+             for n in set(freeze) | {sender.hook_name}}
     _, rcache = pm.runner.run(base_ids, hooks=hooks, cache=[receiver.hook_name], stop_at_layer=stop,
-                              start_at_layer=s_start, resid=resid_at(s_start), return_logits=False)
+                              start_at_layer=s_start, resid=_resid_at(bcache, s_start), return_logits=False)
     rval = receiver.select(rcache[receiver.hook_name], rpos)
 
     def rhook(act: Tensor) -> Tensor:
-        return write(act.clone(), receiver, rpos, rval)
+        return _write(act.clone(), receiver, rows, rpos, rval)
 
     return pm.runner.run(base_ids, hooks={receiver.hook_name: rhook}, start_at_layer=r_start,
-                         resid=resid_at(r_start))[0]
+                         resid=_resid_at(bcache, r_start))[0]

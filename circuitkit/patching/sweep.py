@@ -35,6 +35,7 @@ from circuitkit.patching.metrics import MetricContext, evaluate, metric_context,
 from circuitkit.patching.node import resid_names
 from circuitkit.results import JsonResult
 from circuitkit.stats import bootstrap_ci
+from circuitkit.tasks.base import Task
 
 SWEEP_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "resid_pre": ("blocks.{L}.hook_resid_pre", ("layer", "pos")),
@@ -204,6 +205,118 @@ def _truncate(kind: str, act: Tensor, n_pos: int) -> Tensor:
     return act[:, :, :n_pos, :n_pos] if kind == "pattern" else act[:, :n_pos]
 
 
+@dataclass(frozen=True)
+class _SweepPlan:
+    """What every patched forward of one sweep shares, computed once from the base run."""
+
+    runner: ModelRunner
+    kind: str
+    metric: str
+    hooks: list[str]  # the kind's hook name per layer
+    base_cache: dict[str, Tensor]  # the base run's activations (cut to n_keep positions)
+    ids_cut: Tensor  # [b, n_keep] base tokens up to the last answer position
+    t_pos: Tensor  # [b] answer positions (on the device)
+    n_keep: int
+    device: torch.device
+    direct: bool  # ROW_DIRECT kind with ``incremental``: the patched block runs for the patched row only
+    answer_block: _AnswerRowBlock | None
+    max_rows: int
+
+
+def _resolve_sources(task: Task, ab: Ablation, base_ids: Tensor, source: Sequence[str] | Tensor | None,
+                     reference: Sequence[str] | Tensor | None, seed: int) -> tuple[Tensor | None, Ablation]:
+    """Source ids [b, pos] (or None) and the ablation actually run: resampling draws sources from the
+    reference and runs as an interchange; an interchange needs sources paired with the base inputs."""
+    src_ids = None if source is None else as_ids(task, source, "source")
+    if ab is Ablation.RESAMPLE:
+        ref = base_ids if reference is None else as_ids(task, reference, "reference")
+        src_ids, ab_eff = resample_sources(ref, base_ids, seed), Ablation.INTERCHANGE
+    else:
+        ab_eff = ab
+    if ab_eff is Ablation.INTERCHANGE:
+        if src_ids is None:
+            raise CircuitkitError("interchange sweeps need source inputs (one per base input)")
+        check_pairing(task, base_ids, src_ids, raw_positions=True)
+    return src_ids, ab_eff
+
+
+def _source_cache(runner: ModelRunner, task: Task, ab_eff: Ablation, base_ids: Tensor, src_ids: Tensor | None,
+                  reference: Sequence[str] | Tensor | None, hooks: list[str], n_keep: int,
+                  dev: torch.device) -> dict[str, Tensor]:
+    """The value each hook is patched to, [b, ...] per hook: the source run's activations (interchange), or the
+    reference's mean / zeros broadcast over the b base inputs (mean / zero ablation)."""
+    if ab_eff is Ablation.INTERCHANGE:
+        _, src_cache = runner.run(src_ids[:, :n_keep].to(dev), cache=hooks, return_logits=False)
+        return src_cache
+    b = base_ids.shape[0]
+    ref = base_ids if reference is None else as_ids(task, reference, "reference")
+    _, ref_cache = runner.run(ref[:, :n_keep].to(dev), cache=hooks, return_logits=False)
+    return {h: (a.mean(0, keepdim=True) if ab_eff is Ablation.MEAN else torch.zeros_like(a[:1]))
+            .expand(b, *a.shape[1:]) for h, a in ref_cache.items()}
+
+
+def _pending_cells(kind: str, hooks: list[str], base_cache: dict[str, Tensor], src_cache: dict[str, Tensor],
+                   n_keep: int, t_pos: Tensor) -> list[tuple[int, Tensor, Tensor, Tensor]]:
+    """Per layer L: (L, ex [m], cell [m, n_axes], src) for the (example, cell) pairs that can change the
+    metric: the patch differs from the base value and lies at or before the answer row (only at it for a
+    row-local kind in the last block); src is the layer's truncated patch value [b, *cell axes, d]."""
+    last = len(hooks) - 1
+    work = []
+    for L, h in enumerate(hooks):
+        src, bas = _truncate(kind, src_cache[h], n_keep), _truncate(kind, base_cache[h], n_keep)
+        differs = (src != bas).any(-1)  # [b, *cell axes (truncated)]
+        cells = differs.nonzero()  # [m, 1 + n_axes]: (example, cell...)
+        ex, cell = cells[:, 0], cells[:, 1:]
+        cpos = _cell_pos(kind, cell)
+        keep = cpos <= t_pos[ex]
+        if L == last and kind in ROW_LOCAL:
+            keep &= cpos == t_pos[ex]  # in the last block a row-local change never reaches another row
+        work.append((L, ex[keep], cell[keep], src))
+    return work
+
+
+def _full_logits(plan: _SweepPlan, L: int, src: Tensor, resid_all: Tensor, ex: Tensor,
+                 cell: Tensor) -> tuple[Tensor, Tensor]:
+    """Logits and the row to read them at after patching each pair's cell into a forward from block ``L``
+    (the patched block(s) in full, then the last block for the answer row only): [m, 1, vocab] read at 0,
+    or [m, pos, vocab] read at the answer rows when ``L`` is the last block.  resid_all: [b, pos, d_model]."""
+    runner, hook = plan.runner, plan.hooks[L]
+    last = runner.n_layers - 1
+    mask = _cell_mask(plan.kind, cell, src.shape, plan.device)  # [m, *cell axes, 1]
+    rows_src = src[ex]  # [m, *cell axes, d]
+
+    def patch(act: Tensor) -> Tensor:
+        return torch.where(mask, rows_src, act)
+
+    if L < last:
+        last_resid = f"blocks.{last - 1}.hook_resid_post"  # = the last block's resid_pre
+        _, c = runner.run(plan.ids_cut[ex], hooks={hook: patch}, cache=[last_resid], stop_at_layer=last,
+                          start_at_layer=L, resid=resid_all[ex])
+        return _last_block_at(runner, c[last_resid], plan.t_pos[ex]), torch.zeros_like(ex)
+    logits, _ = runner.run(plan.ids_cut[ex], hooks={hook: patch}, start_at_layer=L, resid=resid_all[ex])
+    return logits, plan.t_pos[ex]
+
+
+def _run_cells(plan: _SweepPlan, work: list[tuple[int, Tensor, Tensor, Tensor]], out: Tensor, ctx: MetricContext,
+               ctx_dev: MetricContext, progress: bool) -> None:
+    """Run the pending pairs ``plan.max_rows`` at a time, layer by layer, writing each metric into ``out``."""
+    total = sum(int(w[1].numel()) for w in work)
+    bar = tqdm(total=total, desc=f"sweep {plan.kind}", unit="patch", disable=not progress, leave=False)
+    for L, ex_all, cell_all, src in work:
+        resid_all = plan.base_cache[f"blocks.{L}.hook_resid_pre"][:, :plan.n_keep]  # [b, pos, d_model]
+        bas = _truncate(plan.kind, plan.base_cache[plan.hooks[L]], plan.n_keep)
+        for i in range(0, ex_all.numel(), plan.max_rows):
+            ex, cell = ex_all[i:i + plan.max_rows], cell_all[i:i + plan.max_rows]
+            if plan.direct:
+                logits, read_at = _direct_logits(plan.runner, plan.kind, L, plan.base_cache, src, bas, ex, cell,
+                                                 plan.ids_cut, plan.t_pos, plan.n_keep, plan.answer_block)
+            else:
+                logits, read_at = _full_logits(plan, L, src, resid_all, ex, cell)
+            _store(out, plan.metric, logits, read_at, ex, cell, L, ctx_dev, ctx.target)
+            bar.update(int(ex.numel()))
+    bar.close()
+
+
 @torch.no_grad()
 def sweep(
     pm: ProbedModel,
@@ -236,16 +349,7 @@ def sweep(
     task, runner, dev = pm.task, pm.runner, pm.device
     ab = get_ablation(ablation)
     base_ids = as_ids(task, base, "base")
-    src_ids = None if source is None else as_ids(task, source, "source")
-    if ab is Ablation.RESAMPLE:
-        ref = base_ids if reference is None else as_ids(task, reference, "reference")
-        src_ids, ab_eff = resample_sources(ref, base_ids, seed), Ablation.INTERCHANGE
-    else:
-        ab_eff = ab
-    if ab_eff is Ablation.INTERCHANGE:
-        if src_ids is None:
-            raise CircuitkitError("interchange sweeps need source inputs (one per base input)")
-        check_pairing(task, base_ids, src_ids, raw_positions=True)
+    src_ids, ab_eff = _resolve_sources(task, ab, base_ids, source, reference, seed)
     hook_fmt, axes = SWEEP_KINDS[kind]
     hooks = [hook_fmt.format(L=L) for L in range(pm.n_layers)]
     b, n_pos = base_ids.shape
@@ -256,64 +360,20 @@ def sweep(
     ids_cut = base_ids[:, :n_keep].to(dev)  # every run below stops there: the same values, fewer rows
     base_logits, base_cache = runner.run(ids_cut, cache=list(dict.fromkeys(resid_names(pm.n_layers) + hooks + extra)))
     set_clean_logits(ctx, base_logits)
-    base_vals = evaluate(metric, base_logits, ctx)[0].cpu()
-    if ab_eff is Ablation.INTERCHANGE:
-        _, src_cache = runner.run(src_ids[:, :n_keep].to(dev), cache=hooks, return_logits=False)
-    else:
-        ref = base_ids if reference is None else as_ids(task, reference, "reference")
-        _, ref_cache = runner.run(ref[:, :n_keep].to(dev), cache=hooks, return_logits=False)
-        src_cache = {h: (a.mean(0, keepdim=True) if ab_eff is Ablation.MEAN else torch.zeros_like(a[:1]))
-                     .expand(b, *a.shape[1:]) for h, a in ref_cache.items()}
+    base_vals = evaluate(metric, base_logits, ctx)[0].cpu()  # [b]
+    src_cache = _source_cache(runner, task, ab_eff, base_ids, src_ids, reference, hooks, n_keep, dev)
     t_pos = ctx.positions.to(dev)  # [b]
     sizes = {"pos": n_pos, "dest_pos": n_pos, "head": pm.n_heads}
     shape = [pm.n_layers] + [sizes[a] for a in axes[1:]]
     out = base_vals.expand(*shape, b).clone()  # [layer, *cell axes, b]
     ctx_dev = ctx.to(dev)
-    work = []
-    for L in range(pm.n_layers):
-        h = hooks[L]
-        src, bas = _truncate(kind, src_cache[h], n_keep), _truncate(kind, base_cache[h], n_keep)
-        differs = (src != bas).any(-1)  # [b, *cell axes (truncated)]
-        cells = differs.nonzero()  # [m, 1 + n_axes]: (example, cell...)
-        ex, cell = cells[:, 0], cells[:, 1:]
-        cpos = _cell_pos(kind, cell)
-        keep = cpos <= t_pos[ex]
-        if L == pm.n_layers - 1 and kind in ROW_LOCAL:
-            keep &= cpos == t_pos[ex]  # in the last block a row-local change never reaches another row
-        work.append((L, ex[keep], cell[keep], src))
-    total = sum(int(w[1].numel()) for w in work)
+    work = _pending_cells(kind, hooks, base_cache, src_cache, n_keep, t_pos)
     last = pm.n_layers - 1
-    last_resid = f"blocks.{last - 1}.hook_resid_post"  # = the last block's resid_pre
     answer_block = _AnswerRowBlock(runner, base_cache[f"blocks.{last}.hook_resid_pre"][:, :n_keep], t_pos) \
         if direct and last > 0 else None
-    bar = tqdm(total=total, desc=f"sweep {kind}", unit="patch", disable=not progress, leave=False)
-    for L, ex_all, cell_all, src in work:
-        resid_all = base_cache[f"blocks.{L}.hook_resid_pre"][:, :n_keep]
-        bas = _truncate(kind, base_cache[hooks[L]], n_keep)
-        for i in range(0, ex_all.numel(), max_rows):
-            ex, cell = ex_all[i:i + max_rows], cell_all[i:i + max_rows]
-            if direct:
-                logits, read_at = _direct_logits(runner, kind, L, base_cache, src, bas, ex, cell, ids_cut, t_pos,
-                                                 n_keep, answer_block)
-                _store(out, metric, logits, read_at, ex, cell, L, ctx_dev, ctx.target)
-                bar.update(int(ex.numel()))
-                continue
-            mask = _cell_mask(kind, cell, src.shape, dev)
-            rows_src = src[ex]
-
-            def patch(act: Tensor, rows_src: Tensor = rows_src, mask: Tensor = mask) -> Tensor:
-                return torch.where(mask, rows_src, act)
-
-            if L < last:  # patched block(s) in full, then the last block for the answer row only
-                _, c = runner.run(ids_cut[ex], hooks={hooks[L]: patch}, cache=[last_resid], stop_at_layer=last,
-                                  start_at_layer=L, resid=resid_all[ex])
-                logits, read_at = _last_block_at(runner, c[last_resid], t_pos[ex]), torch.zeros_like(ex)
-            else:
-                logits, _ = runner.run(ids_cut[ex], hooks={hooks[L]: patch}, start_at_layer=L, resid=resid_all[ex])
-                read_at = t_pos[ex]
-            _store(out, metric, logits, read_at, ex, cell, L, ctx_dev, ctx.target)
-            bar.update(int(ex.numel()))
-    bar.close()
+    plan = _SweepPlan(runner, kind, metric, hooks, base_cache, ids_cut, t_pos, n_keep, dev, direct, answer_block,
+                      max_rows)
+    _run_cells(plan, work, out, ctx, ctx_dev, progress)
     return SweepResult(kind, axes, out, base_vals, metric, ab.value, ctx)
 
 
