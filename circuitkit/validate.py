@@ -73,13 +73,18 @@ def check_device(device: str, name: str = "--device") -> str:
 
 
 # ---- output paths -------------------------------------------------------------------------------
+def _given_path(path: str | Path | None, name: str, kind: str) -> Path | None:
+    """``path`` as a Path, None when not given; an empty one is named."""
+    if path is not None and str(path).strip() == "":
+        raise CircuitkitError(f"{name} is empty; give a {kind} path")
+    return None if path is None else Path(path)
+
+
 def check_out_file(path: str | Path | None, name: str = "--out") -> None:
     """``path`` can be written as a file: it is not a directory and no parent of it is a file."""
-    if path is None:
+    p = _given_path(path, name, "file")
+    if p is None:
         return
-    p = Path(path)
-    if str(path).strip() == "":
-        raise CircuitkitError(f"{name} is empty; give a file path")
     if p.is_dir():
         raise CircuitkitError(f"{name} {str(p)!r} is an existing directory; give a file path (e.g. {p / 'out.json'})")
     _check_parents(p, name)
@@ -87,11 +92,9 @@ def check_out_file(path: str | Path | None, name: str = "--out") -> None:
 
 def check_out_dir(path: str | Path | None, name: str = "--out") -> None:
     """``path`` can be a directory: it is not an existing file and no parent of it is a file."""
-    if path is None:
+    p = _given_path(path, name, "directory")
+    if p is None:
         return
-    p = Path(path)
-    if str(path).strip() == "":
-        raise CircuitkitError(f"{name} is empty; give a directory path")
     if p.exists() and not p.is_dir():
         raise CircuitkitError(f"{name} {str(p)!r} is an existing file; give a directory path")
     _check_parents(p, name)
@@ -135,6 +138,18 @@ def read_json(path: str | Path, what: str = "JSON file", expect: type | None = d
     if expect is not None and not isinstance(obj, expect):
         raise CircuitkitError(f"{what} {str(path)!r} is corrupt: expected a JSON {expect.__name__}, "
                               f"got {type(obj).__name__}")
+    return obj
+
+
+def read_artifact(path: str | Path, what: str, made_by: str) -> dict:
+    """The JSON object another circuitkit command wrote (``what``, e.g. "verification report"); a missing file
+    names the command ``made_by`` that writes it."""
+    p = Path(path)
+    if not p.exists():
+        raise CircuitkitError(f"{str(p)!r} does not exist; write it with '{made_by}'")
+    obj = read_json(p, what, expect=None)
+    if not isinstance(obj, dict):
+        raise CircuitkitError(f"{str(p)!r} is not a {what} (not a JSON object)")
     return obj
 
 

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from torch import Tensor
 
 from circuitkit.errors import CircuitkitError
 from circuitkit.inversion.checkpoint import load_decoder
@@ -12,13 +13,33 @@ from circuitkit.inversion.decoder import DecoderConfig, InversionDecoder
 from circuitkit.inversion.distance import position_distances, sample_distances
 from circuitkit.inversion.evaluate import evaluate_site
 from circuitkit.inversion.preimage import invert_activation, invert_text, query_activation, verify
-from circuitkit.inversion.sample import PAPER_GRID, grid_queries, sample, sample_uncached
+from circuitkit.inversion.sample import PAPER_GRID, SpecialIds, _gumbel, grid_queries, sample
 from circuitkit.inversion.train import DecoderTrainConfig, build_for, train_decoder
 from circuitkit.models.train import random_init_like
 from circuitkit.sites import parse_site
 
 TINY = dict(d_model=32, n_heads=2, cond_mid=64, n_cond_blocks=2, batch_size=64, warmup=5, eval_every=20,
             eval_queries=4, eval_per_cell=1, final_eval_queries=0, checkpoint_every=1000)
+
+
+@torch.no_grad()
+def sample_uncached(decoder: InversionDecoder, acts: Tensor, site_idx: Tensor, temps: Tensor,
+                    special: SpecialIds, gen: torch.Generator, max_len: int | None = None) -> Tensor:
+    """The reference sampler: a full forward pass for every new token, no cache (slow)."""
+    b, dev, V = acts.shape[0], acts.device, decoder.cfg.vocab_size
+    max_len = max_len or decoder.cfg.seq_len
+    ids = torch.full((b, max_len), special.pad, dtype=torch.long, device=dev)
+    ids[:, 0] = special.bos
+    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    for t in range(1, max_len):
+        logits = decoder(ids[:, :t], acts, site_idx)
+        nxt = (logits[:, -1] / temps.unsqueeze(1) + _gumbel((b, V), gen, dev)).argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, special.pad), nxt)
+        ids[:, t] = nxt
+        done |= nxt == special.eos
+        if bool(done.all()):
+            break
+    return ids
 
 
 def test_distance_exact_values():

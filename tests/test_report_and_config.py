@@ -171,8 +171,7 @@ def test_a_whole_story_claim_is_judged_on_the_verified_nodes_alone(tmp_path):
 
 
 def test_a_site_group_is_one_entry_in_a_claims_verdict(tmp_path):
-    """Each member of a verified site group is its own node in verification.json; the claim names the group once."""
-    import json
+    """Each member of a verified site group is its own verified node; the claim names the group once."""
     from types import SimpleNamespace
 
     from circuitkit.pipeline.analysis import evaluate_claims
@@ -181,10 +180,9 @@ def test_a_site_group_is_one_entry_in_a_claims_verdict(tmp_path):
     common = {"features": ["F1+S1"], "iia": 0.965, "effect": 0.375, "group": group, "level": "answer"}
     nodes = [{"site": s, **common} for s in group] + [
         {"site": "a0.2@=", "features": ["F1"], "iia": 0.99, "effect": 0.5, "group": [], "level": "answer"}]
-    (tmp_path / "circuit").mkdir()
-    (tmp_path / "circuit" / "verification.json").write_text(json.dumps({"nodes": nodes}))
     claim = {"claim": "routing", "kind": "verified", "site": ["a0.0@=", "a0.2@=", "a1.1@="], "feature": ["F1", "F1+S1"]}
-    ctx = SimpleNamespace(work=tmp_path, cfg=SimpleNamespace(paper_claims=[claim]), results={})
+    ctx = SimpleNamespace(work=tmp_path, cfg=SimpleNamespace(paper_claims=[claim]),
+                          results={"circuit": {"verified_nodes": nodes}})
     text = evaluate_claims(ctx)["routing"]
     assert text.startswith("holds") and text.count("carries") == 2
     assert "a0.0@= + a1.1@= (site group) carries F1+S1 (IIA 0.965, effect 0.375)" in text

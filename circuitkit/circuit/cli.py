@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from circuitkit.cli import Output, add_common
 from circuitkit.errors import CircuitkitError
-from circuitkit.validate import check_out_dir, check_range, check_threads, read_json
+from circuitkit.validate import check_out_dir, check_range, check_threads, read_artifact
 from circuitkit.verification.interchange import MAX_INPUTS, MAX_PAIRS
 
 
@@ -55,12 +54,7 @@ def _circuit(args: argparse.Namespace) -> Output:
     check_out_dir(args.out)
     d = None
     if args.verified:
-        path = Path(args.verified)
-        if not path.exists():
-            raise CircuitkitError(f"{str(path)!r} does not exist; write it with 'circuitkit verify MODEL --out FILE'")
-        d = read_json(path, "verification report")
-        if not isinstance(d, dict):
-            raise CircuitkitError(f"{str(path)!r} is not a verification report (not a JSON object)")
+        d = read_artifact(args.verified, "verification report", "circuitkit verify MODEL --out FILE")
     pm = load_probed(args.model, task=args.task, artefact=(d, str(args.verified)) if d is not None else None)
     settings = CircuitSettings(target=args.target, min_edge=args.min_edge, edge_pairs=args.edge_pairs,
                                eval_inputs=args.eval_inputs)

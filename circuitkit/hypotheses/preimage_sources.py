@@ -70,7 +70,17 @@ def _distances(acts: Tensor, query: Tensor, special: Tensor) -> tuple[Tensor, Te
     return sample_distances(acts, query, special, "l2")
 
 
-class PoolPreimage:
+class _SelectionLimits:
+    """What every preimage source shares: ε, the caps on members and baseline inputs per query, the seed."""
+
+    def __init__(self, eps: float, max_members: int, max_baseline: int, seed: int) -> None:
+        self.eps = eps
+        self.max_members = max_members
+        self.max_baseline = max_baseline
+        self.seed = seed
+
+
+class PoolPreimage(_SelectionLimits):
     """Exact ε-preimages over a pool of task-generated inputs (no decoder needed).
 
     pool: texts (default: ``pool_size`` fresh inputs from ``task.generate`` with ``seed``).
@@ -85,11 +95,8 @@ class PoolPreimage:
     def __init__(self, model: ProbedModel, pool: Sequence[str] | None = None, pool_size: int = 20000,
                  eps: float = DEFAULT_EPS, max_members: int = 64, max_baseline: int = 256, seed: int = 0,
                  batch_size: int = 1024) -> None:
+        super().__init__(eps, max_members, max_baseline, seed)
         self.model = model
-        self.eps = eps
-        self.max_members = max_members
-        self.max_baseline = max_baseline
-        self.seed = seed
         self.batch_size = batch_size
         if pool is None:
             pool = model.task.generate(random.Random(10_000 + seed), pool_size)
@@ -153,7 +160,7 @@ class PoolPreimage:
         return out
 
 
-class DecoderPreimage:
+class DecoderPreimage(_SelectionLimits):
     """ε-preimages from an InversionView decoder (``circuitkit.inversion``): its samples, re-run
     through the probed model by ``invert_text``, split at ε into members and baseline (near misses).
     """
@@ -164,12 +171,9 @@ class DecoderPreimage:
                  max_baseline: int = 256, seed: int = 0) -> None:
         from circuitkit.inversion.preimage import invert_text  # noqa: F401 - fail early if absent
 
+        super().__init__(eps, max_members, max_baseline, seed)
         self.decoder = decoder
         self.n_per_cell = n_per_cell
-        self.eps = eps
-        self.max_members = max_members
-        self.max_baseline = max_baseline
-        self.seed = seed
 
     def preimages(self, site: Site, queries: Sequence[str]) -> list[QueryPreimage]:
         from circuitkit.inversion.preimage import invert_text

@@ -1,7 +1,7 @@
 """Batched sampling from a decoder with a KV cache, over the paper's (temperature, noise) grid.
 
 Sampling uses the Gumbel-max trick with noise drawn from a ``torch.Generator`` up front, so the
-cached sampler and the uncached reference (``sample_uncached``) make identical draws.  Generation
+cached sampler and a full-forward reference sampler (tests/test_inversion.py) make identical draws.  Generation
 starts from BOS, stops a row at EOS (later tokens are PAD) and runs at most ``seq_len`` tokens.
 """
 from __future__ import annotations
@@ -80,24 +80,4 @@ def _sample_batch(decoder, acts, site_idx, temps, special, gen, max_len) -> Tens
         if bool(done.all()):
             break
         tok = nxt.unsqueeze(1)
-    return ids
-
-
-@torch.no_grad()
-def sample_uncached(decoder: InversionDecoder, acts: Tensor, site_idx: Tensor, temps: Tensor,
-                    special: SpecialIds, gen: torch.Generator, max_len: int | None = None) -> Tensor:
-    """Reference sampler: a full forward pass for every new token (slow; for tests)."""
-    b, dev, V = acts.shape[0], acts.device, decoder.cfg.vocab_size
-    max_len = max_len or decoder.cfg.seq_len
-    ids = torch.full((b, max_len), special.pad, dtype=torch.long, device=dev)
-    ids[:, 0] = special.bos
-    done = torch.zeros(b, dtype=torch.bool, device=dev)
-    for t in range(1, max_len):
-        logits = decoder(ids[:, :t], acts, site_idx)
-        nxt = (logits[:, -1] / temps.unsqueeze(1) + _gumbel((b, V), gen, dev)).argmax(-1)
-        nxt = torch.where(done, torch.full_like(nxt, special.pad), nxt)
-        ids[:, t] = nxt
-        done |= nxt == special.eos
-        if bool(done.all()):
-            break
     return ids

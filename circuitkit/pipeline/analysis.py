@@ -89,6 +89,11 @@ def claimed_pairs(claims: list[dict]) -> list[tuple[str, str]]:
     return out
 
 
+#: bumped when the circuit stage's summary gains a field later stages read (2: ``verified_nodes``), so that a
+#: summary cached by older code is recomputed rather than read without it
+CIRCUIT_SUMMARY_VERSION = 2
+
+
 def stage_circuit(ctx: RunContext, runner: StageRunner) -> None:
     """Hypotheses from decoder ε-preimages (exact pool preimages at sites the decoder does not decode)
     at the screened sites -> interchange verification on fair pairs with null controls -> circuit
@@ -146,45 +151,42 @@ def stage_circuit(ctx: RunContext, runner: StageRunner) -> None:
                 "verified_faithfulness": verified_only, "explained_share_per_answer": disc.explained_shares,
                 "explained_share_answer_level": disc.answer_level_shares,
                 "loop": disc.loop.to_dict() if disc.loop else None, "edge_tests": edge_tests,
-                "random_model": ver["settings"].get("random_model")}
+                "random_model": ver["settings"].get("random_model"), "verified_nodes": ver["nodes"]}
 
     depends = ("model", "decoder") if h.source == "decoder" else ("model",)
     if "screen" in runner.keys:
         depends += ("screen",)
-    ctx.results["circuit"] = runner.run("circuit", [h.__dict__, c.__dict__, per_cell, cfg.seed, names, claims], fn,
-                                        depends=depends)
+    ctx.results["circuit"] = runner.run("circuit", [h.__dict__, c.__dict__, per_cell, cfg.seed, names, claims,
+                                                    CIRCUIT_SUMMARY_VERSION], fn, depends=depends)
 
 
 def stage_groups(ctx: RunContext, runner: StageRunner) -> None:
-    """Cumulative group patching, forward and backward (the paper's tables), per contrast.
-
-    Counting uses the paper's exact protocol (``circuitkit.paper.counting_table``: contrast R
-    may change the length, positions aligned by name; contrast F flips one letter)."""
-    from circuitkit.paper import counting_table as paper_table
+    """Cumulative group patching, forward and backward (the paper's tables), per contrast; a task whose paper
+    used its own protocol (``circuitkit.paper.protocols``: counting's) gets that one."""
+    from circuitkit.paper.protocols import GroupTable, paper_protocol
     from circuitkit.patching.groups import Group, cumulative_patch, to_markdown
 
     cfg, pm = ctx.cfg, ctx.probed
     if not cfg.patching.groups:
         return
+    paper_table = paper_protocol(pm.task.name).group_table
+
+    def generic(n: int, title: str) -> GroupTable:
+        groups = [Group.parse("+".join(g), g) for g in cfg.patching.groups]
+        results = {}
+        for contrast in cfg.patching.contrasts:
+            bases, sources = _pairs(ctx, contrast, n)
+            results["R" if contrast == "random" else "F"] = cumulative_patch(
+                pm, bases, sources, groups, target=cfg.patching.target or None, seed=cfg.seed)
+        return GroupTable(results, to_markdown(results, title), {}, {})
 
     def fn(d: Path) -> dict:
-        n = cfg.patching.examples
-        if pm.task.name == "counting":
-            results = paper_table.counting_table(pm, n=n, seed=cfg.seed)
-            md = paper_table.to_markdown(results, f"{cfg.name}: cumulative group patching")
-            paper, found = paper_table.PAPER, paper_table.findings(results)
-        else:
-            groups = [Group.parse("+".join(g), g) for g in cfg.patching.groups]
-            results = {}
-            for contrast in cfg.patching.contrasts:
-                bases, sources = _pairs(ctx, contrast, n)
-                results["R" if contrast == "random" else "F"] = cumulative_patch(
-                    pm, bases, sources, groups, target=cfg.patching.target or None, seed=cfg.seed)
-            md = to_markdown(results, f"{cfg.name}: cumulative group patching")
-            paper, found = {}, {}  # the paper's table and findings are counting's
-        (d / "groups.md").write_text(md)
-        return {"markdown": md, "results": {c: r.to_dict() for c, r in results.items()},
-                "findings": found, "paper": paper}
+        title = f"{cfg.name}: cumulative group patching"
+        table = (paper_table(pm, cfg.patching.examples, cfg.seed, title) if paper_table
+                 else generic(cfg.patching.examples, title))
+        (d / "groups.md").write_text(table.markdown)
+        return {"markdown": table.markdown, "results": {c: r.to_dict() for c, r in table.results.items()},
+                "findings": table.findings, "paper": table.paper}
 
     ctx.results["groups"] = runner.run("groups", [cfg.patching.groups, cfg.patching.examples,
                                                   cfg.patching.contrasts, cfg.seed], fn, depends=("model",))
@@ -220,20 +222,17 @@ def evaluate_claims(ctx: RunContext) -> dict[str, str]:
     ``evaluation/faithfulness_normalized/all``, or ``verified_faithfulness/all``: the verified nodes alone);
     ``path`` may be a list, every value of which must hold (an undefined one does not)."""
     out: dict[str, str] = {}
-    ver = None
-    vfile = ctx.work / "circuit" / "verification.json"
-    if vfile.exists():
-        ver = json.loads(vfile.read_text())
+    nodes = ctx.results.get("circuit", {}).get("verified_nodes")
     for c in ctx.cfg.paper_claims:
         kind, claim = c.get("kind"), c.get("claim", "")
         if kind == "verified":
-            if ver is None:
+            if nodes is None:
                 out[claim] = "not evaluated (no verification in this run)"
                 continue
             sites = c["site"] if isinstance(c["site"], list) else [c["site"]]
             feats = c["feature"] if isinstance(c["feature"], list) else [c["feature"]]
             min_iia = float(c.get("min_iia", 0.0))
-            hit = [n for n in ver["nodes"] if n["site"] in sites and set(feats) & set(n["features"])
+            hit = [n for n in nodes if n["site"] in sites and set(feats) & set(n["features"])
                    and not n.get("architectural") and n.get("level", "answer") == "answer"
                    and (n.get("iia") or 0.0) >= min_iia]
             found = {n["site"] for n in hit}
@@ -265,42 +264,3 @@ def evaluate_claims(ctx: RunContext) -> dict[str, str]:
                 ok = all(v is True for v in verdicts)
                 out[claim] = f"{'holds' if ok else 'does not hold'} ({'; '.join(parts)}{expected})"
     return out
-
-
-#: Wang et al. (2022) IOI head classes in GPT-2 small (layer.head)
-WANG_HEAD_CLASSES: dict[str, tuple[str, ...]] = {
-    "name mover": ("9.9", "9.6", "10.0"),
-    "backup name mover": ("10.10", "10.6", "10.2", "10.1", "11.2", "9.7", "9.0", "11.9"),
-    "negative name mover": ("10.7", "11.10"),
-    "S-inhibition": ("7.3", "7.9", "8.6", "8.10"),
-    "induction": ("5.5", "5.8", "5.9", "6.9"),
-    "duplicate token": ("0.1", "0.10", "3.0"),
-    "previous token": ("2.2", "4.11"),
-}
-
-
-def wang_comparison(ctx: RunContext) -> list[list]:
-    """Per Wang et al. head class: its heads, the mean head-patching effect at END (ABC contrast)
-    and which of them circuitkit verified, for a GPT-2-small-shaped model."""
-    pm = ctx.probed
-    maps = ctx.results.get("patching", {}).get("maps", {})
-    head_map = maps.get("minimal/head") or maps.get("random/head")
-    ver_file = ctx.work / "circuit" / "verification.json"
-    verified = {n["site"].split("@")[0] for n in json.loads(ver_file.read_text())["nodes"]} if ver_file.exists() else set()
-    rows = []
-    for cls, heads in WANG_HEAD_CLASSES.items():
-        effects, found = [], []
-        for h in heads:
-            L, H = map(int, h.split("."))
-            if L >= pm.n_layers or H >= pm.n_heads:
-                continue
-            if head_map is not None:
-                import numpy as np
-
-                mean = np.asarray(head_map["mean"])  # [layer, pos, head]
-                effects.append(head_map["base_mean"] - float(mean[L, :, H].min()))
-            if f"a{L}.{H}" in verified:
-                found.append(h)
-        rows.append([cls, ", ".join(heads), f"{max(effects):.3f}" if effects else "n/a",
-                     ", ".join(found) or "none"])
-    return rows

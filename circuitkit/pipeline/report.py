@@ -361,18 +361,23 @@ def circuit_part(report: Report, res: dict[str, Any], d: Path) -> None:
     s3.add("Exports: " + ", ".join(f"`{v}`" for v in res.get("files", {}).values()) + " (next to this report).")
 
 
-def wang_section(report: Report, ctx: RunContext) -> None:
-    from circuitkit.pipeline.analysis import wang_comparison
+def comparison_section(report: Report, ctx: RunContext) -> None:
+    """The paper's ground truth beside the run's findings, for a task whose paper gives one
+    (``circuitkit.paper.protocols``: IOI's head classes)."""
+    from circuitkit.paper.protocols import paper_protocol
 
-    s = report.section("Comparison with Wang et al.'s IOI head classes")
     pm = ctx.probed
-    if (pm.n_layers, pm.n_heads) != (12, 12):
-        s.add(f"The probed model here has {pm.n_layers} layers × {pm.n_heads} heads, not GPT-2 small's 12 × 12, so "
-              "the ground-truth head classes do not apply; supply GPT-2 small locally to compare (see the model "
-              "section and case_studies/ioi.toml).")
+    comparison = paper_protocol(pm.task.name).comparison
+    if comparison is None:
         return
-    s.add(Table(["Wang et al. class", "heads", "max patching effect (LD decrease)", "verified by circuitkit"],
-                wang_comparison(ctx)))
+    s = report.section(comparison.title)
+    if (pm.n_layers, pm.n_heads) != comparison.shape:
+        s.add(comparison.other_shape.format(layers=pm.n_layers, heads=pm.n_heads))
+        return
+    maps = ctx.results.get("patching", {}).get("maps", {})
+    verified = {n["site"].split("@")[0] for n in ctx.results.get("circuit", {}).get("verified_nodes", [])}
+    s.add(Table(list(comparison.columns), comparison.rows(maps.get("minimal/head") or maps.get("random/head"),
+                                                          verified, pm.n_layers, pm.n_heads)))
 
 
 def claims_section(report: Report, ctx: RunContext) -> None:
@@ -419,8 +424,7 @@ def build_report(ctx: RunContext, manifest: dict[str, Any]) -> Report:
     for name, builder in SECTION_BUILDERS:
         if name in r:
             builder(report, r[name], ctx)
-    if cfg.task == "ioi":
-        wang_section(report, ctx)
+    comparison_section(report, ctx)
     claims_section(report, ctx)
     manifest_section(report, manifest)
     return report

@@ -57,9 +57,7 @@ def stage_model(ctx: RunContext, runner: StageRunner) -> None:
         elif gpt2 is None:
             ctx.log(f"  {missing_message(m.path or None)} Running on a model trained here instead.")
         else:
-            from circuitkit.tasks.ioi import IOITask
-
-            task = IOITask(tokenizer="gpt2", tokenizer_dir=gpt2)
+            task = task.with_pretrained_tokenizer(gpt2)
             m = dataclasses.replace(m, source="path", path=str(gpt2))
     if m.source == "path":
         src = cfg.resolve(m.path)

@@ -83,8 +83,7 @@ class AdditionTask(Task):
 
     format_hint = f"B, a {LOW}-{HIGH}, +, another {LOW}-{HIGH}, =, their sum, E"
 
-    def __init__(self) -> None:
-        self.tokenizer = CharTokenizer(VOCAB)
+    tokenizer = CharTokenizer(VOCAB)  # immutable, so one per class
 
     def format_problem(self, tokens: Tokens) -> str | None:
         """B a + b = a+b E with three-digit operands in [100, 999] and the right sum."""

@@ -12,6 +12,7 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -443,6 +444,12 @@ class Task(ABC):
         except (CircuitkitError, ValueError, IndexError, KeyError) as e:
             return f"its answer cannot be read ({e})"
         return None
+
+    def with_pretrained_tokenizer(self, tokenizer_dir: str | Path) -> Task:
+        """This task in the tokens of the pretrained GPT-2 found in ``tokenizer_dir`` (a case with ``[model] source =
+        "gpt2"``); a task whose inputs have no such form says so."""
+        raise CircuitkitError(f"task {self.name!r} has no form in a pretrained GPT-2's tokens; [model] source = "
+                              "'gpt2' needs a task that has one (ioi)")
 
     def describe(self) -> dict:
         """A JSON-able summary stored in checkpoints' metadata."""

@@ -80,8 +80,7 @@ class CountingTask(Task):
 
     format_hint = "B, 3 distinct letters each 1-9 times in any order, |, one of them, :, its count, E"
 
-    def __init__(self) -> None:
-        self.tokenizer = CharTokenizer(VOCAB)
+    tokenizer = CharTokenizer(VOCAB)  # immutable, so one per class
 
     def format_problem(self, tokens: Tokens) -> str | None:
         """B + letters + | + query + : + count + E, with 3 distinct letters 1-9 times each and the true count."""

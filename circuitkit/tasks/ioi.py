@@ -455,20 +455,13 @@ class IOITask(Task):
         except (ValueError, KeyError, IndexError):
             raise CircuitkitError(f"not an IOI prompt with a repeated subject: {text!r}") from None
         rest = [h for h in hold if h not in (LAYOUT, "names")]
-        key = self.stratum_key(text, rest) if rest else None
-        out: list[str] = []
-        seen = {text}
-        for _ in range(max_tries):
-            if len(out) >= n:
-                break
-            t = p.layout.template if LAYOUT in hold else rng.randrange(len(BASE_TEMPLATES))
-            io, s = rng.sample(pair, 2) if "names" in hold else rng.sample(self.names, 2)
-            cand = self.make_text(t, rng.choice(FAMILIES), io, s, rng.choice(self.places), rng.choice(self.objects))
-            if cand in seen or (key is not None and self.stratum_key(cand, rest) != key):
-                continue
-            seen.add(cand)
-            out.append(cand)
-        return out
+
+        def draw(r: random.Random) -> str:
+            t = p.layout.template if LAYOUT in hold else r.randrange(len(BASE_TEMPLATES))
+            io, s = r.sample(pair, 2) if "names" in hold else r.sample(self.names, 2)
+            return self.make_text(t, r.choice(FAMILIES), io, s, r.choice(self.places), r.choice(self.objects))
+
+        return self.sample_stratum(text, rng, n, rest, draw, max_tries)
 
     # ---- features -----------------------------------------------------------------------------
     def task_features(self) -> list[Feature]:
@@ -484,6 +477,10 @@ class IOITask(Task):
             Feature("object", lambda t: parse(t).obj, "the object given"),
             Feature("template", lambda t: parse(t).layout.template, "index of the base template"),
         ]
+
+    def with_pretrained_tokenizer(self, tokenizer_dir: str | os.PathLike[str]) -> IOITask:
+        """The same prompts in GPT-2's own BPE tokens (each name a single token), read from ``tokenizer_dir``."""
+        return type(self)(tokenizer="gpt2", tokenizer_dir=tokenizer_dir)
 
     def describe(self) -> dict:
         out = super().describe()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from circuitkit.cli import Output, add_common
 from circuitkit.errors import CircuitkitError
-from circuitkit.validate import check_out_file, check_range, check_threads, read_json
+from circuitkit.validate import check_out_file, check_range, check_threads, read_artifact
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -56,9 +56,7 @@ def _verify(args: argparse.Namespace) -> Output:
     report = None
     if args.hypotheses:
         path = Path(args.hypotheses)
-        if not path.exists():
-            raise CircuitkitError(f"{str(path)!r} does not exist; write it with 'circuitkit hypothesize MODEL --out FILE'")
-        raw = read_json(path, "hypothesis report")
+        raw = read_artifact(path, "hypothesis report", "circuitkit hypothesize MODEL --out FILE")
         try:
             report = HypothesisReport.from_dict(raw)
         except (KeyError, TypeError, ValueError) as e:
