@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from circuitkit.errors import CircuitkitError
 from circuitkit.inversion.checkpoint import save_decoder
-from circuitkit.inversion.data import PairSource, activation_scale
+from circuitkit.inversion.data import Pairs, PairSource, activation_scale
 from circuitkit.inversion.decoder import DecoderConfig, InversionDecoder
 from circuitkit.inversion.evaluate import evaluate_decoder, evaluate_site
 from circuitkit.io_utils import atomic_dir, atomic_torch_save, atomic_write_json, safe_torch_load
@@ -105,7 +105,7 @@ def site_weights(hit_rates: Sequence[float], floor: float) -> list[float]:
 
 def pooled_hit_rates(window: Sequence[Sequence[float]]) -> list[float]:
     """Per-site hit rate over the estimates in ``window`` (each a list of per-site rates over equal query counts)."""
-    return [sum(col) / len(col) for col in zip(*window)]
+    return [sum(col) / len(col) for col in zip(*window, strict=False)]
 
 
 def estimate_seed(step: int, cfg: DecoderTrainConfig) -> int:
@@ -159,6 +159,228 @@ def build_for(probed: ProbedModel, sites: Sequence[Site], cfg: DecoderTrainConfi
     return dec
 
 
+@dataclass(frozen=True)
+class _DecoderRun:
+    """What one decoder training run holds fixed: the models, optimiser, sites, device, ranks and state paths."""
+
+    probed: ProbedModel
+    cfg: DecoderTrainConfig
+    sites: list[Site]
+    dec: InversionDecoder
+    model: torch.nn.Module  # ``dec``, or its DDP / torch.compile wrapper that the training steps run
+    opt: torch.optim.Optimizer
+    device: str
+    rank: int
+    world: int
+    partial: Path
+    state_file: Path
+    on_eval: Callable[[dict], None] | None
+    pad_id: int  # the task's PAD token, excluded from the loss
+
+    @property
+    def budget_s(self) -> float | None:
+        """The wall-clock training budget in seconds (None: steps alone end the run)."""
+        return None if self.cfg.minutes is None else self.cfg.minutes * 60.0
+
+    @property
+    def reduce_device(self) -> str:
+        """Where tensors for collectives live: the CUDA device for NCCL, else the CPU."""
+        return self.device if self.device.startswith("cuda") else "cpu"
+
+
+@dataclass
+class _DecoderProgress:
+    """What a decoder training run changes as it goes (and checkpoints, with the model and optimiser)."""
+
+    source: PairSource
+    site_rng: random.Random  # identical on every rank: all replicas train the same site per step
+    hits: list[float]
+    step: int = 0
+    train_s: float = 0.0
+    history: list[dict] = dataclasses.field(default_factory=list)
+    window: list[list[float]] = dataclasses.field(default_factory=list)  # the last ``eval_window`` estimates
+    ema: float | None = None
+    resumed_from: int | None = None
+    weights: list[float] = dataclasses.field(default_factory=list)
+
+
+def _check_and_place(probed: ProbedModel, out: Path, cfg: DecoderTrainConfig, device: str) -> None:
+    """Refuse a non-empty ``out`` or a missing CUDA device; set threads and move the probed model to ``device``."""
+    if out.exists() and any(out.iterdir()):
+        raise CircuitkitError(f"output directory {str(out)!r} exists and is not empty; choose another --out")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CircuitkitError("--device cuda was requested but no CUDA device is available; use --device cpu")
+    if str(probed.device) != str(torch.device(device)):
+        probed.hf_model.to(device)
+
+
+def _resume(run: _DecoderRun, prog: _DecoderProgress) -> None:
+    """Load an interrupted run's state into ``run``'s decoder and optimiser and ``prog``, when there is one."""
+    if not run.state_file.exists():
+        return
+    cfg, rank = run.cfg, run.rank
+    state = safe_torch_load(run.state_file, "interrupted decoder training state", map_location=run.device)
+    if not isinstance(state, dict) or state.get("config") != dataclasses.asdict(cfg) or state.get("sites") != [
+            s.node for s in run.sites]:
+        raise CircuitkitError(f"{str(run.partial)!r} holds an interrupted run with different options; delete it "
+                              f"to start over, or rerun with the same options to resume")
+    try:
+        run.dec.load_state_dict(state["model"])
+        run.opt.load_state_dict(state["optimizer"])
+        prog.step, prog.train_s, prog.history, prog.hits = (state["step"], state["train_s"], state["history"],
+                                                            state["hits"])
+        prog.ema = state.get("ema")
+        prog.window = state.get("window", [])
+        prog.resumed_from = prog.step
+        prog.site_rng.setstate(tuple(state["site_rng"]) if isinstance(state["site_rng"], list)
+                               else state["site_rng"])
+        if rank == 0:
+            prog.source.load_state(state["source"])
+        else:
+            prog.source = PairSource(run.probed, "train", seed=cfg.seed + 1000 * rank + prog.step)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CircuitkitError(f"{str(run.state_file)!r} is not a complete decoder training state "
+                              f"({type(e).__name__}: {e}); delete {str(run.partial)!r} to start over") from None
+
+
+def _wrap_model(run: _DecoderRun) -> torch.nn.Module:
+    """The module the training steps run: ``dec`` under DDP when distributed, compiled when asked."""
+    model: torch.nn.Module = run.dec
+    if run.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(run.dec, device_ids=[torch.device(run.device).index] if run.device.startswith("cuda") else None)
+    if run.cfg.compile:  # training steps only; sampling and evaluation run ``dec`` eagerly
+        model = torch.compile(model)
+    return model
+
+
+def _save_state(run: _DecoderRun, prog: _DecoderProgress) -> None:
+    """Checkpoint everything a resume needs (rank 0 only: every rank holds the same model)."""
+    if run.rank != 0:
+        return
+    atomic_torch_save({"model": run.dec.state_dict(), "optimizer": run.opt.state_dict(), "step": prog.step,
+                       "train_s": prog.train_s, "history": prog.history, "hits": prog.hits,
+                       "config": dataclasses.asdict(run.cfg), "sites": [s.node for s in run.sites],
+                       "site_rng": prog.site_rng.getstate(), "source": prog.source.state(), "ema": prog.ema,
+                       "window": prog.window}, run.state_file)
+
+
+def _estimate(run: _DecoderRun, prog: _DecoderProgress) -> None:
+    """Re-estimate per-site hit rates on held-out queries (rank 0, shared by broadcast) and the site weights."""
+    cfg = run.cfg
+    if run.rank == 0:
+        rows = [evaluate_site(run.dec, run.probed, s, i, n_queries=cfg.eval_queries, n_per_cell=cfg.eval_per_cell,
+                              seed=estimate_seed(prog.step, cfg)) for i, s in enumerate(run.sites)]
+        prog.window = [*prog.window, [r["hit_rate"] for r in rows]][-cfg.eval_window:]
+        prog.hits = pooled_hit_rates(prog.window)
+        rec = {"step": prog.step, "train_minutes": round(prog.train_s / 60, 3), "loss": prog.ema,
+               "hit_rate": {r["site"]: r["hit_rate"] for r in rows}}
+        if cfg.eval_window > 1:
+            rec["pooled_hit_rate"] = {r["site"]: h for r, h in zip(rows, prog.hits, strict=False)}
+        prog.history.append(rec)
+        if run.on_eval:
+            run.on_eval(rec)
+    if run.world > 1:
+        t = torch.tensor(prog.hits, dtype=torch.float64, device=run.reduce_device)
+        dist.broadcast(t, 0)
+        prog.hits = t.tolist()
+    prog.weights = site_weights(prog.hits, cfg.rebalance_floor)
+
+
+def _done(run: _DecoderRun, prog: _DecoderProgress) -> bool:
+    """Whether the run has used up its steps or its wall-clock budget."""
+    budget_s = run.budget_s
+    return prog.step >= run.cfg.steps or (budget_s is not None and prog.train_s >= budget_s)
+
+
+def _draw_batch(run: _DecoderRun, prog: _DecoderProgress) -> tuple[Pairs, torch.Tensor]:
+    """This step's training pairs and each row's site index [batch_size]: one weighted site, or one per input."""
+    cfg = run.cfg
+    if cfg.mixed_sites:
+        return prog.source.mixed(run.sites, prog.weights, cfg.batch_size)
+    i = prog.site_rng.choices(range(len(run.sites)), weights=prog.weights)[0]
+    return prog.source.batch(run.sites[i], cfg.batch_size), torch.full((cfg.batch_size,), i)
+
+
+def _train_step(run: _DecoderRun, prog: _DecoderProgress) -> None:
+    """One optimisation step on a fresh batch at the scheduled rate; advances step, loss EMA and training time."""
+    cfg, device = run.cfg, run.device
+    t0 = time.perf_counter()
+    pairs, site_idx = _draw_batch(run, prog)
+    budget_s = run.budget_s
+    frac = prog.step / cfg.steps if budget_s is None else max(prog.step / cfg.steps, prog.train_s / budget_s)
+    for g in run.opt.param_groups:
+        g["lr"] = cfg.lr * _lr_factor(frac, prog.step, cfg)
+    ids = pairs.ids.to(device)  # [batch, seq_len]
+    logits = train_forward(run.model, ids, pairs.acts.to(device), site_idx.to(device), cfg.compile)
+    loss = decoder_loss(logits, ids, run.pad_id)  # logits: [batch, seq_len, vocab]
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(run.dec.parameters(), 1.0)
+    run.opt.step()
+    prog.step += 1
+    lv = loss.item()
+    prog.ema = lv if prog.ema is None else 0.98 * prog.ema + 0.02 * lv
+    if run.world > 1:  # every rank must agree on when the budget runs out
+        t = torch.tensor([time.perf_counter() - t0], device=run.reduce_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        prog.train_s += float(t)
+    else:
+        prog.train_s += time.perf_counter() - t0
+
+
+def _postfix(prog: _DecoderProgress) -> str:
+    """The progress bar's loss and per-site hit rates."""
+    return f"loss={prog.ema:.3f} hit=" + "/".join(f"{h:.2f}" for h in prog.hits)
+
+
+def _train_loop(run: _DecoderRun, prog: _DecoderProgress, bar: tqdm) -> None:
+    """Step until done, estimating every ``eval_every`` steps and checkpointing; Ctrl-C saves and says how to resume."""
+    cfg = run.cfg
+    try:
+        while not _done(run, prog):
+            _train_step(run, prog)
+            bar.update(1)
+            if prog.step % cfg.eval_every == 0 or _done(run, prog):
+                _estimate(run, prog)
+                bar.set_postfix_str(_postfix(prog))
+            elif prog.step % 10 == 0:
+                bar.set_postfix_str(_postfix(prog))
+            if prog.step % cfg.checkpoint_every == 0 and not _done(run, prog):
+                _save_state(run, prog)
+    except KeyboardInterrupt:
+        _save_state(run, prog)
+        bar.close()
+        raise CircuitkitError(f"interrupted at step {prog.step}; rerun the same command to resume from "
+                              f"{run.partial}") from None
+    bar.close()
+
+
+def _finish(run: _DecoderRun, prog: _DecoderProgress, out: Path) -> dict:
+    """The run's metrics; rank 0 also runs the final evaluation, writes ``out`` and removes the partial state."""
+    cfg, dec, probed = run.cfg, run.dec, run.probed
+    metrics: dict = {"steps": prog.step, "train_minutes": round(prog.train_s / 60, 3), "final_loss": prog.ema,
+                     "world_size": run.world, "torch_threads": torch.get_num_threads(),
+                     "resumed_from_step": prog.resumed_from}
+    if run.rank == 0:
+        dec.eval()
+        if cfg.final_eval_queries > 0:
+            metrics["eval"] = evaluate_decoder(dec, probed, run.sites, n_queries=cfg.final_eval_queries,
+                                               n_per_cell=cfg.final_eval_per_cell)
+        with atomic_dir(out) as tmp:
+            save_decoder(tmp, dec, probed, run.sites, {"train_config": dataclasses.asdict(cfg)})
+            atomic_write_json(tmp / "metrics.json", metrics)
+            atomic_write_json(tmp / "train_history.json", prog.history)
+            write_manifest(tmp, "inversion_decoder", cfg.seed, dataclasses.asdict(cfg),
+                           probed_model=str(probed.path) if probed.path else None,
+                           steps_taken=prog.step, stopped_by="steps" if prog.step >= cfg.steps else "minutes")
+        shutil.rmtree(run.partial, ignore_errors=True)
+    return metrics
+
+
 def train_decoder(probed: ProbedModel, out: str | Path, cfg: DecoderTrainConfig | None = None,
                   sites: Sequence[Site] | None = None, progress: bool = True, device: str = "cpu",
                   on_eval: Callable[[dict], None] | None = None, _keep: dict | None = None,
@@ -171,149 +393,25 @@ def train_decoder(probed: ProbedModel, out: str | Path, cfg: DecoderTrainConfig 
     cfg.validate()
     out = Path(out)
     rank, world = _dist_info()
-    if out.exists() and any(out.iterdir()):
-        raise CircuitkitError(f"output directory {str(out)!r} exists and is not empty; choose another --out")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CircuitkitError("--device cuda was requested but no CUDA device is available; use --device cpu")
-    if str(probed.device) != str(torch.device(device)):
-        probed.hf_model.to(device)
+    _check_and_place(probed, out, cfg, device)
     sites = list(sites or decoder_sites(probed))
     partial = Path(partial) if partial is not None else out.with_name(out.name + ".partial")
-    state_file = partial / "train_state.pt"
     dec = build_for(probed, sites, cfg).to(device)
     opt = torch.optim.AdamW(dec.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    source = PairSource(probed, "train", seed=cfg.seed + 1000 * rank)
-    site_rng = random.Random(cfg.seed)  # identical on every rank: all replicas train the same site per step
-    step, train_s, history = 0, 0.0, []
-    hits = [0.0] * len(sites)
-    window: list[list[float]] = []  # the last ``eval_window`` estimates, oldest first
-    ema: float | None = None
-    resumed_from = None
-    if state_file.exists():
-        state = safe_torch_load(state_file, "interrupted decoder training state", map_location=device)
-        if not isinstance(state, dict) or state.get("config") != dataclasses.asdict(cfg) or state.get("sites") != [
-                s.node for s in sites]:
-            raise CircuitkitError(f"{str(partial)!r} holds an interrupted run with different options; delete it "
-                                  f"to start over, or rerun with the same options to resume")
-        try:
-            dec.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            step, train_s, history, hits = state["step"], state["train_s"], state["history"], state["hits"]
-            ema = state.get("ema")
-            window = state.get("window", [])
-            resumed_from = step
-            site_rng.setstate(tuple(state["site_rng"]) if isinstance(state["site_rng"], list) else state["site_rng"])
-            if rank == 0:
-                source.load_state(state["source"])
-            else:
-                source = PairSource(probed, "train", seed=cfg.seed + 1000 * rank + step)
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise CircuitkitError(f"{str(state_file)!r} is not a complete decoder training state "
-                                  f"({type(e).__name__}: {e}); delete {str(partial)!r} to start over") from None
-    model: torch.nn.Module = dec
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(dec, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
-    if cfg.compile:  # training steps only; sampling and evaluation run ``dec`` eagerly
-        model = torch.compile(model)
-    weights = site_weights(hits, cfg.rebalance_floor)
-    pad = probed.task.vocab.pad_id
-    budget_s = None if cfg.minutes is None else cfg.minutes * 60.0
-
-    def save_state() -> None:
-        if rank != 0:
-            return
-        atomic_torch_save({"model": dec.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                           "train_s": train_s, "history": history, "hits": hits, "config": dataclasses.asdict(cfg),
-                           "sites": [s.node for s in sites], "site_rng": site_rng.getstate(),
-                           "source": source.state(), "ema": ema, "window": window}, state_file)
-
-    def estimate() -> None:
-        nonlocal hits, weights, window
-        if rank == 0:
-            rows = [evaluate_site(dec, probed, s, i, n_queries=cfg.eval_queries, n_per_cell=cfg.eval_per_cell,
-                                  seed=estimate_seed(step, cfg)) for i, s in enumerate(sites)]
-            window = [*window, [r["hit_rate"] for r in rows]][-cfg.eval_window:]
-            hits = pooled_hit_rates(window)
-            rec = {"step": step, "train_minutes": round(train_s / 60, 3), "loss": ema,
-                   "hit_rate": {r["site"]: r["hit_rate"] for r in rows}}
-            if cfg.eval_window > 1:
-                rec["pooled_hit_rate"] = {r["site"]: h for r, h in zip(rows, hits)}
-            history.append(rec)
-            if on_eval:
-                on_eval(rec)
-        if world > 1:
-            t = torch.tensor(hits, dtype=torch.float64, device=device if device.startswith("cuda") else "cpu")
-            dist.broadcast(t, 0)
-            hits = t.tolist()
-        weights = site_weights(hits, cfg.rebalance_floor)
-
-    def done() -> bool:
-        return step >= cfg.steps or (budget_s is not None and train_s >= budget_s)
-
-    bar = tqdm(total=cfg.steps, initial=step, desc="decoder", disable=not progress or rank != 0, unit="step")
-    model.train()
-    try:
-        while not done():
-            t0 = time.perf_counter()
-            if cfg.mixed_sites:
-                pairs, site_idx = source.mixed(sites, weights, cfg.batch_size)
-            else:
-                i = site_rng.choices(range(len(sites)), weights=weights)[0]
-                pairs = source.batch(sites[i], cfg.batch_size)
-                site_idx = torch.full((cfg.batch_size,), i)
-            frac = step / cfg.steps if budget_s is None else max(step / cfg.steps, train_s / budget_s)
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * _lr_factor(frac, step, cfg)
-            ids = pairs.ids.to(device)
-            logits = train_forward(model, ids, pairs.acts.to(device), site_idx.to(device), cfg.compile)
-            loss = decoder_loss(logits, ids, pad)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
-            opt.step()
-            step += 1
-            lv = loss.item()
-            ema = lv if ema is None else 0.98 * ema + 0.02 * lv
-            if world > 1:  # every rank must agree on when the budget runs out
-                t = torch.tensor([time.perf_counter() - t0], device=device if device.startswith("cuda") else "cpu")
-                dist.all_reduce(t, op=dist.ReduceOp.MAX)
-                train_s += float(t)
-            else:
-                train_s += time.perf_counter() - t0
-            bar.update(1)
-            if step % cfg.eval_every == 0 or done():
-                estimate()
-                bar.set_postfix_str(f"loss={ema:.3f} hit=" + "/".join(f"{h:.2f}" for h in hits))
-            elif step % 10 == 0:
-                bar.set_postfix_str(f"loss={ema:.3f} hit=" + "/".join(f"{h:.2f}" for h in hits))
-            if step % cfg.checkpoint_every == 0 and not done():
-                save_state()
-    except KeyboardInterrupt:
-        save_state()
-        bar.close()
-        raise CircuitkitError(f"interrupted at step {step}; rerun the same command to resume from {partial}") from None
-    bar.close()
-    metrics: dict = {"steps": step, "train_minutes": round(train_s / 60, 3), "final_loss": ema,
-                     "world_size": world, "torch_threads": torch.get_num_threads(), "resumed_from_step": resumed_from}
-    if rank == 0:
-        dec.eval()
-        if cfg.final_eval_queries > 0:
-            metrics["eval"] = evaluate_decoder(dec, probed, sites, n_queries=cfg.final_eval_queries,
-                                               n_per_cell=cfg.final_eval_per_cell)
-        with atomic_dir(out) as tmp:
-            save_decoder(tmp, dec, probed, sites, {"train_config": dataclasses.asdict(cfg)})
-            atomic_write_json(tmp / "metrics.json", metrics)
-            atomic_write_json(tmp / "train_history.json", history)
-            write_manifest(tmp, "inversion_decoder", cfg.seed, dataclasses.asdict(cfg),
-                           probed_model=str(probed.path) if probed.path else None,
-                           steps_taken=step, stopped_by="steps" if step >= cfg.steps else "minutes")
-        shutil.rmtree(partial, ignore_errors=True)
+    prog = _DecoderProgress(source=PairSource(probed, "train", seed=cfg.seed + 1000 * rank),
+                            site_rng=random.Random(cfg.seed), hits=[0.0] * len(sites))
+    run = _DecoderRun(probed=probed, cfg=cfg, sites=sites, dec=dec, model=dec, opt=opt, device=device, rank=rank,
+                      world=world, partial=partial, state_file=partial / "train_state.pt", on_eval=on_eval,
+                      pad_id=probed.task.vocab.pad_id)
+    _resume(run, prog)
+    run = dataclasses.replace(run, model=_wrap_model(run))
+    prog.weights = site_weights(prog.hits, cfg.rebalance_floor)
+    bar = tqdm(total=cfg.steps, initial=prog.step, desc="decoder", disable=not progress or rank != 0, unit="step")
+    run.model.train()
+    _train_loop(run, prog, bar)
+    metrics = _finish(run, prog, out)
     if world > 1:
         dist.barrier()
     if _keep is not None:
         _keep["decoder"] = dec
-    return {"history": history, **metrics}
+    return {"history": prog.history, **metrics}

@@ -214,6 +214,104 @@ def _partial_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
+@dataclass(frozen=True)
+class _ProbedRun:
+    """What one probed-model training run holds fixed: task, options, model, optimiser, data RNG and state file."""
+
+    task: Task
+    cfg: TrainConfig
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    rng: random.Random  # draws the training batches; checkpointed as it was before an unfinished step
+    partial: Path
+    state_file: Path
+    device: str
+
+
+@dataclass
+class _ProbedProgress:
+    """What a probed-model training run changes as it goes: step, training seconds, loss history and EMA."""
+
+    step: int = 0
+    elapsed: float = 0.0
+    history: list[dict] = dataclasses.field(default_factory=list)
+    ema: float | None = None
+
+
+def _initial_model(task: Task, cfg: TrainConfig, device: str) -> torch.nn.Module:
+    """A fresh model for the task on ``device``, with ``cfg.init_from``'s weights when given."""
+    model = build_model(task, cfg).to(device)
+    if cfg.init_from:
+        from circuitkit.models.checkpoint import load_probed
+
+        start = load_probed(cfg.init_from, task=task)
+        try:
+            model.load_state_dict(start.hf_model.state_dict())
+        except RuntimeError as e:
+            raise CircuitkitError(f"--init-from {cfg.init_from!r} has another architecture than the one requested: "
+                                  f"{str(e).splitlines()[0]}") from None
+    return model
+
+
+def _resume(run: _ProbedRun, prog: _ProbedProgress) -> None:
+    """Load an interrupted run's model, optimiser, progress and RNG states, when there is one."""
+    if not run.state_file.exists():
+        return
+    state = safe_torch_load(run.state_file, "interrupted model training state", map_location=run.device)
+    if state["config"] != dataclasses.asdict(run.cfg) or state["task"] != run.task.name:
+        raise CircuitkitError(
+            f"{str(run.partial)!r} holds an interrupted run with a different task or configuration; "
+            f"delete it to start over, or rerun with the same options to resume"
+        )
+    run.model.load_state_dict(state["model"])
+    run.opt.load_state_dict(state["optimizer"])
+    prog.step, prog.elapsed, prog.history = state["step"], state["elapsed"], state["history"]
+    run.rng.setstate(state["py_rng"])
+    torch.set_rng_state(state["torch_rng"])
+
+
+def _save_state(run: _ProbedRun, prog: _ProbedProgress, py_rng_state: object) -> None:
+    """Checkpoint the state *between* steps (the RNG as it was before the unfinished step)."""
+    atomic_torch_save(
+        {"model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "step": prog.step,
+         "elapsed": prog.elapsed, "history": prog.history, "config": dataclasses.asdict(run.cfg),
+         "task": run.task.name, "py_rng": py_rng_state, "torch_rng": torch.get_rng_state()},
+        run.state_file,
+    )
+
+
+def _train_steps(run: _ProbedRun, prog: _ProbedProgress, sampler: LengthBucketSampler | UniformSampler,
+                 bar: tqdm) -> None:
+    """Train to ``cfg.steps``, logging and checkpointing; Ctrl-C saves the state and says how to resume."""
+    cfg, task = run.cfg, run.task
+    t0 = time.perf_counter()
+    rng_before_step = run.rng.getstate()
+    try:
+        while prog.step < cfg.steps:
+            rng_before_step = run.rng.getstate()
+            # ids: [batch, pos], padding columns trimmed
+            ids = trim_padding(task.encode(sampler.batch(run.rng, cfg.batch_size)), task.vocab.pad_id).to(run.device)
+            loss = train_step(run.model, run.opt, task, ids, prog.step, cfg)
+            prog.step += 1
+            prog.ema = loss if prog.ema is None else 0.98 * prog.ema + 0.02 * loss
+            bar.update(1)
+            if prog.step % 50 == 0:
+                bar.set_postfix(loss=f"{prog.ema:.4f}")
+                prog.history.append({"step": prog.step, "loss": prog.ema})
+            if prog.step % cfg.checkpoint_every == 0 and prog.step < cfg.steps:
+                prog.elapsed += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                _save_state(run, prog, run.rng.getstate())
+    except KeyboardInterrupt:
+        prog.elapsed += time.perf_counter() - t0
+        _save_state(run, prog, rng_before_step)
+        bar.close()
+        raise CircuitkitError(f"interrupted at step {prog.step}; rerun the same command to resume from "
+                              f"{run.partial}") from None
+    bar.close()
+    prog.elapsed += time.perf_counter() - t0
+
+
 def train_probed(task: Task, out: str | Path, cfg: TrainConfig | None = None, progress: bool = True,
                  device: str = "cpu", partial: str | Path | None = None) -> dict:
     """Train, evaluate and write a checkpoint to ``out``; returns the metrics dict.
@@ -226,77 +324,23 @@ def train_probed(task: Task, out: str | Path, cfg: TrainConfig | None = None, pr
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     partial = Path(partial) if partial is not None else _partial_dir(out)
-    state_file = partial / "train_state.pt"
     rng = seed_everything(cfg.seed)
-    model = build_model(task, cfg).to(device)
-    if cfg.init_from:
-        from circuitkit.models.checkpoint import load_probed
-
-        start = load_probed(cfg.init_from, task=task)
-        try:
-            model.load_state_dict(start.hf_model.state_dict())
-        except RuntimeError as e:
-            raise CircuitkitError(f"--init-from {cfg.init_from!r} has another architecture than the one requested: "
-                                  f"{str(e).splitlines()[0]}") from None
-    opt = make_optimizer(model, cfg)
-    step, elapsed, history = 0, 0.0, []
-    if state_file.exists():
-        state = safe_torch_load(state_file, "interrupted model training state", map_location=device)
-        if state["config"] != dataclasses.asdict(cfg) or state["task"] != task.name:
-            raise CircuitkitError(
-                f"{str(partial)!r} holds an interrupted run with a different task or configuration; "
-                f"delete it to start over, or rerun with the same options to resume"
-            )
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step, elapsed, history = state["step"], state["elapsed"], state["history"]
-        rng.setstate(state["py_rng"])
-        torch.set_rng_state(state["torch_rng"])
+    model = _initial_model(task, cfg, device)
+    run = _ProbedRun(task=task, cfg=cfg, model=model, opt=make_optimizer(model, cfg), rng=rng, partial=partial,
+                     state_file=partial / "train_state.pt", device=device)
+    prog = _ProbedProgress()
+    _resume(run, prog)
     train = task.split("train")
     sampler = LengthBucketSampler(train) if cfg.bucket_by_length else UniformSampler(train)
     runner = ModelRunner(model)
     model.train()
-
-    def save_state(py_rng_state: object) -> None:
-        """Checkpoint the state *between* steps (the RNG as it was before the unfinished step)."""
-        atomic_torch_save(
-            {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "elapsed": elapsed,
-             "history": history, "config": dataclasses.asdict(cfg), "task": task.name,
-             "py_rng": py_rng_state, "torch_rng": torch.get_rng_state()},
-            state_file,
-        )
-
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {task.name}", disable=not progress, unit="step")
-    t0 = time.perf_counter()
-    ema = None
-    rng_before_step = rng.getstate()
-    try:
-        while step < cfg.steps:
-            rng_before_step = rng.getstate()
-            ids = trim_padding(task.encode(sampler.batch(rng, cfg.batch_size)), task.vocab.pad_id).to(device)
-            loss = train_step(model, opt, task, ids, step, cfg)
-            step += 1
-            ema = loss if ema is None else 0.98 * ema + 0.02 * loss
-            bar.update(1)
-            if step % 50 == 0:
-                bar.set_postfix(loss=f"{ema:.4f}")
-                history.append({"step": step, "loss": ema})
-            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                elapsed += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                save_state(rng.getstate())
-    except KeyboardInterrupt:
-        elapsed += time.perf_counter() - t0
-        save_state(rng_before_step)
-        bar.close()
-        raise CircuitkitError(f"interrupted at step {step}; rerun the same command to resume from {partial}") from None
-    bar.close()
-    elapsed += time.perf_counter() - t0
+    bar = tqdm(total=cfg.steps, initial=prog.step, desc=f"train {task.name}", disable=not progress, unit="step")
+    _train_steps(run, prog, sampler, bar)
     model.eval()
     metrics = evaluate_model(runner, task, "test", limit=cfg.eval_limit, seed=cfg.seed, progress=progress)
-    metrics.update({"train_wall_seconds": round(elapsed, 1), "train_steps": step,
-                    "torch_threads": torch.get_num_threads(), "final_loss": ema})
-    write_trained(model, task, cfg, out, metrics, history)
+    metrics.update({"train_wall_seconds": round(prog.elapsed, 1), "train_steps": prog.step,
+                    "torch_threads": torch.get_num_threads(), "final_loss": prog.ema})
+    write_trained(model, task, cfg, out, metrics, prog.history)
     shutil.rmtree(partial, ignore_errors=True)
     return metrics
 
