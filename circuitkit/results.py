@@ -4,6 +4,7 @@ verification, circuits, case runs) are dataclasses with ``to_dict()``; the ``Jso
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -41,3 +42,10 @@ class JsonResult:
 
         atomic_write_text(path, self.to_json() + "\n")
         return Path(path)
+
+
+class SettingsRecord(JsonResult):
+    """Mixin for settings dataclasses (thresholds, rules): the JSON form is every field, as written."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]  # subclasses are dataclasses

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from circuitkit.results import JsonResult
+from circuitkit.results import JsonResult, SettingsRecord
 
 
 @dataclass(frozen=True)
@@ -67,16 +67,13 @@ class Hypothesis:
 
 
 @dataclass(frozen=True)
-class Thresholds:
+class Thresholds(SettingsRecord):
     """When a hypothesis is accepted (all must hold); stated in every output."""
 
     fdr: float = 0.05  # Benjamini–Hochberg q-value at most this
     min_kappa: float = 0.4  # chance-corrected agreement
     min_lift: float = 1.25
     min_queries: int = 5  # queries with at least one preimage member
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     def describe(self) -> str:
         return (f"accepted when BH q <= {self.fdr}, kappa = (agreement - baseline)/(1 - baseline) >= "

@@ -50,6 +50,7 @@ from circuitkit.errors import CircuitkitError
 from circuitkit.hypotheses.features import AnyFeature, PositionalFeature, all_features
 from circuitkit.models.checkpoint import ProbedModel
 from circuitkit.patching.node import interchange_logits
+from circuitkit.results import SettingsRecord
 from circuitkit.sites import Site, check_site, group_name, group_sites
 from circuitkit.stats import (
     Estimate,
@@ -71,7 +72,7 @@ MAX_PAIRS = 100_000
 
 
 @dataclass(frozen=True)
-class VerifyThresholds:
+class VerifyThresholds(SettingsRecord):
     """Verdict rules, stated in every output."""
 
     min_iia: float = 0.8  # CI low of IIA on an answer f predicts
@@ -84,9 +85,6 @@ class VerifyThresholds:
     max_shift_ratio: float = 0.5  # logit level: agreeing sources shift the margin by at most this share
     logit_level: bool = True  # judge components that never flip the answer at the logit level
     confidence: float = 0.95  # family-wise over the relevant answers of one test (Bonferroni)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     def describe(self) -> str:
         return (f"sources are fair (they hold fixed the base's layout and what the feature's definition needs); "
