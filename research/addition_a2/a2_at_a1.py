@@ -21,8 +21,9 @@ For each rule and a few site groups at A1 and feature sets, the script runs the 
     .venv/bin/python research/addition_a2/a2_at_a1.py            # writes research/addition_a2/results.json
     .venv/bin/python research/addition_a2/a2_at_a1.py --verification runs/full/addition/circuit/verification.json
         # also the site groups at A1 that a case-study run verified for A2
-    .venv/bin/python research/addition_a2/a2_at_a1.py --verification V.json --only-verification --pairs 600 \
-        --out research/addition_a2/results_run_group_600.json   # those groups only, on 3x the pairs
+    .venv/bin/python research/addition_a2/a2_at_a1.py --group "m0@A1 & m1@A1 & a1.2@A1 & a1.1@A1" \
+        --only-verification --pairs 600 --out research/addition_a2/results_run_group_600.json
+        # the full run's group only, on 3x the pairs (writes results_run_group_600.json)
 """
 from __future__ import annotations
 
@@ -109,11 +110,14 @@ def main() -> int:
     ap.add_argument("--out", default=str(HERE / "results.json"))
     ap.add_argument("--verification", metavar="JSON", help="also test (written rule) the site groups at A1 that this "
                     "verification.json verified for A2 (a case-study run's <work>/circuit/verification.json)")
-    ap.add_argument("--only-verification", action="store_true", help="test only the --verification groups (e.g. "
-                    "with more --pairs, to narrow their intervals on 3-digit sums)")
+    ap.add_argument("--group", metavar="SPEC", help='also test this site group at A1 (written rule), e.g. '
+                    '"m0@A1 & m1@A1 & a1.2@A1 & a1.1@A1", for --features')
+    ap.add_argument("--features", default="F1+S1,F2+S2,carry(3)", help="the features --group is tested for")
+    ap.add_argument("--only-verification", action="store_true", help="test only the --verification / --group groups "
+                    "(e.g. with more --pairs, to narrow their intervals on 3-digit sums)")
     args = ap.parse_args()
-    if args.only_verification and not args.verification:
-        ap.error("--only-verification needs --verification JSON")
+    if args.only_verification and not (args.verification or args.group):
+        ap.error("--only-verification needs --verification JSON or --group SPEC")
     torch.manual_seed(args.seed)
     pm = load_probed(args.model)
     verifiers = {"written": InterchangeVerifier(pm, n_inputs=args.inputs, n_pairs=args.pairs, seed=args.seed),
@@ -124,6 +128,8 @@ def main() -> int:
     tests = [] if args.only_verification else [(rule, spec, feats) for rule in RULES for spec, feats in TESTS]
     if args.verification:
         tests += [("written", spec, feats) for spec, feats in verified_groups(Path(args.verification))]
+    if args.group:
+        tests.append(("written", args.group, [f for f in args.features.split(",") if f]))
     for rule, spec, feats in tests:
         for split in ("search", "confirm"):
             row = split_iia(verifiers[rule], spec, feats, split, rule)
