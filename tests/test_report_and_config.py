@@ -186,3 +186,22 @@ def test_a_site_group_is_one_entry_in_a_claims_verdict(tmp_path):
     text = evaluate_claims(ctx)["routing"]
     assert text.startswith("holds") and text.count("carries") == 2
     assert "a0.0@= + a1.1@= (site group) carries F1+S1 (IIA 0.965, effect 0.375)" in text
+
+
+def test_paper_protocols_are_looked_up_by_task_and_the_comparison_reads_the_runs_own_results():
+    """The pipeline names no task: counting's table protocol and IOI's Wang et al. comparison come from
+    paper/protocols.py; a task no paper covers gets the generic protocol."""
+    import numpy as np
+
+    from circuitkit.paper.protocols import paper_protocol
+
+    assert paper_protocol("counting").group_table is not None and paper_protocol("counting").comparison is None
+    assert paper_protocol("first_digit").group_table is None and paper_protocol("first_digit").comparison is None
+    wang = paper_protocol("ioi").comparison
+    assert wang.shape == (12, 12) and "2 layers × 4 heads" in wang.other_shape.format(layers=2, heads=4)
+    mean = np.full((12, 3, 12), 5.0)
+    mean[9, 2, 9] = 1.0  # patching a9.9 at END drops the logit difference from 5 to 1
+    rows = {r[0]: r for r in wang.rows({"mean": mean.tolist(), "base_mean": 5.0}, {"a9.9", "a7.3"}, 12, 12)}
+    assert rows["name mover"][2:] == ["4.000", "9.9"] and rows["S-inhibition"][3] == "7.3"
+    assert rows["induction"][2:] == ["0.000", "none"]
+    assert wang.rows(None, set(), 12, 12)[0][2] == "n/a"

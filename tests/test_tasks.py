@@ -106,3 +106,37 @@ def test_bad_inputs():
         get_task("counting").resolve_position("Z", get_task("counting").tokens("Bab|a:1E"))
     with pytest.raises(CircuitkitError, match="out of range"):
         get_task("addition").resolve_position(14, [])
+
+
+def test_contrast_dispatches_to_the_papers_two_and_names_them_on_a_typo():
+    task = get_task("addition")
+    base = task.split("test")[0]
+    assert task.contrast(base, "minimal", random.Random(3)) == task.contrast_minimal(base, random.Random(3))
+    assert task.contrast(base, "random", random.Random(3)) == task.contrast_random(base, random.Random(3))
+    with pytest.raises(CircuitkitError, match="unknown contrast 'flip'; valid: random, minimal"):
+        task.contrast(base, "flip", random.Random(0))
+
+
+def test_a_task_without_a_gpt2_form_says_so():
+    with pytest.raises(CircuitkitError, match="no form in a pretrained GPT-2's tokens"):
+        get_task("counting").with_pretrained_tokenizer("/nowhere")
+
+
+def test_paired_inputs_skips_bases_without_a_source_and_draws_like_a_plain_loop():
+    """The one pair builder: up to n bases from a draw of oversample × n test inputs, each with its source."""
+    from circuitkit.patching.inputs import paired_inputs
+
+    task = get_task("counting")
+    make = lambda t, r: None if t.count(t[1]) > 4 else task.contrast_minimal(t, r)  # noqa: E731  (a maker that refuses some)
+    bases, sources = paired_inputs(task, make, 30, random.Random(5), oversample=3)
+    rng, want_b, want_s = random.Random(5), [], []
+    for t in rng.sample(list(task.split("test")), 90):
+        s = None if t.count(t[1]) > 4 else task.contrast_minimal(t, rng)
+        if s is not None:
+            want_b.append(t)
+            want_s.append(s)
+        if len(want_b) == 30:
+            break
+    assert (bases, sources) == (want_b, want_s) and 0 < len(bases) < 30  # the refused bases are skipped
+    assert all(b.count(b[1]) <= 4 for b in bases)
+    assert len(paired_inputs(task, task.contrast_minimal, 30, random.Random(5), oversample=3)[0]) == 30  # stops at n
