@@ -54,11 +54,10 @@ def load_case(name_or_path: str, quick: bool = False) -> CaseConfig:
 
 def load_decoder(path: str | Path, model: ProbedModel | str | Path | None = None, device: str = "cpu") -> TrainedDecoder:
     """A trained InversionView decoder (checked against its probed model: ``model``, else the one it records)."""
-    from circuitkit.inversion.checkpoint import load_checked_decoder
+    from circuitkit.inversion.checkpoint import check_decoder_dir, load_checked_decoder
+    from circuitkit.inversion.checkpoint import load_decoder as _load
 
     if isinstance(model, ProbedModel):
-        from circuitkit.inversion.checkpoint import check_decoder_dir
-        from circuitkit.inversion.checkpoint import load_decoder as _load
 
         check_decoder_dir(path)
         return _load(path, probed=model, device=device)

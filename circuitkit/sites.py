@@ -226,8 +226,9 @@ def group_name(sites: Sequence[Site | str]) -> str:
     return GROUP_SEP.join(str(x) for x in sites)
 
 
-def expand_sites(site_text: str | None, positions: str | None, pm) -> list:
-    """Sites from "a0.0,a1.0@:" and "=,A1" (sites without a position get every listed position)."""
+def expand_sites(site_text: str | None, positions: str | None, pm) -> list[Site]:
+    """Sites from "a0.0,a1.0@:" and "=,A1" (sites without a position get every listed position), checked against
+    ``pm`` (a probed model: its layers, heads and task's named positions)."""
     task = pm.task
     if site_text:
         sites = [parse_site(s) for s in site_text.split(",") if s.strip()]

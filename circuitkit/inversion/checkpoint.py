@@ -127,7 +127,8 @@ def load_decoder(path: str | Path, probed: ProbedModel | str | Path | None = Non
     return TrainedDecoder(dec, probed, sites, meta, path)
 
 
-def load_checked_decoder(decoder_dir: str, model: str | None = None, device: str = "cpu"):
+def load_checked_decoder(decoder_dir: str | Path, model: str | Path | None = None,
+                         device: str = "cpu") -> TrainedDecoder:
     """``load_decoder`` after checks that read no pickle: the directory exists, ``decoder.json`` is
     UTF-8 JSON, and every tensor file is whole and matches manifest.json's checksums, so a truncated or
     garbage file is named as such instead of failing deep inside torch."""

@@ -125,7 +125,7 @@ def _train(args: argparse.Namespace) -> Output:
 def _eval(args: argparse.Namespace) -> Output:
     import torch
 
-    from circuitkit.inversion import checkpoint
+    from circuitkit.inversion.checkpoint import load_checked_decoder
     from circuitkit.inversion.evaluate import evaluate_site
     from circuitkit.validate import check_range
 
@@ -133,7 +133,7 @@ def _eval(args: argparse.Namespace) -> Output:
     _check_sampling(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    td = checkpoint.load_checked_decoder(args.decoder_dir, args.model, args.device)
+    td = load_checked_decoder(args.decoder_dir, args.model, args.device)
     sites = _parse_sites(args.sites) or td.sites
     rows = [evaluate_site(td.decoder, td.probed, s, td.site_index(s), n_queries=args.queries,
                           n_per_cell=args.per_cell, metric=args.metric, eps=args.eps) for s in sites]
@@ -147,7 +147,7 @@ def _eval(args: argparse.Namespace) -> Output:
 def _invert(args: argparse.Namespace) -> Output:
     import torch
 
-    from circuitkit.inversion import checkpoint
+    from circuitkit.inversion.checkpoint import load_checked_decoder
     from circuitkit.inversion.colour import token_colours
     from circuitkit.inversion.preimage import invert_text
     from circuitkit.inversion.render import render_ansi, render_html
@@ -161,7 +161,7 @@ def _invert(args: argparse.Namespace) -> Output:
     site = parse_site(args.site)
     if args.threads:
         torch.set_num_threads(args.threads)
-    td = checkpoint.load_checked_decoder(args.decoder_dir, args.model, args.device)
+    td = load_checked_decoder(args.decoder_dir, args.model, args.device)
     td.probed.task.check_input(args.input, "--input")
     inv = invert_text(td, site, args.input, n_per_cell=args.per_cell, metric=args.metric, eps=args.eps,
                       seed=args.seed)
