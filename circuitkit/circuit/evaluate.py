@@ -76,6 +76,8 @@ from torch import Tensor
 from circuitkit.circuit.incremental import ResidualReferences, last_block_at_pairs
 from circuitkit.errors import CircuitkitError
 from circuitkit.models.checkpoint import ProbedModel
+from circuitkit.patching import engine
+from circuitkit.patching.engine import Blend, Record
 from circuitkit.results import JsonResult, to_jsonable
 from circuitkit.sites import Site, check_site, parse_site
 
@@ -461,8 +463,9 @@ class AblationEvaluator:
             none = self.none_mask()
             with torch.no_grad():
                 for sl in self._batches():
-                    _, c = self.pm.runner.run(self.ids[sl].to(self.device), hooks=self._hooks(none, [], sl),
-                                              cache=names, return_logits=False)
+                    c: dict[str, Tensor] = {}
+                    engine.run(self.pm.runner, self.ids[sl].to(self.device),
+                               [*self._interventions(none, [], sl), Record(names, c)], need_logits=False)
                     for h in names:
                         parts[h].append(c[h])
             full = {h: torch.cat(v) for h, v in parts.items()}
@@ -472,28 +475,25 @@ class AblationEvaluator:
         return self._empty_resid[depth]
 
     # ---- ablated runs ---------------------------------------------------------------------------
-    def _hooks(self, keep: Mask, restores: Sequence[Site], sl: slice) -> dict:
-        dev, hooks = self.device, {}
+    def _interventions(self, keep: Mask, restores: Sequence[Site], sl: slice) -> list[Blend]:
+        """The ablated run of batch ``sl`` as engine interventions: every head (z) and MLP output outside
+        ``keep`` takes the source's value; the residual sites in ``restores`` take their clean base value."""
+        dev, out = self.device, []
         for L in range(self.L):
             hk = keep.heads[L, sl]
             if not bool(hk.all()):
-                hk, src = hk.to(dev), self.src_z[L][sl]
-                hooks[f"blocks.{L}.attn.hook_z"] = lambda act, k=hk, s=src: torch.where(k[..., None], act, s)
+                out.append(Blend(f"blocks.{L}.attn.hook_z", ~hk.to(dev)[..., None], self.src_z[L][sl]))
             mk = keep.mlps[L, sl]
             if not bool(mk.all()):
-                mk, src = mk.to(dev), self.src_mlp[L][sl]
-                hooks[f"blocks.{L}.hook_mlp_out"] = lambda act, k=mk, s=src: torch.where(k[..., None], act, s)
+                out.append(Blend(f"blocks.{L}.hook_mlp_out", ~mk.to(dev)[..., None], self.src_mlp[L][sl]))
         by_hook: dict[str, Tensor] = {}
         for s in restores:
             if site_role(s) != "residual":
                 continue
             by_hook[s.hook_name] = by_hook.get(s.hook_name, torch.zeros(self.n, self.seq, dtype=torch.bool)) \
                 | self.rows(s.position)
-        for h, rm in by_hook.items():
-            clean = self.clean_resid(h)[sl]
-            rm = rm[sl].to(dev)
-            hooks[h] = lambda act, m=rm, c=clean: torch.where(m[..., None], c, act)
-        return hooks
+        out += [Blend(h, rm[sl].to(dev)[..., None], self.clean_resid(h)[sl]) for h, rm in by_hook.items()]
+        return out
 
     @torch.no_grad()
     def run(self, keep: Mask, restores: Sequence[Site | str] = ()) -> Scores:
@@ -505,7 +505,7 @@ class AblationEvaluator:
             return self.scores_from_pair_logits(self._incremental_pair_logits(keep))
         chunks = []
         for sl in self._batches():
-            logits, _ = self.pm.runner.run(self.ids[sl].to(self.device), hooks=self._hooks(keep, restores, sl))
+            logits = engine.run(self.pm.runner, self.ids[sl].to(self.device), self._interventions(keep, restores, sl))
             chunks.append(self._pair_logits(logits, sl))
         return self.scores_from_pair_logits(chunks)
 
@@ -522,8 +522,9 @@ class AblationEvaluator:
             x = shared[start][sl] if start > 0 else None
             if start < last:  # blocks start .. L-2 in full, keeping each next block's input
                 names = [f"blocks.{L - 1}.hook_resid_post" for L in computed]
-                _, c = r.run(ids, hooks=self._hooks(keep, [], sl), cache=names, stop_at_layer=last,
-                             start_at_layer=start, resid=x)
+                c = {}
+                engine.run(r, ids, [*self._interventions(keep, [], sl), Record(names, c)], resid={start: x},
+                           start_at_layer=start, stop_at_layer=last)
                 if self._remember:
                     for L in computed:
                         parts[L].append(c[f"blocks.{L - 1}.hook_resid_post"])

@@ -94,10 +94,7 @@ def last_block_at_pairs(runner: ModelRunner, x: Tensor, rows: Tensor, t: Tensor,
     pos = torch.arange(x.shape[1], device=x.device)
     h1 = runner.norm1(L, x)
     k, v = runner.keys_values(L, h1, pos)  # [b, pos, head, d_head]
-    q = runner.query_at(L, h1[rows, t], t)  # [P, head, d_head]
-    scores = runner.scale(torch.einsum("phe,pkhe->phk", q, k[rows]))
-    scores = scores.masked_fill((pos[None, :] > t[:, None])[:, None, :], torch.finfo(scores.dtype).min)
-    z = torch.einsum("phk,pkhe->phe", scores.softmax(-1), v[rows])  # [P, head, d_head]
+    z = runner.attend_row(runner.query_at(L, h1[rows, t], t), k[rows], v[rows], t)  # [P, head, d_head]
     z = torch.where(keep_heads[rows, t][..., None], z, src_z[rows, t])
     xr = x[rows, t]  # [P, d_model]
     mid = xr + runner.head_out(L, z) + runner.layers[L].b_O

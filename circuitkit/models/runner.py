@@ -181,19 +181,31 @@ class ModelRunner:
             x = x + self.W_pos[: tokens.shape[1]].unsqueeze(0)
         return x
 
+    # ---- attention (the only copy of scale -> causal mask -> softmax -> z) ------------------------
+    def causal_mask(self, scores: Tensor, q_pos: Tensor) -> Tensor:
+        """scores [..., key] with every key after its query's position ``q_pos`` (broadcastable to
+        scores[..., :1], e.g. [q, 1] for a full pattern, [n, 1, 1] for one row per example) set to the dtype's
+        minimum, so that the softmax gives it no weight."""
+        k_pos = torch.arange(scores.shape[-1], device=scores.device)
+        return scores.masked_fill(k_pos > q_pos, torch.finfo(scores.dtype).min)
+
+    def row_scores(self, q: Tensor, k: Tensor, t: Tensor) -> Tensor:
+        """Scaled, causally masked scores of one query row per example: q [n, head, d_head] at positions
+        t [n], keys k [n, key, head, d_head] -> [n, head, key]."""
+        return self.causal_mask(self.scale(torch.einsum("nhe,nkhe->nhk", q, k)), t[:, None, None])
+
+    def attend_row(self, q: Tensor, k: Tensor, v: Tensor, t: Tensor) -> Tensor:
+        """z [n, head, d_head] of one query row per example (q [n, head, d_head] at positions t [n]) over keys
+        and values k, v [n, key, head, d_head]."""
+        return torch.einsum("nhk,nkhe->nhe", self.row_scores(q, k, t).softmax(-1), v)
+
     def block_at_rows(self, L: int, x: Tensor, t: Tensor) -> Tensor:
         """Block ``L`` for one row per example: x [n, pos, d_model] (its resid_pre), t [n] -> resid_post [n, d_model].
         Keys and values come from every position up to t; the query, the MLP and the output only from row t."""
-        n = x.shape[0]
-        rows = torch.arange(n, device=x.device)
-        pos = torch.arange(x.shape[1], device=x.device)
+        rows = torch.arange(x.shape[0], device=x.device)
         h1 = self.norm1(L, x)
-        k, v = self.keys_values(L, h1, pos)  # [n, pos, head, d_head]
-        q = self.query_at(L, h1[rows, t], t)  # [n, head, d_head]
-        scores = self.scale(torch.einsum("bhe,bkhe->bhk", q, k))
-        future = pos[None, :] > t[:, None]
-        scores = scores.masked_fill(future[:, None, :], torch.finfo(scores.dtype).min)
-        z = torch.einsum("bhk,bkhe->bhe", scores.softmax(-1), v)
+        k, v = self.keys_values(L, h1, torch.arange(x.shape[1], device=x.device))  # [n, pos, head, d_head]
+        z = self.attend_row(self.query_at(L, h1[rows, t], t), k, v, t)  # [n, head, d_head]
         return self.row_from_z(L, x[rows, t], z)
 
     def keys_values(self, L: int, h1: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
@@ -262,10 +274,9 @@ class ModelRunner:
         n_pos = tokens.shape[1]
         positions = torch.arange(n_pos, device=self.device)
         x = self._input_stream(tokens, start_at_layer, resid, fire)  # [batch, pos, d_model]
-        mask = torch.ones(n_pos, n_pos, dtype=torch.bool, device=x.device).tril()
         rotary = bool(self.arch.rotary_dim)
         for L in range(start_at_layer, end):
-            x = self._run_block(L, x, fire, positions, mask, rotary, need_result)
+            x = self._run_block(L, x, fire, positions, rotary, need_result)
         if stop_at_layer is not None or not return_logits:
             return None, out
         return self.unembed_normalized(fire("ln_final.hook_normalized", self.final_normalized(x))), out
@@ -283,18 +294,17 @@ class ModelRunner:
             raise ValueError("start_at_layer > 0 needs resid (the residual stream entering that block)")
         return resid
 
-    def _run_block(self, L: int, x: Tensor, fire: _Fire, positions: Tensor, mask: Tensor, rotary: bool,
-                   need_result: bool) -> Tensor:
+    def _run_block(self, L: int, x: Tensor, fire: _Fire, positions: Tensor, rotary: bool, need_result: bool) -> Tensor:
         """Block ``L`` with its hooks fired in TransformerLens order: resid_pre x [batch, pos, d_model] ->
         resid_post [batch, pos, d_model]."""
         p = f"blocks.{L}."
         x = fire(p + "hook_resid_pre", x)
-        attn_out = fire(p + "hook_attn_out", self._run_attention(L, x, fire, positions, mask, rotary, need_result))
+        attn_out = fire(p + "hook_attn_out", self._run_attention(L, x, fire, positions, rotary, need_result))
         mid = fire(p + "hook_resid_mid", x + attn_out)
         mlp_out = fire(p + "hook_mlp_out", self._run_mlp(L, x, mid, fire))
         return fire(p + "hook_resid_post", mid + mlp_out)
 
-    def _run_attention(self, L: int, x: Tensor, fire: _Fire, positions: Tensor, mask: Tensor, rotary: bool,
+    def _run_attention(self, L: int, x: Tensor, fire: _Fire, positions: Tensor, rotary: bool,
                        need_result: bool) -> Tensor:
         """Block ``L``'s attention output [batch, pos, d_model] (before ``hook_attn_out``) from its resid_pre x,
         firing the attention hooks; the per-head ``hook_result`` is only formed when ``need_result``."""
@@ -307,7 +317,7 @@ class ModelRunner:
             q = fire(p + "attn.hook_rot_q", self.rotate(q, positions))
             k = fire(p + "attn.hook_rot_k", self.rotate(k, positions))
         scores = self.scale(torch.einsum("bqhe,bkhe->bhqk", q, self.expand_kv(k)))  # [batch, head, q_pos, k_pos]
-        scores = fire(p + "attn.hook_attn_scores", scores.masked_fill(~mask, torch.finfo(scores.dtype).min))
+        scores = fire(p + "attn.hook_attn_scores", self.causal_mask(scores, positions[:, None]))
         pattern = fire(p + "attn.hook_pattern", scores.softmax(dim=-1))  # [batch, head, q_pos, k_pos]
         z = fire(p + "attn.hook_z", torch.einsum("bhqk,bkhe->bqhe", pattern, self.expand_kv(v)))  # [b, pos, head, e]
         if need_result:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 from enum import Enum
 
 import torch
@@ -17,6 +16,7 @@ from torch import Tensor
 
 from circuitkit.errors import CircuitkitError, choices_hint
 from circuitkit.models.checkpoint import ProbedModel
+from circuitkit.patching.engine import Patch
 from circuitkit.sites import Site, check_site
 from circuitkit.tasks.base import Task
 
@@ -38,54 +38,6 @@ def get_ablation(name: str | Ablation) -> Ablation:
         return Ablation(name)
     except ValueError:
         raise CircuitkitError(f"unknown ablation {name!r}; valid: {choices_hint(ABLATIONS)}") from None
-
-
-@dataclass
-class Patch:
-    """Write ``value`` into ``site``'s hook at ``positions`` of every base example.
-
-    positions: [b] indices (pattern sites: the query/destination position), or None = all.
-    value: site.select-shaped, [b, d] with positions ([b, key_pos] for pattern), else [b, pos, d].
-    """
-
-    site: Site
-    positions: Tensor | None
-    value: Tensor
-
-    @property
-    def hook_name(self) -> str:
-        return self.site.hook_name
-
-    @property
-    def layer(self) -> int:
-        return self.site.layer if self.site.layer is not None else 0
-
-    def apply(self, act: Tensor, copies: int = 1) -> Tensor:
-        """act: the hook's activation for ``copies`` stacked copies of the base batch."""
-        act = act.clone()
-        b = self.value.shape[0]
-        if act.shape[0] != b * copies:
-            raise ValueError(f"patch for {b} examples cannot apply to a batch of {act.shape[0]}")
-        value = self.value.to(act.device, act.dtype).repeat(copies, *([1] * (self.value.ndim - 1)))
-        rows = torch.arange(act.shape[0], device=act.device)
-        pos = None if self.positions is None else self.positions.to(act.device).repeat(copies)
-        s = self.site
-        if s.kind == "pattern":
-            if pos is None:
-                act[:, s.head] = value
-            else:
-                act[rows, s.head, pos] = value
-        elif s.head is not None:
-            if pos is None:
-                act[:, :, s.head] = value
-            else:
-                act[rows, pos, s.head] = value
-        else:
-            if pos is None:
-                act[:] = value
-            else:
-                act[rows, pos] = value
-        return act
 
 
 def as_ids(task: Task, inputs: Sequence[str] | Tensor, what: str = "inputs") -> Tensor:

@@ -9,44 +9,30 @@ from torch import Tensor
 
 from circuitkit.models.checkpoint import ProbedModel
 from circuitkit.models.runner import ModelRunner
-from circuitkit.patching.ablations import Ablation, Patch, PositionSpec, as_ids, build_patches, get_ablation
+from circuitkit.patching import engine
+from circuitkit.patching.ablations import Ablation, PositionSpec, as_ids, build_patches, get_ablation
+from circuitkit.patching.engine import Patch
 from circuitkit.patching.metrics import MetricContext, evaluate, metric_context
 from circuitkit.results import JsonResult
 from circuitkit.sites import Site, group_sites, parse_site
 from circuitkit.stats import Estimate, estimate
 
 
-def patch_hooks(patches: Sequence[Patch], copies: int = 1) -> dict:
-    """Runner hooks applying every patch (several patches on one hook apply in order)."""
-    by_hook: dict[str, list[Patch]] = {}
-    for p in patches:
-        by_hook.setdefault(p.hook_name, []).append(p)
-
-    def make(ps: list[Patch]):
-        def fn(act: Tensor) -> Tensor:
-            for p in ps:
-                act = p.apply(act, copies)
-            return act
-        return fn
-
-    return {h: make(ps) for h, ps in by_hook.items()}
-
-
 def resid_names(n_layers: int) -> list[str]:
     return [f"blocks.{L}.hook_resid_pre" for L in range(n_layers)]
+
+
+def resid_by_layer(cache: dict[str, Tensor]) -> dict[int, Tensor]:
+    """{L: the residual stream entering block L} from a cache holding ``resid_names`` (what ``engine.run``
+    starts from)."""
+    return {int(h.split(".")[1]): v for h, v in cache.items() if h.endswith("hook_resid_pre")}
 
 
 def run_with_patches(runner: ModelRunner, ids: Tensor, patches: Sequence[Patch],
                      base_resid: dict[str, Tensor] | None = None) -> Tensor:
     """Patched logits [b, pos, vocab].  With ``base_resid`` (the base's ``blocks.L.hook_resid_pre``
     activations) the forward starts at the earliest patched layer instead of the embeddings."""
-    start = min((0 if p.site.kind in ("emb", "pos") else p.layer) for p in patches) if patches else 0
-    hooks = patch_hooks(patches)
-    if start > 0 and base_resid is not None:
-        logits, _ = runner.run(ids, hooks=hooks, start_at_layer=start, resid=base_resid[f"blocks.{start}.hook_resid_pre"])
-    else:
-        logits, _ = runner.run(ids, hooks=hooks)
-    return logits  # type: ignore[return-value]
+    return engine.run(runner, ids, patches, resid=resid_by_layer(base_resid) if base_resid else None)  # type: ignore[return-value]
 
 
 @dataclass

@@ -13,7 +13,7 @@ receiver position (``q1.0@:``) restricts the patched input to that row.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,9 +22,11 @@ from torch import Tensor
 from circuitkit.errors import CircuitkitError
 from circuitkit.models.checkpoint import ProbedModel
 from circuitkit.models.runner import Hook, ModelRunner
+from circuitkit.patching import engine
 from circuitkit.patching.ablations import PositionSpec, as_ids, check_pairing, is_raw, resolve
+from circuitkit.patching.engine import Blend, Patch, Record
 from circuitkit.patching.metrics import evaluate, metric_context
-from circuitkit.patching.node import NodePatchResult, resid_names
+from circuitkit.patching.node import NodePatchResult, resid_by_layer, resid_names
 from circuitkit.sites import Site, check_site, parse_site
 from circuitkit.tasks.base import Task
 
@@ -150,11 +152,9 @@ def _own_kv_hooks(r: ModelRunner, L: int, H: int, inputs: Sequence[str], delta: 
     if "k" in inputs:
         def scores_hook(act: Tensor) -> Tensor:
             k_h = own_kv()[0]
-            s = r.scale(torch.einsum("bqe,bke->bqk", seen["q"][:, :, H], k_h))
-            n = s.shape[-1]
-            causal = torch.ones(n, n, dtype=torch.bool, device=s.device).tril()
+            s = r.scale(torch.einsum("bqe,bke->bqk", seen["q"][:, :, H], k_h))  # [b, q_pos, k_pos]
             act = act.clone()
-            act[:, H] = s.masked_fill(~causal, torch.finfo(s.dtype).min)
+            act[:, H] = r.causal_mask(s, torch.arange(s.shape[1], device=s.device)[:, None])
             return act
         out[p + "hook_attn_scores"] = scores_hook
     if "v" in inputs:
@@ -168,12 +168,35 @@ def _own_kv_hooks(r: ModelRunner, L: int, H: int, inputs: Sequence[str], delta: 
     return out
 
 
+@dataclass
+class ReceiverInput:
+    """An engine intervention: the receiver's input (a head's q / k / v, an MLP's input) read from the residual
+    stream plus ``delta`` [b, pos, d_model] (at ``rows`` [b] only, when given), everything else as it runs."""
+
+    receiver: Receiver
+    delta: Tensor
+    rows: Tensor | None = None
+    force_per_head_kv: bool = False
+
+    @property
+    def layer(self) -> int:
+        return self.receiver.layer or 0
+
+    def hooks(self, model: ModelRunner) -> dict[str, Hook]:
+        return _receiver_hooks(model, self.receiver, self.delta, self.rows, self.force_per_head_kv)
+
+
 def receiver_hooks(pm: ProbedModel, rec: Receiver, delta: Tensor, rec_pos: Tensor | None,
                    force_per_head_kv: bool = False) -> dict:
+    """The runner hooks of ``ReceiverInput`` (kept for callers that differentiate through them)."""
+    return ReceiverInput(rec, delta, rec_pos, force_per_head_kv).hooks(pm.runner)
+
+
+def _receiver_hooks(r: ModelRunner, rec: Receiver, delta: Tensor, rec_pos: Tensor | None,
+                    force_per_head_kv: bool) -> dict[str, Hook]:
     """Runner hooks that replace only the receiver's input by its value read from ``resid + delta``.  With
     grouped-query attention a head's keys and values are shared by its group, so head H gets its own copy
     (``_own_kv_hooks``); ``force_per_head_kv`` takes that route without a group too (the tests compare the two)."""
-    r = pm.runner
     row_mask = None
     if rec_pos is not None:
         row_mask = torch.zeros(delta.shape[:2], dtype=torch.bool, device=delta.device)
@@ -248,10 +271,10 @@ def path_patch(
             m[torch.arange(delta.shape[0]), rec_pos.to(dev)] = True
             delta = delta * m.unsqueeze(-1)
         final = cache[f"blocks.{pm.n_layers - 1}.hook_resid_post"] + delta
-        logits, _ = pm.runner.run(base_ids.to(dev), start_at_layer=pm.n_layers, resid=final)
+        logits = engine.run(pm.runner, base_ids.to(dev), resid={pm.n_layers: final}, start_at_layer=pm.n_layers)
     else:
-        logits, _ = pm.runner.run(base_ids.to(dev), hooks=receiver_hooks(pm, rec, delta, rec_pos),
-                                  start_at_layer=rec.layer, resid=cache[f"blocks.{rec.layer}.hook_resid_pre"])
+        logits = engine.run(pm.runner, base_ids.to(dev), [ReceiverInput(rec, delta, rec_pos)],
+                            resid=resid_by_layer(cache))
     return NodePatchResult(metric, [f"{snd} -> {rec}"], "path", evaluate(metric, clean_logits, ctx)[0].cpu(),
                            evaluate(metric, logits, ctx)[0].cpu(), ctx)
 
@@ -273,52 +296,26 @@ def _site_rows(task: Task, ids: Tensor, site: Site, dev: torch.device) -> Tensor
     return None if site.position is None else task.position_indices(ids.cpu(), site.position).to(dev)
 
 
-def _resid_at(bcache: dict[str, Tensor], L: int) -> Tensor | None:
-    """The base's residual stream entering block ``L`` [b, pos, d_model]; None at 0 (run from the embeddings)."""
-    return bcache[f"blocks.{L}.hook_resid_pre"] if L > 0 else None
-
-
-def _write(act: Tensor, site: Site, rows: Tensor, pos: Tensor | None, val: Tensor) -> Tensor:
-    """Write ``val`` into ``act`` in place at the site's rows (``pos`` [b] per input, None = all) and head."""
-    at = (slice(None), slice(None)) if pos is None else (rows, pos)
-    if site.head is not None:
-        act[(*at, site.head)] = val
-    else:
-        act[at] = val
-    return act
-
-
-def _live_rows(receiver: Site, rpos: Tensor | None, through_bundle: bool, shape: torch.Size, rows: Tensor,
+def _live_rows(receiver: Site, rpos: Tensor | None, through_bundle: bool, shape: torch.Size,
                dev: torch.device) -> Tensor | None:
     """Bool [b, pos] marking where the frozen components run live: a residual-stream receiver reads the sender
     through whatever writes into it at its own position (its "bundle"); None = everything frozen."""
     if not (through_bundle and receiver.kind in _RESID and rpos is not None):
         return None
     live_rows = torch.zeros(shape, dtype=torch.bool, device=dev)
-    live_rows[rows, rpos] = True
+    live_rows[torch.arange(shape[0], device=dev), rpos] = True
     return live_rows
 
 
-def _step_one_hook(name: str, bcache: dict[str, Tensor], live_rows: Tensor | None, sender: Site, rows: Tensor,
-                   bpos: Tensor | None, value: Tensor) -> Hook:
-    """Step (1)'s hook at ``name``: the base's frozen value (live at ``live_rows``), and at the sender's hook
-    the source's sender value written at its positions."""
-
-    def fn(act: Tensor) -> Tensor:
-        if name in bcache:
-            frozen = bcache[name]
-            if live_rows is not None:
-                m = live_rows.reshape(*live_rows.shape, *([1] * (act.ndim - 2)))  # [b, pos, 1, ...]
-                act = torch.where(m, act, frozen)
-            else:
-                act = frozen.clone()
-        else:
-            act = act.clone()
-        if name == sender.hook_name:
-            act = _write(act, sender, rows, bpos, value)
-        return act
-
-    return fn
+def _frozen_rows(live_rows: Tensor | None) -> Callable[[str], Tensor]:
+    """hook name -> where its frozen base value is taken: every row but ``live_rows`` [b, pos] (None: all),
+    shaped to broadcast over the hook's activation (a head result [b, pos, head, d], else [b, pos, d])."""
+    def take(hook: str) -> Tensor:
+        if live_rows is None:
+            return torch.ones((), dtype=torch.bool)
+        extra = 2 if hook.endswith("attn.hook_result") else 1
+        return (~live_rows).reshape(*live_rows.shape, *([1] * extra))
+    return take
 
 
 @torch.no_grad()
@@ -355,16 +352,13 @@ def path_patch_to_site(pm: ProbedModel, base_ids: Tensor, source_ids: Tensor, se
     spos, bpos = _site_rows(task, source_ids, sender, dev), _site_rows(task, base_ids, sender, dev)
     rpos = _site_rows(task, base_ids, receiver, dev)
     value = sender.select(scache[sender.hook_name], spos)
-    rows = torch.arange(base_ids.shape[0], device=dev)
-    live_rows = _live_rows(receiver, rpos, through_bundle, base_ids.shape, rows, dev)  # [b, pos] or None
-    hooks = {n: _step_one_hook(n, bcache, live_rows, sender, rows, bpos, value)
-             for n in set(freeze) | {sender.hook_name}}
-    _, rcache = pm.runner.run(base_ids, hooks=hooks, cache=[receiver.hook_name], stop_at_layer=stop,
-                              start_at_layer=s_start, resid=_resid_at(bcache, s_start), return_logits=False)
+    take = _frozen_rows(_live_rows(receiver, rpos, through_bundle, base_ids.shape, dev))
+    rcache: dict[str, Tensor] = {}
+    step_one = [Blend(n, take(n), bcache[n]) for n in freeze]
+    step_one += [Patch(sender, bpos, value), Record([receiver.hook_name], rcache)]
+    engine.run(pm.runner, base_ids, step_one, resid=resid_by_layer(bcache), start_at_layer=s_start, stop_at_layer=stop,
+               need_logits=False)
     rval = receiver.select(rcache[receiver.hook_name], rpos)
+    return engine.run(pm.runner, base_ids, [Patch(receiver, rpos, rval)], resid=resid_by_layer(bcache),
+                      start_at_layer=r_start)  # type: ignore[return-value]
 
-    def rhook(act: Tensor) -> Tensor:
-        return _write(act.clone(), receiver, rows, rpos, rval)
-
-    return pm.runner.run(base_ids, hooks={receiver.hook_name: rhook}, start_at_layer=r_start,
-                         resid=_resid_at(bcache, r_start))[0]

@@ -30,26 +30,26 @@ from tqdm.auto import tqdm
 from circuitkit.errors import CircuitkitError, choices_hint
 from circuitkit.models.checkpoint import ProbedModel
 from circuitkit.models.runner import ModelRunner
+from circuitkit.patching import engine
 from circuitkit.patching.ablations import Ablation, as_ids, check_pairing, get_ablation, resample_sources
+from circuitkit.patching.engine import Blend, Record
 from circuitkit.patching.metrics import MetricContext, evaluate, metric_context, set_clean_logits
 from circuitkit.patching.node import resid_names
 from circuitkit.results import JsonResult
+from circuitkit.sites import KINDS
 from circuitkit.stats import bootstrap_ci
 from circuitkit.tasks.base import Task
 
-SWEEP_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "resid_pre": ("blocks.{L}.hook_resid_pre", ("layer", "pos")),
-    "resid_mid": ("blocks.{L}.hook_resid_mid", ("layer", "pos")),
-    "resid_post": ("blocks.{L}.hook_resid_post", ("layer", "pos")),
-    "attn_out": ("blocks.{L}.hook_attn_out", ("layer", "pos")),
-    "mlp_out": ("blocks.{L}.hook_mlp_out", ("layer", "pos")),
-    "head": ("blocks.{L}.attn.hook_z", ("layer", "pos", "head")),
-    "z": ("blocks.{L}.attn.hook_z", ("layer", "pos", "head")),
-    "q": ("blocks.{L}.attn.hook_q", ("layer", "pos", "head")),
-    "k": ("blocks.{L}.attn.hook_k", ("layer", "pos", "head")),
-    "v": ("blocks.{L}.attn.hook_v", ("layer", "pos", "head")),
-    "pattern": ("blocks.{L}.attn.hook_pattern", ("layer", "head", "dest_pos")),
+_AXES: dict[str, tuple[str, ...]] = {
+    **{k: ("layer", "pos") for k in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")},
+    **{k: ("layer", "pos", "head") for k in ("head", "z", "q", "k", "v")},
+    "pattern": ("layer", "head", "dest_pos"),
 }
+#: a head's result is z @ W_O, so a "head" sweep patches z (the same change, without forming [b, pos, head, d_model])
+_PATCHED_AS = {"head": "z"}
+#: kind -> (hook, output axes); the hooks are the site table's (``circuitkit.sites.KINDS``)
+SWEEP_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    k: (KINDS[_PATCHED_AS.get(k, k)].hook, axes) for k, axes in _AXES.items()}
 
 
 # kinds whose patch at position p changes only row p of the residual stream within its own block
@@ -154,8 +154,7 @@ class _AnswerRowBlock:
         h1 = runner.norm1(L, x)
         k, v = runner.keys_values(L, h1, pos)  # [b, pos, head, d_head]
         self.q = runner.query_at(L, h1[rows, t], t)  # [b, head, d_head]
-        scores = runner.scale(torch.einsum("bhe,bkhe->bhk", self.q, k))
-        scores = scores.masked_fill((pos[None, :] > t[:, None])[:, None, :], float("-inf"))
+        scores = runner.row_scores(self.q, k, t)  # [b, head, pos] (after t: the dtype's minimum)
         self.max = scores.max(-1).values  # [b, head]
         w = torch.exp(scores - self.max[..., None])  # [b, head, pos] (0 after t)
         wv = w[..., None] * v.transpose(1, 2)  # [b, head, pos, d_head]
@@ -282,19 +281,15 @@ def _full_logits(plan: _SweepPlan, L: int, src: Tensor, resid_all: Tensor, ex: T
     or [m, pos, vocab] read at the answer rows when ``L`` is the last block.  resid_all: [b, pos, d_model]."""
     runner, hook = plan.runner, plan.hooks[L]
     last = runner.n_layers - 1
-    mask = _cell_mask(plan.kind, cell, src.shape, plan.device)  # [m, *cell axes, 1]
-    rows_src = src[ex]  # [m, *cell axes, d]
-
-    def patch(act: Tensor) -> Tensor:
-        return torch.where(mask, rows_src, act)
-
+    patch = Blend(hook, _cell_mask(plan.kind, cell, src.shape, plan.device), src[ex])  # [m, *cell axes, 1], [m, ...]
+    resid = {L: resid_all[ex]}
     if L < last:
         last_resid = f"blocks.{last - 1}.hook_resid_post"  # = the last block's resid_pre
-        _, c = runner.run(plan.ids_cut[ex], hooks={hook: patch}, cache=[last_resid], stop_at_layer=last,
-                          start_at_layer=L, resid=resid_all[ex])
+        c: dict[str, Tensor] = {}
+        engine.run(runner, plan.ids_cut[ex], [patch, Record([last_resid], c)], resid=resid, start_at_layer=L,
+                   stop_at_layer=last)
         return _last_block_at(runner, c[last_resid], plan.t_pos[ex]), torch.zeros_like(ex)
-    logits, _ = runner.run(plan.ids_cut[ex], hooks={hook: patch}, start_at_layer=L, resid=resid_all[ex])
-    return logits, plan.t_pos[ex]
+    return engine.run(runner, plan.ids_cut[ex], [patch], resid=resid, start_at_layer=L), plan.t_pos[ex]
 
 
 def _run_cells(plan: _SweepPlan, work: list[tuple[int, Tensor, Tensor, Tensor]], out: Tensor, ctx: MetricContext,
@@ -395,7 +390,8 @@ def _direct_logits(runner: ModelRunner, kind: str, L: int, base_cache: dict[str,
     x[torch.arange(ex.numel(), device=x.device), cell[:, 0]] = row
     if L + 1 < last:
         hook = f"blocks.{last - 1}.hook_resid_post"
-        _, c = runner.run(ids_cut[ex], cache=[hook], start_at_layer=L + 1, stop_at_layer=last, resid=x)
+        c: dict[str, Tensor] = {}
+        engine.run(runner, ids_cut[ex], [Record([hook], c)], resid={L + 1: x}, start_at_layer=L + 1, stop_at_layer=last)
         x = c[hook]
     return _last_block_at(runner, x, t_pos[ex]), read_at
 
