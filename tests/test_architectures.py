@@ -135,6 +135,7 @@ def test_attribution_is_the_directional_derivative(family_model):
     from circuitkit.patching.metrics import evaluate, metric_context
     from circuitkit.patching.path import parse_receiver, receiver_hooks, sender_delta
     from circuitkit.sites import parse_site
+    from circuitkit.types import Edge
 
     family, _, _, pm = family_model
     r = pm.runner
@@ -161,7 +162,7 @@ def test_attribution_is_the_directional_derivative(family_model):
     for rec_text, inp, name in (("a1.2", "q", "a1.2.q"), ("m1", "resid", "m1.in")):
         rec = parse_receiver(rec_text, inp)
         d = derivative(lambda eps, rec=rec: receiver_hooks(pm, rec, eps * delta, None))
-        assert torch.allclose(att.edges[("a0.1", name)].sum(), d, rtol=1e-3, atol=1e-4), name
+        assert torch.allclose(att.edges[Edge.of("a0.1", name)].sum(), d, rtol=1e-3, atol=1e-4), name
 
     def shared_k(eps):  # key/value head 1 (shared by its query heads) reads resid + ε·delta
         seen = {}
@@ -172,10 +173,10 @@ def test_attribution_is_the_directional_derivative(family_model):
             return act
         return {"blocks.1.hook_resid_pre": lambda x: seen.__setitem__("x", x), "blocks.1.attn.hook_k": k_hook}
     k_name = "a1.kv1.k" if r.n_kv_heads != r.n_heads else "a1.1.k"
-    assert torch.allclose(att.edges[("a0.1", k_name)].sum(), derivative(shared_k), rtol=1e-3, atol=1e-4)
+    assert torch.allclose(att.edges[Edge.of("a0.1", k_name)].sum(), derivative(shared_k), rtol=1e-3, atol=1e-4)
     # a parallel residual: a layer's MLP does not read its own attention's output
-    assert (("a0.1", "m0.in") in att.edges) == (not r.arch.parallel)
-    assert ("pos" in {s for s, _ in att.edges}) == ("hook_pos_embed" in r.hook_names())
+    assert (Edge.of("a0.1", "m0.in") in att.edges) == (not r.arch.parallel)
+    assert ("pos" in {str(e.sender) for e in att.edges}) == ("hook_pos_embed" in r.hook_names())
 
 
 def test_circuit_evaluation_and_edges_on_other_blocks(family_model):
@@ -184,10 +185,11 @@ def test_circuit_evaluation_and_edges_on_other_blocks(family_model):
     block's MLP does not read its attention."""
     from circuitkit.circuit.edges_eval import complete_edges, edge_faithfulness
     from circuitkit.circuit.evaluate import AblationEvaluator
+    from circuitkit.types import Edge
 
     family, _, _, pm = family_model
     ev = AblationEvaluator(pm, n=40, seed=0, n_boot=50)
-    assert (("a0.1", "m0") in complete_edges(ev, ["a0.1", "m0"])) == (not pm.runner.arch.parallel)
+    assert (Edge.of("a0.1", "m0") in complete_edges(ev, ["a0.1", "m0"])) == (not pm.runner.arch.parallel)
     # raw mean logit differences: on these random models the normalisation can be undefined (m(M) <= m(∅))
     for sites in (["a0.1", "m0", "a1.2", "m1"], ["x0.post", "a1.0", "m1"], ["x0.mid", "m0", "a1.3"]):
         edges = complete_edges(ev, sites)
@@ -197,7 +199,7 @@ def test_circuit_evaluation_and_edges_on_other_blocks(family_model):
             assert e.means["logit_diff"][k] == pytest.approx(node[k], rel=1e-4, abs=1e-4), (sites, k)
     sites = ["a0.1", "m0", "a1.2", "m1"]
     node = ev.means(ev.score(sites).logit_diff)
-    fewer = [x for x in complete_edges(ev, sites) if x != ("a0.1", "a1.2")]
+    fewer = [x for x in complete_edges(ev, sites) if x != Edge.of("a0.1", "a1.2")]
     e = edge_faithfulness(ev, sites, fewer, ci=False)
     full, empty = ev.means(ev.full.logit_diff), ev.means(ev.empty.logit_diff)  # the scale of a change
     assert any(abs(e.means["logit_diff"][k] - node[k]) > 1e-3 * abs(full[k] - empty[k]) for k in node)

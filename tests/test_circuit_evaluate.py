@@ -14,6 +14,7 @@ from circuitkit.circuit.edges_eval import complete_edges, edge_faithfulness
 from circuitkit.circuit.evaluate import AblationEvaluator, evaluate_circuit
 from circuitkit.circuit.grow import faithfulness_curve, grow_circuit, named_components
 from circuitkit.errors import CircuitkitError
+from circuitkit.types import Node
 from tests.groundtruth_copy import CopyTask, copy_model
 from tests.random_models import SHAPES, random_model
 
@@ -185,7 +186,7 @@ def test_tiny_model_aligned_sources_cis_and_edges(tiny_addition_model):
         for k in node2:
             assert e2.faithfulness_normalized[k] == pytest.approx(node2[k], abs=1e-4, nan_ok=True), (more, k)
     # dropping edges changes the answer
-    fewer = [x for x in edges if x[1] != "out:A1"]
+    fewer = [x for x in edges if x.receiver != Node.output("A1")]
     assert not np.isclose(edge_faithfulness(ev, sites, fewer, ci=False).faithfulness_normalized["A1"], node["A1"])
 
 

@@ -12,6 +12,7 @@ from circuitkit.patching.metrics import evaluate, metric_context
 from circuitkit.patching.path import parse_receiver, receiver_hooks, sender_delta
 from circuitkit.patching.sweep import sweep
 from circuitkit.sites import parse_site
+from circuitkit.types import Edge
 
 
 def _pairs(task, n, seed):
@@ -45,7 +46,7 @@ def test_attribution_is_the_directional_derivative(tiny_addition_model):
         logits, _ = pm.runner.run(bids, hooks=hooks)
         (d_eps,) = torch.autograd.grad(evaluate("logit", logits, ctx)[0].sum(), eps)
         name = f"a1.{rec.head}.{inp}" if rec.kind == "head" else "m1.in"
-        assert torch.allclose(att.edges[("a0.1", name)].sum(), d_eps, rtol=1e-3, atol=1e-4), name
+        assert torch.allclose(att.edges[Edge.of("a0.1", name)].sum(), d_eps, rtol=1e-3, atol=1e-4), name
 
 
 def test_attribution_ranks_like_exact_patching(tiny_addition_model):

@@ -15,7 +15,7 @@ from circuitkit.circuit.close_loop import Hypothesize, LoopResult, close_the_loo
 from circuitkit.circuit.edges_eval import edge_faithfulness
 from circuitkit.circuit.evaluate import AblationEvaluator, CircuitEvaluation, evaluate_circuit, site_role
 from circuitkit.circuit.export import export_all, to_json_dict
-from circuitkit.circuit.graph import CircuitNode, build_circuit
+from circuitkit.circuit.graph import CircuitNode, build_circuit, edge_list
 from circuitkit.circuit.grow import FaithfulnessCurve, GrowthResult, faithfulness_curve, named_components
 from circuitkit.hypotheses.preimage_sources import PoolPreimage, PreimageSource
 from circuitkit.hypotheses.records import HypothesisReport, Thresholds
@@ -185,8 +185,7 @@ def assemble_circuit(pm: ProbedModel, verifier: InterchangeVerifier, vr: Verific
     t0 = time.perf_counter()
     sites = start + list(growth.added)
     evaluation = evaluate_circuit(pm, sites, evaluator=ev, n_subsets=cs.completeness_subsets, seed=seed)
-    edges = [(a, b) for a, b in g.edges]
-    edge_eval = edge_faithfulness(ev, sites, edges)
+    edge_eval = edge_faithfulness(ev, sites, edge_list(g))
     edge_eval = edge_eval.to_dict() if hasattr(edge_eval, "to_dict") else edge_eval
     curve = faithfulness_curve(ev, growth)
     verified_only = ev.faithfulness(start) if start else {k: 0.0 for k in evaluation.faithfulness_normalized}

@@ -60,9 +60,10 @@ from circuitkit.errors import CircuitkitError
 from circuitkit.patching.path import read_depth
 from circuitkit.results import to_jsonable
 from circuitkit.sites import Site, check_site, parse_site
+from circuitkit.types import OUTPUT_PREFIX, Edge, EdgeLike, Node
 
 DEFINITIONS = (__doc__ or "").split("\n", 1)[1].strip()
-OUT = "out:"
+OUT = OUTPUT_PREFIX
 
 
 @dataclass
@@ -161,7 +162,7 @@ def _at_target(ev: AblationEvaluator, nd: _Node | Tensor, t: int) -> bool:
     return bool(rows[pi, pp].any())
 
 
-def complete_edges(evaluator: AblationEvaluator, sites: Iterable[Site | str]) -> list[tuple[str, str]]:
+def complete_edges(evaluator: AblationEvaluator, sites: Iterable[Site | str]) -> list[Edge]:
     """Every ordered pair of circuit nodes (s, r) of which some component pair is in the depth order
     (a component of s written at or before a component of r reads; a residual node's components are its
     bundle), plus every node at a target position (in some input, or position-less) -> ``out:T``.  With
@@ -169,16 +170,17 @@ def complete_edges(evaluator: AblationEvaluator, sites: Iterable[Site | str]) ->
     ev = evaluator
     sites = as_sites(sites)
     ex = _expand(ev, sites)
+    nodes = {str(s): Node.of(s) for s in sites}
     names = [str(s) for s in sites if str(s) in ex.of]
     edges = []
     for r in names:
         for s in names:
             if s != r and _pairs(ex.of[s], ex.of[r]):
-                edges.append((s, r))
+                edges.append(Edge(nodes[s], nodes[r]))
     for t, name in enumerate(ev.target_names):
         for s in sites:
             if str(s) in ex.of and _at_target(ev, ev.rows(s.position), t):
-                edges.append((str(s), OUT + name))
+                edges.append(Edge(nodes[str(s)], Node.output(name)))
     return edges
 
 
@@ -201,7 +203,12 @@ class EdgeFaithfulness:
         return to_jsonable(asdict(self))
 
 
-def _name(x: str | Site) -> str:
+def _name(x: str | Site | Node) -> str:
+    """The canonical name of an edge's end: a site or ``out:T`` (a receiver input is not a circuit node)."""
+    if isinstance(x, Node):
+        if x.kind == "input":
+            raise CircuitkitError(f"{x} is a receiver input, not a circuit node (a site or {OUT}TARGET)")
+        return str(x)
     if isinstance(x, Site):
         return str(x)
     return x if x.startswith(OUT) else str(parse_site(x))
@@ -267,12 +274,12 @@ def _plan_edge(ev: AblationEvaluator, plan: _Plan, s: str, r: str, strict: bool)
         plan.used.append([s, r])
 
 
-def _plan(ev: AblationEvaluator, sites: Sequence[Site], edges: Iterable[tuple[str | Site, str | Site]],
-          strict: bool) -> _Plan:
+def _plan(ev: AblationEvaluator, sites: Sequence[Site], edges: Iterable[EdgeLike], strict: bool) -> _Plan:
     ex = _expand(ev, sites)
     plan = _Plan(ex, incoming={n.name: [] for n in ex.nodes}, outgoing={t: [] for t in ev.target_names},
                  used=[], ignored=[], expanded=[])
-    for s_raw, r_raw in edges:
+    for edge in edges:
+        s_raw, r_raw = (edge.sender, edge.receiver) if isinstance(edge, Edge) else edge
         try:
             s, r = _name(s_raw), _name(r_raw)
         except CircuitkitError as e:
@@ -330,8 +337,8 @@ def _run(ev: AblationEvaluator, plan: _Plan) -> list[Tensor]:
     return chunks
 
 
-def edge_logits(evaluator: AblationEvaluator, sites: Iterable[Site | str],
-                edges: Iterable[tuple[str | Site, str | Site]], strict: bool = False,
+def edge_logits(evaluator: AblationEvaluator, sites: Iterable[Site | str], edges: Iterable[EdgeLike],
+                strict: bool = False,
                 ) -> tuple[list[Tensor], list[list[str]], list[list[str]]]:
     """Per batch, the pair logits of the edge-restricted circuit run (module doc); plus the edges
     used and the edges ignored ([sender, receiver, reason]; ``strict`` raises on an edge that is
@@ -340,13 +347,13 @@ def edge_logits(evaluator: AblationEvaluator, sites: Iterable[Site | str],
     return _run(evaluator, plan), plan.used, plan.ignored
 
 
-def edge_faithfulness(evaluator: AblationEvaluator, sites: Iterable[Site | str],
-                      edges: Iterable[tuple[str | Site, str | Site]], ci: bool = True,
-                      strict: bool = False) -> EdgeFaithfulness:
+def edge_faithfulness(evaluator: AblationEvaluator, sites: Iterable[Site | str], edges: Iterable[EdgeLike],
+                      ci: bool = True, strict: bool = False) -> EdgeFaithfulness:
     """Faithfulness of the circuit whose nodes read from each other only along ``edges`` (module doc).
 
     sites: the circuit's nodes (residual nodes are expanded into their bundles' components); edges:
-    (sender, receiver) pairs of node names, receiver a node or ``out:TARGET``."""
+    ``types.Edge`` s or (sender, receiver) pairs of node names, sites or nodes, receiver a node or
+    ``out:TARGET``."""
     ev = evaluator
     sites = as_sites(sites)
     plan = _plan(ev, sites, edges, strict)

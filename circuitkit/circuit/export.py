@@ -1,4 +1,5 @@
-"""Export a circuit graph: JSON (node-link, readable by other tools), GraphML, DOT."""
+"""Export a circuit graph: JSON (node-link, readable by other tools; ``types.Circuit`` reads and writes it),
+GraphML, DOT."""
 from __future__ import annotations
 
 import json
@@ -8,25 +9,18 @@ from typing import Any
 import networkx as nx
 
 from circuitkit.io_utils import atomic_write_text
+from circuitkit.types import Circuit
 
 
-def to_json_dict(g: nx.DiGraph, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """{"graph": attrs, "nodes": [{id, ...}], "edges": [{source, target, ...}], ...extra}."""
-    return {"graph": dict(g.graph),
-            "nodes": [{"id": n, **d} for n, d in g.nodes(data=True)],
-            "edges": [{"source": a, "target": b, **d} for a, b, d in g.edges(data=True)],
-            **(extra or {})}
+def to_json_dict(g: nx.DiGraph | Circuit, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """{"graph": attrs, "nodes": [{id, ...}], "edges": [{source, target, ...}], ...extra} (``Circuit.to_json``)."""
+    c = g if isinstance(g, Circuit) else Circuit.from_networkx(g)
+    return {**c.to_json(), **(extra or {})}
 
 
 def from_json_dict(d: dict[str, Any]) -> nx.DiGraph:
-    g = nx.DiGraph(**d.get("graph", {}))
-    for n in d["nodes"]:
-        n = dict(n)
-        g.add_node(n.pop("id"), **n)
-    for e in d["edges"]:
-        e = dict(e)
-        g.add_edge(e.pop("source"), e.pop("target"), **e)
-    return g
+    """The DiGraph of a circuit JSON dict (``Circuit.from_json``), every attribute kept."""
+    return Circuit.from_json(d).to_networkx()
 
 
 def _scalar(v: Any) -> Any:

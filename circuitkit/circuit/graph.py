@@ -30,7 +30,7 @@ from __future__ import annotations
 import random
 import zlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import networkx as nx
 import torch
@@ -40,6 +40,7 @@ from circuitkit.patching.path import path_patch_to_site, read_depth, write_depth
 from circuitkit.sites import Site, parse_site
 from circuitkit.stats import Estimate, proportion, proportion_diff
 from circuitkit.tasks.base import LAYOUT
+from circuitkit.types import Edge, Node
 from circuitkit.verification.interchange import InterchangeVerifier
 from circuitkit.verification.report import VerifiedNode
 
@@ -249,44 +250,44 @@ def _add_site_node(g: nx.DiGraph, n: CircuitNode, example: list[str], verifier: 
                joint=n.joint, group=", ".join(n.group), explained=n.explained, architectural=n.architectural)
 
 
-def _edge_candidates(g: nx.DiGraph, site_nodes: list[str], tpos: dict[str, str], parallel: bool
-                     ) -> list[tuple[str, str]]:
-    """(sender, receiver) pairs to test: site pairs that can send and are not containment pairs (in position
-    order), and each site into ``out:T`` for the answers read at its position."""
+def _edge_candidates(g: nx.DiGraph, site_nodes: list[Node], tpos: dict[str, str], parallel: bool) -> list[Edge]:
+    """Edges to test: site pairs that can send and are not containment pairs (in position order), and each site
+    into ``out:T`` for the answers read at its position."""
+    sites = {a: a.site for a in site_nodes}
     pairs = []
-    for a in site_nodes:
-        for b in site_nodes:
-            sa, sb = parse_site(a), parse_site(b)
+    for a, sa in sites.items():
+        for b, sb in sites.items():
             if not can_send(sa, sb, parallel) or is_containment(sa, sb, parallel):
                 continue
-            ia, ib = g.nodes[a]["index"], g.nodes[b]["index"]
+            ia, ib = g.nodes[str(a)]["index"], g.nodes[str(b)]["index"]
             if ia > ib >= 0:
                 continue  # attention only reads earlier positions
-            pairs.append((a, b))
+            pairs.append(Edge(a, b))
         for t, p in tpos.items():
-            if str(parse_site(a).position) == p:
-                pairs.append((a, f"out:{t}"))
+            if str(sa.position) == p:
+                pairs.append(Edge(a, Node.output(t)))
     return pairs
 
 
-def _edge_answers(verifier: InterchangeVerifier, g: nx.DiGraph, b: str) -> list[str]:
+def _edge_answers(verifier: InterchangeVerifier, g: nx.DiGraph, b: Node) -> list[str]:
     """The answers an edge into ``b`` is judged on: an output's own, else the receiver's verified answers, else
     every answer read at or after it."""
-    if b.startswith("out:"):
-        return [b[4:]]
-    node_b = g.nodes[b]
-    return node_b["targets"] if node_b["explained"] and node_b["targets"] else _answers_after(verifier, parse_site(b))
+    if b.is_output:
+        return [b.answer]
+    node_b = g.nodes[str(b)]
+    return node_b["targets"] if node_b["explained"] and node_b["targets"] else _answers_after(verifier, b.site)
 
 
-def _add_edge(g: nx.DiGraph, verifier: InterchangeVerifier, a: str, b: str, best: EdgeResult, last: int) -> None:
+def _add_edge(g: nx.DiGraph, verifier: InterchangeVerifier, e: Edge, best: EdgeResult, last: int) -> None:
     """Add a kept edge a → b (with b's output node, made on first use) labelled by its best answer's result."""
-    if b.startswith("out:") and not g.has_node(b):
-        t = b[4:]
+    a, b = e.as_pair()
+    if e.receiver.is_output and not g.has_node(b):
+        t = e.receiver.answer
         g.add_node(b, kind="output", site_kind="output", layer=verifier.pm.n_layers, head=-1, position=t,
                    index=next((x.position for ts in verifier.targets for x in ts if x.name == t), -1),
                    depth=last, features=[], targets=[t], effect=0.0, iia=-1.0, joint=False, group="",
                    explained=True, architectural=False)
-    g.add_edge(a, b, kind="output" if b.startswith("out:") else "path", feature=best.feature,
+    g.add_edge(a, b, kind="output" if e.receiver.is_output else "path", feature=best.feature,
                answer=best.target, effect=best.effect, ci_low=best.ci_low, ci_high=best.ci_high,
                change_agree=-1.0 if best.change_agree is None else best.change_agree,
                iia=-1.0 if best.iia is None else best.iia, n=best.n)
@@ -295,8 +296,10 @@ def _add_edge(g: nx.DiGraph, verifier: InterchangeVerifier, a: str, b: str, best
 def build_circuit(verifier: InterchangeVerifier, nodes: Sequence[CircuitNode | VerifiedNode], min_edge: float = 0.1,
                   n_pairs: int = 150, progress: bool = False) -> nx.DiGraph:
     """A DiGraph of the circuit's nodes, path-patching edges between them, and output nodes; every
-    tested edge (kept or not) is listed in the graph attribute ``edge_tests``."""
+    tested edge (kept or not) is listed in the graph attribute ``edge_tests``.  Nodes are keyed by their canonical
+    spelling (``types.Node``)."""
     cnodes = [CircuitNode.from_verified(n) if isinstance(n, VerifiedNode) else n for n in nodes]
+    cnodes = [replace(n, site=str(Node.of(n.site))) for n in cnodes]
     g = nx.DiGraph(task=verifier.task.name,
                    edge_rule=f"path-patching effect CI low >= {min_edge} on an answer downstream of the receiver "
                              "(explained senders: change rate when the sender's feature differs minus when it agrees; "
@@ -305,7 +308,7 @@ def build_circuit(verifier: InterchangeVerifier, nodes: Sequence[CircuitNode | V
     for n in cnodes:
         _add_site_node(g, n, example, verifier)
     by_site = {n.site: n for n in cnodes}
-    site_nodes = list(g.nodes)
+    site_nodes = [Node.of(a) for a in g.nodes]
     tpos = _target_position_names(verifier)
     last = 2 * verifier.pm.n_layers + 1
     parallel = verifier.pm.runner.arch.parallel
@@ -316,13 +319,13 @@ def build_circuit(verifier: InterchangeVerifier, nodes: Sequence[CircuitNode | V
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(pairs), desc="edges", unit="edge")
-    for a, b in pairs:
-        answers = _edge_answers(verifier, g, b)
-        res = edge_effects(verifier, by_site[a], b, answers, n_pairs)
+    for e in pairs:
+        a, b = e.as_pair()
+        res = edge_effects(verifier, by_site[a], b, _edge_answers(verifier, g, e.receiver), n_pairs)
         tests += [r.to_dict() for r in res]
         best = max(res, key=lambda r: r.ci_low, default=None)
         if best is not None and best.ci_low >= min_edge:
-            _add_edge(g, verifier, a, b, best, last)
+            _add_edge(g, verifier, e, best, last)
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -331,9 +334,9 @@ def build_circuit(verifier: InterchangeVerifier, nodes: Sequence[CircuitNode | V
     return g
 
 
-def edge_list(g: nx.DiGraph) -> list[tuple[str, str]]:
-    """The graph's edges (path and output) as (sender, receiver) pairs, for edge-level evaluation."""
-    return [(a, b) for a, b in g.edges]
+def edge_list(g: nx.DiGraph) -> list[Edge]:
+    """The graph's edges (path and output), for edge-level evaluation."""
+    return [Edge.of(a, b) for a, b in g.edges]
 
 
 __all__ = ["read_depth", "write_depth", "can_send", "is_containment", "EdgeResult", "CircuitNode", "edge_effects",

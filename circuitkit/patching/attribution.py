@@ -21,29 +21,31 @@ from circuitkit.patching.metrics import MetricContext, evaluate, metric_context
 from circuitkit.patching.path import feeds
 from circuitkit.results import JsonResult
 from circuitkit.sites import Site
+from circuitkit.types import Edge, Node
 
 
 @dataclass
 class AttributionResult(JsonResult):
     """nodes: site node name -> [b, pos] (per head sites) estimated metric change;
-    edges: (sender, receiver) -> [b] estimated change through that edge alone."""
+    edges: sender site -> receiver input (``types.Edge``) -> [b] estimated change through that edge alone."""
 
     metric: str
     nodes: dict[str, Tensor]
-    edges: dict[tuple[str, str], Tensor]
+    edges: dict[Edge, Tensor]
     base: Tensor  # [b]
     context: MetricContext = field(repr=False)
 
     def node_means(self) -> dict[str, Tensor]:
         return {k: v.mean(0) for k, v in self.nodes.items()}
 
-    def edge_means(self) -> dict[tuple[str, str], float]:
+    def edge_means(self) -> dict[Edge, float]:
         return {k: float(v.mean()) for k, v in self.edges.items()}
 
     def to_dict(self) -> dict:
         return {"metric": self.metric, "n": int(self.base.numel()),
                 "nodes": {k: v.tolist() for k, v in self.node_means().items()},
-                "edges": [{"sender": s, "receiver": r, "estimate": e} for (s, r), e in self.edge_means().items()]}
+                "edges": [{"sender": str(e.sender), "receiver": str(e.receiver), "estimate": v}
+                          for e, v in self.edge_means().items()]}
 
 
 def senders(n_layers: int, n_heads: int, learned_positions: bool = True) -> list[Site]:
@@ -89,12 +91,13 @@ def attribute(
         g = torch.zeros_like(d) if g is None else s.select(g)
         nodes[s.node] = (d * g).sum(-1).cpu()
         deltas[s.node] = d
-    edge_scores: dict[tuple[str, str], Tensor] = {}
+    edge_scores: dict[Edge, Tensor] = {}
     if edges:
         for rname, rkind, rlayer, gin in _receiver_grads(pm, cache, grads):
+            receiver = Node("input", rname)
             for s in snd:
                 if feeds(s, rkind, rlayer, r.arch.parallel):
-                    edge_scores[(s.node, rname)] = (deltas[s.node] * gin).sum((-1, -2)).cpu()
+                    edge_scores[Edge(Node.of(s), receiver)] = (deltas[s.node] * gin).sum((-1, -2)).cpu()
     return AttributionResult(metric, nodes, edge_scores, vals.detach().cpu(), ctx)
 
 

@@ -154,7 +154,7 @@ def _attribution(args, pm):
     edges = sorted(r.edge_means().items(), key=lambda kv: -abs(kv[1]))
     lines = [f"attribution patching ({d['metric']}, n={d['n']}): estimated change of the metric", "top nodes:"]
     lines += [f"  {n}@{p}: {v:.3f}" for n, p, v in cells[: args.top]]
-    lines += ["top edges:"] + [f"  {s} -> {rc}: {v:.3f}" for (s, rc), v in edges[: args.top]]
+    lines += ["top edges:"] + [f"  {e}: {v:.3f}" for e, v in edges[: args.top]]  # "sender -> receiver"
     return d, "\n".join(lines)
 
 
