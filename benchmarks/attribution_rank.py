@@ -52,7 +52,7 @@ def one(pm, contrast: str, metric: str, target: str, n: int, seed: int) -> dict:
     est = torch.stack([torch.stack([att.nodes[f"a{L}.{h}"].mean(0) for h in range(pm.n_heads)], -1)
                        for L in range(pm.n_layers)])
     live = exact.abs() > 1e-6
-    edges = {k: v for k, v in att.edge_means().items() if not k[0].startswith("m")}
+    edges = {e.as_pair(): v for e, v in att.edge_means().items() if not str(e.sender).startswith("m")}
     ex = []
     for s, rcv in edges:
         if rcv == "logits" or rcv.endswith(".in"):

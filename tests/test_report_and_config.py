@@ -1,12 +1,14 @@
 """Report rendering (self-contained HTML, Markdown + figure files) and case-study configs."""
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 
 from circuitkit.errors import CircuitkitError
 from circuitkit.pipeline.config import available_cases, load_case
+from circuitkit.pipeline.outputs import CaseResults
 from circuitkit.pipeline.stages import StageRunner
 from circuitkit.report.document import Figure, HtmlPanel, Report, Table
 from circuitkit.report.figures import heatmap
@@ -119,15 +121,16 @@ def test_a_rerendered_report_keeps_the_readers_notes_and_nothing_else_stale(tmp_
     out = tmp_path / "report"
     rep = Report("t")
     rep.section("s").add("first")
-    write_report(rep, out, {"kind": "test"}, {"x": 1})
+    write_report(rep, out, {"kind": "test"}, CaseResults(claims={"x": "holds"}))
     (out / "README.md").write_text("notes on this report\n")
     (out / "stale.png").write_bytes(b"old")
     rep2 = Report("t")
     rep2.section("s").add("second")
-    write_report(rep2, out, {"kind": "test"}, {"x": 2})
+    write_report(rep2, out, {"kind": "test"}, CaseResults(claims={"x": "does not hold"}))
     assert (out / "README.md").read_text() == "notes on this report\n"
     assert not (out / "stale.png").exists()
     assert "second" in (out / "report.md").read_text()
+    assert json.loads((out / "results.json").read_text()) == {"claims": {"x": "does not hold"}}
 
 
 def test_a_site_group_is_one_row_of_the_verified_table():
@@ -158,7 +161,7 @@ def test_a_whole_story_claim_is_judged_on_the_verified_nodes_alone(tmp_path):
              "min": 0.9}
 
     def judge(circuit: dict) -> str:
-        ctx = SimpleNamespace(work=tmp_path, cfg=SimpleNamespace(paper_claims=[claim]), results={"circuit": circuit})
+        ctx = SimpleNamespace(work=tmp_path, cfg=SimpleNamespace(paper_claims=[claim]), results=CaseResults(circuit=circuit))
         return evaluate_claims(ctx)["whole story"]
 
     grown = {"evaluation": {"faithfulness_normalized": {"all": 0.95}}}  # the grown circuit is faithful ...
@@ -182,7 +185,7 @@ def test_a_site_group_is_one_entry_in_a_claims_verdict(tmp_path):
         {"site": "a0.2@=", "features": ["F1"], "iia": 0.99, "effect": 0.5, "group": [], "level": "answer"}]
     claim = {"claim": "routing", "kind": "verified", "site": ["a0.0@=", "a0.2@=", "a1.1@="], "feature": ["F1", "F1+S1"]}
     ctx = SimpleNamespace(work=tmp_path, cfg=SimpleNamespace(paper_claims=[claim]),
-                          results={"circuit": {"verified_nodes": nodes}})
+                          results=CaseResults(circuit={"verified_nodes": nodes}))
     text = evaluate_claims(ctx)["routing"]
     assert text.startswith("holds") and text.count("carries") == 2
     assert "a0.0@= + a1.1@= (site group) carries F1+S1 (IIA 0.965, effect 0.375)" in text

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from circuitkit.errors import CircuitkitError
+from circuitkit.pipeline.outputs import CircuitSummary, GroupsSummary, PatchingSummary, ScreenSummary
 from circuitkit.sites import parse_site
 
 if TYPE_CHECKING:
@@ -22,7 +23,7 @@ def _pairs(ctx: RunContext, contrast: str, n: int) -> tuple[list[str], list[str]
     return paired_inputs(task, lambda t, r: task.contrast(t, contrast, r, target), n, random.Random(ctx.cfg.seed))
 
 
-def stage_patching(ctx: RunContext, runner: StageRunner) -> None:
+def stage_patching(ctx: RunContext, runner: StageRunner) -> PatchingSummary:
     """Head x position and residual x position interchange sweeps for each contrast."""
     from circuitkit.patching.sweep import sweep
     from circuitkit.tasks.base import CONTRASTS
@@ -42,11 +43,11 @@ def stage_patching(ctx: RunContext, runner: StageRunner) -> None:
                 out["maps"][f"{contrast}/{kind}"] = res.to_dict(with_ci=False)
         return out
 
-    ctx.results["patching"] = runner.run("patching", [cfg.patching.examples, cfg.patching.contrasts,
-                                                      cfg.patching.target, cfg.seed], fn, depends=("model",))
+    return runner.run("patching", [cfg.patching.examples, cfg.patching.contrasts, cfg.patching.target, cfg.seed],
+                      fn)  # type: ignore[return-value]
 
 
-def stage_screen(ctx: RunContext, runner: StageRunner) -> None:
+def stage_screen(ctx: RunContext, runner: StageRunner) -> ScreenSummary:
     """Coverage: every decoder site and MLP output at every named position (or ``[hypotheses] positions``) patched by
     aligned resampling; the pairs that change the answer go on to hypotheses and verification.
     Skipped when ``[hypotheses] sites`` lists the sites explicitly."""
@@ -56,8 +57,7 @@ def stage_screen(ctx: RunContext, runner: StageRunner) -> None:
     cfg, pm = ctx.cfg, ctx.probed
     h = cfg.hypotheses
     if h.sites:
-        ctx.results["screen"] = {"skipped": "[hypotheses] sites lists the sites", "kept": list(h.sites)}
-        return
+        return {"skipped": "[hypotheses] sites lists the sites", "kept": list(h.sites)}
     # the decoder's sites, plus the MLP outputs the paper does not decode for multi-head models (their
     # hypotheses come from exact pool preimages)
     mlps = [x for x in paper_sites(pm.n_layers, pm.n_heads, include_mlp=True) if x.kind == "mlp_out"]
@@ -70,10 +70,10 @@ def stage_screen(ctx: RunContext, runner: StageRunner) -> None:
                            threshold=h.screen_threshold, progress=ctx.progress)
         return {**res.to_dict(), "sites": [str(s) for s in sites], "positions": positions}
 
-    ctx.results["screen"] = runner.run("screen", [[str(s) for s in sites], positions, h.screen_examples,
-                                                  h.screen_threshold, cfg.seed], fn, depends=("model",))
-    ctx.log(f"  screen: {len(ctx.results['screen']['kept'])} of {len(ctx.results['screen']['rows'])} "
-            "site-positions change the answer")
+    summary: ScreenSummary = runner.run("screen", [[str(s) for s in sites], positions, h.screen_examples,
+                                                   h.screen_threshold, cfg.seed], fn)  # type: ignore[assignment]
+    ctx.log(f"  screen: {len(summary['kept'])} of {len(summary['rows'])} site-positions change the answer")
+    return summary
 
 
 def claimed_pairs(claims: list[dict]) -> list[tuple[str, str]]:
@@ -94,7 +94,7 @@ def claimed_pairs(claims: list[dict]) -> list[tuple[str, str]]:
 CIRCUIT_SUMMARY_VERSION = 2
 
 
-def stage_circuit(ctx: RunContext, runner: StageRunner) -> None:
+def stage_circuit(ctx: RunContext, runner: StageRunner) -> CircuitSummary:
     """Hypotheses from decoder ε-preimages (exact pool preimages at sites the decoder does not decode)
     at the screened sites -> interchange verification on fair pairs with null controls -> circuit
     growth to the faithfulness target -> graph with path-patching edges -> node- and edge-level
@@ -105,12 +105,11 @@ def stage_circuit(ctx: RunContext, runner: StageRunner) -> None:
 
     cfg, pm = ctx.cfg, ctx.probed
     h, c = cfg.hypotheses, cfg.circuit
-    names = list(h.sites) or list(ctx.results.get("screen", {}).get("kept", []))
+    names = list(h.sites) or list((ctx.results.screen or {}).get("kept", []))
     sites = [parse_site(s) for s in names]
     if not sites:
-        ctx.results["circuit"] = {"skipped": "no site changes the answer under aligned resampling (screen) and no "
-                                              "[hypotheses] sites are configured"}
-        return
+        return {"skipped": "no site changes the answer under aligned resampling (screen) and no [hypotheses] sites "
+                           "are configured"}
     per_cell = h.n_per_cell or cfg.decoder.n_per_cell
     claims = claimed_pairs(cfg.paper_claims)
     settings = CircuitSettings(target=c.target, min_edge=c.min_edge, edge_pairs=c.edge_pairs,
@@ -119,7 +118,7 @@ def stage_circuit(ctx: RunContext, runner: StageRunner) -> None:
     def fn(d: Path) -> dict:
         pool = PoolPreimage(pm, pool_size=h.pool, seed=cfg.seed)
         if h.source == "decoder":
-            decoded = ctx.results.get("decoder", {}).get("sites") or []
+            decoded = (ctx.results.decoder or {}).get("sites") or []
             src = RoutedPreimage(DecoderPreimage(ctx.decoder, n_per_cell=per_cell, seed=cfg.seed), pool, decoded)
         else:
             src = pool
@@ -156,11 +155,11 @@ def stage_circuit(ctx: RunContext, runner: StageRunner) -> None:
     depends = ("model", "decoder") if h.source == "decoder" else ("model",)
     if "screen" in runner.keys:
         depends += ("screen",)
-    ctx.results["circuit"] = runner.run("circuit", [h.__dict__, c.__dict__, per_cell, cfg.seed, names, claims,
-                                                    CIRCUIT_SUMMARY_VERSION], fn, depends=depends)
+    return runner.run("circuit", [h.__dict__, c.__dict__, per_cell, cfg.seed, names, claims,  # type: ignore[return-value]
+                                  CIRCUIT_SUMMARY_VERSION], fn, depends=depends)
 
 
-def stage_groups(ctx: RunContext, runner: StageRunner) -> None:
+def stage_groups(ctx: RunContext, runner: StageRunner) -> GroupsSummary | None:
     """Cumulative group patching, forward and backward (the paper's tables), per contrast; a task whose paper
     used its own protocol (``circuitkit.paper.protocols``: counting's) gets that one."""
     from circuitkit.paper.protocols import GroupTable, paper_protocol
@@ -168,7 +167,7 @@ def stage_groups(ctx: RunContext, runner: StageRunner) -> None:
 
     cfg, pm = ctx.cfg, ctx.probed
     if not cfg.patching.groups:
-        return
+        return None
     paper_table = paper_protocol(pm.task.name).group_table
 
     def generic(n: int, title: str) -> GroupTable:
@@ -188,8 +187,8 @@ def stage_groups(ctx: RunContext, runner: StageRunner) -> None:
         return {"markdown": table.markdown, "results": {c: r.to_dict() for c, r in table.results.items()},
                 "findings": table.findings, "paper": table.paper}
 
-    ctx.results["groups"] = runner.run("groups", [cfg.patching.groups, cfg.patching.examples,
-                                                  cfg.patching.contrasts, cfg.seed], fn, depends=("model",))
+    return runner.run("groups", [cfg.patching.groups, cfg.patching.examples, cfg.patching.contrasts,  # type: ignore[return-value]
+                                 cfg.seed], fn)
 
 
 def _lookup(obj: dict, path: str):
@@ -209,6 +208,11 @@ def _carrier_texts(nodes: list[dict[str, Any]]) -> list[str]:
             f"(IIA {n['iia']}, effect {n['effect']})" for (sites, feats), n in seen.items()]
 
 
+def stage_claims(ctx: RunContext, runner: StageRunner) -> dict[str, str]:
+    """The claims stage: ``evaluate_claims`` on this run's results (cheap, never cached)."""
+    return evaluate_claims(ctx)
+
+
 def evaluate_claims(ctx: RunContext) -> dict[str, str]:
     """The paper's claims (config ``[[paper_claims]]``) checked against this run's results.
 
@@ -222,7 +226,7 @@ def evaluate_claims(ctx: RunContext) -> dict[str, str]:
     ``evaluation/faithfulness_normalized/all``, or ``verified_faithfulness/all``: the verified nodes alone);
     ``path`` may be a list, every value of which must hold (an undefined one does not)."""
     out: dict[str, str] = {}
-    nodes = ctx.results.get("circuit", {}).get("verified_nodes")
+    nodes = (ctx.results.circuit or {}).get("verified_nodes")
     for c in ctx.cfg.paper_claims:
         kind, claim = c.get("kind"), c.get("claim", "")
         if kind == "verified":
@@ -242,7 +246,7 @@ def evaluate_claims(ctx: RunContext) -> dict[str, str]:
                           else f"not verified: no learned verified node among {', '.join(sorted(set(sites) - found))} "
                                f"carrying {' or '.join(feats)}{iia_txt}")
         elif kind in ("finding", "circuit"):
-            src = ctx.results.get("groups", {}).get("findings", {}) if kind == "finding" else ctx.results.get("circuit", {})
+            src = (ctx.results.groups or {}).get("findings", {}) if kind == "finding" else (ctx.results.circuit or {})
             paths = c["path"] if isinstance(c["path"], list) else [c["path"]]  # a list: every value must hold
             lo, hi = float(c.get("min", "-inf")), float(c.get("max", "inf"))
             parts, verdicts = [], []

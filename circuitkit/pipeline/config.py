@@ -139,11 +139,15 @@ class CaseConfig:
 
     def load_task(self) -> Any:
         """The case's Task (``task =`` is a built-in or installed name, ``file.py:Class`` relative to the
-        toml's folder, or ``package.module:Class``)."""
+        toml's folder, or ``package.module:Class``), built once per config: validation and the run share it."""
         from circuitkit.tasks.registry import load_task
 
         model_dir = self.resolve(self.model.path) if self.model.source == "path" and self.model.path else None
-        return load_task(self.task, self.base_dir, model_dir)
+        spec = (self.task, str(self.base_dir), str(model_dir))
+        cached = self.__dict__.get("_task")  # not a field: never in to_dict(), asdict() or equality
+        if cached is None or cached[0] != spec:
+            self.__dict__["_task"] = cached = (spec, load_task(self.task, self.base_dir, model_dir))
+        return cached[1]
 
     def resolve(self, path: str) -> Path:
         """A path written in the case toml: ``~`` expanded, a relative one taken from the toml's folder."""
@@ -387,7 +391,8 @@ def load_case(name_or_path: str, quick: bool = False) -> CaseConfig:
         raise CircuitkitError(f"{path}: invalid TOML: {e}") from None
     base_dir = path.resolve().parent
     cfg, errors = _parse(raw, quick, base_dir)
-    other, other_errors = _parse(raw, not quick, base_dir)  # quick_* values are checked on every run, not only with --quick
+    # quick_* values are checked on every run, not only with --quick (with the task already built)
+    other, other_errors = _parse(raw, not quick, base_dir, share_task=cfg)
     seen = set(errors)
     tag = "(without --quick) " if quick else "(with --quick) "
     errors += [tag + e for e in other_errors if e not in seen]
@@ -398,8 +403,10 @@ def load_case(name_or_path: str, quick: bool = False) -> CaseConfig:
     return cfg
 
 
-def _parse(raw: dict[str, Any], quick: bool, base_dir: Path) -> tuple[CaseConfig | None, list[str]]:
-    """The config for one setting of ``--quick`` and every problem found in it."""
+def _parse(raw: dict[str, Any], quick: bool, base_dir: Path,
+           share_task: CaseConfig | None = None) -> tuple[CaseConfig | None, list[str]]:
+    """The config for one setting of ``--quick`` and every problem found in it (``share_task``: a config of the
+    same file whose task it reuses rather than builds again)."""
     errors: list[str] = []
     top = {k: v for k, v in raw.items() if k not in _SECTIONS}
     sections = {k: _build(cls, raw.get(k, {}), f"[{k}]", quick, errors) for k, cls in _SECTIONS.items()}
@@ -407,6 +414,8 @@ def _parse(raw: dict[str, Any], quick: bool, base_dir: Path) -> tuple[CaseConfig
     if cfg is not None:
         cfg.quick = quick
         cfg.base_dir = base_dir
+        if share_task is not None and "_task" in share_task.__dict__:
+            cfg.__dict__["_task"] = share_task.__dict__["_task"]  # load_task rebuilds it if the spec differs
         _check_ranges(cfg, "", errors)  # mistyped values were left at their defaults: these checks still hold
         _check_semantics(cfg, "", errors)
     return cfg, [e.strip() for e in errors]

@@ -15,6 +15,7 @@ from circuitkit.report.html import render_html
 from circuitkit.report.markdown import render_markdown
 
 if TYPE_CHECKING:
+    from circuitkit.pipeline.outputs import CaseResults
     from circuitkit.pipeline.run import RunContext
 
 
@@ -374,8 +375,8 @@ def comparison_section(report: Report, ctx: RunContext) -> None:
     if (pm.n_layers, pm.n_heads) != comparison.shape:
         s.add(comparison.other_shape.format(layers=pm.n_layers, heads=pm.n_heads))
         return
-    maps = ctx.results.get("patching", {}).get("maps", {})
-    verified = {n["site"].split("@")[0] for n in ctx.results.get("circuit", {}).get("verified_nodes", [])}
+    maps = (ctx.results.patching or {}).get("maps", {})
+    verified = {n["site"].split("@")[0] for n in (ctx.results.circuit or {}).get("verified_nodes", [])}
     s.add(Table(list(comparison.columns), comparison.rows(maps.get("minimal/head") or maps.get("random/head"),
                                                           verified, pm.n_layers, pm.n_heads)))
 
@@ -384,7 +385,7 @@ def claims_section(report: Report, ctx: RunContext) -> None:
     s = report.section("The paper's claims beside circuitkit's verification")
     rows = []
     for c in ctx.cfg.paper_claims:
-        verdict = ctx.results.get("claims", {}).get(c.get("claim", ""), "not evaluated in this run")
+        verdict = (ctx.results.claims or {}).get(c.get("claim", ""), "not evaluated in this run")
         rows.append([c.get("claim", ""), c.get("check", ""), verdict])
     s.add(Table(["paper's claim", "what circuitkit checks", "circuitkit's result"], rows))
 
@@ -407,7 +408,7 @@ def manifest_section(report: Report, manifest: dict[str, Any]) -> None:
 def build_report(ctx: RunContext, manifest: dict[str, Any]) -> Report:
     cfg = ctx.cfg
     r = ctx.results
-    circ = r.get("circuit") or {}
+    circ = r.circuit or {}
     headline = ""
     if (circ.get("evaluation") or {}).get("faithfulness_normalized"):
         headline = (f" Circuit faithfulness {_fmt(circ['evaluation']['faithfulness_normalized'].get('all'))}; share "
@@ -415,15 +416,16 @@ def build_report(ctx: RunContext, manifest: dict[str, Any]) -> Report:
                     f"{_per_answer_shares(circ)}.")
     report = Report(f"circuitkit case study: {cfg.name}",
                     f"{cfg.description} {'Quick settings (smoke run).' if cfg.quick else 'Full settings.'}{headline}")
-    if "model" in r:
-        model_section(report, r["model"])
-    if "decoder" in r:
-        decoder_section(report, r["decoder"])
-    if "inversions" in r:
-        inversion_section(report, r["inversions"], ctx.work / "inversions")
+    if r.model is not None:
+        model_section(report, r.model)
+    if r.decoder is not None:
+        decoder_section(report, r.decoder)
+    if r.inversions is not None:
+        inversion_section(report, r.inversions, ctx.work / "inversions")
     for name, builder in SECTION_BUILDERS:
-        if name in r:
-            builder(report, r[name], ctx)
+        summary = getattr(r, name)
+        if summary is not None:
+            builder(report, summary, ctx)
     comparison_section(report, ctx)
     claims_section(report, ctx)
     manifest_section(report, manifest)
@@ -435,7 +437,7 @@ SECTION_BUILDERS: list[tuple[str, Any]] = [("patching", patching_section), ("gro
                                            ("screen", screen_section), ("circuit", circuit_section)]
 
 
-def write_report(report: Report, out: Path, manifest: dict[str, Any], results: dict[str, Any],
+def write_report(report: Report, out: Path, manifest: dict[str, Any], results: CaseResults,
                  attachments: list[Path] = ()) -> None:
     """index.html, report.md (+ figures/), manifest.json, results.json and the attachments
     (e.g. the circuit's JSON/GraphML/DOT/SVG) — the directory is replaced atomically.  A ``README.md``
@@ -454,5 +456,5 @@ def write_report(report: Report, out: Path, manifest: dict[str, Any], results: d
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp / rel).write_bytes(data)
         atomic_write_json(tmp / "manifest.json", manifest)
-        slim = {k: v for k, v in results.items() if k != "inversions"}
+        slim = results.to_dict(without=("inversions",))
         (tmp / "results.json").write_text(json.dumps(slim, indent=1, default=str) + "\n")

@@ -16,9 +16,10 @@ from circuitkit.errors import CircuitkitError
 from circuitkit.manifest import build_manifest, git_commit
 from circuitkit.models.checkpoint import ProbedModel, load_probed
 from circuitkit.models.local_gpt2 import find_gpt2_small, missing_message
-from circuitkit.pipeline.analysis import evaluate_claims, stage_circuit, stage_groups, stage_patching, stage_screen
+from circuitkit.pipeline.analysis import stage_circuit, stage_claims, stage_groups, stage_patching, stage_screen
 from circuitkit.pipeline.config import CaseConfig
-from circuitkit.pipeline.stages import StageRunner, remove_orphans
+from circuitkit.pipeline.outputs import CaseResults, DecoderSummary, InversionsSummary, ModelSummary
+from circuitkit.pipeline.stages import Stage, StageRunner, remove_orphans, stage_order
 from circuitkit.seeding import seed_everything
 from circuitkit.sites import Site, parse_site
 
@@ -37,11 +38,11 @@ class RunContext:
     log: Callable[[str], None]
     probed: ProbedModel | None = None
     decoder: Any = None
-    results: dict[str, Any] = dataclasses.field(default_factory=dict)
+    results: CaseResults = dataclasses.field(default_factory=CaseResults)
 
 
 # ---- stages -----------------------------------------------------------------------------------
-def stage_model(ctx: RunContext, runner: StageRunner) -> None:
+def stage_model(ctx: RunContext, runner: StageRunner) -> ModelSummary:
     from circuitkit.models.evaluate import evaluate_model
     from circuitkit.models.train import default_config, train_probed
     from circuitkit.tasks.registry import task_identity
@@ -87,10 +88,10 @@ def stage_model(ctx: RunContext, runner: StageRunner) -> None:
             return {"source": "trained here", "metrics": metrics, "config": dataclasses.asdict(tcfg)}
 
         summary = runner.run("model", {**dataclasses.asdict(tcfg), "task_ref": task_identity(task)}, fn)
-        ctx.probed = load_probed(runner.path("model") / "checkpoint", device=ctx.device)
-    ctx.results["model"] = summary
+        ctx.probed = load_probed(runner.path("model") / "checkpoint", task=task, device=ctx.device)
     acc = summary["metrics"]["accuracy"]
     ctx.log(f"  probed model: {summary['metrics']['metric']} = {acc:.4f}")
+    return summary  # type: ignore[return-value]
 
 
 def decoder_train_config(cfg: CaseConfig) -> DecoderTrainConfig:
@@ -111,7 +112,7 @@ def decoder_train_config(cfg: CaseConfig) -> DecoderTrainConfig:
     return dcfg
 
 
-def stage_decoder(ctx: RunContext, runner: StageRunner) -> None:
+def stage_decoder(ctx: RunContext, runner: StageRunner) -> DecoderSummary:
     from circuitkit.inversion.checkpoint import load_decoder
     from circuitkit.inversion.train import decoder_sites, train_decoder
 
@@ -119,8 +120,7 @@ def stage_decoder(ctx: RunContext, runner: StageRunner) -> None:
     assert pm is not None
     sites = [parse_site(s) for s in cfg.decoder.sites] or decoder_sites(pm)
     if cfg.decoder.path:
-        stage_decoder_from_path(ctx, runner, sites)
-        return
+        return stage_decoder_from_path(ctx, runner, sites)
     dcfg = decoder_train_config(cfg)
 
     def fn(d: Path) -> dict:
@@ -132,12 +132,12 @@ def stage_decoder(ctx: RunContext, runner: StageRunner) -> None:
                 "steps": res.get("steps"), "train_minutes": res.get("train_minutes"),
                 "config": dataclasses.asdict(dcfg)}
 
-    summary = runner.run("decoder", [dataclasses.asdict(dcfg), [str(s) for s in sites]], fn, depends=("model",))
+    summary = runner.run("decoder", [dataclasses.asdict(dcfg), [str(s) for s in sites]], fn)
     ctx.decoder = load_decoder(runner.path("decoder") / "decoder", pm, device=ctx.device)
-    ctx.results["decoder"] = summary
+    return summary  # type: ignore[return-value]
 
 
-def stage_decoder_from_path(ctx: RunContext, runner: StageRunner, sites: list[Site]) -> None:
+def stage_decoder_from_path(ctx: RunContext, runner: StageRunner, sites: list[Site]) -> DecoderSummary:
     """Use the decoder at ``[decoder] path`` (checked against the probed model), evaluate its hit rate."""
     from circuitkit.inversion.checkpoint import load_decoder
     from circuitkit.inversion.evaluate import evaluate_decoder
@@ -160,11 +160,12 @@ def stage_decoder_from_path(ctx: RunContext, runner: StageRunner, sites: list[Si
 
     key = {"path": str(src), "sites": [str(s) for s in sites], "eval_queries": dc.eval_queries,
            "eval_per_cell": dc.eval_per_cell, "weights_mtime": max(p.stat().st_mtime for p in src.iterdir())}
-    ctx.results["decoder"] = runner.run("decoder", key, fn, depends=("model",))
+    summary = runner.run("decoder", key, fn)
     ctx.log(f"  decoder: {src} (not retrained)")
+    return summary  # type: ignore[return-value]
 
 
-def stage_inversions(ctx: RunContext, runner: StageRunner) -> None:
+def stage_inversions(ctx: RunContext, runner: StageRunner) -> InversionsSummary:
     from circuitkit.inversion.colour import token_colours
     from circuitkit.inversion.preimage import invert_text
     from circuitkit.inversion.render import render_html
@@ -187,18 +188,20 @@ def stage_inversions(ctx: RunContext, runner: StageRunner) -> None:
                            "in_eps": int(inv.in_eps.sum()), "rows": rows[:100], "file": f"panel_{i}.html"})
         return {"panels": panels}
 
-    ctx.results["inversions"] = runner.run("inversions", [cfg.inversion.queries, cfg.decoder.n_per_cell, cfg.seed],
-                                           fn, depends=("decoder",))
+    return runner.run("inversions", [cfg.inversion.queries, cfg.decoder.n_per_cell, cfg.seed], fn)  # type: ignore[return-value]
 
 
-STAGES: list[tuple[str, Callable[[RunContext, StageRunner], None]]] = [
-    ("model", stage_model),
-    ("decoder", stage_decoder),
-    ("inversions", stage_inversions),
-    ("patching", stage_patching),
-    ("groups", stage_groups),
-    ("screen", stage_screen),
-    ("circuit", stage_circuit),
+#: the case study's stages: each names the stages whose results it reads (its cache key includes theirs); the
+#: run order is resolved from these (``stage_order``)
+STAGES: list[Stage] = [
+    Stage("model", (), stage_model),
+    Stage("decoder", ("model",), stage_decoder),
+    Stage("inversions", ("decoder",), stage_inversions),
+    Stage("patching", ("model",), stage_patching),
+    Stage("groups", ("model",), stage_groups),
+    Stage("screen", ("model",), stage_screen),
+    Stage("circuit", ("model", "decoder", "screen"), stage_circuit),
+    Stage("claims", ("groups", "circuit"), stage_claims),
 ]
 
 
@@ -231,19 +234,18 @@ def run_case(cfg: CaseConfig, out: Path, work: Path, device: str = "cpu", progre
     seed_everything(cfg.seed)
     commit_at_start = git_commit()  # the code the stages ran with (the manifest's commit is taken at the end)
     ctx = RunContext(cfg, work, device, progress, log)
-    runner = StageRunner(work, log=log)
+    runner = StageRunner(work, log=log, needs={s.name: s.needs for s in STAGES})
     t0 = time.perf_counter()
     with work_lock(work):
         removed = remove_orphans(work)
         if removed:
             log(f"removed {len(removed)} temporary item(s) an interrupted run left behind: {', '.join(removed[:4])}")
-        for _name, stage in STAGES:
-            stage(ctx, runner)
-        ctx.results["claims"] = evaluate_claims(ctx)
+        for stage in stage_order(STAGES):
+            ctx.results.set(stage.name, stage.run(ctx, runner))
         manifest = build_manifest("case_study", cfg.seed, cfg.to_dict(),
                                   stage_seconds={k: round(v, 1) for k, v in runner.timings.items()},
                                   stages_cached=runner.cached, git_commit_at_start=commit_at_start,
-                                  decoder_steps_taken=ctx.results.get("decoder", {}).get("steps"))
+                                  decoder_steps_taken=(ctx.results.decoder or {}).get("steps"))
         report = build_report(ctx, manifest)
         attachments = sorted((work / "circuit").glob("circuit.*")) if (work / "circuit").exists() else []
         write_report(report, out, manifest, ctx.results, attachments)
@@ -253,6 +255,6 @@ def run_case(cfg: CaseConfig, out: Path, work: Path, device: str = "cpu", progre
             "results": _brief(ctx.results)}
 
 
-def _brief(results: dict[str, Any]) -> dict[str, Any]:
+def _brief(results: CaseResults) -> dict[str, Any]:
     """A JSON-able digest of the results for --json (no sample lists)."""
-    return json.loads(json.dumps({k: v for k, v in results.items() if k != "inversions"}, default=str))
+    return json.loads(json.dumps(results.to_dict(without=("inversions",)), default=str))

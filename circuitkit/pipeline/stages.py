@@ -26,6 +26,38 @@ StageFn = Callable[[Path], dict[str, Any]]
 META = "stage.json"
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One node of a pipeline's stage graph: ``run(ctx, runner)`` returns the stage's summary (or None); it
+    reads the results of the stages in ``needs`` only, and its cache key includes their keys."""
+
+    name: str
+    needs: tuple[str, ...]
+    run: Callable[..., Any]
+
+
+def stage_order(stages: list[Stage]) -> list[Stage]:
+    """The stages in an order where each runs after everything it needs (ties keep the listed order)."""
+    from graphlib import CycleError, TopologicalSorter
+
+    by_name = {s.name: s for s in stages}
+    for s in stages:
+        unknown = [n for n in s.needs if n not in by_name]
+        if unknown:
+            raise ValueError(f"stage {s.name!r} needs unknown stage(s) {unknown}; stages: {', '.join(by_name)}")
+    sorter = TopologicalSorter({s.name: s.needs for s in stages})
+    try:
+        sorter.prepare()
+    except CycleError as e:
+        raise ValueError(f"the stages need each other round a circle: {' -> '.join(e.args[1])}") from None
+    rank, order = {s.name: i for i, s in enumerate(stages)}, []
+    while sorter.is_active():
+        ready = sorted(sorter.get_ready(), key=rank.__getitem__)
+        order += ready
+        sorter.done(*ready)
+    return [by_name[n] for n in order]
+
+
 def fingerprint(directory: Path) -> dict[str, list]:
     """{relative path: [size, sha256]} of every file under ``directory`` but ``stage.json``."""
     out: dict[str, list] = {}
@@ -85,8 +117,13 @@ class StageRunner:
     cached: list[str] = field(default_factory=list)  # stages reused from an earlier run
 
     pending: dict[str, str] = field(default_factory=dict)  # key of each stage while it runs
+    needs: dict[str, tuple[str, ...]] = field(default_factory=dict)  # the stage graph's edges (``Stage.needs``)
 
-    def run(self, name: str, key_parts: Any, fn: StageFn, depends: tuple[str, ...] = ()) -> dict[str, Any]:
+    def run(self, name: str, key_parts: Any, fn: StageFn, depends: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """The stage's summary: cached when its key (``key_parts`` and the keys of the stages it depends on:
+        ``depends``, by default those it needs that cached a result) matches, else ``fn(tmp_dir)``'s."""
+        if depends is None:
+            depends = tuple(d for d in self.needs.get(name, ()) if d in self.keys)
         key = stage_key(key_parts, [self.keys[d] for d in depends])
         self.pending[name] = key
         d = self.root / name
