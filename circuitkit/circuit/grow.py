@@ -37,14 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from circuitkit.circuit.evaluate import (
-    HEAD_KINDS,
-    MLP_KINDS,
-    AblationEvaluator,
-    as_sites,
-    bundle_components,
-    site_role,
-)
+from circuitkit.circuit.evaluate import HEAD_KINDS, MLP_KINDS, AblationEvaluator, as_sites, bundle_components, site_role
 from circuitkit.results import JsonResult, to_jsonable
 from circuitkit.sites import Site
 

@@ -85,12 +85,11 @@ class AdditionTask(Task):
 
     tokenizer = CharTokenizer(VOCAB)  # immutable, so one per class
 
-    def format_problem(self, tokens: Tokens) -> str | None:
+    grammar, grammar_words = _FORMAT, "B, digits, +, digits, =, digits, E"
+
+    def grammar_problem(self, groups: tuple[str, ...]) -> str | None:
         """B a + b = a+b E with three-digit operands in [100, 999] and the right sum."""
-        m = _FORMAT.fullmatch("".join(tokens))
-        if m is None:
-            return "it must read B, digits, +, digits, =, digits, E"
-        a, b, answer = m.groups()
+        a, b, answer = groups
         for name, op in (("first", a), ("second", b)):
             if len(op) != 3 or not LOW <= int(op) <= HIGH:
                 return f"the {name} operand {op!r} is not a number in {LOW}..{HIGH}"
@@ -102,9 +101,7 @@ class AdditionTask(Task):
         return [format_sum(rng.randint(LOW, HIGH), rng.randint(LOW, HIGH)) for _ in range(n)]
 
     def split(self, which: str) -> Sequence[str]:
-        self.check_split_name(which)
-        train, test = _paper_splits()
-        return train if which == "train" else test
+        return self.pick_split(which, _paper_splits())
 
     def positions(self, tokens: Tokens) -> dict[str, int]:
         toks = list(tokens)

@@ -9,6 +9,7 @@ feature code runs on decoder samples that need not be well-formed (features retu
 from __future__ import annotations
 
 import random
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -180,6 +181,11 @@ class Task(ABC):
     def check_split_name(self, which: str) -> None:
         if which not in ("train", "test"):
             raise CircuitkitError(f"unknown split {which!r}; valid: train, test")
+
+    def pick_split(self, which: str, splits: tuple[Sequence[str], Sequence[str]]) -> Sequence[str]:
+        """``split(which)`` for a task that holds its fixed (train, test) inputs: the one named, checked."""
+        self.check_split_name(which)
+        return splits[0] if which == "train" else splits[1]
 
     # ---- positions and answers ----------------------------------------------------------
     @abstractmethod
@@ -429,11 +435,23 @@ class Task(ABC):
         if problem:
             raise CircuitkitError(f"{what} {text!r} is not a valid {self.name} input: {problem}; {expected}")
 
+    #: a task with a fixed grammar: the regular expression its joined tokens must match, how to say it in words
+    #: (``grammar_words``), and ``grammar_problem(groups)`` for what the pattern cannot check (ranges, sums)
+    grammar: re.Pattern[str] | None = None
+    grammar_words: str = ""
+
+    def grammar_problem(self, groups: tuple[str, ...]) -> str | None:
+        """What is wrong with an input whose tokens match ``grammar`` (its groups), or None."""
+        return None
+
     def format_problem(self, tokens: Tokens) -> str | None:
         """What is wrong with ``tokens`` (unpadded) as an input of this task, or None if nothing.
 
-        Default: it starts with BOS and its named positions and answers can be read; tasks with a
-        fixed grammar override this with a precise check."""
+        With a ``grammar``: the joined tokens must match it, then ``grammar_problem``.  Otherwise: it starts with
+        BOS and its named positions and answers can be read (tasks may override this with a precise check)."""
+        if self.grammar is not None:
+            m = self.grammar.fullmatch("".join(tokens))
+            return f"it must read {self.grammar_words}" if m is None else self.grammar_problem(m.groups())
         toks = list(tokens)
         if not toks or toks[0] != self.vocab.bos:
             return f"it must start with the BOS token {self.vocab.bos!r}"

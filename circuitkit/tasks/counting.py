@@ -82,12 +82,11 @@ class CountingTask(Task):
 
     tokenizer = CharTokenizer(VOCAB)  # immutable, so one per class
 
-    def format_problem(self, tokens: Tokens) -> str | None:
+    grammar, grammar_words = _FORMAT, "B, lowercase letters, |, one letter, :, a count 1-9, E"
+
+    def grammar_problem(self, groups: tuple[str, ...]) -> str | None:
         """B + letters + | + query + : + count + E, with 3 distinct letters 1-9 times each and the true count."""
-        m = _FORMAT.fullmatch("".join(tokens))
-        if m is None:
-            return "it must read B, lowercase letters, |, one letter, :, a count 1-9, E"
-        body, query, count = m.groups()
+        body, query, count = groups
         letters = sorted(set(body))
         if len(letters) != 3:
             return f"the string before '|' has {len(letters)} distinct letters ({''.join(letters)}), not 3"
@@ -112,9 +111,7 @@ class CountingTask(Task):
         return out
 
     def split(self, which: str) -> Sequence[str]:
-        self.check_split_name(which)
-        train, test = _paper_splits()
-        return train if which == "train" else test
+        return self.pick_split(which, _paper_splits())
 
     def positions(self, tokens: Tokens) -> dict[str, int]:
         toks = list(tokens)
