@@ -22,6 +22,7 @@ def test_the_case_study_order_runs_every_stage_after_what_it_needs():
 def test_order_follows_needs_not_the_listing_and_names_bad_graphs():
     listed = [Stage("report", ("fit",), _noop), Stage("fit", ("data",), _noop), Stage("data", (), _noop)]
     assert [s.name for s in stage_order(listed)] == ["data", "fit", "report"]
+    assert [s.name for s in stage_order(STAGES)] == [s.name for s in STAGES]  # already in order: kept as listed
     with pytest.raises(ValueError, match="needs unknown stage.*'nope'"):
         stage_order([Stage("a", ("nope",), _noop)])
     with pytest.raises(ValueError, match="round a circle"):

@@ -37,7 +37,8 @@ class Stage:
 
 
 def stage_order(stages: list[Stage]) -> list[Stage]:
-    """The stages in an order where each runs after everything it needs (ties keep the listed order)."""
+    """The stages in an order where each runs after everything it needs: the listed order, except that a stage
+    listed before something it needs waits for it."""
     from graphlib import CycleError, TopologicalSorter
 
     by_name = {s.name: s for s in stages}
@@ -50,12 +51,11 @@ def stage_order(stages: list[Stage]) -> list[Stage]:
         sorter.prepare()
     except CycleError as e:
         raise ValueError(f"the stages need each other round a circle: {' -> '.join(e.args[1])}") from None
-    rank, order = {s.name: i for i, s in enumerate(stages)}, []
-    while sorter.is_active():
-        ready = sorted(sorter.get_ready(), key=rank.__getitem__)
-        order += ready
-        sorter.done(*ready)
-    return [by_name[n] for n in order]
+    order: list[Stage] = []
+    while len(order) < len(stages):  # the first listed stage whose needs have run, each time
+        done = {s.name for s in order}
+        order.append(next(s for s in stages if s.name not in done and set(s.needs) <= done))
+    return order
 
 
 def fingerprint(directory: Path) -> dict[str, list]:
