@@ -9,7 +9,12 @@ family     norm        positions   residual            MLP        K/V heads  bia
 gpt2       LayerNorm   learned     sequential          GELU       = heads    yes
 gpt_neox   LayerNorm   rotary      parallel (usually)  GELU       = heads    yes
 llama      RMSNorm     rotary      sequential          gated SiLU  grouped   no (default)
+native     none        learned     sequential          ReLU/GELU  = heads    yes
 =========  ==========  ==========  ==================  =========  =========  ==========
+
+``native`` (``models/native.py``) is a TransformerLens-native directory (tracr-compiled programs, toy models):
+no LayerNorm, d_head independent of d_model, an output vocabulary of its own, and causal or *bidirectional*
+attention (``Architecture.causal``, honoured by the runner's one causal mask).
 
 Weights are views of the module's parameters where the layout allows (GPT-2, Llama), so gradients reach
 them; NeoX's fused QKV is split by reshaping a view as well.
@@ -26,7 +31,7 @@ from torch import Tensor
 from circuitkit.errors import CircuitkitError
 
 #: the Hugging Face ``model_type`` values the runner supports
-SUPPORTED = ("gpt2", "gpt_neox", "llama")
+SUPPORTED = ("gpt2", "gpt_neox", "llama", "circuitkit_native")
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -42,7 +47,7 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 class LayerWeights:
     """One block in TransformerLens layout.  ``ln*_b`` is None for RMSNorm, ``W_gate`` None without a gate."""
 
-    ln1_w: Tensor  # [d_model]
+    ln1_w: Tensor | None  # [d_model]; None without normalisation
     ln1_b: Tensor | None
     W_Q: Tensor  # [head, d_model, d_head]
     W_K: Tensor  # [kv_head, d_model, d_head]
@@ -52,7 +57,7 @@ class LayerWeights:
     b_V: Tensor
     W_O: Tensor  # [head, d_head, d_model]
     b_O: Tensor  # [d_model]
-    ln2_w: Tensor
+    ln2_w: Tensor | None
     ln2_b: Tensor | None
     W_in: Tensor  # [d_model, d_mlp]
     b_in: Tensor  # [d_mlp]
@@ -74,12 +79,13 @@ class Architecture:
     n_ctx: int
     d_vocab: int
     eps: float
-    norm: str  # "layer" | "rms"
+    norm: str  # "layer" | "rms" | "none"
     rotary_dim: int  # 0 = learned absolute positions
     rotary_base: float
     parallel: bool
     act: str
     scale_attn: bool = True
+    causal: bool = True  # False: every position attends to every other (bidirectional)
 
 
 @dataclass
@@ -88,7 +94,7 @@ class ModelWeights:
 
     W_E: Tensor  # [vocab, d_model]
     W_pos: Tensor | None  # [n_ctx, d_model]; None with rotary positions
-    lnf_w: Tensor
+    lnf_w: Tensor | None
     lnf_b: Tensor | None
     W_U: Tensor  # [vocab, d_model]
     b_U: Tensor | None
@@ -119,7 +125,10 @@ def architecture(hf_model: torch.nn.Module) -> Architecture:
     family = cfg.model_type
     if family not in SUPPORTED:
         raise CircuitkitError(f"model type {family!r} is not supported; supported: {', '.join(SUPPORTED)}")
-    if family == "gpt2":
+    if family == "circuitkit_native":
+        arch = Architecture("native", cfg.n_layers, cfg.n_heads, cfg.n_heads, cfg.d_model, cfg.d_head, cfg.n_ctx,
+                            cfg.d_vocab, 0.0, "none", 0, 0.0, False, cfg.act_fn, True, cfg.causal)
+    elif family == "gpt2":
         if getattr(cfg, "scale_attn_by_inverse_layer_idx", False) or getattr(cfg, "reorder_and_upcast_attn", False):
             raise CircuitkitError("GPT-2 with per-layer attention scaling is not supported")
         arch = Architecture("gpt2", cfg.n_layer, cfg.n_head, cfg.n_head, cfg.n_embd, cfg.n_embd // cfg.n_head,
@@ -152,7 +161,20 @@ def _zeros_like_bias(n: int, like: Tensor) -> Tensor:
 
 def read_weights(hf_model: torch.nn.Module, arch: Architecture) -> ModelWeights:
     """The model's weights in TransformerLens layout (views of the live parameters where possible)."""
-    return {"gpt2": _gpt2, "gpt_neox": _neox, "llama": _llama}[arch.family](hf_model, arch)
+    return {"gpt2": _gpt2, "gpt_neox": _neox, "llama": _llama, "native": _native}[arch.family](hf_model, arch)
+
+
+def _native(m: torch.nn.Module, a: Architecture) -> ModelWeights:
+    d, h, dh = a.d_model, a.n_heads, a.d_head
+    per_head = lambda lin: lin.weight.T.reshape(d, h, dh).permute(1, 0, 2)  # noqa: E731 - [h*dh, d] head-major
+    layers = []
+    for blk in m.blocks:
+        at, mlp = blk.attn, blk.mlp
+        layers.append(LayerWeights(
+            None, None, per_head(at["q"]), per_head(at["k"]), per_head(at["v"]), at["q"].bias.reshape(h, dh),
+            at["k"].bias.reshape(h, dh), at["v"].bias.reshape(h, dh), at["o"].weight.T.reshape(h, dh, d),
+            at["o"].bias, None, None, mlp["in"].weight.T, mlp["in"].bias, None, mlp["out"].weight.T, mlp["out"].bias))
+    return ModelWeights(m.embed.weight, m.pos_embed.weight, None, None, m.unembed.weight, m.unembed.bias, layers)
 
 
 def _gpt2(m: torch.nn.Module, a: Architecture) -> ModelWeights:

@@ -17,6 +17,7 @@ import torch
 from circuitkit.errors import CircuitkitError, choices_hint
 from circuitkit.io_utils import safe_torch_load
 from circuitkit.models.architectures import SUPPORTED, architecture
+from circuitkit.models.native import MODEL_TYPE, is_native_dir, load_native
 from circuitkit.models.runner import ModelRunner
 from circuitkit.tasks import Task
 from circuitkit.tasks.registry import load_task, task_from_record, task_names, task_record
@@ -63,13 +64,15 @@ def read_architecture(path: str | Path) -> tuple[int, int]:
     path = Path(path)
     _check_dir(path)
     cfg = read_json(path / "config.json", "model config")
-    layers = next((cfg[k] for k in ("n_layer", "num_hidden_layers", "num_layers") if k in cfg), None)
-    heads = next((cfg[k] for k in ("n_head", "num_attention_heads", "num_heads") if k in cfg), None)
+    layers = next((cfg[k] for k in ("n_layer", "num_hidden_layers", "num_layers", "n_layers") if k in cfg), None)
+    heads = next((cfg[k] for k in ("n_head", "num_attention_heads", "num_heads", "n_heads") if k in cfg), None)
     for name, v in (("number of layers", layers), ("number of heads", heads)):
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise CircuitkitError(f"{str(path / 'config.json')!r} does not give a positive {name} "
                                   "(n_layer / num_hidden_layers, n_head / num_attention_heads)")
-    if cfg.get("model_type") in SUPPORTED:  # the weights must be the model config.json describes
+    if cfg.get("model_type") == MODEL_TYPE:
+        load_native(path)  # a native model's config and weights are checked as it loads
+    elif cfg.get("model_type") in SUPPORTED:  # the weights must be the model config.json describes
         config = _read_config(path)
         check_weights_match_config(path, config)
     return layers, heads
@@ -104,6 +107,8 @@ def _read_config(path: Path) -> Any:
 def _load_hf(path: Path, device: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
+    if is_native_dir(path):  # a TransformerLens-native directory (no Hugging Face class describes it)
+        return load_native(path, device)
     config = _read_config(path)
     try:
         check_weight_dir(path)
@@ -258,6 +263,10 @@ class ProbedModel:
         """A TransformerLens ``TransformerBridge`` over the same weights (the reference path)."""
         from transformer_lens.model_bridge import TransformerBridge
 
+        from circuitkit.models.native import NativeTransformer, tl_bridge
+
+        if isinstance(self.hf_model, NativeTransformer):
+            return tl_bridge(self.hf_model, str(self.device))
         if self.path is None:
             raise CircuitkitError("this model has no checkpoint directory; save it first to build a bridge")
         return TransformerBridge.boot_transformers(str(self.path), hf_model=self.hf_model, device=str(self.device))

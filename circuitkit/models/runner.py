@@ -77,8 +77,10 @@ class ModelRunner:
         return self.W_E.device
 
     # ---- block pieces (the only copy of the block maths) -------------------------------------
-    def norm(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-        """LayerNorm (with its affine map) or RMSNorm, over the last dimension."""
+    def norm(self, x: Tensor, w: Tensor | None, b: Tensor | None) -> Tensor:
+        """LayerNorm (with its affine map) or RMSNorm, over the last dimension; the identity without a norm."""
+        if self.arch.norm == "none":
+            return x
         if self.arch.norm == "rms":
             xf = x.float()
             return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
@@ -158,6 +160,8 @@ class ModelRunner:
 
     def final_normalized(self, x: Tensor) -> Tensor:
         """``ln_final.hook_normalized``: the final norm before its affine map (as in TransformerLens)."""
+        if self.arch.norm == "none":
+            return x
         if self.arch.norm == "rms":
             xf = x.float()
             return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
@@ -165,7 +169,7 @@ class ModelRunner:
 
     def unembed_normalized(self, xn: Tensor) -> Tensor:
         """Logits [..., vocab] from ``final_normalized`` output: the norm's affine map, then W_U (and b_U)."""
-        y = xn * self.lnf_w if self.lnf_b is None else xn * self.lnf_w + self.lnf_b
+        y = xn if self.lnf_w is None else xn * self.lnf_w if self.lnf_b is None else xn * self.lnf_w + self.lnf_b
         logits = y @ self.W_U.T
         return logits if self.b_U is None else logits + self.b_U
 
@@ -185,7 +189,9 @@ class ModelRunner:
     def causal_mask(self, scores: Tensor, q_pos: Tensor) -> Tensor:
         """scores [..., key] with every key after its query's position ``q_pos`` (broadcastable to
         scores[..., :1], e.g. [q, 1] for a full pattern, [n, 1, 1] for one row per example) set to the dtype's
-        minimum, so that the softmax gives it no weight."""
+        minimum, so that the softmax gives it no weight.  A bidirectional model (``arch.causal`` False) masks nothing."""
+        if not self.arch.causal:
+            return scores
         k_pos = torch.arange(scores.shape[-1], device=scores.device)
         return scores.masked_fill(k_pos > q_pos, torch.finfo(scores.dtype).min)
 

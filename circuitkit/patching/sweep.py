@@ -255,10 +255,11 @@ def _source_cache(runner: ModelRunner, task: Task, ab_eff: Ablation, base_ids: T
 
 
 def _pending_cells(kind: str, hooks: list[str], base_cache: dict[str, Tensor], src_cache: dict[str, Tensor],
-                   n_keep: int, t_pos: Tensor) -> list[tuple[int, Tensor, Tensor, Tensor]]:
+                   n_keep: int, t_pos: Tensor, causal: bool = True) -> list[tuple[int, Tensor, Tensor, Tensor]]:
     """Per layer L: (L, ex [m], cell [m, n_axes], src) for the (example, cell) pairs that can change the
-    metric: the patch differs from the base value and lies at or before the answer row (only at it for a
-    row-local kind in the last block); src is the layer's truncated patch value [b, *cell axes, d]."""
+    metric: the patch differs from the base value and, in a causal model, lies at or before the answer row
+    (only at it for a row-local kind in the last block, in any model); src is the layer's truncated patch value
+    [b, *cell axes, d]."""
     last = len(hooks) - 1
     work = []
     for L, h in enumerate(hooks):
@@ -267,7 +268,7 @@ def _pending_cells(kind: str, hooks: list[str], base_cache: dict[str, Tensor], s
         cells = differs.nonzero()  # [m, 1 + n_axes]: (example, cell...)
         ex, cell = cells[:, 0], cells[:, 1:]
         cpos = _cell_pos(kind, cell)
-        keep = cpos <= t_pos[ex]
+        keep = cpos <= t_pos[ex] if causal else torch.ones_like(cpos, dtype=torch.bool)
         if L == last and kind in ROW_LOCAL:
             keep &= cpos == t_pos[ex]  # in the last block a row-local change never reaches another row
         work.append((L, ex[keep], cell[keep], src))
@@ -351,8 +352,10 @@ def sweep(
     direct = incremental and kind in ROW_DIRECT
     extra = [f"blocks.{L}.hook_resid_{x}" for L in range(pm.n_layers) for x in ("mid", "post")] if direct else []
     ctx = metric_context(task, base_ids, src_ids, target)  # answer positions come from the tokens
-    n_keep = int(ctx.positions.max()) + 1  # positions after the last answer cannot matter (causal masking), so
-    ids_cut = base_ids[:, :n_keep].to(dev)  # every run below stops there: the same values, fewer rows
+    # positions after the last answer cannot matter with causal masking, so every run below stops there: the same
+    # values, fewer rows (a bidirectional model reads every position)
+    n_keep = int(ctx.positions.max()) + 1 if runner.arch.causal else n_pos
+    ids_cut = base_ids[:, :n_keep].to(dev)
     base_logits, base_cache = runner.run(ids_cut, cache=list(dict.fromkeys(resid_names(pm.n_layers) + hooks + extra)))
     set_clean_logits(ctx, base_logits)
     base_vals = evaluate(metric, base_logits, ctx)[0].cpu()  # [b]
@@ -362,7 +365,7 @@ def sweep(
     shape = [pm.n_layers] + [sizes[a] for a in axes[1:]]
     out = base_vals.expand(*shape, b).clone()  # [layer, *cell axes, b]
     ctx_dev = ctx.to(dev)
-    work = _pending_cells(kind, hooks, base_cache, src_cache, n_keep, t_pos)
+    work = _pending_cells(kind, hooks, base_cache, src_cache, n_keep, t_pos, runner.arch.causal)
     last = pm.n_layers - 1
     answer_block = _AnswerRowBlock(runner, base_cache[f"blocks.{last}.hook_resid_pre"][:, :n_keep], t_pos) \
         if direct and last > 0 else None
