@@ -1,4 +1,4 @@
-"""``circuitkit model train|eval`` and ``circuitkit sites``."""
+"""``circuitkit model train|eval|from-tracr`` and ``circuitkit sites``."""
 from __future__ import annotations
 
 import argparse
@@ -44,6 +44,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(handler=_eval)
+    ft = add_common(msub.add_parser("from-tracr", help="compile a RASP program with tracr into a native model "
+                                                       "with its ground truth (needs circuitkit[tracr])"))
+    ft.add_argument("program", help="FILE.py:NAME (or package.module:NAME): NAME() returns {'program': SOp, "
+                                    "'vocab': set, 'max_seq_len': int[, 'compiler_bos': str, 'causal': bool]}")
+    ft.add_argument("--out", required=True, help="model directory to write (must not exist or be empty)")
+    ft.set_defaults(handler=_from_tracr)
     model.set_defaults(handler=None)
 
     st = add_common(sub.add_parser("sites", help="list every activation site of a model"))
@@ -93,6 +99,17 @@ def _eval(args: argparse.Namespace) -> Output:
         lines.append(f"prefers answer over competitor: {m['prefers_answer']:.4f}; "
                      f"mean logit difference {m['mean_logit_diff']:.3f}")
     return Output({"model": args.model_dir, "task": pm.task.name, **m}, "\n".join(lines))
+
+
+def _from_tracr(args: argparse.Namespace) -> Output:
+    from circuitkit.models.from_tracr import from_tracr
+    from circuitkit.validate import check_out_dir
+
+    check_out_dir(args.out)
+    r = from_tracr(args.program, args.out, log=(lambda m: None) if args.json else print)
+    return Output(r, f"{args.out}: matches tracr on {r['check']['inputs_checked']} inputs "
+                     f"({'all' if r['check']['exhaustive'] else 'a sample'}); ground truth: {r['components']} "
+                     f"components, {r['edges']} edges (ground_truth.json)")
 
 
 def _sites(args: argparse.Namespace) -> Output:

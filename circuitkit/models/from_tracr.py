@@ -1,0 +1,252 @@
+"""tracr-compiled transformers as native models, with the ground truth the compiler knows.
+
+tracr (``pip install circuitkit[tracr]``) compiles a RASP program into weights whose residual stream has one
+named direction per value of every program variable (``tokens:a``, ``frac_prevs``).  ``from_tracr``
+compiles a program, converts its weights to a native directory (``models/native.py``), checks the converted
+model against tracr's own output on every input up to ``max_seq_len`` (or a seeded sample of 10,000), and
+writes beside the weights:
+
+* ``ground_truth.json``: for every head (``aL.H``) and MLP (``mL``) the variables it reads (its input weights'
+  non-zero rows; a head's query, key and value separately) and writes (its output weights' non-zero columns),
+  and the edges between components (A → B when B reads a variable A writes, A earlier), plus ``emb`` → the
+  components reading ``tokens`` / ``indices`` / ``one`` and the writers of the program's output → ``out``;
+* ``tracr.json``: the program, its vocabularies and encodings, and the check's result.
+
+Only compiling needs jax; loading a converted model needs nothing beyond circuitkit's core.
+"""
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from circuitkit.errors import CircuitkitError
+from circuitkit.models.native import NativeConfig, NativeTransformer, save_native
+
+#: residual-stream variables that the embeddings write (tracr's primitives)
+EMBEDDED = ("tokens", "indices", "one")
+MAX_CHECKED = 10_000
+
+
+def _tracr() -> Any:
+    try:
+        from tracr.compiler import compiling
+    except ImportError:
+        raise CircuitkitError("compiling a RASP program needs tracr: pip install 'circuitkit[tracr]' (tracr-pypi, "
+                              "with jax); loading a converted model does not") from None
+    return compiling
+
+
+def load_spec(ref: str) -> dict[str, Any]:
+    """Call ``FILE.py:NAME`` (a file the user named) and check the dict it returns: ``program`` (a RASP SOp),
+    ``vocab`` (a set), ``max_seq_len`` (an int), optional ``compiler_bos`` and ``causal``."""
+    fn = _load_function(ref)
+    if not callable(fn):
+        raise CircuitkitError(f"{ref} is not a function; it must return {{'program': SOp, 'vocab': set, "
+                              "'max_seq_len': int}")
+    spec = fn()
+    missing = [k for k in ("program", "vocab", "max_seq_len") if not isinstance(spec, dict) or k not in spec]
+    if missing:
+        raise CircuitkitError(f"{ref}() must return a dict with 'program', 'vocab' and 'max_seq_len'; missing {missing}")
+    unknown = sorted(set(spec) - {"program", "vocab", "max_seq_len", "compiler_bos", "causal"})
+    if unknown:
+        raise CircuitkitError(f"{ref}() returned unknown key(s) {unknown}; valid: program, vocab, max_seq_len, "
+                              "compiler_bos, causal")
+    if not isinstance(spec["max_seq_len"], int) or spec["max_seq_len"] < 1:
+        raise CircuitkitError(f"{ref}(): max_seq_len must be a positive integer, got {spec['max_seq_len']!r}")
+    return spec
+
+
+def _load_function(ref: str) -> Any:
+    """``FILE.py:NAME`` (a file the user named on the command line: it runs) or ``package.module:NAME``."""
+    import importlib
+    import importlib.util
+
+    target, _, name = ref.rpartition(":")
+    if not target or not name.isidentifier():
+        raise CircuitkitError(f"{ref!r} must look like FILE.py:NAME or package.module:NAME")
+    if target.endswith(".py"):
+        path = Path(target).expanduser()
+        if not path.is_file():
+            raise CircuitkitError(f"program file {str(path)!r} does not exist (from {ref!r})")
+        spec = importlib.util.spec_from_file_location(f"circuitkit_rasp_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        try:
+            spec.loader.exec_module(module)  # type: ignore[union-attr]
+        except Exception as e:  # noqa: BLE001 - a user's file may raise anything on import
+            raise CircuitkitError(f"importing {str(path)!r} failed: {type(e).__name__}: {e}") from None
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise CircuitkitError(f"cannot import {target!r} (from {ref!r}): {e}") from None
+    if not hasattr(module, name):
+        found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        raise CircuitkitError(f"{target} has no {name!r}; functions there: {', '.join(found) or 'none'}")
+    return getattr(module, name)
+
+
+def _variable(label: str) -> str:
+    """The program variable a residual direction belongs to (``tokens:a`` -> ``tokens``)."""
+    return label.split(":", 1)[0]
+
+
+def _output_rows(assembled: Any, labels: list[str], out_label: str) -> tuple[list[int], list[Any], str]:
+    """(residual index of each output unit, the output values in order, "categorical" | "numerical")."""
+    enc = assembled.output_encoder
+    mapping = getattr(enc, "encoding_map", None)
+    if mapping:
+        values = sorted(mapping, key=mapping.__getitem__)
+        return [labels.index(f"{out_label}:{v}") for v in values], values, "categorical"
+    return [labels.index(out_label)], [out_label], "numerical"
+
+
+def convert(assembled: Any, program: Any, causal: bool) -> tuple[NativeTransformer, dict[str, Any]]:
+    """The compiled model as a native model, and what reading it needs (encodings, output values)."""
+    p = {k: {kk: np.asarray(vv) for kk, vv in v.items()} for k, v in assembled.params.items()}
+    mc = assembled.model_config
+    labels = [str(x) for x in assembled.residual_labels]
+    rows, values, kind = _output_rows(assembled, labels, program.label)
+    layer = lambda L, part: p[f"transformer/layer_{L}/{part}"]  # noqa: E731
+    q0, m0 = layer(0, "attn/query")["w"], layer(0, "mlp/linear_1")["w"]
+    d_model = q0.shape[0]
+    config = NativeConfig(n_layers=mc.num_layers, d_model=d_model, n_heads=mc.num_heads, d_head=mc.key_size,
+                          d_mlp=m0.shape[1], d_vocab=p["token_embed"]["embeddings"].shape[0], d_vocab_out=len(rows),
+                          n_ctx=p["pos_embed"]["embeddings"].shape[0], act_fn="relu",
+                          attention_dir="causal" if causal else "bidirectional", output=kind)
+    model = NativeTransformer(config)
+    t = lambda a: torch.tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
+    state = {"embed.weight": t(p["token_embed"]["embeddings"]), "pos_embed.weight": t(p["pos_embed"]["embeddings"])}
+    for L in range(mc.num_layers):
+        for ours, theirs in (("attn.q", "attn/query"), ("attn.k", "attn/key"), ("attn.v", "attn/value"),
+                             ("attn.o", "attn/linear"), ("mlp.in", "mlp/linear_1"), ("mlp.out", "mlp/linear_2")):
+            state[f"blocks.{L}.{ours}.weight"] = t(layer(L, theirs)["w"]).T  # haiku: x @ w; torch: x @ W.T
+            state[f"blocks.{L}.{ours}.bias"] = t(layer(L, theirs)["b"])
+    unembed = torch.zeros(len(rows), d_model)
+    unembed[torch.arange(len(rows)), torch.tensor(rows)] = 1.0  # tracr reads the output variable's directions
+    state["unembed.weight"], state["unembed.bias"] = unembed, torch.zeros(len(rows))
+    model.load_state_dict(state)
+    info = {"residual_labels": labels, "input_encoding": {str(k): v for k, v in
+                                                         assembled.input_encoder.encoding_map.items()},
+            "output_values": [v if isinstance(v, (int, float, str)) else str(v) for v in values], "output": kind,
+            "output_variable": program.label}
+    return model.eval(), info
+
+
+def _inputs(vocab: list[Any], max_len: int, seed: int = 0) -> list[tuple[Any, ...]]:
+    """Every input of 1..max_len tokens over ``vocab``, or a seeded sample of ``MAX_CHECKED`` when there are more."""
+    total = sum(len(vocab) ** n for n in range(1, max_len + 1))
+    if total <= MAX_CHECKED:
+        return [x for n in range(1, max_len + 1) for x in itertools.product(vocab, repeat=n)]
+    rng = random.Random(seed)
+    return [tuple(rng.choice(vocab) for _ in range(rng.randint(1, max_len))) for _ in range(MAX_CHECKED)]
+
+
+@torch.no_grad()
+def check_against_tracr(assembled: Any, model: NativeTransformer, info: dict[str, Any], vocab: list[Any],
+                        max_len: int, bos: str) -> dict[str, Any]:
+    """Run both models on every input (``_inputs``): categorical outputs must decode to the same values,
+    numerical ones agree within 1e-4.  Returns counts and the first mismatches."""
+    from circuitkit.models.runner import ModelRunner
+
+    runner, enc = ModelRunner(model), info["input_encoding"]
+    bad, worst = [], 0.0
+    inputs = _inputs(vocab, max_len)
+    for x in inputs:
+        theirs = assembled.apply([bos, *x])
+        ids = torch.tensor([[enc[str(tok)] for tok in (bos, *x)]])
+        out = runner.logits(ids)[0, 1:]  # [len(x), d_vocab_out]; position 0 is BOS
+        if info["output"] == "categorical":
+            ours = [info["output_values"][i] for i in out.argmax(-1).tolist()]
+            ok = [str(v) for v in ours] == [str(v) for v in theirs.decoded[1:]]
+        else:
+            diff = float(np.max(np.abs(out[:, 0].numpy() - np.asarray(theirs.unembedded[0, 1:], dtype=float))))
+            worst, ok = max(worst, diff), diff <= 1e-4
+        if not ok:
+            bad.append([str(t) for t in x])
+    return {"inputs_checked": len(inputs), "exhaustive": len(inputs) < MAX_CHECKED, "mismatches": len(bad),
+            "first_mismatches": bad[:5], "max_abs_diff_numerical": worst}
+
+
+def _touched(matrix: torch.Tensor, labels: list[str], axis: int) -> list[str]:
+    """The variables whose residual directions have a non-zero weight along ``axis`` of ``matrix``."""
+    nz = (matrix.abs() > 1e-9).any(dim=1 - axis) if matrix.ndim == 2 else matrix.abs() > 1e-9
+    return sorted({_variable(labels[i]) for i in nz.nonzero().flatten().tolist()})
+
+
+def ground_truth(model: NativeTransformer, info: dict[str, Any]) -> dict[str, Any]:
+    """What every head and MLP reads and writes (from the weights' non-zero pattern), and the edges between them."""
+    from circuitkit.models.runner import ModelRunner
+
+    r, labels = ModelRunner(model), info["residual_labels"]
+    comps: dict[str, dict[str, Any]] = {}
+    for L, w in enumerate(r.layers):
+        for H in range(r.n_heads):
+            reads = {x: _touched(getattr(w, f"W_{x.upper()}")[H], labels, 0) for x in ("q", "k", "v")}
+            writes = _touched(w.W_O[H], labels, 1)
+            if writes:  # a head that writes nothing is padding (tracr gives every layer the same head count)
+                comps[f"a{L}.{H}"] = {"layer": L, "kind": "head", "reads": sorted(set(sum(reads.values(), []))),
+                                      "reads_by_input": reads, "writes": writes}
+        writes = _touched(w.W_out, labels, 1)
+        if writes:
+            comps[f"m{L}"] = {"layer": L, "kind": "mlp", "reads": _touched(w.W_in, labels, 0), "writes": writes}
+    return {"components": comps, "edges": _edges(comps, info["output_variable"]),
+            "output_variable": info["output_variable"]}
+
+
+def _order(name: str, c: dict[str, Any]) -> tuple[int, int]:
+    return (c["layer"], 0 if c["kind"] == "head" else 1)
+
+
+def _edges(comps: dict[str, dict[str, Any]], output: str) -> list[dict[str, Any]]:
+    """sender -> receiver with the variables that flow: ``emb`` for the embedded primitives, ``out`` for the output."""
+    edges = []
+    for b, cb in comps.items():
+        embedded = sorted(set(cb["reads"]) & set(EMBEDDED))
+        if embedded:
+            edges.append({"sender": "emb", "receiver": b, "variables": embedded})
+        for a, ca in comps.items():
+            shared = sorted(set(ca["writes"]) & set(cb["reads"]))
+            if shared and _order(a, ca) < _order(b, cb):
+                edges.append({"sender": a, "receiver": b, "variables": shared})
+        if output in cb["writes"]:
+            edges.append({"sender": b, "receiver": "out", "variables": [output]})
+    return sorted(edges, key=lambda e: (e["sender"], e["receiver"]))
+
+
+def from_tracr(ref: str, out_dir: str | Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Compile ``FILE.py:NAME``, convert, check against tracr, and write the native model with its ground truth."""
+    from circuitkit.io_utils import atomic_dir, atomic_write_json
+
+    compiling = _tracr()
+    spec = load_spec(ref)
+    program, vocab, max_len = spec["program"], spec["vocab"], spec["max_seq_len"]
+    bos, causal = spec.get("compiler_bos", "BOS"), bool(spec.get("causal", False))
+    log(f"compiling {ref} (max_seq_len {max_len}, vocab {sorted(map(str, vocab))}) ...")
+    assembled = compiling.compile_rasp_to_model(program, vocab=set(vocab), max_seq_len=max_len, compiler_bos=bos,
+                                                causal=causal)
+    model, info = convert(assembled, program, causal)
+    ordered = sorted(vocab, key=str)
+    check = check_against_tracr(assembled, model, info, ordered, max_len, bos)
+    if check["mismatches"]:
+        raise CircuitkitError(f"the converted model differs from tracr's on {check['mismatches']} of "
+                              f"{check['inputs_checked']} inputs (e.g. {check['first_mismatches'][0]}); nothing written")
+    truth = ground_truth(model, info)
+    record = {"program": ref, "program_label": program.label, "vocab": [str(v) for v in ordered],
+              "max_seq_len": max_len, "compiler_bos": bos, "causal": causal, "check": check,
+              **{k: v for k, v in info.items() if k != "residual_labels"}, "residual_labels": info["residual_labels"]}
+    with atomic_dir(Path(out_dir), keep_existing=False) as tmp:
+        save_native(model, tmp)
+        atomic_write_json(tmp / "tracr.json", record)
+        atomic_write_json(tmp / "ground_truth.json", truth)
+    log(f"matches tracr on {check['inputs_checked']} inputs; {len(truth['components'])} components, "
+        f"{len(truth['edges'])} edges of ground truth; wrote {out_dir}")
+    return {"out": str(out_dir), "check": check, "components": len(truth["components"]), "edges": len(truth["edges"])}
+
+
+__all__ = ["check_against_tracr", "convert", "from_tracr", "ground_truth", "load_spec"]
