@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "circuitkit.hypotheses.cli",
     "circuitkit.verification.cli",
     "circuitkit.circuit.cli",
+    "circuitkit.discovery.cli",
     "circuitkit.pipeline.cli",
     "circuitkit.explorer.cli",
 )

@@ -34,8 +34,10 @@ def heatmap(values: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[
 
 
 def line_plot(xs: Sequence[float], series: dict[str, Sequence[float]], title: str, xlabel: str, ylabel: str,
-              hline: float | None = None) -> bytes:
+              hline: float | None = None, logx: bool = False) -> bytes:
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    if logx:
+        ax.set_xscale("log")
     for name, ys in series.items():
         ax.plot(xs[: len(ys)], ys, marker="o", ms=3, label=name)
     if hline is not None:

@@ -1,0 +1,135 @@
+"""``discover`` and ``compare`` as library calls: one method's circuit file, and a table of circuits scored on
+the same inputs (what ``circuitkit discover`` / ``circuitkit compare`` and the case-study reports print)."""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from circuitkit.discovery.compare import MIB_PERCENTS, faithfulness, faithfulness_at, mib_curve, roc_auc
+from circuitkit.discovery.edge_graph import EdgeGraph, edge_count
+from circuitkit.discovery.methods import DiscoveryProblem, discover
+from circuitkit.discovery.problem import circuit_edges, truth_mask
+from circuitkit.errors import CircuitkitError
+
+#: methods a comparison runs by default (``exact`` scores every edge one by one; ``acdc`` tries every edge)
+DEFAULT_METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations", "exact", "acdc")
+SCORED_PERCENT = 5.0  # the circuit a score-only method's file marks in_graph (MIB re-thresholds from scores)
+
+
+def discovery_file(p: DiscoveryProblem, method: str, settings: Mapping[str, Any], record: Mapping[str, Any],
+                   percent: float = SCORED_PERCENT) -> dict[str, Any]:
+    """Run ``method`` and return its MIB JSON, with circuitkit's record (method, settings, seconds, inputs)."""
+    res = discover(p, method, **settings)
+    g = p.graph
+    keep = res.kept if res.kept is not None else g.top_edges(res.scores, edge_count(g, percent))
+    extra = {"circuitkit": {"method": method, "settings": {**res.settings, **settings}, "seconds": round(res.seconds, 4),
+                            "in_graph": "the method's own circuit" if res.kept is not None else
+                            f"top {percent}% of edges by score, pruned", "inputs": dict(record)}}
+    return g.to_mib_json(res.scores, keep, extra)
+
+
+def read_circuit(graph: EdgeGraph, d: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """One entry of a comparison from a file's JSON: a discovery file (MIB JSON) or circuitkit's circuit.json."""
+    if "cfg" in d and isinstance(d.get("edges"), Mapping):
+        scores, keep = graph.from_mib_json(d)
+        meta = d.get("circuitkit", {})
+        ranked = meta.get("method") != "circuitkit"
+        return {"name": meta.get("method", name), "scores": scores, "keep": keep, "ranked": ranked,
+                "seconds": meta.get("seconds")}
+    if isinstance(d.get("nodes"), list):
+        keep, scores = circuit_edges(graph, d)
+        return {"name": "circuitkit", "scores": scores, "keep": keep, "ranked": False, "seconds": None}
+    raise CircuitkitError(f"{name}: neither a discovery file (MIB JSON with 'cfg' and 'edges') nor a circuitkit "
+                          "circuit.json (node-link 'nodes' and 'edges')")
+
+
+def _num(x: float) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), 4)
+
+
+def compare(p: DiscoveryProblem, entries: Sequence[dict[str, Any]], truth: Mapping[str, Any] | None = None,
+            percents: Sequence[float] = MIB_PERCENTS) -> dict[str, Any]:
+    """Score every entry on ``p``: MIB CPR / CMD and the curve (ranked methods), its own circuit's size and
+    faithfulness, every ranked method's faithfulness at circuitkit's edge count, and ROC AUC against ``truth``."""
+    g = p.graph
+    ref = next((e for e in entries if e["name"] == "circuitkit"), None)
+    ref_n = int(ref["keep"].sum()) if ref is not None else None
+    truth_keep = truth_mask(g, truth) if truth is not None else None
+    rows = []
+    for e in entries:
+        t0 = time.perf_counter()
+        own_n = int(e["keep"].sum())
+        row: dict[str, Any] = {"method": e["name"], "edges": own_n,
+                               "faithfulness": _num(float(faithfulness(p, e["keep"])[0])) if own_n else None,
+                               "seconds": e.get("seconds")}
+        if e["ranked"]:
+            curve = mib_curve(p, e["scores"], percents)
+            row.update({"cpr": curve.cpr, "cmd": curve.cmd, "curve": curve.to_dict()})
+            if ref_n is not None:
+                row["faithfulness_at_circuitkit_size"] = _num(faithfulness_at(p, e["scores"], ref_n))
+        if truth_keep is not None:
+            ranking = e["scores"] if e["ranked"] else e["keep"].float() + e["scores"] * 1e-6
+            row["roc_auc"] = _num(roc_auc(g, ranking, truth_keep))
+        row["scoring_seconds"] = round(time.perf_counter() - t0, 3)
+        rows.append(row)
+    return {"n_edges_total": g.n_edges, "percents": list(percents), "circuitkit_edges": ref_n,
+            "truth_edges": int(truth_keep.sum()) if truth_keep is not None else None, "rows": rows,
+            "definitions": "f = (m(C) - m(empty)) / (m(M) - m(empty)) over edges (MIB); CPR = area under f over "
+                           "k/100 on the signed ranking (higher is better), CMD = area under |1 - f| on the |score| "
+                           "ranking (lower is better); ROC AUC of |score| against the ground-truth edges"}
+
+
+def to_markdown(cmp: Mapping[str, Any], title: str = "Circuit discovery, side by side") -> str:
+    """The comparison as a Markdown table."""
+    n_ck = cmp.get("circuitkit_edges")
+    head = ["method", "edges (own circuit)", "faithfulness (own)"]
+    head += [f"faithfulness at {n_ck} edges"] if n_ck is not None else []
+    head += ["CPR ↑", "CMD ↓"] + (["edge ROC AUC"] if cmp.get("truth_edges") is not None else []) + ["seconds"]
+    lines = [f"### {title}", "", f"{cmp['n_edges_total']} edges in the model's graph; every figure on the same inputs.",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def fmt(x: Any) -> str:
+        return "–" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
+    for r in cmp["rows"]:
+        cells = [r["method"], fmt(r["edges"]), fmt(r["faithfulness"])]
+        if n_ck is not None:
+            cells.append(fmt(r["faithfulness"]) if r["method"] == "circuitkit" else fmt(r.get("faithfulness_at_circuitkit_size")))
+        cells += [fmt(r.get("cpr")), fmt(r.get("cmd"))]
+        if cmp.get("truth_edges") is not None:
+            cells.append(fmt(r.get("roc_auc")))
+        cells.append(fmt(r.get("seconds")))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", cmp["definitions"] + "."]
+    return "\n".join(lines)
+
+
+def curve_png(cmp: Mapping[str, Any]) -> bytes:
+    """f against the % of edges kept, one line per ranked method (log x)."""
+    from circuitkit.report.figures import line_plot
+
+    series = {r["method"]: r["curve"]["faithfulness"] for r in cmp["rows"] if "curve" in r}
+    return line_plot(cmp["percents"], series, "faithfulness of the top-k% edges", "% of edges kept (log)",
+                     "faithfulness f", hline=1.0, logx=True)
+
+
+def load_entries(graph: EdgeGraph, paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """Entries from files, or from directories (every ``*.json`` discovery file and ``circuit.json`` in them)."""
+    from circuitkit.validate import read_json
+
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.glob("*.json") if f.name not in ("manifest.json", "comparison.json"))
+            if not found:
+                raise CircuitkitError(f"{p} holds no circuit files (*.json from `circuitkit discover`, or circuit.json)")
+            files += found
+        else:
+            files.append(p)
+    return [read_circuit(graph, read_json(f, "circuit file"), f.stem) for f in files]
+
+
+__all__ = ["DEFAULT_METHODS", "compare", "curve_png", "discovery_file", "load_entries", "read_circuit",
+           "to_markdown"]

@@ -1,0 +1,151 @@
+"""The inputs a discovery run scores on, and the circuits it is compared with that no method scored.
+
+* ``build_problem``: ``n`` test-split bases, each with one aligned source (``task.fair_sources`` holding the
+  layout, as circuit evaluation draws them), and the ablated sender outputs: the source's (``resample``), their
+  mean over the sources at each position (``mean``) or zero (``zero``).
+* ``circuit_edges``: circuitkit's own circuit (``circuit.json``) as edges of the edge graph: the heads and MLPs
+  among its nodes (at any position: the graph does not split positions), every graph edge between two of them,
+  from the embeddings into them and from them into the logits.  Residual nodes are the stream those edges run
+  through and add no component (expanding one into its bundle would keep almost every edge of a small model).
+  An edge's score is the largest path-patching effect measured between the nodes it joins (0 where none was).
+* ``truth_mask``: a tracr model's ground truth (``ground_truth.json``) as edges: A → B's q / k / v where that
+  input of B reads a variable A writes.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from circuitkit.circuit.evaluate import site_role
+from circuitkit.discovery.edge_graph import QKV, EdgeGraph
+from circuitkit.discovery.masked import ablated_outputs
+from circuitkit.discovery.methods import DiscoveryProblem
+from circuitkit.errors import CircuitkitError
+from circuitkit.models.checkpoint import ProbedModel
+from circuitkit.patching.metrics import metric_context
+from circuitkit.sites import Site, parse_site
+
+ABLATIONS = ("resample", "mean", "zero")
+
+
+def aligned_pairs(pm: ProbedModel, n: int, seed: int) -> tuple[list[str], list[str]]:
+    """Up to ``n`` test-split bases with one same-layout source each (bases that admit none are skipped)."""
+    task, rng = pm.task, random.Random(seed)
+    test = list(task.split("test"))
+    bases, sources = [], []
+    for base in rng.sample(test, min(len(test), 20 * n)):
+        src = task.fair_sources(base, rng, 1, hold=("layout",))
+        if src:
+            bases.append(base)
+            sources.append(src[0])
+        if len(bases) == n:
+            break
+    if not bases:
+        raise CircuitkitError(f"no test input of task {task.name!r} has another input of the same layout to "
+                              "ablate from; use --ablation zero or mean")
+    return bases, sources
+
+
+def build_problem(pm: ProbedModel, n: int = 100, seed: int = 0, ablation: str = "resample",
+                  metric: str = "logit_diff") -> tuple[DiscoveryProblem, dict[str, Any]]:
+    """The problem every method scores on, and a record of how it was drawn."""
+    if ablation not in ABLATIONS:
+        raise CircuitkitError(f"unknown ablation {ablation!r}; valid: {', '.join(ABLATIONS)}")
+    graph = EdgeGraph.of_model(pm.runner)
+    bases, sources = aligned_pairs(pm, n, seed)
+    base_ids, src_ids = pm.task.encode(bases).to(pm.device), pm.task.encode(sources).to(pm.device)
+    abl = ablated_outputs(pm.runner, graph, src_ids)  # [S, b, pos, d]
+    if ablation == "mean":
+        abl = abl.mean(1, keepdim=True).expand_as(abl).contiguous()
+    elif ablation == "zero":
+        abl = torch.zeros_like(abl)
+    ctx = metric_context(pm.task, base_ids.cpu(), src_ids.cpu()).to(pm.device)
+    record = {"n": len(bases), "seed": seed, "ablation": ablation, "metric": metric,
+              "sources": "task.fair_sources(base, hold=('layout',)): same layout, another input",
+              "examples": [{"base": b, "source": s} for b, s in list(zip(bases, sources))[:5]]}
+    return DiscoveryProblem(pm.runner, graph, base_ids, abl, ctx, metric), record
+
+
+def _component(graph: EdgeGraph, site: Site) -> str | None:
+    """The sender name of a component site (a head or an MLP, any position); None for anything else."""
+    if site.kind == "head":
+        return f"a{site.layer}.h{site.head}"
+    if site.kind == "mlp_out":
+        return f"m{site.layer}"
+    return None
+
+
+def _components_of(graph: EdgeGraph, node: str) -> set[str]:
+    site = parse_site(node)
+    role = site_role(site)
+    if role == "never_ablated":
+        return {"input"}
+    if role == "residual":
+        return set()
+    name = _component(graph, site)
+    if name is None:
+        raise CircuitkitError(f"circuit node {node!r} is neither a head, an MLP, a residual site nor an embedding; "
+                              "the edge graph has no node for it")
+    return {name}
+
+
+def circuit_edges(graph: EdgeGraph, circuit: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+    """(keep, scores) [S, R] of circuitkit's circuit (``circuit.json``'s nodes and edges)."""
+    nodes = [n["id"] for n in circuit.get("nodes", []) if n.get("kind", "site") == "site"]
+    if not nodes:
+        raise CircuitkitError("the circuit JSON lists no site nodes; pass a circuitkit circuit.json")
+    comps: set[str] = {"input"}
+    for node in nodes:
+        comps |= _components_of(graph, node)
+    inside = torch.tensor([s.name in comps for s in graph.senders])
+    owner = graph.receiver_owner()
+    recv_in = torch.tensor([o < 0 or bool(inside[o]) for o in owner.tolist()])
+    keep = graph.real & inside[:, None] & recv_in[None, :]
+    scores = torch.zeros(graph.shape)
+    for e in circuit.get("edges", []):
+        src, dst = e.get("source", ""), e.get("target", "")
+        if src not in nodes or (dst not in nodes and not str(dst).startswith("out:")):
+            continue
+        senders = _components_of(graph, src)
+        receivers = {"logits"} if str(dst).startswith("out:") else _components_of(graph, dst)
+        for i, s in enumerate(graph.senders):
+            for j in range(len(graph.receivers)):
+                owner_name = "logits" if owner[j] < 0 else graph.senders[int(owner[j])].name
+                if keep[i, j] and s.name in senders and owner_name in receivers:
+                    scores[i, j] = max(float(scores[i, j]), abs(float(e.get("effect", 0.0))))
+    return keep, scores
+
+
+def truth_mask(graph: EdgeGraph, truth: Mapping[str, Any]) -> Tensor:
+    """The ground truth's edges [S, R] (``from_tracr.ground_truth``: components, edges with their variables)."""
+    comps, keep = truth.get("components", {}), graph.empty()
+
+    def sender(name: str) -> str:
+        if name == "emb":
+            return "input"
+        kind, _, rest = name.partition(".")
+        return f"{kind}.h{rest}" if name.startswith("a") else name
+
+    for e in truth.get("edges", []):
+        s, r, variables = sender(e["sender"]), e["receiver"], set(e.get("variables", []))
+        i = graph.sender_index.get(s)
+        if i is None:
+            raise CircuitkitError(f"ground-truth sender {e['sender']!r} is not in the model's edge graph")
+        if r == "out":
+            keep[i, graph.receiver_index["logits"]] = True
+        elif r.startswith("a"):
+            L, H = (int(x) for x in r[1:].split("."))
+            reads = comps.get(r, {}).get("reads_by_input", {})
+            for x in QKV:
+                if variables & set(reads.get(x, [])):
+                    keep[i, graph.receiver_index[f"a{L}.h{H}<{x}>"]] = True
+        else:
+            keep[i, graph.receiver_index[r]] = True
+    return keep & graph.real
+
+
+__all__ = ["ABLATIONS", "aligned_pairs", "build_problem", "circuit_edges", "truth_mask"]
