@@ -140,6 +140,9 @@ def test_circuitkit_circuit_becomes_edges_between_its_components():
     assert names == {"input->a0.h1<q>", "input->a0.h1<k>", "input->a0.h1<v>", "input->m1", "a0.h1->m1",
                      "input->logits", "a0.h1->logits", "m1->logits"}
     assert scores[g.edge_index("a0.h1->m1")] == pytest.approx(0.7)
+    bundled, _ = circuit_edges(g, circuit, bundles=True)  # x1.mid@: stands for every layer-0 head, m0 and a1.*
+    assert bundled[g.edge_index("m0->a1.h0<v>")] and not keep[g.edge_index("m0->a1.h0<v>")]
+    assert torch.equal(bundled & keep, keep)
 
 
 def test_discover_and_compare_commands(tiny_counting_model, tmp_path, capsys):

@@ -31,17 +31,21 @@ def discovery_file(p: DiscoveryProblem, method: str, settings: Mapping[str, Any]
     return g.to_mib_json(res.scores, keep, extra)
 
 
-def read_circuit(graph: EdgeGraph, d: Mapping[str, Any], name: str) -> dict[str, Any]:
-    """One entry of a comparison from a file's JSON: a discovery file (MIB JSON) or circuitkit's circuit.json."""
+def read_circuit(graph: EdgeGraph, d: Mapping[str, Any], name: str) -> list[dict[str, Any]]:
+    """The entries of a comparison from a file's JSON: a discovery file (MIB JSON), or circuitkit's circuit.json
+    (two entries: its heads and MLPs, and ``circuitkit+bundles`` with its residual nodes' bundles as well)."""
     if "cfg" in d and isinstance(d.get("edges"), Mapping):
         scores, keep = graph.from_mib_json(d)
         meta = d.get("circuitkit", {})
         ranked = meta.get("method") != "circuitkit"
-        return {"name": meta.get("method", name), "scores": scores, "keep": keep, "ranked": ranked,
-                "seconds": meta.get("seconds")}
+        return [{"name": meta.get("method", name), "scores": scores, "keep": keep, "ranked": ranked,
+                 "seconds": meta.get("seconds")}]
     if isinstance(d.get("nodes"), list):
-        keep, scores = circuit_edges(graph, d)
-        return {"name": "circuitkit", "scores": scores, "keep": keep, "ranked": False, "seconds": None}
+        out = []
+        for label, bundles in (("circuitkit", False), ("circuitkit+bundles", True)):
+            keep, scores = circuit_edges(graph, d, bundles)
+            out.append({"name": label, "scores": scores, "keep": keep, "ranked": False, "seconds": None})
+        return out
     raise CircuitkitError(f"{name}: neither a discovery file (MIB JSON with 'cfg' and 'edges') nor a circuitkit "
                           "circuit.json (node-link 'nodes' and 'edges')")
 
@@ -128,7 +132,7 @@ def load_entries(graph: EdgeGraph, paths: Sequence[str | Path]) -> list[dict[str
             files += found
         else:
             files.append(p)
-    return [read_circuit(graph, read_json(f, "circuit file"), f.stem) for f in files]
+    return [e for f in files for e in read_circuit(graph, read_json(f, "circuit file"), f.stem)]
 
 
 __all__ = ["DEFAULT_METHODS", "compare", "curve_png", "discovery_file", "load_entries", "read_circuit",

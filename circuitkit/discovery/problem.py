@@ -6,7 +6,8 @@
 * ``circuit_edges``: circuitkit's own circuit (``circuit.json``) as edges of the edge graph: the heads and MLPs
   among its nodes (at any position: the graph does not split positions), every graph edge between two of them,
   from the embeddings into them and from them into the logits.  Residual nodes are the stream those edges run
-  through and add no component (expanding one into its bundle would keep almost every edge of a small model).
+  through and add no component; with ``bundles`` a residual node adds every head and MLP written into the
+  stream before it (its bundle), at every position, which keeps almost every edge of a small model.
   An edge's score is the largest path-patching effect measured between the nodes it joins (0 where none was).
 * ``truth_mask``: a tracr model's ground truth (``ground_truth.json``) as edges: A → B's q / k / v where that
   input of B reads a variable A writes.
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from circuitkit.circuit.evaluate import site_role
+from circuitkit.circuit.evaluate import covered_components, site_role
 from circuitkit.discovery.edge_graph import QKV, EdgeGraph
 from circuitkit.discovery.masked import ablated_outputs
 from circuitkit.discovery.methods import DiscoveryProblem
@@ -79,13 +80,13 @@ def _component(graph: EdgeGraph, site: Site) -> str | None:
     return None
 
 
-def _components_of(graph: EdgeGraph, node: str) -> set[str]:
+def _components_of(graph: EdgeGraph, node: str, bundles: bool = False) -> set[str]:
     site = parse_site(node)
     role = site_role(site)
     if role == "never_ablated":
         return {"input"}
     if role == "residual":
-        return set()
+        return {_component(graph, s) for s in covered_components(site, graph.n_heads)} - {None} if bundles else set()
     name = _component(graph, site)
     if name is None:
         raise CircuitkitError(f"circuit node {node!r} is neither a head, an MLP, a residual site nor an embedding; "
@@ -93,14 +94,14 @@ def _components_of(graph: EdgeGraph, node: str) -> set[str]:
     return {name}
 
 
-def circuit_edges(graph: EdgeGraph, circuit: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+def circuit_edges(graph: EdgeGraph, circuit: Mapping[str, Any], bundles: bool = False) -> tuple[Tensor, Tensor]:
     """(keep, scores) [S, R] of circuitkit's circuit (``circuit.json``'s nodes and edges)."""
     nodes = [n["id"] for n in circuit.get("nodes", []) if n.get("kind", "site") == "site"]
     if not nodes:
         raise CircuitkitError("the circuit JSON lists no site nodes; pass a circuitkit circuit.json")
     comps: set[str] = {"input"}
     for node in nodes:
-        comps |= _components_of(graph, node)
+        comps |= _components_of(graph, node, bundles)
     inside = torch.tensor([s.name in comps for s in graph.senders])
     owner = graph.receiver_owner()
     recv_in = torch.tensor([o < 0 or bool(inside[o]) for o in owner.tolist()])
@@ -110,8 +111,8 @@ def circuit_edges(graph: EdgeGraph, circuit: Mapping[str, Any]) -> tuple[Tensor,
         src, dst = e.get("source", ""), e.get("target", "")
         if src not in nodes or (dst not in nodes and not str(dst).startswith("out:")):
             continue
-        senders = _components_of(graph, src)
-        receivers = {"logits"} if str(dst).startswith("out:") else _components_of(graph, dst)
+        senders = _components_of(graph, src, bundles)
+        receivers = {"logits"} if str(dst).startswith("out:") else _components_of(graph, dst, bundles)
         for i, s in enumerate(graph.senders):
             for j in range(len(graph.receivers)):
                 owner_name = "logits" if owner[j] < 0 else graph.senders[int(owner[j])].name
