@@ -77,6 +77,11 @@ class EdgeMask:
                 self._delta.append(a - self._abl[first + k])
         return fn
 
+    def _untouched(self, receivers: list[int]) -> bool:
+        """True when every circuit keeps every edge into ``receivers`` and no probe is added: their inputs are the
+        run's own stream, so the hook can leave the activation as it is (most hooks when one edge is ablated)."""
+        return self.probe is None and not bool(self._drop[:, : len(self._delta), receivers].any())
+
     def _correction(self, receivers: list[int], x: Tensor) -> Tensor:
         """x − the ablated edges' share, for each receiver: [len(receivers), c*b, pos, d_model]."""
         n = len(self._delta)
@@ -105,8 +110,9 @@ class EdgeMask:
                 hooks[f"blocks.{L}.mlp.hook_pre_linear"] = self._mlp(model, L, ridx[f"m{L}"], linear=True)
         last = f"blocks.{g.n_layers - 1}.hook_resid_post"
         hooks[last] = self._keeper("final", None)
-        hooks["ln_final.hook_normalized"] = lambda act: model.final_normalized(
-            self._correction([ridx["logits"]], self._seen["final"])[0])
+        logits = ridx["logits"]
+        hooks["ln_final.hook_normalized"] = lambda act: None if self._untouched([logits]) else model.final_normalized(
+            self._correction([logits], self._seen["final"])[0])
         return hooks
 
     def _keeper(self, key: str, then: Hook | None) -> Hook:
@@ -117,7 +123,9 @@ class EdgeMask:
         return fn
 
     def _qkv(self, model: ModelRunner, L: int, which: str, recv: list[int]) -> Hook:
-        def fn(act: Tensor) -> Tensor:
+        def fn(act: Tensor) -> Tensor | None:
+            if self._untouched(recv):
+                return None
             inputs = self._correction(recv, self._seen[f"pre{L}"])  # [head, n, pos, d]
             h1 = model.norm1(L, inputs)
             w = model.layers[L]
@@ -126,7 +134,9 @@ class EdgeMask:
         return fn
 
     def _mlp(self, model: ModelRunner, L: int, recv: int, linear: bool) -> Hook:
-        def fn(act: Tensor) -> Tensor:
+        def fn(act: Tensor) -> Tensor | None:
+            if self._untouched([recv]):
+                return None
             x = self._seen[f"pre{L}" if model.arch.parallel else f"mid{L}"]
             h2 = model.norm2(L, self._correction([recv], x)[0])
             return model.mlp_pre_linear(L, h2) if linear else model.mlp_pre(L, h2)
