@@ -75,3 +75,21 @@ def test_cli_converts_a_library_program_no_case_uses_and_names_bad_input(tmp_pat
     assert "no 'nope'; functions there:" in capsys.readouterr().err
     with pytest.raises(CircuitkitError, match="must look like FILE.py:NAME"):
         from_tracr("no_colon_here", tmp_path / "y")
+
+
+def test_the_conversion_records_a_data_task_equal_to_the_committed_one(converted):
+    """task.json holds the program's answers on every input (the same table as the committed tracr_reverse) and the
+    RASP variables' values; padding an input changes no output; a numerical program is refused by name on load."""
+    from circuitkit.models.checkpoint import load_probed
+
+    d = converted["reverse"]
+    task = json.loads((d / "task.json").read_text())
+    committed = json.loads((PROGRAMS.parents[1] / "models" / "tracr_reverse" / "task.json").read_text())
+    assert task["answers"] == committed["answers"] and len(task["answers"]) == 363
+    assert task["output_tokens"] == ["1", "2", "3"] and task["pad"] == "compiler_pad"
+    assert {"tokens", "indices"} <= set(task["variables"]) and task["output_variable"] in task["variables"]
+    check = json.loads((d / "tracr.json").read_text())["check"]
+    assert check["padded_checked"] and check["max_abs_diff_padded"] < 1e-4
+    assert load_probed(d).task.name == "tracr_reverse"
+    with pytest.raises(CircuitkitError, match="numerical outputs .* not yet supported"):
+        load_probed(converted["frac_prevs"])

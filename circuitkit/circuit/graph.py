@@ -215,7 +215,8 @@ def edge_effects(verifier: InterchangeVerifier, sender: CircuitNode | VerifiedNo
 
 
 def _answers_after(verifier: InterchangeVerifier, site: Site) -> list[str]:
-    """Answers read at or after the site's position (on the inputs where it resolves)."""
+    """Answers read at or after the site's position (on the inputs where it resolves; every answer in a
+    bidirectional model)."""
     names: dict[str, None] = {}
     for toks, ts in zip(verifier.tokens[:200], verifier.targets[:200], strict=False):
         try:
@@ -223,7 +224,7 @@ def _answers_after(verifier: InterchangeVerifier, site: Site) -> list[str]:
         except Exception:  # noqa: BLE001 - a position absent from this input
             continue
         for t in ts:
-            if t.position >= p:
+            if t.position >= p or not verifier.causal:
                 names[t.name] = None
     return list(names)
 
@@ -250,9 +251,11 @@ def _add_site_node(g: nx.DiGraph, n: CircuitNode, example: list[str], verifier: 
                joint=n.joint, group=", ".join(n.group), explained=n.explained, architectural=n.architectural)
 
 
-def _edge_candidates(g: nx.DiGraph, site_nodes: list[Node], tpos: dict[str, str], parallel: bool) -> list[Edge]:
-    """Edges to test: site pairs that can send and are not containment pairs (in position order), and each site
-    into ``out:T`` for the answers read at its position."""
+def _edge_candidates(g: nx.DiGraph, site_nodes: list[Node], tpos: dict[str, str], parallel: bool,
+                     causal: bool = True) -> list[Edge]:
+    """Edges to test: site pairs that can send and are not containment pairs (in position order for a causal model;
+    a bidirectional one's attention reads later positions too), and each site into ``out:T`` for the answers read at
+    its position."""
     sites = {a: a.site for a in site_nodes}
     pairs = []
     for a, sa in sites.items():
@@ -260,8 +263,8 @@ def _edge_candidates(g: nx.DiGraph, site_nodes: list[Node], tpos: dict[str, str]
             if not can_send(sa, sb, parallel) or is_containment(sa, sb, parallel):
                 continue
             ia, ib = g.nodes[str(a)]["index"], g.nodes[str(b)]["index"]
-            if ia > ib >= 0:
-                continue  # attention only reads earlier positions
+            if ia > ib >= 0 and causal:
+                continue  # causal attention only reads earlier positions
             pairs.append(Edge(a, b))
         for t, p in tpos.items():
             if str(sa.position) == p:
@@ -313,7 +316,7 @@ def build_circuit(verifier: InterchangeVerifier, nodes: Sequence[CircuitNode | V
     last = 2 * verifier.pm.n_layers + 1
     parallel = verifier.pm.runner.arch.parallel
     tests: list[dict] = []
-    pairs = _edge_candidates(g, site_nodes, tpos, parallel)
+    pairs = _edge_candidates(g, site_nodes, tpos, parallel, verifier.causal)
     bar = None
     if progress:
         from tqdm.auto import tqdm

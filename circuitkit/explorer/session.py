@@ -77,11 +77,13 @@ class Explorer:
             logits, cache = self.model.runner.run(ids.to(self.model.device), cache=names)
         probs = logits[0].float().softmax(-1).cpu()
         preds = []
+        # a model with its own output vocabulary (a tracr program) names its answers with the task's answer_text
+        label = getattr(task, "answer_text", lambda i: task.vocab.tokens[i])
         for t in task.targets(toks):
             p = probs[t.position]
             top = int(p.argmax())
-            preds.append({"target": t.name, "position": t.position, "predicted": task.vocab.tokens[top],
-                          "p_predicted": round(float(p[top]), 4), "correct": task.vocab.tokens[t.token],
+            preds.append({"target": t.name, "position": t.position, "predicted": label(top),
+                          "p_predicted": round(float(p[top]), 4), "correct": label(t.token),
                           "p_correct": round(float(p[t.token]), 4)})
         n = len(task.tokens(text, pad=False))
         patterns = [[cache[name][0, h, :n, :n].cpu().tolist() for h in range(self.model.n_heads)] for name in names]

@@ -239,7 +239,7 @@ def generate_hypotheses(
             continue  # e.g. A4 of a sum with a 3-digit answer: no query has this position
         qps = source.preimages(site, site_queries)
         coverage[str(site)] = float(np.mean([len(q.members) > 0 for q in qps])) if qps else 0.0
-        codes, groups = _candidate_features(task, encoder, site, qps, extra, task_names)
+        codes, groups = _candidate_features(task, encoder, site, qps, extra, task_names, model.runner.arch.causal)
         cand = [encoder.names.index(n) for n in groups]
         site_codes[str(site)] = codes
         for row in score_site(encoder, site, qps, cand):
@@ -257,10 +257,12 @@ def generate_hypotheses(
 
 
 def _candidate_features(task: Task, encoder: FeatureEncoder, site: Site, qps: Sequence[QueryPreimage],
-                        extra: Sequence[str], task_names: list[str]) -> tuple[np.ndarray, dict[str, list[str]]]:
+                        extra: Sequence[str], task_names: list[str], causal: bool = True
+                        ) -> tuple[np.ndarray, dict[str, list[str]]]:
     """(codes on the queries and alias inputs, {candidate: aliases}): the features not reading past the site's
-    (latest) position, informative and de-aliased, that are worth scoring at the site."""
-    max_pos = max(q.position for q in qps)
+    (latest) position (a causal model's site cannot see later tokens; a bidirectional one's sees them all),
+    informative and de-aliased, that are worth scoring at the site."""
+    max_pos = max(q.position for q in qps) if causal else task.seq_len
     alias_items = [(q.query, q.position) for q in qps]
     for t in extra:
         toks = encoder.tokens(t)

@@ -149,28 +149,37 @@ def _inputs(vocab: list[Any], max_len: int, seed: int = 0) -> list[tuple[Any, ..
 
 @torch.no_grad()
 def check_against_tracr(assembled: Any, model: NativeTransformer, info: dict[str, Any], vocab: list[Any],
-                        max_len: int, bos: str) -> dict[str, Any]:
+                        max_len: int, bos: str, outputs: dict[tuple[Any, ...], list[Any]] | None = None,
+                        pad: str | None = None) -> dict[str, Any]:
     """Run both models on every input (``_inputs``): categorical outputs must decode to the same values,
-    numerical ones agree within 1e-4.  Returns counts and the first mismatches."""
+    numerical ones agree within 1e-4; with ``pad``, also with the input right-padded to ``max_len`` (circuitkit
+    runs inputs of several lengths in one padded batch).  Returns counts and the first mismatches; tracr's
+    decoded output of every input goes into ``outputs`` when given (the task's answer table)."""
     from circuitkit.models.runner import ModelRunner
 
     runner, enc = ModelRunner(model), info["input_encoding"]
-    bad, worst = [], 0.0
+    bad, worst, worst_pad = [], 0.0, 0.0
     inputs = _inputs(vocab, max_len)
     for x in inputs:
         theirs = assembled.apply([bos, *x])
-        ids = torch.tensor([[enc[str(tok)] for tok in (bos, *x)]])
-        out = runner.logits(ids)[0, 1:]  # [len(x), d_vocab_out]; position 0 is BOS
-        if info["output"] == "categorical":
-            ours = [info["output_values"][i] for i in out.argmax(-1).tolist()]
-            ok = [str(v) for v in ours] == [str(v) for v in theirs.decoded[1:]]
-        else:
-            diff = float(np.max(np.abs(out[:, 0].numpy() - np.asarray(theirs.unembedded[0, 1:], dtype=float))))
-            worst, ok = max(worst, diff), diff <= 1e-4
-        if not ok:
-            bad.append([str(t) for t in x])
+        if outputs is not None:
+            outputs[x] = list(theirs.decoded[1:])
+        ids = [enc[str(tok)] for tok in (bos, *x)]
+        rows = [ids] + ([ids + [enc[pad]] * (max_len - len(x))] if pad is not None and len(x) < max_len else [])
+        out = [runner.logits(torch.tensor([r]))[0, 1:len(x) + 1] for r in rows]  # [len(x), d_vocab_out]; 0 is BOS
+        for r, o in enumerate(out):
+            if info["output"] == "categorical":
+                ok = [str(info["output_values"][i]) for i in o.argmax(-1).tolist()] == [str(v) for v in theirs.decoded[1:]]
+            else:
+                diff = float(np.max(np.abs(o[:, 0].numpy() - np.asarray(theirs.unembedded[0, 1:], dtype=float))))
+                worst, ok = (worst, diff <= 1e-4) if r else (max(worst, diff), diff <= 1e-4)
+            if r:
+                worst_pad = max(worst_pad, float((o - out[0]).abs().max()))
+            if not ok:
+                bad.append([str(t) for t in x] + (["(padded)"] if r else []))
     return {"inputs_checked": len(inputs), "exhaustive": len(inputs) < MAX_CHECKED, "mismatches": len(bad),
-            "first_mismatches": bad[:5], "max_abs_diff_numerical": worst}
+            "first_mismatches": bad[:5], "max_abs_diff_numerical": worst, "padded_checked": pad is not None,
+            "max_abs_diff_padded": worst_pad}
 
 
 def _touched(matrix: torch.Tensor, labels: list[str], axis: int) -> list[str]:
@@ -232,7 +241,9 @@ def from_tracr(ref: str, out_dir: str | Path, log: Callable[[str], None] = print
                                                 causal=causal)
     model, info = convert(assembled, program, causal)
     ordered = sorted(vocab, key=str)
-    check = check_against_tracr(assembled, model, info, ordered, max_len, bos)
+    pad = _pad_token(info, bos, ordered)
+    outputs: dict[tuple[Any, ...], list[Any]] = {}
+    check = check_against_tracr(assembled, model, info, ordered, max_len, bos, outputs, pad)
     if check["mismatches"]:
         raise CircuitkitError(f"the converted model differs from tracr's on {check['mismatches']} of "
                               f"{check['inputs_checked']} inputs (e.g. {check['first_mismatches'][0]}); nothing written")
@@ -240,13 +251,92 @@ def from_tracr(ref: str, out_dir: str | Path, log: Callable[[str], None] = print
     record = {"program": ref, "program_label": program.label, "vocab": [str(v) for v in ordered],
               "max_seq_len": max_len, "compiler_bos": bos, "causal": causal, "check": check,
               **{k: v for k, v in info.items() if k != "residual_labels"}, "residual_labels": info["residual_labels"]}
+    name = f"tracr_{ref.rpartition(':')[2]}"
+    task = task_spec(name, ref, program, info, (bos, pad), max_len, outputs, check["exhaustive"])
     with atomic_dir(Path(out_dir), keep_existing=False) as tmp:
         save_native(model, tmp)
         atomic_write_json(tmp / "tracr.json", record)
         atomic_write_json(tmp / "ground_truth.json", truth)
+        write_task(tmp, task)
     log(f"matches tracr on {check['inputs_checked']} inputs; {len(truth['components'])} components, "
         f"{len(truth['edges'])} edges of ground truth; wrote {out_dir}")
     return {"out": str(out_dir), "check": check, "components": len(truth["components"]), "edges": len(truth["edges"])}
 
 
-__all__ = ["check_against_tracr", "convert", "from_tracr", "ground_truth", "load_spec"]
+def _pad_token(info: dict[str, Any], bos: str, vocab: list[Any]) -> str:
+    """tracr's pad token: the input encoding's one token that is neither BOS nor a program token."""
+    extra = [t for t in info["input_encoding"] if t != str(bos) and t not in {str(v) for v in vocab}]
+    if len(extra) != 1:
+        raise CircuitkitError(f"tracr's input encoding {sorted(info['input_encoding'])} should hold the program's "
+                              f"tokens, BOS and one pad token; found {extra or 'no'} other token(s)")
+    return extra[0]
+
+
+def _json_value(v: Any) -> Any:
+    """A RASP value as JSON holds it (numbers, strings, booleans, null; anything else as its text)."""
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if isinstance(v, float):
+        return round(v, 6)
+    if isinstance(v, (np.integer, np.floating)):
+        return _json_value(v.item())
+    return str(v)
+
+
+def rasp_variables(program: Any) -> list[Any]:
+    """Every sequence (SOp) the program computes, from ``tokens`` and ``indices`` up to its output, each once."""
+    from tracr.rasp import rasp
+
+    seen: dict[str, Any] = {}
+    todo = [program]
+    while todo:
+        expr = todo.pop()
+        if isinstance(expr, rasp.SOp) and expr.label not in seen:
+            seen[expr.label] = expr
+        todo.extend(getattr(expr, "children", ()))
+    return sorted(seen.values(), key=lambda e: (e.label not in ("tokens", "indices"), e.label))
+
+
+def task_spec(name: str, ref: str, program: Any, info: dict[str, Any], specials: tuple[str, str], max_len: int,
+              outputs: dict[tuple[Any, ...], list[Any]], exhaustive: bool) -> dict[str, Any]:
+    """The data ``tasks/tracr.py: TracrTask`` reads (``task.json``): vocabularies, lengths, the program's answer on
+    every checked input (output-vocabulary indices; numerical: values) and every RASP variable's value there."""
+    from tracr.rasp import rasp
+
+    from circuitkit.tasks.tracr import FORMAT
+
+    key = lambda x: " ".join(str(t) for t in x)  # noqa: E731
+    values = [str(v) for v in info["output_values"]]
+    answers: dict[str, list[Any]] = {}
+    for x, out in outputs.items():
+        if info["output"] == "numerical":
+            answers[key(x)] = [_json_value(v) for v in out]
+        elif all(str(v) in values for v in out):  # an input where the program outputs None has no answer
+            answers[key(x)] = [values.index(str(v)) for v in out]
+    variables = {sop.label: {key(x): [_json_value(v) for v in rasp.evaluate(sop, list(x))] for x in outputs}
+                 for sop in rasp_variables(program)}
+    tokens = sorted(info["input_encoding"], key=info["input_encoding"].__getitem__)
+    return {"format": FORMAT, "name": name, "program": ref, "output": info["output"],
+            "output_variable": info["output_variable"], "input_tokens": tokens, "bos": specials[0], "pad": specials[1],
+            "output_tokens": values, "min_len": 1, "max_len": max_len, "exhaustive": exhaustive,
+            "inputs_without_answer": len(outputs) - len(answers), "answers": answers, "variables": variables}
+
+
+def write_task(out: Path, task: dict[str, Any]) -> None:
+    """``task.json`` and the checkpoint's ``circuitkit.json`` naming it (``tracr:``: the task in this directory,
+    with its sha256), so every verb finds the task with no flag."""
+    import json
+
+    from circuitkit.io_utils import atomic_write_json, atomic_write_text
+    from circuitkit.models.checkpoint import META_FILE
+    from circuitkit.tasks.tracr import PREFIX, TASK_FILE, spec_sha256
+
+    atomic_write_text(out / TASK_FILE, json.dumps(task, separators=(",", ":")) + "\n")  # compact: a table per input
+    spec = {"name": task["name"], "seq_len": task["max_len"] + 1, "vocab": task["input_tokens"], "bos": task["bos"],
+            "eos": task["pad"], "pad": task["pad"], "output": task["output"], "output_tokens": task["output_tokens"]}
+    atomic_write_json(out / META_FILE, {"task": task["name"], "task_ref": {"spec": PREFIX, "task_sha256":
+                                                                          spec_sha256(out)}, "task_spec": spec})
+
+
+__all__ = ["check_against_tracr", "convert", "from_tracr", "ground_truth", "load_spec", "rasp_variables", "task_spec",
+           "write_task"]

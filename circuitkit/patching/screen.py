@@ -76,6 +76,7 @@ def screen_sites(pm: ProbedModel, sites: Sequence[Site], positions: Sequence[str
     btoks = [task.tokens(b) for b in bases]
     targets = [task.targets(t) for t in btoks]
     clean = pm.runner.logits(base_ids.to(pm.device)).argmax(-1).cpu()
+    causal = pm.runner.arch.causal  # a bidirectional model's site can change answers before it too
     todo = []
     for pos in positions:
         rows = [i for i, t in enumerate(btoks) if _has(task, pos, t)]
@@ -93,7 +94,8 @@ def screen_sites(pm: ProbedModel, sites: Sequence[Site], positions: Sequence[str
         changed = []
         for r, i in enumerate(rows):
             p = task.resolve_position(site.position, btoks[i])
-            changed += [float(pred[r, t.position] != clean[i, t.position]) for t in targets[i] if t.position >= p]
+            changed += [float(pred[r, t.position] != clean[i, t.position]) for t in targets[i]
+                        if t.position >= p or not causal]
         if changed:
             e = proportion(np.array(changed))
             out.append(ScreenRow(str(site), round(e.mean, 4), round(e.ci_low, 4), round(e.ci_high, 4), e.n,

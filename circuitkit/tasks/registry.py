@@ -29,10 +29,12 @@ from circuitkit.tasks.base import Task
 #: entry-point group an installed package uses to register tasks: ``name = "pkg.module:Class"``
 ENTRY_POINT_GROUP = "circuitkit.tasks"
 
-SPEC_FORMS = ("a built-in name, path/to/file.py:Class, package.module:Class, prompt_pairs:FILE.jsonl or an "
-              "installed task name")
+SPEC_FORMS = ("a built-in name, path/to/file.py:Class, package.module:Class, prompt_pairs:FILE.jsonl, tracr:DIR "
+              "(tracr: alone = the model's own) or an installed task name")
 #: the spec prefix of the prompt-pairs task (``tasks/prompt_pairs.py``)
 PROMPT_PAIRS = "prompt_pairs:"
+#: the spec prefix of a tracr-compiled model's task (``tasks/tracr.py``): data in the model directory, never code
+TRACR = "tracr:"
 
 
 def _builtin(module: str, cls: str) -> Callable[[], Task]:
@@ -178,6 +180,8 @@ def _resolve(spec: str, base_dir: str | Path | None, model_dir: str | Path | Non
             raise CircuitkitError(f"task {spec!r} tokenizes with the model's own tokenizer: name it on a verb that "
                                   "loads a model (--task), or in a case whose [model] path is set")
         return PromptPairsTask(file, model_dir)
+    if spec.startswith(TRACR):
+        return _tracr_task(spec, base_dir, model_dir)
     if ":" not in spec and spec.endswith(".py"):
         raise CircuitkitError(f"task spec {spec!r} names a file but no class: write {spec}:ClassName")
     if ":" not in spec:
@@ -195,6 +199,20 @@ def _resolve(spec: str, base_dir: str | Path | None, model_dir: str | Path | Non
     return _load_module_class(target, cls_name, spec)
 
 
+def _tracr_task(spec: str, base_dir: str | Path | None, model_dir: str | Path | None,
+                recorded_sha256: Any = None, where: str = "") -> Task:
+    """The task a ``tracr:`` spec names (``tasks/tracr.py``: a JSON spec, read as data); with ``recorded_sha256``
+    (an artefact's record) its ``task.json`` must still be the one the artefact was made for."""
+    from circuitkit.tasks.tracr import TracrTask, task_dir
+
+    task = TracrTask(task_dir(spec, base_dir, model_dir))
+    if isinstance(recorded_sha256, str) and recorded_sha256 and recorded_sha256 != task.sha256:
+        raise CircuitkitError(f"{where!r} was made for another tracr task than the one in {str(task.directory)!r} "
+                              f"(task.json sha256 {recorded_sha256[:12]}... then, {task.sha256[:12]}... now); rerun "
+                              "the step that wrote it on this model")
+    return task
+
+
 def _is_file_target(target: str) -> bool:
     return target.endswith(".py") or "/" in target or "\\" in target
 
@@ -202,6 +220,8 @@ def _is_file_target(target: str) -> bool:
 def task_record(task: Task) -> dict[str, Any]:
     """What an artefact stores to reload ``task`` later: its spec, and a task file's sha256."""
     spec = getattr(task, "spec", None) or task.name
+    if spec.startswith(TRACR):  # the task is data in the model's directory: found again from the model, wherever it lies
+        return {"spec": TRACR, "task_sha256": getattr(task, "sha256", "")}
     record: dict[str, Any] = {"spec": spec}
     if ":" in spec and not spec.startswith(PROMPT_PAIRS):
         target, _ = _split_spec(spec)
@@ -214,6 +234,8 @@ def task_identity(task: Task) -> dict[str, Any]:
     """What makes two tasks the same for a cache key: a task file's content and class (not where the file
     lies, so a moved case folder keeps its caches), else the spec."""
     record = task_record(task)
+    if record["spec"] == TRACR:
+        return {"tracr_task_sha256": record["task_sha256"]}
     if "file_sha256" in record:
         return {"class": record["spec"].rpartition(":")[2], "file_sha256": record["file_sha256"]}
     if record["spec"].startswith(PROMPT_PAIRS):
@@ -230,6 +252,8 @@ def check_same_task(meta: dict[str, Any], task: Task, where: str) -> None:
 
     def identity(record: dict[str, Any]) -> tuple:
         spec = str(record.get("spec", ""))
+        if record.get("task_sha256"):  # a tracr task: its task.json's content
+            return (TRACR, record["task_sha256"])
         return (spec.rpartition(":")[2], record["file_sha256"]) if record.get("file_sha256") else (spec,)
 
     if ref and ref.get("spec"):
@@ -285,6 +309,8 @@ def task_from_record(record: dict[str, Any] | None, name: str | None, where: str
         from circuitkit.tasks.prompt_pairs import PromptPairsTask
 
         return PromptPairsTask(Path(spec[len(PROMPT_PAIRS):]).expanduser(), model_dir if model_dir is not None else where)
+    if spec.startswith(TRACR):  # data, not code: tracr: alone is the model's own directory
+        return _tracr_task(spec, None, model_dir if model_dir is not None else where, record.get("task_sha256"), where)
     if ":" not in spec:  # a built-in or installed name
         return _recorded_named_task(spec, where, hint)
     target, cls_name = _split_spec(spec)

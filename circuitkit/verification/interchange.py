@@ -222,6 +222,8 @@ class InterchangeVerifier:
         self.features = dict(features) if features is not None else all_features(self.task)
         self.coder = coder or FeatureCoder(self.task, self.features)
         self.targets = [self.task.targets(t) for t in self.tokens]
+        #: a causal model's site affects only answers read at or after it; a bidirectional one's, every answer
+        self.causal = bool(getattr(pm.runner.arch, "causal", True))
         self.target_names = list(dict.fromkeys(t.name for ts in self.targets for t in ts))
         self.task_feature_names = [f.name for f in self.task.task_features() if f.name in self.features]
         order = list(range(len(self.inputs)))
@@ -439,12 +441,13 @@ class InterchangeVerifier:
         return self.task.resolve_position(site.position, self.tokens[row])
 
     def changes(self, site: Site, bases: Sequence[int], pred: Tensor) -> dict[str, np.ndarray]:
-        """{target: [n] 1.0 where the prediction at that answer changed}, answers read at/after the site."""
+        """{target: [n] 1.0 where the prediction at that answer changed}, answers read at/after the site (every
+        answer in a bidirectional model)."""
         out: dict[str, list[float]] = {}
         for r, i in enumerate(bases):
             p = self.site_index(i, site)
             for t in self.targets[i]:
-                if t.position >= p:
+                if t.position >= p or not self.causal:
                     out.setdefault(t.name, []).append(float(pred[r, t.position] != self.clean_pred[i, t.position]))
         return {k: np.array(v) for k, v in out.items()}
 
@@ -452,12 +455,13 @@ class InterchangeVerifier:
                     bases: Sequence[int], sources: Sequence[str], shuffle: bool = False
                     ) -> tuple[list[tuple[int, int, int, int]], int]:
         """([(pair row, base row, answer position, predicted token)] for pairs whose answer ``am.target`` is read
-        at or after the site and for which the features predict an answer, n pairs without a prediction)."""
+        at or after the site (anywhere in a bidirectional model) and for which the features predict an answer, n pairs
+        without a prediction)."""
         out, missing = [], 0
         for r, (i, src) in enumerate(zip(bases, sources, strict=False)):
             t = next((t for t in self.targets[i] if t.name == am.target), None)
             p = self.site_index(i, site)
-            if t is None or t.position < p:
+            if t is None or (t.position < p and self.causal):
                 continue
             if isinstance(am, TokenEditPrediction):  # the features take the (shuffled) source's tokens
                 src_toks = self.coder.tokens(self._shuffled_text(src) if shuffle else src)
@@ -505,7 +509,7 @@ class InterchangeVerifier:
         for r, i in enumerate(bases):
             p = self.site_index(i, site)
             for t in self.targets[i]:
-                if t.position >= p:
+                if t.position >= p or not self.causal:
                     y = int(self.clean_pred[i, t.position])
                     d = logits[r, t.position].float() - self.clean_target_logits[i][t.position]
                     out.setdefault(t.name, []).append(abs(float(d[y] - self._reference(t.name, d, y))))
@@ -526,14 +530,15 @@ class InterchangeVerifier:
 
     # ---- tests ----
     def downstream_targets(self, site: Site) -> list[str]:
-        """Answers read at or after the site's position in some input (the only ones it can affect)."""
+        """Answers read at or after the site's position in some input (the only ones it can affect in a causal model;
+        in a bidirectional one, every answer)."""
         key = ("__downstream__", site.position)
         if key not in self._code_rows:
             names: dict[str, None] = {}
             for text, ts in zip(self.inputs[:500], self.targets[:500], strict=False):
                 p = self.coder.position(text, site.position)
                 if p is not None:
-                    names.update((t.name, None) for t in ts if t.position >= p)
+                    names.update((t.name, None) for t in ts if t.position >= p or not self.causal)
             self._code_rows[key] = list(names)  # type: ignore[assignment]
         return self._code_rows[key]  # type: ignore[return-value]
 
