@@ -86,5 +86,31 @@ def test_heads_beside_a_verified_carrier_inherit_its_feature_as_a_group() -> Non
     examined = [s for s in rnd.examined if s in heads]
     assert examined and {(s, "tok@p") for s in examined} <= set(rnd.inherited_claims)
     labelled = [n for n in loop.verification.nodes if n.site in heads]
-    assert labelled and all(n.features == ("tok@p",) and len(n.group) >= 2 for n in labelled)
+    assert labelled and all(len(n.group) >= 2 for n in labelled)
+    # the token at IO (inherited beside m0@IO); IO and S, the circuit's variables elsewhere, are tested too
+    assert "tok@p" in {f for n in labelled for f in n.features}
+    assert {f for n in labelled for f in n.features} <= {"tok@p", "IO", "S"}
     assert not [v for v in loop.verification.controls_verified if v.condition == "shuffled_feature"]
+
+
+def test_a_grown_node_is_tested_for_the_features_the_rest_of_the_circuit_carries() -> None:
+    """No verified node sits at IO, so nothing there can be inherited from a neighbour; the heads growth adds at
+    IO are still tested for S and IO, the features the circuit carries at S2 and END, and a group of them verifies
+    (the circuit's own variables are the first hypotheses for a node it needs), controls verifying nothing."""
+    pm = load_probed(IOI_MODEL)
+    ver = InterchangeVerifier(pm, n_inputs=1200, n_pairs=200, seed=0)
+    start = [claim_hypothesis("a1.2@END", "IO"), claim_hypothesis("a1.3@END", "IO"), claim_hypothesis("m0@S2", "S")]
+    vr = verify_hypotheses(ver, start, controls=False)
+    assert not [n for n in vr.nodes if n.site.endswith("@IO")]
+    ev = AblationEvaluator(pm, n=200, seed=0)
+
+    def no_preimages(sites: object) -> HypothesisReport:  # only an inherited claim can label a node
+        return HypothesisReport("ioi", "", "none", 0.0, Thresholds(), [])
+
+    loop = close_the_loop(ev, ver, vr, named_components(ev, ["IO"]), 0.99, no_preimages, max_rounds=1)
+    rnd = loop.rounds[0]
+    assert rnd.examined and {(s, f) for s in rnd.examined for f in ("S", "IO")} <= set(rnd.inherited_claims)
+    labelled = [n for n in loop.verification.nodes if n.site.endswith("@IO")]
+    assert labelled and {n.site for n in labelled} == set(rnd.verified)
+    assert all(set(n.features) <= {"S", "IO"} and len(n.group) >= 2 for n in labelled)
+    assert not loop.verification.controls_verified

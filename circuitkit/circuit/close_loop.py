@@ -6,11 +6,14 @@ faithfulness target.  Each round here takes the added sites that have not been e
 hypotheses for them from ε-preimages (the same preimage source and queries as the first pass), and verifies
 them by interchange on fair pairs (alone, as joint feature sets, and as site groups of one position, with the
 null controls beside them: ``verification/report.py``).  Besides what preimages suggest, every site growth
-added (one the first pass hypothesized too) is tested for the features that verified nodes at its own
-position carry ("inherited claims"; once per site and feature, even where the site failed that test alone,
-since it may pass in a group with the other sites inheriting it).  A component beside a verified carrier is
-the first suspect for carrying the same variable redundantly (IOI's layer-0 heads beside the MLP that carries
-the IO name), which a preimage of one small component may not show.  Inherited claims are tested exactly as
+added (one the first pass hypothesized too) is tested for the features that verified nodes carry ("inherited
+claims"; once per site and feature, even where the site failed that test alone, since it may pass in a group
+with the other sites inheriting it): first those carried at its own position, then those carried anywhere
+else in the circuit.  A component beside a verified carrier is the first suspect for carrying the same variable
+redundantly (IOI's layer-0 heads beside the MLP that carries the IO name), which a preimage of one small
+component may not show; and a node that growth adds most likely carries one of the variables the circuit already
+routes, if not the one carried beside it (two of IOI's layer-0 heads at IO carry S, the other name, which
+otherwise only the nodes at S2 and END carry).  Inherited claims are tested exactly as
 the rest (fair pairs, controls, site groups with held-out confirmation) and listed per round.  Newly verified
 nodes join the start set, growth is run again from it, and the next round examines what that growth adds,
 until a round verifies nothing new, nothing is left to examine, or ``max_rounds`` is reached.  A node that is still added then has been tested and
@@ -93,16 +96,18 @@ def node_sites(vr: VerificationReport) -> list[str]:
 
 def inherited_claims(vr: VerificationReport, sites: Sequence[str],
                      tested: AbstractSet[tuple[str, str]] = frozenset()) -> list[tuple[str, str]]:
-    """(site, feature) for every feature a verified node at the site's position carries, the site does not
-    already carry and ``tested`` does not hold (module doc)."""
+    """(site, feature) for every feature a verified node carries (those at the site's own position first, then
+    the rest of the circuit's), the site does not already carry and ``tested`` does not hold (module doc)."""
     carried: dict[str, dict[str, None]] = {}
     have = {(n.site, f) for n in vr.nodes for f in n.features}
     for n in vr.nodes:
         for f in n.features:
             carried.setdefault(str(parse_site(n.site).position), {})[f] = None
+    anywhere = dict.fromkeys(f for at in carried.values() for f in at)
     out = []
     for s in sites:
-        for f in carried.get(str(parse_site(s).position), {}):
+        beside = carried.get(str(parse_site(s).position), {})
+        for f in [*beside, *(f for f in anywhere if f not in beside)]:
             if (s, f) not in have and (s, f) not in tested:
                 out.append((s, f))
     return out

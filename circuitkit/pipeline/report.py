@@ -294,7 +294,7 @@ def _loop_text(res: dict[str, Any]) -> str:
     n_claims = sum(len(r.get("inherited_claims", [])) for r in loop["rounds"])
     return (f" Before any node is called unexplained, the nodes growth added go back through hypotheses and "
             f"verification (alone, as joint features and as site groups, with their preimage hypotheses and "
-            f"{n_claims} inherited claim(s): the features verified nodes at their position carry): "
+            f"{n_claims} inherited claim(s): the features verified nodes carry, at their position and elsewhere): "
             f"{len(loop['examined'])} examined in "
             f"{len(loop['rounds'])} round(s), {len(loop['verified'])} gained a verified label "
             f"({', '.join(loop['verified']) or 'none'}); still unexplained after being tested: "
