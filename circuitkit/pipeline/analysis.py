@@ -101,6 +101,7 @@ def stage_circuit(ctx: RunContext, runner: StageRunner) -> CircuitSummary:
     faithfulness, CPR/CMD curves, completeness and minimality."""
     from circuitkit.circuit.discover import CircuitSettings, discover_circuit
     from circuitkit.circuit.export import export_all
+    from circuitkit.discovery.ground_truth import ground_truth_of_run
     from circuitkit.hypotheses.preimage_sources import DecoderPreimage, PoolPreimage, RoutedPreimage
 
     cfg, pm = ctx.cfg, ctx.probed
@@ -138,6 +139,8 @@ def stage_circuit(ctx: RunContext, runner: StageRunner) -> CircuitSummary:
                  "growth": disc.growth.to_dict() if disc.growth else None,
                  "curve": disc.curve.to_dict() if disc.curve else None}
         files = export_all(disc.graph, d, "circuit", extra=extra)
+        exported = json.loads((d / files["json"]).read_text()) if "json" in files else {}
+        truth = ground_truth_of_run(pm, exported.get("nodes", []), exported.get("edges", []), seed=cfg.seed)
         hyp = disc.hypotheses.to_dict()
         hyp["preimage_source_by_site"] = getattr(src, "used", {str(s): src.name for s in sites})
         ver = disc.verification.to_dict()
@@ -150,7 +153,8 @@ def stage_circuit(ctx: RunContext, runner: StageRunner) -> CircuitSummary:
                 "verified_faithfulness": verified_only, "explained_share_per_answer": disc.explained_shares,
                 "explained_share_answer_level": disc.answer_level_shares,
                 "loop": disc.loop.to_dict() if disc.loop else None, "edge_tests": edge_tests,
-                "random_model": ver["settings"].get("random_model"), "verified_nodes": ver["nodes"]}
+                "random_model": ver["settings"].get("random_model"), "verified_nodes": ver["nodes"],
+                "ground_truth": truth.to_dict() if truth is not None else None}
 
     depends = ("model", "decoder") if h.source == "decoder" else ("model",)
     if "screen" in runner.keys:

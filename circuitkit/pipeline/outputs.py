@@ -78,6 +78,7 @@ class CircuitSummary(TypedDict, total=False):
     explained_share_per_answer: dict[str, Any]
     explained_share_answer_level: dict[str, Any]
     loop: dict[str, Any] | None
+    ground_truth: dict[str, Any] | None  # a compiled model's (tracr): discovery.ground_truth.GroundTruthScore
     edge_tests: list[dict[str, Any]]
     random_model: Any
     verified_nodes: list[dict[str, Any]]

@@ -381,6 +381,31 @@ def comparison_section(report: Report, ctx: RunContext) -> None:
                                                           verified, pm.n_layers, pm.n_heads)))
 
 
+def ground_truth_section(report: Report, ctx: RunContext) -> None:
+    """A compiled model's circuit beside the program's ground truth (``discovery/ground_truth.py``): node and
+    edge precision / recall against what the ablation can move and against everything compiled, and the labels."""
+    gt = (ctx.results.circuit or {}).get("ground_truth")
+    if not gt:
+        return
+    s = report.section("The circuit beside the compiled program's ground truth")
+    s.add(f"The model was compiled from a RASP program, so every head and MLP computes a known variable "
+          f"(`ground_truth.json` beside the weights). Resample ablation from same-layout sources moves only "
+          f"{', '.join(gt['visible_components']) or 'no component'}; the rest of the program is constant between "
+          f"every base and its source, and is scored apart (\"full\"). Residual nodes stand for bundles and are "
+          f"left out of precision and recall ({gt['bundles']} of them).")
+    rows = [[f"{what} ({truth})", _fmt(gt[what][truth]["precision"]), _fmt(gt[what][truth]["recall"]),
+             ", ".join(gt[what][truth]["missed"]) or "–", ", ".join(gt[what][truth]["extra"]) or "–"]
+            for what in ("nodes", "edges") for truth in ("visible", "full")]
+    s.add(Table(["circuit against the truth", "precision", "recall", "missed", "extra"], rows))
+    wrong = [r for r in gt["labels"] if not r["right"]]
+    s.add(f"Verified labels that name a variable the program puts at their site: **{gt['labels_right']} of "
+          f"{gt['labels_total']}**" + ("." if not wrong else "; not: " + "; ".join(
+              f"{r['site']} carries {', '.join(r['features'])} (the program holds {', '.join(r['truth'])} there)"
+              for r in wrong[:10]) + "."))
+    if gt.get("notes"):
+        s.add("\n".join(f"- {note}" for note in gt["notes"]))
+
+
 def claims_section(report: Report, ctx: RunContext) -> None:
     s = report.section("The paper's claims beside circuitkit's verification")
     rows = []
@@ -427,6 +452,7 @@ def build_report(ctx: RunContext, manifest: dict[str, Any]) -> Report:
         if summary is not None:
             builder(report, summary, ctx)
     comparison_section(report, ctx)
+    ground_truth_section(report, ctx)
     claims_section(report, ctx)
     manifest_section(report, manifest)
     return report

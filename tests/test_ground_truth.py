@@ -1,0 +1,64 @@
+"""A circuit scored against a compiled program's ground truth (``discovery/ground_truth.py``), on the committed
+tracr-reverse model (no tracr needed): what resample ablation can move is measured on the model, and precision,
+recall and labels follow from the circuit's nodes and edges."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from circuitkit.discovery.ground_truth import moved_components, read_truth, score_against_truth
+from circuitkit.errors import CircuitkitError
+from circuitkit.models.checkpoint import load_probed
+
+MODEL = Path(__file__).resolve().parents[1] / "case_studies" / "models" / "tracr_reverse"
+
+
+def _node(site: str, *features: str) -> dict:
+    return {"id": site, "kind": "site", "features": list(features)}
+
+
+def test_same_layout_resampling_moves_only_the_head_that_writes_reverse():
+    pm = load_probed(MODEL)
+    truth = read_truth(MODEL)
+    moved = moved_components(pm, truth, n=100, seed=0)
+    assert set(moved) == {"a0.0", "m0", "m1", "m2", "a3.0"}
+    # the length sub-circuit (a0.0, m0) and the index arithmetic (m1, m2) are constant at a fixed length
+    assert moved["a3.0"] > 0.5 and all(moved[c] == 0.0 for c in ("a0.0", "m0", "m1", "m2"))
+
+
+def test_precision_recall_and_labels_against_the_visible_and_the_full_truth():
+    truth = read_truth(MODEL)
+    moved = {"a0.0": 0.0, "m0": 0.0, "m1": 0.0, "m2": 0.0, "a3.0": 1.0}
+    nodes = [_node("x0.pre@x1", "tokens"), _node("x2.post@x1", "tokens"), _node("a3.0@x1", "reverse_1"),
+             {"id": "out:y1", "kind": "output"}]
+    edges = [{"source": "x0.pre@x1", "target": "a3.0@x1"}, {"source": "x2.post@x1", "target": "a3.0@x1"},
+             {"source": "a3.0@x1", "target": "out:y1"}]
+    score = score_against_truth(truth, moved, nodes, edges)
+    assert score.visible_components == ["a3.0"] and score.bundles == 1
+    assert score.nodes["visible"] == {"precision": 1.0, "recall": 1.0, "missed": [], "extra": []}
+    assert score.nodes["full"]["recall"] == 0.2 and score.nodes["full"]["missed"] == ["a0.0", "m0", "m1", "m2"]
+    assert score.edges["visible"]["precision"] == score.edges["visible"]["recall"] == 1.0
+    assert score.edges["full"]["recall"] == round(2 / 9, 4) and "m2 → a3.0" in score.edges["full"]["missed"]
+    assert score.labels_right == (3, 3) and len(score.notes) == 4
+    # a label the program does not put there, and a component the ablation cannot see, both count against
+    wrong = score_against_truth(truth, moved, [*nodes[:2], _node("a3.0@x1", "tokens"), _node("m1@x1", "indices"),
+                                               nodes[3]], edges)
+    assert wrong.labels_right == (2, 4)
+    assert [r["site"] for r in wrong.labels if not r["right"]] == ["a3.0@x1", "m1@x1"]
+    assert wrong.nodes["visible"]["precision"] == 0.5 and wrong.nodes["visible"]["extra"] == ["m1"]
+    assert json.loads(json.dumps(wrong.to_dict()))["labels_total"] == 4
+
+
+def test_a_model_without_truth_gives_none_and_a_broken_truth_is_named(tmp_path):
+    assert read_truth(tmp_path) is None and read_truth(None) is None
+    d = tmp_path / "m"
+    shutil.copytree(MODEL, d)
+    (d / "ground_truth.json").write_text("{not json")
+    with pytest.raises(CircuitkitError, match="ground_truth.json' is not valid JSON"):
+        read_truth(d)
+    (d / "ground_truth.json").write_text(json.dumps({"components": {}}))
+    with pytest.raises(CircuitkitError, match="lacks 'components' and 'edges'"):
+        read_truth(d)
