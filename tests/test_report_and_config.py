@@ -50,6 +50,21 @@ def test_case_configs_load_and_quick_overrides():
     assert quick.hypotheses.pool < full.hypotheses.pool and quick.quick
 
 
+def test_quick_on_a_short_file_of_ones_own_gets_the_quick_budgets(tmp_path):
+    """A budget the file sets in neither form takes its quick default under --quick (not an hour of decoder
+    training); one the file sets, plain or quick_, is kept as written."""
+    from circuitkit.pipeline.config import QUICK_DEFAULTS, DecoderSection, HypothesisSection
+
+    f = tmp_path / "c.toml"
+    f.write_text('name = "c"\ntask = "addition"\n[decoder]\neval_queries = 50\n[hypotheses]\nquick_pairs = 30\n')
+    full, quick = load_case(str(f)), load_case(str(f), quick=True)
+    assert (full.decoder.minutes, full.decoder.steps) == (DecoderSection().minutes, DecoderSection().steps)
+    assert (quick.decoder.minutes, quick.decoder.steps) == (5.0, 60) and QUICK_DEFAULTS[DecoderSection]["steps"] == 60
+    assert quick.decoder.eval_queries == 50 and full.decoder.eval_queries == 50  # set plain: kept in both
+    assert quick.hypotheses.pairs == 30 and full.hypotheses.pairs == HypothesisSection().pairs
+    assert quick.hypotheses.pool == 2000 < full.hypotheses.pool and quick.patching.examples == 60
+
+
 def test_decoder_keys_reach_the_trainer_and_zero_keeps_its_defaults(tmp_path):
     from circuitkit.inversion.train import DecoderTrainConfig
     from circuitkit.pipeline.run import decoder_train_config

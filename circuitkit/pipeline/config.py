@@ -1,7 +1,9 @@
 """Case-study configuration: one TOML file describes a whole run (task, model, decoder, patching).
 
 ``--quick`` replaces each ``quick_*`` value for its plain counterpart, so one file serves both
-the minutes-long smoke run and the full run.  Unknown keys are errors: a typo in a config
+the minutes-long smoke run and the full run.  A budget the file leaves out altogether (neither ``key`` nor
+``quick_key``) takes its quick default under ``--quick`` (``QUICK_DEFAULTS``), so a short file of one's own still
+gets a smoke run, not an hour of decoder training.  Unknown keys are errors: a typo in a config
 must not silently fall back to a default.
 """
 from __future__ import annotations
@@ -158,6 +160,15 @@ class CaseConfig:
 _SECTIONS = {"model": ModelSection, "decoder": DecoderSection, "inversion": InversionSection,
              "hypotheses": HypothesisSection, "circuit": CircuitSection, "patching": PatchingSection}
 
+#: ``--quick`` budgets for keys a file sets in neither form (the built-in cases' own quick values, about a minute each)
+QUICK_DEFAULTS: dict[type, dict[str, Any]] = {
+    DecoderSection: {"minutes": 5.0, "steps": 60, "eval_queries": 10, "eval_per_cell": 16, "n_per_cell": 8},
+    HypothesisSection: {"queries": 20, "pool": 2000, "pairs": 60, "verify_inputs": 600, "eval_inputs": 300,
+                        "screen_examples": 100},
+    PatchingSection: {"examples": 60},
+    CircuitSection: {"edge_pairs": 40},
+}
+
 #: numeric ranges of case-config values: (section or "" for the top level, key) -> (low, high, low excluded)
 _RANGES: dict[tuple[str, str], tuple[float | None, float | None, bool]] = {
     ("", "seed"): (0, 2**32 - 1, False),
@@ -254,6 +265,8 @@ def _build(cls: type, data: Any, where: str, quick: bool, errors: list[str]) -> 
                 errors.append(f"{where} {prefix + k}: {problem}, got {_shown(v)}")
             elif prefix == "" or quick:
                 good[k] = v
+    if quick:
+        good.update({k: v for k, v in QUICK_DEFAULTS.get(cls, {}).items() if k not in plain and k not in quick_vals})
     if cls is CaseConfig:
         for k in ("name", "task"):
             if k not in good and not any(e.startswith(f"{where} {k}:") for e in errors):
