@@ -139,7 +139,7 @@ def stage_circuit(ctx: RunContext, runner: StageRunner) -> CircuitSummary:
                  "growth": disc.growth.to_dict() if disc.growth else None,
                  "curve": disc.curve.to_dict() if disc.curve else None}
         files = export_all(disc.graph, d, "circuit", extra=extra)
-        exported = json.loads((d / files["json"]).read_text()) if "json" in files else {}
+        exported = json.loads(Path(files["json"]).read_text()) if "json" in files else {}
         truth = ground_truth_of_run(pm, exported.get("nodes", []), exported.get("edges", []), seed=cfg.seed)
         hyp = disc.hypotheses.to_dict()
         hyp["preimage_source_by_site"] = getattr(src, "used", {str(s): src.name for s in sites})
