@@ -50,6 +50,9 @@ def test_precision_recall_and_labels_against_the_visible_and_the_full_truth():
     assert [r["site"] for r in wrong.labels if not r["right"]] == ["a3.0@x1", "m1@x1"]
     assert wrong.nodes["visible"]["precision"] == 0.5 and wrong.nodes["visible"]["extra"] == ["m1"]
     assert json.loads(json.dumps(wrong.to_dict()))["labels_total"] == 4
+    # selector_width's head writes a one-to-one code of the width: its variable's name is a right label, another not
+    coded = score_against_truth(truth, moved, [_node("a0.0@x1", "length_5"), _node("a0.0@x2", "opp_idx_4")], [])
+    assert [r["right"] for r in coded.labels] == [True, False]
 
 
 def test_a_model_without_truth_gives_none_and_a_broken_truth_is_named(tmp_path):

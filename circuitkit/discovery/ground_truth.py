@@ -16,6 +16,9 @@ is the embeddings (``emb``); the answer nodes are ``out``; every other residual 
 earlier components and is left out of precision and recall (counted apart).  Labels: a verified node at a
 component's site is right when every feature it carries is a variable that component writes; at a residual site,
 when every feature is a variable the stream holds there (the embeddings' and what earlier components wrote).
+tracr's ``selector_width`` writes its attention output (``<v>_selector_width_attn_output``, 1 / (width + 1) in
+one direction) to a hidden space that the next MLP decodes into ``<v>``; that output is a one-to-one code of
+``<v>``, so a label ``<v>`` on that head counts as right.
 """
 from __future__ import annotations
 
@@ -36,6 +39,8 @@ from circuitkit.sites import parse_site
 TRUTH_FILE = "ground_truth.json"
 #: the embeddings' own variables in a tracr model (tokens, positions and the constant ``one`` direction)
 EMBEDDED = ("tokens", "indices", "one")
+#: suffix tracr gives a selector_width's hidden attention output (a one-to-one code of the width variable)
+SELECTOR_WIDTH_CODE = "_selector_width_attn_output"
 #: largest absolute change of a component's output still counted as "the same" between base and source
 SAME = 1e-5
 
@@ -92,6 +97,11 @@ def _stream(truth: Mapping[str, Any], site: str) -> set[str]:
         if order <= before:
             held.update(c.get("writes", []))
     return held
+
+
+def _with_codes(held: set[str]) -> set[str]:
+    """The variables held, plus each variable whose one-to-one code is held (``<v>`` for ``<v>_selector_width_attn_output``)."""
+    return held | {v[: -len(SELECTOR_WIDTH_CODE)] for v in held if v.endswith(SELECTOR_WIDTH_CODE)}
 
 
 def _component_of(node: str) -> str | None:
@@ -166,7 +176,7 @@ def score_against_truth(truth: Mapping[str, Any], moved: Mapping[str, float], no
         comp = mapped[n["id"]]
         held = set(comps[comp].get("writes", [])) if comp in comps else (
             _stream(truth, n["id"].split("@")[0]) if comp is None or comp == "emb" else set())
-        labels.append({"site": n["id"], "features": feats, "truth": sorted(held), "right": set(feats) <= held})
+        labels.append({"site": n["id"], "features": feats, "truth": sorted(held), "right": set(feats) <= _with_codes(held)})
     notes = [f"{c} is constant between every base and its same-layout source (largest change {moved[c]:.1e}): "
              "resample ablation cannot see it" for c in comps if c not in visible]
     return GroundTruthScore(dict(moved), sorted(visible),
