@@ -79,7 +79,8 @@ def test_cli_converts_a_library_program_no_case_uses_and_names_bad_input(tmp_pat
 
 def test_the_conversion_records_a_data_task_equal_to_the_committed_one(converted):
     """task.json holds the program's answers on every input (the same table as the committed tracr_reverse) and the
-    RASP variables' values; padding an input changes no output; a numerical program is refused by name on load."""
+    RASP variables' values; padding an input changes no output; a numerical program's table indexes its readout's
+    values (the same table as the committed tracr_frac_prevs)."""
     from circuitkit.models.checkpoint import load_probed
 
     d = converted["reverse"]
@@ -91,5 +92,9 @@ def test_the_conversion_records_a_data_task_equal_to_the_committed_one(converted
     check = json.loads((d / "tracr.json").read_text())["check"]
     assert check["padded_checked"] and check["max_abs_diff_padded"] < 1e-4
     assert load_probed(d).task.name == "tracr_reverse"
-    with pytest.raises(CircuitkitError, match="numerical outputs .* not yet supported"):
-        load_probed(converted["frac_prevs"])
+    frac = json.loads((converted["frac_prevs"] / "task.json").read_text())
+    committed = json.loads((PROGRAMS.parents[1] / "models" / "tracr_frac_prevs" / "task.json").read_text())
+    assert frac["answers"] == committed["answers"] and len(frac["answers"]) == 1364
+    assert frac["output"] == "numerical" and frac["output_tokens"][:3] == ["0.0", "0.2", "0.25"]
+    assert json.loads((converted["frac_prevs"] / "tracr.json").read_text())["check"]["readout_mismatches"] == 0
+    assert load_probed(converted["frac_prevs"]).task.name == "tracr_frac_prevs"

@@ -114,10 +114,32 @@ def test_an_input_outside_the_table_is_named(tmp_path, capsys):
     assert "tokens ['4'] are not in the vocabulary" in capsys.readouterr().err
 
 
-def test_a_changed_task_file_and_numerical_outputs_are_refused(tmp_path):
+def test_a_changed_task_file_and_a_numerical_output_without_its_readout_are_refused(tmp_path):
     d = _copy_with(tmp_path, lambda data: data.update(output="numerical"))
-    with pytest.raises(CircuitkitError, match="numerical outputs .* are not yet supported by run, patch and verify"):
+    with pytest.raises(CircuitkitError, match="read through its nearest-value readout, which this task file does not"):
         load_probed(d)
     (d / "task.json").write_text((MODEL / "task.json").read_text())  # not the file circuitkit.json records
     with pytest.raises(CircuitkitError, match="was made for another tracr task"):
         load_probed(d)
+
+
+@torch.no_grad()
+def test_a_numerical_program_is_read_as_the_nearest_of_its_values_through_one_scalar():
+    """tracr_frac_prevs (committed): argmax of the readout is the program's value on all 1,364 inputs, and every
+    output unit i, s (2 c_i v - c_i^2), gives back the same scalar v, within 0.01 of that value: a logit difference
+    is a scaled output-value difference."""
+    pm = load_probed(ROOT / "case_studies" / "models" / "tracr_frac_prevs")
+    task, runner = pm.task, pm.runner
+    values = torch.tensor([float(t) for t in task.output_tokens])  # [K]
+    scale = json.loads((pm.path / "tracr.json").read_text())["readout_scale"]
+    texts = task.split("test")
+    assert len(texts) == 1364
+    ids = task.encode(texts)  # [n, seq]
+    logits = runner.logits(ids)  # [n, seq, K]
+    for row, text in zip(logits, texts, strict=True):
+        answers = task.lookup(task.tokens(text, pad=False))
+        out = row[1:len(answers) + 1]  # [len, K]
+        assert out.argmax(-1).tolist() == answers
+        v = (out[:, values != 0] / scale + values[values != 0] ** 2) / (2 * values[values != 0])  # [len, K-1]
+        assert torch.allclose(v, v[:, :1].expand_as(v), atol=1e-3)
+        assert (v[:, 0] - values[answers]).abs().max() < 0.01

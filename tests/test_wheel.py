@@ -19,6 +19,6 @@ def test_the_installed_wheel_finds_its_cases_and_models_outside_the_checkout(ins
             "print(available_cases(), c.resolve(c.model.path))")
     out = subprocess.run([str(installed_wheel / "python"), "-c", code], cwd=tmp_path, capture_output=True, text=True,
                          check=True).stdout
-    assert "['addition', 'counting', 'ioi', 'tracr_reverse']" in out
+    assert "['addition', 'counting', 'ioi', 'tracr_frac_prevs', 'tracr_reverse']" in out
     model = Path(out.split("] ", 1)[1].strip())
     assert str(model).startswith(str(installed_wheel.parent)) and (model / "model.safetensors").is_file()

@@ -12,6 +12,13 @@ writes beside the weights:
   components reading ``tokens`` / ``indices`` / ``one`` and the writers of the program's output → ``out``;
 * ``tracr.json``: the program, its vocabularies and encodings, and the check's result.
 
+A numerical program (``frac_prevs``: one value per position, no softmax) is read as the nearest of the values the
+program outputs on the checked inputs, c_1 < ... < c_K: output unit i is s · (2 c_i v − c_i²), v the compiled
+model's output value.  That is −s (v − c_i)² up to a term common to every unit, so argmax is the nearest value,
+the readout stays an affine unembedding (every engine runs it unchanged), and a logit difference between values a
+and b, 2 s (c_a − c_b) v − s (c_a² − c_b²), is an output-value difference scaled: the scalar metric the numerical
+program needs.  s puts the two closest values ``READOUT_MARGIN`` logits apart at either's exact value.
+
 Only compiling needs jax; loading a converted model needs nothing beyond circuitkit's core.
 """
 from __future__ import annotations
@@ -31,6 +38,8 @@ from circuitkit.models.native import NativeConfig, NativeTransformer, save_nativ
 #: residual-stream variables that the embeddings write (tracr's primitives)
 EMBEDDED = ("tokens", "indices", "one")
 MAX_CHECKED = 10_000
+#: logits between the two closest output values of a numerical program, at either value (its readout's sharpness)
+READOUT_MARGIN = 10.0
 
 
 def _tracr() -> Any:
@@ -150,9 +159,11 @@ def _inputs(vocab: list[Any], max_len: int, seed: int = 0) -> list[tuple[Any, ..
 @torch.no_grad()
 def check_against_tracr(assembled: Any, model: NativeTransformer, info: dict[str, Any], vocab: list[Any],
                         max_len: int, bos: str, outputs: dict[tuple[Any, ...], list[Any]] | None = None,
-                        pad: str | None = None) -> dict[str, Any]:
-    """Run both models on every input (``_inputs``): categorical outputs must decode to the same values,
-    numerical ones agree within 1e-4; with ``pad``, also with the input right-padded to ``max_len`` (circuitkit
+                        pad: str | None = None, truth: dict[tuple[Any, ...], list[Any]] | None = None
+                        ) -> dict[str, Any]:
+    """Run both models on every input (``_inputs``): categorical outputs (and a numerical program's nearest-value
+    readout) must decode to the same values (``truth``, when given, instead of tracr's decoded output), a numerical
+    output value agree within 1e-4; with ``pad``, also with the input right-padded to ``max_len`` (circuitkit
     runs inputs of several lengths in one padded batch).  Returns counts and the first mismatches; tracr's
     decoded output of every input goes into ``outputs`` when given (the task's answer table)."""
     from circuitkit.models.runner import ModelRunner
@@ -167,9 +178,11 @@ def check_against_tracr(assembled: Any, model: NativeTransformer, info: dict[str
         ids = [enc[str(tok)] for tok in (bos, *x)]
         rows = [ids] + ([ids + [enc[pad]] * (max_len - len(x))] if pad is not None and len(x) < max_len else [])
         out = [runner.logits(torch.tensor([r]))[0, 1:len(x) + 1] for r in rows]  # [len(x), d_vocab_out]; 0 is BOS
+        expected = truth[x] if truth is not None else list(theirs.decoded[1:])
         for r, o in enumerate(out):
-            if info["output"] == "categorical":
-                ok = [str(info["output_values"][i]) for i in o.argmax(-1).tolist()] == [str(v) for v in theirs.decoded[1:]]
+            if o.shape[-1] > 1 or info["output"] == "categorical":
+                ok = all(_same(info["output_values"][i], v) for i, v in zip(o.argmax(-1).tolist(), expected,
+                                                                            strict=True))
             else:
                 diff = float(np.max(np.abs(o[:, 0].numpy() - np.asarray(theirs.unembedded[0, 1:], dtype=float))))
                 worst, ok = (worst, diff <= 1e-4) if r else (max(worst, diff), diff <= 1e-4)
@@ -180,6 +193,39 @@ def check_against_tracr(assembled: Any, model: NativeTransformer, info: dict[str
     return {"inputs_checked": len(inputs), "exhaustive": len(inputs) < MAX_CHECKED, "mismatches": len(bad),
             "first_mismatches": bad[:5], "max_abs_diff_numerical": worst, "padded_checked": pad is not None,
             "max_abs_diff_padded": worst_pad}
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Two output values equal: numbers within 1e-6, anything else by its text."""
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return abs(float(a) - float(b)) <= 1e-6
+    return str(a) == str(b)
+
+
+def program_values(program: Any, inputs: list[tuple[Any, ...]]) -> dict[tuple[Any, ...], list[Any]]:
+    """The RASP interpreter's output of ``program`` on every input (exact values, where a numerical model's output
+    is approximate)."""
+    from tracr.rasp import rasp
+
+    return {x: [_json_value(v) for v in rasp.evaluate(program, list(x))] for x in inputs}
+
+
+def nearest_value_readout(model: NativeTransformer, values: list[float]) -> NativeTransformer:
+    """The numerical model with its one output value read as the nearest of ``values`` (module docstring): a copy
+    whose unembedding has one unit per value, s · (2 c_i v − c_i²)."""
+    if len(values) < 2:
+        raise CircuitkitError(f"the program outputs the one value {values} on every checked input: there is no "
+                              "answer to explain")
+    c = torch.tensor(values, dtype=torch.float32)  # [K]
+    s = READOUT_MARGIN / float(c.diff().min()) ** 2
+    config = NativeConfig(**{**model.config.to_dict(), "d_vocab_out": len(values)})
+    out = NativeTransformer(config)
+    state = dict(model.state_dict())
+    w, b = state.pop("unembed.weight")[0], state.pop("unembed.bias")[0]  # [d_model], []: v = w · x + b
+    state["unembed.weight"] = s * 2 * c[:, None] * w[None, :]  # [K, d_model]
+    state["unembed.bias"] = s * (2 * c * b - c ** 2)  # [K]
+    out.load_state_dict(state)
+    return out.eval()
 
 
 def _touched(matrix: torch.Tensor, labels: list[str], axis: int) -> list[str]:
@@ -244,9 +290,17 @@ def from_tracr(ref: str, out_dir: str | Path, log: Callable[[str], None] = print
     pad = _pad_token(info, bos, ordered)
     outputs: dict[tuple[Any, ...], list[Any]] = {}
     check = check_against_tracr(assembled, model, info, ordered, max_len, bos, outputs, pad)
-    if check["mismatches"]:
-        raise CircuitkitError(f"the converted model differs from tracr's on {check['mismatches']} of "
-                              f"{check['inputs_checked']} inputs (e.g. {check['first_mismatches'][0]}); nothing written")
+    _refuse_mismatches(check)
+    if info["output"] == "numerical":
+        outputs = {x: [None if v is None else float(v) for v in out]  # the interpreter gives a 1-long mean as a bool
+                   for x, out in program_values(program, list(outputs)).items()}
+        values = sorted({round(v, 6) for out in outputs.values() for v in out if v is not None})
+        model = nearest_value_readout(model, values)
+        info = {**info, "output_values": values, "readout": "nearest value: unit i = s (2 c_i v - c_i^2)",
+                "readout_scale": READOUT_MARGIN / min(b - a for a, b in zip(values, values[1:])) ** 2}
+        readout = check_against_tracr(assembled, model, info, ordered, max_len, bos, None, pad, truth=outputs)
+        _refuse_mismatches(readout, "its nearest-value readout differs from the RASP program's output")
+        check["readout_mismatches"] = 0
     truth = ground_truth(model, info)
     record = {"program": ref, "program_label": program.label, "vocab": [str(v) for v in ordered],
               "max_seq_len": max_len, "compiler_bos": bos, "causal": causal, "check": check,
@@ -261,6 +315,13 @@ def from_tracr(ref: str, out_dir: str | Path, log: Callable[[str], None] = print
     log(f"matches tracr on {check['inputs_checked']} inputs; {len(truth['components'])} components, "
         f"{len(truth['edges'])} edges of ground truth; wrote {out_dir}")
     return {"out": str(out_dir), "check": check, "components": len(truth["components"]), "edges": len(truth["edges"])}
+
+
+def _refuse_mismatches(check: dict[str, Any], what: str = "the converted model differs from tracr's") -> None:
+    """Stop, writing nothing, when a check found an input the converted model gets wrong."""
+    if check["mismatches"]:
+        raise CircuitkitError(f"{what} on {check['mismatches']} of {check['inputs_checked']} inputs (e.g. "
+                              f"{check['first_mismatches'][0]}); nothing written")
 
 
 def _pad_token(info: dict[str, Any], bos: str, vocab: list[Any]) -> str:
@@ -300,7 +361,8 @@ def rasp_variables(program: Any) -> list[Any]:
 def task_spec(name: str, ref: str, program: Any, info: dict[str, Any], specials: tuple[str, str], max_len: int,
               outputs: dict[tuple[Any, ...], list[Any]], exhaustive: bool) -> dict[str, Any]:
     """The data ``tasks/tracr.py: TracrTask`` reads (``task.json``): vocabularies, lengths, the program's answer on
-    every checked input (output-vocabulary indices; numerical: values) and every RASP variable's value there."""
+    every checked input (indices into the output values; a numerical program's too, into its readout's values) and
+    every RASP variable's value there."""
     from tracr.rasp import rasp
 
     from circuitkit.tasks.tracr import FORMAT
@@ -309,15 +371,15 @@ def task_spec(name: str, ref: str, program: Any, info: dict[str, Any], specials:
     values = [str(v) for v in info["output_values"]]
     answers: dict[str, list[Any]] = {}
     for x, out in outputs.items():
-        if info["output"] == "numerical":
-            answers[key(x)] = [_json_value(v) for v in out]
-        elif all(str(v) in values for v in out):  # an input where the program outputs None has no answer
-            answers[key(x)] = [values.index(str(v)) for v in out]
+        index = [next((i for i, c in enumerate(info["output_values"]) if _same(c, v)), None) for v in out]
+        if None not in index:  # an input where the program outputs None has no answer
+            answers[key(x)] = index
     variables = {sop.label: {key(x): [_json_value(v) for v in rasp.evaluate(sop, list(x))] for x in outputs}
                  for sop in rasp_variables(program)}
     tokens = sorted(info["input_encoding"], key=info["input_encoding"].__getitem__)
     return {"format": FORMAT, "name": name, "program": ref, "output": info["output"],
-            "output_variable": info["output_variable"], "input_tokens": tokens, "bos": specials[0], "pad": specials[1],
+            "output_variable": info["output_variable"], **({"readout": info["readout"]} if "readout" in info else {}),
+            "input_tokens": tokens, "bos": specials[0], "pad": specials[1],
             "output_tokens": values, "min_len": 1, "max_len": max_len, "exhaustive": exhaustive,
             "inputs_without_answer": len(outputs) - len(answers), "answers": answers, "variables": variables}
 

@@ -11,12 +11,12 @@ d_model           residual stream width                           >= 1
 n_heads, d_head   heads per block and their width (independent)   >= 1
 d_mlp             MLP hidden width                                >= 1
 d_vocab           input tokens                                    >= 2
-d_vocab_out       output units (tracr: the program's output set)  >= 1 (1 for a numerical output)
+d_vocab_out       output units (tracr: the program's output set)  >= 1
 n_ctx             positions                                       >= 1
 act_fn            MLP activation                                  relu, gelu, gelu_new, silu
 normalization_type                                                null (no LayerNorm)
 attention_dir     who a position attends to                       causal, bidirectional
-output            how the output units are read                   categorical (argmax), numerical (one value)
+output            what the output units are                       categorical (one per value), numerical (one value, or its nearest-value readout)
 ================  ==============================================  ==========================
 
 The weights use the names and shapes of TransformerLens's native bridge (``embed.weight``, ``pos_embed.weight``,
@@ -74,8 +74,6 @@ class NativeConfig:
                 problems.append(f"{name} {value!r} is not one of {choices_hint(valid)}")
         if self.normalization_type is not None:
             problems.append(f"normalization_type {self.normalization_type!r}: only null (no LayerNorm) is supported")
-        if self.output == "numerical" and self.d_vocab_out != 1:
-            problems.append(f"a numerical output has d_vocab_out 1, got {self.d_vocab_out}")
         if problems:
             raise CircuitkitError("native model config: " + "; ".join(problems))
 

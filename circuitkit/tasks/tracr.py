@@ -10,7 +10,9 @@ directory"), so ``run``, ``patch`` and ``verify`` need no ``--task``; ``tracr:DI
 An input is ``BOS t1 t2 ... tn`` (space-separated tokens, right-padded with the pad token).  Its named
 positions are ``BOS`` and ``x1`` .. ``xn``; the answer ``yk`` is read at ``xk`` (a compiled model reads its
 output at every input position, bidirectionally).  Answers are indices into the *output* vocabulary, which is
-what the model's logits range over.  Features: ``length`` (of the whole input: a bidirectional model sees it
+what the model's logits range over; a numerical program's (``frac_prevs``) are the values it outputs, read
+through the nearest-value readout ``models/from_tracr.py`` builds (a logit difference there is a scaled
+output-value difference).  Features: ``length`` (of the whole input: a bidirectional model sees it
 all), and one positional feature per RASP variable (its value at the site's position; ``tokens`` and
 ``indices`` are tracr's primitives), so hypotheses name what the program computes there.
 """
@@ -34,8 +36,9 @@ FORMAT = "circuitkit.tracr_task/1"
 #: the spec keys ``task.json`` must hold
 REQUIRED = ("format", "name", "output", "input_tokens", "bos", "pad", "output_tokens", "min_len", "max_len",
             "answers")
-NUMERICAL_UNSUPPORTED = ("numerical outputs (one value per position, no softmax, e.g. frac_prevs) are not yet "
-                         "supported by run, patch and verify; only categorical tracr programs are (e.g. reverse)")
+NUMERICAL_UNREAD = ("a numerical output (one value per position, e.g. frac_prevs) is read through its nearest-value "
+                    "readout, which this task file does not record; convert the program again with 'circuitkit model "
+                    "from-tracr'")
 
 
 class SpaceTokenizer(Tokenizer):
@@ -78,9 +81,9 @@ def _check_spec(data: Any, where: str) -> None:
         raise CircuitkitError(f"{where} lacks {', '.join(missing)}; rewrite it with 'circuitkit model from-tracr'")
     if data["format"] != FORMAT:
         raise CircuitkitError(f"{where} has format {data['format']!r}; this circuitkit reads {FORMAT!r}")
-    if data["output"] == "numerical":
-        raise CircuitkitError(f"{where}: {NUMERICAL_UNSUPPORTED}")
-    if data["output"] != "categorical":
+    if data["output"] == "numerical" and "readout" not in data:
+        raise CircuitkitError(f"{where}: {NUMERICAL_UNREAD}")
+    if data["output"] not in ("categorical", "numerical"):
         raise CircuitkitError(f"{where}: output {data['output']!r} is not one of categorical, numerical")
     toks = data["input_tokens"]
     if not (isinstance(toks, list) and toks and all(isinstance(t, str) and t and not any(c.isspace() for c in t)
@@ -268,5 +271,5 @@ def spec_sha256(directory: str | Path) -> str:
         raise CircuitkitError(f"cannot read {str(file)!r}: {e}") from None
 
 
-__all__ = ["FORMAT", "NUMERICAL_UNSUPPORTED", "PREFIX", "TASK_FILE", "SpaceTokenizer", "TracrTask", "spec_sha256",
+__all__ = ["FORMAT", "NUMERICAL_UNREAD", "PREFIX", "TASK_FILE", "SpaceTokenizer", "TracrTask", "spec_sha256",
            "task_dir"]
