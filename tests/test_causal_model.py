@@ -14,7 +14,7 @@ import pytest
 from circuitkit.cli import main
 from circuitkit.models.checkpoint import load_probed
 from circuitkit.tasks.base import Task
-from circuitkit.verification.causal import TOKEN_EDIT, answers_any_input, edit, token_editable
+from circuitkit.verification.causal import TOKEN_EDIT, answers_any_input, realisations, token_editable
 from circuitkit.verification.interchange import InterchangeVerifier
 from tests.user_tasks.pointer import PointerTask
 
@@ -37,13 +37,13 @@ def test_the_token_edit_copies_the_variables_tokens_from_the_source():
     task = PointerTask()
     feats = task.features()
     base, source = task.tokens("B31402c=4E"), task.tokens("B00000a=0E")
-    edited = edit(task, feats, ["index"], base, source, 7)
+    [edited] = realisations(task, feats, ["index"], base, source, 7)
     assert "".join(edited[:10]) == "B31402a=4E"  # the pointer from the source, everything else from the base
     assert task.answers(edited) == {"answer": task.vocab.id_of("3")}  # the base's first digit: a lookup
     from circuitkit.hypotheses.features import all_features
 
     rel = all_features(task)
-    assert edit(task, rel, ["tok@p-1"], base, source, 7) == edited  # the token before '=' is the pointer
+    assert realisations(task, rel, ["tok@p-1"], base, source, 7) == [edited]  # the token before '=' is the pointer
     # the looked-up digit is not a token-level variable (it declares no reads): the data-driven model takes it
     assert token_editable(task, feats, ["index"]) and not token_editable(task, feats, ["pointed"])
 

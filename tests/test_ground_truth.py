@@ -65,3 +65,19 @@ def test_a_model_without_truth_gives_none_and_a_broken_truth_is_named(tmp_path):
     (d / "ground_truth.json").write_text(json.dumps({"components": {}}))
     with pytest.raises(CircuitkitError, match="lacks 'components' and 'edges'"):
         read_truth(d)
+
+
+def test_a_label_that_is_the_same_partition_as_the_variable_held_there_counts_as_its_alias():
+    """tracr_frac_prevs: at x1 the running fraction frac_prevs_1 is map_3 (tokens == 'x') on every input, at x2 it
+    is not; the MLP m0 writes map_3."""
+    from circuitkit.discovery.ground_truth import same_partition
+
+    model = MODEL.parent / "tracr_frac_prevs"
+    truth, variables = read_truth(model), load_probed(model).task.variables
+    assert same_partition(variables, "frac_prevs_1", "map_3", 1) and not same_partition(variables, "frac_prevs_1",
+                                                                                         "map_3", 2)
+    nodes = [_node("m0@x1", "frac_prevs_1", "map_3"), _node("m0@x2", "frac_prevs_1")]
+    score = score_against_truth(truth, {"m0": 1.0, "a1.0": 1.0}, nodes, [], variables)
+    assert [r["right"] for r in score.labels] == [True, False]
+    assert score.labels[0]["aliases"] == {"frac_prevs_1": "map_3"} and score.labels[1]["aliases"] == {}
+    assert score_against_truth(truth, {"m0": 1.0, "a1.0": 1.0}, nodes[:1], []).labels_right == (0, 1)

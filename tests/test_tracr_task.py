@@ -143,3 +143,48 @@ def test_a_numerical_program_is_read_as_the_nearest_of_its_values_through_one_sc
         v = (out[:, values != 0] / scale + values[values != 0] ** 2) / (2 * values[values != 0])  # [len, K-1]
         assert torch.allclose(v, v[:, :1].expand_as(v), atol=1e-3)
         assert (v[:, 0] - values[answers]).abs().max() < 0.01
+
+
+FRAC = ROOT / "case_studies" / "models" / "tracr_frac_prevs"
+
+
+def test_a_coarse_token_variable_is_set_by_every_token_that_gives_its_value():
+    """map_3 = (tokens == 'x') is a function of the token at its position on every input, so the causal model sets
+    it by token edits: to 1 only by 'x', to 0 by any of a, b, c, predicting where they all agree; a coarse
+    variable whose realisations disagree (any of 'a' / 'x') predicts only the answers that do not depend on which."""
+    from circuitkit.tasks.features import PositionalFeature
+    from circuitkit.verification.causal import edited_answers, realisations
+
+    task = load_probed(FRAC).task
+    feats = task.features()
+    assert task.token_maps == {"map_3"} and feats["map_3"].coarse and not feats["tokens"].coarse
+    tok = task.tokens
+    assert [e[:4] for e in realisations(task, feats, ["map_3"], tok("BOS a b c"), tok("BOS a x c"), 2)] == \
+        [["BOS", "a", "x", "c"]]
+    assert len(realisations(task, feats, ["map_3"], tok("BOS a x c"), tok("BOS a b c"), 2)) == 3
+    assert edited_answers(task, feats, ["map_3"], tok("BOS a x c"), tok("BOS c a c"), 2) == \
+        task.answers(tok("BOS a b c"))
+    a_or_x = PositionalFeature("a_or_x", lambda t, p: t[p] in ("a", "x"), reads=(0,), coarse=True)
+    got = edited_answers(task, {"a_or_x": a_or_x}, ["a_or_x"], tok("BOS b b c"), tok("BOS b a c"), 2)
+    assert got == {"y1": task.answers(tok("BOS b b c"))["y1"]}  # y2, y3 differ between 'a' and 'x': no prediction
+
+
+def test_the_preimages_choose_the_coarser_of_two_labels_that_both_verify(tmp_path, capsys):
+    """At m0@x2 the MLP writes map_3: both map_3 and the finer `tokens` pass the interchange test (the answer needs
+    only map_3), and the preimages (kappa 1.0 against about 0.5) drop `tokens`; at the embedding x0.pre@x2, which
+    holds the token itself, `tokens` stays."""
+    hyp = tmp_path / "h.json"
+    assert main(["hypothesize", str(FRAC), "--sites", "m0@x2,x0.pre@x2", "--queries", "30", "--pool", "1364",
+                 "--out", str(hyp)]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(FRAC), "--hypotheses", str(hyp), "--inputs", "1364", "--pairs", "60", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    by_site: dict[str, list[str]] = {}
+    for n in rep["nodes"]:
+        by_site.setdefault(n["site"], []).extend(n["features"])
+    assert "map_3" in by_site["m0@x2"] and "tokens" not in by_site["m0@x2"]
+    assert "tokens" in by_site["x0.pre@x2"]
+    dropped = rep["settings"]["finer_labels_dropped"]
+    assert [d[:3] for d in dropped] == [["m0@x2", "tokens", "map_3"]] and dropped[0][4] > dropped[0][3]
+    tested = {(v["site"], tuple(v["features"])): v["verified"] for v in rep["verdicts"]}
+    assert tested[("m0@x2", ("tokens",))] and tested[("m0@x2", ("map_3",))]  # both passed the interchange test

@@ -18,7 +18,9 @@ component's site is right when every feature it carries is a variable that compo
 when every feature is a variable the stream holds there (the embeddings' and what earlier components wrote).
 tracr's ``selector_width`` writes its attention output (``<v>_selector_width_attn_output``, 1 / (width + 1) in
 one direction) to a hidden space that the next MLP decodes into ``<v>``; that output is a one-to-one code of
-``<v>``, so a label ``<v>`` on that head counts as right.
+``<v>``, so a label ``<v>`` on that head counts as right.  So does a label that is the same partition of the
+inputs as a variable held there, at that position, on every input of the task's table (``frac_prevs_1`` at x1 is
+``map_3`` at x1: no test can tell them apart); the score names such aliases.
 """
 from __future__ import annotations
 
@@ -149,10 +151,36 @@ class GroundTruthScore(JsonResult):
         return to_jsonable({**asdict(self), "labels_right": right, "labels_total": total, "definitions": __doc__})
 
 
+def same_partition(variables: Mapping[str, Mapping[str, list]], a: str, b: str, position: int) -> bool:
+    """Whether RASP variables ``a`` and ``b`` take values in one-to-one correspondence at ``position`` (1-based)
+    on every input of the table (``tasks/tracr.py``'s ``variables``)."""
+    ta, tb = variables.get(a), variables.get(b)
+    if not ta or not tb:
+        return False
+    fwd: dict[str, str] = {}
+    back: dict[str, str] = {}
+    for key, va in ta.items():
+        vb = tb.get(key)
+        if vb is None or len(va) < position:
+            continue
+        x, y = json.dumps(va[position - 1]), json.dumps(vb[position - 1])
+        if fwd.setdefault(x, y) != y or back.setdefault(y, x) != x:
+            return False
+    return bool(fwd)
+
+
+def _position_index(site: str) -> int | None:
+    """x3 -> 3 (a tracr task's positions); None for any other position."""
+    pos = parse_site(site).position
+    return int(pos[1:]) if isinstance(pos, str) and pos[:1] == "x" and pos[1:].isdigit() else None
+
+
 def score_against_truth(truth: Mapping[str, Any], moved: Mapping[str, float], nodes: Sequence[Mapping[str, Any]],
-                        edges: Sequence[Mapping[str, Any]]) -> GroundTruthScore:
+                        edges: Sequence[Mapping[str, Any]], variables: Mapping[str, Mapping[str, list]] | None = None
+                        ) -> GroundTruthScore:
     """Node and edge precision / recall of a circuit (``circuit.json``'s nodes and edges) against the full and the
-    visible truth, and whether each verified label names a variable the truth puts there."""
+    visible truth, and whether each verified label names a variable the truth puts there (or, with the task's
+    ``variables``, an alias of one at that position)."""
     comps = truth["components"]
     visible = {c for c, d in moved.items() if d > SAME}
     site_nodes = [n for n in nodes if n.get("kind", "site") == "site"]
@@ -176,7 +204,12 @@ def score_against_truth(truth: Mapping[str, Any], moved: Mapping[str, float], no
         comp = mapped[n["id"]]
         held = set(comps[comp].get("writes", [])) if comp in comps else (
             _stream(truth, n["id"].split("@")[0]) if comp is None or comp == "emb" else set())
-        labels.append({"site": n["id"], "features": feats, "truth": sorted(held), "right": set(feats) <= _with_codes(held)})
+        held_here = _with_codes(held)
+        pos = _position_index(n["id"])
+        aliases = {f: a for f in feats if f not in held_here and variables and pos is not None
+                   for a in sorted(held_here) if same_partition(variables, f, a, pos)}
+        labels.append({"site": n["id"], "features": feats, "truth": sorted(held),
+                       "right": set(feats) <= held_here | set(aliases), "aliases": aliases})
     notes = [f"{c} is constant between every base and its same-layout source (largest change {moved[c]:.1e}): "
              "resample ablation cannot see it" for c in comps if c not in visible]
     return GroundTruthScore(dict(moved), sorted(visible),
@@ -191,8 +224,9 @@ def ground_truth_of_run(pm: ProbedModel, nodes: Sequence[Mapping[str, Any]], edg
     truth = read_truth(getattr(pm, "path", None))
     if truth is None:
         return None
-    return score_against_truth(truth, moved_components(pm, truth, seed=seed), nodes, edges)
+    return score_against_truth(truth, moved_components(pm, truth, seed=seed), nodes, edges,
+                               getattr(pm.task, "variables", None))
 
 
 __all__ = ["GroundTruthScore", "TRUTH_FILE", "ground_truth_of_run", "moved_components", "read_truth",
-           "score_against_truth"]
+           "same_partition", "score_against_truth"]

@@ -402,6 +402,10 @@ def ground_truth_section(report: Report, ctx: RunContext) -> None:
           f"{gt['labels_total']}**" + ("." if not wrong else "; not: " + "; ".join(
               f"{r['site']} carries {', '.join(r['features'])} (the program holds {', '.join(r['truth'])} there)"
               for r in wrong[:10]) + "."))
+    aliased = [f"{r['site']}: {f} = {a}" for r in gt["labels"] for f, a in (r.get("aliases") or {}).items()]
+    if aliased:
+        s.add("Counted as right because the label is the same partition of every input as a variable the program "
+              "holds there, at that position (no test can tell them apart): " + "; ".join(aliased[:10]) + ".")
     if gt.get("notes"):
         s.add("\n".join(f"- {note}" for note in gt["notes"]))
 

@@ -51,12 +51,15 @@ MAX_EQ_SEQ_LEN = 16
 @dataclass(frozen=True)
 class PositionalFeature:
     """A named function of (tokens, position); ``None`` means undefined.  ``reads``: offsets from the position
-    of the tokens the feature *is* (``tok@p-1``: (-1,)), for the generic causal model (``Feature.reads``)."""
+    of the tokens the feature *is* (``tok@p-1``: (-1,)), for the generic causal model (``Feature.reads``);
+    ``coarse``: the feature is a function of those tokens, not the tokens themselves (tracr's ``map_3`` =
+    ``tokens == 'x'``), so the causal model sets it with any tokens that give the source's value."""
 
     name: str
     fn: Callable[[Tokens, int], Hashable | None] = field(compare=False)
     description: str = ""
     reads: tuple[int, ...] = ()
+    coarse: bool = False
 
     def __call__(self, tokens: Tokens, position: int) -> Hashable | None:
         try:

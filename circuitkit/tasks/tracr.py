@@ -240,11 +240,39 @@ class TracrTask(Task):
     def task_features(self) -> list[Feature]:
         feats: list[Any] = [Feature("length", lambda t: len(self._key(t).split()),
                                     "the number of program tokens (the whole input: attention is bidirectional)")]
+        coarse = self.token_maps
         for name in self.variables:
             feats.append(PositionalFeature(name, lambda t, p, name=name: self.variable(name, t, p),
-                                           f"the RASP variable {name} at the position",
-                                           reads=(0,) if name == "tokens" else ()))
+                                           f"the RASP variable {name} at the position" +
+                                           (" (a function of the token there)" if name in coarse else ""),
+                                           reads=(0,) if name == "tokens" or name in coarse else (),
+                                           coarse=name in coarse))
         return feats
+
+    @cached_property
+    def token_maps(self) -> frozenset[str]:
+        """The RASP variables that are a function of the token at their own position on every input of the table
+        (tracr's ``Map`` of ``tokens``, e.g. ``tokens == 'x'``) and take more than one value: the causal model
+        sets them by a token edit (``PositionalFeature.coarse``)."""
+        tokens = self.variables.get("tokens", {})
+        out = set()
+        for name, table in self.variables.items():
+            if name in ("tokens", "indices"):
+                continue
+            seen: dict[Hashable, Hashable] = {}
+            ok = bool(table)
+            for key, values in table.items():
+                toks = tokens.get(key, key.split())
+                for tok, v in zip(toks, values, strict=False):
+                    v = tuple(v) if isinstance(v, list) else v
+                    if seen.setdefault(tok, v) != v:
+                        ok = False
+                        break
+                if not ok:
+                    break
+            if ok and len(set(seen.values())) > 1:
+                out.add(name)
+        return frozenset(out)
 
     def variable(self, name: str, tokens: Tokens, position: int) -> Hashable | None:
         """The value of RASP variable ``name`` at ``position`` of an input (None: BOS, padding, or not in the table)."""

@@ -4,18 +4,22 @@ The prediction for a base/source pair is the task's answer on the base with the 
 source's values and everything else left as it is.  The generic causal model does this for *token-level*
 variables, those that are the token at some position (``tok@k``, ``tok@p-1``, a task feature declaring
 ``Feature.reads``, such as an index variable naming which earlier token is copied): copy those tokens from
-the source into the base, then ask the task for the answers of the edited input (``Task.answers``).  It is
-exact where it applies, so an index or position variable is testable although no small function g(f, D) of
+the source into the base, then ask the task for the answers of the edited input (``Task.answers``).  A *coarse*
+token-level variable (``PositionalFeature.coarse``: a function of the tokens it reads, such as tracr's
+``tokens == 'x'``) is set by every choice of those tokens that gives it the source's value; the prediction is
+their common answer, and there is none where they disagree (the answer then needs more of the tokens than the
+variable holds).  It is exact where it applies, so an index or position variable is testable although no small function g(f, D) of
 other features gives the answer (``verification/answers.py``, the data-driven fallback, which the verifier
 uses for every other variable and says so).
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from circuitkit.errors import CircuitkitError
-from circuitkit.hypotheses.features import AnyFeature, PositionalFeature
+from circuitkit.hypotheses.features import AnyFeature, PositionalFeature, evaluate
 from circuitkit.tasks.base import Feature, Task, Tokens
 from circuitkit.verification.answers import AnswerModel
 
@@ -52,22 +56,61 @@ def token_editable(task: Task, features: Mapping[str, AnyFeature], names: Sequen
         for n in names)
 
 
-def edit(task: Task, features: Mapping[str, AnyFeature], names: Sequence[str], base: Tokens, source: Tokens,
-         site_position: int) -> list[str] | None:
-    """The base's tokens with the tokens that ``names`` read copied from the source (same layout assumed);
-    None when a variable has no position on either input or the two differ in length."""
+#: most edits a coarse variable may need (its tokens' choices that give the source's value); more: no prediction
+MAX_REALISATIONS = 256
+
+
+def realisations(task: Task, features: Mapping[str, AnyFeature], names: Sequence[str], base: Tokens,
+                 source: Tokens, site_position: int) -> list[list[str]] | None:
+    """Every edit of the base that gives ``names`` the source's values (same layout assumed): the tokens a name
+    reads copied from the source, or for a coarse name every choice of them that gives the source's value.  None
+    when a variable has no position on either input, the two differ in length, or nothing (or too much) realises
+    it."""
     if len(base) != len(source):
         return None
-    out = list(base)
+    edits = [list(base)]
     for n in names:
-        pos = edit_positions(features[n], base, site_position, task)
-        if pos is None or pos != edit_positions(features[n], source, site_position, task):
+        f = features[n]
+        pos = edit_positions(f, base, site_position, task)
+        if pos is None or pos != edit_positions(f, source, site_position, task) or \
+                any(not 0 <= k < len(base) for k in pos):
             return None
-        for k in pos:
-            if not 0 <= k < len(out):
+        if not getattr(f, "coarse", False):
+            for e in edits:
+                for k in pos:
+                    e[k] = source[k]
+            continue
+        want = evaluate(f, source, site_position)
+        if want is None:
+            return None
+        choices = [t for t in task.vocab.tokens if t not in (task.vocab.bos, task.vocab.pad, task.vocab.eos)]
+        grown = []
+        for e in edits:
+            for toks in itertools.product(choices, repeat=len(pos)):
+                cand = list(e)
+                for k, t in zip(pos, toks, strict=True):
+                    cand[k] = t
+                if evaluate(f, cand, site_position) == want:
+                    grown.append(cand)
+            if len(grown) > MAX_REALISATIONS:
                 return None
-            out[k] = source[k]
-    return out
+        if not grown:
+            return None
+        edits = grown
+    return edits
+
+
+def edited_answers(task: Task, features: Mapping[str, AnyFeature], names: Sequence[str], base: Tokens,
+                   source: Tokens, site_position: int) -> dict[str, int] | None:
+    """The task's answers on the base with ``names`` set to the source's values: per answer, the one value every
+    realisation gives (answers where they disagree are left out); None when there is no realisation."""
+    edits = realisations(task, features, names, base, source, site_position)
+    if edits is None:
+        return None
+    answered = [a for a in (answers_of(task, e) for e in edits) if a is not None]
+    if len(answered) < len(edits) or not answered:
+        return None
+    return {t: v for t, v in answered[0].items() if all(a.get(t) == v for a in answered[1:])}
 
 
 def answers_of(task: Task, tokens: Tokens) -> dict[str, int] | None:
@@ -91,10 +134,7 @@ class TokenEditPrediction:
     context: tuple[str, ...] = ()
 
     def predict_pair(self, base: Tokens, source: Tokens, site_position: int) -> int | None:
-        edited = edit(self.task, self.table, self.features, base, source, site_position)
-        if edited is None:
-            return None
-        answers = answers_of(self.task, edited)
+        answers = edited_answers(self.task, self.table, self.features, base, source, site_position)
         return None if answers is None else answers.get(self.target)
 
     def describe(self) -> str:
@@ -116,8 +156,7 @@ def fit_token_edit(task: Task, table: Mapping[str, AnyFeature], features: Sequen
     changed = total = 0
     for base, source, position in pairs:
         base_ans = answers_of(task, base)
-        edited = edit(task, table, features, base, source, position)
-        new_ans = None if edited is None else answers_of(task, edited)
+        new_ans = edited_answers(task, table, features, base, source, position)
         if not base_ans or not new_ans or target not in base_ans or target not in new_ans:
             continue
         total += 1
@@ -127,5 +166,5 @@ def fit_token_edit(task: Task, table: Mapping[str, AnyFeature], features: Sequen
     return TokenEditPrediction(target, tuple(features), changed / total, task, table)
 
 
-__all__ = ["TOKEN_EDIT", "DATA_DRIVEN", "TokenEditPrediction", "answers_any_input", "edit", "edit_positions",
-           "fit_token_edit", "token_editable"]
+__all__ = ["TOKEN_EDIT", "DATA_DRIVEN", "TokenEditPrediction", "answers_any_input", "edit_positions",
+           "edited_answers", "fit_token_edit", "realisations", "token_editable"]

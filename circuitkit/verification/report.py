@@ -15,6 +15,12 @@ pruned greedily to a minimal one — a member is dropped while the group still v
 confirmed on the held-out inputs (the minimal group, else the group before pruning, at a Bonferroni level
 over the two); each remaining member becomes a node that names its group.
 
+Where two features verify alone at one site and one is a strictly coarser function of the other on the
+inputs (tracr's ``tokens == 'x'`` of ``tokens``), an interchange on the answer cannot tell them apart when the
+answer needs only the coarse one; the site's preimages can (InversionView: the activation is the same for
+inputs that differ in the finer feature only).  The finer label is dropped when the coarser one has the higher
+preimage agreement (kappa) there, and the drop is recorded (``finer_labels_dropped``).
+
 Null controls run beside every test (``circuitkit.verification.controls``); a node whose test also
 verifies on the random-init model is marked *architectural*; every verified node gets a proxy control.
 """
@@ -233,6 +239,34 @@ def _verify_sites(with_controls: _Tester, items: list[tuple[str, list[str]]], ma
     return nodes
 
 
+def _coarsest_labels(verifier: InterchangeVerifier, nodes: list[VerifiedNode], hypotheses: Sequence[Hypothesis]
+                     ) -> tuple[list[VerifiedNode], list[list[Any]]]:
+    """The nodes without a single-feature label f where a coarser g (a function of f, not the reverse, on the
+    verifier's inputs at the site's position) also verified alone and the site's preimages agree with g more than
+    with f (module docstring); and the drops as [site, f, g, kappa f, kappa g]."""
+    from circuitkit.hypotheses.scoring import is_function_of
+
+    kappa = {(h.site, h.feature): h.kappa for h in hypotheses if h.kappa == h.kappa}
+    singles: dict[str, list[str]] = {}
+    for n in nodes:
+        if len(n.features) == 1 and not n.group and not n.joint:
+            singles.setdefault(n.site, []).append(n.features[0])
+    drop: dict[tuple[str, str], list[Any]] = {}
+    for site, feats in singles.items():
+        if len(feats) < 2 or parse_site(site).position is None:
+            continue
+        codes = verifier.coder.codes(feats, verifier.inputs, parse_site(site).position)  # [len(feats), n_inputs]
+        for i, f in enumerate(feats):
+            for j, g in enumerate(feats):
+                kf, kg = kappa.get((site, f)), kappa.get((site, g))
+                if i == j or kf is None or kg is None or kg <= kf or (site, f) in drop:
+                    continue
+                if is_function_of(codes[j], codes[i]) and not is_function_of(codes[i], codes[j]):
+                    drop[(site, f)] = [site, f, g, round(kf, 4), round(kg, 4)]
+    kept = [n for n in nodes if not (len(n.features) == 1 and (n.site, n.features[0]) in drop)]
+    return kept, list(drop.values())
+
+
 def _grow_joint_set(with_controls: _Tester, site: str, singles: list[tuple[Verdict, Verdict | None]],
                     max_joint: int) -> VerifiedNode | None:
     """The joint feature set of a site where no feature verified alone, confirmed on held-out inputs, or None."""
@@ -319,6 +353,7 @@ def verify_hypotheses(verifier: InterchangeVerifier, hypotheses: Sequence[Hypoth
     ctrl: list[Verdict] = []
     with_controls = _controlled_tester(verifier, null, verdicts, ctrl)
     nodes = _verify_sites(with_controls, list(by_site.items()), max_joint, progress)
+    nodes, dropped = _coarsest_labels(verifier, nodes, hypotheses)
     with_claims = list(hypotheses) + [claim_hypothesis(s, f) for s, f in claims]
     nodes = _with_site_groups(with_controls, nodes, verdicts, with_claims, max_group)
     nodes += _joint_group_nodes(verifier, with_controls, nodes, with_claims, max_group, max_joint)
@@ -327,7 +362,8 @@ def verify_hypotheses(verifier: InterchangeVerifier, hypotheses: Sequence[Hypoth
     settings = {"n_inputs": len(verifier.inputs), "n_pairs": verifier.n_pairs, "n_candidates": verifier.n_candidates,
                 "seed": verifier.seed, "controls": list(CONTROLS) if controls else [], "max_joint": max_joint,
                 "max_group": max_group, "claims": [list(c) for c in claims],
-                "proxy_controls_skipped": proxy_skipped,  # [site, feature, proxy]: the site carries the proxy too
+                "proxy_controls_skipped": proxy_skipped,
+                "finer_labels_dropped": dropped,  # [site, finer feature, coarser feature, kappa finer, kappa coarser]  # [site, feature, proxy]: the site carries the proxy too
                 "random_model": null.random_model_info.to_dict() if null is not None else None}
     return VerificationReport(verifier.task.name, model_name, verifier.th, nodes, verdicts, ctrl, settings,
                               task_record(verifier.task))
