@@ -81,3 +81,23 @@ def test_a_label_that_is_the_same_partition_as_the_variable_held_there_counts_as
     assert [r["right"] for r in score.labels] == [True, False]
     assert score.labels[0]["aliases"] == {"frac_prevs_1": "map_3"} and score.labels[1]["aliases"] == {}
     assert score_against_truth(truth, {"m0": 1.0, "a1.0": 1.0}, nodes[:1], []).labels_right == (0, 1)
+
+
+def test_an_edge_from_the_embeddings_is_visible_only_where_the_receiver_reads_something_that_moves():
+    """frac_prevs: m0 reads the tokens (they move between same-layout pairs); a1.0 reads of the embeddings only the
+    positions, `one` and BOS's token direction (they do not), so emb -> a1.0 is out of the visible truth."""
+    from circuitkit.discovery.ground_truth import moved_embedding_reads
+
+    model = MODEL.parent / "tracr_frac_prevs"
+    pm, truth = load_probed(model), read_truth(model)
+    reads = moved_embedding_reads(pm, truth, n=100, seed=0)
+    assert set(reads) == {"m0", "a1.0"} and reads["a1.0"] == 0.0 and reads["m0"] > 0.5
+    nodes = [_node("x0.pre@x2", "tokens"), _node("m0@x2", "map_3"), _node("a1.0@x2", "frac_prevs_1"),
+             {"id": "out:y2", "kind": "output"}]
+    edges = [{"source": "x0.pre@x2", "target": "m0@x2"}, {"source": "m0@x2", "target": "a1.0@x2"},
+             {"source": "a1.0@x2", "target": "out:y2"}]
+    moved = moved_components(pm, truth, n=100, seed=0)
+    with_reads = score_against_truth(truth, moved, nodes, edges, embedding_reads=reads)
+    assert with_reads.edges["visible"] == {"precision": 1.0, "recall": 1.0, "missed": [], "extra": []}
+    assert with_reads.edges["full"]["missed"] == ["emb → a1.0"] and any("emb → a1.0" in n for n in with_reads.notes)
+    assert score_against_truth(truth, moved, nodes, edges).edges["visible"]["recall"] == 0.75

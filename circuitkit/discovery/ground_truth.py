@@ -8,7 +8,7 @@ truth is scored twice:
 
 | truth | what it holds |
 |---|---|
-| ``visible`` | components whose output differs between base and source on some pair (measured on the model), edges into a visible component (or the output) from the embeddings or a visible sender |
+| ``visible`` | components whose output differs between base and source on some pair (measured on the model), edges into a visible component (or the output) from a visible sender, or from the embeddings when what the receiver reads of them (its query / key / value or MLP input weights applied to the embeddings) differs on some pair |
 | ``full`` | every component and edge the program compiled |
 
 The circuit is read at the level of components: a site node ``a3.0@x1`` is component ``a3.0``; ``x0.pre@...``
@@ -86,6 +86,25 @@ def moved_components(pm: ProbedModel, truth: Mapping[str, Any], n: int = 200, se
     for name, (hook, head) in hooks.items():
         a, b = (base[hook], src[hook]) if head is None else (base[hook][:, :, head], src[hook][:, :, head])
         out[name] = float((a - b).abs().max())
+    return out
+
+
+@torch.no_grad()
+def moved_embedding_reads(pm: ProbedModel, truth: Mapping[str, Any], n: int = 200, seed: int = 0
+                          ) -> dict[str, float]:
+    """{component reading the embeddings: the largest change, between same-layout bases and sources, of what it
+    reads of them}: a head reading only positions, ``one`` and BOS's token direction reads the same on both."""
+    bases, sources = aligned_pairs(pm, n, seed)
+    r = pm.runner
+    xb, xs = (r.embed(pm.task.encode(t).to(pm.device)) for t in (bases, sources))  # [n, seq, d_model]
+    out = {}
+    for e in truth["edges"]:
+        if e["sender"] != "emb" or e["receiver"] not in truth["components"]:
+            continue
+        c, site = truth["components"][e["receiver"]], parse_site(e["receiver"])
+        w = r.layers[site.layer]
+        reads = [w.W_Q[site.head], w.W_K[site.head], w.W_V[site.head]] if c.get("kind") == "head" else [w.W_in]
+        out[e["receiver"]] = max(float(((xb - xs) @ m).abs().max()) for m in reads)  # m: [d_model, d_in]
     return out
 
 
@@ -176,20 +195,22 @@ def _position_index(site: str) -> int | None:
 
 
 def score_against_truth(truth: Mapping[str, Any], moved: Mapping[str, float], nodes: Sequence[Mapping[str, Any]],
-                        edges: Sequence[Mapping[str, Any]], variables: Mapping[str, Mapping[str, list]] | None = None
-                        ) -> GroundTruthScore:
+                        edges: Sequence[Mapping[str, Any]], variables: Mapping[str, Mapping[str, list]] | None = None,
+                        embedding_reads: Mapping[str, float] | None = None) -> GroundTruthScore:
     """Node and edge precision / recall of a circuit (``circuit.json``'s nodes and edges) against the full and the
     visible truth, and whether each verified label names a variable the truth puts there (or, with the task's
-    ``variables``, an alias of one at that position)."""
+    ``variables``, an alias of one at that position).  ``embedding_reads`` (``moved_embedding_reads``): an edge
+    from the embeddings is visible only into a component whose read of them moves; without it, always."""
     comps = truth["components"]
     visible = {c for c, d in moved.items() if d > SAME}
     site_nodes = [n for n in nodes if n.get("kind", "site") == "site"]
     mapped = {n["id"]: _component_of(n["id"]) for n in site_nodes}
     found = {c for c in mapped.values() if c not in (None, "emb")}
     truth_edges = {f"{e['sender']} → {e['receiver']}" for e in truth["edges"]}
+    emb_visible = (lambda c: True) if embedding_reads is None else (lambda c: embedding_reads.get(c, 0.0) > SAME)  # noqa: E731
     seen_edges = {f"{e['sender']} → {e['receiver']}" for e in truth["edges"]
-                  if (e["receiver"] == "out" or e["receiver"] in visible) and (e["sender"] == "emb" or
-                                                                               e["sender"] in visible)}
+                  if (e["receiver"] == "out" or e["receiver"] in visible) and
+                  (e["sender"] in visible or (e["sender"] == "emb" and emb_visible(e["receiver"])))}
     circuit_edges = set()
     for e in edges:
         a = mapped.get(e["source"], _component_of(e["source"]) if e["source"].startswith("out:") else None)
@@ -212,6 +233,9 @@ def score_against_truth(truth: Mapping[str, Any], moved: Mapping[str, float], no
                        "right": set(feats) <= held_here | set(aliases), "aliases": aliases})
     notes = [f"{c} is constant between every base and its same-layout source (largest change {moved[c]:.1e}): "
              "resample ablation cannot see it" for c in comps if c not in visible]
+    notes += [f"emb → {c}: what {c} reads of the embeddings is the same on every base and its same-layout source "
+              f"(largest change {d:.1e}), so the edge is not visible" for c, d in (embedding_reads or {}).items()
+              if c in visible and d <= SAME]
     return GroundTruthScore(dict(moved), sorted(visible),
                             {"visible": _pr(found, visible), "full": _pr(found, set(comps))},
                             {"visible": _pr(circuit_edges, seen_edges), "full": _pr(circuit_edges, truth_edges)},
@@ -225,8 +249,9 @@ def ground_truth_of_run(pm: ProbedModel, nodes: Sequence[Mapping[str, Any]], edg
     if truth is None:
         return None
     return score_against_truth(truth, moved_components(pm, truth, seed=seed), nodes, edges,
-                               getattr(pm.task, "variables", None))
+                               getattr(pm.task, "variables", None), moved_embedding_reads(pm, truth, seed=seed))
 
 
-__all__ = ["GroundTruthScore", "TRUTH_FILE", "ground_truth_of_run", "moved_components", "read_truth",
+__all__ = ["GroundTruthScore", "TRUTH_FILE", "ground_truth_of_run", "moved_components", "moved_embedding_reads",
+           "read_truth",
            "same_partition", "score_against_truth"]
