@@ -50,6 +50,9 @@ def test_quick_run_writes_a_complete_report(quick_run):
         assert section in md, section
     man = json.loads((rep / "manifest.json").read_text())
     assert man["seed"] == 0 and man["config"]["quick"] is True and man["versions"]["torch"].startswith("2.13")
+    # --threads 2 overrides the choice for every stage, and the manifest says so
+    assert {v["threads"] for v in man["threads_by_stage"].values()} == {2}
+    assert {v["reason"] for v in man["threads_by_stage"].values()} == {"--threads"}
     res = json.loads((rep / "results.json").read_text())
     assert set(res["claims"]) == {c["claim"] for c in load_case("addition", quick=True).paper_claims}
     for fig in ("decoder_curve.png", "circuit.png", "faithfulness_curve.png", "screen.png"):

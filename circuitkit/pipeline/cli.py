@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="run the case on this probed-model checkpoint directory instead of the one its "
                    "[model] section names (e.g. another seed of the same task, to test that a finding survives)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: the CPUs other jobs leave free, "
+                   "re-read before each stage; pass a number for bit-identical reruns)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=_run)
 

@@ -228,8 +228,9 @@ def run_case(cfg: CaseConfig, out: Path, work: Path, device: str = "cpu", progre
              log: Callable[[str], None] = print, threads: int | None = None) -> dict[str, Any]:
     """Run every stage (reusing cached ones under ``work``) and write the report to ``out``."""
     from circuitkit.pipeline.report import build_report, write_report
+    from circuitkit.threads import apply, choose_threads
 
-    if threads:
+    if device != "cpu" and threads:
         torch.set_num_threads(threads)
     seed_everything(cfg.seed)
     commit_at_start = git_commit()  # the code the stages ran with (the manifest's commit is taken at the end)
@@ -240,9 +241,12 @@ def run_case(cfg: CaseConfig, out: Path, work: Path, device: str = "cpu", progre
         removed = remove_orphans(work)
         if removed:
             log(f"removed {len(removed)} temporary item(s) an interrupted run left behind: {', '.join(removed[:4])}")
+        chosen: dict[str, dict[str, Any]] = {}
         for stage in stage_order(STAGES):
+            if device == "cpu":  # the CPUs other jobs leave free, re-read before each stage (threads.py)
+                chosen[stage.name] = apply(choose_threads(threads)).to_dict()
             ctx.results.set(stage.name, stage.run(ctx, runner))
-        manifest = build_manifest("case_study", cfg.seed, cfg.to_dict(),
+        manifest = build_manifest("case_study", cfg.seed, cfg.to_dict(), threads_by_stage=chosen,
                                   stage_seconds={k: round(v, 1) for k, v in runner.timings.items()},
                                   stages_cached=runner.cached, git_commit_at_start=commit_at_start,
                                   decoder_steps_taken=(ctx.results.decoder or {}).get("steps"))
