@@ -210,6 +210,11 @@ def program_values(program: Any, inputs: list[tuple[Any, ...]]) -> dict[tuple[An
     return {x: [_json_value(v) for v in rasp.evaluate(program, list(x))] for x in inputs}
 
 
+def readout_scale(values: list[float]) -> float:
+    """s of the nearest-value readout: the two closest values ``READOUT_MARGIN`` logits apart at either value."""
+    return READOUT_MARGIN / min(b - a for a, b in zip(values, values[1:])) ** 2
+
+
 def nearest_value_readout(model: NativeTransformer, values: list[float]) -> NativeTransformer:
     """The numerical model with its one output value read as the nearest of ``values`` (module docstring): a copy
     whose unembedding has one unit per value, s · (2 c_i v − c_i²)."""
@@ -217,7 +222,7 @@ def nearest_value_readout(model: NativeTransformer, values: list[float]) -> Nati
         raise CircuitkitError(f"the program outputs the one value {values} on every checked input: there is no "
                               "answer to explain")
     c = torch.tensor(values, dtype=torch.float32)  # [K]
-    s = READOUT_MARGIN / float(c.diff().min()) ** 2
+    s = readout_scale(values)
     config = NativeConfig(**{**model.config.to_dict(), "d_vocab_out": len(values)})
     out = NativeTransformer(config)
     state = dict(model.state_dict())
@@ -297,7 +302,7 @@ def from_tracr(ref: str, out_dir: str | Path, log: Callable[[str], None] = print
         values = sorted({round(v, 6) for out in outputs.values() for v in out if v is not None})
         model = nearest_value_readout(model, values)
         info = {**info, "output_values": values, "readout": "nearest value: unit i = s (2 c_i v - c_i^2)",
-                "readout_scale": READOUT_MARGIN / min(b - a for a, b in zip(values, values[1:])) ** 2}
+                "readout_scale": readout_scale(values)}
         readout = check_against_tracr(assembled, model, info, ordered, max_len, bos, None, pad, truth=outputs)
         _refuse_mismatches(readout, "its nearest-value readout differs from the RASP program's output")
         check["readout_mismatches"] = 0
