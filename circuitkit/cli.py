@@ -8,6 +8,7 @@ line naming what was wrong and exit with status 2, never with a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import json
@@ -94,6 +95,16 @@ def _fail(msg: str, want_json: bool) -> int:
     return 2
 
 
+def _ranks(args: argparse.Namespace) -> contextlib.AbstractContextManager[bool]:
+    """Under ``torchrun`` the command's process group (``circuitkit.shards``; yields whether this rank reports),
+    else nothing (torch is not imported for it)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return contextlib.nullcontext(True)
+    from circuitkit import shards
+
+    return shards.session(args.command, args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -106,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from circuitkit.tasks.trust import trusting_recorded_files
 
     try:
-        with trusting_recorded_files(getattr(args, "trust_task", False)):
+        with _ranks(args) as reports, trusting_recorded_files(getattr(args, "trust_task", False)):
             out: Output = args.handler(args)
     except CircuitkitError as e:
         return _fail(str(e), want_json)
@@ -121,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "nothing half-written was kept (finished stages and earlier artefacts are intact): free "
                          "space and run the same command again", want_json)
         return _fail(os_error_message(e), want_json)
+    if not reports:  # a follower rank under torchrun: rank 0 prints
+        return 0
     text = out.text if (out.text is not None and not want_json) else json.dumps(out.data, indent=2, default=str)
     try:
         print(text)

@@ -73,6 +73,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from circuitkit import shards
 from circuitkit.circuit.incremental import ResidualReferences, last_block_at_pairs
 from circuitkit.errors import CircuitkitError
 from circuitkit.models.checkpoint import ProbedModel
@@ -202,7 +203,8 @@ class AblationEvaluator:
     forward pass per batch with ``torch.where`` hooks; with ``incremental`` (the default) it starts at the
     deepest block whose input a recent run shares and computes the last block at the target rows only
     (``circuitkit.circuit.incremental``; equal to the full pass up to float rounding).  ``resid_cache_mib``
-    bounds the residual streams kept for that.
+    bounds the residual streams kept for that.  Under torch.distributed each batch of an ablated run runs on one
+    rank and every rank gets all the scores, equal to one process's (``circuitkit.shards``).
     """
 
     def __init__(self, pm: ProbedModel, inputs: Sequence[str] | None = None, n: int = 1000, seed: int = 0,
@@ -503,11 +505,32 @@ class AblationEvaluator:
         restores = as_sites(restores)
         if self.incremental and not restores:
             return self.scores_from_pair_logits(self._incremental_pair_logits(keep))
-        chunks = []
-        for sl in self._batches():
-            logits = engine.run(self.pm.runner, self.ids[sl].to(self.device), self._interventions(keep, restores, sl))
-            chunks.append(self._pair_logits(logits, sl))
-        return self.scores_from_pair_logits(chunks)
+        chunks: dict[int, Tensor] = {}
+        for k, sl in enumerate(self._batches()):
+            if shards.is_mine(k):
+                logits = engine.run(self.pm.runner, self.ids[sl].to(self.device),
+                                    self._interventions(keep, restores, sl))
+                chunks[k] = self._pair_logits(logits, sl)
+        return self.scores_from_pair_logits(self._merged(chunks))
+
+    def _zero_rows(self, sl: slice) -> Tensor:
+        """Zeros shaped like batch ``sl``'s residual stream, [rows, pos, d_model]."""
+        w = self.pm.runner.W_E
+        return torch.zeros(sl.stop - sl.start, self.seq, w.shape[-1], dtype=w.dtype, device=self.device)
+
+    def _merged(self, chunks: dict[int, Tensor]) -> list[Tensor]:
+        """Per-batch pair logits [pairs of batch, vocab], batches in order, from this rank's ``chunks`` (batch index
+        -> logits) and, under torch.distributed, every other rank's (each batch runs on one rank:
+        ``circuitkit.shards``)."""
+        n_batches = -(-self.n // self.batch_size)
+        if shards.world()[1] == 1:
+            return [chunks[k] for k in range(n_batches)]
+        full = torch.zeros(self.P, self._clean_lp.shape[-1], dtype=self.pm.runner.W_E.dtype, device=self.device)
+        spans = [self._pairs_of(sl) for sl in self._batches()]
+        for k, pl in chunks.items():
+            full[spans[k]] = pl
+        full = shards.sum_disjoint(full)
+        return [full[ps] for ps in spans]
 
     def _incremental_pair_logits(self, keep: Mask) -> list[Tensor]:
         """Per-batch pair logits of ``run(keep)``: from the deepest block input a remembered run shares,
@@ -516,8 +539,13 @@ class AblationEvaluator:
         start, shared = self._refs.best_start(keep.heads, keep.mlps)
         computed = list(range(start + 1, self.L))  # block inputs this run computes (and remembers)
         parts: dict[int, list[Tensor]] = {L: [] for L in computed}
-        chunks = []
-        for sl in self._batches():
+        chunks: dict[int, Tensor] = {}
+        for k, sl in enumerate(self._batches()):
+            if not shards.is_mine(k):  # another rank's batch: placeholders keep the remembered streams aligned
+                if self._remember:
+                    for L in computed:
+                        parts[L].append(self._zero_rows(sl))
+                continue
             ids = self.ids[sl].to(dev)
             x = shared[start][sl] if start > 0 else None
             if start < last:  # blocks start .. L-2 in full, keeping each next block's input
@@ -533,14 +561,13 @@ class AblationEvaluator:
                 x = r.embed(ids)
             ps = self._pairs_of(sl)
             rows = torch.as_tensor(self.pair_input[ps] - sl.start, device=dev)
-            chunks.append(last_block_at_pairs(r, x, rows, self._pair_pos[ps].to(dev), keep.heads[last, sl].to(dev),
-                                              keep.mlps[last, sl].to(dev), self.src_z[last][sl],
-                                              self.src_mlp[last][sl]))
+            chunks[k] = last_block_at_pairs(r, x, rows, self._pair_pos[ps].to(dev), keep.heads[last, sl].to(dev),
+                                            keep.mlps[last, sl].to(dev), self.src_z[last][sl], self.src_mlp[last][sl])
         if self._remember:
             resid = {L: shared[L] for L in range(1, start + 1)}
             resid.update({L: torch.cat(parts[L]) for L in computed})
             self._refs.add(keep.heads, keep.mlps, resid)
-        return chunks
+        return self._merged(chunks)
 
     def score(self, keep_sites: Iterable[Site | str], ablate: Iterable[Site | str] = (),
               complement: bool = False) -> Scores:

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from circuitkit import shards
 from circuitkit.errors import CircuitkitError, choices_hint
 from circuitkit.models.checkpoint import ProbedModel
 from circuitkit.models.runner import ModelRunner
@@ -295,22 +296,33 @@ def _full_logits(plan: _SweepPlan, L: int, src: Tensor, resid_all: Tensor, ex: T
 
 def _run_cells(plan: _SweepPlan, work: list[tuple[int, Tensor, Tensor, Tensor]], out: Tensor, ctx: MetricContext,
                ctx_dev: MetricContext, progress: bool) -> None:
-    """Run the pending pairs ``plan.max_rows`` at a time, layer by layer, writing each metric into ``out``."""
-    total = sum(int(w[1].numel()) for w in work)
-    bar = tqdm(total=total, desc=f"sweep {plan.kind}", unit="patch", disable=not progress, leave=False)
-    for L, ex_all, cell_all, src in work:
-        resid_all = plan.base_cache[f"blocks.{L}.hook_resid_pre"][:, :plan.n_keep]  # [b, pos, d_model]
-        bas = _truncate(plan.kind, plan.base_cache[plan.hooks[L]], plan.n_keep)
-        for i in range(0, ex_all.numel(), plan.max_rows):
-            ex, cell = ex_all[i:i + plan.max_rows], cell_all[i:i + plan.max_rows]
-            if plan.direct:
-                logits, read_at = _direct_logits(plan.runner, plan.kind, L, plan.base_cache, src, bas, ex, cell,
-                                                 plan.ids_cut, plan.t_pos, plan.n_keep, plan.answer_block)
-            else:
-                logits, read_at = _full_logits(plan, L, src, resid_all, ex, cell)
-            _store(out, plan.metric, logits, read_at, ex, cell, L, ctx_dev, ctx.target)
-            bar.update(int(ex.numel()))
+    """Run the pending pairs ``plan.max_rows`` at a time, layer by layer, writing each metric into ``out``.
+    Under torch.distributed each rank runs every world-size-th chunk (``circuitkit.shards``) and the ranks'
+    values are merged, so every rank ends with the whole ``out``, equal to one process's."""
+    chunks = [(j, i) for j, (_, ex_all, _, _) in enumerate(work) for i in range(0, ex_all.numel(), plan.max_rows)]
+    mine = {k for k in range(len(chunks)) if shards.is_mine(k)}
+    rows = [min(plan.max_rows, int(work[j][1].numel()) - i) for j, i in chunks]
+    bar = tqdm(total=sum(rows[k] for k in mine), desc=f"sweep {plan.kind}", unit="patch", disable=not progress,
+               leave=False)
+    local, written = torch.zeros_like(out), torch.zeros(out.shape, dtype=torch.bool)
+    for k, (j, i) in enumerate(chunks):
+        L, ex_all, cell_all, src = work[j]
+        ex, cell = ex_all[i:i + plan.max_rows], cell_all[i:i + plan.max_rows]
+        at = (torch.full_like(ex, L).cpu(), *cell.cpu().unbind(1), ex.cpu())
+        written[at] = True
+        if k not in mine:
+            continue
+        if plan.direct:
+            bas = _truncate(plan.kind, plan.base_cache[plan.hooks[L]], plan.n_keep)
+            logits, read_at = _direct_logits(plan.runner, plan.kind, L, plan.base_cache, src, bas, ex, cell,
+                                             plan.ids_cut, plan.t_pos, plan.n_keep, plan.answer_block)
+        else:
+            resid_all = plan.base_cache[f"blocks.{L}.hook_resid_pre"][:, :plan.n_keep]  # [b, pos, d_model]
+            logits, read_at = _full_logits(plan, L, src, resid_all, ex, cell)
+        local[at] = _metric_values(plan.metric, logits, read_at, ex, ctx_dev, ctx.target)
+        bar.update(int(ex.numel()))
     bar.close()
+    out[written] = shards.sum_disjoint(local)[written]
 
 
 @torch.no_grad()
@@ -399,10 +411,9 @@ def _direct_logits(runner: ModelRunner, kind: str, L: int, base_cache: dict[str,
     return _last_block_at(runner, x, t_pos[ex]), read_at
 
 
-def _store(out: Tensor, metric: str, logits: Tensor, read_at: Tensor, ex: Tensor, cell: Tensor, L: int,
-           ctx: MetricContext, target: str | None) -> None:
-    """Write the metric of patched ``logits`` (read at ``read_at``) into ``out`` at [L, *cell, ex]."""
+def _metric_values(metric: str, logits: Tensor, read_at: Tensor, ex: Tensor, ctx: MetricContext,
+                   target: str | None) -> Tensor:
+    """The metric [m] (on the CPU) of patched ``logits`` read at ``read_at``, for base examples ``ex``."""
     rows_ctx = MetricContext(read_at, ctx.answer[ex], None if ctx.wrong is None else ctx.wrong[ex],
                              None if ctx.clean_logprobs is None else ctx.clean_logprobs[ex], target)
-    vals = evaluate(metric, logits, rows_ctx)[0].cpu()
-    out[(torch.full_like(ex, L).cpu(), *cell.cpu().unbind(1), ex.cpu())] = vals
+    return evaluate(metric, logits, rows_ctx)[0].cpu()

@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from circuitkit import shards
 from circuitkit.hypotheses.records import Hypothesis
 from circuitkit.results import JsonResult
 from circuitkit.sites import group_name, parse_site
@@ -196,20 +197,43 @@ def _features_by_site(hypotheses: Sequence[Hypothesis], claims: Sequence[tuple[s
     return by_site
 
 
+_TestKey = tuple[str, tuple[str, ...], str, int]  # (site, features, split, family)
+
+
+def _test_with_controls(verifier: InterchangeVerifier, null: InterchangeVerifier | None, key: _TestKey
+                        ) -> tuple[Verdict, list[Verdict]]:
+    """One test and its null controls (none for a test that was not patched: it predicts no answer)."""
+    site, feats, split, family = key
+    v = verifier.test(site, list(feats), split=split, skip_unpredictive=True, family=family)
+    cs = run_controls(verifier, null, site, list(feats), split) if null is not None and v.targets else []
+    return v, cs
+
+
+def _sharded_singles(verifier: InterchangeVerifier, null: InterchangeVerifier | None,
+                     by_site: dict[str, list[str]]) -> dict[_TestKey, tuple[Verdict, list[Verdict]]]:
+    """Under torch.distributed: every (site, one feature) test of the first pass, each run on one rank and
+    gathered on all (``circuitkit.shards``); the tests are independent, so each equals one process's.  The
+    adaptive rest (joint sets, groups) then runs on every rank, reading these."""
+    if shards.world()[1] == 1:
+        return {}
+    keys: list[_TestKey] = [(site, (f,), "search", 1) for site, feats in by_site.items() for f in feats]
+    done = {k: _test_with_controls(verifier, null, key) for k, key in enumerate(keys) if shards.is_mine(k)}
+    return {keys[k]: r for k, r in shards.gather(done).items()}
+
+
 def _controlled_tester(verifier: InterchangeVerifier, null: InterchangeVerifier | None, verdicts: list[Verdict],
-                       ctrl: list[Verdict]) -> _Tester:
-    """A tester that records every verdict in ``verdicts`` and runs the null controls beside it into ``ctrl``."""
+                       ctrl: list[Verdict], done: dict[_TestKey, tuple[Verdict, list[Verdict]]] | None = None
+                       ) -> _Tester:
+    """A tester that records every verdict in ``verdicts`` and runs the null controls beside it into ``ctrl``
+    (reading a test from ``done`` when another rank already ran it)."""
 
     def with_controls(site: str, feats: Sequence[str], split: str = "search", family: int = 1
                       ) -> tuple[Verdict, Verdict | None]:
-        v = verifier.test(site, feats, split=split, skip_unpredictive=True, family=family)
+        key = (site, tuple(feats), split, family)
+        v, cs = (done or {}).get(key) or _test_with_controls(verifier, null, key)
         verdicts.append(v)
-        twin = None
-        if null is not None and v.targets:  # a test that was not patched (predicts no answer) needs no control
-            cs = run_controls(verifier, null, site, feats, split)
-            ctrl.extend(cs)
-            twin = cs[0]
-        return v, twin
+        ctrl.extend(cs)
+        return v, (cs[0] if cs else None)
 
     return with_controls
 
@@ -351,7 +375,7 @@ def verify_hypotheses(verifier: InterchangeVerifier, hypotheses: Sequence[Hypoth
     by_site = _features_by_site(hypotheses, claims)
     verdicts: list[Verdict] = []
     ctrl: list[Verdict] = []
-    with_controls = _controlled_tester(verifier, null, verdicts, ctrl)
+    with_controls = _controlled_tester(verifier, null, verdicts, ctrl, _sharded_singles(verifier, null, by_site))
     nodes = _verify_sites(with_controls, list(by_site.items()), max_joint, progress)
     nodes, dropped = _coarsest_labels(verifier, nodes, hypotheses)
     with_claims = list(hypotheses) + [claim_hypothesis(s, f) for s, f in claims]
