@@ -36,6 +36,7 @@ import networkx as nx
 import torch
 from torch import Tensor
 
+from circuitkit import shards
 from circuitkit.patching.path import path_patch_to_site, read_depth, write_depth
 from circuitkit.sites import Site, parse_site
 from circuitkit.stats import Estimate, proportion, proportion_diff
@@ -321,16 +322,21 @@ def build_circuit(verifier: InterchangeVerifier, nodes: Sequence[CircuitNode | V
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(pairs), desc="edges", unit="edge")
-    for e in pairs:
-        a, b = e.as_pair()
-        res = edge_effects(verifier, by_site[a], b, _edge_answers(verifier, g, e.receiver), n_pairs)
+        bar = tqdm(total=sum(shards.is_mine(k) for k in range(len(pairs))), desc="edges", unit="edge")
+    done: dict[int, list[EdgeResult]] = {}
+    for k, e in enumerate(pairs):  # independent tests; under torch.distributed each runs on one rank
+        if shards.is_mine(k):
+            a, b = e.as_pair()
+            done[k] = edge_effects(verifier, by_site[a], b, _edge_answers(verifier, g, e.receiver), n_pairs)
+            if bar is not None:
+                bar.update(1)
+    done = shards.gather(done)
+    for k, e in enumerate(pairs):
+        res = done[k]
         tests += [r.to_dict() for r in res]
         best = max(res, key=lambda r: r.ci_low, default=None)
         if best is not None and best.ci_low >= min_edge:
             _add_edge(g, verifier, e, best, last)
-        if bar is not None:
-            bar.update(1)
     if bar is not None:
         bar.close()
     g.graph["edge_tests"] = tests
