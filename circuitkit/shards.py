@@ -12,9 +12,10 @@ same intra-op thread count; ``torchrun`` sets one thread per rank).
 | ``is_mine(k)`` | whether unit ``k`` runs on this rank |
 | ``sum_disjoint(t)`` | every rank's writes into ``t`` (zeros elsewhere) summed: exact, as each entry has one writer |
 | ``gather(done)`` | the union of every rank's ``{unit: result}`` |
+| ``map_units(fn, items)`` | ``[fn(x) for x in items]``, each call on one rank, every result on all |
 | ``session(command, args)`` | under ``torchrun``: the process group for one CLI command; followers write nowhere |
 
-Launch (gloo on CPU, nccl on GPU; ``patch``, ``verify`` and ``circuit`` shard their work)::
+Launch (gloo on CPU, nccl on GPU; ``patch``, ``hypothesize``, ``verify`` and ``circuit`` shard their work)::
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 -m circuitkit -- patch MODEL --sweep head --out S.json
 
@@ -27,9 +28,9 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -37,8 +38,11 @@ from torch import Tensor
 
 from circuitkit.errors import CircuitkitError
 
+T = TypeVar("T")
+R = TypeVar("R")
+
 #: the commands whose work is sharded over ranks (the others would only repeat one process's work)
-SHARDED_COMMANDS = ("patch", "verify", "circuit")
+SHARDED_COMMANDS = ("patch", "hypothesize", "verify", "circuit")
 
 
 def world() -> tuple[int, int]:
@@ -71,6 +75,12 @@ def gather(done: dict[int, Any]) -> dict[int, Any]:
     parts: list[dict[int, Any] | None] = [None] * world()[1]
     dist.all_gather_object(parts, done)
     return {k: v for p in parts for k, v in (p or {}).items()}
+
+
+def map_units(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """``[fn(x) for x in items]``, each call on one rank (round robin) and every result on every rank."""
+    got = gather({k: fn(x) for k, x in enumerate(items) if is_mine(k)})
+    return [got[k] for k in range(len(items))]
 
 
 def launched_by_torchrun() -> bool:
@@ -120,5 +130,5 @@ def launch_command(argv: list[str], nproc: int = 2) -> list[str]:
             "-m", "circuitkit", "--", *argv]
 
 
-__all__ = ["SHARDED_COMMANDS", "gather", "is_mine", "launch_command", "launched_by_torchrun", "session",
+__all__ = ["SHARDED_COMMANDS", "gather", "is_mine", "launch_command", "launched_by_torchrun", "map_units", "session",
            "sum_disjoint", "world"]

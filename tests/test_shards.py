@@ -76,7 +76,7 @@ def test_two_ranks_sweep_verify_circuit_identical(tiny_addition_model, verified_
 def test_torchrun_refuses_a_command_that_does_not_shard(tiny_addition_model, tmp_path):
     r = _two_ranks(["model", "eval", str(tiny_addition_model.path)])
     assert r.returncode != 0
-    assert "does not run across processes" in r.stderr and "patch, verify, circuit" in r.stderr
+    assert "does not run across processes" in r.stderr and "patch, hypothesize, verify, circuit" in r.stderr
 
 
 class _Rank:

@@ -323,16 +323,16 @@ def build_circuit(verifier: InterchangeVerifier, nodes: Sequence[CircuitNode | V
         from tqdm.auto import tqdm
 
         bar = tqdm(total=sum(shards.is_mine(k) for k in range(len(pairs))), desc="edges", unit="edge")
-    done: dict[int, list[EdgeResult]] = {}
-    for k, e in enumerate(pairs):  # independent tests; under torch.distributed each runs on one rank
-        if shards.is_mine(k):
-            a, b = e.as_pair()
-            done[k] = edge_effects(verifier, by_site[a], b, _edge_answers(verifier, g, e.receiver), n_pairs)
-            if bar is not None:
-                bar.update(1)
-    done = shards.gather(done)
-    for k, e in enumerate(pairs):
-        res = done[k]
+
+    def test(e: Edge) -> list[EdgeResult]:
+        a, b = e.as_pair()
+        res = edge_effects(verifier, by_site[a], b, _edge_answers(verifier, g, e.receiver), n_pairs)
+        if bar is not None:
+            bar.update(1)
+        return res
+
+    # independent tests, each seeded by its edge; under torch.distributed each runs on one rank
+    for e, res in zip(pairs, shards.map_units(test, pairs), strict=True):
         tests += [r.to_dict() for r in res]
         best = max(res, key=lambda r: r.ci_low, default=None)
         if best is not None and best.ci_low >= min_edge:

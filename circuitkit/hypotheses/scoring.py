@@ -23,6 +23,7 @@ from collections.abc import Hashable, Mapping, Sequence
 import numpy as np
 from scipy import stats as sps
 
+from circuitkit import shards
 from circuitkit.errors import CircuitkitError
 from circuitkit.hypotheses.features import (
     AnyFeature,
@@ -199,6 +200,10 @@ def _jsonable(v):
     return str(v)
 
 
+#: one site's scoring: (preimage coverage, feature codes, candidate groups, scored rows, the preimages)
+_SiteScores = tuple[float, np.ndarray, dict[str, list[str]], list[dict], list[QueryPreimage]]
+
+
 def generate_hypotheses(
     model: ProbedModel,
     sites: Sequence[Site],
@@ -229,21 +234,25 @@ def generate_hypotheses(
     encoder = FeatureEncoder(task, feats)
     extra = task.generate(random.Random(20_000 + seed), alias_inputs)
 
+    def one_site(site: Site) -> _SiteScores | None:
+        site_queries = [q for q in queries if _has_position(task, encoder, q, site.position)]
+        if not site_queries:
+            return None  # e.g. A4 of a sum with a 3-digit answer: no query has this position
+        qps = source.preimages(site, site_queries)
+        codes, groups = _candidate_features(task, encoder, site, qps, extra, task_names, model.runner.arch.causal)
+        rows = score_site(encoder, site, qps, [encoder.names.index(n) for n in groups])
+        return float(np.mean([len(q.members) > 0 for q in qps])) if qps else 0.0, codes, groups, rows, qps
+
     raw: list[tuple[Site, dict, list[str], list[QueryPreimage]]] = []
     site_codes: dict[str, np.ndarray] = {}
     coverage: dict[str, float] = {}
-    for site in sites:
-        site_queries = [q for q in queries if _has_position(task, encoder, q, site.position)]
-        if not site_queries:
+    # sites are independent (each preimage is seeded by its query): under torch.distributed each runs on one rank
+    for site, got in zip(sites, shards.map_units(one_site, list(sites)), strict=True):
+        if got is None:
             coverage[str(site)] = 0.0
-            continue  # e.g. A4 of a sum with a 3-digit answer: no query has this position
-        qps = source.preimages(site, site_queries)
-        coverage[str(site)] = float(np.mean([len(q.members) > 0 for q in qps])) if qps else 0.0
-        codes, groups = _candidate_features(task, encoder, site, qps, extra, task_names, model.runner.arch.causal)
-        cand = [encoder.names.index(n) for n in groups]
-        site_codes[str(site)] = codes
-        for row in score_site(encoder, site, qps, cand):
-            raw.append((site, row, groups[encoder.names[row["fi"]]], qps))
+            continue
+        coverage[str(site)], site_codes[str(site)], groups, rows, qps = got
+        raw += [(site, row, groups[encoder.names[row["fi"]]], qps) for row in rows]
     if not raw:
         return HypothesisReport(task.name, model_name, getattr(source, "name", "?"), source.eps, thresholds, [],
                                 coverage, 0, task_ref=task_record(task))

@@ -26,7 +26,7 @@ verifies on the random-init model is marked *architectural*; every verified node
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,8 +181,6 @@ def claim_hypothesis(site: str, feature: str) -> Hypothesis:
                       float("nan"), 0, 0, 0, True)
 
 
-#: one test with its null controls beside it: (site, features, split, family) -> (verdict, random-model twin)
-_Tester = Callable[..., tuple[Verdict, Verdict | None]]
 
 
 def _features_by_site(hypotheses: Sequence[Hypothesis], claims: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
@@ -209,36 +207,40 @@ def _test_with_controls(verifier: InterchangeVerifier, null: InterchangeVerifier
     return v, cs
 
 
-def _sharded_singles(verifier: InterchangeVerifier, null: InterchangeVerifier | None,
-                     by_site: dict[str, list[str]]) -> dict[_TestKey, tuple[Verdict, list[Verdict]]]:
-    """Under torch.distributed: every (site, one feature) test of the first pass, each run on one rank and
-    gathered on all (``circuitkit.shards``); the tests are independent, so each equals one process's.  The
-    adaptive rest (joint sets, groups) then runs on every rank, reading these."""
-    if shards.world()[1] == 1:
-        return {}
-    keys: list[_TestKey] = [(site, (f,), "search", 1) for site, feats in by_site.items() for f in feats]
-    done = {k: _test_with_controls(verifier, null, key) for k, key in enumerate(keys) if shards.is_mine(k)}
-    return {keys[k]: r for k, r in shards.gather(done).items()}
+class _ControlledTester:
+    """Runs tests with their null controls beside them, recording every verdict in ``verdicts`` and every control
+    in ``ctrl``, in the order the (adaptive) verification asks for them.
 
+    Under torch.distributed, ``ahead(keys)`` runs tests that are about to be asked for, each on one rank, and
+    gathers them on all (``circuitkit.shards``): every first-pass single at once, and in a greedy search the
+    next world-size candidates (a rank may run one the search then does not need).  Each test is seeded by
+    its own key, so a verdict does not depend on which rank ran it; every rank replays the same sequence, so
+    the report equals one process's.  With one process ``ahead`` does nothing."""
 
-def _controlled_tester(verifier: InterchangeVerifier, null: InterchangeVerifier | None, verdicts: list[Verdict],
-                       ctrl: list[Verdict], done: dict[_TestKey, tuple[Verdict, list[Verdict]]] | None = None
-                       ) -> _Tester:
-    """A tester that records every verdict in ``verdicts`` and runs the null controls beside it into ``ctrl``
-    (reading a test from ``done`` when another rank already ran it)."""
+    def __init__(self, verifier: InterchangeVerifier, null: InterchangeVerifier | None, verdicts: list[Verdict],
+                 ctrl: list[Verdict]) -> None:
+        self.verifier, self.null, self.verdicts, self.ctrl = verifier, null, verdicts, ctrl
+        self._done: dict[_TestKey, tuple[Verdict, list[Verdict]]] = {}
 
-    def with_controls(site: str, feats: Sequence[str], split: str = "search", family: int = 1
-                      ) -> tuple[Verdict, Verdict | None]:
+    def ahead(self, keys: Sequence[_TestKey], all_at_once: bool = False) -> None:
+        """Run ``keys`` (all of them, else the next world-size ones when the first is not done yet) over the ranks."""
+        size = shards.world()[1]
+        if size == 1 or not keys or keys[0] in self._done:
+            return
+        todo = list(dict.fromkeys(keys if all_at_once else keys[:size]))
+        self._done.update(zip(todo, shards.map_units(lambda k: _test_with_controls(self.verifier, self.null, k),
+                                                     todo), strict=True))
+
+    def __call__(self, site: str, feats: Sequence[str], split: str = "search", family: int = 1
+                 ) -> tuple[Verdict, Verdict | None]:
         key = (site, tuple(feats), split, family)
-        v, cs = (done or {}).get(key) or _test_with_controls(verifier, null, key)
-        verdicts.append(v)
-        ctrl.extend(cs)
+        v, cs = self._done.pop(key, None) or _test_with_controls(self.verifier, self.null, key)
+        self.verdicts.append(v)
+        self.ctrl.extend(cs)
         return v, (cs[0] if cs else None)
 
-    return with_controls
 
-
-def _verify_sites(with_controls: _Tester, items: list[tuple[str, list[str]]], max_joint: int,
+def _verify_sites(with_controls: _ControlledTester, items: list[tuple[str, list[str]]], max_joint: int,
                   progress: bool) -> list[VerifiedNode]:
     """Per site, the features verified alone, else a joint feature set grown there (see the module docstring)."""
     nodes: list[VerifiedNode] = []
@@ -247,6 +249,7 @@ def _verify_sites(with_controls: _Tester, items: list[tuple[str, list[str]]], ma
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(items), desc="verify", unit="site")
+    with_controls.ahead([(site, (f,), "search", 1) for site, feats in items for f in feats], all_at_once=True)
     for site, feats in items:
         singles = [with_controls(site, [f]) for f in feats]
         alone = [(v, t) for v, t in singles if v.verified]
@@ -291,7 +294,7 @@ def _coarsest_labels(verifier: InterchangeVerifier, nodes: list[VerifiedNode], h
     return kept, list(drop.values())
 
 
-def _grow_joint_set(with_controls: _Tester, site: str, singles: list[tuple[Verdict, Verdict | None]],
+def _grow_joint_set(with_controls: _ControlledTester, site: str, singles: list[tuple[Verdict, Verdict | None]],
                     max_joint: int) -> VerifiedNode | None:
     """The joint feature set of a site where no feature verified alone, confirmed on held-out inputs, or None."""
     moving = sorted([v for v, _ in singles if v.necessary_targets and not v.verified], key=lambda v: -_best(v)[0])
@@ -301,11 +304,13 @@ def _grow_joint_set(with_controls: _Tester, site: str, singles: list[tuple[Verdi
     # accepted features (they may be what the site also carries, breaking stability of the first ones)
     others = sorted([v for v, _ in singles if not v.necessary_targets],
                     key=lambda v: -max((r.effect.mean for r in v.targets if r.effect), default=0.0))
+    order = [v.features[0] for v in (moving + others)[:max_joint]]
     chosen: list[str] = []
-    for v in (moving + others)[:max_joint]:
-        chosen.append(v.features[0])
+    for f in order:
+        chosen.append(f)
         if len(chosen) < 2:
             continue
+        with_controls.ahead([(site, tuple(order[:k]), "search", 1) for k in range(len(chosen), len(order) + 1)])
         jv, _ = with_controls(site, chosen)
         jv.note = (jv.note + "; " if jv.note else "") + "joint feature set (search)"
         if jv.verified:
@@ -317,7 +322,7 @@ def _grow_joint_set(with_controls: _Tester, site: str, singles: list[tuple[Verdi
     return None
 
 
-def _with_site_groups(with_controls: _Tester, nodes: list[VerifiedNode], verdicts: Sequence[Verdict],
+def _with_site_groups(with_controls: _ControlledTester, nodes: list[VerifiedNode], verdicts: Sequence[Verdict],
                       hypotheses: Sequence[Hypothesis], max_group: int) -> list[VerifiedNode]:
     """The nodes with each verified site group's members added, replacing their logit-level claims on its feature."""
     # a component verified alone at the logit level may still carry the feature at the answer level with others
@@ -334,7 +339,7 @@ def _with_site_groups(with_controls: _Tester, nodes: list[VerifiedNode], verdict
     return nodes
 
 
-def _joint_group_nodes(verifier: InterchangeVerifier, with_controls: _Tester, nodes: Sequence[VerifiedNode],
+def _joint_group_nodes(verifier: InterchangeVerifier, with_controls: _ControlledTester, nodes: Sequence[VerifiedNode],
                        hypotheses: Sequence[Hypothesis], max_group: int, max_joint: int) -> list[VerifiedNode]:
     """The member nodes of the site groups that verify a joint feature set where nothing is explained yet."""
     out: list[VerifiedNode] = []
@@ -375,7 +380,7 @@ def verify_hypotheses(verifier: InterchangeVerifier, hypotheses: Sequence[Hypoth
     by_site = _features_by_site(hypotheses, claims)
     verdicts: list[Verdict] = []
     ctrl: list[Verdict] = []
-    with_controls = _controlled_tester(verifier, null, verdicts, ctrl, _sharded_singles(verifier, null, by_site))
+    with_controls = _ControlledTester(verifier, null, verdicts, ctrl)
     nodes = _verify_sites(with_controls, list(by_site.items()), max_joint, progress)
     nodes, dropped = _coarsest_labels(verifier, nodes, hypotheses)
     with_claims = list(hypotheses) + [claim_hypothesis(s, f) for s, f in claims]
@@ -425,7 +430,7 @@ def _group_candidates(hypotheses: Sequence[Hypothesis], verified_alone: set[tupl
     return out
 
 
-def _verify_group(with_controls, members: list[str], feature: str
+def _verify_group(with_controls: _ControlledTester, members: list[str], feature: str
                   ) -> tuple[list[str], Verdict, Verdict | None] | None:
     """Grow a group from the members in order (strongest alone first): test the first two, three, ... until
     one verifies; drop members (latest first) while it still does with IIA within ``PRUNE_TOLERANCE`` of the
@@ -441,6 +446,7 @@ def _verify_group(with_controls, members: list[str], feature: str
 
     grown, grown_v = None, None
     for k in range(2, len(members) + 1):
+        with_controls.ahead([(group_name(members[:j]), (feature,), "search", 1) for j in range(k, len(members) + 1)])
         v, _ = run(members[:k])
         if v.verified:
             grown, grown_v = list(members[:k]), v
@@ -515,7 +521,7 @@ def _joint_group_candidates(hypotheses: Sequence[Hypothesis], explained: set[tup
     return out
 
 
-def _verify_joint_group(verifier: InterchangeVerifier, with_controls, members: list[str], features: list[str],
+def _verify_joint_group(verifier: InterchangeVerifier, with_controls: _ControlledTester, members: list[str], features: list[str],
                         max_joint: int) -> tuple[list[str], Verdict, Verdict | None] | None:
     """Forward selection of a joint feature set on the whole group (search split): add the feature that
     raises IIA x coverage most until the set verifies (at most ``max_joint``); drop members (weakest first)
@@ -537,8 +543,8 @@ def _verify_joint_group(verifier: InterchangeVerifier, with_controls, members: l
     remaining = list(features)
     found = None
     while remaining and len(chosen) < max_joint:
-        trials = [(score(v), f, v) for f in remaining
-                  for v in [verifier.test(label, chosen + [f], skip_unpredictive=True)]]
+        tested = shards.map_units(lambda f: verifier.test(label, chosen + [f], skip_unpredictive=True), remaining)
+        trials = [(score(v), f, v) for f, v in zip(remaining, tested, strict=True)]
         best, f, v = max(trials, key=lambda t: t[0])
         if best[0] < 0:
             return None  # no addition makes the set predictive
