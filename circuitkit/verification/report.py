@@ -181,8 +181,6 @@ def claim_hypothesis(site: str, feature: str) -> Hypothesis:
                       float("nan"), 0, 0, 0, True)
 
 
-
-
 def _features_by_site(hypotheses: Sequence[Hypothesis], claims: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
     """{site: features to test there}: the accepted hypotheses' features, then the claims not among them."""
     by_site: dict[str, list[str]] = {}
@@ -521,8 +519,8 @@ def _joint_group_candidates(hypotheses: Sequence[Hypothesis], explained: set[tup
     return out
 
 
-def _verify_joint_group(verifier: InterchangeVerifier, with_controls: _ControlledTester, members: list[str], features: list[str],
-                        max_joint: int) -> tuple[list[str], Verdict, Verdict | None] | None:
+def _verify_joint_group(verifier: InterchangeVerifier, with_controls: _ControlledTester, members: list[str],
+                        features: list[str], max_joint: int) -> tuple[list[str], Verdict, Verdict | None] | None:
     """Forward selection of a joint feature set on the whole group (search split): add the feature that
     raises IIA x coverage most until the set verifies (at most ``max_joint``); drop members (weakest first)
     while it still does with IIA within ``PRUNE_TOLERANCE`` of the whole group's; confirm on the held-out inputs, controls beside.  Selection only sees the search split."""
