@@ -94,7 +94,8 @@ def session(command: str, args: Any) -> Iterator[bool]:
 
     Joins the process group (nccl when ``args.device`` names CUDA, one GPU per local rank; gloo otherwise).  A
     follower's ``--out`` points into a temporary folder that is removed afterwards, so only rank 0 writes the
-    artifacts and prints; every rank computes the same result.  Outside ``torchrun`` this does nothing."""
+    artifacts and prints its result; every rank computes the same result (each rank's progress bars count its own
+    share of the units).  Outside ``torchrun`` this does nothing."""
     if not launched_by_torchrun():
         yield True
         return
@@ -111,11 +112,9 @@ def session(command: str, args: Any) -> Iterator[bool]:
     dist.init_process_group(backend)
     rank = dist.get_rank()
     scratch = None
-    if rank != 0:
-        os.environ["TQDM_DISABLE"] = "1"
-        if getattr(args, "out", None):
-            scratch = tempfile.mkdtemp(prefix=f"circuitkit-rank{rank}-")
-            args.out = str(Path(scratch) / Path(args.out).name)
+    if rank != 0 and getattr(args, "out", None):
+        scratch = tempfile.mkdtemp(prefix=f"circuitkit-rank{rank}-")
+        args.out = str(Path(scratch) / Path(args.out).name)
     try:
         yield rank == 0
     finally:
