@@ -522,11 +522,10 @@ class AblationEvaluator:
         """Per-batch pair logits [pairs of batch, vocab], batches in order, from this rank's ``chunks`` (batch index
         -> logits) and, under torch.distributed, every other rank's (each batch runs on one rank:
         ``circuitkit.shards``)."""
-        n_batches = -(-self.n // self.batch_size)
-        if shards.world()[1] == 1:
-            return [chunks[k] for k in range(n_batches)]
-        full = torch.zeros(self.P, self._clean_lp.shape[-1], dtype=self.pm.runner.W_E.dtype, device=self.device)
         spans = [self._pairs_of(sl) for sl in self._batches()]
+        if shards.world()[1] == 1:
+            return [chunks[k] for k in range(len(spans))]
+        full = torch.zeros(self.P, self._clean_lp.shape[-1], dtype=self.pm.runner.W_E.dtype, device=self.device)
         for k, pl in chunks.items():
             full[spans[k]] = pl
         full = shards.sum_disjoint(full)
