@@ -10,7 +10,7 @@ from circuitkit.tasks import get_task
 #: GPT-2 with 1, 2 and 3 layers, a parallel-residual NeoX and a gated, grouped-query Llama
 SHAPES = [dict(n_layer=1, n_head=2, d_model=32), dict(n_layer=2, n_head=4, d_model=32),
           dict(n_layer=3, n_head=2, d_model=32), dict(arch="gpt_neox", n_layer=3, n_head=2, d_model=32),
-          dict(arch="llama", n_layer=2, n_head=4, n_kv_head=2, d_model=32)]
+          dict(arch="llama", n_layer=3, n_head=4, n_kv_head=2, d_model=32)]
 
 
 def random_model(task_name: str, std: float = 0.2, **kw) -> ProbedModel:

@@ -127,10 +127,11 @@ def test_sweep_errors(setup):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("kind", sorted(ROW_DIRECT))
 def test_incremental_sweep_equals_the_full_recomputation(shape, kind):
-    """A row-direct patch computed for the patched row alone (then the layers between in full, the last block
-    at the answer row) gives the metric of re-running the patched block over every row: GPT-2 with 1, 2 and 3
-    layers (the last-block-only and layers-between branches), a parallel-residual NeoX and a gated,
-    grouped-query Llama."""
+    """A row-direct patch computed for the patched row alone (then the layers between for the rows from the
+    patched one on, with the base's keys and values before it, and the last block at the answer row) gives the
+    metric of re-running the patched block and every later one over every row: GPT-2 with 1, 2 and 3 layers
+    (the last-block-only and layers-between branches), a parallel-residual NeoX and a gated, grouped-query,
+    rotary Llama (3 layers each)."""
     pm = random_model("addition", **shape)
     rng = random.Random(1)
     base = pm.task.generate(rng, 12)

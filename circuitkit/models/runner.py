@@ -214,6 +214,22 @@ class ModelRunner:
         z = self.attend_row(self.query_at(L, h1[rows, t], t), k, v, t)  # [n, head, d_head]
         return self.row_from_z(L, x[rows, t], z)
 
+    def block_suffix(self, L: int, x: Tensor, k_prefix: Tensor, v_prefix: Tensor) -> Tensor:
+        """Block ``L`` for the rows from ``s = k_prefix.shape[1]`` on, in a causal model whose rows before s are
+        known (a KV cache): x [n, r, d_model] is resid_pre of rows s .. s+r-1, k_prefix / v_prefix
+        [n, s, head, d_head] the keys (rotated) and values of rows 0 .. s-1 -> resid_post [n, r, d_model]."""
+        if not self.arch.causal:
+            raise ValueError("block_suffix needs a causal model: in a bidirectional one every row reads the later ones")
+        s, r = k_prefix.shape[1], x.shape[1]
+        q_pos = torch.arange(s, s + r, device=x.device)
+        h1 = self.norm1(L, x)
+        k, v = self.keys_values(L, h1, q_pos)  # [n, r, head, d_head]
+        k, v = torch.cat([k_prefix, k], 1), torch.cat([v_prefix, v], 1)  # [n, s + r, head, d_head]
+        q = self.rotate(self.project(L, "q", h1), q_pos)  # [n, r, head, d_head]
+        scores = self.causal_mask(self.scale(torch.einsum("nqhe,nkhe->nhqk", q, k)), q_pos[:, None])
+        z = torch.einsum("nhqk,nkhe->nqhe", scores.softmax(-1), v)  # [n, r, head, d_head]
+        return self.row_from_z(L, x, z)
+
     def keys_values(self, L: int, h1: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
         """Block ``L``'s keys (rotated) and values, repeated to the query heads, from its normalised input
         h1 [..., pos, d_model] at positions ``pos`` ([pos] or [..., pos]): two [..., pos, head, d_head]."""

@@ -201,6 +201,43 @@ class _AnswerRowBlock:
         return r.unembed(out)
 
 
+class _SuffixBlocks:
+    """The blocks after a patched block ``L`` in a causal model, for the rows a patch at row p can change (p and
+    after) only: rows before p keep the base's values, so their keys and values are the base's, computed once
+    here for every layer ([b, pos, head, d_head]), and each block runs on rows p.. with them as a KV cache
+    (``ModelRunner.block_suffix``); the last block then runs for the answer row alone."""
+
+    def __init__(self, runner: ModelRunner, base_cache: dict[str, Tensor], n_keep: int, t: Tensor) -> None:
+        self.runner, self.base_cache, self.n_keep, self.t = runner, base_cache, n_keep, t
+        pos = torch.arange(n_keep, device=t.device)
+        self.kv = [runner.keys_values(L, runner.norm1(L, base_cache[f"blocks.{L}.hook_resid_pre"][:, :n_keep]), pos)
+                   for L in range(runner.n_layers)]
+
+    def logits(self, L: int, ex: Tensor, p: Tensor, row: Tensor) -> Tensor:
+        """Logits [m, vocab] at the answer rows of examples ``ex`` whose block-``L`` output has row ``p`` [m]
+        replaced by ``row`` [m, d_model]; pairs that share p run together (rows p.. of every block after L)."""
+        out = torch.empty(row.shape[0], self.runner.W_U.shape[0], dtype=row.dtype, device=row.device)
+        for s in p.unique().tolist():
+            i = (p == s).nonzero().squeeze(1)
+            out[i] = self._from(L, ex[i], s, row[i])
+        return out
+
+    def _from(self, L: int, ex: Tensor, s: int, row: Tensor) -> Tensor:
+        r, last = self.runner, self.runner.n_layers - 1
+        x = self.base_cache[f"blocks.{L}.hook_resid_post"][ex, s:self.n_keep].clone()  # [m, n_keep - s, d_model]
+        x[:, 0] = row
+        for layer in range(L + 1, last):
+            k, v = self.kv[layer]
+            x = r.block_suffix(layer, x, k[ex, :s], v[ex, :s])
+        rows, t = torch.arange(ex.numel(), device=x.device), self.t[ex]  # t >= s: cells lie at or before the answer
+        h1 = r.norm1(last, x)
+        k, v = r.keys_values(last, h1, torch.arange(s, self.n_keep, device=x.device))
+        k_base, v_base = self.kv[last]
+        k, v = torch.cat([k_base[ex, :s], k], 1), torch.cat([v_base[ex, :s], v], 1)  # [m, n_keep, head, d_head]
+        z = r.attend_row(r.query_at(last, h1[rows, t - s], t), k, v, t)
+        return r.unembed(r.row_from_z(last, x[rows, t - s], z))
+
+
 def _truncate(kind: str, act: Tensor, n_pos: int) -> Tensor:
     return act[:, :, :n_pos, :n_pos] if kind == "pattern" else act[:, :n_pos]
 
@@ -220,6 +257,7 @@ class _SweepPlan:
     device: torch.device
     direct: bool  # ROW_DIRECT kind with ``incremental``: the patched block runs for the patched row only
     answer_block: _AnswerRowBlock | None
+    suffix: _SuffixBlocks | None  # direct kinds in a causal model with blocks between the patched and the last
     max_rows: int
 
 
@@ -315,7 +353,7 @@ def _run_cells(plan: _SweepPlan, work: list[tuple[int, Tensor, Tensor, Tensor]],
         if plan.direct:
             bas = _truncate(plan.kind, plan.base_cache[plan.hooks[L]], plan.n_keep)
             logits, read_at = _direct_logits(plan.runner, plan.kind, L, plan.base_cache, src, bas, ex, cell,
-                                             plan.ids_cut, plan.t_pos, plan.n_keep, plan.answer_block)
+                                             plan.ids_cut, plan.t_pos, plan.n_keep, plan.answer_block, plan.suffix)
         else:
             resid_all = plan.base_cache[f"blocks.{L}.hook_resid_pre"][:, :plan.n_keep]  # [b, pos, d_model]
             logits, read_at = _full_logits(plan, L, src, resid_all, ex, cell)
@@ -381,19 +419,21 @@ def sweep(
     last = pm.n_layers - 1
     answer_block = _AnswerRowBlock(runner, base_cache[f"blocks.{last}.hook_resid_pre"][:, :n_keep], t_pos) \
         if direct and last > 0 else None
+    suffix = _SuffixBlocks(runner, base_cache, n_keep, t_pos) if direct and runner.arch.causal and last > 1 else None
     plan = _SweepPlan(runner, kind, metric, hooks, base_cache, ids_cut, t_pos, n_keep, dev, direct, answer_block,
-                      max_rows)
+                      suffix, max_rows)
     _run_cells(plan, work, out, ctx, ctx_dev, progress)
     return SweepResult(kind, axes, out, base_vals, metric, ab.value, ctx)
 
 
 def _direct_logits(runner: ModelRunner, kind: str, L: int, base_cache: dict[str, Tensor], src: Tensor, bas: Tensor,
                    ex: Tensor, cell: Tensor, ids_cut: Tensor, t_pos: Tensor, n_keep: int,
-                   answer_block: _AnswerRowBlock | None) -> tuple[Tensor, Tensor]:
+                   answer_block: _AnswerRowBlock | None, suffix: _SuffixBlocks | None = None) -> tuple[Tensor, Tensor]:
     """Logits [m, 1, vocab] at each pair's answer row (and the row index into them, zeros) after a
-    ``ROW_DIRECT`` patch: block ``L`` for the patched row only, the blocks between in full from the base's
-    stream with that row replaced, the last block for the answer row only (from the base's keys, values and
-    attention sums, ``_AnswerRowBlock``, when only the patched row differs there)."""
+    ``ROW_DIRECT`` patch: block ``L`` for the patched row only; the blocks between from the base's stream with
+    that row replaced, for the rows from the patched one on in a causal model (``_SuffixBlocks``), else in full;
+    the last block for the answer row only (from the base's keys, values and attention sums,
+    ``_AnswerRowBlock``, when only the patched row differs there)."""
     row = _patched_row(runner, kind, L, base_cache, src, bas, ex, cell)  # [m, d_model]
     read_at = torch.zeros_like(ex)
     last = runner.n_layers - 1
@@ -401,6 +441,8 @@ def _direct_logits(runner: ModelRunner, kind: str, L: int, base_cache: dict[str,
         return runner.unembed(row).unsqueeze(1), read_at
     if L + 1 == last and answer_block is not None:  # the last block's input differs in row p only
         return answer_block.logits(ex, cell[:, 0], row).unsqueeze(1), read_at
+    if suffix is not None:
+        return suffix.logits(L, ex, cell[:, 0], row).unsqueeze(1), read_at
     x = base_cache[f"blocks.{L}.hook_resid_post"][ex, :n_keep].clone()  # [m, pos, d_model]
     x[torch.arange(ex.numel(), device=x.device), cell[:, 0]] = row
     if L + 1 < last:
