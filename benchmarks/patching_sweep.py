@@ -38,7 +38,7 @@ from transformer_lens import patching as tl_patching
 from circuitkit.errors import CircuitkitError
 from circuitkit.io_utils import atomic_write_json
 from circuitkit.machine_load import LoadWatch
-from circuitkit.manifest import package_versions
+from circuitkit.manifest import git_commit, package_versions
 from circuitkit.models.checkpoint import load_probed
 from circuitkit.models.train import TrainConfig, build_model, train_probed, write_trained
 from circuitkit.patching.metrics import evaluate
@@ -154,7 +154,8 @@ def run(model: str | None, batch: int, threads: int, repeats: int, contrasts: li
                    "round first" if device.startswith("cuda") else "host clock around each call"),
         "threads": threads, "cpu_count": os.cpu_count(),
         **load.record(),
-        "machine": platform.platform(), "versions": package_versions(), "results": results,
+        "machine": platform.platform(), "versions": package_versions(), "git_commit": git_commit(),
+        "results": results,
     }
 
 
