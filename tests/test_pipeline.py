@@ -46,6 +46,7 @@ def test_quick_run_writes_a_complete_report(quick_run):
     md = (rep / "report.md").read_text()
     for section in ("## Probed model", "## InversionView decoder", "## InversionView panels", "## Activation patching",
                     "## Cumulative group patching", "## Hypotheses, verification and the circuit",
+                    "## Side by side with EAP, EAP-IG, exact edge patching and ACDC",
                     "## The paper's claims beside circuitkit's verification", "## Reproducibility manifest"):
         assert section in md, section
     man = json.loads((rep / "manifest.json").read_text())
@@ -55,8 +56,36 @@ def test_quick_run_writes_a_complete_report(quick_run):
     assert {v["reason"] for v in man["threads_by_stage"].values()} == {"--threads"}
     res = json.loads((rep / "results.json").read_text())
     assert set(res["claims"]) == {c["claim"] for c in load_case("addition", quick=True).paper_claims}
-    for fig in ("decoder_curve.png", "circuit.png", "faithfulness_curve.png", "screen.png"):
+    for fig in ("decoder_curve.png", "circuit.png", "faithfulness_curve.png", "screen.png", "comparison_curve.png"):
         assert (rep / "figures" / fig).read_bytes()[:4] == b"\x89PNG", fig  # present, and a PNG
+
+
+def test_the_comparison_stage_is_discover_then_compare(quick_run, tmp_path, capsys):
+    """results.json's ``comparison`` (every default method beside circuitkit's circuit, judged on the next seed's
+    pairs) equals what ``circuitkit compare`` gives for the circuit files the report carries, and its verdict is
+    the comparison of circuitkit's faithfulness with the best method's at the same edge count."""
+    root, _ = quick_run
+    rep = root / "report"
+    res = json.loads((rep / "results.json").read_text())["comparison"]
+    cfg = load_case("addition", quick=True)
+    assert {r["method"] for r in res["rows"]} == set(cfg.comparison.methods) | {"circuitkit", "circuitkit+bundles"}
+    assert res["inputs"]["scored_on"]["seed"] == cfg.seed and res["inputs"]["judged_on"]["seed"] == cfg.seed + 1
+    assert res["inputs"]["judged_on"]["n"] == cfg.comparison.n == 40
+    model = str(cfg.resolve(cfg.model.path))
+    argv = ["compare", model, str(rep / "comparison" / "circuits"), str(rep / "circuit.json"), "--n", "40", "--seed",
+            str(cfg.seed + 1), "--out", str(tmp_path / "cmp"), "--json"]
+    assert main(argv) == 0
+    again = json.loads(capsys.readouterr().out)
+    ours = {r["method"]: r["faithfulness"] for r in res["rows"]}
+    assert set(ours) == {r["method"] for r in again["rows"]}
+    for r in again["rows"]:  # the same inputs and circuits; thread counts may round the last digits apart
+        assert r["faithfulness"] == pytest.approx(ours[r["method"]], abs=2e-3), r["method"]
+    v = res["verdict"]
+    rivals = [r["faithfulness_at_circuitkit_size"] for r in res["rows"] if "faithfulness_at_circuitkit_size" in r]
+    assert v["best_faithfulness"] == max(rivals) and len(rivals) == len(cfg.comparison.methods)
+    assert v["at_least_best"] == (v["circuitkit_faithfulness"] >= v["best_faithfulness"])
+    assert ("at least as faithful as" if v["at_least_best"] else "less faithful than") in \
+        (rep / "report.md").read_text()
 
 
 def test_rerun_reuses_every_stage(quick_run, installed_wheel):

@@ -86,6 +86,21 @@ def compare(p: DiscoveryProblem, entries: Sequence[dict[str, Any]], truth: Mappi
                            "ranking (lower is better); ROC AUC of |score| against the ground-truth edges"}
 
 
+def verdict(cmp: Mapping[str, Any]) -> dict[str, Any]:
+    """circuitkit's circuit against the best ranked method at its edge count (issue 32's question): both
+    faithfulness figures, the best method's name and whether circuitkit's is at least as high."""
+    rows = cmp.get("rows", [])
+    own = next((r for r in rows if r["method"] == "circuitkit"), None)
+    rivals = [r for r in rows if r.get("faithfulness_at_circuitkit_size") is not None]
+    if own is None or own.get("faithfulness") is None or not rivals:
+        return {"circuitkit_edges": cmp.get("circuitkit_edges"), "circuitkit_faithfulness": None,
+                "best_method": None, "best_faithfulness": None, "at_least_best": None}
+    best = max(rivals, key=lambda r: r["faithfulness_at_circuitkit_size"])
+    return {"circuitkit_edges": own["edges"], "circuitkit_faithfulness": own["faithfulness"],
+            "best_method": best["method"], "best_faithfulness": best["faithfulness_at_circuitkit_size"],
+            "at_least_best": bool(own["faithfulness"] >= best["faithfulness_at_circuitkit_size"])}
+
+
 def to_markdown(cmp: Mapping[str, Any], title: str = "Circuit discovery, side by side") -> str:
     """The comparison as a Markdown table."""
     n_ck = cmp.get("circuitkit_edges")
@@ -136,4 +151,4 @@ def load_entries(graph: EdgeGraph, paths: Sequence[str | Path]) -> list[dict[str
 
 
 __all__ = ["DEFAULT_METHODS", "compare", "curve_png", "discovery_file", "load_entries", "read_circuit",
-           "to_markdown"]
+           "to_markdown", "verdict"]

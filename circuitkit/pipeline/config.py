@@ -113,6 +113,21 @@ class PatchingSection:
     groups: list[list[str]] = field(default_factory=list)  # cumulative group patching, in forward order
 
 
+def _default_methods() -> list[str]:
+    from circuitkit.discovery.harness import DEFAULT_METHODS
+
+    return list(DEFAULT_METHODS)
+
+
+@dataclass
+class ComparisonSection:
+    """The side-by-side with the field's discovery methods (``circuitkit discover`` / ``compare`` as a stage)."""
+
+    methods: list[str] = field(default_factory=_default_methods)  # empty: no comparison stage
+    n: int = 100  # aligned pairs the methods score edges on; the next seed's n pairs judge every circuit
+    ablation: str = "resample"  # resample (aligned source), mean or zero
+
+
 @dataclass
 class CaseConfig:
     name: str
@@ -125,6 +140,7 @@ class CaseConfig:
     hypotheses: HypothesisSection = field(default_factory=HypothesisSection)
     circuit: CircuitSection = field(default_factory=CircuitSection)
     patching: PatchingSection = field(default_factory=PatchingSection)
+    comparison: ComparisonSection = field(default_factory=ComparisonSection)
     paper_claims: list[dict[str, Any]] = field(default_factory=list)
     quick: bool = False
 
@@ -158,7 +174,8 @@ class CaseConfig:
 
 
 _SECTIONS = {"model": ModelSection, "decoder": DecoderSection, "inversion": InversionSection,
-             "hypotheses": HypothesisSection, "circuit": CircuitSection, "patching": PatchingSection}
+             "hypotheses": HypothesisSection, "circuit": CircuitSection, "patching": PatchingSection,
+             "comparison": ComparisonSection}
 
 #: ``--quick`` budgets for keys a file sets in neither form (the built-in cases' own quick values, about a minute each)
 QUICK_DEFAULTS: dict[type, dict[str, Any]] = {
@@ -167,6 +184,7 @@ QUICK_DEFAULTS: dict[type, dict[str, Any]] = {
                         "screen_examples": 100},
     PatchingSection: {"examples": 60},
     CircuitSection: {"edge_pairs": 40},
+    ComparisonSection: {"n": 40},
 }
 
 #: numeric ranges of case-config values: (section or "" for the top level, key) -> (low, high, low excluded)
@@ -194,6 +212,7 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None, bool]] = {
     ("circuit", "edge_pairs"): (10, None, False),
     ("circuit", "completeness_subsets"): (0, None, False),
     ("patching", "examples"): (1, None, False),
+    ("comparison", "n"): (10, 100000, False),
 }
 #: range texts clearer than the bare interval
 _RANGE_TEXT = {("hypotheses", "n_per_cell"): ">= 1, or 0 for [decoder] n_per_cell (at most 16384)"}
@@ -304,6 +323,20 @@ def _check_sites(texts: list[str], label: str, task: Any, errors: list[str], nee
                           f"{choices_hint(task.position_names)} or an integer index")
 
 
+def _check_comparison(c: ComparisonSection, where: str, errors: list[str]) -> None:
+    """[comparison]: known discovery methods, each once, and a known ablation."""
+    from circuitkit.discovery.methods import METHODS
+    from circuitkit.discovery.problem import ABLATIONS
+
+    bad = [m for m in c.methods if m not in METHODS]
+    if bad:
+        errors.append(f"{where} [comparison] methods: unknown {bad}; valid: {', '.join(METHODS)}")
+    if len(set(c.methods)) < len(c.methods):
+        errors.append(f"{where} [comparison] methods: each method once, got {c.methods}")
+    if c.ablation not in ABLATIONS:
+        errors.append(f"{where} [comparison] ablation must be one of {', '.join(ABLATIONS)}, got {c.ablation!r}")
+
+
 def _check_semantics(cfg: CaseConfig, where: str, errors: list[str]) -> None:
     """What the types cannot say: names that must be valid choices, sites, inputs, claims, paths."""
     if not cfg.name.strip() or "/" in cfg.name or "\\" in cfg.name:
@@ -320,6 +353,7 @@ def _check_semantics(cfg: CaseConfig, where: str, errors: list[str]) -> None:
     bad = [c for c in cfg.patching.contrasts if c not in CONTRASTS]
     if bad:
         errors.append(f"{where} [patching] contrasts: unknown {bad}; valid: {', '.join(CONTRASTS)}")
+    _check_comparison(cfg.comparison, where, errors)
     _check_claims(cfg.paper_claims, f"{where} [[paper_claims]]", errors)
     try:
         task = cfg.load_task()

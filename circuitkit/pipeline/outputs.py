@@ -84,6 +84,18 @@ class CircuitSummary(TypedDict, total=False):
     verified_nodes: list[dict[str, Any]]
 
 
+class ComparisonSummary(TypedDict, total=False):
+    skipped: str  # why no comparison ran ([comparison] methods empty, or no circuit)
+    n_edges_total: int
+    percents: list[float]
+    circuitkit_edges: int | None
+    truth_edges: int | None  # a compiled model's ground-truth edges (tracr), else None
+    rows: list[dict[str, Any]]  # one per method / circuit (``discovery.harness.compare``)
+    definitions: str
+    inputs: dict[str, Any]  # the pairs the methods scored on and the pairs every circuit is judged on
+    verdict: dict[str, Any]  # circuitkit's circuit against the best baseline at its size (``harness.verdict``)
+
+
 @dataclass
 class CaseResults:
     """The results of one run, by stage (None: the stage did not run or produced nothing)."""
@@ -95,6 +107,7 @@ class CaseResults:
     groups: GroupsSummary | None = None
     screen: ScreenSummary | None = None
     circuit: CircuitSummary | None = None
+    comparison: ComparisonSummary | None = None
     claims: dict[str, str] | None = None
 
     @classmethod
@@ -112,5 +125,5 @@ class CaseResults:
         return {n: getattr(self, n) for n in self.stage_names() if getattr(self, n) is not None and n not in without}
 
 
-__all__ = ["CaseResults", "CircuitSummary", "DecoderSummary", "GroupsSummary", "InversionsSummary", "ModelSummary",
+__all__ = ["CaseResults", "CircuitSummary", "ComparisonSummary", "DecoderSummary", "GroupsSummary", "InversionsSummary", "ModelSummary",
            "PatchingSummary", "ScreenSummary"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import html
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -381,6 +382,49 @@ def comparison_section(report: Report, ctx: RunContext) -> None:
                                                           verified, pm.n_layers, pm.n_heads)))
 
 
+def verdict_text(v: dict[str, Any]) -> str:
+    """One sentence: circuitkit's circuit against the best discovery method at its edge count."""
+    if v.get("circuitkit_faithfulness") is None:
+        return "circuitkit's circuit could not be set beside the methods (no circuit edges or no ranked method)."
+    ok = "at least as faithful as" if v["at_least_best"] else "less faithful than"
+    return (f"circuitkit's labelled circuit ({v['circuitkit_edges']} edges) has faithfulness "
+            f"{_fmt(v['circuitkit_faithfulness'])}; the best method at the same size, {v['best_method']}, has "
+            f"{_fmt(v['best_faithfulness'])}: circuitkit's circuit is **{ok}** the best baseline here.")
+
+
+def baselines_section(report: Report, res: dict[str, Any], ctx: RunContext) -> None:
+    """The ``comparison`` stage: every discovery method and circuitkit's circuit, scored the MIB way on the same
+    pairs (table, faithfulness against the % of edges kept, the verdict at circuitkit's size)."""
+    from circuitkit.discovery.harness import curve_png
+
+    s = report.section("Side by side with EAP, EAP-IG, exact edge patching and ACDC")
+    if res.get("skipped"):
+        s.add(f"Not run: {res['skipped']}.")
+        return
+    scored, judged = res["inputs"]["scored_on"], res["inputs"]["judged_on"]
+    s.add(f"{res['n_edges_total']} sender → receiver-input edges in the model's graph (q, k and v apart). The methods "
+          f"scored every edge on {scored['n']} aligned pairs (seed {scored['seed']}); every circuit, circuitkit's too, "
+          f"is judged on {judged['n']} other pairs (seed {judged['seed']}), {judged['ablation']} ablation, metric "
+          f"{judged['metric']}. A method's circuit at a size keeps its best-scored edges (MIB); circuitkit's is its "
+          f"heads and MLPs with the edges between them (`circuitkit+bundles` adds every edge its residual nodes "
+          f"stand for).")
+    s.add(verdict_text(res["verdict"]))
+    n_ck, truth = res.get("circuitkit_edges"), res.get("truth_edges") is not None
+    head = ["method", "edges (own)", "faithfulness (own)"] + ([f"faithfulness at {n_ck} edges"] if n_ck else [])
+    head += ["CPR ↑", "CMD ↓"] + (["edge ROC AUC"] if truth else []) + ["seconds"]
+    rows = []
+    for r in res["rows"]:
+        row = [r["method"], r["edges"], _fmt(r["faithfulness"])]
+        if n_ck:
+            row.append(_fmt(r["faithfulness"] if r["method"] == "circuitkit" else r.get("faithfulness_at_circuitkit_size")))
+        row += [_fmt(r.get("cpr")), _fmt(r.get("cmd"))] + ([_fmt(r.get("roc_auc"))] if truth else [])
+        rows.append(row + [_fmt(r.get("seconds"), 2)])
+    s.add(Table(head, rows))
+    if any("curve" in r for r in res["rows"]):
+        s.add(Figure("comparison_curve", curve_png(res), "Faithfulness of each method's top-k% edges (MIB's grid)."))
+    s.add(res["definitions"] + ". Files: `comparison/comparison.json`, `comparison/circuits/METHOD.json` (MIB format).")
+
+
 def ground_truth_section(report: Report, ctx: RunContext) -> None:
     """A compiled model's circuit beside the program's ground truth (``discovery/ground_truth.py``): node and
     edge precision / recall against what the ablation can move and against everything compiled, and the labels."""
@@ -443,6 +487,8 @@ def build_report(ctx: RunContext, manifest: dict[str, Any]) -> Report:
         headline = (f" Circuit faithfulness {_fmt(circ['evaluation']['faithfulness_normalized'].get('all'))}; share "
                     f"the verified labels explain {_fmt(circ.get('explained_share'))}"
                     f"{_per_answer_shares(circ)}.")
+    if (r.comparison or {}).get("verdict"):
+        headline += " " + verdict_text(r.comparison["verdict"]).replace("**", "")
     report = Report(f"circuitkit case study: {cfg.name}",
                     f"{cfg.description} {'Quick settings (smoke run).' if cfg.quick else 'Full settings.'}{headline}")
     if r.model is not None:
@@ -464,13 +510,14 @@ def build_report(ctx: RunContext, manifest: dict[str, Any]) -> Report:
 
 #: sections of the later stages: (result key, fn(report, result, ctx))
 SECTION_BUILDERS: list[tuple[str, Any]] = [("patching", patching_section), ("groups", groups_section),
-                                           ("screen", screen_section), ("circuit", circuit_section)]
+                                           ("screen", screen_section), ("circuit", circuit_section),
+                                           ("comparison", baselines_section)]
 
 
 def write_report(report: Report, out: Path, manifest: dict[str, Any], results: CaseResults,
-                 attachments: list[Path] = ()) -> None:
-    """index.html, report.md (+ figures/), manifest.json, results.json and the attachments
-    (e.g. the circuit's JSON/GraphML/DOT/SVG) — the directory is replaced atomically.  A ``README.md``
+                 attachments: Mapping[str, Path] | None = None) -> None:
+    """index.html, report.md (+ figures/), manifest.json, results.json and the attachments ({name in the report:
+    file}, e.g. the circuit's JSON/GraphML/DOT/SVG) — the directory is replaced atomically.  A ``README.md``
     already there (a person's notes on the report) is carried over: circuitkit never writes one."""
     page = render_html(report)
     md, files = render_markdown(report)
@@ -478,8 +525,9 @@ def write_report(report: Report, out: Path, manifest: dict[str, Any], results: C
     with atomic_dir(out, keep_existing=False) as tmp:
         if notes is not None:
             (tmp / "README.md").write_bytes(notes)
-        for f in attachments:
-            (tmp / f.name).write_bytes(f.read_bytes())
+        for name, f in (attachments or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_bytes(f.read_bytes())
         (tmp / "index.html").write_text(page)
         (tmp / "report.md").write_text(md)
         for rel, data in files.items():

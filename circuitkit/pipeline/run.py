@@ -17,6 +17,7 @@ from circuitkit.manifest import build_manifest, git_commit
 from circuitkit.models.checkpoint import ProbedModel, load_probed
 from circuitkit.models.local_gpt2 import find_gpt2_small, missing_message
 from circuitkit.pipeline.analysis import stage_circuit, stage_claims, stage_groups, stage_patching, stage_screen
+from circuitkit.pipeline.comparison import stage_comparison
 from circuitkit.pipeline.config import CaseConfig
 from circuitkit.pipeline.outputs import CaseResults, DecoderSummary, InversionsSummary, ModelSummary
 from circuitkit.pipeline.stages import Stage, StageRunner, remove_orphans, stage_order
@@ -201,8 +202,20 @@ STAGES: list[Stage] = [
     Stage("groups", ("model",), stage_groups),
     Stage("screen", ("model",), stage_screen),
     Stage("circuit", ("model", "decoder", "screen"), stage_circuit),
+    Stage("comparison", ("model", "circuit"), stage_comparison),
     Stage("claims", ("groups", "circuit"), stage_claims),
 ]
+
+
+def report_attachments(work: Path) -> dict[str, Path]:
+    """Stage files that travel with the report, by their name there: the circuit's exports, and the side-by-side
+    comparison (its JSON, table, plot and every method's MIB circuit file) under ``comparison/``."""
+    out = {f.name: f for f in sorted((work / "circuit").glob("circuit.*"))}
+    cmp = work / "comparison"
+    for f in sorted(cmp.rglob("*")) if cmp.is_dir() else []:
+        if f.is_file() and f.name != "stage.json":
+            out[f"comparison/{f.relative_to(cmp).as_posix()}"] = f
+    return out
 
 
 @contextlib.contextmanager
@@ -251,8 +264,7 @@ def run_case(cfg: CaseConfig, out: Path, work: Path, device: str = "cpu", progre
                                   stages_cached=runner.cached, git_commit_at_start=commit_at_start,
                                   decoder_steps_taken=(ctx.results.decoder or {}).get("steps"))
         report = build_report(ctx, manifest)
-        attachments = sorted((work / "circuit").glob("circuit.*")) if (work / "circuit").exists() else []
-        write_report(report, out, manifest, ctx.results, attachments)
+        write_report(report, out, manifest, ctx.results, report_attachments(work))
     total = time.perf_counter() - t0
     log(f"report written to {out / 'index.html'} and {out / 'report.md'} ({total:.0f} s)")
     return {"out": str(out), "seconds": round(total, 1), "stages": runner.timings, "cached": runner.cached,
