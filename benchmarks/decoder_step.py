@@ -1,4 +1,5 @@
-"""Benchmark: one decoder training step, eager against ``torch.compile`` (→ results/decoder_step.json).
+"""Benchmark: one decoder training step, eager against ``torch.compile`` (→ results/decoder_step.json), and what
+bounds it: time and FLOPs per part of a step against the machine's measured matrix-multiply rate (``bound``).
 
 A step as ``train_decoder`` takes it with the case tomls' recipes (d_model 128, 4 slots, batch 128; addition
 mixes sites): fresh pairs through the probed model, the decoder's forward and backward, gradient clipping and
@@ -60,12 +61,96 @@ def timed_steps(task: str, compiled: bool, steps: int, warmup: int, seed: int = 
     return t1 - t0, (time.perf_counter() - t1) / steps
 
 
+def gemm_peak(threads: int, n: int = 2048, repeats: int = 5) -> float:
+    """The machine's float32 matrix-multiply rate in GFLOP/s (best of ``repeats`` n x n x n products): the
+    ceiling any step made of matmuls can reach on these threads."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm-up (allocation, thread pool)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def step_bound(task: str, steps: int, seed: int = 0) -> dict:
+    """Where an eager step's time goes (drawing pairs through the probed model, the decoder's forward, its
+    backward, clipping + AdamW), the FLOPs of each part (``torch.utils.flop_counter``) and the rate each reaches."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    pm = load_probed(ROOT / "case_studies" / "models" / task)
+    cfg = DecoderTrainConfig(d_model=128, cond_mid=256, batch_size=128, n_slots=4, seed=seed, **RECIPES[task])
+    sites = decoder_sites(pm)
+    dec = build_for(pm, sites, cfg)
+    opt = torch.optim.AdamW(dec.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    source, site_rng = PairSource(pm, "train", seed=seed + 1), random.Random(seed)
+    weights, pad = [1.0] * len(sites), pm.task.vocab.pad_id
+    secs = {"pairs": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+    flops = dict.fromkeys(secs, 0)
+
+    def draw():
+        if cfg.mixed_sites:
+            return source.mixed(sites, weights, cfg.batch_size)
+        i = site_rng.randrange(len(sites))
+        return source.batch(sites[i], cfg.batch_size), torch.full((cfg.batch_size,), i)
+
+    for step in range(steps + 1):
+        counting = step == 0  # the first step is counted, not timed (the counter's own overhead)
+        parts: list[tuple[str, float]] = []
+        with FlopCounterMode(display=False) if counting else _nothing() as fc:
+            t = time.perf_counter()
+            pairs, site_idx = draw()
+            parts.append(("pairs", time.perf_counter() - t))
+            before = fc.get_total_flops() if counting else 0
+        with FlopCounterMode(display=False) if counting else _nothing() as fc2:
+            t = time.perf_counter()
+            loss = decoder_loss(train_forward(dec, pairs.ids, pairs.acts, site_idx, False), pairs.ids, pad)
+            parts.append(("forward", time.perf_counter() - t))
+            fwd = fc2.get_total_flops() if counting else 0
+            t = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            parts.append(("backward", time.perf_counter() - t))
+            both = fc2.get_total_flops() if counting else 0
+        t = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
+        opt.step()
+        parts.append(("optimizer", time.perf_counter() - t))
+        if counting:
+            flops.update({"pairs": before, "forward": fwd, "backward": both - fwd,
+                          "optimizer": 14 * sum(p.numel() for p in dec.parameters())})  # AdamW + clipping, ~14/param
+            continue
+        for k, v in parts:
+            secs[k] += v
+    ms = {k: v / steps * 1000 for k, v in secs.items()}
+    total_ms, total_flops = sum(ms.values()), sum(flops.values())
+    return {"ms_per_step": round(total_ms, 2), "ms_by_part": {k: round(v, 2) for k, v in ms.items()},
+            "gflop_by_part": {k: round(v / 1e9, 4) for k, v in flops.items()},
+            "gflop_per_step": round(total_flops / 1e9, 4),
+            "gflops_by_part": {k: round(flops[k] / 1e9 / (ms[k] / 1000), 2) for k in ms},
+            "gflops_achieved": round(total_flops / 1e9 / (total_ms / 1000), 2),
+            "samples_per_s": round(cfg.batch_size / (total_ms / 1000), 1), "batch": cfg.batch_size}
+
+
+class _nothing:
+    """A stand-in for ``FlopCounterMode`` on the timed steps."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=200, help="timed steps per repeat")
     ap.add_argument("--warmup", type=int, default=20, help="steps before timing (compilation happens here)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bound-steps", type=int, default=100, help="eager steps timed part by part for the bound")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decoder_step.json"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -86,12 +171,25 @@ def main() -> int:
                                "first_steps_s": first[way], "saves_vs_eager": round(1 - min(v) / base, 3),
                                "median_saves_vs_eager": round(1 - statistics.median(v) / statistics.median(per["eager"]), 3)}
                          for way, v in per.items()}
+    peak = gemm_peak(a.threads)
+    bound = {task: step_bound(task, a.bound_steps) for task in RECIPES}
+    for task, b in bound.items():
+        b["share_of_gemm_peak"] = round(b["gflops_achieved"] / peak, 4)
+        b["floor_ms_at_gemm_peak"] = round(b["gflop_per_step"] / peak * 1000, 3)
+        print(f"{task}: {b['ms_per_step']} ms/step {b['ms_by_part']}, {b['gflop_per_step']} GFLOP/step, "
+              f"{b['gflops_achieved']} GFLOP/s = {b['share_of_gemm_peak']:.1%} of the {peak:.0f} GFLOP/s GEMM peak",
+              file=sys.stderr, flush=True)
     load.stop()
     out = {"benchmark": "one decoder training step (fresh pairs, forward, backward, clipping, AdamW), eager vs "
                         "torch.compile, alternating repeats in one process",
            "recipe": "d_model 128, cond_mid 256, 4 slots, batch 128; addition: mixed sites",
            "threads": a.threads, "cpu_count": os.cpu_count(), "machine": platform.platform(),
            **load.record("idle-machine figure"), "versions": package_versions(), "results": results,
+           "gemm_peak_gflops": round(peak, 1),
+           "bound": bound,
+           "bound_note": "where an eager step's time goes and the FLOPs of each part (torch.utils.flop_counter; "
+                         "the optimizer's ~14 FLOPs per parameter estimated), against the measured float32 GEMM "
+                         "peak on the same threads",
            "produced_by": " ".join(["benchmarks/decoder_step.py", *sys.argv[1:]])}
     atomic_write_json(a.out, out)
     for task, r in results.items():
