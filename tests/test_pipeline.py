@@ -46,7 +46,7 @@ def test_quick_run_writes_a_complete_report(quick_run):
     md = (rep / "report.md").read_text()
     for section in ("## Probed model", "## InversionView decoder", "## InversionView panels", "## Activation patching",
                     "## Cumulative group patching", "## Hypotheses, verification and the circuit",
-                    "## Side by side with EAP, EAP-IG, exact edge patching and ACDC",
+                    "## Side by side with automatic circuit discovery",
                     "## The paper's claims beside circuitkit's verification", "## Reproducibility manifest"):
         assert section in md, section
     man = json.loads((rep / "manifest.json").read_text())

@@ -223,6 +223,7 @@ class _SuffixBlocks:
         return out
 
     def _from(self, L: int, ex: Tensor, s: int, row: Tensor) -> Tensor:
+        """Logits [m, vocab] for pairs that all patch row ``s``: rows s.. of blocks L+1 .. last-1, then the answer row."""
         r, last = self.runner, self.runner.n_layers - 1
         x = self.base_cache[f"blocks.{L}.hook_resid_post"][ex, s:self.n_keep].clone()  # [m, n_keep - s, d_model]
         x[:, 0] = row

@@ -125,5 +125,5 @@ class CaseResults:
         return {n: getattr(self, n) for n in self.stage_names() if getattr(self, n) is not None and n not in without}
 
 
-__all__ = ["CaseResults", "CircuitSummary", "ComparisonSummary", "DecoderSummary", "GroupsSummary", "InversionsSummary", "ModelSummary",
-           "PatchingSummary", "ScreenSummary"]
+__all__ = ["CaseResults", "CircuitSummary", "ComparisonSummary", "DecoderSummary", "GroupsSummary",
+           "InversionsSummary", "ModelSummary", "PatchingSummary", "ScreenSummary"]

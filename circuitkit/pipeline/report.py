@@ -397,13 +397,14 @@ def baselines_section(report: Report, res: dict[str, Any], ctx: RunContext) -> N
     pairs (table, faithfulness against the % of edges kept, the verdict at circuitkit's size)."""
     from circuitkit.discovery.harness import curve_png
 
-    s = report.section("Side by side with EAP, EAP-IG, exact edge patching and ACDC")
+    s = report.section("Side by side with automatic circuit discovery")
     if res.get("skipped"):
         s.add(f"Not run: {res['skipped']}.")
         return
     scored, judged = res["inputs"]["scored_on"], res["inputs"]["judged_on"]
+    methods = ", ".join(r["method"] for r in res["rows"] if "curve" in r)
     s.add(f"{res['n_edges_total']} sender → receiver-input edges in the model's graph (q, k and v apart). The methods "
-          f"scored every edge on {scored['n']} aligned pairs (seed {scored['seed']}); every circuit, circuitkit's too, "
+          f"({methods}) scored every edge on {scored['n']} aligned pairs (seed {scored['seed']}); every circuit, circuitkit's too, "
           f"is judged on {judged['n']} other pairs (seed {judged['seed']}), {judged['ablation']} ablation, metric "
           f"{judged['metric']}. A method's circuit at a size keeps its best-scored edges (MIB); circuitkit's is its "
           f"heads and MLPs with the edges between them (`circuitkit+bundles` adds every edge its residual nodes "
