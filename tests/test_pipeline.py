@@ -84,6 +84,8 @@ def test_the_comparison_stage_is_discover_then_compare(quick_run, tmp_path, caps
     rivals = [r["faithfulness_at_circuitkit_size"] for r in res["rows"] if "faithfulness_at_circuitkit_size" in r]
     assert v["best_faithfulness"] == max(rivals) and len(rivals) == len(cfg.comparison.methods)
     assert v["at_least_best"] == (v["circuitkit_faithfulness"] >= v["best_faithfulness"])
+    assert abs(1 - v["closest_faithfulness"]) == min(abs(1 - f) for f in rivals)
+    assert v["at_least_as_close"] == (abs(1 - v["circuitkit_faithfulness"]) <= abs(1 - v["closest_faithfulness"]))
     assert ("at least as faithful as" if v["at_least_best"] else "less faithful than") in \
         (rep / "report.md").read_text()
 

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from circuitkit.pipeline.stages import StageRunner
 
 #: bumped when the stage's summary changes shape, so cached stages are recomputed
-COMPARISON_SUMMARY_VERSION = 1
+COMPARISON_SUMMARY_VERSION = 2
 
 
 def stage_comparison(ctx: RunContext, runner: StageRunner) -> ComparisonSummary:

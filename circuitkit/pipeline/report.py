@@ -387,9 +387,14 @@ def verdict_text(v: dict[str, Any]) -> str:
     if v.get("circuitkit_faithfulness") is None:
         return "circuitkit's circuit could not be set beside the methods (no circuit edges or no ranked method)."
     ok = "at least as faithful as" if v["at_least_best"] else "less faithful than"
-    return (f"circuitkit's labelled circuit ({v['circuitkit_edges']} edges) has faithfulness "
+    text = (f"circuitkit's labelled circuit ({v['circuitkit_edges']} edges) has faithfulness "
             f"{_fmt(v['circuitkit_faithfulness'])}; the best method at the same size, {v['best_method']}, has "
             f"{_fmt(v['best_faithfulness'])}: circuitkit's circuit is **{ok}** the best baseline here.")
+    if v.get("at_least_as_close") is not None and v["at_least_as_close"] != v["at_least_best"]:
+        near = "closer to" if v["at_least_as_close"] else "farther from"
+        text += (f" By distance from the model's own output, |1 − f|, it is {near} the model than the closest "
+                 f"baseline, {v['closest_method']} ({_fmt(v['closest_faithfulness'])}).")
+    return text
 
 
 def baselines_section(report: Report, res: dict[str, Any], ctx: RunContext) -> None:
