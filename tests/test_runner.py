@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from circuitkit.activations import collect_activations
+from circuitkit.models.runner import ModelRunner
 from circuitkit.sites import parse_site
+from tests.random_models import SHAPES, random_model
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +77,35 @@ def test_collect_activations_named_positions(tiny_counting_model):
         assert torch.allclose(acts[sites[0]][i], cache["blocks.0.attn.hook_result"][i, q, 0])
     probs = acts[sites[3]].sum(-1)
     assert torch.allclose(probs, torch.ones(10), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES[2:], ids=["gpt2", "neox", "llama"])
+@pytest.mark.parametrize("start", [0, 3, 6])
+@torch.no_grad()
+def test_block_suffix_equals_the_full_block_on_its_rows(shape, start):
+    """A block run on rows s.. with rows 0..s-1 given only as keys and values (a KV cache) gives the full block's
+    output on those rows: GPT-2, a rotary parallel-residual NeoX and a rotary grouped-query Llama."""
+    pm = random_model("addition", **shape)
+    r = pm.runner
+    ids = pm.task.encode(pm.task.generate(random.Random(0), 5))
+    L = 1
+    _, cache = r.run(ids, cache=[f"blocks.{L}.hook_resid_pre", f"blocks.{L}.hook_resid_post"])
+    x, full = cache[f"blocks.{L}.hook_resid_pre"], cache[f"blocks.{L}.hook_resid_post"]
+    k, v = r.keys_values(L, r.norm1(L, x), torch.arange(x.shape[1]))
+    part = r.block_suffix(L, x[:, start:], k[:, :start], v[:, :start])
+    assert part.shape == full[:, start:].shape
+    assert torch.allclose(part, full[:, start:], atol=1e-5)
+    changed = x.clone()
+    changed[:, start] += 1.0  # a change at row s moves row s's output: the comparison can fail
+    moved = r.block_suffix(L, changed[:, start:], k[:, :start], v[:, :start])
+    assert (moved[:, 0] - full[:, start]).abs().max() > 1e-3
+
+
+def test_block_suffix_refuses_a_bidirectional_model():
+    from circuitkit.models.native import NativeConfig, NativeTransformer
+
+    m = NativeTransformer(NativeConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=8, d_vocab=5, d_vocab_out=3,
+                                       n_ctx=4, attention_dir="bidirectional"))
+    r = ModelRunner(m)
+    with pytest.raises(ValueError, match="needs a causal model"):
+        r.block_suffix(0, torch.zeros(1, 2, 8), torch.zeros(1, 2, 2, 4), torch.zeros(1, 2, 2, 4))
