@@ -205,14 +205,20 @@ class ModelRunner:
         and values k, v [n, key, head, d_head]."""
         return torch.einsum("nhk,nkhe->nhe", self.row_scores(q, k, t).softmax(-1), v)
 
-    def block_at_rows(self, L: int, x: Tensor, t: Tensor) -> Tensor:
+    def block_at_rows(self, L: int, x: Tensor, t: Tensor, k_prefix: Tensor | None = None,
+                      v_prefix: Tensor | None = None) -> Tensor:
         """Block ``L`` for one row per example: x [n, pos, d_model] (its resid_pre), t [n] -> resid_post [n, d_model].
-        Keys and values come from every position up to t; the query, the MLP and the output only from row t."""
+        Keys and values come from every position up to t; the query, the MLP and the output only from row t.
+        With ``k_prefix`` / ``v_prefix`` [n, s, head, d_head] (the keys and values of rows 0 .. s-1, a KV cache), x
+        holds rows s .. only and t stays an absolute position (t >= s)."""
+        s = 0 if k_prefix is None else k_prefix.shape[1]
         rows = torch.arange(x.shape[0], device=x.device)
         h1 = self.norm1(L, x)
-        k, v = self.keys_values(L, h1, torch.arange(x.shape[1], device=x.device))  # [n, pos, head, d_head]
-        z = self.attend_row(self.query_at(L, h1[rows, t], t), k, v, t)  # [n, head, d_head]
-        return self.row_from_z(L, x[rows, t], z)
+        k, v = self.keys_values(L, h1, torch.arange(s, s + x.shape[1], device=x.device))  # [n, rows, head, d_head]
+        if k_prefix is not None and v_prefix is not None:
+            k, v = torch.cat([k_prefix, k], 1), torch.cat([v_prefix, v], 1)
+        z = self.attend_row(self.query_at(L, h1[rows, t - s], t), k, v, t)  # [n, head, d_head]
+        return self.row_from_z(L, x[rows, t - s], z)
 
     def block_suffix(self, L: int, x: Tensor, k_prefix: Tensor, v_prefix: Tensor) -> Tensor:
         """Block ``L`` for the rows from ``s = k_prefix.shape[1]`` on, in a causal model whose rows before s are

@@ -210,8 +210,8 @@ class _SuffixBlocks:
     def __init__(self, runner: ModelRunner, base_cache: dict[str, Tensor], n_keep: int, t: Tensor) -> None:
         self.runner, self.base_cache, self.n_keep, self.t = runner, base_cache, n_keep, t
         pos = torch.arange(n_keep, device=t.device)
-        self.kv = [runner.keys_values(L, runner.norm1(L, base_cache[f"blocks.{L}.hook_resid_pre"][:, :n_keep]), pos)
-                   for L in range(runner.n_layers)]
+        self.kv = {L: runner.keys_values(L, runner.norm1(L, base_cache[f"blocks.{L}.hook_resid_pre"][:, :n_keep]), pos)
+                   for L in range(1, runner.n_layers)}  # block 0 is never after a patched block
 
     def logits(self, L: int, ex: Tensor, p: Tensor, row: Tensor) -> Tensor:
         """Logits [m, vocab] at the answer rows of examples ``ex`` whose block-``L`` output has row ``p`` [m]
@@ -230,13 +230,8 @@ class _SuffixBlocks:
         for layer in range(L + 1, last):
             k, v = self.kv[layer]
             x = r.block_suffix(layer, x, k[ex, :s], v[ex, :s])
-        rows, t = torch.arange(ex.numel(), device=x.device), self.t[ex]  # t >= s: cells lie at or before the answer
-        h1 = r.norm1(last, x)
-        k, v = r.keys_values(last, h1, torch.arange(s, self.n_keep, device=x.device))
-        k_base, v_base = self.kv[last]
-        k, v = torch.cat([k_base[ex, :s], k], 1), torch.cat([v_base[ex, :s], v], 1)  # [m, n_keep, head, d_head]
-        z = r.attend_row(r.query_at(last, h1[rows, t - s], t), k, v, t)
-        return r.unembed(r.row_from_z(last, x[rows, t - s], z))
+        k, v = self.kv[last]  # the answer row t >= s: cells lie at or before the answer
+        return r.unembed(r.block_at_rows(last, x, self.t[ex], k[ex, :s], v[ex, :s]))
 
 
 def _truncate(kind: str, act: Tensor, n_pos: int) -> Tensor:
