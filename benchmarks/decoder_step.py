@@ -34,25 +34,34 @@ RECIPES = {"counting": {"mixed_sites": False}, "addition": {"mixed_sites": True}
 WAYS = {"eager": False, "compiled": True}
 
 
-def timed_steps(task: str, compiled: bool, steps: int, warmup: int, seed: int = 0) -> tuple[float, float]:
-    """(seconds of the first ``warmup`` steps, mean seconds per step after them)."""
+def _setup(task: str, seed: int):
+    """What every benchmark step shares: the decoder of the case recipe, its optimizer, a draw of fresh training pairs
+    (as the trainer draws them) and the pad id."""
     pm = load_probed(ROOT / "case_studies" / "models" / task)
     cfg = DecoderTrainConfig(d_model=128, cond_mid=256, batch_size=128, n_slots=4, seed=seed, **RECIPES[task])
     sites = decoder_sites(pm)
     dec = build_for(pm, sites, cfg)
-    model = torch.compile(dec) if compiled else dec
     opt = torch.optim.AdamW(dec.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    source, site_rng = PairSource(pm, "train", seed=seed + 1), random.Random(seed)
-    weights, pad = [1.0] * len(sites), pm.task.vocab.pad_id
+    source, site_rng, weights = PairSource(pm, "train", seed=seed + 1), random.Random(seed), [1.0] * len(sites)
+
+    def draw():
+        if cfg.mixed_sites:
+            return source.mixed(sites, weights, cfg.batch_size)
+        i = site_rng.randrange(len(sites))
+        return source.batch(sites[i], cfg.batch_size), torch.full((cfg.batch_size,), i)
+
+    return cfg, dec, opt, draw, pm.task.vocab.pad_id
+
+
+def timed_steps(task: str, compiled: bool, steps: int, warmup: int, seed: int = 0) -> tuple[float, float]:
+    """(seconds of the first ``warmup`` steps, mean seconds per step after them)."""
+    _, dec, opt, draw, pad = _setup(task, seed)
+    model = torch.compile(dec) if compiled else dec
     t0 = time.perf_counter()
     for step in range(warmup + steps):
         if step == warmup:
             t1 = time.perf_counter()
-        if cfg.mixed_sites:
-            pairs, site_idx = source.mixed(sites, weights, cfg.batch_size)
-        else:
-            i = site_rng.randrange(len(sites))
-            pairs, site_idx = source.batch(sites[i], cfg.batch_size), torch.full((cfg.batch_size,), i)
+        pairs, site_idx = draw()
         loss = decoder_loss(train_forward(model, pairs.ids, pairs.acts, site_idx, compiled), pairs.ids, pad)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -77,53 +86,46 @@ def gemm_peak(threads: int, n: int = 2048, repeats: int = 5) -> float:
 
 def step_bound(task: str, steps: int, seed: int = 0) -> dict:
     """Where an eager step's time goes (drawing pairs through the probed model, the decoder's forward, its
-    backward, clipping + AdamW), the FLOPs of each part (``torch.utils.flop_counter``) and the rate each reaches."""
+    backward, clipping + AdamW), the FLOPs of each part (``torch.utils.flop_counter``, counted on one step before
+    the timed ones) and the rate each part reaches."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    pm = load_probed(ROOT / "case_studies" / "models" / task)
-    cfg = DecoderTrainConfig(d_model=128, cond_mid=256, batch_size=128, n_slots=4, seed=seed, **RECIPES[task])
-    sites = decoder_sites(pm)
-    dec = build_for(pm, sites, cfg)
-    opt = torch.optim.AdamW(dec.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    source, site_rng = PairSource(pm, "train", seed=seed + 1), random.Random(seed)
-    weights, pad = [1.0] * len(sites), pm.task.vocab.pad_id
-    secs = {"pairs": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
-    flops = dict.fromkeys(secs, 0)
+    cfg, dec, opt, draw, pad = _setup(task, seed)
 
-    def draw():
-        if cfg.mixed_sites:
-            return source.mixed(sites, weights, cfg.batch_size)
-        i = site_rng.randrange(len(sites))
-        return source.batch(sites[i], cfg.batch_size), torch.full((cfg.batch_size,), i)
-
-    for step in range(steps + 1):
-        counting = step == 0  # the first step is counted, not timed (the counter's own overhead)
-        parts: list[tuple[str, float]] = []
-        with FlopCounterMode(display=False) if counting else _nothing() as fc:
-            t = time.perf_counter()
-            pairs, site_idx = draw()
-            parts.append(("pairs", time.perf_counter() - t))
-            before = fc.get_total_flops() if counting else 0
-        with FlopCounterMode(display=False) if counting else _nothing() as fc2:
-            t = time.perf_counter()
-            loss = decoder_loss(train_forward(dec, pairs.ids, pairs.acts, site_idx, False), pairs.ids, pad)
-            parts.append(("forward", time.perf_counter() - t))
-            fwd = fc2.get_total_flops() if counting else 0
-            t = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            parts.append(("backward", time.perf_counter() - t))
-            both = fc2.get_total_flops() if counting else 0
-        t = time.perf_counter()
+    def update() -> None:
         torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
         opt.step()
-        parts.append(("optimizer", time.perf_counter() - t))
-        if counting:
-            flops.update({"pairs": before, "forward": fwd, "backward": both - fwd,
-                          "optimizer": 14 * sum(p.numel() for p in dec.parameters())})  # AdamW + clipping, ~14/param
-            continue
-        for k, v in parts:
-            secs[k] += v
+
+    with FlopCounterMode(display=False) as fc:
+        pairs, site_idx = draw()
+    flops = {"pairs": fc.get_total_flops()}
+    with FlopCounterMode(display=False) as fc:
+        loss = decoder_loss(train_forward(dec, pairs.ids, pairs.acts, site_idx, False), pairs.ids, pad)
+        flops["forward"] = fc.get_total_flops()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        flops["backward"] = fc.get_total_flops() - flops["forward"]
+    update()
+    flops["optimizer"] = 14 * sum(p.numel() for p in dec.parameters())  # AdamW + clipping, ~14 per parameter
+    secs, clock = dict.fromkeys(flops, 0.0), [0.0]
+
+    def lap(part: str) -> None:
+        """Charge the time since the last lap to ``part``."""
+        now = time.perf_counter()
+        secs[part] += now - clock[0]
+        clock[0] = now
+
+    for _ in range(steps):
+        clock[0] = time.perf_counter()
+        pairs, site_idx = draw()
+        lap("pairs")
+        loss = decoder_loss(train_forward(dec, pairs.ids, pairs.acts, site_idx, False), pairs.ids, pad)
+        lap("forward")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        lap("backward")
+        update()
+        lap("optimizer")
     ms = {k: v / steps * 1000 for k, v in secs.items()}
     total_ms, total_flops = sum(ms.values()), sum(flops.values())
     return {"ms_per_step": round(total_ms, 2), "ms_by_part": {k: round(v, 2) for k, v in ms.items()},
@@ -132,16 +134,6 @@ def step_bound(task: str, steps: int, seed: int = 0) -> dict:
             "gflops_by_part": {k: round(flops[k] / 1e9 / (ms[k] / 1000), 2) for k in ms},
             "gflops_achieved": round(total_flops / 1e9 / (total_ms / 1000), 2),
             "samples_per_s": round(cfg.batch_size / (total_ms / 1000), 1), "batch": cfg.batch_size}
-
-
-class _nothing:
-    """A stand-in for ``FlopCounterMode`` on the timed steps."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main() -> int:

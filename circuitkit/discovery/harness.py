@@ -108,26 +108,32 @@ def verdict(cmp: Mapping[str, Any]) -> dict[str, Any]:
             "at_least_as_close": bool(abs(1 - f_own) <= abs(1 - closest["faithfulness_at_circuitkit_size"]))}
 
 
-def to_markdown(cmp: Mapping[str, Any], title: str = "Circuit discovery, side by side") -> str:
-    """The comparison as a Markdown table."""
-    n_ck = cmp.get("circuitkit_edges")
+def _fmt(x: Any) -> str:
+    return "–" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def comparison_table(cmp: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The comparison's table, (header, rows of formatted cells): what ``to_markdown`` and the case report show."""
+    n_ck, truth = cmp.get("circuitkit_edges"), cmp.get("truth_edges") is not None
     head = ["method", "edges (own circuit)", "faithfulness (own)"]
     head += [f"faithfulness at {n_ck} edges"] if n_ck is not None else []
-    head += ["CPR ↑", "CMD ↓"] + (["edge ROC AUC"] if cmp.get("truth_edges") is not None else []) + ["seconds"]
+    head += ["CPR ↑", "CMD ↓"] + (["edge ROC AUC"] if truth else []) + ["seconds"]
+    rows = []
+    for r in cmp["rows"]:
+        cells = [r["method"], _fmt(r["edges"]), _fmt(r["faithfulness"])]
+        if n_ck is not None:
+            cells.append(_fmt(r["faithfulness"]) if r["method"] == "circuitkit" else _fmt(r.get("faithfulness_at_circuitkit_size")))
+        cells += [_fmt(r.get("cpr")), _fmt(r.get("cmd"))] + ([_fmt(r.get("roc_auc"))] if truth else [])
+        rows.append(cells + [_fmt(r.get("seconds"))])
+    return head, rows
+
+
+def to_markdown(cmp: Mapping[str, Any], title: str = "Circuit discovery, side by side") -> str:
+    """The comparison as a Markdown table."""
+    head, rows = comparison_table(cmp)
     lines = [f"### {title}", "", f"{cmp['n_edges_total']} edges in the model's graph; every figure on the same inputs.",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-
-    def fmt(x: Any) -> str:
-        return "–" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
-    for r in cmp["rows"]:
-        cells = [r["method"], fmt(r["edges"]), fmt(r["faithfulness"])]
-        if n_ck is not None:
-            cells.append(fmt(r["faithfulness"]) if r["method"] == "circuitkit" else fmt(r.get("faithfulness_at_circuitkit_size")))
-        cells += [fmt(r.get("cpr")), fmt(r.get("cmd"))]
-        if cmp.get("truth_edges") is not None:
-            cells.append(fmt(r.get("roc_auc")))
-        cells.append(fmt(r.get("seconds")))
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     lines += ["", cmp["definitions"] + "."]
     return "\n".join(lines)
 
@@ -157,5 +163,5 @@ def load_entries(graph: EdgeGraph, paths: Sequence[str | Path]) -> list[dict[str
     return [e for f in files for e in read_circuit(graph, read_json(f, "circuit file"), f.stem)]
 
 
-__all__ = ["DEFAULT_METHODS", "compare", "curve_png", "discovery_file", "load_entries", "read_circuit",
+__all__ = ["DEFAULT_METHODS", "compare", "comparison_table", "curve_png", "discovery_file", "load_entries", "read_circuit",
            "to_markdown", "verdict"]

@@ -35,9 +35,9 @@ def stage_comparison(ctx: RunContext, runner: StageRunner) -> ComparisonSummary:
         return {"skipped": "[comparison] methods is empty"}
     if circuit.get("skipped") or not circuit_file:
         return {"skipped": f"no circuit to compare ({circuit.get('skipped') or 'the circuit stage wrote no JSON'})"}
-    circuit_json = json.loads((ctx.work / "circuit" / circuit_file).read_text())
 
     def fn(d: Path) -> dict[str, Any]:
+        circuit_json = json.loads((ctx.work / "circuit" / circuit_file).read_text())
         scored_on, score_record = build_problem(pm, c.n, cfg.seed, c.ablation)
         files = {}
         for i, method in enumerate(c.methods):

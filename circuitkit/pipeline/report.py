@@ -400,7 +400,7 @@ def verdict_text(v: dict[str, Any]) -> str:
 def baselines_section(report: Report, res: dict[str, Any], ctx: RunContext) -> None:
     """The ``comparison`` stage: every discovery method and circuitkit's circuit, scored the MIB way on the same
     pairs (table, faithfulness against the % of edges kept, the verdict at circuitkit's size)."""
-    from circuitkit.discovery.harness import curve_png
+    from circuitkit.discovery.harness import comparison_table, curve_png
 
     s = report.section("Side by side with automatic circuit discovery")
     if res.get("skipped"):
@@ -415,17 +415,7 @@ def baselines_section(report: Report, res: dict[str, Any], ctx: RunContext) -> N
           f"heads and MLPs with the edges between them (`circuitkit+bundles` adds every edge its residual nodes "
           f"stand for).")
     s.add(verdict_text(res["verdict"]))
-    n_ck, truth = res.get("circuitkit_edges"), res.get("truth_edges") is not None
-    head = ["method", "edges (own)", "faithfulness (own)"] + ([f"faithfulness at {n_ck} edges"] if n_ck else [])
-    head += ["CPR ↑", "CMD ↓"] + (["edge ROC AUC"] if truth else []) + ["seconds"]
-    rows = []
-    for r in res["rows"]:
-        row = [r["method"], r["edges"], _fmt(r["faithfulness"])]
-        if n_ck:
-            row.append(_fmt(r["faithfulness"] if r["method"] == "circuitkit" else r.get("faithfulness_at_circuitkit_size")))
-        row += [_fmt(r.get("cpr")), _fmt(r.get("cmd"))] + ([_fmt(r.get("roc_auc"))] if truth else [])
-        rows.append(row + [_fmt(r.get("seconds"), 2)])
-    s.add(Table(head, rows))
+    s.add(Table(*comparison_table(res)))
     if any("curve" in r for r in res["rows"]):
         s.add(Figure("comparison_curve", curve_png(res), "Faithfulness of each method's top-k% edges (MIB's grid)."))
     s.add(res["definitions"] + ". Files: `comparison/comparison.json`, `comparison/circuits/METHOD.json` (MIB format).")
