@@ -104,6 +104,34 @@ def test_exact_edge_scores_equal_path_patching(problem, tiny_addition_model):
         assert res.scores[p.graph.edge_index(name)].item() == pytest.approx(float(pp.effect.mean()), abs=1e-4), name
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("shape", [dict(n_layer=3, n_head=2, d_model=32),
+                                   dict(arch="gpt_neox", n_layer=3, n_head=2, d_model=32)], ids=["gpt2", "neox"])
+def test_a_circuit_run_from_its_first_changed_block_equals_the_whole_run(shape):
+    """Circuits that keep every edge into the blocks below ``start_of`` run from there on the base's clean
+    stream (exact scoring, ACDC); the metric equals the run from the embeddings, and a start past an ablated edge
+    is refused."""
+    from circuitkit.discovery.masked import EdgeMask, clean_run, start_of
+    from tests.random_models import random_model
+    pm = random_model("addition", **shape)
+    p, _ = build_problem(pm, n=8, seed=1)
+    g, gen = p.graph, torch.Generator().manual_seed(0)
+    layer = torch.tensor([min(r.layer, g.n_layers - 1) for r in g.receivers])
+    masks = []
+    for first in (1, 2, 2, 3):  # drop random edges into blocks >= first (3: the logits only)
+        drop = (torch.rand(g.shape, generator=gen) < 0.3) & (layer >= first)[None, :] & g.real
+        masks.append(g.full() & ~drop)
+    keep = torch.stack(masks)
+    assert [start_of(g, k[None]) for k in keep] == [1, 2, 2, 2]  # the logits' edges start at the last block
+    clean = clean_run(pm.runner, g, p.base)
+    whole = circuit_metric(pm.runner, g, p.base, p.ablated, keep, p.ctx, "logit_diff", chunk=1)
+    started = circuit_metric(pm.runner, g, p.base, p.ablated, keep, p.ctx, "logit_diff", chunk=1, clean=clean)
+    assert torch.allclose(started, whole, atol=1e-5)
+    assert not torch.allclose(whole[0], whole[1], atol=1e-3)  # the masks do change the output
+    with pytest.raises(ValueError, match="earlier block"):
+        EdgeMask(g, keep[0], p.ablated, start=2, clean=clean)
+
+
 def test_acdc_with_tau_zero_keeps_exactly_the_edges_whose_removal_raised_kl(problem):
     p, _ = problem
     res = discover(p, "acdc", tau=0.0)

@@ -9,6 +9,11 @@ counterfactual, or the mean / zero value).  With every edge kept the run is the 
 receiver reads the ablated stream.  This is EAP-IG's and MIB's edge intervention, applied through the one
 engine (``patching.engine.run``) as the ``EdgeMask`` intervention; many circuits run at once, one copy of the
 batch per circuit.
+
+A circuit that keeps every edge into the blocks before ``start`` computes those blocks as the model does, so its
+run may begin at block ``start`` from the base's own residual stream (``CleanRun``), with the senders before it
+taken from the base's clean outputs: exact edge scoring and ACDC ablate edges into one layer at a time, and
+skip the blocks below it (``start_of``).
 """
 from __future__ import annotations
 
@@ -48,27 +53,73 @@ def ablated_outputs(runner: ModelRunner, graph: EdgeGraph, source: Tensor) -> Te
     return sender_outputs(graph, cache)
 
 
+@dataclass(frozen=True)
+class CleanRun:
+    """The base's own run, for circuits that start mid-way: every sender's output [n_senders, b, pos, d_model]
+    and the residual stream entering each block {layer: [b, pos, d_model]}."""
+
+    outputs: Tensor
+    resid: dict[int, Tensor]
+
+
+def clean_run(runner: ModelRunner, graph: EdgeGraph, base: Tensor) -> CleanRun:
+    """``CleanRun`` of ``base`` [b, pos] (one forward)."""
+    cache: dict[str, Tensor] = {}
+    names = sender_hooks(graph) + [f"blocks.{L}.hook_resid_pre" for L in range(1, graph.n_layers)]
+    with torch.no_grad():
+        engine.run(runner, base, [engine.Record(names, cache)], need_logits=False)
+    resid = {L: cache[f"blocks.{L}.hook_resid_pre"] for L in range(1, graph.n_layers)}
+    return CleanRun(sender_outputs(graph, cache), resid)
+
+
+def start_of(graph: EdgeGraph, keep: Tensor) -> int:
+    """The first block whose input any of the circuits ``keep`` [c, S, R] changes: the lowest layer of a
+    receiver with an ablated edge (the logits count as the last block; ``graph.n_layers - 1`` when none)."""
+    dropped = (~keep & graph.real).any(dim=(0, 1)) if keep.ndim == 3 else (~keep & graph.real).any(dim=0)
+    layers = [min(graph.receivers[j].layer, graph.n_layers - 1) for j in dropped.nonzero().flatten().tolist()]
+    return min(layers, default=graph.n_layers - 1)
+
+
+def senders_before(graph: EdgeGraph, layer: int) -> int:
+    """How many senders write before block ``layer`` (the embeddings and every earlier head and MLP)."""
+    return 1 + layer * (graph.n_heads + 1)
+
+
 @dataclass
 class EdgeMask:
     """Engine intervention: run ``copies`` circuits at once on a batch repeated ``copies`` times.
 
     keep: [copies, n_senders, n_receivers] bool; ablated: [n_senders, b, pos, d_model] (repeated per copy).
     probe: [n_receivers, copies*b, pos, d_model], added to every receiver's input (zeros that require grad give
-    ∂metric/∂(each receiver's input), the gradient attribution methods need)."""
+    ∂metric/∂(each receiver's input), the gradient attribution methods need).
+    start / clean: begin at block ``start`` (module doc); the senders before it are ``clean.outputs``, and
+    every edge into a receiver before it must be kept."""
 
     graph: EdgeGraph
     keep: Tensor
     ablated: Tensor
     probe: Tensor | None = None
+    start: int = 0
+    clean: CleanRun | None = None
     _delta: list[Tensor] = field(default_factory=list, repr=False)  # per sender so far: [copies*b, pos, d_model]
     _seen: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
-    layer = 0
+    @property
+    def layer(self) -> int:
+        return self.start
 
     def __post_init__(self) -> None:
         self.keep = self.graph.check_mask(self.keep if self.keep.ndim == 3 else self.keep[None])
         self._drop = (~self.keep & self.graph.real).float()  # [c, S, R]: 1 where the edge is ablated
         self._abl = self.ablated.repeat(1, self.keep.shape[0], 1, 1)  # [S, c*b, pos, d]
+        if self.start > 0:
+            if self.clean is None:
+                raise ValueError("an EdgeMask that starts past block 0 needs the base's clean run")
+            if self.start > start_of(self.graph, self.keep):
+                raise ValueError(f"an EdgeMask starting at block {self.start} ablates an edge into an earlier block")
+            n, copies = senders_before(self.graph, self.start), self.keep.shape[0]
+            delta = (self.clean.outputs[:n] - self.ablated[:n]).repeat(1, copies, 1, 1)  # [n, c*b, pos, d]
+            self._delta = list(delta.unbind(0))
 
     def _record(self, first: int) -> Hook:
         def fn(act: Tensor) -> None:
@@ -144,16 +195,22 @@ class EdgeMask:
 
 
 def circuit_metric(runner: ModelRunner, graph: EdgeGraph, base: Tensor, ablated: Tensor, keep: Tensor,
-                   ctx: MetricContext, metric: str = "logit_diff", chunk: int = 16) -> Tensor:
-    """Per-example metric of each circuit: keep [c, S, R] (or [S, R]) -> [c, b], ``chunk`` circuits per forward."""
+                   ctx: MetricContext, metric: str = "logit_diff", chunk: int = 16,
+                   clean: CleanRun | None = None) -> Tensor:
+    """Per-example metric of each circuit: keep [c, S, R] (or [S, R]) -> [c, b], ``chunk`` circuits per forward.
+    With the base's ``clean`` run, each forward starts at the first block its circuits change (``start_of``)."""
     keep = keep if keep.ndim == 3 else keep[None]
     out = []
     for i in range(0, keep.shape[0], chunk):
         k = keep[i:i + chunk]
-        mask = EdgeMask(graph, k, ablated)
-        logits = engine.run(runner, base.repeat(k.shape[0], 1), [mask])
+        start = start_of(graph, k) if clean is not None else 0
+        mask = EdgeMask(graph, k, ablated, start=start, clean=clean)
+        resid = {start: clean.resid[start].repeat(k.shape[0], 1, 1)} if clean is not None and start > 0 else None
+        logits = engine.run(runner, base.repeat(k.shape[0], 1), [mask], resid=resid,
+                            start_at_layer=start if resid else None)
         out.append(evaluate(metric, logits, ctx))
     return torch.cat(out)
 
 
-__all__ = ["EdgeMask", "ablated_outputs", "circuit_metric", "sender_hooks", "sender_outputs"]
+__all__ = ["CleanRun", "EdgeMask", "ablated_outputs", "circuit_metric", "clean_run", "sender_hooks", "sender_outputs",
+           "senders_before", "start_of"]

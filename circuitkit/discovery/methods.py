@@ -8,9 +8,10 @@ method             score of edge s → r                                        
                    embeddings go from the ablation source's to the base's
 ``eap-ig-activations``  … over runs whose every sender output goes from its     ``steps`` forwards + backwards
                    ablated to its base value
-``exact``          m(model) − m(model with s → r alone ablated)                  one forward per edge (batched)
+``exact``          m(model) − m(model with s → r alone ablated)                  one forward per edge (batched),
+                                                                                 from r's block on
 ``acdc``           ACDC (Conmy et al. 2023): edges tried in reverse topological  one forward per edge, in sequence
-                   order, removed while KL(model ‖ circuit) grows by < τ; the
+                   order, removed while KL(model ‖ circuit) grows by < τ; the  from r's block on
                    score is the KL increase its removal was measured at
 =================  ===========================================================  =====================================
 
@@ -30,7 +31,7 @@ import torch
 from torch import Tensor
 
 from circuitkit.discovery.edge_graph import EdgeGraph
-from circuitkit.discovery.masked import EdgeMask, circuit_metric, sender_hooks, sender_outputs
+from circuitkit.discovery.masked import CleanRun, EdgeMask, circuit_metric, clean_run
 from circuitkit.errors import CircuitkitError, choices_hint
 from circuitkit.models.runner import ModelRunner
 from circuitkit.patching import engine
@@ -48,16 +49,17 @@ class DiscoveryProblem:
     ablated: Tensor
     ctx: MetricContext
     metric: str = "logit_diff"
-    _clean: Tensor | None = field(default=None, repr=False)
+    _clean: CleanRun | None = field(default=None, repr=False)
+
+    def clean(self) -> CleanRun:
+        """The base's own run: every sender's output and the residual stream entering each block (cached)."""
+        if self._clean is None:
+            self._clean = clean_run(self.runner, self.graph, self.base)
+        return self._clean
 
     def clean_outputs(self) -> Tensor:
         """Every sender's output on the base: [n_senders, b, pos, d_model] (cached)."""
-        if self._clean is None:
-            cache: dict[str, Tensor] = {}
-            with torch.no_grad():
-                engine.run(self.runner, self.base, [engine.Record(sender_hooks(self.graph), cache)], need_logits=False)
-            self._clean = sender_outputs(self.graph, cache)
-        return self._clean
+        return self.clean().outputs
 
     def kl_context(self) -> MetricContext:
         """The metric context with the base's own distribution recorded, for ``kl``."""
@@ -155,18 +157,23 @@ def eap_ig_activations(p: DiscoveryProblem, steps: int = 5) -> DiscoveryResult:
 
 @torch.no_grad()
 def exact(p: DiscoveryProblem, chunk: int = 16) -> DiscoveryResult:
-    """Each edge ablated alone: m(model) − m(model without the edge), averaged over bases."""
+    """Each edge ablated alone: m(model) − m(model without the edge), averaged over bases.  Edges are taken by
+    receiver, so a chunk's circuits differ from the model only from the receivers' block on, where its forward
+    starts (``masked.start_of``); the masks are built a chunk at a time."""
     t0 = time.perf_counter()
-    g = p.graph
+    g, clean = p.graph, p.clean()
     edges = sorted(g.real.nonzero().tolist(), key=lambda e: (e[1], e[0]))  # by receiver: a chunk touches few
-    masks = g.full().unsqueeze(0).repeat(len(edges), 1, 1)
-    for n, (i, j) in enumerate(edges):
-        masks[n, i, j] = False
     full = circuit_metric(p.runner, g, p.base, p.ablated, g.full(), p.ctx, p.metric).mean()
-    vals = circuit_metric(p.runner, g, p.base, p.ablated, masks, p.ctx, p.metric, chunk=chunk).mean(1)
     scores = torch.zeros(g.shape)
-    for n, (i, j) in enumerate(edges):
-        scores[i, j] = full - vals[n]
+    for at in range(0, len(edges), chunk):
+        part = edges[at:at + chunk]
+        masks = g.full().unsqueeze(0).repeat(len(part), 1, 1)
+        for n, (i, j) in enumerate(part):
+            masks[n, i, j] = False
+        vals = circuit_metric(p.runner, g, p.base, p.ablated, masks, p.ctx, p.metric, chunk=chunk,
+                              clean=clean).mean(1)
+        for n, (i, j) in enumerate(part):
+            scores[i, j] = full - vals[n]
     return DiscoveryResult("exact", scores, time.perf_counter() - t0, {})
 
 
@@ -190,9 +197,10 @@ def acdc(p: DiscoveryProblem, tau: float = 0.01) -> DiscoveryResult:
     keep = g.full()
     kl_now = float(circuit_metric(p.runner, g, p.base, p.ablated, keep, ctx, "kl").mean())
     scores = torch.zeros(g.shape)
+    clean = p.clean()  # the order ablates edges into later blocks first: earlier blocks run as the model's
     for i, j in acdc_order(g):
         keep[i, j] = False
-        kl_new = float(circuit_metric(p.runner, g, p.base, p.ablated, keep, ctx, "kl").mean())
+        kl_new = float(circuit_metric(p.runner, g, p.base, p.ablated, keep, ctx, "kl", clean=clean).mean())
         scores[i, j] = kl_new - kl_now
         if kl_new - kl_now < tau:
             kl_now = kl_new
