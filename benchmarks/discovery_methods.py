@@ -6,6 +6,12 @@ Every method scores the same 100 aligned pairs in one process, one after another
 (the minimum is the figure; the median beside it).  Targets (issue 32): EAP-IG on the ioi model under 10 s on 2
 cores, and exact scoring of every edge within 10x EAP-IG's time.  The load average is recorded before and after:
 no idle-machine time is stated when another job shared the cores.  Writes results/discovery_methods.json.
+
+    .venv/bin/python benchmarks/discovery_methods.py --shape gpt2-small [--layers 4] [--n 16]
+
+times exact scoring of every edge at GPT-2 small's shape (random weights, word-level IOI; ``patching_sweep.py``'s
+model) beside the same scoring with every forward run from the embeddings, in one process, with the largest
+difference between the two scores; writes results/discovery_exact_gpt2-small[_NL].json.
 """
 from __future__ import annotations
 
@@ -16,7 +22,9 @@ import time
 from pathlib import Path
 
 import torch
+from patching_sweep import shaped_model
 
+from circuitkit.discovery.masked import circuit_metric
 from circuitkit.discovery.methods import METHODS, discover
 from circuitkit.discovery.problem import build_problem
 from circuitkit.io_utils import atomic_write_json
@@ -28,14 +36,50 @@ HERE = Path(__file__).resolve().parent
 SETTINGS = {"eap-ig-inputs": {"steps": 5}, "eap-ig-activations": {"steps": 5}, "acdc": {"tau": 0.01}}
 
 
+def exact_at_shape(shape: str, layers: int | None, n: int, threads: int, out: str | None) -> int:
+    """Exact scoring of every edge from each receiver's block on, beside the same from the embeddings."""
+    torch.set_num_threads(threads)
+    pm, desc = shaped_model(None, "cpu", shape, layers)
+    p, record = build_problem(pm, n, seed=0)
+    circuit_metric(p.runner, p.graph, p.base, p.ablated, p.graph.full(), p.ctx)  # warm-up, untimed
+    load = LoadWatch(threads)
+    runs = {}
+    for name, from_receiver in (("from_receiver", True), ("from_embeddings", False)):
+        p._clean = None  # the base's clean run is inside the timing
+        res = discover(p, "exact", from_receiver=from_receiver)
+        runs[name] = res
+        print(f"exact, {name:16s} {res.seconds:9.1f} s", file=sys.stderr)
+    load.stop()
+    a, b = runs["from_receiver"], runs["from_embeddings"]
+    result = {"model": desc, "edges": p.graph.n_edges, "n_pairs": record["n"], "chunk": 16,
+              "seconds": {k: round(r.seconds, 2) for k, r in runs.items()},
+              "speedup": round(b.seconds / a.seconds, 2),
+              "max_abs_score_difference": float((a.scores - b.scores).abs().max()),
+              "largest_score": float(b.scores.abs().max()), "threads": threads,
+              **load.record("timing"), "git_commit": git_commit()}
+    suffix = f"_{layers}L" if layers else ""
+    path = out or str(HERE / "results" / f"discovery_exact_{shape}{suffix}.json")
+    atomic_write_json(path, result)
+    print(path)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="counting,addition,ioi")
-    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--n", type=int, help="aligned pairs (default 100; with --shape 16)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(HERE / "results" / "discovery_methods.json"))
+    ap.add_argument("--shape", choices=["gpt2-small"], help="exact scoring at this shape instead of the cases")
+    ap.add_argument("--layers", type=int, help="with --shape: fewer layers than 12")
+    ap.add_argument("--out", help="default results/discovery_methods.json")
     args = ap.parse_args()
+    if args.layers is not None and not (args.shape and 1 <= args.layers <= 12):
+        ap.error(f"--layers {args.layers}: only with --shape gpt2-small, from 1 to 12")
+    if args.shape:
+        return exact_at_shape(args.shape, args.layers, args.n or 16, args.threads, args.out)
+    args.n = args.n or 100
+    args.out = args.out or str(HERE / "results" / "discovery_methods.json")
     torch.set_num_threads(args.threads)
     load = LoadWatch(args.threads)
     cases = {}

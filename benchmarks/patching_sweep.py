@@ -59,7 +59,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _model(path: str | None, device: str, shape: str = "paper", layers: int | None = None):
+def shaped_model(path: str | None, device: str, shape: str = "paper", layers: int | None = None):
+    """(probed model, its description): the checkpoint at ``path``, else a model of ``SHAPES[shape]`` (also used
+    by ``discovery_methods.py --shape``)."""
     if path:
         return load_probed(path, device=device), path
     task_name, dims, desc = SHAPES[shape]
@@ -88,7 +90,7 @@ def run(model: str | None, batch: int, threads: int, repeats: int, contrasts: li
         shape: str = "paper", layers: int | None = None, full_recompute: bool = True) -> dict:
     torch.set_num_threads(threads)
     load = LoadWatch(threads)
-    pm, model_desc = _model(model, device, shape, layers)
+    pm, model_desc = shaped_model(model, device, shape, layers)
     task = pm.task
     bridge = pm.bridge()
     bridge.set_use_attn_result(True)

@@ -156,12 +156,13 @@ def eap_ig_activations(p: DiscoveryProblem, steps: int = 5) -> DiscoveryResult:
 
 
 @torch.no_grad()
-def exact(p: DiscoveryProblem, chunk: int = 16) -> DiscoveryResult:
+def exact(p: DiscoveryProblem, chunk: int = 16, from_receiver: bool = True) -> DiscoveryResult:
     """Each edge ablated alone: m(model) − m(model without the edge), averaged over bases.  Edges are taken by
     receiver, so a chunk's circuits differ from the model only from the receivers' block on, where its forward
-    starts (``masked.start_of``); the masks are built a chunk at a time."""
+    starts (``masked.start_of``; ``from_receiver`` False runs every forward from the embeddings, the reference
+    the benchmark times it against); the masks are built a chunk at a time."""
     t0 = time.perf_counter()
-    g, clean = p.graph, p.clean()
+    g, clean = p.graph, p.clean() if from_receiver else None
     edges = sorted(g.real.nonzero().tolist(), key=lambda e: (e[1], e[0]))  # by receiver: a chunk touches few
     full = circuit_metric(p.runner, g, p.base, p.ablated, g.full(), p.ctx, p.metric).mean()
     scores = torch.zeros(g.shape)
@@ -174,7 +175,7 @@ def exact(p: DiscoveryProblem, chunk: int = 16) -> DiscoveryResult:
                               clean=clean).mean(1)
         for n, (i, j) in enumerate(part):
             scores[i, j] = full - vals[n]
-    return DiscoveryResult("exact", scores, time.perf_counter() - t0, {})
+    return DiscoveryResult("exact", scores, time.perf_counter() - t0, {"from_receiver": from_receiver})
 
 
 def acdc_order(g: EdgeGraph) -> list[tuple[int, int]]:
