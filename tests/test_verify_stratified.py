@@ -228,6 +228,32 @@ def test_committed_ioi_name_movers_carry_io_under_swaps():
     assert v.targets[0].iia.mean >= 0.9 and v.verified
 
 
+def test_a_weak_component_joins_the_carrier_beside_it_only_when_it_adds_to_it():
+    """IOI's a0.0@IO moves the IO logit the way S predicts, too weakly to verify alone; patched with a0.1@IO, which
+    carries S alone, it adds to the S-aligned shift on the same pairs (paired CI above 0, search and held-out
+    halves), so it becomes a node of that group.  A layer-1 head at IO, which cannot reach the answer at END,
+    makes the group verify just as well (a0.1@IO carries it) but adds exactly nothing: it is not labelled."""
+    pm = load_probed(MODELS / "ioi")
+    ver = InterchangeVerifier(pm, n_inputs=3000, n_pairs=200, seed=0)
+    # as in the ioi case study: the group search stops at the strongest pair (a0.2@IO, m0@IO) before a0.0@IO
+    claims = [(s, "S") for s in ("a0.2@IO", "m0@IO", "a0.1@IO", "a0.0@IO", "a1.0@IO")]
+    rep = verify_hypotheses(ver, [], controls=False, claims=claims)
+    alone = {v.site: v for v in rep.verdicts if v.features == ("S",) and " & " not in v.site}
+    assert alone["a0.1@IO"].verified and not alone["a0.0@IO"].verified and not alone["a1.0@IO"].verified
+    joined = [n for n in rep.nodes if n.site == "a0.0@IO"]
+    assert any(n.group == ("a0.2@IO", "m0@IO") for n in rep.nodes)
+    assert len(joined) == 1 and joined[0].group == ("a0.1@IO", "a0.0@IO") and joined[0].confirmed
+    assert joined[0].level == "logit" and joined[0].iia_ci[0] >= 0.8
+    assert not any(n.site == "a1.0@IO" for n in rep.nodes)
+    tried = {t[0]: t for t in rep.settings["joins_tried"]}
+    assert tried["a0.0@IO"][4][1] > 0 and tried["a0.0@IO"][5][1] > 0
+    # its group verified on the search half: only the added shift turned it down, before the held-out half
+    assert [(v.split, v.verified) for v in rep.verdicts if v.site == "a0.1@IO & a1.0@IO"] == [("search", True)]
+    assert tried["a1.0@IO"][4] == [0.0, 0.0] and tried["a1.0@IO"][5] is None
+    with pytest.raises(Exception, match="must be one of the sites"):
+        ver.added_shift("a0.1@IO & a0.0@IO", "a0.2@IO", ["S"])
+
+
 def test_committed_addition_heads_at_a1_carry_the_column_sums_jointly():
     """The paper's second addition claim: A2 is computed at A1 from F2+S2 and the carry.  No single head
     carries it; the components at A1 carry F1+S1 (for 4-digit answers), F2+S2 and carry(3) only together.

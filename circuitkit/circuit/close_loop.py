@@ -81,12 +81,13 @@ def merge_hypotheses(a: HypothesisReport | None, b: HypothesisReport) -> Hypothe
 
 
 def merge_verification(a: VerificationReport, b: VerificationReport) -> VerificationReport:
-    """``a`` with ``b``'s nodes (sites ``a`` already labels are not repeated), verdicts and controls added."""
+    """``a`` with ``b``'s nodes (sites ``a`` already labels are not repeated), verdicts, controls and the lists of
+    skipped proxy controls and joins tried added."""
     have = {(n.site, n.features) for n in a.nodes}
     nodes = a.nodes + [n for n in b.nodes if (n.site, n.features) not in have]
-    skipped = a.settings.get("proxy_controls_skipped", []) + b.settings.get("proxy_controls_skipped", [])
+    listed = {k: a.settings.get(k, []) + b.settings.get(k, []) for k in ("proxy_controls_skipped", "joins_tried")}
     return VerificationReport(a.task, a.model, a.thresholds, nodes, a.verdicts + b.verdicts, a.controls + b.controls,
-                              {**a.settings, "proxy_controls_skipped": skipped}, a.task_ref)
+                              {**a.settings, **listed}, a.task_ref)
 
 
 def node_sites(vr: VerificationReport) -> list[str]:
@@ -122,7 +123,8 @@ def _verify_round(verifier: InterchangeVerifier, vr: VerificationReport, sites: 
     site was tested alone for the feature before: what failed alone may verify in a group with the claim's other
     sites.  Returns (the round's verification, every inherited claim tested)."""
     claims = inherited_claims(vr, sites, claimed)
-    new_vr = verify_hypotheses(verifier, hypotheses, claims=claims, model_name=model_name, progress=progress)
+    new_vr = verify_hypotheses(verifier, hypotheses, claims=claims, model_name=model_name, progress=progress,
+                               known=vr.nodes)
     done = list(claims)
     while True:
         labelled = {n.site for n in new_vr.nodes}
@@ -132,7 +134,7 @@ def _verify_round(verifier: InterchangeVerifier, vr: VerificationReport, sites: 
             return new_vr, done
         done += more
         new_vr = merge_verification(new_vr, verify_hypotheses(verifier, [], claims=more, model_name=model_name,
-                                                              progress=progress))
+                                                              progress=progress, known=vr.nodes + new_vr.nodes))
 
 
 def close_the_loop(ev: AblationEvaluator, verifier: InterchangeVerifier, verification: VerificationReport,

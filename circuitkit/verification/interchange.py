@@ -574,6 +574,32 @@ class InterchangeVerifier:
             self._pair_cache[key] = self.fair_pairs(site0, features, split, shuffle, rng)
         return self._pair_cache[key]
 
+    def added_shift(self, group: Site | str | Sequence[Site], member: Site | str, features: Sequence[str],
+                    split: str = "search") -> dict[str, Estimate]:
+        """{answer: mean and CI of the paired difference [k] of the directional shift (``directional_shifts``) with
+        ``member`` patched in ``group`` minus without it}, over the group's own f-differing pairs of ``split`` (those
+        its ``test`` draws): how much the member adds to the group's movement the way the features predict.  A
+        member that carries nothing about f adds nothing in expectation, so a CI above 0 is evidence that it
+        carries part of f (``verification/report.py``: joining a carrier)."""
+        sites, features = self._checked_test_args(group, features, 1)
+        drop = group_sites(member)[0]
+        rest = [s for s in sites if s != drop]
+        if len(rest) != len(sites) - 1 or not rest:
+            raise CircuitkitError(f"{drop} must be one of the sites of {group_name(sites)}, beside others")
+        site0 = sites[0]
+        db, ds, _, _ = self._test_pairs(group_name(sites), site0, features, split, False)
+        with_m, without_m = self._patched_logits(sites, db, ds), self._patched_logits(rest, db, ds)
+        out: dict[str, Estimate] = {}
+        for name in self.target_names:
+            am = self.answer_model(site0, features, name)
+            if am is None:
+                continue
+            wants, _ = self.predictions(site0, features, am, db, ds)
+            a, b = self.directional_shifts(name, wants, with_m), self.directional_shifts(name, wants, without_m)
+            if a.size:
+                out[name] = estimate(a - b, self.th.confidence)
+        return out
+
     def test(self, site: Site | str | Sequence[Site], features: Sequence[str], condition: str = "real",
              shuffle: bool = False, split: str = "search", skip_unpredictive: bool = False,
              family: int = 1) -> Verdict:

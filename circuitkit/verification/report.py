@@ -15,6 +15,15 @@ pruned greedily to a minimal one — a member is dropped while the group still v
 confirmed on the held-out inputs (the minimal group, else the group before pruning, at a Bonferroni level
 over the two); each remaining member becomes a node that names its group.
 
+*Joining a carrier*: a component left with no label at all, where a feature is accepted (or claimed) that a
+verified component or group carries at the same position, may carry a weak share of it that fails alone (IOI's
+a0.0@IO beside a0.1@IO, both carrying S).  It is patched together with that carrier (the strongest one there)
+and must (a) verify as a group at the carrier's level, and (b) *add* to it: on the group's own f-differing
+pairs, the paired difference of the shift towards the predicted answer with and without the component has a
+CI above 0 (``InterchangeVerifier.added_shift``).  A component that carries nothing about f adds nothing in
+expectation, so (b) is the test that can fail; both hold on the search half and again on the held-out half
+before the component becomes a node naming the joined group.  Every join tried is listed (``joins_tried``).
+
 Where two features verify alone at one site and one is a strictly coarser function of the other on the
 inputs (tracr's ``tokens == 'x'`` of ``tokens``), an interchange on the answer cannot tell them apart when the
 answer needs only the coarse one; the site's preimages can (InversionView: the activation is the same for
@@ -337,6 +346,50 @@ def _with_site_groups(with_controls: _ControlledTester, nodes: list[VerifiedNode
     return nodes
 
 
+def _joined_nodes(with_controls: _ControlledTester, nodes: Sequence[VerifiedNode], hypotheses: Sequence[Hypothesis]
+                  ) -> tuple[list[VerifiedNode], list[list[Any]]]:
+    """Nodes for the components left with no label that carry a feature as part of a verified carrier at their
+    position (module docstring: joining a carrier), and the record of every join tried as [site, feature, carrier,
+    joined, added shift on the search half [mean, CI low], on the held-out half (None: not reached)]."""
+    labelled = {n.site for n in nodes}
+    carrier: dict[tuple[str, str], VerifiedNode] = {}
+    for n in nodes:
+        members = n.group or (n.site,)
+        if len(n.features) != 1 or n.joint or any(parse_site(m).kind not in GROUPABLE_KINDS for m in members):
+            continue
+        key = (str(parse_site(n.site).position), n.features[0])
+        if key not in carrier or (n.iia or 0.0) > (carrier[key].iia or 0.0):
+            carrier[key] = n
+    out: list[VerifiedNode] = []
+    tried: list[list[Any]] = []
+    seen: set[tuple[str, str]] = set()
+    for h in hypotheses:
+        site = parse_site(h.site)
+        key = (str(site.position), h.feature)
+        if (not h.accepted or site.kind not in GROUPABLE_KINDS or h.site in labelled or key not in carrier
+                or (h.site, h.feature) in seen):
+            continue
+        seen.add((h.site, h.feature))
+        base = list(carrier[key].group or (carrier[key].site,))
+        joined = group_name([*base, h.site])
+        record: list[Any] = [h.site, h.feature, group_name(base), joined, None, None]
+        tried.append(record)
+        adds = None
+        for k, split in enumerate(("search", "confirm")):
+            v, twin = with_controls(joined, [h.feature], split)
+            best = v.best()
+            if not v.verified or best is None or v.level != carrier[key].level:
+                break
+            adds = with_controls.verifier.added_shift(joined, h.site, [h.feature], split).get(best.target)
+            record[4 + k] = None if adds is None else [round(adds.mean, 4), round(adds.ci_low, 4)]
+            v.note = (v.note + "; " if v.note else "") + f"{h.site} joining {group_name(base)} ({split})"
+            if adds is None or adds.ci_low <= 0:
+                break
+            if split == "confirm":
+                out.append(_node(v, h.site, twin, group=[*base, h.site], confirmed=True))
+    return out, tried
+
+
 def _joint_group_nodes(verifier: InterchangeVerifier, with_controls: _ControlledTester, nodes: Sequence[VerifiedNode],
                        hypotheses: Sequence[Hypothesis], max_group: int, max_joint: int) -> list[VerifiedNode]:
     """The member nodes of the site groups that verify a joint feature set where nothing is explained yet."""
@@ -369,11 +422,14 @@ def _proxy_controls(verifier: InterchangeVerifier, nodes: Sequence[VerifiedNode]
 def verify_hypotheses(verifier: InterchangeVerifier, hypotheses: Sequence[Hypothesis], controls: bool = True,
                       max_joint: int = 4, null_seed: int = 0, model_name: str = "",
                       max_group: int = 12, progress: bool = False,
-                      claims: Sequence[tuple[str, str]] = ()) -> VerificationReport:
+                      claims: Sequence[tuple[str, str]] = (), known: Sequence[VerifiedNode] = ()
+                      ) -> VerificationReport:
     """Verify accepted hypotheses (others are ignored) and pre-registered ``claims`` (site, feature), and run
     the null controls beside them.
 
-    ``max_group``: the largest site group tested for a redundantly carried feature (0 = no groups)."""
+    ``max_group``: the largest site group tested for a redundantly carried feature (0 = no groups).
+    ``known``: nodes verified before this call (an earlier round of ``circuit/close_loop.py``): carriers that a
+    component may join, and sites that already have a label; they are not repeated in the report."""
     null = null_verifier(verifier, null_seed) if controls else None
     by_site = _features_by_site(hypotheses, claims)
     verdicts: list[Verdict] = []
@@ -384,12 +440,16 @@ def verify_hypotheses(verifier: InterchangeVerifier, hypotheses: Sequence[Hypoth
     with_claims = list(hypotheses) + [claim_hypothesis(s, f) for s, f in claims]
     nodes = _with_site_groups(with_controls, nodes, verdicts, with_claims, max_group)
     nodes += _joint_group_nodes(verifier, with_controls, nodes, with_claims, max_group, max_joint)
+    joined, joins_tried = _joined_nodes(with_controls, [*known, *nodes], with_claims) if max_group else ([], [])
+    nodes += joined
     proxy_ctrl, proxy_skipped = _proxy_controls(verifier, nodes)
     ctrl.extend(proxy_ctrl)
     settings = {"n_inputs": len(verifier.inputs), "n_pairs": verifier.n_pairs, "n_candidates": verifier.n_candidates,
                 "seed": verifier.seed, "controls": list(CONTROLS) if controls else [], "max_joint": max_joint,
                 "max_group": max_group, "claims": [list(c) for c in claims],
                 "proxy_controls_skipped": proxy_skipped,
+                # [site, feature, carrier, joined group, added shift [mean, CI low] on search, on confirm]
+                "joins_tried": joins_tried,
                 "finer_labels_dropped": dropped,  # [site, finer feature, coarser feature, kappa finer, kappa coarser]  # [site, feature, proxy]: the site carries the proxy too
                 "random_model": null.random_model_info.to_dict() if null is not None else None}
     return VerificationReport(verifier.task.name, model_name, verifier.th, nodes, verdicts, ctrl, settings,
