@@ -173,6 +173,22 @@ def test_circuitkit_circuit_becomes_edges_between_its_components():
     assert torch.equal(bundled & keep, keep)
 
 
+def test_a_circuit_that_keeps_every_edge_is_not_called_at_least_as_faithful():
+    """At the whole graph every method is the full model: the verdict says the comparison says nothing there."""
+    from circuitkit.discovery.harness import verdict
+    from circuitkit.pipeline.report import verdict_text
+
+    def cmp(n_own: int) -> dict:
+        return {"n_edges_total": 110, "circuitkit_edges": n_own,
+                "rows": [{"method": "circuitkit", "edges": n_own, "faithfulness": 1.0},
+                         {"method": "acdc", "faithfulness_at_circuitkit_size": 0.97}]}
+
+    whole, part = verdict(cmp(110)), verdict(cmp(90))
+    assert whole["whole_graph"] and not part["whole_graph"] and part["at_least_best"]
+    assert "says nothing" in verdict_text(whole) and "at least as faithful" not in verdict_text(whole)
+    assert "at least as faithful" in verdict_text(part)
+
+
 def test_discover_and_compare_commands(tiny_counting_model, tmp_path, capsys):
     model = str(tiny_counting_model.path)
     out = tmp_path / "disc"

@@ -86,8 +86,10 @@ def test_the_comparison_stage_is_discover_then_compare(quick_run, tmp_path, caps
     assert v["at_least_best"] == (v["circuitkit_faithfulness"] >= v["best_faithfulness"])
     assert abs(1 - v["closest_faithfulness"]) == min(abs(1 - f) for f in rivals)
     assert v["at_least_as_close"] == (abs(1 - v["circuitkit_faithfulness"]) <= abs(1 - v["closest_faithfulness"]))
-    assert ("at least as faithful as" if v["at_least_best"] else "less faithful than") in \
-        (rep / "report.md").read_text()
+    assert v["whole_graph"] == (v["circuitkit_edges"] == res["n_edges_total"])
+    said = ("keeps every edge of the graph" if v["whole_graph"] else
+            "at least as faithful as" if v["at_least_best"] else "less faithful than")
+    assert said in (rep / "report.md").read_text()
 
 
 def test_rerun_reuses_every_stage(quick_run, installed_wheel):

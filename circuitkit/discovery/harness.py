@@ -90,22 +90,26 @@ def verdict(cmp: Mapping[str, Any]) -> dict[str, Any]:
     """circuitkit's circuit against the best ranked method at its edge count (issue 32's question): both
     faithfulness figures, the best method's name and whether circuitkit's is at least as high (MIB's CPR
     reading: higher f is better); and the same by |1 − f| (CMD's reading: a circuit that overshoots the model,
-    f > 1, is not more faithful), the method closest to the model and whether circuitkit's is as close."""
+    f > 1, is not more faithful), the method closest to the model and whether circuitkit's is as close.
+    ``whole_graph``: circuitkit's circuit keeps every edge, where every method is the full model and the
+    comparison says nothing."""
     rows = cmp.get("rows", [])
     own = next((r for r in rows if r["method"] == "circuitkit"), None)
     rivals = [r for r in rows if r.get("faithfulness_at_circuitkit_size") is not None]
     if own is None or own.get("faithfulness") is None or not rivals:
         return {"circuitkit_edges": cmp.get("circuitkit_edges"), "circuitkit_faithfulness": None,
                 "best_method": None, "best_faithfulness": None, "at_least_best": None,
-                "closest_method": None, "closest_faithfulness": None, "at_least_as_close": None}
+                "closest_method": None, "closest_faithfulness": None, "at_least_as_close": None, "whole_graph": None}
     f_own = own["faithfulness"]
+    whole = own["edges"] is not None and own["edges"] == cmp.get("n_edges_total")
     best = max(rivals, key=lambda r: r["faithfulness_at_circuitkit_size"])
     closest = min(rivals, key=lambda r: abs(1 - r["faithfulness_at_circuitkit_size"]))
     return {"circuitkit_edges": own["edges"], "circuitkit_faithfulness": f_own,
             "best_method": best["method"], "best_faithfulness": best["faithfulness_at_circuitkit_size"],
             "at_least_best": bool(f_own >= best["faithfulness_at_circuitkit_size"]),
             "closest_method": closest["method"], "closest_faithfulness": closest["faithfulness_at_circuitkit_size"],
-            "at_least_as_close": bool(abs(1 - f_own) <= abs(1 - closest["faithfulness_at_circuitkit_size"]))}
+            "at_least_as_close": bool(abs(1 - f_own) <= abs(1 - closest["faithfulness_at_circuitkit_size"])),
+            "whole_graph": whole}
 
 
 def _fmt(x: Any) -> str:

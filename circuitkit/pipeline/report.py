@@ -386,6 +386,10 @@ def verdict_text(v: dict[str, Any]) -> str:
     """One sentence: circuitkit's circuit against the best discovery method at its edge count."""
     if v.get("circuitkit_faithfulness") is None:
         return "circuitkit's circuit could not be set beside the methods (no circuit edges or no ranked method)."
+    if v.get("whole_graph"):
+        return (f"circuitkit's circuit as edges keeps every edge of the graph ({v['circuitkit_edges']}): at that size "
+                "every method is the whole model (faithfulness 1), so the comparison says nothing here. Its components "
+                "are position-resolved, and the position-free edge graph can only keep each of them at every position.")
     ok = "at least as faithful as" if v["at_least_best"] else "less faithful than"
     text = (f"circuitkit's labelled circuit ({v['circuitkit_edges']} edges) has faithfulness "
             f"{_fmt(v['circuitkit_faithfulness'])}; the best method at the same size, {v['best_method']}, has "
