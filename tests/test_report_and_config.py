@@ -204,6 +204,12 @@ def test_a_site_group_is_one_entry_in_a_claims_verdict(tmp_path):
     text = evaluate_claims(ctx)["routing"]
     assert text.startswith("holds") and text.count("carries") == 2
     assert "a0.0@= + a1.1@= (site group) carries F1+S1 (IIA 0.965, effect 0.375)" in text
+    # a component that joined the group (verification/report.py) is named after it, not as a third entry
+    joined = {"site": "a0.3@=", **common, "iia": 1.0, "group": [*group, "a0.3@="]}
+    claim["site"].append("a0.3@=")
+    ctx.results = CaseResults(circuit={"verified_nodes": [*nodes, joined]})
+    text = evaluate_claims(ctx)["routing"]
+    assert text.count("carries") == 2 and "(IIA 0.965, effect 0.375), joined by a0.3@= (IIA 1.0)" in text
 
 
 def test_paper_protocols_are_looked_up_by_task_and_the_comparison_reads_the_runs_own_results():

@@ -204,12 +204,25 @@ def _lookup(obj: dict, path: str):
 
 
 def _carrier_texts(nodes: list[dict[str, Any]]) -> list[str]:
-    """"SITE carries F (IIA, effect)" once per verified claim: a site group is one entry, its members joined."""
+    """"SITE carries F (IIA, effect)" once per verified claim: a site group is one entry, its members joined.  A
+    group that is another entry's group plus one component (a component joining a carrier:
+    ``verification/report.py``) is named after it, "joined by X (IIA ...)", not as an entry of its own."""
     seen: dict[tuple[tuple[str, ...], tuple[str, ...]], dict[str, Any]] = {}
     for n in nodes:
         seen.setdefault((tuple(n.get("group") or [n["site"]]), tuple(n["features"])), n)
-    return [f"{' + '.join(sites)}{' (site group)' if len(sites) > 1 else ''} carries {', '.join(feats)} "
-            f"(IIA {n['iia']}, effect {n['effect']})" for (sites, feats), n in seen.items()]
+    joins: dict[tuple[tuple[str, ...], tuple[str, ...]], list[str]] = {}
+    for (sites, feats), n in seen.items():
+        base = (sites[:-1], feats)
+        if len(sites) > 1 and base in seen:
+            joins.setdefault(base, []).append(f"{sites[-1]} (IIA {n['iia']})")
+    out = []
+    for (sites, feats), n in seen.items():
+        if len(sites) > 1 and (sites[:-1], feats) in seen:
+            continue
+        text = (f"{' + '.join(sites)}{' (site group)' if len(sites) > 1 else ''} carries {', '.join(feats)} "
+                f"(IIA {n['iia']}, effect {n['effect']})")
+        out.append(text + (f", joined by {' and '.join(joins[(sites, feats)])}" if (sites, feats) in joins else ""))
+    return out
 
 
 def stage_claims(ctx: RunContext, runner: StageRunner) -> dict[str, str]:
