@@ -92,7 +92,7 @@ def verdict(cmp: Mapping[str, Any]) -> dict[str, Any]:
     reading: higher f is better); and the same by |1 − f| (CMD's reading: a circuit that overshoots the model,
     f > 1, is not more faithful), the method closest to the model and whether circuitkit's is as close.
     ``whole_graph``: circuitkit's circuit keeps every edge, where every method is the full model and the
-    comparison says nothing."""
+    comparison says nothing (both "at least" readings are then None)."""
     rows = cmp.get("rows", [])
     own = next((r for r in rows if r["method"] == "circuitkit"), None)
     rivals = [r for r in rows if r.get("faithfulness_at_circuitkit_size") is not None]
@@ -106,9 +106,9 @@ def verdict(cmp: Mapping[str, Any]) -> dict[str, Any]:
     closest = min(rivals, key=lambda r: abs(1 - r["faithfulness_at_circuitkit_size"]))
     return {"circuitkit_edges": own["edges"], "circuitkit_faithfulness": f_own,
             "best_method": best["method"], "best_faithfulness": best["faithfulness_at_circuitkit_size"],
-            "at_least_best": bool(f_own >= best["faithfulness_at_circuitkit_size"]),
+            "at_least_best": None if whole else bool(f_own >= best["faithfulness_at_circuitkit_size"]),
             "closest_method": closest["method"], "closest_faithfulness": closest["faithfulness_at_circuitkit_size"],
-            "at_least_as_close": bool(abs(1 - f_own) <= abs(1 - closest["faithfulness_at_circuitkit_size"])),
+            "at_least_as_close": None if whole else bool(abs(1 - f_own) <= abs(1 - closest["faithfulness_at_circuitkit_size"])),
             "whole_graph": whole}
 
 

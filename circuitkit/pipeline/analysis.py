@@ -210,19 +210,14 @@ def _carrier_texts(nodes: list[dict[str, Any]]) -> list[str]:
     seen: dict[tuple[tuple[str, ...], tuple[str, ...]], dict[str, Any]] = {}
     for n in nodes:
         seen.setdefault((tuple(n.get("group") or [n["site"]]), tuple(n["features"])), n)
-    joins: dict[tuple[tuple[str, ...], tuple[str, ...]], list[str]] = {}
-    for (sites, feats), n in seen.items():
-        base = (sites[:-1], feats)
-        if len(sites) > 1 and base in seen:
-            joins.setdefault(base, []).append(f"{sites[-1]} (IIA {n['iia']})")
-    out = []
+    joins: dict[tuple[tuple[str, ...], tuple[str, ...]], list[str]] = {key: [] for key in seen}
     for (sites, feats), n in seen.items():
         if len(sites) > 1 and (sites[:-1], feats) in seen:
-            continue
-        text = (f"{' + '.join(sites)}{' (site group)' if len(sites) > 1 else ''} carries {', '.join(feats)} "
-                f"(IIA {n['iia']}, effect {n['effect']})")
-        out.append(text + (f", joined by {' and '.join(joins[(sites, feats)])}" if (sites, feats) in joins else ""))
-    return out
+            joins[(sites[:-1], feats)].append(f"{sites[-1]} (IIA {n['iia']})")
+            del joins[(sites, feats)]
+    return [f"{' + '.join(sites)}{' (site group)' if len(sites) > 1 else ''} carries {', '.join(feats)} "
+            f"(IIA {seen[(sites, feats)]['iia']}, effect {seen[(sites, feats)]['effect']})"
+            + (f", joined by {' and '.join(joined)}" if joined else "") for (sites, feats), joined in joins.items()]
 
 
 def stage_claims(ctx: RunContext, runner: StageRunner) -> dict[str, str]:

@@ -374,7 +374,6 @@ def _joined_nodes(with_controls: _ControlledTester, nodes: Sequence[VerifiedNode
         joined = group_name([*base, h.site])
         record: list[Any] = [h.site, h.feature, group_name(base), joined, None, None]
         tried.append(record)
-        adds = None
         for k, split in enumerate(("search", "confirm")):
             v, twin = with_controls(joined, [h.feature], split)
             best = v.best()
