@@ -458,6 +458,7 @@ def toml_case(tmp_path: Path, body: str, name: str = "case.toml") -> Path:
     ('[comparison]\nmethods = ["eap", "acdcx"]\n', r"\[comparison\] methods: unknown \['acdcx'\]; valid: eap, "),
     ('[comparison]\nmethods = ["eap", "eap"]\n', r"\[comparison\] methods: each method once"),
     ('[comparison]\nablation = "noise"\n', r"\[comparison\] ablation must be one of resample, mean, zero"),
+    ('[comparison]\nsources = "shuffled"\n', r"\[comparison\] sources must be one of same-layout, any-layout"),
     ('[comparison]\nn = 3\n', r"\[comparison\] n must be in \[10, 100000\]"),
     ('[inversion]\nqueries = ["a0.0@=|B61+861=922E"]\n', r"the text 'B61\+861=922E' is not a valid addition input"),
     ('[inversion]\nqueries = ["a0.0|B615+861=1476E"]\n', r"needs a position"),

@@ -101,3 +101,63 @@ def test_an_edge_from_the_embeddings_is_visible_only_where_the_receiver_reads_so
     assert with_reads.edges["visible"] == {"precision": 1.0, "recall": 1.0, "missed": [], "extra": []}
     assert with_reads.edges["full"]["missed"] == ["emb → a1.0"] and any("emb → a1.0" in n for n in with_reads.notes)
     assert score_against_truth(truth, moved, nodes, edges).edges["visible"]["recall"] == 0.75
+
+
+def test_sources_of_another_length_move_the_length_sub_circuit_and_its_edges():
+    """tracr-reverse: at a fixed length the length sub-circuit is constant, so same-layout resampling moves none of
+    it; sources of another length (positions lined up: BOS x1 .. xn is a prefix) move all of it, and exact edge
+    patching then scores the chain a0.0 -> m0 -> m1 -> m2 -> a3.0's query that it scored 0 before."""
+    from circuitkit.discovery.methods import discover
+    from circuitkit.discovery.problem import aligned_pairs, build_problem, moving_edges, positions_line_up
+
+    pm, truth = load_probed(MODEL), read_truth(MODEL)
+    bases, sources = aligned_pairs(pm, 40, 0, "any-layout")
+    lengths = [(len(pm.task.tokens(b, pad=False)), len(pm.task.tokens(s, pad=False))) for b, s in zip(bases, sources)]
+    assert len(bases) == 40 and all(a != b for a, b in lengths)
+    assert all(positions_line_up(pm.task, b, s) for b, s in zip(bases, sources))
+    moved = moved_components(pm, truth, n=100, seed=0, sources="any-layout")
+    assert all(moved[c] > 0.1 for c in ("a0.0", "m0", "m1", "m2", "a3.0"))
+    chain = [("a0.h0", "m0"), ("m0", "m1"), ("m1", "m2"), ("m2", "a3.h0<q>")]
+    for how, seen in (("same-layout", False), ("any-layout", True)):
+        p, record = build_problem(pm, n=60, seed=0, sources=how)
+        assert record["source_layout"] == how
+        g, moving = p.graph, moving_edges(p)
+        idx = [(g.sender_index[s], g.receiver_index[r]) for s, r in chain]
+        assert all(bool(moving[i, j]) == seen for i, j in idx)
+        scores = discover(p, "exact").scores
+        assert all((abs(float(scores[i, j])) > 0.1) == seen for i, j in idx)
+
+
+def test_compare_ranks_against_the_truth_the_ablation_can_move_and_names_the_rest(tmp_path, capsys):
+    """Position reads of the embeddings (a3.0's query and key, m1's input) move under no resample ablation: the
+    comparison lists them and leaves them out of the visible ranking, where exact patching then ranks well."""
+    import json as _json
+
+    from circuitkit.cli import main
+
+    model, disc, cmp_dir = str(MODEL), tmp_path / "disc", tmp_path / "cmp"
+    common = ["--sources", "any-layout", "--n", "40"]
+    assert main(["discover", model, "--method", "exact", *common, "--seed", "0", "--out", str(disc)]) == 0
+    assert main(["compare", model, str(disc), *common, "--seed", "1", "--out", str(cmp_dir)]) == 0
+    capsys.readouterr()
+    cmp = _json.loads((cmp_dir / "comparison.json").read_text())
+    hidden = set(cmp["invisible_truth_edges"])
+    assert {"input->a3.h0<q>", "input->a3.h0<k>", "input->m1"} <= hidden and "a0.h0->m0" not in hidden
+    assert cmp["visible_truth_edges"] + len(hidden) == cmp["truth_edges"]
+    row = next(r for r in cmp["rows"] if r["method"] == "exact")
+    assert row["roc_auc_visible"] > 0.9 > row["roc_auc"]
+    assert "moves nothing along" in (cmp_dir / "comparison.md").read_text()
+
+
+def test_a_task_whose_other_layouts_do_not_line_up_is_refused_any_layout_sources(tiny_counting_model, tmp_path,
+                                                                                  capsys):
+    """Counting's query and answer move with the string's length: no input of another layout has its named
+    positions where the base has them, so ``any-layout`` is refused with the valid choice named, exit 2."""
+    from circuitkit.cli import main
+    from circuitkit.discovery.problem import aligned_pairs
+
+    with pytest.raises(CircuitkitError, match="another layout.*same-layout"):
+        aligned_pairs(tiny_counting_model, 10, 0, "any-layout")
+    model, out = str(tiny_counting_model.path), tmp_path / "bad"
+    assert main(["discover", model, "--method", "eap", "--sources", "anything", "--n", "8", "--out", str(out)]) == 2
+    assert "same-layout, any-layout" in capsys.readouterr().err and not out.exists()

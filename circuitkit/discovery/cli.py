@@ -13,6 +13,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=100, help="base inputs (test split), each with one aligned source")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ablation", default="resample", help="resample (aligned source, default), mean or zero")
+    p.add_argument("--sources", default="same-layout",
+                   help="where resample sources come from: same-layout (default) or any-layout (another layout "
+                        "whose named positions line up with the base's, e.g. a tracr input of another length)")
     p.add_argument("--metric", default="logit_diff", help="logit_diff (default), logit, prob, loss")
     p.add_argument("--device", default="cpu")
 
@@ -64,7 +67,7 @@ def _problem(args: argparse.Namespace):
 
     check_range("--n", args.n, 1, 100_000)
     pm = load_probed(args.model_dir, task=args.task, device=args.device)
-    p, record = build_problem(pm, args.n, args.seed, args.ablation, args.metric)
+    p, record = build_problem(pm, args.n, args.seed, args.ablation, args.metric, args.sources)
     return pm, p, {**record, "model": str(args.model_dir), "task": pm.task.name}
 
 

@@ -74,10 +74,11 @@ def faithfulness_at(p: DiscoveryProblem, scores: Tensor, n_edges: int) -> float:
     return float(faithfulness(p, p.graph.top_edges(scores, min(n_edges, p.graph.n_edges)))[0])
 
 
-def roc_auc(graph: EdgeGraph, scores: Tensor, truth: Tensor, absolute: bool = True) -> float:
-    """Area under the ROC curve of ranking the real edges by score (|score| by default) against ``truth``
-    [S, R] bool; nan when the truth holds all or none of the edges."""
-    real = graph.real
+def roc_auc(graph: EdgeGraph, scores: Tensor, truth: Tensor, absolute: bool = True,
+            among: Tensor | None = None) -> float:
+    """Area under the ROC curve of ranking the real edges (those in ``among`` [S, R] bool, when given) by score
+    (|score| by default) against ``truth`` [S, R] bool; nan when the truth holds all or none of them."""
+    real = graph.real if among is None else graph.real & among
     y = truth[real].numpy().astype(bool)
     s = (scores.abs() if absolute else scores)[real].double().numpy()
     n_pos, n_neg = int(y.sum()), int((~y).sum())

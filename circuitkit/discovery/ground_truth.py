@@ -73,15 +73,17 @@ def _hook(name: str, comp: Mapping[str, Any]) -> tuple[str, int | None]:
 
 
 @torch.no_grad()
-def moved_components(pm: ProbedModel, truth: Mapping[str, Any], n: int = 200, seed: int = 0) -> dict[str, float]:
-    """{component: the largest change of its output [over pairs, positions, d_model]} between same-layout bases
-    and sources (``discovery.problem.aligned_pairs``): what resample ablation can move at all."""
+def moved_components(pm: ProbedModel, truth: Mapping[str, Any], n: int = 200, seed: int = 0,
+                     sources: str = "same-layout") -> dict[str, float]:
+    """{component: the largest change of its output [over pairs, positions, d_model]} between bases and their
+    sources (``discovery.problem.aligned_pairs``, same-layout by default): what resample ablation can move at
+    all."""
     comps = truth["components"]
     hooks = {name: _hook(name, c) for name, c in comps.items()}
-    bases, sources = aligned_pairs(pm, n, seed)
+    bases, srcs = aligned_pairs(pm, n, seed, sources)
     names = sorted({h for h, _ in hooks.values()})
     _, base = pm.runner.run(pm.task.encode(bases).to(pm.device), cache=names)
-    _, src = pm.runner.run(pm.task.encode(sources).to(pm.device), cache=names)
+    _, src = pm.runner.run(pm.task.encode(srcs).to(pm.device), cache=names)
     out = {}
     for name, (hook, head) in hooks.items():
         a, b = (base[hook], src[hook]) if head is None else (base[hook][:, :, head], src[hook][:, :, head])

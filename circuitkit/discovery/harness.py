@@ -11,7 +11,7 @@ from typing import Any
 from circuitkit.discovery.compare import MIB_PERCENTS, faithfulness, faithfulness_at, mib_curve, roc_auc
 from circuitkit.discovery.edge_graph import EdgeGraph, edge_count
 from circuitkit.discovery.methods import DiscoveryProblem, discover
-from circuitkit.discovery.problem import circuit_edges, truth_mask
+from circuitkit.discovery.problem import circuit_edges, moving_edges, truth_mask
 from circuitkit.errors import CircuitkitError
 
 #: methods a comparison runs by default (``exact`` scores every edge one by one; ``acdc`` tries every edge)
@@ -57,11 +57,16 @@ def _num(x: float) -> float | None:
 def compare(p: DiscoveryProblem, entries: Sequence[dict[str, Any]], truth: Mapping[str, Any] | None = None,
             percents: Sequence[float] = MIB_PERCENTS) -> dict[str, Any]:
     """Score every entry on ``p``: MIB CPR / CMD and the curve (ranked methods), its own circuit's size and
-    faithfulness, every ranked method's faithfulness at circuitkit's edge count, and ROC AUC against ``truth``."""
+    faithfulness, every ranked method's faithfulness at circuitkit's edge count, and ROC AUC against ``truth``:
+    all of it, and the part the problem's ablation moves (``moving_edges``; the truth it cannot move is left out of
+    that ranking, since no method scoring by this ablation can see it)."""
     g = p.graph
     ref = next((e for e in entries if e["name"] == "circuitkit"), None)
     ref_n = int(ref["keep"].sum()) if ref is not None else None
     truth_keep = truth_mask(g, truth) if truth is not None else None
+    moving = moving_edges(p) if truth_keep is not None else None
+    visible = truth_keep & moving if moving is not None else None
+    judged = ~(truth_keep & ~moving) if moving is not None else None
     rows = []
     for e in entries:
         t0 = time.perf_counter()
@@ -77,13 +82,20 @@ def compare(p: DiscoveryProblem, entries: Sequence[dict[str, Any]], truth: Mappi
         if truth_keep is not None:
             ranking = e["scores"] if e["ranked"] else e["keep"].float() + e["scores"] * 1e-6
             row["roc_auc"] = _num(roc_auc(g, ranking, truth_keep))
+            if visible is not None:
+                row["roc_auc_visible"] = _num(roc_auc(g, ranking, visible, among=judged))
         row["scoring_seconds"] = round(time.perf_counter() - t0, 3)
         rows.append(row)
     return {"n_edges_total": g.n_edges, "percents": list(percents), "circuitkit_edges": ref_n,
-            "truth_edges": int(truth_keep.sum()) if truth_keep is not None else None, "rows": rows,
+            "truth_edges": int(truth_keep.sum()) if truth_keep is not None else None,
+            "visible_truth_edges": int(visible.sum()) if visible is not None else None,
+            "invisible_truth_edges": ([f"{g.senders[i].name}->{g.receivers[j].name}"
+                                       for i, j in (truth_keep & ~moving).nonzero().tolist()]
+                                      if visible is not None else None), "rows": rows,
             "definitions": "f = (m(C) - m(empty)) / (m(M) - m(empty)) over edges (MIB); CPR = area under f over "
                            "k/100 on the signed ranking (higher is better), CMD = area under |1 - f| on the |score| "
-                           "ranking (lower is better); ROC AUC of |score| against the ground-truth edges"}
+                           "ranking (lower is better); ROC AUC of |score| against the ground-truth edges (all of "
+                           "them, and the visible ones: those the ablation moves, the invisible ones left out)"}
 
 
 def verdict(cmp: Mapping[str, Any]) -> dict[str, Any]:
@@ -119,15 +131,18 @@ def _fmt(x: Any) -> str:
 def comparison_table(cmp: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The comparison's table, (header, rows of formatted cells): what ``to_markdown`` and the case report show."""
     n_ck, truth = cmp.get("circuitkit_edges"), cmp.get("truth_edges") is not None
+    vis = cmp.get("visible_truth_edges") is not None
     head = ["method", "edges (own circuit)", "faithfulness (own)"]
     head += [f"faithfulness at {n_ck} edges"] if n_ck is not None else []
-    head += ["CPR ↑", "CMD ↓"] + (["edge ROC AUC"] if truth else []) + ["seconds"]
+    head += ["CPR ↑", "CMD ↓"] + (["edge ROC AUC"] if truth else []) + (["ROC AUC, visible truth"] if vis else [])
+    head += ["seconds"]
     rows = []
     for r in cmp["rows"]:
         cells = [r["method"], _fmt(r["edges"]), _fmt(r["faithfulness"])]
         if n_ck is not None:
             cells.append(_fmt(r["faithfulness"]) if r["method"] == "circuitkit" else _fmt(r.get("faithfulness_at_circuitkit_size")))
         cells += [_fmt(r.get("cpr")), _fmt(r.get("cmd"))] + ([_fmt(r.get("roc_auc"))] if truth else [])
+        cells += [_fmt(r.get("roc_auc_visible"))] if vis else []
         rows.append(cells + [_fmt(r.get("seconds"))])
     return head, rows
 
@@ -139,6 +154,10 @@ def to_markdown(cmp: Mapping[str, Any], title: str = "Circuit discovery, side by
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     lines += ["", cmp["definitions"] + "."]
+    hidden = cmp.get("invisible_truth_edges")
+    if hidden:
+        lines += ["", f"Ground-truth edges this ablation moves nothing along ({len(hidden)} of {cmp['truth_edges']}; "
+                      f"no method scoring by it can see them): {', '.join(hidden)}."]
     return "\n".join(lines)
 
 

@@ -38,13 +38,13 @@ def stage_comparison(ctx: RunContext, runner: StageRunner) -> ComparisonSummary:
 
     def fn(d: Path) -> dict[str, Any]:
         circuit_json = json.loads((ctx.work / "circuit" / circuit_file).read_text())
-        scored_on, score_record = build_problem(pm, c.n, cfg.seed, c.ablation)
+        scored_on, score_record = build_problem(pm, c.n, cfg.seed, c.ablation, sources=c.sources)
         files = {}
         for i, method in enumerate(c.methods):
             ctx.log(f"  comparison: {method} ({i + 1}/{len(c.methods)}) on {score_record['n']} pairs")
             files[method] = discovery_file(scored_on, method, {}, score_record)
             atomic_write_json(d / "circuits" / f"{method}.json", files[method])
-        judged_on, judge_record = build_problem(pm, c.n, cfg.seed + 1, c.ablation)
+        judged_on, judge_record = build_problem(pm, c.n, cfg.seed + 1, c.ablation, sources=c.sources)
         entries = [e for m, f in files.items() for e in read_circuit(judged_on.graph, f, m)]
         entries += read_circuit(judged_on.graph, circuit_json, "circuit.json")
         cmp = compare(judged_on, entries, read_truth(pm.path))

@@ -126,6 +126,7 @@ class ComparisonSection:
     methods: list[str] = field(default_factory=_default_methods)  # empty: no comparison stage
     n: int = 100  # aligned pairs the methods score edges on; the next seed's n pairs judge every circuit
     ablation: str = "resample"  # resample (aligned source), mean or zero
+    sources: str = "same-layout"  # resample sources: same-layout, or any-layout (positions lined up; tracr lengths)
 
 
 @dataclass
@@ -326,7 +327,7 @@ def _check_sites(texts: list[str], label: str, task: Any, errors: list[str], nee
 def _check_comparison(c: ComparisonSection, where: str, errors: list[str]) -> None:
     """[comparison]: known discovery methods, each once, and a known ablation."""
     from circuitkit.discovery.methods import METHODS
-    from circuitkit.discovery.problem import ABLATIONS
+    from circuitkit.discovery.problem import ABLATIONS, SOURCES
 
     bad = [m for m in c.methods if m not in METHODS]
     if bad:
@@ -335,6 +336,8 @@ def _check_comparison(c: ComparisonSection, where: str, errors: list[str]) -> No
         errors.append(f"{where} [comparison] methods: each method once, got {c.methods}")
     if c.ablation not in ABLATIONS:
         errors.append(f"{where} [comparison] ablation must be one of {', '.join(ABLATIONS)}, got {c.ablation!r}")
+    if c.sources not in SOURCES:
+        errors.append(f"{where} [comparison] sources must be one of {', '.join(SOURCES)}, got {c.sources!r}")
 
 
 def _check_semantics(cfg: CaseConfig, where: str, errors: list[str]) -> None:
