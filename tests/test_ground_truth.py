@@ -146,6 +146,9 @@ def test_compare_ranks_against_the_truth_the_ablation_can_move_and_names_the_res
     assert cmp["visible_truth_edges"] + len(hidden) == cmp["truth_edges"]
     row = next(r for r in cmp["rows"] if r["method"] == "exact")
     assert row["roc_auc_visible"] > 0.9 > row["roc_auc"]
+    # the whole truth's ranking is capped: every invisible edge scores 0, at best tied with every negative
+    ceiling = (cmp["visible_truth_edges"] + 0.5 * len(hidden)) / cmp["truth_edges"]
+    assert cmp["roc_auc_ceiling"] == pytest.approx(ceiling, abs=1e-4) and row["roc_auc"] <= ceiling + 1e-9
     assert "moves nothing along" in (cmp_dir / "comparison.md").read_text()
 
 

@@ -89,6 +89,8 @@ def compare(p: DiscoveryProblem, entries: Sequence[dict[str, Any]], truth: Mappi
     return {"n_edges_total": g.n_edges, "percents": list(percents), "circuitkit_edges": ref_n,
             "truth_edges": int(truth_keep.sum()) if truth_keep is not None else None,
             "visible_truth_edges": int(visible.sum()) if visible is not None else None,
+            "roc_auc_ceiling": _num(auc_ceiling(int(visible.sum()), int(truth_keep.sum()))) if visible is not None
+            else None,
             "invisible_truth_edges": ([f"{g.senders[i].name}->{g.receivers[j].name}"
                                        for i, j in (truth_keep & ~moving).nonzero().tolist()]
                                       if visible is not None else None), "rows": rows,
@@ -96,6 +98,13 @@ def compare(p: DiscoveryProblem, entries: Sequence[dict[str, Any]], truth: Mappi
                            "k/100 on the signed ranking (higher is better), CMD = area under |1 - f| on the |score| "
                            "ranking (lower is better); ROC AUC of |score| against the ground-truth edges (all of "
                            "them, and the visible ones: those the ablation moves, the invisible ones left out)"}
+
+
+def auc_ceiling(visible: int, truth: int) -> float:
+    """The highest edge ROC AUC against the whole truth that any score drawn from the ablation's effects can reach:
+    an edge the ablation moves nothing along scores 0 under it, so at best it ties with every negative (each such
+    pair counts one half) while the ``visible`` truth edges rank above all of them."""
+    return (visible + 0.5 * (truth - visible)) / truth if truth else float("nan")
 
 
 def verdict(cmp: Mapping[str, Any]) -> dict[str, Any]:
@@ -157,7 +166,9 @@ def to_markdown(cmp: Mapping[str, Any], title: str = "Circuit discovery, side by
     hidden = cmp.get("invisible_truth_edges")
     if hidden:
         lines += ["", f"Ground-truth edges this ablation moves nothing along ({len(hidden)} of {cmp['truth_edges']}; "
-                      f"no method scoring by it can see them): {', '.join(hidden)}."]
+                      f"no method scoring by it can see them): {', '.join(hidden)}. They score 0 at best tied with "
+                      f"the negatives, so no score by this ablation reaches an edge ROC AUC above "
+                      f"{cmp['roc_auc_ceiling']:.3f} against the whole truth."]
     return "\n".join(lines)
 
 
@@ -186,5 +197,5 @@ def load_entries(graph: EdgeGraph, paths: Sequence[str | Path]) -> list[dict[str
     return [e for f in files for e in read_circuit(graph, read_json(f, "circuit file"), f.stem)]
 
 
-__all__ = ["DEFAULT_METHODS", "compare", "comparison_table", "curve_png", "discovery_file", "load_entries", "read_circuit",
+__all__ = ["DEFAULT_METHODS", "auc_ceiling", "compare", "comparison_table", "curve_png", "discovery_file", "load_entries", "read_circuit",
            "to_markdown", "verdict"]
