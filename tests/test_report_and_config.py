@@ -229,3 +229,12 @@ def test_paper_protocols_are_looked_up_by_task_and_the_comparison_reads_the_runs
     assert rows["name mover"][2:] == ["4.000", "9.9"] and rows["S-inhibition"][3] == "7.3"
     assert rows["induction"][2:] == ["0.000", "none"]
     assert wang.rows(None, set(), 12, 12)[0][2] == "n/a"
+
+
+def test_a_run_records_a_model_inside_the_checkout_relative_to_it(tmp_path):
+    """Reports are shared: a model path inside the checkout is recorded and shown relative to its root (a snapshot
+    or clone elsewhere gives the same text); a path outside it stays as given."""
+    from circuitkit.pipeline.config import REPO_ROOT, repo_relative
+
+    assert repo_relative(REPO_ROOT / "case_studies" / "models" / "ioi") == "case_studies/models/ioi"
+    assert repo_relative(str(tmp_path / "m")) == str(tmp_path / "m")

@@ -19,6 +19,15 @@ from circuitkit.errors import CircuitkitError, choices_hint
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout (reports show paths relative to it)
 
 
+def repo_relative(path: str | Path) -> str:
+    """A path inside the checkout relative to its root, any other path as given: what a run records and a report
+    shows (reports are shared, and where a clone or a snapshot of it lies is noise)."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
 def case_dir() -> Path:
     """The built-in case configs and probed models: ``circuitkit/case_studies`` in an installed wheel
     (package data), else the checkout's top-level ``case_studies/``."""

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from circuitkit.io_utils import atomic_dir, atomic_write_json
-from circuitkit.pipeline.config import REPO_ROOT
+from circuitkit.pipeline.config import repo_relative
 from circuitkit.report.document import Figure, HtmlPanel, Report, Table
 from circuitkit.report.figures import heatmap, line_plot
 from circuitkit.report.html import render_html
@@ -24,19 +24,11 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
-def _shown_path(path: str) -> str:
-    """A path inside the repository relative to its root (reports are shared; the clone's location is noise)."""
-    try:
-        return str(Path(path).resolve().relative_to(REPO_ROOT))
-    except ValueError:
-        return path
-
-
 def model_section(report: Report, res: dict[str, Any]) -> None:
     m = res["metrics"]
     s = report.section("Probed model")
     lo, hi = m["accuracy_ci95"]
-    s.add(f"Source: {_shown_path(res['source'])}. Held-out {m['metric']} = **{_pct(m['accuracy'])}** "
+    s.add(f"Source: {repo_relative(res['source'])}. Held-out {m['metric']} = **{_pct(m['accuracy'])}** "
           f"(95% Wilson CI {_pct(lo)}–{_pct(hi)}, n = {m['n']} of {m['split_size']} test examples).")
     rows = [["accuracy", m["accuracy"]], ["n evaluated", m["n"]]]
     if "train_wall_seconds" in m:
@@ -55,7 +47,7 @@ def decoder_section(report: Report, res: dict[str, Any]) -> None:
     ev = res["eval"]
     rows = [[r["site"], r["hit_rate"], r["in_eps_fraction"], r["median_min_distance"], r["n_queries"],
              r["samples_per_query"]] for r in ev.get("sites", [])]
-    where = f"Trained elsewhere ({_shown_path(res['source'])}; not retrained by this run): " if res.get("source") else "Trained "
+    where = f"Trained elsewhere ({repo_relative(res['source'])}; not retrained by this run): " if res.get("source") else "Trained "
     s.add(f"{where}{res.get('steps')} steps in {res.get('train_minutes')} minutes. Hit rate = share of held-out "
           "query activations with at least one decoder sample within ε = 0.1 (every sample re-run through the "
           "probed model); in-ε fraction = share of all samples within ε.")

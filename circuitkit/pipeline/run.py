@@ -18,7 +18,7 @@ from circuitkit.models.checkpoint import ProbedModel, load_probed
 from circuitkit.models.local_gpt2 import find_gpt2_small, missing_message
 from circuitkit.pipeline.analysis import stage_circuit, stage_claims, stage_groups, stage_patching, stage_screen
 from circuitkit.pipeline.comparison import stage_comparison
-from circuitkit.pipeline.config import CaseConfig
+from circuitkit.pipeline.config import CaseConfig, repo_relative
 from circuitkit.pipeline.outputs import CaseResults, DecoderSummary, InversionsSummary, ModelSummary
 from circuitkit.pipeline.stages import Stage, StageRunner, remove_orphans, stage_order
 from circuitkit.seeding import seed_everything
@@ -68,8 +68,8 @@ def stage_model(ctx: RunContext, runner: StageRunner) -> ModelSummary:
 
         def fn(d: Path) -> dict:
             res = evaluate_model(pm.runner, task, "test", limit=2000 if cfg.quick else 20000, progress=ctx.progress)
-            (d / "source.txt").write_text(str(src))
-            return {"source": str(src), "metrics": res}
+            (d / "source.txt").write_text(repo_relative(src))
+            return {"source": repo_relative(src), "metrics": res}
 
         from circuitkit.inversion.checkpoint import model_hash
 
