@@ -444,6 +444,7 @@ def toml_case(tmp_path: Path, body: str, name: str = "case.toml") -> Path:
     ('[decoder]\nminuts = 3\n', r"unknown key 'minuts'"),
     ('[decoder]\nlr = -0.001\n', r"\[decoder\] lr must be >= 0"),
     ('[decoder]\ncompile = "yes"\n', r"\[decoder\] compile: expected true or false"),
+    ('[circuit]\nstructural = "yes"\n', r"\[circuit\] structural: expected true or false"),
     ('[decoder]\nrebalance_window = -1\n', r"\[decoder\] rebalance_window must be"),
     ('[decoder]\nrebalance_per_cell = 2.5\n', r"\[decoder\] rebalance_per_cell"),
     ('seed = -1\n', r"seed must be in \[0, 4294967295\]"),

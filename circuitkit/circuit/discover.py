@@ -17,6 +17,7 @@ from circuitkit.circuit.evaluate import AblationEvaluator, CircuitEvaluation, ev
 from circuitkit.circuit.export import export_all, to_json_dict
 from circuitkit.circuit.graph import CircuitNode, build_circuit, edge_list
 from circuitkit.circuit.grow import FaithfulnessCurve, GrowthResult, faithfulness_curve, named_components
+from circuitkit.circuit.structural import structural_pass
 from circuitkit.hypotheses.preimage_sources import PoolPreimage, PreimageSource
 from circuitkit.hypotheses.records import HypothesisReport, Thresholds
 from circuitkit.hypotheses.scoring import generate_hypotheses
@@ -41,6 +42,7 @@ class CircuitSettings:
     completeness_subsets: int = 20
     positions: Sequence[str] | None = None  # growth candidates' positions (default: every named one)
     loop_rounds: int = 2  # rounds of re-examining the nodes growth adds (close_loop.py); 0: growth only
+    structural: bool = False  # zero-ablation pass for what no same-layout source moves (circuit/structural.py)
 
 
 @dataclass
@@ -104,6 +106,7 @@ def make_circuit(parts: Assembly, info: dict[str, Any] | None = None) -> Circuit
     """A ``Circuit`` from what ``assemble_circuit`` returns (the graph's edge tests move into ``info``)."""
     info = dict(info or {})
     info["edge_tests"] = parts.graph.graph.pop("edge_tests", [])
+    info["structural_tests"] = parts.graph.graph.pop("structural_tests", None)
     info["explained_share_per_answer"] = parts.explained_shares
     info["explained_share_answer_level"] = parts.answer_level_shares
     info["loop"] = parts.loop.to_dict()
@@ -199,6 +202,11 @@ def assemble_circuit(pm: ProbedModel, verifier: InterchangeVerifier, vr: Verific
     share = shares.get("all")
     t["evaluate"] = round(time.perf_counter() - t0, 1)
     g.graph["explained_share"] = -1.0 if share is None else share
+    if cs.structural:  # after evaluation: resample ablation leaves what it adds as it is
+        t0 = time.perf_counter()
+        g.graph["structural_tests"] = [z.to_dict() for z in structural_pass(verifier, g, cs.min_edge, cs.edge_pairs,
+                                                                            seed)]
+        t["structural"] = round(time.perf_counter() - t0, 1)
     return Assembly(g, evaluation, growth, curve, edge_eval, shares, loop, answer_shares)
 
 

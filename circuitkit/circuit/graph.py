@@ -107,6 +107,7 @@ class CircuitNode:
     architectural: bool = False
     group: tuple[str, ...] = ()
     joint: bool = False
+    structural: bool = False  # found by zero ablation where no same-layout source moves it (circuit/structural.py)
 
     @classmethod
     def from_verified(cls, n: VerifiedNode) -> CircuitNode:
@@ -117,7 +118,7 @@ class CircuitNode:
         return cls(site, explained=False)
 
 
-def _target_position_names(verifier: InterchangeVerifier) -> dict[str, str]:
+def target_position_names(verifier: InterchangeVerifier) -> dict[str, str]:
     """{target: the named position where it is read} (the first input's naming)."""
     out: dict[str, str] = {}
     for toks, ts in zip(verifier.tokens, verifier.targets, strict=False):
@@ -128,7 +129,7 @@ def _target_position_names(verifier: InterchangeVerifier) -> dict[str, str]:
     return out
 
 
-def _aligned_pairs(verifier: InterchangeVerifier, n: int, rng: random.Random) -> tuple[list[int], list[str]]:
+def aligned_resample_pairs(verifier: InterchangeVerifier, n: int, rng: random.Random) -> tuple[list[int], list[str]]:
     """Bases of the search split and one aligned (same-layout) resample source each."""
     rows = list(verifier.split_rows["search"])
     rng.shuffle(rows)
@@ -171,7 +172,7 @@ def edge_effects(verifier: InterchangeVerifier, sender: CircuitNode | VerifiedNo
     s_site = parse_site(sender.site)
     if receiver_site.startswith("out:"):
         tname = receiver_site[4:]
-        pos = _target_position_names(verifier).get(tname)
+        pos = target_position_names(verifier).get(tname)
         if pos is None:
             return []
         r_site = Site("resid_post", verifier.pm.n_layers - 1, position=pos)
@@ -182,7 +183,7 @@ def edge_effects(verifier: InterchangeVerifier, sender: CircuitNode | VerifiedNo
     if feats:
         db, ds, ab, as_ = verifier.fair_pairs(s_site, feats, "search", rng=rng, n_pairs=n_pairs)
     else:
-        db, ds = _aligned_pairs(verifier, n_pairs, rng)
+        db, ds = aligned_resample_pairs(verifier, n_pairs, rng)
         ab, as_ = [], []
     # keep the pairs where both ends exist in base and source (e.g. A4 only with a 4-digit answer)
     db, ds = _where_both(verifier, db, ds, s_site, r_site)
@@ -215,7 +216,7 @@ def edge_effects(verifier: InterchangeVerifier, sender: CircuitNode | VerifiedNo
     return out
 
 
-def _answers_after(verifier: InterchangeVerifier, site: Site) -> list[str]:
+def answers_after(verifier: InterchangeVerifier, site: Site) -> list[str]:
     """Answers read at or after the site's position (on the inputs where it resolves; every answer in a
     bidirectional model)."""
     names: dict[str, None] = {}
@@ -230,7 +231,7 @@ def _answers_after(verifier: InterchangeVerifier, site: Site) -> list[str]:
     return list(names)
 
 
-def _add_site_node(g: nx.DiGraph, n: CircuitNode, example: list[str], verifier: InterchangeVerifier) -> None:
+def add_site_node(g: nx.DiGraph, n: CircuitNode, example: list[str], verifier: InterchangeVerifier) -> None:
     """Add a circuit node to the graph, or merge it into the node of its site (one site, several features)."""
     s = parse_site(n.site)
     try:
@@ -249,7 +250,8 @@ def _add_site_node(g: nx.DiGraph, n: CircuitNode, example: list[str], verifier: 
                depth=_resid_depth(s) if s.kind in RESID_KINDS else write_depth(s),
                features=list(n.features) if n.features else ["unexplained"] * (not n.explained),
                targets=list(n.targets), effect=n.effect, iia=n.iia if n.iia is not None else -1.0,
-               joint=n.joint, group=", ".join(n.group), explained=n.explained, architectural=n.architectural)
+               joint=n.joint, group=", ".join(n.group), explained=n.explained, architectural=n.architectural,
+               structural=n.structural)
 
 
 def _edge_candidates(g: nx.DiGraph, site_nodes: list[Node], tpos: dict[str, str], parallel: bool,
@@ -279,10 +281,10 @@ def _edge_answers(verifier: InterchangeVerifier, g: nx.DiGraph, b: Node) -> list
     if b.is_output:
         return [b.answer]
     node_b = g.nodes[str(b)]
-    return node_b["targets"] if node_b["explained"] and node_b["targets"] else _answers_after(verifier, b.site)
+    return node_b["targets"] if node_b["explained"] and node_b["targets"] else answers_after(verifier, b.site)
 
 
-def _add_edge(g: nx.DiGraph, verifier: InterchangeVerifier, e: Edge, best: EdgeResult, last: int) -> None:
+def add_edge(g: nx.DiGraph, verifier: InterchangeVerifier, e: Edge, best: EdgeResult, last: int) -> None:
     """Add a kept edge a → b (with b's output node, made on first use) labelled by its best answer's result."""
     a, b = e.as_pair()
     if e.receiver.is_output and not g.has_node(b):
@@ -310,10 +312,10 @@ def build_circuit(verifier: InterchangeVerifier, nodes: Sequence[CircuitNode | V
                              "unexplained senders: change rate under aligned resampling); containment pairs not tested")
     example = verifier.tokens[0]
     for n in cnodes:
-        _add_site_node(g, n, example, verifier)
+        add_site_node(g, n, example, verifier)
     by_site = {n.site: n for n in cnodes}
     site_nodes = [Node.of(a) for a in g.nodes]
-    tpos = _target_position_names(verifier)
+    tpos = target_position_names(verifier)
     last = 2 * verifier.pm.n_layers + 1
     parallel = verifier.pm.runner.arch.parallel
     tests: list[dict] = []
@@ -336,7 +338,7 @@ def build_circuit(verifier: InterchangeVerifier, nodes: Sequence[CircuitNode | V
         tests += [r.to_dict() for r in res]
         best = max(res, key=lambda r: r.ci_low, default=None)
         if best is not None and best.ci_low >= min_edge:
-            _add_edge(g, verifier, e, best, last)
+            add_edge(g, verifier, e, best, last)
     if bar is not None:
         bar.close()
     g.graph["edge_tests"] = tests
@@ -349,4 +351,5 @@ def edge_list(g: nx.DiGraph) -> list[Edge]:
 
 
 __all__ = ["read_depth", "write_depth", "can_send", "is_containment", "EdgeResult", "CircuitNode", "edge_effects",
-           "build_circuit", "edge_list"]
+           "build_circuit", "edge_list", "aligned_resample_pairs", "add_edge", "add_site_node", "answers_after",
+           "target_position_names"]

@@ -319,10 +319,12 @@ def _frozen_rows(live_rows: Tensor | None) -> Callable[[str], Tensor]:
 
 
 @torch.no_grad()
-def path_patch_to_site(pm: ProbedModel, base_ids: Tensor, source_ids: Tensor, sender: Site, receiver: Site,
+def path_patch_to_site(pm: ProbedModel, base_ids: Tensor, source_ids: Tensor | None, sender: Site, receiver: Site,
                        through_bundle: bool = True, incremental: bool = True) -> Tensor:
     """Logits [b, pos, vocab]: ``sender`` patched from the source along the path into the *site*
     ``receiver`` only (any site, e.g. ``a1.0@:`` or ``resid_mid1@:``, not just a head's input).
+    ``source_ids`` None: zero ablation, the sender's value along the path is 0 (what a path that no source
+    changes is tested with; ``circuit/structural.py``).
 
     Wang et al.'s two steps: (1) rerun the base with the sender from the source and every head and
     MLP written between sender and receiver frozen at its base value, recording the receiver;
@@ -339,19 +341,23 @@ def path_patch_to_site(pm: ProbedModel, base_ids: Tensor, source_ids: Tensor, se
     every pass from the embeddings (the reference the tests and the benchmark compare with).
     """
     task, dev, n_layers = pm.task, pm.device, pm.n_layers
-    base_ids, source_ids = base_ids.to(dev), source_ids.to(dev)
+    base_ids = base_ids.to(dev)
     freeze = _frozen_hooks(sender, receiver, n_layers)
     # the blocks the two steps start at (an embedding site: the embeddings)
     s_start, r_start = ((sender.layer or 0), (receiver.layer or 0)) if incremental else (0, 0)
     starts = sorted({f"blocks.{L}.hook_resid_pre" for L in (s_start, r_start) if L > 0})
     stop = receiver.layer + 1 if receiver.layer is not None and receiver.layer + 1 < n_layers else None
-    _, bcache = pm.runner.run(base_ids, cache=freeze + starts, stop_at_layer=stop if incremental else None,
-                              return_logits=False)
-    s_stop = sender.stop_layer if incremental and sender.stop_layer < n_layers else None
-    _, scache = pm.runner.run(source_ids, cache=[sender.hook_name], stop_at_layer=s_stop, return_logits=False)
-    spos, bpos = _site_rows(task, source_ids, sender, dev), _site_rows(task, base_ids, sender, dev)
-    rpos = _site_rows(task, base_ids, receiver, dev)
-    value = sender.select(scache[sender.hook_name], spos)
+    own = [sender.hook_name] if source_ids is None else []
+    _, bcache = pm.runner.run(base_ids, cache=sorted(set(freeze + starts + own)),
+                              stop_at_layer=stop if incremental else None, return_logits=False)
+    bpos, rpos = _site_rows(task, base_ids, sender, dev), _site_rows(task, base_ids, receiver, dev)
+    if source_ids is None:
+        value = torch.zeros_like(sender.select(bcache[sender.hook_name], bpos))
+    else:
+        source_ids = source_ids.to(dev)
+        s_stop = sender.stop_layer if incremental and sender.stop_layer < n_layers else None
+        _, scache = pm.runner.run(source_ids, cache=[sender.hook_name], stop_at_layer=s_stop, return_logits=False)
+        value = sender.select(scache[sender.hook_name], _site_rows(task, source_ids, sender, dev))
     take = _frozen_rows(_live_rows(receiver, rpos, through_bundle, base_ids.shape, dev))
     rcache: dict[str, Tensor] = {}
     step_one = [Blend(n, take(n), bcache[n]) for n in freeze]

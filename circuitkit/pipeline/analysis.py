@@ -91,7 +91,7 @@ def claimed_pairs(claims: list[dict]) -> list[tuple[str, str]]:
 
 #: bumped when the circuit stage's summary gains a field later stages read (2: ``verified_nodes``), so that a
 #: summary cached by older code is recomputed rather than read without it
-CIRCUIT_SUMMARY_VERSION = 2
+CIRCUIT_SUMMARY_VERSION = 3
 
 
 def stage_circuit(ctx: RunContext, runner: StageRunner) -> CircuitSummary:
@@ -114,7 +114,8 @@ def stage_circuit(ctx: RunContext, runner: StageRunner) -> CircuitSummary:
     per_cell = h.n_per_cell or cfg.decoder.n_per_cell
     claims = claimed_pairs(cfg.paper_claims)
     settings = CircuitSettings(target=c.target, min_edge=c.min_edge, edge_pairs=c.edge_pairs,
-                               eval_inputs=h.eval_inputs, completeness_subsets=c.completeness_subsets)
+                               eval_inputs=h.eval_inputs, completeness_subsets=c.completeness_subsets,
+                               structural=c.structural)
 
     def fn(d: Path) -> dict:
         pool = PoolPreimage(pm, pool_size=h.pool, seed=cfg.seed)
@@ -129,6 +130,7 @@ def stage_circuit(ctx: RunContext, runner: StageRunner) -> CircuitSummary:
                                 progress=ctx.progress, claims=claims)
         ev = disc.evaluation.to_dict() if disc.evaluation else None
         edge_tests = disc.graph.graph.pop("edge_tests", [])
+        structural_tests = disc.graph.graph.pop("structural_tests", None)
         # the verified nodes alone (growth's first step): what "the whole story" claims are judged on
         verified_only = disc.growth.steps[0]["faithfulness"] if disc.growth and disc.growth.steps else None
         extra = {"case": cfg.name, "evaluation": ev, "edge_evaluation": disc.edge_evaluation,
@@ -136,6 +138,7 @@ def stage_circuit(ctx: RunContext, runner: StageRunner) -> CircuitSummary:
                  "explained_share_per_answer": disc.explained_shares,
                  "explained_share_answer_level": disc.answer_level_shares,
                  "loop": disc.loop.to_dict() if disc.loop else None, "edge_tests": edge_tests,
+                 "structural_tests": structural_tests,
                  "growth": disc.growth.to_dict() if disc.growth else None,
                  "curve": disc.curve.to_dict() if disc.curve else None}
         files = export_all(disc.graph, d, "circuit", extra=extra)
@@ -153,6 +156,7 @@ def stage_circuit(ctx: RunContext, runner: StageRunner) -> CircuitSummary:
                 "verified_faithfulness": verified_only, "explained_share_per_answer": disc.explained_shares,
                 "explained_share_answer_level": disc.answer_level_shares,
                 "loop": disc.loop.to_dict() if disc.loop else None, "edge_tests": edge_tests,
+                "structural_tests": structural_tests,
                 "random_model": ver["settings"].get("random_model"), "verified_nodes": ver["nodes"],
                 "ground_truth": truth.to_dict() if truth is not None else None}
 

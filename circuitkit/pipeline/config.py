@@ -112,6 +112,8 @@ class CircuitSection:
     min_edge: float = 0.1  # keep a path-patching edge when its effect's CI low is at least this
     edge_pairs: int = 150  # pairs per edge test
     completeness_subsets: int = 20  # random subsets K of the circuit for Wang et al.'s completeness
+    # zero-ablation pass for components and paths no same-layout source moves (circuit/structural.py)
+    structural: bool = False
 
 
 @dataclass

@@ -80,6 +80,7 @@ class CircuitSummary(TypedDict, total=False):
     loop: dict[str, Any] | None
     ground_truth: dict[str, Any] | None  # a compiled model's (tracr): discovery.ground_truth.GroundTruthScore
     edge_tests: list[dict[str, Any]]
+    structural_tests: list[dict[str, Any]] | None  # zero-ablation tests ([circuit] structural; circuit/structural.py)
     random_model: Any
     verified_nodes: list[dict[str, Any]]
 
@@ -90,6 +91,9 @@ class ComparisonSummary(TypedDict, total=False):
     percents: list[float]
     circuitkit_edges: int | None
     truth_edges: int | None  # a compiled model's ground-truth edges (tracr), else None
+    visible_truth_edges: int | None  # those the ablation moves (``discovery.problem.moving_edges``)
+    invisible_truth_edges: list[str] | None
+    roc_auc_ceiling: float | None  # the best ROC AUC any score by the ablation can reach (``harness.auc_ceiling``)
     rows: list[dict[str, Any]]  # one per method / circuit (``discovery.harness.compare``)
     definitions: str
     inputs: dict[str, Any]  # the pairs the methods scored on and the pairs every circuit is judged on

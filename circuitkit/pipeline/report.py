@@ -327,6 +327,7 @@ def circuit_part(report: Report, res: dict[str, Any], d: Path) -> None:
         s3.add(Table(["node", "minimality (all) [95% CI]"],
                      [[k, _ci_text(v.get("all"), ev["minimality_ci"].get(k, {}).get("all"))]
                       for k, v in ev["minimality"].items()], caption="Per-node minimality"))
+    _structural_text(s3, res.get("structural_tests"))
     ee = res.get("edge_evaluation")
     if ee:
         fn = ee.get("faithfulness_normalized", {})
@@ -417,6 +418,27 @@ def baselines_section(report: Report, res: dict[str, Any], ctx: RunContext) -> N
     s.add(res["definitions"] + ". Files: `comparison/comparison.json`, `comparison/circuits/METHOD.json` (MIB format).")
 
 
+def _structural_text(section: Any, tests: list[dict[str, Any]] | None) -> None:
+    """The zero-ablation pass (``circuit/structural.py``): what it tested, and the nodes and edges it kept."""
+    if tests is None:
+        return
+    nodes = [t for t in tests if t["receiver"] is None]
+    kept = [t for t in tests if t["kept"]]
+    section.add(f"**What same-layout sources cannot see** (`[circuit] structural`): {len(nodes)} head / MLP site(s) "
+                f"whose output no same-layout source changes and {len(tests) - len(nodes)} path(s) along which none "
+                f"changes a logit were tested by zero ablation; kept where an answer's change rate has a CI low of at "
+                f"least the edge threshold: {sum(t['receiver'] is None for t in kept)} node(s) and "
+                f"{sum(t['receiver'] is not None for t in kept)} edge(s), drawn in the circuit with no label (no "
+                "same-layout test can say what they carry). Zero ablation takes the model off its inputs: a kept "
+                "node says the answers need the component, not what it computes; resample evaluation leaves these "
+                "constant components as they are, so the figures above do not change.")
+    if kept:
+        section.add(Table(["sender", "receiver", "answer", "change rate [95% CI]", "n"],
+                          [[t["sender"], t["receiver"] or "(the node itself)", t["target"],
+                            _ci_text(t["effect"], (t["ci_low"], t["ci_high"])), t["n"]] for t in kept],
+                          caption="Kept zero-ablation tests: structural nodes (receiver: the node itself) and edges."))
+
+
 def ground_truth_section(report: Report, ctx: RunContext) -> None:
     """A compiled model's circuit beside the program's ground truth (``discovery/ground_truth.py``): node and
     edge precision / recall against what the ablation can move and against everything compiled, and the labels."""
@@ -428,7 +450,11 @@ def ground_truth_section(report: Report, ctx: RunContext) -> None:
           f"(`ground_truth.json` beside the weights). Resample ablation from same-layout sources moves only "
           f"{', '.join(gt['visible_components']) or 'no component'}; the rest of the program is constant between "
           f"every base and its source, and is scored apart (\"full\"). Residual nodes stand for bundles and are "
-          f"left out of precision and recall ({gt['bundles']} of them).")
+          f"left out of precision and recall ({gt['bundles']} of them)." +
+          (" The circuit holds the structural pass's nodes and edges (zero ablation where no same-layout source "
+           "moves anything), so the \"full\" rows score what resample and zero ablation see together; against the "
+           "same-layout \"visible\" truth they show as extra." if (ctx.results.circuit or {}).get("structural_tests")
+           is not None else ""))
     rows = [[f"{what} ({truth})", _fmt(gt[what][truth]["precision"]), _fmt(gt[what][truth]["recall"]),
              ", ".join(gt[what][truth]["missed"]) or "–", ", ".join(gt[what][truth]["extra"]) or "–"]
             for what in ("nodes", "edges") for truth in ("visible", "full")]
