@@ -238,3 +238,24 @@ def test_a_run_records_a_model_inside_the_checkout_relative_to_it(tmp_path):
 
     assert repo_relative(REPO_ROOT / "case_studies" / "models" / "ioi") == "case_studies/models/ioi"
     assert repo_relative(str(tmp_path / "m")) == str(tmp_path / "m")
+
+
+def test_the_zero_ablation_pass_is_reported_with_its_counts_and_kept_tests():
+    """``[circuit] structural``: the report says how many nodes and paths were tested and lists the kept ones; a run
+    without the pass says nothing about it."""
+    from circuitkit.pipeline.report import _structural_text
+
+    tests = [{"sender": "m0@x1", "receiver": None, "constant_change": 0.0, "target": "y1", "effect": 0.42,
+              "ci_low": 0.33, "ci_high": 0.52, "n": 100, "kept": True},
+             {"sender": "a0.0@x1", "receiver": None, "constant_change": 0.0, "target": "y1", "effect": 0.12,
+              "ci_low": 0.07, "ci_high": 0.2, "n": 100, "kept": False},
+             {"sender": "m0@x1", "receiver": "m1@x1", "constant_change": 0.0, "target": "y1", "effect": 0.42,
+              "ci_low": 0.33, "ci_high": 0.52, "n": 100, "kept": True}]
+    report = Report("r")
+    _structural_text(report.section("s"), tests)
+    md, _ = render_markdown(report)
+    assert "2 head / MLP site(s)" in md and "1 path(s)" in md and "1 node(s) and 1 edge(s)" in md
+    assert "| m0@x1 | (the node itself) | y1 | 0.420 [0.330, 0.520] | 100 |" in md and "a0.0@x1" not in md
+    empty = Report("r")
+    _structural_text(empty.section("s"), None)
+    assert "zero ablation" not in render_markdown(empty)[0]

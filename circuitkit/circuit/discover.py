@@ -205,7 +205,7 @@ def assemble_circuit(pm: ProbedModel, verifier: InterchangeVerifier, vr: Verific
     if cs.structural:  # after evaluation: resample ablation leaves what it adds as it is
         t0 = time.perf_counter()
         g.graph["structural_tests"] = [z.to_dict() for z in structural_pass(verifier, g, cs.min_edge, cs.edge_pairs,
-                                                                            seed)]
+                                                                            seed, progress)]
         t["structural"] = round(time.perf_counter() - t0, 1)
     return Assembly(g, evaluation, growth, curve, edge_eval, shares, loop, answer_shares)
 

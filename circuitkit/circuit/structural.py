@@ -29,6 +29,7 @@ import networkx as nx
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from circuitkit.circuit.graph import (
     CircuitNode,
@@ -179,7 +180,7 @@ def _edge_test(verifier: InterchangeVerifier, sender: Site, receiver: str, rows:
 
 
 def structural_pass(verifier: InterchangeVerifier, g: nx.DiGraph, min_edge: float = 0.1, n_pairs: int = 150,
-                    seed: int = 0) -> list[ZeroTest]:
+                    seed: int = 0, progress: bool = False) -> list[ZeroTest]:
     """Add to ``g`` the structural nodes and zero-ablation edges (module doc); returns every test made."""
     pm = verifier.pm
     rng_seed = zlib.crc32(f"structural|{verifier.seed}|{seed}".encode())
@@ -210,21 +211,19 @@ def structural_pass(verifier: InterchangeVerifier, g: nx.DiGraph, min_edge: floa
             structural.add(name)
     ends = {n: parse_site(n) for n, d in g.nodes(data=True) if d["kind"] == "site" and _is_end(parse_site(n))}
     parallel, last = pm.runner.arch.parallel, 2 * pm.n_layers + 1
-    for a, sa in ends.items():
-        for b, sb in ends.items():
-            if sb.kind not in COMPONENTS or g.has_edge(a, b) or not can_send(sa, sb, parallel) \
-                    or is_containment(sa, sb, parallel):
-                continue
-            if verifier.causal and g.nodes[a]["index"] > g.nodes[b]["index"] >= 0:
-                continue
-            change = 0.0 if a in structural or b in structural else \
-                _path_is_blind(verifier, sa, sb, n_pairs, zlib.crc32(f"{a}->{b}|{rng_seed}".encode()))
-            if change > CONSTANT:
-                continue  # same-layout path patching sees this path: build_circuit's test stands
-            test, res = _edge_test(verifier, sa, b, rows, change, min_edge)
-            tests.append(test)
-            if res is not None:
-                _mark(g, verifier, a, b, res, last)
+    pairs = [(a, sa, b, sb) for a, sa in ends.items() for b, sb in ends.items()
+             if sb.kind in COMPONENTS and not g.has_edge(a, b) and can_send(sa, sb, parallel)
+             and not is_containment(sa, sb, parallel)
+             and not (verifier.causal and g.nodes[a]["index"] > g.nodes[b]["index"] >= 0)]
+    for a, sa, b, sb in tqdm(pairs, desc="structural paths", unit="path", disable=not progress):
+        change = 0.0 if a in structural or b in structural else \
+            _path_is_blind(verifier, sa, sb, n_pairs, zlib.crc32(f"{a}->{b}|{rng_seed}".encode()))
+        if change > CONSTANT:
+            continue  # same-layout path patching sees this path: build_circuit's test stands
+        test, res = _edge_test(verifier, sa, b, rows, change, min_edge)
+        tests.append(test)
+        if res is not None:
+            _mark(g, verifier, a, b, res, last)
     tpos = target_position_names(verifier)
     for a in sorted(structural):
         for t, p in tpos.items():
