@@ -144,8 +144,9 @@ def aligned_resample_pairs(verifier: InterchangeVerifier, n: int, rng: random.Ra
     return bases, srcs
 
 
-def _where_both(verifier: InterchangeVerifier, bases: Sequence[int], sources: Sequence[str], *sites: Site
-                ) -> tuple[list[int], list[str]]:
+def where_both(verifier: InterchangeVerifier, bases: Sequence[int], sources: Sequence[str], *sites: Site
+               ) -> tuple[list[int], list[str]]:
+    """The (base row, source) pairs in which every site's position exists in both inputs."""
     pos = verifier.coder.position
     keep = [(b, src) for b, src in zip(bases, sources, strict=False)
             if all(pos(verifier.inputs[b], x.position) is not None and pos(src, x.position) is not None for x in sites)]
@@ -186,8 +187,8 @@ def edge_effects(verifier: InterchangeVerifier, sender: CircuitNode | VerifiedNo
         db, ds = aligned_resample_pairs(verifier, n_pairs, rng)
         ab, as_ = [], []
     # keep the pairs where both ends exist in base and source (e.g. A4 only with a 4-digit answer)
-    db, ds = _where_both(verifier, db, ds, s_site, r_site)
-    ab, as_ = _where_both(verifier, ab, as_, s_site, r_site)
+    db, ds = where_both(verifier, db, ds, s_site, r_site)
+    ab, as_ = where_both(verifier, ab, as_, s_site, r_site)
     direct = receiver_site.startswith("out:")  # into the unembedding's input: the direct path only
     pred_d = _path_pred(verifier, db, ds, s_site, r_site, not direct)
     pred_a = _path_pred(verifier, ab, as_, s_site, r_site, not direct)
@@ -352,4 +353,4 @@ def edge_list(g: nx.DiGraph) -> list[Edge]:
 
 __all__ = ["read_depth", "write_depth", "can_send", "is_containment", "EdgeResult", "CircuitNode", "edge_effects",
            "build_circuit", "edge_list", "aligned_resample_pairs", "add_edge", "add_site_node", "answers_after",
-           "target_position_names"]
+           "target_position_names", "where_both"]

@@ -41,6 +41,7 @@ from circuitkit.circuit.graph import (
     can_send,
     is_containment,
     target_position_names,
+    where_both,
 )
 from circuitkit.patching import engine
 from circuitkit.patching.engine import Patch
@@ -138,14 +139,12 @@ def zero_node_pred(verifier: InterchangeVerifier, site: Site, rows: Sequence[int
 def _path_is_blind(verifier: InterchangeVerifier, sender: Site, receiver: Site, n_pairs: int, seed: int) -> float:
     """The largest change of any logit when ``sender`` is path patched into ``receiver`` from same-layout sources
     (``CONSTANT`` or less: no source moves anything along the path)."""
-    bases, sources = aligned_resample_pairs(verifier, n_pairs, random.Random(seed))
-    keep = [(b, s) for b, s in zip(bases, sources, strict=True)
-            if all(verifier.coder.position(verifier.inputs[b], x.position) is not None
-                   and verifier.coder.position(s, x.position) is not None for x in (sender, receiver))]
-    if not keep:
+    bases, sources = where_both(verifier, *aligned_resample_pairs(verifier, n_pairs, random.Random(seed)), sender,
+                                receiver)
+    if not bases:
         return float("inf")
-    ids = verifier.ids[[b for b, _ in keep]]
-    patched = path_patch_to_site(verifier.pm, ids, verifier.task.encode([s for _, s in keep]), sender, receiver)
+    ids = verifier.ids[bases]
+    patched = path_patch_to_site(verifier.pm, ids, verifier.task.encode(sources), sender, receiver)
     clean = verifier.pm.runner.logits(ids.to(verifier.pm.device))
     return float((patched - clean).abs().max())
 

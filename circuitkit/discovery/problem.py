@@ -5,8 +5,8 @@
   Sources (``SOURCES``): ``same-layout`` (``task.fair_sources`` holding the layout, as circuit evaluation draws
   them) or ``any-layout``: any other input whose named positions sit where the base's do (a tracr input of another
   length: ``BOS x1 .. xn`` is a prefix of a longer one's).  Only the second moves what a layout fixes, such as
-  tracr-reverse's length sub-circuit; a task whose layouts disagree on the positions they share (IOI's names
-  move with the template) has no such source and is refused.
+  tracr-reverse's length sub-circuit; a task whose layouts never agree on the positions they share (counting's
+  query moves with the string's length) has no such source and is refused.
 * ``circuit_edges``: circuitkit's own circuit (``circuit.json``) as edges of the edge graph: the heads and MLPs
   among its nodes (at any position: the graph does not split positions), every graph edge between two of them,
   from the embeddings into them and from them into the logits.  Residual nodes are the stream those edges run
@@ -29,11 +29,12 @@ import torch
 from torch import Tensor
 
 from circuitkit.circuit.evaluate import covered_components, site_role
-from circuitkit.discovery.edge_graph import QKV, EdgeGraph
+from circuitkit.discovery.edge_graph import QKV, EdgeGraph, Receiver
 from circuitkit.discovery.masked import ablated_outputs
 from circuitkit.discovery.methods import DiscoveryProblem
 from circuitkit.errors import CircuitkitError
 from circuitkit.models.checkpoint import ProbedModel
+from circuitkit.models.runner import ModelRunner
 from circuitkit.patching.metrics import metric_context
 from circuitkit.sites import Site, parse_site
 from circuitkit.tasks.base import Task
@@ -172,7 +173,7 @@ def circuit_edges(graph: EdgeGraph, circuit: Mapping[str, Any], bundles: bool = 
 UNMOVED = 1e-5
 
 
-def _read_matrix(runner: Any, receiver: Any) -> Tensor:
+def _read_matrix(runner: ModelRunner, receiver: Receiver) -> Tensor:
     """What a receiver input reads of the residual stream, linearly: [d_model, d_read]."""
     if receiver.kind == "logits":
         return runner.W_U.T
