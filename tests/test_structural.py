@@ -90,3 +90,30 @@ def test_with_the_pass_frac_prevs_circuit_holds_every_compiled_edge():
     score = score_against_truth(truth, moved, nodes, edges)
     assert score.edges["full"] == {"precision": 1.0, "recall": 1.0, "missed": [], "extra": []}
     assert any(t.kept for t in tests) and not all(t.kept for t in tests)
+
+
+def test_split_inputs_name_the_query_key_or_value_and_the_graph_edges_equal_the_program():
+    """With ``split_inputs`` each edge into a head records which input carries it: m0 → a1.0 through the value
+    (same-layout tests), the embeddings → a1.0 through query and key (zero ablation: positions only).  Converted
+    to the MIB edge graph, the circuit's edges are then exactly the compiled ones."""
+    from circuitkit.circuit.graph import build_circuit
+    from circuitkit.discovery.edge_graph import EdgeGraph
+    from circuitkit.discovery.problem import circuit_edges, truth_mask
+
+    model = MODELS / "tracr_frac_prevs"
+    pm, truth = load_probed(model), read_truth(model)
+    verifier = InterchangeVerifier(pm, n_inputs=600, n_pairs=100, seed=0)
+    nodes = [CircuitNode("x0.pre@x2", ("tokens",)), CircuitNode("m0@x2", ("map_3",)),
+             CircuitNode("a1.0@x2", ("frac_prevs_1",), ("y2",))]
+    g = build_circuit(verifier, nodes, min_edge=0.1, n_pairs=100, split_inputs=True)
+    assert g.edges["m0@x2", "a1.0@x2"]["inputs"] == "v"
+    structural_pass(verifier, g, min_edge=0.1, n_pairs=100, seed=0, split_inputs=True)
+    assert g.edges["x0.pre@x2", "a1.0@x2"]["inputs"] == "q+k"
+    graph = EdgeGraph.of_model(pm.runner)
+    circuit = {"nodes": [{"id": n, "kind": d["kind"]} for n, d in g.nodes(data=True)],
+               "edges": [{"source": a, "target": b, **d} for a, b, d in g.edges(data=True)]}
+    keep, _ = circuit_edges(graph, circuit)
+    assert torch.equal(keep, truth_mask(graph, truth))
+    coarse = {"nodes": circuit["nodes"], "edges": [{k: v for k, v in e.items() if k != "inputs"}
+                                                   for e in circuit["edges"]]}
+    assert int(circuit_edges(graph, coarse)[0].sum()) > int(keep.sum())  # every edge between its components

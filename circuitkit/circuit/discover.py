@@ -43,6 +43,7 @@ class CircuitSettings:
     positions: Sequence[str] | None = None  # growth candidates' positions (default: every named one)
     loop_rounds: int = 2  # rounds of re-examining the nodes growth adds (close_loop.py); 0: growth only
     structural: bool = False  # zero-ablation pass for what no same-layout source moves (circuit/structural.py)
+    split_inputs: bool = False  # test a kept edge into a head through its query, key and value apart
 
 
 @dataclass
@@ -183,7 +184,8 @@ def assemble_circuit(pm: ProbedModel, verifier: InterchangeVerifier, vr: Verific
     t["grow_and_reexamine"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
     nodes: list[Any] = list(vr.nodes) + [CircuitNode.unexplained(s) for s in growth.added]
-    g = build_circuit(verifier, nodes, min_edge=cs.min_edge, n_pairs=cs.edge_pairs, progress=progress)
+    g = build_circuit(verifier, nodes, min_edge=cs.min_edge, n_pairs=cs.edge_pairs, progress=progress,
+                      split_inputs=cs.split_inputs)
     t["edges"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
     sites = start + list(growth.added)
@@ -205,7 +207,7 @@ def assemble_circuit(pm: ProbedModel, verifier: InterchangeVerifier, vr: Verific
     if cs.structural:  # after evaluation: resample ablation leaves what it adds as it is
         t0 = time.perf_counter()
         g.graph["structural_tests"] = [z.to_dict() for z in structural_pass(verifier, g, cs.min_edge, cs.edge_pairs,
-                                                                            seed, progress)]
+                                                                            seed, progress, cs.split_inputs)]
         t["structural"] = round(time.perf_counter() - t0, 1)
     return Assembly(g, evaluation, growth, curve, edge_eval, shares, loop, answer_shares)
 

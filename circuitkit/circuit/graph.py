@@ -155,19 +155,21 @@ def where_both(verifier: InterchangeVerifier, bases: Sequence[int], sources: Seq
 
 @torch.no_grad()
 def _path_pred(verifier: InterchangeVerifier, bases: Sequence[int], sources: Sequence[str], sender: Site,
-               receiver: Site, through_bundle: bool = True) -> Tensor:
+               receiver: Site, through_bundle: bool = True, receiver_inputs: Sequence[str] | None = None) -> Tensor:
     if not bases:
         return torch.zeros(0, verifier.ids.shape[1], dtype=torch.long)
     logits = path_patch_to_site(verifier.pm, verifier.ids[list(bases)], verifier.task.encode(list(sources)),
-                                sender, receiver, through_bundle=through_bundle)
+                                sender, receiver, through_bundle=through_bundle, receiver_inputs=receiver_inputs)
     return logits.argmax(-1).cpu()
 
 
 def edge_effects(verifier: InterchangeVerifier, sender: CircuitNode | VerifiedNode, receiver_site: str,
-                 answers: Sequence[str], n_pairs: int = 150) -> list[EdgeResult]:
+                 answers: Sequence[str], n_pairs: int = 150,
+                 receiver_inputs: Sequence[str] | None = None) -> list[EdgeResult]:
     """Path-patching results of sender → receiver on each of ``answers`` (see the module docstring).
 
-    ``receiver_site`` may be a site or ``out:T`` (the final residual stream at T's position)."""
+    ``receiver_site`` may be a site or ``out:T`` (the final residual stream at T's position);
+    ``receiver_inputs``: only these of a head receiver's query, key and value read the patched stream."""
     if isinstance(sender, VerifiedNode):
         sender = CircuitNode.from_verified(sender)
     s_site = parse_site(sender.site)
@@ -190,8 +192,8 @@ def edge_effects(verifier: InterchangeVerifier, sender: CircuitNode | VerifiedNo
     db, ds = where_both(verifier, db, ds, s_site, r_site)
     ab, as_ = where_both(verifier, ab, as_, s_site, r_site)
     direct = receiver_site.startswith("out:")  # into the unembedding's input: the direct path only
-    pred_d = _path_pred(verifier, db, ds, s_site, r_site, not direct)
-    pred_a = _path_pred(verifier, ab, as_, s_site, r_site, not direct)
+    pred_d = _path_pred(verifier, db, ds, s_site, r_site, not direct, receiver_inputs)
+    pred_a = _path_pred(verifier, ab, as_, s_site, r_site, not direct, receiver_inputs)
     ch_d, ch_a = verifier.changes(r_site, db, pred_d), verifier.changes(r_site, ab, pred_a)
     label = " + ".join(feats) if feats else "unexplained"
     out = []
@@ -300,11 +302,21 @@ def add_edge(g: nx.DiGraph, verifier: InterchangeVerifier, e: Edge, best: EdgeRe
                iia=-1.0 if best.iia is None else best.iia, n=best.n)
 
 
+def head_inputs(results: Sequence[Sequence[EdgeResult]], min_edge: float) -> str:
+    """Which of a head's query, key and value carry an edge, from one result list per input (q, k, v): those
+    whose best answer's CI low is at least ``min_edge``, ``+``-joined; ``q+k+v`` when none does alone (the edge
+    needs them together)."""
+    alone = [x for x, res in zip("qkv", results, strict=True)
+             if max((r.ci_low for r in res), default=0.0) >= min_edge]
+    return "+".join(alone) or "q+k+v"
+
+
 def build_circuit(verifier: InterchangeVerifier, nodes: Sequence[CircuitNode | VerifiedNode], min_edge: float = 0.1,
-                  n_pairs: int = 150, progress: bool = False) -> nx.DiGraph:
+                  n_pairs: int = 150, progress: bool = False, split_inputs: bool = False) -> nx.DiGraph:
     """A DiGraph of the circuit's nodes, path-patching edges between them, and output nodes; every
     tested edge (kept or not) is listed in the graph attribute ``edge_tests``.  Nodes are keyed by their canonical
-    spelling (``types.Node``)."""
+    spelling (``types.Node``).  ``split_inputs``: a kept edge into a head is tested again through its query, key
+    and value alone, and the edge records which carry it (``inputs``)."""
     cnodes = [CircuitNode.from_verified(n) if isinstance(n, VerifiedNode) else n for n in nodes]
     cnodes = [replace(n, site=str(Node.of(n.site))) for n in cnodes]
     g = nx.DiGraph(task=verifier.task.name,
@@ -340,6 +352,12 @@ def build_circuit(verifier: InterchangeVerifier, nodes: Sequence[CircuitNode | V
         best = max(res, key=lambda r: r.ci_low, default=None)
         if best is not None and best.ci_low >= min_edge:
             add_edge(g, verifier, e, best, last)
+            a, b = e.as_pair()
+            if split_inputs and not e.receiver.is_output and parse_site(b).kind == "head":
+                per = [edge_effects(verifier, by_site[a], b, _edge_answers(verifier, g, e.receiver), n_pairs, (x,))
+                       for x in "qkv"]
+                tests += [{**r.to_dict(), "receiver_inputs": x} for x, rs in zip("qkv", per, strict=True) for r in rs]
+                g.edges[a, b]["inputs"] = head_inputs(per, min_edge)
     if bar is not None:
         bar.close()
     g.graph["edge_tests"] = tests
@@ -352,5 +370,5 @@ def edge_list(g: nx.DiGraph) -> list[Edge]:
 
 
 __all__ = ["read_depth", "write_depth", "can_send", "is_containment", "EdgeResult", "CircuitNode", "edge_effects",
-           "build_circuit", "edge_list", "aligned_resample_pairs", "add_edge", "add_site_node", "answers_after",
+           "build_circuit", "head_inputs", "edge_list", "aligned_resample_pairs", "add_edge", "add_site_node", "answers_after",
            "target_position_names", "where_both"]

@@ -70,6 +70,7 @@ class ZeroTest:
     ci_high: float
     n: int
     kept: bool
+    receiver_inputs: str | None = None  # a head receiver read only through these (``split_inputs``); None: all
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -136,23 +137,27 @@ def zero_node_pred(verifier: InterchangeVerifier, site: Site, rows: Sequence[int
 
 
 @torch.no_grad()
-def _path_is_blind(verifier: InterchangeVerifier, sender: Site, receiver: Site, n_pairs: int, seed: int) -> float:
-    """The largest change of any logit when ``sender`` is path patched into ``receiver`` from same-layout sources
-    (``CONSTANT`` or less: no source moves anything along the path)."""
+def _path_is_blind(verifier: InterchangeVerifier, sender: Site, receiver: Site, n_pairs: int, seed: int,
+                   receiver_inputs: Sequence[str] | None = None) -> float:
+    """The largest change of any logit when ``sender`` is path patched into ``receiver`` (through only
+    ``receiver_inputs`` of a head) from same-layout sources (``CONSTANT`` or less: no source moves anything along
+    the path)."""
     bases, sources = where_both(verifier, *aligned_resample_pairs(verifier, n_pairs, random.Random(seed)), sender,
                                 receiver)
     if not bases:
         return float("inf")
     ids = verifier.ids[bases]
-    patched = path_patch_to_site(verifier.pm, ids, verifier.task.encode(sources), sender, receiver)
+    patched = path_patch_to_site(verifier.pm, ids, verifier.task.encode(sources), sender, receiver,
+                                 receiver_inputs=receiver_inputs)
     clean = verifier.pm.runner.logits(ids.to(verifier.pm.device))
     return float((patched - clean).abs().max())
 
 
 def _edge_test(verifier: InterchangeVerifier, sender: Site, receiver: str, rows: Sequence[int], constant: float,
-               min_edge: float) -> tuple[ZeroTest, EdgeResult | None]:
+               min_edge: float, receiver_inputs: str | None = None) -> tuple[ZeroTest, EdgeResult | None]:
     """Zero ``sender`` along the path into ``receiver`` (a site, or ``out:T``: the final residual stream at T's
-    position, direct path) on ``rows``; the test and, when kept, the edge's result."""
+    position, direct path) on ``rows`` (through only ``receiver_inputs`` of a head, e.g. ``q``); the test and,
+    when kept, the edge's result."""
     if receiver.startswith("out:"):
         pos = target_position_names(verifier).get(receiver[4:])
         r_site = Site("resid_post", verifier.pm.n_layers - 1, position=pos)
@@ -160,9 +165,11 @@ def _edge_test(verifier: InterchangeVerifier, sender: Site, receiver: str, rows:
         r_site = parse_site(receiver)
     rows = _rows_with(verifier, rows, sender, r_site)
     if len(rows) < 2:
-        return ZeroTest(str(Node.of(sender)), receiver, constant, None, 0.0, 0.0, 0.0, len(rows), False), None
+        return ZeroTest(str(Node.of(sender)), receiver, constant, None, 0.0, 0.0, 0.0, len(rows), False,
+                        receiver_inputs), None
     logits = path_patch_to_site(verifier.pm, verifier.ids[rows], None, sender, r_site,
-                                through_bundle=not receiver.startswith("out:"))
+                                through_bundle=not receiver.startswith("out:"),
+                                receiver_inputs=receiver_inputs.split("+") if receiver_inputs else None)
     pred = logits.argmax(-1).cpu()
     if receiver.startswith("out:"):
         ch = verifier.changes(r_site, rows, pred).get(receiver[4:], np.zeros(0))
@@ -172,15 +179,17 @@ def _edge_test(verifier: InterchangeVerifier, sender: Site, receiver: str, rows:
     else:
         t, eff, lo, hi, n = _best(verifier, r_site, rows, pred)
     kept = bool(t is not None and lo >= min_edge)
-    test = ZeroTest(str(Node.of(sender)), receiver, round(constant, 8), t, eff, lo, hi, n, kept)
+    test = ZeroTest(str(Node.of(sender)), receiver, round(constant, 8), t, eff, lo, hi, n, kept, receiver_inputs)
     res = EdgeResult(str(Node.of(sender)), receiver, "structural (zero ablation)", t, eff, lo, hi, n, None, None,
                      None) if kept and t is not None else None
     return test, res
 
 
 def structural_pass(verifier: InterchangeVerifier, g: nx.DiGraph, min_edge: float = 0.1, n_pairs: int = 150,
-                    seed: int = 0, progress: bool = False) -> list[ZeroTest]:
-    """Add to ``g`` the structural nodes and zero-ablation edges (module doc); returns every test made."""
+                    seed: int = 0, progress: bool = False, split_inputs: bool = False) -> list[ZeroTest]:
+    """Add to ``g`` the structural nodes and zero-ablation edges (module doc); returns every test made.
+    ``split_inputs``: a kept edge into a head is tested again through its query, key and value alone, and records
+    which carry it (``inputs``; ``q+k+v`` when none does alone), as ``graph.build_circuit`` does."""
     pm = verifier.pm
     rng_seed = zlib.crc32(f"structural|{verifier.seed}|{seed}".encode())
     rows = list(verifier.split_rows["search"])
@@ -209,11 +218,16 @@ def structural_pass(verifier: InterchangeVerifier, g: nx.DiGraph, min_edge: floa
             add_site_node(g, CircuitNode(name, explained=False, structural=True), example, verifier)
             structural.add(name)
     ends = {n: parse_site(n) for n, d in g.nodes(data=True) if d["kind"] == "site" and _is_end(parse_site(n))}
+    # the embeddings at every named position may send (BOS's, read by a head that always attends to it)
+    embeddings = {str(Node.of(e)): e for e in (Site("resid_pre", 0, position=p) for p in verifier.task.position_names)
+                  if str(Node.of(e)) not in g}
+    index = {n: g.nodes[n]["index"] for n in ends}
+    for n, e in embeddings.items():
+        index[n] = _index(verifier, e)
     parallel, last = pm.runner.arch.parallel, 2 * pm.n_layers + 1
-    pairs = [(a, sa, b, sb) for a, sa in ends.items() for b, sb in ends.items()
+    pairs = [(a, sa, b, sb) for a, sa in {**ends, **embeddings}.items() for b, sb in ends.items()
              if sb.kind in COMPONENTS and not g.has_edge(a, b) and can_send(sa, sb, parallel)
-             and not is_containment(sa, sb, parallel)
-             and not (verifier.causal and g.nodes[a]["index"] > g.nodes[b]["index"] >= 0)]
+             and not is_containment(sa, sb, parallel) and not (verifier.causal and index[a] > index[b] >= 0)]
     for a, sa, b, sb in tqdm(pairs, desc="structural paths", unit="path", disable=not progress):
         change = 0.0 if a in structural or b in structural else \
             _path_is_blind(verifier, sa, sb, n_pairs, zlib.crc32(f"{a}->{b}|{rng_seed}".encode()))
@@ -222,7 +236,15 @@ def structural_pass(verifier: InterchangeVerifier, g: nx.DiGraph, min_edge: floa
         test, res = _edge_test(verifier, sa, b, rows, change, min_edge)
         tests.append(test)
         if res is not None:
+            if a not in g:  # an embedding position the circuit had no node at
+                add_site_node(g, CircuitNode(a, explained=False, structural=True), example, verifier)
             _mark(g, verifier, a, b, res, last)
+            if split_inputs and sb.kind == "head":
+                per = [_edge_test(verifier, sa, b, rows, change, min_edge, x)[0] for x in "qkv"]
+                tests += per
+                g.edges[a, b]["inputs"] = "+".join(x for x, z in zip("qkv", per, strict=True) if z.kept) or "q+k+v"
+    if split_inputs:
+        tests += _complete_inputs(verifier, g, ends, rows, n_pairs, rng_seed, min_edge)
     tpos = target_position_names(verifier)
     for a in sorted(structural):
         for t, p in tpos.items():
@@ -233,6 +255,37 @@ def structural_pass(verifier: InterchangeVerifier, g: nx.DiGraph, min_edge: floa
                     _mark(g, verifier, a, f"out:{t}", res, last)
     g.graph["structural_rule"] = (f"zero ablation where no same-layout source moves anything (largest change <= "
                                   f"{CONSTANT}): node or path kept when an answer's change-rate CI low >= {min_edge}")
+    return tests
+
+
+def _index(verifier: InterchangeVerifier, site: Site) -> int:
+    """The site's position index on the verifier's first input (-1 where it has none)."""
+    p = verifier.coder.position(verifier.inputs[0], site.position)
+    return -1 if p is None else p
+
+
+def _complete_inputs(verifier: InterchangeVerifier, g: nx.DiGraph, ends: dict[str, Site], rows: Sequence[int],
+                     n_pairs: int, seed: int, min_edge: float) -> list[ZeroTest]:
+    """For each same-layout edge into a head between component or embedding nodes, the inputs (query, key, value)
+    its own split did not find and along which no same-layout source moves a logit: tested by zero ablation, and
+    added to the edge's ``inputs`` when kept (a head's query and key that read only positions)."""
+    tests = []
+    for a, b, d in list(g.edges(data=True)):
+        if d.get("kind") != "path" or "inputs" not in d or a not in ends or b not in ends or ends[b].kind != "head":
+            continue
+        found = set(d["inputs"].split("+"))
+        for x in "qkv":
+            if x in found:
+                continue
+            change = _path_is_blind(verifier, ends[a], ends[b], n_pairs, zlib.crc32(f"{a}->{b}<{x}>|{seed}".encode()),
+                                    (x,))
+            if change > CONSTANT:
+                continue
+            test, _ = _edge_test(verifier, ends[a], b, rows, change, min_edge, x)
+            tests.append(test)
+            if test.kept:
+                found.add(x)
+        g.edges[a, b]["inputs"] = "+".join(x for x in "qkv" if x in found)
     return tests
 
 

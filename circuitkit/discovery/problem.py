@@ -13,6 +13,8 @@
   through and add no component; with ``bundles`` a residual node adds every head and MLP written into the
   stream before it (its bundle), at every position, which keeps almost every edge of a small model.
   An edge's score is the largest path-patching effect measured between the nodes it joins (0 where none was).
+  A circuit built with ``[circuit] split_inputs`` (its edges into heads say which of query, key and value carry
+  them) keeps only the graph edges its own edges name (``_edge_resolved``).
 * ``moving_edges``: the edges the problem's ablation moves at all: the receiver's read of the sender's ablated
   output differs from its read of the clean one on some base (exact in a model without normalisation, whose
   reads are linear).  Ground truth outside it is invisible to the ablation, whatever the method.
@@ -22,7 +24,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -166,7 +168,37 @@ def circuit_edges(graph: EdgeGraph, circuit: Mapping[str, Any], bundles: bool = 
                 owner_name = "logits" if owner[j] < 0 else graph.senders[int(owner[j])].name
                 if keep[i, j] and s.name in senders and owner_name in receivers:
                     scores[i, j] = max(float(scores[i, j]), abs(float(e.get("effect", 0.0))))
+    if not bundles and any("inputs" in e for e in circuit.get("edges", [])):
+        keep = _edge_resolved(graph, circuit, nodes) & keep
+        scores = scores * keep
     return keep, scores
+
+
+def _edge_resolved(graph: EdgeGraph, circuit: Mapping[str, Any], nodes: Sequence[str]) -> Tensor:
+    """[S, R] bool: the graph edges circuitkit's own edges name, for a circuit whose edges into heads record which
+    inputs carry them (``[circuit] split_inputs``): sender component → the receiver's recorded query / key /
+    value, MLP input or the logits.  Edges to or from residual nodes name no component and add nothing."""
+    keep = graph.empty()
+    for e in circuit.get("edges", []):
+        src, dst = e.get("source", ""), str(e.get("target", ""))
+        if src not in nodes or (dst not in nodes and not dst.startswith("out:")):
+            continue
+        senders = _components_of(graph, src)
+        if dst.startswith("out:"):
+            names = {"logits"}
+        else:
+            site = parse_site(dst)
+            if site.kind == "head":
+                names = {f"a{site.layer}.h{site.head}<{x}>" for x in str(e.get("inputs", "q+k+v")).split("+")}
+            elif site.kind == "mlp_out":
+                names = {f"m{site.layer}"}
+            else:
+                continue
+        for s in senders:
+            i = graph.sender_index[s]
+            for name in names:
+                keep[i, graph.receiver_index[name]] = True
+    return keep & graph.real
 
 
 #: largest change of a receiver's read still counted as "no change" (float noise of the ablated forward)

@@ -320,11 +320,13 @@ def _frozen_rows(live_rows: Tensor | None) -> Callable[[str], Tensor]:
 
 @torch.no_grad()
 def path_patch_to_site(pm: ProbedModel, base_ids: Tensor, source_ids: Tensor | None, sender: Site, receiver: Site,
-                       through_bundle: bool = True, incremental: bool = True) -> Tensor:
+                       through_bundle: bool = True, incremental: bool = True,
+                       receiver_inputs: Sequence[str] | None = None) -> Tensor:
     """Logits [b, pos, vocab]: ``sender`` patched from the source along the path into the *site*
     ``receiver`` only (any site, e.g. ``a1.0@:`` or ``resid_mid1@:``, not just a head's input).
     ``source_ids`` None: zero ablation, the sender's value along the path is 0 (what a path that no source
-    changes is tested with; ``circuit/structural.py``).
+    changes is tested with; ``circuit/structural.py``).  ``receiver_inputs`` (a head receiver): only these of
+    its query, key and value read the patched stream, the others keep the base's (which input carries the edge).
 
     Wang et al.'s two steps: (1) rerun the base with the sender from the source and every head and
     MLP written between sender and receiver frozen at its base value, recording the receiver;
@@ -348,7 +350,13 @@ def path_patch_to_site(pm: ProbedModel, base_ids: Tensor, source_ids: Tensor | N
     starts = sorted({f"blocks.{L}.hook_resid_pre" for L in (s_start, r_start) if L > 0})
     stop = receiver.layer + 1 if receiver.layer is not None and receiver.layer + 1 < n_layers else None
     own = [sender.hook_name] if source_ids is None else []
-    _, bcache = pm.runner.run(base_ids, cache=sorted(set(freeze + starts + own)),
+    held = []  # the receiver head's inputs that keep their base values
+    if receiver_inputs is not None:
+        if receiver.kind != "head" or not set(receiver_inputs) <= {"q", "k", "v"} or not receiver_inputs:
+            raise CircuitkitError(f"receiver_inputs {list(receiver_inputs)!r} need a head receiver and a non-empty "
+                                  f"subset of q, k, v; got receiver {receiver}")
+        held = [f"blocks.{receiver.layer}.attn.hook_{x}" for x in "qkv" if x not in receiver_inputs]
+    _, bcache = pm.runner.run(base_ids, cache=sorted(set(freeze + starts + own + held)),
                               stop_at_layer=stop if incremental else None, return_logits=False)
     bpos, rpos = _site_rows(task, base_ids, sender, dev), _site_rows(task, base_ids, receiver, dev)
     if source_ids is None:
@@ -361,6 +369,10 @@ def path_patch_to_site(pm: ProbedModel, base_ids: Tensor, source_ids: Tensor | N
     take = _frozen_rows(_live_rows(receiver, rpos, through_bundle, base_ids.shape, dev))
     rcache: dict[str, Tensor] = {}
     step_one = [Blend(n, take(n), bcache[n]) for n in freeze]
+    for hook in held:  # [b, pos, heads (or key/value heads), d_head]: head H's own (or its group's) slot only
+        slot = torch.zeros(bcache[hook].shape[2], dtype=torch.bool, device=dev)
+        slot[receiver.head * bcache[hook].shape[2] // pm.n_heads] = True
+        step_one.append(Blend(hook, slot[None, None, :, None], bcache[hook]))
     step_one += [Patch(sender, bpos, value), Record([receiver.hook_name], rcache)]
     engine.run(pm.runner, base_ids, step_one, resid=resid_by_layer(bcache), start_at_layer=s_start, stop_at_layer=stop,
                need_logits=False)

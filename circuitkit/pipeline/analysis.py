@@ -91,7 +91,7 @@ def claimed_pairs(claims: list[dict]) -> list[tuple[str, str]]:
 
 #: bumped when the circuit stage's summary gains a field later stages read (2: ``verified_nodes``), so that a
 #: summary cached by older code is recomputed rather than read without it
-CIRCUIT_SUMMARY_VERSION = 3
+CIRCUIT_SUMMARY_VERSION = 4
 
 
 def stage_circuit(ctx: RunContext, runner: StageRunner) -> CircuitSummary:
@@ -115,7 +115,7 @@ def stage_circuit(ctx: RunContext, runner: StageRunner) -> CircuitSummary:
     claims = claimed_pairs(cfg.paper_claims)
     settings = CircuitSettings(target=c.target, min_edge=c.min_edge, edge_pairs=c.edge_pairs,
                                eval_inputs=h.eval_inputs, completeness_subsets=c.completeness_subsets,
-                               structural=c.structural)
+                               structural=c.structural, split_inputs=c.split_inputs)
 
     def fn(d: Path) -> dict:
         pool = PoolPreimage(pm, pool_size=h.pool, seed=cfg.seed)

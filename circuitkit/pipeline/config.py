@@ -114,6 +114,7 @@ class CircuitSection:
     completeness_subsets: int = 20  # random subsets K of the circuit for Wang et al.'s completeness
     # zero-ablation pass for components and paths no same-layout source moves (circuit/structural.py)
     structural: bool = False
+    split_inputs: bool = False  # test each kept edge into a head through its query, key and value apart
 
 
 @dataclass
