@@ -250,11 +250,14 @@ def test_the_zero_ablation_pass_is_reported_with_its_counts_and_kept_tests():
              {"sender": "a0.0@x1", "receiver": None, "constant_change": 0.0, "target": "y1", "effect": 0.12,
               "ci_low": 0.07, "ci_high": 0.2, "n": 100, "kept": False},
              {"sender": "m0@x1", "receiver": "m1@x1", "constant_change": 0.0, "target": "y1", "effect": 0.42,
-              "ci_low": 0.33, "ci_high": 0.52, "n": 100, "kept": True}]
+              "ci_low": 0.33, "ci_high": 0.52, "n": 100, "kept": True},
+             {"sender": "x0.pre@x1", "receiver": "a1.0@x1", "constant_change": 0.0, "target": "y1", "effect": 0.5,
+              "ci_low": 0.4, "ci_high": 0.6, "n": 100, "kept": True, "receiver_inputs": "k"}]
     report = Report("r")
     _structural_text(report.section("s"), tests)
     md, _ = render_markdown(report)
     assert "2 head / MLP site(s)" in md and "1 path(s)" in md and "1 node(s) and 1 edge(s)" in md
+    assert "tested apart 1 time(s) (`split_inputs`), 1 kept" in md and "| x0.pre@x1 | a1.0@x1 (k only) |" in md
     assert "| m0@x1 | (the node itself) | y1 | 0.420 [0.330, 0.520] | 100 |" in md and "a0.0@x1" not in md
     empty = Report("r")
     _structural_text(empty.section("s"), None)

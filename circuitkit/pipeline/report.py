@@ -423,18 +423,23 @@ def _structural_text(section: Any, tests: list[dict[str, Any]] | None) -> None:
     if tests is None:
         return
     nodes = [t for t in tests if t["receiver"] is None]
+    paths = [t for t in tests if t["receiver"] is not None and not t.get("receiver_inputs")]
+    inputs = [t for t in tests if t.get("receiver_inputs")]
     kept = [t for t in tests if t["kept"]]
     section.add(f"**What same-layout sources cannot see** (`[circuit] structural`): {len(nodes)} head / MLP site(s) "
-                f"whose output no same-layout source changes and {len(tests) - len(nodes)} path(s) along which none "
-                f"changes a logit were tested by zero ablation; kept where an answer's change rate has a CI low of at "
-                f"least the edge threshold: {sum(t['receiver'] is None for t in kept)} node(s) and "
-                f"{sum(t['receiver'] is not None for t in kept)} edge(s), drawn in the circuit with no label (no "
-                "same-layout test can say what they carry). Zero ablation takes the model off its inputs: a kept "
-                "node says the answers need the component, not what it computes; resample evaluation leaves these "
-                "constant components as they are, so the figures above do not change.")
+                f"whose output no same-layout source changes and {len(paths)} path(s) along which none changes a "
+                f"logit were tested by zero ablation; kept where an answer's change rate has a CI low of at least the "
+                f"edge threshold: {sum(t in nodes for t in kept)} node(s) and {sum(t in paths for t in kept)} "
+                "edge(s), drawn in the circuit with no label (no same-layout test can say what they carry)." +
+                (f" A head's query, key and value were tested apart {len(inputs)} time(s) (`split_inputs`), "
+                 f"{sum(t in inputs for t in kept)} kept." if inputs else "") +
+                " Zero ablation takes the model off its inputs: a kept node says the answers need the component, "
+                "not what it computes; resample evaluation leaves these constant components as they are, so the "
+                "figures above do not change.")
     if kept:
         section.add(Table(["sender", "receiver", "answer", "change rate [95% CI]", "n"],
-                          [[t["sender"], t["receiver"] or "(the node itself)", t["target"],
+                          [[t["sender"], (t["receiver"] or "(the node itself)") +
+                            (f" ({t['receiver_inputs']} only)" if t.get("receiver_inputs") else ""), t["target"],
                             _ci_text(t["effect"], (t["ci_low"], t["ci_high"])), t["n"]] for t in kept],
                           caption="Kept zero-ablation tests: structural nodes (receiver: the node itself) and edges."))
 
