@@ -10,7 +10,8 @@ ablation, the ablation that can see them:
 | step  | tested                                                                                   | kept when |
 |-------|------------------------------------------------------------------------------------------|-----------|
 | nodes | each head and MLP at a position the circuit uses, not a node yet, whose output is the same on every same-layout pair (largest change ≤ ``CONSTANT``) and is not zero | zeroing it there changes an answer: change-rate CI low ≥ ``min_edge`` |
-| edges | each ordered pair of component or embedding nodes with no edge that can send, where same-layout path patching moves no logit (≤ ``CONSTANT``) or either end is structural; and structural nodes into the answers read at their position | zeroing the sender along the path into the receiver only changes an answer: CI low ≥ ``min_edge`` |
+| edges | each ordered pair of component or embedding nodes with no edge that can send (the embeddings at every named position, BOS's too), where same-layout path patching moves no logit (≤ ``CONSTANT``) or either end is structural; and structural nodes into the answers read at their position | zeroing the sender along the path into the receiver only changes an answer: CI low ≥ ``min_edge`` |
+| inputs (``split_inputs``) | each kept zero-ablation edge into a head, through its query, key and value alone; and each same-layout edge into a head, through the inputs its own split did not find and that no same-layout source moves | the same, through that input alone; the edge's ``inputs`` name those kept (``q+k+v`` when none is alone) |
 
 Structural nodes carry no label (no same-layout test can say what they carry: it is a function of the layout) and
 are marked ``structural``; their edges, and the zero-ablation edges between other nodes, have ``kind =
@@ -48,7 +49,7 @@ from circuitkit.patching.engine import Patch
 from circuitkit.patching.path import path_patch_to_site
 from circuitkit.sites import Site, parse_site
 from circuitkit.stats import proportion
-from circuitkit.types import Node
+from circuitkit.types import Edge, Node
 from circuitkit.verification.interchange import InterchangeVerifier
 
 #: largest change (of an output, or of a logit along a path) still counted as "no source changes it"
@@ -291,8 +292,6 @@ def _complete_inputs(verifier: InterchangeVerifier, g: nx.DiGraph, ends: dict[st
 
 def _mark(g: nx.DiGraph, verifier: InterchangeVerifier, a: str, b: str, res: EdgeResult, last: int) -> None:
     """Add a kept zero-ablation edge a → b, marked as such."""
-    from circuitkit.types import Edge
-
     add_edge(g, verifier, Edge.of(a, b), res, last)
     g.edges[a, b]["kind"] = "structural"
     g.edges[a, b]["ablation"] = "zero"
