@@ -89,8 +89,9 @@ def claimed_pairs(claims: list[dict]) -> list[tuple[str, str]]:
     return out
 
 
-#: bumped when the circuit stage's summary gains a field later stages read (2: ``verified_nodes``), so that a
-#: summary cached by older code is recomputed rather than read without it
+#: bumped when the circuit stage's summary gains a field later stages read (2: ``verified_nodes``; 3:
+#: ``structural_tests``; 4: the structural pass's embedding senders and input completion), so that a summary
+#: cached by older code is recomputed rather than read without it
 CIRCUIT_SUMMARY_VERSION = 4
 
 

@@ -426,13 +426,14 @@ def _structural_text(section: Any, tests: list[dict[str, Any]] | None) -> None:
     paths = [t for t in tests if t["receiver"] is not None and not t.get("receiver_inputs")]
     inputs = [t for t in tests if t.get("receiver_inputs")]
     kept = [t for t in tests if t["kept"]]
+    n_kept = {k: sum(t["kept"] for t in group) for k, group in (("nodes", nodes), ("paths", paths), ("inputs", inputs))}
     section.add(f"**What same-layout sources cannot see** (`[circuit] structural`): {len(nodes)} head / MLP site(s) "
                 f"whose output no same-layout source changes and {len(paths)} path(s) along which none changes a "
                 f"logit were tested by zero ablation; kept where an answer's change rate has a CI low of at least the "
-                f"edge threshold: {sum(t in nodes for t in kept)} node(s) and {sum(t in paths for t in kept)} "
+                f"edge threshold: {n_kept['nodes']} node(s) and {n_kept['paths']} "
                 "edge(s), drawn in the circuit with no label (no same-layout test can say what they carry)." +
                 (f" A head's query, key and value were tested apart {len(inputs)} time(s) (`split_inputs`), "
-                 f"{sum(t in inputs for t in kept)} kept." if inputs else "") +
+                 f"{n_kept['inputs']} kept." if inputs else "") +
                 " Zero ablation takes the model off its inputs: a kept node says the answers need the component, "
                 "not what it computes; resample evaluation leaves these constant components as they are, so the "
                 "figures above do not change.")
