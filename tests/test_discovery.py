@@ -12,6 +12,7 @@ from circuitkit.discovery.edge_graph import EdgeGraph
 from circuitkit.discovery.masked import circuit_metric
 from circuitkit.discovery.methods import acdc_order, discover
 from circuitkit.discovery.problem import build_problem, circuit_edges
+from circuitkit.errors import CircuitkitError
 from circuitkit.patching.attribution import attribute
 from circuitkit.patching.path import path_patch
 
@@ -104,6 +105,22 @@ def test_exact_edge_scores_equal_path_patching(problem, tiny_addition_model):
         assert res.scores[p.graph.edge_index(name)].item() == pytest.approx(float(pp.effect.mean()), abs=1e-4), name
 
 
+def test_exact_scores_a_chosen_set_of_edges_alone(problem):
+    p, _ = problem
+    g = p.graph
+    whole = discover(p, "exact")
+    some = [g.edge_index(n) for n in ("a0.h1->a1.h2<k>", "m0->a1.h0<q>", "a1.h3->logits")]
+    part = discover(p, "exact", edges=some, progress=False)
+    chosen = torch.zeros(g.shape, dtype=torch.bool)
+    for i, j in some:
+        chosen[i, j] = True
+    assert torch.allclose(part.scores[chosen], whole.scores[chosen], atol=1e-6)
+    assert part.scores[~chosen].abs().max() == 0 and whole.scores[chosen].abs().min() > 0
+    assert part.settings["edges"] == 3
+    with pytest.raises(CircuitkitError, match="not edges of the graph"):
+        discover(p, "exact", edges=[(g.shape[0] - 1, 0)])  # the last layer's MLP cannot feed block 0
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("shape", [dict(n_layer=3, n_head=2, d_model=32),
                                    dict(arch="gpt_neox", n_layer=3, n_head=2, d_model=32)], ids=["gpt2", "neox"])
@@ -127,6 +144,8 @@ def test_a_circuit_run_from_its_first_changed_block_equals_the_whole_run(shape):
     whole = circuit_metric(pm.runner, g, p.base, p.ablated, keep, p.ctx, "logit_diff", chunk=1)
     started = circuit_metric(pm.runner, g, p.base, p.ablated, keep, p.ctx, "logit_diff", chunk=1, clean=clean)
     assert torch.allclose(started, whole, atol=1e-5)
+    together = circuit_metric(pm.runner, g, p.base, p.ablated, keep, p.ctx, "logit_diff", chunk=4, clean=clean)
+    assert torch.allclose(together, whole, atol=1e-5)  # circuits that ablate different senders, in one forward
     assert not torch.allclose(whole[0], whole[1], atol=1e-3)  # the masks do change the output
     with pytest.raises(ValueError, match="earlier block"):
         EdgeMask(g, keep[0], p.ablated, start=2, clean=clean)

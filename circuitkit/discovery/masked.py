@@ -101,7 +101,7 @@ class EdgeMask:
     probe: Tensor | None = None
     start: int = 0
     clean: CleanRun | None = None
-    _delta: list[Tensor] = field(default_factory=list, repr=False)  # per sender so far: [copies*b, pos, d_model]
+    _delta: list[Tensor] = field(default_factory=list, repr=False)  # per active sender so far: [copies*b, pos, d]
     _seen: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -110,22 +110,30 @@ class EdgeMask:
 
     def __post_init__(self) -> None:
         self.keep = self.graph.check_mask(self.keep if self.keep.ndim == 3 else self.keep[None])
-        self._drop = (~self.keep & self.graph.real).float()  # [c, S, R]: 1 where the edge is ablated
-        self._abl = self.ablated.repeat(1, self.keep.shape[0], 1, 1)  # [S, c*b, pos, d]
+        drop = (~self.keep & self.graph.real).float()  # [c, S, R]: 1 where the edge is ablated
+        # Only the senders some circuit ablates along some edge enter a correction ("active"): exact scoring drops
+        # one edge per circuit, and carrying every sender's delta would move gigabytes per hook at GPT-2's shape.
+        active = drop.any(dim=(0, 2)).nonzero().flatten().tolist()
+        self._slot = {s: k for k, s in enumerate(active)}
+        self._drop = drop[:, active, :]  # [c, A, R]
+        self._abl = self.ablated[active]  # [A, b, pos, d]; broadcast over the copies, never repeated
         if self.start > 0:
             if self.clean is None:
                 raise ValueError("an EdgeMask that starts past block 0 needs the base's clean run")
             if self.start > start_of(self.graph, self.keep):
                 raise ValueError(f"an EdgeMask starting at block {self.start} ablates an edge into an earlier block")
-            n, copies = senders_before(self.graph, self.start), self.keep.shape[0]
-            delta = (self.clean.outputs[:n] - self.ablated[:n]).repeat(1, copies, 1, 1)  # [n, c*b, pos, d]
-            self._delta = list(delta.unbind(0))
+            before = [s for s in active if s < senders_before(self.graph, self.start)]
+            copies = self.keep.shape[0]
+            self._delta = [(self.clean.outputs[s] - self.ablated[s]).repeat(copies, 1, 1) for s in before]
 
     def _record(self, first: int) -> Hook:
         def fn(act: Tensor) -> None:
             parts = [act] if act.ndim == 3 else [act[:, :, h] for h in range(act.shape[2])]
             for k, a in enumerate(parts):
-                self._delta.append(a - self._abl[first + k])
+                slot = self._slot.get(first + k)
+                if slot is not None:
+                    abl = self._abl[slot]  # [b, pos, d]
+                    self._delta.append((a.unflatten(0, (-1, abl.shape[0])) - abl).flatten(0, 1))
         return fn
 
     def _untouched(self, receivers: list[int]) -> bool:
@@ -136,10 +144,13 @@ class EdgeMask:
     def _correction(self, receivers: list[int], x: Tensor) -> Tensor:
         """x − the ablated edges' share, for each receiver: [len(receivers), c*b, pos, d_model]."""
         n = len(self._delta)
-        b = x.shape[0] // self.keep.shape[0]
-        drop = self._drop[:, :n, receivers].repeat_interleave(b, 0)  # [c*b, n, r]
-        delta = torch.stack(self._delta)  # [n, c*b, pos, d]
-        out = x.unsqueeze(0) - torch.einsum("nsr,snpd->rnpd", drop.to(delta.dtype), delta)
+        if n == 0:
+            out = x.unsqueeze(0).expand(len(receivers), *x.shape)
+        else:
+            b = x.shape[0] // self.keep.shape[0]
+            drop = self._drop[:, :n, receivers].repeat_interleave(b, 0)  # [c*b, n, r]
+            delta = torch.stack(self._delta)  # [n, c*b, pos, d]
+            out = x.unsqueeze(0) - torch.einsum("nsr,snpd->rnpd", drop.to(delta.dtype), delta)
         return out if self.probe is None else out + self.probe[receivers]
 
     def hooks(self, model: ModelRunner) -> dict[str, Hook]:

@@ -23,12 +23,13 @@ equal to EAP.  ``acdc`` also returns the circuit it settled on (``DiscoveryResul
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from circuitkit.discovery.edge_graph import EdgeGraph
 from circuitkit.discovery.masked import CleanRun, EdgeMask, circuit_metric, clean_run
@@ -156,18 +157,26 @@ def eap_ig_activations(p: DiscoveryProblem, steps: int = 5) -> DiscoveryResult:
 
 
 @torch.no_grad()
-def exact(p: DiscoveryProblem, chunk: int = 16, from_receiver: bool = True) -> DiscoveryResult:
+def exact(p: DiscoveryProblem, chunk: int = 16, from_receiver: bool = True,
+          edges: Sequence[tuple[int, int]] | None = None, progress: bool | None = None) -> DiscoveryResult:
     """Each edge ablated alone: m(model) − m(model without the edge), averaged over bases.  Edges are taken by
     receiver, so a chunk's circuits differ from the model only from the receivers' block on, where its forward
     starts (``masked.start_of``; ``from_receiver`` False runs every forward from the embeddings, the reference
-    the benchmark times it against); the masks are built a chunk at a time."""
+    the benchmark times it against); the masks are built a chunk at a time.  ``edges`` (sender, receiver) index
+    pairs score only those (the rest stay 0); ``progress`` shows a bar (None: on a terminal only)."""
     t0 = time.perf_counter()
     g, clean = p.graph, p.clean() if from_receiver else None
-    edges = sorted(g.real.nonzero().tolist(), key=lambda e: (e[1], e[0]))  # by receiver: a chunk touches few
+    todo = g.real.nonzero().tolist() if edges is None else [list(e) for e in edges]
+    bad = [e for e in todo if not g.real[e[0], e[1]]]
+    if bad:
+        raise CircuitkitError(f"{len(bad)} of the edges to score are not edges of the graph (first: sender "
+                              f"{bad[0][0]}, receiver {bad[0][1]}); valid pairs are g.real.nonzero()")
+    todo.sort(key=lambda e: (e[1], e[0]))  # by receiver: a chunk touches few
     full = circuit_metric(p.runner, g, p.base, p.ablated, g.full(), p.ctx, p.metric).mean()
     scores = torch.zeros(g.shape)
-    for at in range(0, len(edges), chunk):
-        part = edges[at:at + chunk]
+    bar = tqdm(total=len(todo), desc="exact", unit="edge", disable=None if progress is None else not progress)
+    for at in range(0, len(todo), chunk):
+        part = todo[at:at + chunk]
         masks = g.full().unsqueeze(0).repeat(len(part), 1, 1)
         for n, (i, j) in enumerate(part):
             masks[n, i, j] = False
@@ -175,7 +184,10 @@ def exact(p: DiscoveryProblem, chunk: int = 16, from_receiver: bool = True) -> D
                               clean=clean).mean(1)
         for n, (i, j) in enumerate(part):
             scores[i, j] = full - vals[n]
-    return DiscoveryResult("exact", scores, time.perf_counter() - t0, {"from_receiver": from_receiver})
+        bar.update(len(part))
+    bar.close()
+    return DiscoveryResult("exact", scores, time.perf_counter() - t0, {"from_receiver": from_receiver,
+                                                                      "edges": len(todo)})
 
 
 def acdc_order(g: EdgeGraph) -> list[tuple[int, int]]:
