@@ -186,11 +186,9 @@ def exact_at_shape(shape: str, layers: int | None, n: int, threads: int, out: st
         print(f"reference ({reference}), {name:16s} {runs[name].seconds:9.1f} s", file=sys.stderr, flush=True)
     load.stop()
     ref = runs["from_embeddings"]
-    mask = g.real.clone()
-    if checked is not None:
-        mask = torch.zeros(g.shape, dtype=torch.bool)
-        for i, j in checked:
-            mask[i, j] = True
+    mask = g.real.clone() if checked is None else torch.zeros(g.shape, dtype=torch.bool)
+    for i, j in checked or []:
+        mask[i, j] = True
     compared = {"edges": int(mask.sum()),
                 "from_embeddings_seconds": round(ref.seconds, 2),
                 "from_receiver_seconds": round(runs["from_receiver"].seconds if "from_receiver" in runs
