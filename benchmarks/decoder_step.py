@@ -1,13 +1,16 @@
-"""Benchmark: one decoder training step, eager against ``torch.compile`` (→ results/decoder_step.json), and what
-bounds it: time and FLOPs per part of a step against the machine's measured matrix-multiply rate (``bound``).
+"""Benchmark: one decoder training step, eager against ``torch.compile`` and the whole batch against length
+groups (→ results/decoder_step.json), and what bounds it: time and FLOPs per part of a step against the
+machine's measured matrix-multiply rate (``bound``).
 
-A step as ``train_decoder`` takes it with the case tomls' recipes (d_model 128, 4 slots, batch 128; addition
-mixes sites): fresh pairs through the probed model, the decoder's forward and backward, gradient clipping and
-AdamW, as the trainer runs it (``train_forward``). Both ways run in one process, alternating repeats, so that
-machine load hits both alike; each repeat is a fresh decoder from the same seed, its first ``--warmup`` steps
-(the compilation) timed apart.
+A step as ``train_decoder`` takes it with the case tomls' recipes (d_model 128, batch 128; counting and addition
+4 slots, addition mixing sites; ioi 1 slot): fresh pairs through the probed model, the decoder's forward and
+backward (``backward_by_length``), gradient clipping and AdamW. Every way runs in one process, alternating
+repeats, so that machine load hits them alike; each repeat is a fresh decoder from the same seed, its first
+``--warmup`` steps (the compilation) timed apart. ``--bound-steps 0`` skips the bound.
 
     .venv/bin/python benchmarks/decoder_step.py [--steps 200] [--repeats 2] [--threads 2]
+    .venv/bin/python benchmarks/decoder_step.py --ways whole-batch length-groups --tasks counting addition ioi \
+        --bound-steps 0 --out benchmarks/results/decoder_length_groups.json
 """
 from __future__ import annotations
 
@@ -23,22 +26,31 @@ from pathlib import Path
 import torch
 
 from circuitkit.inversion.data import PairSource
-from circuitkit.inversion.train import DecoderTrainConfig, build_for, decoder_loss, decoder_sites, train_forward
+from circuitkit.inversion.train import (
+    DecoderTrainConfig,
+    backward_by_length,
+    build_for,
+    decoder_loss,
+    decoder_sites,
+    train_forward,
+)
 from circuitkit.io_utils import atomic_write_json
 from circuitkit.machine_load import LoadWatch
 from circuitkit.manifest import package_versions
 from circuitkit.models.checkpoint import load_probed
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = {"counting": {"mixed_sites": False}, "addition": {"mixed_sites": True}}
-WAYS = {"eager": False, "compiled": True}
+RECIPES = {"counting": {"mixed_sites": False, "n_slots": 4}, "addition": {"mixed_sites": True, "n_slots": 4},
+           "ioi": {"mixed_sites": False, "n_slots": 1}}
+#: way -> (torch.compile, length groups); the first way named is the baseline of ``saves_vs_<way>``
+WAYS = {"eager": (False, 2), "compiled": (True, 2), "whole-batch": (False, 1), "length-groups": (False, 2)}
 
 
 def _setup(task: str, seed: int):
     """What every benchmark step shares: the decoder of the case recipe, its optimizer, a draw of fresh training pairs
     (as the trainer draws them) and the pad id."""
     pm = load_probed(ROOT / "case_studies" / "models" / task)
-    cfg = DecoderTrainConfig(d_model=128, cond_mid=256, batch_size=128, n_slots=4, seed=seed, **RECIPES[task])
+    cfg = DecoderTrainConfig(d_model=128, cond_mid=256, batch_size=128, seed=seed, **RECIPES[task])
     sites = decoder_sites(pm)
     dec = build_for(pm, sites, cfg)
     opt = torch.optim.AdamW(dec.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
@@ -53,7 +65,7 @@ def _setup(task: str, seed: int):
     return cfg, dec, opt, draw, pm.task.vocab.pad_id
 
 
-def timed_steps(task: str, compiled: bool, steps: int, warmup: int, seed: int = 0) -> tuple[float, float]:
+def timed_steps(task: str, compiled: bool, groups: int, steps: int, warmup: int, seed: int = 0) -> tuple[float, float]:
     """(seconds of the first ``warmup`` steps, mean seconds per step after them)."""
     _, dec, opt, draw, pad = _setup(task, seed)
     model = torch.compile(dec) if compiled else dec
@@ -62,9 +74,8 @@ def timed_steps(task: str, compiled: bool, steps: int, warmup: int, seed: int = 
         if step == warmup:
             t1 = time.perf_counter()
         pairs, site_idx = draw()
-        loss = decoder_loss(train_forward(model, pairs.ids, pairs.acts, site_idx, compiled), pairs.ids, pad)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        backward_by_length(model, pairs.ids, pairs.acts, site_idx, pad, groups, compiled)
         torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
         opt.step()
     return t1 - t0, (time.perf_counter() - t1) / steps
@@ -142,50 +153,57 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=20, help="steps before timing (compilation happens here)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--bound-steps", type=int, default=100, help="eager steps timed part by part for the bound")
+    ap.add_argument("--bound-steps", type=int, default=100,
+                    help="eager whole-batch steps timed part by part for the bound (0: no bound)")
+    ap.add_argument("--ways", nargs="+", choices=list(WAYS), default=["eager", "compiled"],
+                    help="the ways to time; the first is the baseline")
+    ap.add_argument("--tasks", nargs="+", choices=list(RECIPES), default=["counting", "addition"])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decoder_step.json"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     load = LoadWatch(a.threads)
-    results = {}
-    for task in RECIPES:
-        per: dict[str, list[float]] = {w: [] for w in WAYS}
-        first: dict[str, list[float]] = {w: [] for w in WAYS}
+    results, base_way = {}, a.ways[0]
+    for task in a.tasks:
+        per: dict[str, list[float]] = {w: [] for w in a.ways}
+        first: dict[str, list[float]] = {w: [] for w in a.ways}
         for _ in range(a.repeats):
-            for way, compiled in WAYS.items():
-                w, s = timed_steps(task, compiled, a.steps, a.warmup)
+            for way in a.ways:
+                w, s = timed_steps(task, *WAYS[way], a.steps, a.warmup)
                 first[way].append(round(w, 2))
                 per[way].append(s)
                 print(f"{task} {way}: {s * 1000:.1f} ms/step (first {a.warmup} steps {w:.1f} s)", file=sys.stderr,
                       flush=True)
-        base = min(per["eager"])
-        results[task] = {way: {"ms_per_step_min": round(min(v) * 1000, 2), "ms_per_step_all": [round(x * 1000, 2) for x in v],
-                               "first_steps_s": first[way], "saves_vs_eager": round(1 - min(v) / base, 3),
-                               "median_saves_vs_eager": round(1 - statistics.median(v) / statistics.median(per["eager"]), 3)}
+        base, base_median = min(per[base_way]), statistics.median(per[base_way])
+        results[task] = {way: {"ms_per_step_min": round(min(v) * 1000, 2),
+                               "ms_per_step_all": [round(x * 1000, 2) for x in v], "first_steps_s": first[way],
+                               f"saves_vs_{base_way}": round(1 - min(v) / base, 3),
+                               f"median_saves_vs_{base_way}": round(1 - statistics.median(v) / base_median, 3)}
                          for way, v in per.items()}
     peak = gemm_peak(a.threads)
-    bound = {task: step_bound(task, a.bound_steps) for task in RECIPES}
-    for task, b in bound.items():
+    bound = {task: step_bound(task, a.bound_steps) for task in a.tasks} if a.bound_steps > 0 else None
+    for task, b in (bound or {}).items():
         b["share_of_gemm_peak"] = round(b["gflops_achieved"] / peak, 4)
         b["floor_ms_at_gemm_peak"] = round(b["gflop_per_step"] / peak * 1000, 3)
         print(f"{task}: {b['ms_per_step']} ms/step {b['ms_by_part']}, {b['gflop_per_step']} GFLOP/step, "
               f"{b['gflops_achieved']} GFLOP/s = {b['share_of_gemm_peak']:.1%} of the {peak:.0f} GFLOP/s GEMM peak",
               file=sys.stderr, flush=True)
     load.stop()
-    out = {"benchmark": "one decoder training step (fresh pairs, forward, backward, clipping, AdamW), eager vs "
-                        "torch.compile, alternating repeats in one process",
-           "recipe": "d_model 128, cond_mid 256, 4 slots, batch 128; addition: mixed sites",
+    out = {"benchmark": "one decoder training step (fresh pairs, forward, backward, clipping, AdamW), "
+                        f"{' vs '.join(a.ways)}, alternating repeats in one process",
+           "ways": {w: {"compiled": WAYS[w][0], "length_groups": WAYS[w][1]} for w in a.ways},
+           "recipe": {t: {"d_model": 128, "cond_mid": 256, "batch_size": 128, **RECIPES[t]} for t in a.tasks},
            "threads": a.threads, "cpu_count": os.cpu_count(), "machine": platform.platform(),
            **load.record("idle-machine figure"), "versions": package_versions(), "results": results,
            "gemm_peak_gflops": round(peak, 1),
            "bound": bound,
-           "bound_note": "where an eager step's time goes and the FLOPs of each part (torch.utils.flop_counter; "
-                         "the optimizer's ~14 FLOPs per parameter estimated), against the measured float32 GEMM "
-                         "peak on the same threads",
+           "bound_note": "where an eager step's time goes (the whole batch at once) and the FLOPs of each part "
+                         "(torch.utils.flop_counter; the optimizer's ~14 FLOPs per parameter estimated), against "
+                         "the measured float32 GEMM peak on the same threads",
            "produced_by": " ".join(["benchmarks/decoder_step.py", *sys.argv[1:]])}
     atomic_write_json(a.out, out)
     for task, r in results.items():
-        print(task + ": " + ", ".join(f"{w} {v['ms_per_step_min']} ms ({v['saves_vs_eager']:+.1%})" for w, v in r.items()))
+        print(task + ": " + ", ".join(f"{w} {v['ms_per_step_min']} ms ({v[f'saves_vs_{base_way}']:+.1%})"
+                                      for w, v in r.items()))
     return 0
 
 

@@ -323,3 +323,33 @@ def test_compiled_training_steps_match_eager_ones(tiny_addition_model, tmp_path)
     assert loss_c == pytest.approx(loss_e, rel=1e-4)
     assert max(float((sd_e[k] - sd_c[k]).abs().max()) for k in sd_e) < 1e-4
 
+
+
+def test_length_groups_give_the_whole_batch_gradients(tiny_counting_model, tiny_addition_model):
+    """Counting's inputs vary in length: run a length group at a time, each trimmed to its longest row, the decoder
+    gets the gradients of the whole padded batch. Addition's do not: its batch stays whole."""
+    from circuitkit.inversion.data import PairSource
+    from circuitkit.inversion.train import backward_by_length, decoder_loss, decoder_sites, length_groups
+
+    pm = tiny_counting_model
+    pad = pm.task.vocab.pad_id
+    sites = decoder_sites(pm)
+    dec = build_for(pm, sites, DecoderTrainConfig(**TINY))
+    pairs, idx = PairSource(pm, seed=7).mixed(sites, [1.0] * len(sites), 64)
+    groups = length_groups(pairs.ids, pad, 2)
+    lengths = (pairs.ids != pad).sum(1)
+    assert len(groups) == 2 and lengths[groups[0]].max() < lengths.max()  # the first group is trimmed
+    assert sorted(torch.cat(groups).tolist()) == list(range(64))
+    dec.zero_grad()
+    whole = decoder_loss(dec(pairs.ids, pairs.acts, idx), pairs.ids, pad)
+    whole.backward()
+    want = {n: p.grad.clone() for n, p in dec.named_parameters()}
+    for n_groups in (2, 4):
+        dec.zero_grad()
+        loss = backward_by_length(dec, pairs.ids, pairs.acts, idx, pad, n_groups, False)
+        assert loss == pytest.approx(whole.item(), rel=1e-6)
+        for n, p in dec.named_parameters():
+            assert torch.allclose(p.grad, want[n], atol=1e-6, rtol=1e-5), (n_groups, n)
+    add = tiny_addition_model
+    ids = PairSource(add, seed=7).inputs(64)
+    assert [g.tolist() for g in length_groups(ids, add.task.vocab.pad_id, 2)] == [list(range(64))]

@@ -29,3 +29,19 @@ def test_ddp_two_processes_identical_weights(tiny_addition_model, tmp_path):
                      DecoderTrainConfig(d_model=32, cond_mid=64)).state_dict()
     assert not torch.equal(init["wte.weight"], w0["wte.weight"])
     assert (tmp_path / "dec" / "decoder.pt").exists()
+
+
+def test_ddp_with_length_groups_ends_with_identical_weights(tiny_counting_model, tmp_path):
+    """Counting's batches run in length groups (several forwards and backwards a step, all-reduced after the
+    last): the ranks still end with identical weights."""
+    wdir = tmp_path / "weights"
+    cmd = launch_command(str(tiny_counting_model.path), str(tmp_path / "dec"), nproc=2,
+                         extra=["--steps", "3", "--batch-size", "16", "--d-model", "32", "--eval-every", "100",
+                                "--final-eval-queries", "0", "--length-groups", "2", "--save-rank-weights",
+                                str(wdir)])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    w0, w1 = torch.load(wdir / "rank0.pt"), torch.load(wdir / "rank1.pt")
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), k

@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="draw a site per training input rather than per batch (paper: per batch)")
     tr.add_argument("--compile", action="store_true",
                     help="torch.compile the training step (needs a C++ compiler; saved nothing on 2 CPU cores)")
+    tr.add_argument("--length-groups", type=int,
+                    help="train rows of similar length together, each group trimmed to its longest row "
+                         "(default 2; 1: the whole batch at once); the gradients are the same")
     tr.add_argument("--sites", help="comma-separated sites (default: the paper's sites for this model)")
     tr.add_argument("--eval-every", type=int, help="steps between hit-rate estimates (rebalancing)")
     tr.add_argument("--final-eval-queries", type=int, help="held-out queries per site at the end (0 = skip)")
@@ -98,7 +101,7 @@ def _train(args: argparse.Namespace) -> Output:
     from circuitkit.validate import check_out_dir, check_range
 
     for n in ("steps", "minutes", "batch_size", "lr", "d_model", "n_layers", "n_heads", "n_slots", "eval_every",
-              "threads"):
+              "threads", "length_groups"):
         _positive(n.replace("_", "-"), getattr(args, n))
     check_range("--final-eval-queries", args.final_eval_queries, 0)
     check_out_dir(args.out)
@@ -106,7 +109,7 @@ def _train(args: argparse.Namespace) -> Output:
         steps=args.steps, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr, d_model=args.d_model,
         n_layers=args.n_layers, n_heads=args.n_heads, n_slots=args.n_slots, mixed_sites=args.mixed_sites or None,
         eval_every=args.eval_every, seed=args.seed, compile=args.compile or None,
-        threads=args.threads, final_eval_queries=args.final_eval_queries,
+        threads=args.threads, final_eval_queries=args.final_eval_queries, length_groups=args.length_groups,
     )
     if args.d_model is not None:
         cfg = cfg.replace(cond_mid=2 * args.d_model)

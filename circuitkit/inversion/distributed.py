@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--final-eval-queries", type=int, default=200)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--length-groups", type=int, default=2,
+                   help="train rows of similar length together, each group trimmed to its longest row (1: one group)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--save-rank-weights", help="directory where every rank writes rank<R>.pt")
     args = p.parse_args(argv)
@@ -59,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         pm = load_probed(args.model, device=device)
         cfg = DecoderTrainConfig(steps=args.steps, minutes=args.minutes, batch_size=args.batch_size,
                                  d_model=args.d_model, cond_mid=2 * args.d_model, eval_every=args.eval_every,
-                                 final_eval_queries=args.final_eval_queries, threads=args.threads)
+                                 final_eval_queries=args.final_eval_queries, threads=args.threads,
+                                 length_groups=args.length_groups)
         holder: dict = {}
         m = train_decoder(pm, args.out, cfg, progress=rank == 0, device=device, _keep=holder)
         if args.save_rank_weights:

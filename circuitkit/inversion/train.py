@@ -15,6 +15,7 @@ DistributedDataParallel, every rank draws its own data, and rank 0 evaluates and
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import random
@@ -38,6 +39,7 @@ from circuitkit.inversion.evaluate import evaluate_decoder, evaluate_site
 from circuitkit.io_utils import atomic_dir, atomic_torch_save, atomic_write_json, safe_torch_load
 from circuitkit.manifest import write_manifest
 from circuitkit.models.checkpoint import ProbedModel
+from circuitkit.models.train import trim_padding
 from circuitkit.sites import Site, paper_sites
 
 
@@ -73,6 +75,9 @@ class DecoderTrainConfig:
     # torch.compile the decoder's training forward/backward (Inductor; needs a C++ compiler on the CPU). On 2 CPU
     # cores it saved nothing (benchmarks/results/decoder_step.json); its compile time counts as training time
     compile: bool = False
+    # rows of similar length run together, each group trimmed to its longest row (1: the whole batch, trimmed to
+    # its longest); the gradients are the whole batch's. Counting's steps: 20% faster with 2 (its lengths vary)
+    length_groups: int = 2
 
     def replace(self, **kw: Any) -> DecoderTrainConfig:
         unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
@@ -82,7 +87,7 @@ class DecoderTrainConfig:
 
     def validate(self) -> None:
         for name in ("d_model", "n_layers", "n_heads", "n_slots", "batch_size", "steps", "eval_every", "eval_queries",
-                     "eval_per_cell", "eval_window", "checkpoint_every"):
+                     "eval_per_cell", "eval_window", "checkpoint_every", "length_groups"):
             if getattr(self, name) <= 0:
                 raise CircuitkitError(f"{name} must be positive, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
@@ -118,6 +123,51 @@ def decoder_loss(logits: torch.Tensor, ids: torch.Tensor, pad_id: int) -> torch.
     tgt = ids[:, 1:]
     mask = tgt != pad_id
     return F.cross_entropy(logits[:, :-1][mask], tgt[mask])
+
+
+def length_groups(ids: torch.Tensor, pad_id: int, n_groups: int, min_saving: float = 0.1) -> list[torch.Tensor]:
+    """Row indices of ``ids`` [batch, pos] sorted by real length and cut into at most ``n_groups`` equal parts.
+
+    Neighbouring parts whose longest rows are equally long are merged, and the batch stays whole (in its own
+    order) unless trimming each part to its longest row cuts at least ``min_saving`` of the columns: every
+    extra forward has a fixed cost (on 2 CPU cores, four parts of 32 rows ran slower than two of 64)."""
+    lengths = (ids != pad_id).sum(1)  # [batch]
+    order = torch.sort(lengths, stable=True).indices
+    groups: list[torch.Tensor] = []
+    for part in order.chunk(n_groups):
+        if groups and lengths[groups[-1]].max() == lengths[part].max():
+            groups[-1] = torch.cat([groups[-1], part])
+        else:
+            groups.append(part)
+    columns = sum(len(g) * int(lengths[g].max()) for g in groups)
+    if columns > (1 - min_saving) * len(ids) * int(lengths.max()):
+        return [torch.arange(len(ids), device=ids.device)]
+    return groups
+
+
+def backward_by_length(model: torch.nn.Module, ids: torch.Tensor, acts: torch.Tensor, site_idx: torch.Tensor,
+                       pad_id: int, n_groups: int, compiled: bool) -> float:
+    """Forward and backward of ``decoder_loss`` over the batch, run a length group at a time.
+
+    Each group (``length_groups``) is trimmed to its longest row; the decoder is causal, so the columns cut are
+    PAD that no real position attends to. Each group's summed cross-entropy is divided by the batch's target
+    count, so the accumulated gradients are the whole batch's. Under DDP the gradients are all-reduced once, after
+    the last group. ids [batch, seq_len], acts [batch, act_dim], site_idx [batch]; returns the batch's loss."""
+    n_targets = (ids[:, 1:] != pad_id).sum()
+    groups = length_groups(ids, pad_id, n_groups)
+    ddp = model if hasattr(model, "no_sync") else getattr(model, "_orig_mod", None)
+    total = torch.zeros(())
+    for j, rows in enumerate(groups):
+        sync = j == len(groups) - 1 or not hasattr(ddp, "no_sync")
+        with contextlib.nullcontext() if sync else ddp.no_sync():
+            sub = trim_padding(ids[rows], pad_id)  # [rows, longest]
+            logits = train_forward(model, sub, acts[rows], site_idx[rows], compiled)  # [rows, longest, vocab]
+            tgt = sub[:, 1:]
+            mask = tgt != pad_id
+            loss = F.cross_entropy(logits[:, :-1][mask], tgt[mask], reduction="sum") / n_targets
+            loss.backward()
+        total += loss.detach().cpu()
+    return float(total)
 
 
 def _lr_factor(progress: float, step: int, cfg: DecoderTrainConfig) -> float:
@@ -315,14 +365,12 @@ def _train_step(run: _DecoderRun, prog: _DecoderProgress) -> None:
     for g in run.opt.param_groups:
         g["lr"] = cfg.lr * _lr_factor(frac, prog.step, cfg)
     ids = pairs.ids.to(device)  # [batch, seq_len]
-    logits = train_forward(run.model, ids, pairs.acts.to(device), site_idx.to(device), cfg.compile)
-    loss = decoder_loss(logits, ids, run.pad_id)  # logits: [batch, seq_len, vocab]
     run.opt.zero_grad(set_to_none=True)
-    loss.backward()
+    lv = backward_by_length(run.model, ids, pairs.acts.to(device), site_idx.to(device), run.pad_id,
+                            cfg.length_groups, cfg.compile)
     torch.nn.utils.clip_grad_norm_(run.dec.parameters(), 1.0)
     run.opt.step()
     prog.step += 1
-    lv = loss.item()
     prog.ema = lv if prog.ema is None else 0.98 * prog.ema + 0.02 * lv
     if run.world > 1:  # every rank must agree on when the budget runs out
         t = torch.tensor([time.perf_counter() - t0], device=run.reduce_device)

@@ -80,6 +80,9 @@ class DecoderSection:
     rebalance_per_cell: int = 0
     rebalance_window: int = 0
     compile: bool = False  # torch.compile the training step (needs a C++ compiler; saved nothing on 2 CPU cores)
+    # training rows of similar length run together, each group trimmed to its longest row (1: one group); the
+    # gradients are the whole batch's (0 = the trainer's 2)
+    length_groups: int = 0
 
 
 @dataclass
@@ -212,6 +215,7 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None, bool]] = {
     **{("decoder", k): (0, 100000, False)
        for k in ("rebalance_every", "rebalance_queries", "rebalance_per_cell", "rebalance_window")},
     ("decoder", "n_per_cell"): (1, 16384, False),
+    ("decoder", "length_groups"): (0, 64, False),
     ("hypotheses", "screen_threshold"): (0, 1, False),
     ("hypotheses", "screen_examples"): (10, None, False),
     ("hypotheses", "queries"): (1, None, False),
