@@ -4,9 +4,10 @@ machine's measured matrix-multiply rate (``bound``).
 
 A step as ``train_decoder`` takes it with the case tomls' recipes (d_model 128, batch 128; counting and addition
 4 slots, addition mixing sites; ioi 1 slot): fresh pairs through the probed model, the decoder's forward and
-backward (``backward_by_length``), gradient clipping and AdamW. Every way runs in one process, alternating
-repeats, so that machine load hits them alike; each repeat is a fresh decoder from the same seed, its first
-``--warmup`` steps (the compilation) timed apart. ``--bound-steps 0`` skips the bound.
+backward (``backward_by_length``), gradient clipping and AdamW. Every way trains its own decoder in one process,
+interleaved step by step (the order rotating), so that load hits them alike; each repeat starts fresh decoders
+from the same seed, so step i of every way trains on the same batch, and a saving gets a 95% interval over
+those paired steps. The first ``--warmup`` steps (the compilation) are timed apart. ``--bound-steps 0`` skips the bound.
 
     .venv/bin/python benchmarks/decoder_step.py [--steps 200] [--repeats 2] [--threads 2]
     .venv/bin/python benchmarks/decoder_step.py --ways whole-batch length-groups --tasks counting addition ioi \
@@ -65,20 +66,46 @@ def _setup(task: str, seed: int):
     return cfg, dec, opt, draw, pm.task.vocab.pad_id
 
 
-def timed_steps(task: str, compiled: bool, groups: int, steps: int, warmup: int, seed: int = 0) -> tuple[float, float]:
-    """(seconds of the first ``warmup`` steps, mean seconds per step after them)."""
-    _, dec, opt, draw, pad = _setup(task, seed)
-    model = torch.compile(dec) if compiled else dec
-    t0 = time.perf_counter()
+def interleaved_steps(task: str, ways: list[str], steps: int, warmup: int, seed: int = 0
+                      ) -> dict[str, tuple[float, list[float]]]:
+    """Every way trains its own decoder (the same seed, so the same batches) one step at a time in turn, the
+    order rotating each step, so that a change in the machine's speed hits every way alike.
+    Returns way -> (seconds of its first ``warmup`` steps, its seconds per step after them)."""
+    runs = {}
+    for way in ways:
+        compiled, groups = WAYS[way]
+        _, dec, opt, draw, pad = _setup(task, seed)
+        runs[way] = (dec, torch.compile(dec) if compiled else dec, opt, draw, pad, compiled, groups)
+    first, per = dict.fromkeys(ways, 0.0), {w: [] for w in ways}
     for step in range(warmup + steps):
-        if step == warmup:
-            t1 = time.perf_counter()
-        pairs, site_idx = draw()
-        opt.zero_grad(set_to_none=True)
-        backward_by_length(model, pairs.ids, pairs.acts, site_idx, pad, groups, compiled)
-        torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
-        opt.step()
-    return t1 - t0, (time.perf_counter() - t1) / steps
+        k = step % len(ways)
+        for way in ways[k:] + ways[:k]:
+            dec, model, opt, draw, pad, compiled, groups = runs[way]
+            t0 = time.perf_counter()
+            pairs, site_idx = draw()
+            opt.zero_grad(set_to_none=True)
+            backward_by_length(model, pairs.ids, pairs.acts, site_idx, pad, groups, compiled)
+            torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
+            opt.step()
+            dt = time.perf_counter() - t0
+            if step < warmup:
+                first[way] += dt
+            else:
+                per[way].append(dt)
+    return {w: (first[w], per[w]) for w in ways}
+
+
+def paired_saving(base: list[float], other: list[float]) -> dict:
+    """The share of the base's time per step that ``other`` saves, with a 95% t-interval over the paired steps
+    (step i of both ways trained on the same batch)."""
+    from scipy import stats
+
+    diffs = [b - o for b, o in zip(base, other, strict=True)]
+    mean_base = statistics.fmean(base)
+    half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    m = statistics.fmean(diffs)
+    return {"saves": round(m / mean_base, 4), "saves_ci95": [round((m - half) / mean_base, 4),
+                                                             round((m + half) / mean_base, 4)]}
 
 
 def gemm_peak(threads: int, n: int = 2048, repeats: int = 5) -> float:
@@ -167,17 +194,16 @@ def main() -> int:
         per: dict[str, list[float]] = {w: [] for w in a.ways}
         first: dict[str, list[float]] = {w: [] for w in a.ways}
         for _ in range(a.repeats):
-            for way in a.ways:
-                w, s = timed_steps(task, *WAYS[way], a.steps, a.warmup)
+            for way, (w, times) in interleaved_steps(task, a.ways, a.steps, a.warmup).items():
                 first[way].append(round(w, 2))
-                per[way].append(s)
-                print(f"{task} {way}: {s * 1000:.1f} ms/step (first {a.warmup} steps {w:.1f} s)", file=sys.stderr,
-                      flush=True)
-        base, base_median = min(per[base_way]), statistics.median(per[base_way])
-        results[task] = {way: {"ms_per_step_min": round(min(v) * 1000, 2),
-                               "ms_per_step_all": [round(x * 1000, 2) for x in v], "first_steps_s": first[way],
-                               f"saves_vs_{base_way}": round(1 - min(v) / base, 3),
-                               f"median_saves_vs_{base_way}": round(1 - statistics.median(v) / base_median, 3)}
+                per[way] += times
+                print(f"{task} {way}: {statistics.fmean(times) * 1000:.1f} ms/step (first {a.warmup} steps "
+                      f"{w:.1f} s)", file=sys.stderr, flush=True)
+        results[task] = {way: {"ms_per_step_mean": round(statistics.fmean(v) * 1000, 2),
+                               "ms_per_step_median": round(statistics.median(v) * 1000, 2), "steps_timed": len(v),
+                               "first_steps_s": first[way],
+                               **({} if way == base_way else
+                                  {f"vs_{base_way}": paired_saving(per[base_way], v)})}
                          for way, v in per.items()}
     peak = gemm_peak(a.threads)
     bound = {task: step_bound(task, a.bound_steps) for task in a.tasks} if a.bound_steps > 0 else None
@@ -189,7 +215,7 @@ def main() -> int:
               file=sys.stderr, flush=True)
     load.stop()
     out = {"benchmark": "one decoder training step (fresh pairs, forward, backward, clipping, AdamW), "
-                        f"{' vs '.join(a.ways)}, alternating repeats in one process",
+                        f"{' vs '.join(a.ways)}, interleaved step by step in one process",
            "ways": {w: {"compiled": WAYS[w][0], "length_groups": WAYS[w][1]} for w in a.ways},
            "recipe": {t: {"d_model": 128, "cond_mid": 256, "batch_size": 128, **RECIPES[t]} for t in a.tasks},
            "threads": a.threads, "cpu_count": os.cpu_count(), "machine": platform.platform(),
@@ -202,7 +228,8 @@ def main() -> int:
            "produced_by": " ".join(["benchmarks/decoder_step.py", *sys.argv[1:]])}
     atomic_write_json(a.out, out)
     for task, r in results.items():
-        print(task + ": " + ", ".join(f"{w} {v['ms_per_step_min']} ms ({v[f'saves_vs_{base_way}']:+.1%})"
+        print(task + ": " + ", ".join(f"{w} {v['ms_per_step_mean']} ms"
+                                      + (f" (saves {v[f'vs_{base_way}']['saves']:+.1%})" if w != base_way else "")
                                       for w, v in r.items()))
     return 0
 
