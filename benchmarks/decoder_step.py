@@ -37,7 +37,7 @@ from circuitkit.inversion.train import (
 )
 from circuitkit.io_utils import atomic_write_json
 from circuitkit.machine_load import LoadWatch
-from circuitkit.manifest import package_versions
+from circuitkit.manifest import git_commit, package_versions
 from circuitkit.models.checkpoint import load_probed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,7 +219,8 @@ def main() -> int:
            "ways": {w: {"compiled": WAYS[w][0], "length_groups": WAYS[w][1]} for w in a.ways},
            "recipe": {t: {"d_model": 128, "cond_mid": 256, "batch_size": 128, **RECIPES[t]} for t in a.tasks},
            "threads": a.threads, "cpu_count": os.cpu_count(), "machine": platform.platform(),
-           **load.record("idle-machine figure"), "versions": package_versions(), "results": results,
+           **load.record("idle-machine figure"), "versions": package_versions(), "git_commit": git_commit(),
+           "results": results,
            "gemm_peak_gflops": round(peak, 1),
            "bound": bound,
            "bound_note": "where an eager step's time goes (the whole batch at once) and the FLOPs of each part "
