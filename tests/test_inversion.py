@@ -324,7 +324,6 @@ def test_compiled_training_steps_match_eager_ones(tiny_addition_model, tmp_path)
     assert max(float((sd_e[k] - sd_c[k]).abs().max()) for k in sd_e) < 1e-4
 
 
-
 def test_length_groups_give_the_whole_batch_gradients(tiny_counting_model, tiny_addition_model):
     """Counting's inputs vary in length: run a length group at a time, each trimmed to its longest row, the decoder
     gets the gradients of the whole padded batch. Addition's do not: its batch stays whole."""

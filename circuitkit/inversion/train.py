@@ -76,7 +76,8 @@ class DecoderTrainConfig:
     # cores it saved nothing (benchmarks/results/decoder_step.json); its compile time counts as training time
     compile: bool = False
     # rows of similar length run together, each group trimmed to its longest row (1: the whole batch, trimmed to
-    # its longest); the gradients are the whole batch's. Counting's steps: 20% faster with 2 (its lengths vary)
+    # its longest); the gradients are the whole batch's. Counting's steps: 10% faster with 2 (its lengths vary;
+    # benchmarks/results/decoder_length_groups.json)
     length_groups: int = 2
 
     def replace(self, **kw: Any) -> DecoderTrainConfig:
