@@ -45,7 +45,7 @@ def test_markdown_links_figures():
 def test_case_configs_load_and_quick_overrides():
     assert {"counting", "addition", "ioi"} <= set(available_cases())
     full, quick = load_case("counting"), load_case("counting", quick=True)
-    assert full.decoder.steps == 7500 and quick.decoder.steps == 60  # budgets in steps: same seed, same decoder
+    assert full.decoder.steps == 6500 and quick.decoder.steps == 60  # budgets in steps: same seed, same decoder
     assert full.decoder.eval_per_cell == 256 and quick.decoder.eval_per_cell == 16  # 1,024 samples a query in full
     assert quick.hypotheses.pool < full.hypotheses.pool and quick.quick
 
