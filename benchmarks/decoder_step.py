@@ -43,7 +43,7 @@ from circuitkit.models.checkpoint import load_probed
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {"counting": {"mixed_sites": False, "n_slots": 4}, "addition": {"mixed_sites": True, "n_slots": 4},
            "ioi": {"mixed_sites": False, "n_slots": 1}}
-#: way -> (torch.compile, length groups); the first way named is the baseline of ``saves_vs_<way>``
+#: way -> (torch.compile, length groups); the first way named is the baseline (``vs_<way>`` in the others)
 WAYS = {"eager": (False, 2), "compiled": (True, 2), "whole-batch": (False, 1), "length-groups": (False, 2)}
 
 
@@ -187,6 +187,8 @@ def main() -> int:
     ap.add_argument("--tasks", nargs="+", choices=list(RECIPES), default=["counting", "addition"])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decoder_step.json"))
     a = ap.parse_args()
+    if a.steps < 2 or a.repeats < 1:
+        ap.error("--steps must be at least 2 (a saving's interval needs two paired steps) and --repeats at least 1")
     torch.set_num_threads(a.threads)
     load = LoadWatch(a.threads)
     results, base_way = {}, a.ways[0]
