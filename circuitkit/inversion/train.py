@@ -6,7 +6,8 @@ a site per input.  Sites are drawn with weights that favour those whose hit rate
 (re-estimated every ``eval_every`` steps on a few held-out queries; with ``eval_window`` > 1 each
 estimate draws fresh queries and the weights use the hit rate pooled over the last estimates).  The
 learning rate warms up and then follows a cosine over the run, whose length is ``steps`` or, when ``minutes`` is set,
-whichever of steps and minutes runs out first.
+whichever of steps and minutes runs out first.  A batch's forward and backward run in groups of rows of similar
+length, each trimmed to its longest row (``backward_by_length``): the whole batch's gradients, fewer PAD columns.
 
 State lives in ``<out>.partial/`` (checkpointed every ``checkpoint_every`` steps and on Ctrl-C);
 rerunning the same command resumes.  The finished decoder appears in ``<out>/`` by rename.
