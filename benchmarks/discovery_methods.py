@@ -52,6 +52,14 @@ def _by_block(g) -> dict[str, list[tuple[int, int]]]:
     return groups
 
 
+def _mask_of(g, edges: list[tuple[int, int]]) -> torch.Tensor:
+    """[n_senders, n_receivers] bool, True on ``edges``."""
+    mask = torch.zeros(g.shape, dtype=torch.bool)
+    for i, j in edges:
+        mask[i, j] = True
+    return mask
+
+
 def _tl_sender_output(cache, s) -> torch.Tensor:
     """A sender's output from a TransformerLens cache: [b, pos, d_model]."""
     if s.layer < 0:
@@ -121,9 +129,7 @@ def compare_with_transformer_lens(shape: str, layers: int | None, n: int, thread
     ref = tl_exact_scores(pm, p, source_ids, edges)
     tl_seconds = time.perf_counter() - t0
     load.stop()
-    mask = torch.zeros(g.shape, dtype=torch.bool)
-    for i, j in edges:
-        mask[i, j] = True
+    mask = _mask_of(g, edges)
     diff = float((ours.scores - ref)[mask].abs().max())
     suffix = f"_{layers}L" if layers else ""
     path = Path(out or HERE / "results" / f"discovery_exact_{shape}{suffix}.json")
@@ -186,9 +192,7 @@ def exact_at_shape(shape: str, layers: int | None, n: int, threads: int, out: st
         print(f"reference ({reference}), {name:16s} {runs[name].seconds:9.1f} s", file=sys.stderr, flush=True)
     load.stop()
     ref = runs["from_embeddings"]
-    mask = g.real.clone() if checked is None else torch.zeros(g.shape, dtype=torch.bool)
-    for i, j in checked or []:
-        mask[i, j] = True
+    mask = g.real.clone() if checked is None else _mask_of(g, checked)
     compared = {"edges": int(mask.sum()),
                 "from_embeddings_seconds": round(ref.seconds, 2),
                 "from_receiver_seconds": round(runs["from_receiver"].seconds if "from_receiver" in runs

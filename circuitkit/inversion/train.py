@@ -157,18 +157,19 @@ def backward_by_length(model: torch.nn.Module, ids: torch.Tensor, acts: torch.Te
     the last group. ids [batch, seq_len], acts [batch, act_dim], site_idx [batch]; returns the batch's loss."""
     n_targets = (ids[:, 1:] != pad_id).sum()
     groups = length_groups(ids, pad_id, n_groups)
-    ddp = model if hasattr(model, "no_sync") else getattr(model, "_orig_mod", None)
-    total = torch.zeros(())
+    # DDP's no_sync (on the module, or under a torch.compile wrapper); None when not distributed
+    no_sync = getattr(model, "no_sync", None) or getattr(getattr(model, "_orig_mod", None), "no_sync", None)
+    total = torch.zeros((), device=ids.device)
     for j, rows in enumerate(groups):
-        sync = j == len(groups) - 1 or not hasattr(ddp, "no_sync")
-        with contextlib.nullcontext() if sync else ddp.no_sync():
+        last = j == len(groups) - 1
+        with contextlib.nullcontext() if last or no_sync is None else no_sync():
             sub = trim_padding(ids[rows], pad_id)  # [rows, longest]
             logits = train_forward(model, sub, acts[rows], site_idx[rows], compiled)  # [rows, longest, vocab]
             tgt = sub[:, 1:]
             mask = tgt != pad_id
             loss = F.cross_entropy(logits[:, :-1][mask], tgt[mask], reduction="sum") / n_targets
             loss.backward()
-        total += loss.detach().cpu()
+        total += loss.detach()
     return float(total)
 
 
