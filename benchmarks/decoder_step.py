@@ -8,10 +8,14 @@ backward (``backward_by_length``), gradient clipping and AdamW. Every way trains
 interleaved step by step (the order rotating), so that load hits them alike; each repeat starts fresh decoders
 from the same seed, so step i of every way trains on the same batch, and a saving gets a 95% interval over
 those paired steps. The first ``--warmup`` steps (the compilation) are timed apart. ``--bound-steps 0`` skips the bound.
+The ways ``d_model-96`` and ``d_model-64`` time a narrower decoder on the same batches (a smaller recipe costs fewer
+FLOPs per step; whether it reaches the same hit rate is ``decoder_training.py``'s question).
 
     .venv/bin/python benchmarks/decoder_step.py [--steps 200] [--repeats 2] [--threads 2]
     .venv/bin/python benchmarks/decoder_step.py --ways whole-batch length-groups --tasks counting addition ioi \
         --bound-steps 0 --out benchmarks/results/decoder_length_groups.json
+    .venv/bin/python benchmarks/decoder_step.py --ways eager d_model-96 --tasks counting addition \
+        --bound-d-models 128 96 --out benchmarks/results/decoder_width.json
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -43,15 +48,27 @@ from circuitkit.models.checkpoint import load_probed
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {"counting": {"mixed_sites": False, "n_slots": 4}, "addition": {"mixed_sites": True, "n_slots": 4},
            "ioi": {"mixed_sites": False, "n_slots": 1}}
-#: way -> (torch.compile, length groups); the first way named is the baseline (``vs_<way>`` in the others)
-WAYS = {"eager": (False, 2), "compiled": (True, 2), "whole-batch": (False, 1), "length-groups": (False, 2)}
 
 
-def _setup(task: str, seed: int):
-    """What every benchmark step shares: the decoder of the case recipe, its optimizer, a draw of fresh training pairs
-    (as the trainer draws them) and the pad id."""
+class Way(NamedTuple):
+    """How a step runs: compiled or eager, the batch in how many length groups, and the decoder's width (its
+    conditioning MLP twice that, as the case tomls build it)."""
+
+    compiled: bool
+    length_groups: int
+    d_model: int = 128
+
+
+#: the ways; the first way named is the baseline (``vs_<way>`` in the others)
+WAYS = {"eager": Way(False, 2), "compiled": Way(True, 2), "whole-batch": Way(False, 1),
+        "length-groups": Way(False, 2), "d_model-96": Way(False, 2, 96), "d_model-64": Way(False, 2, 64)}
+
+
+def _setup(task: str, seed: int, d_model: int = 128):
+    """What every benchmark step shares: the decoder of the case recipe (at width ``d_model``), its optimizer, a draw
+    of fresh training pairs (as the trainer draws them) and the pad id."""
     pm = load_probed(ROOT / "case_studies" / "models" / task)
-    cfg = DecoderTrainConfig(d_model=128, cond_mid=256, batch_size=128, seed=seed, **RECIPES[task])
+    cfg = DecoderTrainConfig(d_model=d_model, cond_mid=2 * d_model, batch_size=128, seed=seed, **RECIPES[task])
     sites = decoder_sites(pm)
     dec = build_for(pm, sites, cfg)
     opt = torch.optim.AdamW(dec.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
@@ -73,8 +90,8 @@ def interleaved_steps(task: str, ways: list[str], steps: int, warmup: int, seed:
     Returns way -> (seconds of its first ``warmup`` steps, its seconds per step after them)."""
     runs = {}
     for way in ways:
-        compiled, groups = WAYS[way]
-        _, dec, opt, draw, pad = _setup(task, seed)
+        compiled, groups, d_model = WAYS[way]
+        _, dec, opt, draw, pad = _setup(task, seed, d_model)
         runs[way] = (dec, torch.compile(dec) if compiled else dec, opt, draw, pad, compiled, groups)
     first, per = dict.fromkeys(ways, 0.0), {w: [] for w in ways}
     for step in range(warmup + steps):
@@ -122,13 +139,13 @@ def gemm_peak(threads: int, n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
-def step_bound(task: str, steps: int, seed: int = 0) -> dict:
+def step_bound(task: str, steps: int, seed: int = 0, d_model: int = 128) -> dict:
     """Where an eager step's time goes (drawing pairs through the probed model, the decoder's forward, its
     backward, clipping + AdamW), the FLOPs of each part (``torch.utils.flop_counter``, counted on one step before
     the timed ones) and the rate each part reaches."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    cfg, dec, opt, draw, pad = _setup(task, seed)
+    cfg, dec, opt, draw, pad = _setup(task, seed, d_model)
 
     def update() -> None:
         torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
@@ -171,7 +188,8 @@ def step_bound(task: str, steps: int, seed: int = 0) -> dict:
             "gflop_per_step": round(total_flops / 1e9, 4),
             "gflops_by_part": {k: round(flops[k] / 1e9 / (ms[k] / 1000), 2) for k in ms},
             "gflops_achieved": round(total_flops / 1e9 / (total_ms / 1000), 2),
-            "samples_per_s": round(cfg.batch_size / (total_ms / 1000), 1), "batch": cfg.batch_size}
+            "samples_per_s": round(cfg.batch_size / (total_ms / 1000), 1), "batch": cfg.batch_size,
+            "d_model": d_model}
 
 
 def main() -> int:
@@ -185,6 +203,8 @@ def main() -> int:
     ap.add_argument("--ways", nargs="+", choices=list(WAYS), default=["eager", "compiled"],
                     help="the ways to time; the first is the baseline")
     ap.add_argument("--tasks", nargs="+", choices=list(RECIPES), default=["counting", "addition"])
+    ap.add_argument("--bound-d-models", nargs="+", type=int, default=[128],
+                    help="decoder widths to count and time for the bound")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decoder_step.json"))
     a = ap.parse_args()
     if a.steps < 2 or a.repeats < 1:
@@ -208,7 +228,8 @@ def main() -> int:
                                   {f"vs_{base_way}": paired_saving(per[base_way], v)})}
                          for way, v in per.items()}
     peak = gemm_peak(a.threads)
-    bound = {task: step_bound(task, a.bound_steps) for task in a.tasks} if a.bound_steps > 0 else None
+    bound = {(task if d == 128 else f"{task} d_model {d}"): step_bound(task, a.bound_steps, d_model=d)
+             for task in a.tasks for d in a.bound_d_models} if a.bound_steps > 0 else None
     for task, b in (bound or {}).items():
         b["share_of_gemm_peak"] = round(b["gflops_achieved"] / peak, 4)
         b["floor_ms_at_gemm_peak"] = round(b["gflop_per_step"] / peak * 1000, 3)
@@ -218,8 +239,9 @@ def main() -> int:
     load.stop()
     out = {"benchmark": "one decoder training step (fresh pairs, forward, backward, clipping, AdamW), "
                         f"{' vs '.join(a.ways)}, interleaved step by step in one process",
-           "ways": {w: {"compiled": WAYS[w][0], "length_groups": WAYS[w][1]} for w in a.ways},
-           "recipe": {t: {"d_model": 128, "cond_mid": 256, "batch_size": 128, **RECIPES[t]} for t in a.tasks},
+           "ways": {w: WAYS[w]._asdict() for w in a.ways},
+           "recipe": {t: {"d_model": "the way's (128 unless it names another)", "cond_mid": "2 x d_model",
+                          "batch_size": 128, **RECIPES[t]} for t in a.tasks},
            "threads": a.threads, "cpu_count": os.cpu_count(), "machine": platform.platform(),
            **load.record("idle-machine figure"), "versions": package_versions(), "git_commit": git_commit(),
            "results": results,
