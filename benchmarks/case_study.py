@@ -5,9 +5,11 @@
     python benchmarks/case_study.py counting --quick --device cuda --out DIR/case_study_counting-quick-cuda.json
 
 Writes results/case_study_<case>[-quick].json: wall seconds, peak resident memory of the run
-(GiB, from the child's rusage), per-stage seconds, and the targets (quick < 5 min, full < 30 min,
-peak memory < 4 GiB for counting and addition).  The targets are for 2 CPU cores: a run with ``--device
-cuda`` records its figures and judges none of them.
+(GiB, from the child's rusage), per-stage seconds, and the targets (quick < 5 min, full <= 900 s as issue 33
+asks (30 min before), peak memory < 4 GiB for counting and addition).  The targets are for 2 CPU cores: a run
+with ``--device cuda`` records its figures and judges none of them.  The machine's float32 GEMM rate, measured
+just before the run (``gemm_peak_gflops``), says how fast the machine was: the same 2-core machine has run at
+from 94 to 191 GFLOP/s on different days, and a time compares only with times taken at a similar rate.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import time
 from pathlib import Path
 
 from circuitkit.io_utils import atomic_write_json
-from circuitkit.machine_load import LoadWatch
+from circuitkit.machine_load import LoadWatch, gemm_peak
 from circuitkit.manifest import git_commit
 
 HERE = Path(__file__).resolve().parent
@@ -62,6 +64,7 @@ def main() -> int:
                args.report or f"{tmp}/report", "--threads", str(args.threads), "--device", args.device, "--quiet",
                "--json"]
         cmd += (["--quick"] if args.quick else []) + (["--decoder", args.decoder] if args.decoder else [])
+        peak = gemm_peak(args.threads) if on_cpu else None
         load = LoadWatch(args.threads)
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -72,10 +75,11 @@ def main() -> int:
         print(proc.stderr[-3000:], file=sys.stderr)
         return proc.returncode
     res = json.loads(proc.stdout)
-    limit_s = 300 if args.quick else 30 * 60
+    limit_s = 300 if args.quick else 900
     out = {"case": args.case, "quick": args.quick, "wall_seconds": round(wall, 1), "peak_rss_gib": round(peak_gib, 3),
            "stage_seconds": res.get("stages"), "threads": args.threads, "cpu_count": os.cpu_count(),
            "device": args.device, "target_seconds": limit_s,
+           "gemm_peak_gflops": round(peak, 1) if peak else None,
            # the targets are for 2 idle CPU cores: none is judged on a GPU or a shared machine
            "meets_time_target": wall < limit_s if on_cpu and not load.shared else None,
            "meets_memory_target": peak_gib < 4.0 if on_cpu else None,

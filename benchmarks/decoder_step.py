@@ -41,7 +41,7 @@ from circuitkit.inversion.train import (
     train_forward,
 )
 from circuitkit.io_utils import atomic_write_json
-from circuitkit.machine_load import LoadWatch
+from circuitkit.machine_load import LoadWatch, gemm_peak
 from circuitkit.manifest import git_commit, package_versions
 from circuitkit.models.checkpoint import load_probed
 
@@ -123,20 +123,6 @@ def paired_saving(base: list[float], other: list[float]) -> dict:
     m = statistics.fmean(diffs)
     return {"saves": round(m / mean_base, 4), "saves_ci95": [round((m - half) / mean_base, 4),
                                                              round((m + half) / mean_base, 4)]}
-
-
-def gemm_peak(threads: int, n: int = 2048, repeats: int = 5) -> float:
-    """The machine's float32 matrix-multiply rate in GFLOP/s (best of ``repeats`` n x n x n products): the
-    ceiling any step made of matmuls can reach on these threads."""
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)  # warm-up (allocation, thread pool)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best / 1e9
 
 
 def step_bound(task: str, steps: int, seed: int = 0, d_model: int = 128) -> dict:

@@ -123,7 +123,7 @@ def compare_with_transformer_lens(shape: str, layers: int | None, n: int, thread
     edges = [e for group in _by_block(g).values() for e in group[:chunk]]
     circuit_metric(p.runner, g, p.base, p.ablated, g.full(), p.ctx)  # warm-up, untimed
     load = LoadWatch(threads)
-    p._clean = None
+    p.forget_clean()  # circuitkit's timed run includes its own clean forward
     ours = discover(p, "exact", edges=edges, chunk=chunk, progress=False)
     t0 = time.perf_counter()
     ref = tl_exact_scores(pm, p, source_ids, edges)
@@ -164,7 +164,7 @@ def exact_at_shape(shape: str, layers: int | None, n: int, threads: int, out: st
     suffix = f"_{layers}L" if layers else ""
     path = out or str(HERE / "results" / f"discovery_exact_{shape}{suffix}.json")
     load = LoadWatch(threads)
-    p._clean = None  # the base's clean run is inside the timing
+    p.forget_clean()  # the base's clean run is inside the timing
     scores, seconds, per_block = torch.zeros(g.shape), 0.0, {}
     base = {"model": desc, "edges": g.n_edges, "n_pairs": record["n"], "chunk": chunk, "threads": threads}
     for name, edges in groups.items():
@@ -187,7 +187,7 @@ def exact_at_shape(shape: str, layers: int | None, n: int, threads: int, out: st
     for name, from_receiver in (("from_receiver", True), ("from_embeddings", False)):
         if reference == "all" and from_receiver:
             continue  # the full run above is this run
-        p._clean = None
+        p.forget_clean()
         runs[name] = discover(p, "exact", from_receiver=from_receiver, edges=checked, chunk=chunk, progress=False)
         print(f"reference ({reference}), {name:16s} {runs[name].seconds:9.1f} s", file=sys.stderr, flush=True)
     load.stop()

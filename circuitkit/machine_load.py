@@ -1,4 +1,5 @@
-"""The load-average rule every circuitkit benchmark applies before it states a speed-up or a time.
+"""The load-average rule every circuitkit benchmark applies before it states a speed-up or a time, and the
+machine's matrix-multiply rate (``gemm_peak``), which says how fast the machine was when a time was taken.
 
 A benchmark records the 1-minute load average before and after its timed work.  Its own threads hold
 the load at about their number, so when either reading exceeds ``threads + LOAD_SLACK`` another job
@@ -8,6 +9,7 @@ and no met time target, and says why.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 
 #: load above the benchmark's own threads that short-lived processes (a shell, the interpreter) can add
@@ -55,3 +57,24 @@ class LoadWatch:
                 "load_rule": f"no {what} is stated when the 1-minute load average before or after the run exceeds "
                              f"the {self.threads} threads + {LOAD_SLACK}",
                 "shared_machine": self.shared, "withheld": self.withheld(what)}
+
+
+def gemm_peak(threads: int, n: int = 2048, repeats: int = 5) -> float:
+    """This machine's float32 matrix-multiply rate in GFLOP/s on ``threads`` threads (best of ``repeats`` n x n x n
+    products): the ceiling for any work made of matmuls, and the yardstick for comparing times taken on days when
+    the same machine runs at different speeds."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.mm(a, b)  # warm-up (allocation, thread pool)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+    return 2 * n ** 3 / best / 1e9

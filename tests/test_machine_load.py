@@ -39,3 +39,11 @@ def test_the_verdict_needs_the_reading_after_the_run(monkeypatch):
     with pytest.raises(RuntimeError, match="stop"):
         w.record()
     assert w.stop().record("idle-machine time")["load_rule"].startswith("no idle-machine time is stated")
+
+
+def test_gemm_peak_is_a_rate_and_leaves_the_callers_threads_as_they_were():
+    import torch
+
+    before = torch.get_num_threads()
+    rate = machine_load.gemm_peak(1, n=256, repeats=2)
+    assert rate > 0.1 and torch.get_num_threads() == before  # GFLOP/s; no CPU this test runs on is slower

@@ -62,6 +62,10 @@ class DiscoveryProblem:
         """Every sender's output on the base: [n_senders, b, pos, d_model] (cached)."""
         return self.clean().outputs
 
+    def forget_clean(self) -> None:
+        """Drop the cached clean run, so that the next method computes it again (a timing then includes it)."""
+        self._clean = None
+
     def kl_context(self) -> MetricContext:
         """The metric context with the base's own distribution recorded, for ``kl``."""
         with torch.no_grad():
