@@ -7,9 +7,10 @@ addition mixing sites; ioi 1 slot; d_model 128 unless the way names another; cou
 fresh pairs through the probed model, the decoder's forward and backward (``backward_by_length``), gradient
 clipping and AdamW. Every way trains its own decoder in one process, interleaved step by step (the order
 rotating), so that load hits them alike; each repeat starts fresh decoders from the same seed, so step i of every
-way trains on the same batch, and a saving gets a 95% interval over those paired steps. The first ``--warmup`` steps (the compilation) are timed apart. ``--bound-steps 0`` skips the bound.
-The ways ``d_model-96`` and ``d_model-64`` time a narrower decoder on the same batches (a smaller recipe costs fewer
-FLOPs per step; whether it reaches the same hit rate is ``decoder_training.py``'s question).
+way trains on the same batch, and a saving gets a 95% interval over those paired steps. The first ``--warmup``
+steps (the compilation) are timed apart. ``--bound-steps 0`` skips the bound. The ways ``d_model-96`` and
+``d_model-64`` time a narrower decoder on the same batches (a smaller recipe costs fewer FLOPs per step; whether
+it reaches the same hit rate is ``decoder_training.py``'s question).
 
     .venv/bin/python benchmarks/decoder_step.py [--steps 200] [--repeats 2] [--threads 2]
     .venv/bin/python benchmarks/decoder_step.py --ways whole-batch length-groups --tasks counting addition ioi \
