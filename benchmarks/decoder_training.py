@@ -4,7 +4,8 @@ Target (issue #17): hit rate ≥ 0.95 on every paper site of counting and of add
 1,024 samples per query, within 20 minutes of training on 2 CPU cores.  The curve points come from
 the trainer's periodic estimates (``--eval-queries`` held-out queries per site, ``--eval-per-cell``
 × 4 samples each); the final point is a separate evaluation (``--final-queries`` queries,
-``--final-per-cell`` × 4 samples, a query stopping at its first sample within ε).
+``--final-per-cell`` × 4 samples, a query stopping at its first sample within ε).  ``--task ioi`` screens
+ioi's decoder the same way (issue #33: its full case is the slowest, and its decoder the one below 0.95).
 
 Two ways to produce the JSON:
 
@@ -132,7 +133,7 @@ def train_here(args: argparse.Namespace) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--task", default="addition", choices=["counting", "addition"])
+    p.add_argument("--task", default="addition", choices=["counting", "addition", "ioi"])
     p.add_argument("--from-stage", metavar="WORK", help="take the figures from this case study's stage cache")
     p.add_argument("--queries", type=int, default=0,
                    help="with --from-stage: evaluate the stage's decoder again on this many held-out queries per "
