@@ -73,16 +73,15 @@ def test_decoder_keys_reach_the_trainer_and_zero_keeps_its_defaults(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text('name = "c"\ntask = "addition"\nseed = 3\n[decoder]\nsteps = 500\nd_model = 64\nn_slots = 2\n'
                  'rebalance_floor = 0.05\nrebalance_every = 400\nrebalance_queries = 8\nrebalance_per_cell = 256\n'
-                 'rebalance_window = 10\nprocesses = 2\n')
+                 'rebalance_window = 10\n')
     got = decoder_train_config(load_case(str(f)))
-    assert (got.steps, got.d_model, got.cond_mid, got.n_slots, got.seed, got.processes) == (500, 64, 128, 2, 3, 2)
+    assert (got.steps, got.d_model, got.cond_mid, got.n_slots, got.seed) == (500, 64, 128, 2, 3)
     assert (got.rebalance_floor, got.eval_every, got.eval_queries, got.eval_per_cell, got.eval_window) == (
         0.05, 400, 8, 256, 10)
     f.write_text('name = "c"\ntask = "addition"\n')
     plain, default = decoder_train_config(load_case(str(f))), DecoderTrainConfig()
-    assert (plain.eval_every, plain.eval_queries, plain.eval_per_cell, plain.eval_window, plain.d_model,
-            plain.processes) == (default.eval_every, default.eval_queries, default.eval_per_cell, default.eval_window,
-                                 default.d_model, 1)
+    assert (plain.eval_every, plain.eval_queries, plain.eval_per_cell, plain.eval_window, plain.d_model) == (
+        default.eval_every, default.eval_queries, default.eval_per_cell, default.eval_window, default.d_model)
 
 
 def test_bad_case_configs(tmp_path):

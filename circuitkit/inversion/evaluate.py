@@ -19,7 +19,6 @@ import torch
 from scipy.stats import binomtest
 from torch import Tensor
 
-from circuitkit import shards
 from circuitkit.errors import CircuitkitError
 from circuitkit.inversion.data import held_out_queries
 from circuitkit.inversion.decoder import InversionDecoder
@@ -79,9 +78,6 @@ def evaluate_site(decoder: InversionDecoder, probed: ProbedModel, site: Site, si
 
 
 def evaluate_decoder(decoder: InversionDecoder, probed: ProbedModel, sites: Sequence[Site], **kw) -> dict:
-    """``evaluate_site`` for every site (``kw``: its options), with the min and mean hit rate.  In a process group
-    the sites are shared out among the ranks and every rank gets every row (``shards.map_units``); each site's
-    draws are seeded on their own, so the rows equal one process's."""
-    rows = shards.map_units(lambda i: evaluate_site(decoder, probed, sites[i], i, **kw), range(len(sites)))
+    rows = [evaluate_site(decoder, probed, s, i, **kw) for i, s in enumerate(sites)]
     return {"sites": rows, "min_hit_rate": min(r["hit_rate"] for r in rows),
             "mean_hit_rate": sum(r["hit_rate"] for r in rows) / len(rows)}

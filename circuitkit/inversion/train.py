@@ -12,9 +12,7 @@ length, each trimmed to its longest row (``backward_by_length``): the whole batc
 State lives in ``<out>.partial/`` (checkpointed every ``checkpoint_every`` steps and on Ctrl-C);
 rerunning the same command resumes.  The finished decoder appears in ``<out>/`` by rename.
 Under ``torch.distributed`` (see ``distributed.py``) the model is wrapped in
-DistributedDataParallel, every rank draws its share of each batch, the hit-rate evaluations are shared out by
-site (``shards.map_units``), and rank 0 writes.  ``processes`` > 1 starts that many ranks on this machine itself
-(``distributed.train_on_processes``).
+DistributedDataParallel, every rank draws its own data, and rank 0 evaluates and writes.
 """
 from __future__ import annotations
 
@@ -34,7 +32,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from circuitkit import shards
 from circuitkit.errors import CircuitkitError
 from circuitkit.inversion.checkpoint import save_decoder
 from circuitkit.inversion.data import Pairs, PairSource, activation_scale
@@ -83,10 +80,6 @@ class DecoderTrainConfig:
     # its longest); the gradients are the whole batch's. Counting's steps: 10% faster with 2 (its lengths vary;
     # benchmarks/results/decoder_length_groups.json)
     length_groups: int = 2
-    # CPU processes that train together (DDP over gloo, one intra-op thread each unless ``threads`` says otherwise;
-    # each draws batch_size / processes rows a step). On 2 cores a second thread speeds a decoder step up little and
-    # a second process nearly twice (benchmarks/results/decoder_processes.json); 1: this process alone
-    processes: int = 1
 
     def replace(self, **kw: Any) -> DecoderTrainConfig:
         unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
@@ -96,16 +89,13 @@ class DecoderTrainConfig:
 
     def validate(self) -> None:
         for name in ("d_model", "n_layers", "n_heads", "n_slots", "batch_size", "steps", "eval_every", "eval_queries",
-                     "eval_per_cell", "eval_window", "checkpoint_every", "length_groups", "processes"):
+                     "eval_per_cell", "eval_window", "checkpoint_every", "length_groups"):
             if getattr(self, name) <= 0:
                 raise CircuitkitError(f"{name} must be positive, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
             raise CircuitkitError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.minutes is not None and self.minutes <= 0:
             raise CircuitkitError(f"minutes must be positive, got {self.minutes}")
-        if self.batch_size % self.processes:
-            raise CircuitkitError(f"batch_size {self.batch_size} is not divisible by processes {self.processes}: "
-                                  f"each process draws an equal share of the batch")
 
 
 def decoder_sites(probed: ProbedModel) -> list[Site]:
@@ -332,23 +322,24 @@ def _save_state(run: _DecoderRun, prog: _DecoderProgress) -> None:
 
 
 def _estimate(run: _DecoderRun, prog: _DecoderProgress) -> None:
-    """Re-estimate per-site hit rates on held-out queries and the site weights.
-
-    Under DDP the sites are shared out among the ranks and every rank gets every estimate (``shards.map_units``),
-    so all replicas agree on the weights and the estimates equal one process's (the replicas are identical)."""
+    """Re-estimate per-site hit rates on held-out queries (rank 0, shared by broadcast) and the site weights."""
     cfg = run.cfg
-    rows = shards.map_units(lambda i: evaluate_site(run.dec, run.probed, run.sites[i], i, n_queries=cfg.eval_queries,
-                                                    n_per_cell=cfg.eval_per_cell, seed=estimate_seed(prog.step, cfg)),
-                            range(len(run.sites)))
-    prog.window = [*prog.window, [r["hit_rate"] for r in rows]][-cfg.eval_window:]
-    prog.hits = pooled_hit_rates(prog.window)
-    rec = {"step": prog.step, "train_minutes": round(prog.train_s / 60, 3), "loss": prog.ema,
-           "hit_rate": {r["site"]: r["hit_rate"] for r in rows}}
-    if cfg.eval_window > 1:
-        rec["pooled_hit_rate"] = {r["site"]: h for r, h in zip(rows, prog.hits, strict=False)}
-    prog.history.append(rec)
-    if run.on_eval and run.rank == 0:
-        run.on_eval(rec)
+    if run.rank == 0:
+        rows = [evaluate_site(run.dec, run.probed, s, i, n_queries=cfg.eval_queries, n_per_cell=cfg.eval_per_cell,
+                              seed=estimate_seed(prog.step, cfg)) for i, s in enumerate(run.sites)]
+        prog.window = [*prog.window, [r["hit_rate"] for r in rows]][-cfg.eval_window:]
+        prog.hits = pooled_hit_rates(prog.window)
+        rec = {"step": prog.step, "train_minutes": round(prog.train_s / 60, 3), "loss": prog.ema,
+               "hit_rate": {r["site"]: r["hit_rate"] for r in rows}}
+        if cfg.eval_window > 1:
+            rec["pooled_hit_rate"] = {r["site"]: h for r, h in zip(rows, prog.hits, strict=False)}
+        prog.history.append(rec)
+        if run.on_eval:
+            run.on_eval(rec)
+    if run.world > 1:
+        t = torch.tensor(prog.hits, dtype=torch.float64, device=run.reduce_device)
+        dist.broadcast(t, 0)
+        prog.hits = t.tolist()
     prog.weights = site_weights(prog.hits, cfg.rebalance_floor)
 
 
@@ -359,14 +350,12 @@ def _done(run: _DecoderRun, prog: _DecoderProgress) -> bool:
 
 
 def _draw_batch(run: _DecoderRun, prog: _DecoderProgress) -> tuple[Pairs, torch.Tensor]:
-    """This rank's share of the step's training pairs and each row's site index [batch_size / world]: one
-    weighted site (the same on every rank), or one per input."""
+    """This step's training pairs and each row's site index [batch_size]: one weighted site, or one per input."""
     cfg = run.cfg
-    rows = cfg.batch_size // run.world
     if cfg.mixed_sites:
-        return prog.source.mixed(run.sites, prog.weights, rows)
+        return prog.source.mixed(run.sites, prog.weights, cfg.batch_size)
     i = prog.site_rng.choices(range(len(run.sites)), weights=prog.weights)[0]
-    return prog.source.batch(run.sites[i], rows), torch.full((rows,), i)
+    return prog.source.batch(run.sites[i], cfg.batch_size), torch.full((cfg.batch_size,), i)
 
 
 def _train_step(run: _DecoderRun, prog: _DecoderProgress) -> None:
@@ -385,14 +374,13 @@ def _train_step(run: _DecoderRun, prog: _DecoderProgress) -> None:
     torch.nn.utils.clip_grad_norm_(run.dec.parameters(), 1.0)
     run.opt.step()
     prog.step += 1
-    step_s = time.perf_counter() - t0
-    if run.world > 1:  # every rank must agree on when the budget runs out; the loss is the mean over the ranks
-        mine = torch.tensor([step_s, lv], dtype=torch.float64, device=run.reduce_device)
-        every = [torch.empty_like(mine) for _ in range(run.world)]
-        dist.all_gather(every, mine)
-        step_s, lv = max(float(t[0]) for t in every), sum(float(t[1]) for t in every) / run.world
     prog.ema = lv if prog.ema is None else 0.98 * prog.ema + 0.02 * lv
-    prog.train_s += step_s
+    if run.world > 1:  # every rank must agree on when the budget runs out
+        t = torch.tensor([time.perf_counter() - t0], device=run.reduce_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        prog.train_s += float(t)
+    else:
+        prog.train_s += time.perf_counter() - t0
 
 
 def _postfix(prog: _DecoderProgress) -> str:
@@ -423,17 +411,16 @@ def _train_loop(run: _DecoderRun, prog: _DecoderProgress, bar: tqdm) -> None:
 
 
 def _finish(run: _DecoderRun, prog: _DecoderProgress, out: Path) -> dict:
-    """The run's metrics with the final evaluation (its sites shared out among the ranks); rank 0 writes ``out``
-    and removes the partial state."""
+    """The run's metrics; rank 0 also runs the final evaluation, writes ``out`` and removes the partial state."""
     cfg, dec, probed = run.cfg, run.dec, run.probed
     metrics: dict = {"steps": prog.step, "train_minutes": round(prog.train_s / 60, 3), "final_loss": prog.ema,
                      "world_size": run.world, "torch_threads": torch.get_num_threads(),
                      "resumed_from_step": prog.resumed_from}
-    dec.eval()
-    if cfg.final_eval_queries > 0:
-        metrics["eval"] = evaluate_decoder(dec, probed, run.sites, n_queries=cfg.final_eval_queries,
-                                           n_per_cell=cfg.final_eval_per_cell)
     if run.rank == 0:
+        dec.eval()
+        if cfg.final_eval_queries > 0:
+            metrics["eval"] = evaluate_decoder(dec, probed, run.sites, n_queries=cfg.final_eval_queries,
+                                               n_per_cell=cfg.final_eval_per_cell)
         with atomic_dir(out) as tmp:
             save_decoder(tmp, dec, probed, run.sites, {"train_config": dataclasses.asdict(cfg)})
             atomic_write_json(tmp / "metrics.json", metrics)
@@ -457,15 +444,6 @@ def train_decoder(probed: ProbedModel, out: str | Path, cfg: DecoderTrainConfig 
     cfg.validate()
     out = Path(out)
     rank, world = _dist_info()
-    if cfg.processes > 1 and world == 1:
-        from circuitkit.inversion.distributed import train_on_processes
-
-        if on_eval is not None or _keep is not None:
-            raise CircuitkitError("on_eval and _keep need the decoder in this process; train with processes = 1")
-        return train_on_processes(probed, out, cfg, sites=sites, progress=progress, device=device, partial=partial)
-    if cfg.processes > 1 and world != cfg.processes:
-        raise CircuitkitError(f"processes = {cfg.processes}, but this process is one of {world} torch.distributed "
-                              f"ranks already; set processes = 1 under torchrun")
     _check_and_place(probed, out, cfg, device)
     sites = list(sites or decoder_sites(probed))
     partial = Path(partial) if partial is not None else out.with_name(out.name + ".partial")

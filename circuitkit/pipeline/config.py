@@ -83,9 +83,6 @@ class DecoderSection:
     # training rows of similar length run together, each group trimmed to its longest row (1: one group); the
     # gradients are the whole batch's (0 = the trainer's 2)
     length_groups: int = 0
-    # CPU processes that train the decoder together, one thread each (DDP; the batch is split among them): on 2 cores
-    # 2 processes train nearly twice as fast as 1 process with 2 threads (benchmarks/results/decoder_processes.json)
-    processes: int = 1
 
 
 @dataclass
@@ -219,7 +216,6 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None, bool]] = {
        for k in ("rebalance_every", "rebalance_queries", "rebalance_per_cell", "rebalance_window")},
     ("decoder", "n_per_cell"): (1, 16384, False),
     ("decoder", "length_groups"): (0, 64, False),
-    ("decoder", "processes"): (1, 64, False),
     ("hypotheses", "screen_threshold"): (0, 1, False),
     ("hypotheses", "screen_examples"): (10, None, False),
     ("hypotheses", "queries"): (1, None, False),

@@ -107,8 +107,7 @@ def decoder_train_config(cfg: CaseConfig) -> DecoderTrainConfig:
         final_eval_per_cell=dc.eval_per_cell, n_slots=dc.n_slots, mixed_sites=dc.mixed_sites,
         rebalance_floor=dc.rebalance_floor, compile=dc.compile, eval_every=dc.rebalance_every or None,
         eval_queries=dc.rebalance_queries or None, eval_per_cell=dc.rebalance_per_cell or None,
-        eval_window=dc.rebalance_window or None, length_groups=dc.length_groups or None,
-        processes=dc.processes)
+        eval_window=dc.rebalance_window or None, length_groups=dc.length_groups or None)
     if cfg.quick:
         dcfg = dcfg.replace(eval_every=100, eval_queries=8, checkpoint_every=20)  # a killed quick run resumes too
     return dcfg
@@ -124,9 +123,6 @@ def stage_decoder(ctx: RunContext, runner: StageRunner) -> DecoderSummary:
     if cfg.decoder.path:
         return stage_decoder_from_path(ctx, runner, sites)
     dcfg = decoder_train_config(cfg)
-    if dcfg.processes > 1 and not str(ctx.device).startswith("cpu"):  # forked ranks are a CPU recipe
-        ctx.log(f"  decoder: [decoder] processes = {dcfg.processes} is for CPUs; on {ctx.device} one process trains")
-        dcfg = dcfg.replace(processes=1)
 
     def fn(d: Path) -> dict:
         res = train_decoder(pm, d / "decoder", dcfg, sites=sites, progress=ctx.progress, device=ctx.device,
