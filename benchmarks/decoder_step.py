@@ -2,25 +2,29 @@
 groups (→ results/decoder_step.json), and what bounds it: time and FLOPs per part of a step against the
 machine's measured matrix-multiply rate (``bound``).
 
-A step as ``train_decoder`` takes it with the case tomls' recipes (batch 128; counting and addition 4 slots,
-addition mixing sites; ioi 1 slot; d_model 128 unless the way names another; counting's toml now asks 96):
-fresh pairs through the probed model, the decoder's forward and backward (``backward_by_length``), gradient
+A step as ``train_decoder`` takes it with each case toml's ``[decoder]`` recipe (``case_recipe``: width, slots,
+mixed sites, batch; a way may name another width): fresh pairs through the probed model, the decoder's forward and backward (``backward_by_length``), gradient
 clipping and AdamW. Every way trains its own decoder in one process, interleaved step by step (the order
 rotating), so that load hits them alike; each repeat starts fresh decoders from the same seed, so step i of every
 way trains on the same batch, and a saving gets a 95% interval over those paired steps. The first ``--warmup``
 steps (the compilation) are timed apart. ``--bound-steps 0`` skips the bound. The ways ``d_model-96`` and
 ``d_model-64`` time a narrower decoder on the same batches (a smaller recipe costs fewer FLOPs per step; whether
-it reaches the same hit rate is ``decoder_training.py``'s question).
+it reaches the same hit rate is ``decoder_training.py``'s question).  Earlier runs took the recipes from a table
+here, at width 128 for every task: ``decoder_step.json``, ``decoder_length_groups.json`` and ``decoder_width.json``
+(their ``recipe`` fields say so).
 
     .venv/bin/python benchmarks/decoder_step.py [--steps 200] [--repeats 2] [--threads 2]
     .venv/bin/python benchmarks/decoder_step.py --ways whole-batch length-groups --tasks counting addition ioi \
         --bound-steps 0 --out benchmarks/results/decoder_length_groups.json
     .venv/bin/python benchmarks/decoder_step.py --ways eager d_model-96 --tasks counting addition \
         --bound-d-models 128 96 --out benchmarks/results/decoder_width.json
+    .venv/bin/python benchmarks/decoder_step.py --ways eager --tasks counting addition ioi --steps 20 --warmup 5 \
+        --repeats 1 --bound-steps 50 --out benchmarks/results/decoder_bound.json
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import random
@@ -45,19 +49,27 @@ from circuitkit.io_utils import atomic_write_json
 from circuitkit.machine_load import LoadWatch, gemm_peak
 from circuitkit.manifest import git_commit, package_versions
 from circuitkit.models.checkpoint import load_probed
+from circuitkit.pipeline.config import load_case
+from circuitkit.pipeline.run import decoder_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = {"counting": {"mixed_sites": False, "n_slots": 4}, "addition": {"mixed_sites": True, "n_slots": 4},
-           "ioi": {"mixed_sites": False, "n_slots": 1}}
+TASKS = ("counting", "addition", "ioi")
+
+
+def case_recipe(task: str, seed: int = 0, d_model: int | None = None) -> DecoderTrainConfig:
+    """The decoder options of the case toml ``task`` (its full settings), with ``seed`` and, when given, another
+    width (the conditioning MLP twice it, as the tomls build it)."""
+    cfg = dataclasses.replace(decoder_train_config(load_case(task)), seed=seed)
+    return cfg if d_model is None else dataclasses.replace(cfg, d_model=d_model, cond_mid=2 * d_model)
 
 
 class Way(NamedTuple):
-    """How a step runs: compiled or eager, the batch in how many length groups, and the decoder's width (its
-    conditioning MLP twice that, as the case tomls build it)."""
+    """How a step runs: compiled or eager, the batch in how many length groups, and the decoder's width (None:
+    the case toml's)."""
 
     compiled: bool
     length_groups: int
-    d_model: int = 128
+    d_model: int | None = None
 
 
 #: the ways; the first way named is the baseline (``vs_<way>`` in the others)
@@ -65,11 +77,11 @@ WAYS = {"eager": Way(False, 2), "compiled": Way(True, 2), "whole-batch": Way(Fal
         "length-groups": Way(False, 2), "d_model-96": Way(False, 2, 96), "d_model-64": Way(False, 2, 64)}
 
 
-def _setup(task: str, seed: int, d_model: int = 128):
-    """What every benchmark step shares: the decoder of the case recipe (at width ``d_model``), its optimizer, a draw
-    of fresh training pairs (as the trainer draws them) and the pad id."""
+def _setup(task: str, seed: int, d_model: int | None = None):
+    """What every benchmark step shares: the decoder of the case recipe (at width ``d_model``, None: the case's),
+    its optimizer, a draw of fresh training pairs (as the trainer draws them) and the pad id."""
     pm = load_probed(ROOT / "case_studies" / "models" / task)
-    cfg = DecoderTrainConfig(d_model=d_model, cond_mid=2 * d_model, batch_size=128, seed=seed, **RECIPES[task])
+    cfg = case_recipe(task, seed, d_model)
     sites = decoder_sites(pm)
     dec = build_for(pm, sites, cfg)
     opt = torch.optim.AdamW(dec.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
@@ -126,7 +138,7 @@ def paired_saving(base: list[float], other: list[float]) -> dict:
                                                              round((m + half) / mean_base, 4)]}
 
 
-def step_bound(task: str, steps: int, seed: int = 0, d_model: int = 128) -> dict:
+def step_bound(task: str, steps: int, seed: int = 0, d_model: int | None = None) -> dict:
     """Where an eager step's time goes (drawing pairs through the probed model, the decoder's forward, its
     backward, clipping + AdamW), the FLOPs of each part (``torch.utils.flop_counter``, counted on one step before
     the timed ones) and the rate each part reaches."""
@@ -176,7 +188,7 @@ def step_bound(task: str, steps: int, seed: int = 0, d_model: int = 128) -> dict
             "gflops_by_part": {k: round(flops[k] / 1e9 / (ms[k] / 1000), 2) for k in ms},
             "gflops_achieved": round(total_flops / 1e9 / (total_ms / 1000), 2),
             "samples_per_s": round(cfg.batch_size / (total_ms / 1000), 1), "batch": cfg.batch_size,
-            "d_model": d_model}
+            "d_model": cfg.d_model}
 
 
 def main() -> int:
@@ -189,9 +201,9 @@ def main() -> int:
                     help="eager whole-batch steps timed part by part for the bound (0: no bound)")
     ap.add_argument("--ways", nargs="+", choices=list(WAYS), default=["eager", "compiled"],
                     help="the ways to time; the first is the baseline")
-    ap.add_argument("--tasks", nargs="+", choices=list(RECIPES), default=["counting", "addition"])
-    ap.add_argument("--bound-d-models", nargs="+", type=int, default=[128],
-                    help="decoder widths to count and time for the bound")
+    ap.add_argument("--tasks", nargs="+", choices=TASKS, default=["counting", "addition"])
+    ap.add_argument("--bound-d-models", nargs="+", type=int, default=[0],
+                    help="decoder widths to count and time for the bound (0: the case toml's)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decoder_step.json"))
     a = ap.parse_args()
     if a.steps < 2 or a.repeats < 1:
@@ -215,7 +227,7 @@ def main() -> int:
                                   {f"vs_{base_way}": paired_saving(per[base_way], v)})}
                          for way, v in per.items()}
     peak = gemm_peak(a.threads)
-    bound = {(task if d == 128 else f"{task} d_model {d}"): step_bound(task, a.bound_steps, d_model=d)
+    bound = {(task if d == 0 else f"{task} d_model {d}"): step_bound(task, a.bound_steps, d_model=d or None)
              for task in a.tasks for d in a.bound_d_models} if a.bound_steps > 0 else None
     for task, b in (bound or {}).items():
         b["share_of_gemm_peak"] = round(b["gflops_achieved"] / peak, 4)
@@ -227,8 +239,10 @@ def main() -> int:
     out = {"benchmark": "one decoder training step (fresh pairs, forward, backward, clipping, AdamW), "
                         f"{' vs '.join(a.ways)}, interleaved step by step in one process",
            "ways": {w: WAYS[w]._asdict() for w in a.ways},
-           "recipe": {t: {"d_model": "the way's (128 unless it names another)", "cond_mid": "2 x d_model",
-                          "batch_size": 128, **RECIPES[t]} for t in a.tasks},
+           "recipe": {t: {"d_model": f"the way's ({case_recipe(t).d_model}, the case toml's, unless it names another)",
+                          "cond_mid": "2 x d_model",
+                          **{k: getattr(case_recipe(t), k) for k in ("batch_size", "n_slots", "mixed_sites", "steps")}}
+                      for t in a.tasks},
            "threads": a.threads, "cpu_count": os.cpu_count(), "machine": platform.platform(),
            **load.record("idle-machine figure"), "versions": package_versions(), "git_commit": git_commit(),
            "results": results,
