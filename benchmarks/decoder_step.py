@@ -3,8 +3,8 @@ groups (→ results/decoder_step.json), and what bounds it: time and FLOPs per p
 machine's measured matrix-multiply rate (``bound``).
 
 A step as ``train_decoder`` takes it with each case toml's ``[decoder]`` recipe (``case_recipe``: width, slots,
-mixed sites, batch; a way may name another width): fresh pairs through the probed model, the decoder's forward and backward (``backward_by_length``), gradient
-clipping and AdamW. Every way trains its own decoder in one process, interleaved step by step (the order
+mixed sites, batch; a way may name another width): fresh pairs through the probed model, the decoder's forward
+and backward (``backward_by_length``), gradient clipping and AdamW. Every way trains its own decoder in one process, interleaved step by step (the order
 rotating), so that load hits them alike; each repeat starts fresh decoders from the same seed, so step i of every
 way trains on the same batch, and a saving gets a 95% interval over those paired steps. The first ``--warmup``
 steps (the compilation) are timed apart. ``--bound-steps 0`` skips the bound. The ways ``d_model-96`` and
