@@ -191,6 +191,20 @@ def step_bound(task: str, steps: int, seed: int = 0, d_model: int | None = None)
             "d_model": cfg.d_model}
 
 
+#: the best float32 GEMM rate this machine has shown (decoder_step.json, the day issue 33's 900 s was set)
+BEST_GEMM_GFLOPS = 191
+
+
+def per_case(bound: dict, steps: int, peak: float) -> dict:
+    """A whole case's decoder training from one step's ``bound``: its TFLOP, its seconds at the measured step time,
+    and its floor at the GEMM peak measured now and at the best this machine has shown."""
+    tflop = bound["gflop_per_step"] * steps / 1000
+    return {"steps": steps, "d_model": bound["d_model"], "tflop_per_training": round(tflop, 1),
+            "training_s_at_measured_rate": round(bound["ms_per_step"] * steps / 1000),
+            "training_s_at_this_gemm_peak": round(tflop * 1000 / peak),
+            "training_s_at_191_gflops": round(tflop * 1000 / BEST_GEMM_GFLOPS)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=200, help="timed steps per repeat")
@@ -252,6 +266,11 @@ def main() -> int:
                          "(torch.utils.flop_counter; the optimizer's ~14 FLOPs per parameter estimated), against "
                          "the measured float32 GEMM peak on the same threads",
            "produced_by": " ".join(["benchmarks/decoder_step.py", *sys.argv[1:]])}
+    if bound:
+        out["per_case"] = {t: per_case(bound[t], case_recipe(t).steps, peak) for t in a.tasks if t in bound}
+        out["per_case_note"] = ("a whole case's decoder training: steps x this run's whole-batch eager step (no length "
+                                "groups), and the floor if every FLOP ran at the GEMM peak measured here or at the "
+                                f"{BEST_GEMM_GFLOPS:g} GFLOP/s of the day the 900-s target was set")
     atomic_write_json(a.out, out)
     for task, r in results.items():
         print(task + ": " + ", ".join(f"{w} {v['ms_per_step_mean']} ms"
