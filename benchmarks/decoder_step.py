@@ -250,13 +250,14 @@ def main() -> int:
               f"{b['gflops_achieved']} GFLOP/s = {b['share_of_gemm_peak']:.1%} of the {peak:.0f} GFLOP/s GEMM peak",
               file=sys.stderr, flush=True)
     load.stop()
+    recipes = {t: case_recipe(t) for t in a.tasks}
     out = {"benchmark": "one decoder training step (fresh pairs, forward, backward, clipping, AdamW), "
                         f"{' vs '.join(a.ways)}, interleaved step by step in one process",
            "ways": {w: WAYS[w]._asdict() for w in a.ways},
-           "recipe": {t: {"d_model": f"the way's ({case_recipe(t).d_model}, the case toml's, unless it names another)",
+           "recipe": {t: {"d_model": f"the way's ({r.d_model}, the case toml's, unless it names another)",
                           "cond_mid": "2 x d_model",
-                          **{k: getattr(case_recipe(t), k) for k in ("batch_size", "n_slots", "mixed_sites", "steps")}}
-                      for t in a.tasks},
+                          **{k: getattr(r, k) for k in ("batch_size", "n_slots", "mixed_sites", "steps")}}
+                      for t, r in recipes.items()},
            "threads": a.threads, "cpu_count": os.cpu_count(), "machine": platform.platform(),
            **load.record("idle-machine figure"), "versions": package_versions(), "git_commit": git_commit(),
            "results": results,
@@ -267,7 +268,7 @@ def main() -> int:
                          "the measured float32 GEMM peak on the same threads",
            "produced_by": " ".join(["benchmarks/decoder_step.py", *sys.argv[1:]])}
     if bound:
-        out["per_case"] = {t: per_case(bound[t], case_recipe(t).steps, peak) for t in a.tasks if t in bound}
+        out["per_case"] = {t: per_case(bound[t], r.steps, peak) for t, r in recipes.items() if t in bound}
         out["per_case_note"] = ("a whole case's decoder training: steps x this run's whole-batch eager step (no length "
                                 "groups), and the floor if every FLOP ran at the GEMM peak measured here or at the "
                                 f"{BEST_GEMM_GFLOPS:g} GFLOP/s of the day the 900-s target was set")

@@ -5,7 +5,7 @@ Target (issue #17): hit rate ≥ 0.95 on every paper site of counting and of add
 the trainer's periodic estimates (``--eval-queries`` held-out queries per site, ``--eval-per-cell``
 × 4 samples each); the final point is a separate evaluation (``--final-queries`` queries,
 ``--final-per-cell`` × 4 samples, a query stopping at its first sample within ε).  ``--task ioi`` screens
-ioi's decoder the same way (issue #33: its full case is the slowest, and its decoder the one below 0.95).
+ioi's decoder the same way (issue #33: its full case is the slowest, and its decoder below 0.95).
 
 Two ways to produce the JSON:
 
